@@ -1,0 +1,83 @@
+"""What crosses a cut: liveness over an annotated graph.
+
+Cut ``k`` (``0 < k < L``) lies between decoder layers ``k - 1`` and ``k``. The values
+that cross it are the nodes that
+
+* something at or after the cut needs (a layer ``>= k``, a node whose position is
+  ``>= k``, the graph output, or a rematerialized node any of those need), and
+* are computed before the cut (position ``< k``) and are not rematerialized.
+
+A shape-only use of such a value (see ``fxpp.annotate``) does not make it cross: the
+later stage substitutes its incoming hidden states, the *stream* at the cut, when
+their shapes agree. The result depends only on the graph and ``k``, so any two stages
+with ``a.layers.stop == b.layers.start`` fit together.
+"""
+
+from __future__ import annotations
+
+from torch.fx import Graph, Node
+
+from .annotate import info, is_guard, is_tensorish
+from .errors import CutError
+
+
+def layer_nodes(graph: Graph) -> dict[int, Node]:
+    return {info(n).layer: n for n in graph.nodes if info(n).role == "layer"}
+
+
+def stream_at(graph: Graph, k: int) -> Node:
+    """The hidden states entering decoder layer ``k``."""
+    layer = layer_nodes(graph)[k]
+    first = layer.args[0] if layer.args else layer.kwargs.get("hidden_states")
+    if not isinstance(first, Node):
+        raise CutError(f"{layer.target}: first argument is not a traced value, cannot find the hidden states")
+    return first
+
+
+def same_shape(a: Node, b: Node) -> bool:
+    va, vb = a.meta.get("val"), b.meta.get("val")
+    try:
+        return tuple(va.shape) == tuple(vb.shape) and va.dtype == vb.dtype
+    except AttributeError:
+        return False
+
+
+def substitutable(user: Node, value: Node, stream: Node) -> bool:
+    """``user`` reads ``value`` only for its shape, and the stream has the same shape."""
+    return value.name in info(user).shape_only_inputs and same_shape(value, stream)
+
+
+def crossing_values(graph: Graph, k: int) -> list[Node]:
+    """The nodes whose values cross cut ``k``, in graph order.
+
+    Raises:
+        CutError: a value that must cross is not a tensor or a flat tuple of tensors.
+    """
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    stream = stream_at(graph, k)
+    needed = [n for n in graph.nodes if n.op == "output" or (info(n).position >= k and not is_guard(n))]
+    seen = set(needed)
+    crossing: set[Node] = set()
+    while needed:
+        node = needed.pop()
+        for value in node.all_input_nodes:
+            if value in seen or value in crossing:
+                continue
+            rec = info(value)
+            if rec.position >= k:
+                continue
+            if rec.rematerialize:
+                seen.add(value)
+                needed.append(value)
+            elif substitutable(node, value, stream):
+                continue
+            else:
+                crossing.add(value)
+    for value in crossing:
+        if not is_tensorish(value.meta.get("val")):
+            users = sorted((u.name for u in value.users), key=str)
+            raise CutError(
+                f"cut {k}: {value.name} ({value.op} {value.target}) is needed after the cut by {users} but is a "
+                f"{type(value.meta.get('val')).__name__}, not a tensor; move the cut or keep its users on one stage"
+            )
+    return sorted(crossing, key=order.__getitem__)

@@ -1,0 +1,57 @@
+"""Runtime helpers that appear as ``call_function`` targets in fxpp graphs.
+
+They must be importable module-level functions (graph code refers to them by
+qualified name) and must stay tiny: a stage runs them on every microbatch.
+
+Glossary
+--------
+state container
+    A mutable mapping that a model's forward creates and hands to several decoder
+    layers, which write into it and read from it (Gemma 4's ``KVSharingDict`` of
+    shared key/value states). fxpp turns these side channels into explicit graph
+    values: ``make_state`` builds a fresh container for one layer call from the
+    entries written so far, and ``state_entry`` reads what that call wrote.
+guard
+    A Python-level decision the trace took from a shape (``if seq_len == 1``).
+    ``check_guard`` re-checks it on every call; a different outcome raises
+    :class:`GuardFailure`, and the stage retraces for the new shapes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class GuardFailure(Exception):
+    """A shape decision baked into a graph does not hold for the current inputs."""
+
+    def __init__(self, where: str, expected: Any, actual: Any):
+        super().__init__(f"{where}: traced with {expected!r}, called with {actual!r}")
+        self.where = where
+        self.expected = expected
+        self.actual = actual
+
+
+def check_guard(value: Any, expected: Any, where: str) -> None:
+    actual = type(expected)(value)
+    if actual != expected:
+        raise GuardFailure(where, expected, actual)
+
+
+def make_state(container_type: type, entries: dict) -> Any:
+    """A fresh state container holding ``entries`` (see the module glossary)."""
+    state = container_type()
+    for key, value in entries.items():
+        state[key] = value
+    return state
+
+
+def state_entry(state: Any, key: Any, after: Any = None) -> Any:
+    """``state[key]``; ``after`` is the layer call that wrote it (a dataflow edge only)."""
+    del after
+    return state[key]
+
+
+def pack(kind: str, *leaves: Any) -> Any:
+    """Rebuild a flat tuple or list of tensors that crossed a cut as separate tensors."""
+    return list(leaves) if kind == "list" else tuple(leaves)

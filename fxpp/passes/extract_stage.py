@@ -1,0 +1,142 @@
+"""The rewrite pass: the graph of one pipeline stage from the annotated model graph.
+
+Reads ``node.meta["fxpp"]`` (``fxpp.annotate``) and ``node.meta["val"]``; copies both
+onto every node it keeps and writes ``node.meta["fxpp_crossing"]`` on the stage's
+input placeholders (the original node name a placeholder stands for).
+
+Before (whole model, cuts at 1 and 2)::
+
+    input_ids, attention_mask -> embed -> mask, rotary -> layer0 -> layer1 -> layer2 -> norm -> head
+
+After, for ``MIDDLE`` with ``layers=range(1, 2)``::
+
+    layer0, attention_mask                    # placeholders: what crosses cut 1
+    mask(inputs_embeds=layer0, attention_mask) # recomputed; layer0 stands in for the embeddings
+    rotary(layer0, position_ids)               # recomputed, only the layer types this stage owns
+    layer1(layer0, mask, rotary)
+    return (layer1, attention_mask)            # what crosses cut 2
+
+Nothing a stage does not need survives: a stage of only sliding-window layers keeps
+no full-attention mask, a middle stage keeps no embedding and no head.
+"""
+
+from __future__ import annotations
+
+from torch.fx import Graph, GraphModule, Node
+
+from .. import ops
+from ..annotate import info, is_guard
+from ..cuts import crossing_values, stream_at, substitutable
+from ..errors import CutError
+from ..spec import StageRole, StageSpec
+
+
+def extract_stage(model_gm: GraphModule, *, spec: StageSpec) -> GraphModule:
+    """Return the stage ``spec`` of the annotated whole-model graph ``model_gm``.
+
+    The returned GraphModule references the same submodules and parameters as
+    ``model_gm`` (no copies), under the same qualified names.
+    """
+    graph = model_gm.graph
+    a, b = spec.layers.start, spec.layers.stop
+    inputs = None if spec.takes_model_inputs else crossing_values(graph, a)
+    outputs = None if spec.returns_model_output else crossing_values(graph, b)
+    stream = None if spec.takes_model_inputs else stream_at(graph, a)
+
+    keep = _needed_nodes(graph, inputs, outputs, stream)
+    new = Graph()
+    env: dict[Node, Node] = {}
+
+    if inputs is None:
+        for node in graph.nodes:
+            if node.op == "placeholder":
+                env[node] = new.node_copy(node)
+    else:
+        for value in inputs:
+            env[value] = _receive(new, value)
+
+    def lookup(user: Node):
+        def arg(value: Node) -> Node:
+            if value in env:
+                return env[value]
+            if stream is not None and substitutable(user, value, stream):
+                return env[stream]
+            raise CutError(f"stage {spec.role.value} {spec.layers}: {user.name} needs {value.name}, which is unavailable")
+
+        return arg
+
+    for node in graph.nodes:
+        if node.op in ("placeholder", "output") or node in env:
+            continue
+        if node in keep or (is_guard(node) and all(i in env for i in node.all_input_nodes)):
+            env[node] = new.node_copy(node, lookup(node))
+
+    if outputs is None:
+        (result,) = [n for n in graph.nodes if n.op == "output"]
+        new.output(env[result.args[0]])
+    else:
+        new.output(tuple(leaf for value in outputs for leaf in _send(new, env[value])))
+
+    new.lint()
+    stage = GraphModule(model_gm, new, class_name=f"Stage{spec.role.value.capitalize()}")
+    stage.recompile()
+    return stage
+
+
+def _needed_nodes(graph: Graph, inputs: list[Node] | None, outputs: list[Node] | None, stream: Node | None) -> set[Node]:
+    """Backward slice from the stage's outputs, stopping at what it receives."""
+    if outputs is None:
+        (out,) = [n for n in graph.nodes if n.op == "output"]
+        roots = list(out.all_input_nodes)
+    else:
+        roots = list(outputs)
+    received = set(inputs or ())
+    keep: set[Node] = set()
+    stack = [r for r in roots if r not in received]
+    while stack:
+        node = stack.pop()
+        if node in keep:
+            continue
+        keep.add(node)
+        for value in node.all_input_nodes:
+            if value in received or value in keep:
+                continue
+            if stream is not None and not info(value).rematerialize and substitutable(node, value, stream):
+                continue
+            stack.append(value)
+    return keep
+
+
+def _receive(graph: Graph, value: Node) -> Node:
+    """Placeholder(s) for a value that crossed the cut, rebuilt into its original form."""
+    val = value.meta.get("val")
+    if isinstance(val, (tuple, list)):
+        leaves = []
+        for i, leaf in enumerate(val):
+            ph = graph.placeholder(f"{value.name}_{i}")
+            ph.meta = {"val": leaf, "fxpp": info(value), "fxpp_crossing": value.name}
+            leaves.append(ph)
+        kind = "list" if isinstance(val, list) else "tuple"
+        packed = graph.call_function(ops.pack, (kind, *leaves))
+        packed.meta = dict(value.meta)
+        return packed
+    ph = graph.placeholder(value.name)
+    ph.meta = dict(value.meta)
+    ph.meta["fxpp_crossing"] = value.name
+    return ph
+
+
+def _send(graph: Graph, node: Node) -> list[Node]:
+    """The flat tensors a crossing value is sent as."""
+    val = node.meta.get("val")
+    if isinstance(val, (tuple, list)):
+        leaves = []
+        for i, leaf in enumerate(val):
+            g = graph.call_function(__import__("operator").getitem, (node, i))
+            g.meta = {"val": leaf, "fxpp": info(node)}
+            leaves.append(g)
+        return leaves
+    return [node]
+
+
+__all__ = ["extract_stage", "StageRole"]

@@ -1,0 +1,610 @@
+"""HF-aware torch.fx tracer at module granularity.
+
+transformers 5 dropped ``transformers.utils.fx``; this is fxpp's replacement. It
+traces a model's forward (and the forward of every module on the path from the root
+to the decoder-layer list) into one ``torch.fx.Graph`` in which decoder layers,
+embeddings, rotary embeddings, norms, heads and vision towers stay single
+``call_module`` nodes with their original qualified names.
+
+Terms
+-----
+trace path
+    The root module and every ancestor of the text decoder-layer ``ModuleList``
+    (``""``, ``"model"``, ``"model.language_model"``). Their forwards are traced
+    through; every other module is a leaf.
+meta value
+    ``node.meta["val"]``: a FakeTensor (or a Python structure of them, or a plain
+    Python value) that the node produces for the example inputs. The tracer computes
+    it for every node as it is created, so Python control flow on shapes
+    (``x.shape[1] == 1``, ``*x.shape``, ``len(x)``) can be answered.
+guard
+    Such an answer, recorded in the graph as a ``check_guard`` node (see ``fxpp.ops``).
+    The graph stays shape-generic everywhere else.
+opaque function
+    A function called as one ``call_function`` node without tracing into it: the mask
+    builders of ``transformers.masking_utils`` (they branch on data and on the
+    attention implementation, and only use ``inputs_embeds`` for its shape).
+
+How transformers 5 forwards are handled
+    * decorators: output-plumbing wrappers (``can_return_tuple``, ``capture_outputs``,
+      ``auto_docstring``) are unwrapped; ``merge_with_config_defaults`` is kept (it fills
+      config defaults) and sees ``use_cache=False`` and ``return_dict=True``;
+    * ``**kwargs`` and ``ModelOutput`` construction are plain Python over proxies;
+    * config objects become graph constants (``get_attr`` of ``_fxpp_const_N``),
+      never rebuilt from nodes;
+    * mutable containers that layers write into (``KVSharingDict``) become explicit
+      ``make_state`` / ``state_entry`` nodes, so cross-layer dataflow is visible.
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import contextlib
+import inspect
+import linecache
+import sys
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.fx
+from torch.fx import Graph, GraphModule, Node, Proxy, Tracer
+from torch.fx.node import map_aggregate, map_arg
+from torch.fx.proxy import Attribute
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from . import ops
+from .errors import TraceError, UnsupportedModelError
+
+# Attributes of a traced tensor that are answered from its meta value instead of
+# becoming graph nodes: they cannot change without the graph being retraced anyway
+# (rank) or they are needed as Python values by the forward (ndim in ``if``).
+_CONCRETE_TENSOR_ATTRS = frozenset({"ndim", "is_floating_point", "requires_grad", "is_meta", "is_cuda"})
+
+# Wrappers that only reshape a forward's output or record intermediates; tracing
+# through them adds nothing and some of them install hooks.
+_PLUMBING_WRAPPERS = ("can_return_tuple", "capture_outputs", "auto_docstring", "check_model_inputs")
+
+# Keyword arguments that opaque mask builders only read for shape, dtype and device.
+MASK_SHAPE_ONLY_KWARGS = ("inputs_embeds", "input_embeds")
+
+
+def opaque_functions() -> dict[int, Callable]:
+    """Functions traced as single ``call_function`` nodes, by ``id``."""
+    from transformers import masking_utils
+
+    found = {}
+    for name, fn in vars(masking_utils).items():
+        if callable(fn) and inspect.isfunction(fn) and name.startswith("create_") and name.endswith("mask"):
+            found[id(fn)] = fn
+        elif callable(fn) and name in ("find_packed_sequence_indices", "create_masks_for_generate"):
+            found[id(fn)] = fn
+    return found
+
+
+def is_mask_builder(target: Any) -> bool:
+    return getattr(target, "__module__", "") == "transformers.masking_utils"
+
+
+def unwrap_forward(fn: Callable) -> Callable:
+    """Peel output-plumbing decorators off a transformers forward, keep the rest."""
+    layers = []
+    cur = fn
+    while True:
+        layers.append(cur)
+        nxt = getattr(cur, "__wrapped__", None)
+        if nxt is None:
+            break
+        cur = nxt
+    inner = layers[-1]
+    # Rebuild from the innermost function outwards, skipping plumbing wrappers. A
+    # wrapper we keep is re-applied by calling its decorator on the new inner
+    # function; we only know how to do that for merge_with_config_defaults.
+    from transformers.utils import generic
+
+    result = inner
+    for wrapper in reversed(layers[:-1]):
+        qualname = getattr(wrapper, "__qualname__", "")
+        if any(qualname.startswith(p) for p in _PLUMBING_WRAPPERS):
+            continue
+        if qualname.startswith("merge_with_config_defaults"):
+            result = generic.merge_with_config_defaults(result)
+    return result
+
+
+def find_decoder_layers(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
+    """The qualified name and the ``ModuleList`` of the text decoder layers."""
+    config = getattr(model, "config", None)
+    if config is None:
+        raise UnsupportedModelError(f"{type(model).__name__} has no .config; fxpp needs a transformers model")
+    if getattr(config, "is_encoder_decoder", False):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} is an encoder-decoder model; fxpp splits decoder-only models "
+            "(causal LMs, their base models and vision-language models)"
+        )
+    text_config = config.get_text_config()
+    num_layers = getattr(text_config, "num_hidden_layers", None)
+    candidates = []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and num_layers is not None and len(module) == num_layers:
+            if any(part in name for part in ("vision", "visual", "audio", "encoder")):
+                continue
+            candidates.append((name.count("."), name, module))
+    if not candidates:
+        raise UnsupportedModelError(
+            f"{type(model).__name__}: found no ModuleList of num_hidden_layers={num_layers} decoder layers; "
+            "fxpp needs a decoder-only model whose layers live in one nn.ModuleList"
+        )
+    candidates.sort(key=lambda c: (c[0], c[1]))
+    _, name, module = candidates[0]
+    return name, module
+
+
+def trace_path(layers_fqn: str) -> frozenset[str]:
+    parts = layers_fqn.split(".")
+    return frozenset([""] + [".".join(parts[:i]) for i in range(1, len(parts))])
+
+
+@dataclass
+class _StateRecord:
+    """A mutable container seen during the trace and the node of each entry's writer."""
+
+    entries: dict = field(default_factory=dict)
+
+
+class MetaProxy(Proxy):
+    """A Proxy whose node carries a meta value, so Python can ask it questions."""
+
+    def __getattr__(self, name: str) -> Any:
+        val = self.node.meta.get("val")
+        if name in _CONCRETE_TENSOR_ATTRS and isinstance(val, torch.Tensor):
+            return getattr(val, name)
+        return MetaAttribute(self, name)
+
+    def __len__(self) -> int:
+        return self.tracer.concrete_len(self)
+
+    def __int__(self) -> int:
+        return self.tracer.concretize(self, int)
+
+    def __index__(self) -> int:
+        return self.tracer.concretize(self, int)
+
+    def __float__(self) -> float:
+        return self.tracer.concretize(self, float)
+
+    def __contains__(self, item: Any) -> bool:
+        return item in self.tracer.meta_of(self)
+
+
+class MetaAttribute(MetaProxy, Attribute):
+    pass
+
+
+def _fake_leaf_like(value: Any) -> Any:
+    return value
+
+
+class HFTracer(Tracer):
+    """The tracer; use :func:`trace_model` rather than this class directly."""
+
+    def __init__(self, model: torch.nn.Module, layers_fqn: str, fake_mode: FakeTensorMode):
+        super().__init__(autowrap_functions=(), param_shapes_constant=False)
+        self.record_stack_traces = True
+        self.model = model
+        self.traced_modules = trace_path(layers_fqn)
+        self.fake_mode = fake_mode
+        self.constants: dict[str, Any] = {}
+        self._constant_ids: dict[int, str] = {}
+        self._placeholder_vals: dict[str, Any] = {}
+        self._evaluating = 0
+        self._states: dict[int, _StateRecord] = {}
+        self._param_names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+        self._buffer_names = {id(b): n for n, b in model.named_buffers(remove_duplicate=False)}
+
+    # -- proxies and meta values -------------------------------------------------
+    def proxy(self, node: Node) -> Proxy:
+        return MetaProxy(node, self)
+
+    def meta_of(self, proxy: Proxy) -> Any:
+        return proxy.node.meta.get("val")
+
+    def create_node(self, kind, target, args, kwargs, name=None, type_expr=None) -> Node:
+        node = super().create_node(kind, target, args, kwargs, name, type_expr)
+        if kind == "placeholder":
+            node.meta["val"] = self._placeholder_vals[target]
+        elif kind != "output":
+            node.meta["val"] = self._meta_eval(node)
+        return node
+
+    def _meta_eval(self, node: Node) -> Any:
+        if node.op == "get_attr":
+            obj = self._fetch_attr(node.target)
+            if isinstance(obj, torch.Tensor):
+                return self.fake_mode.from_tensor(obj)
+            return obj
+
+        def load(n: Node) -> Any:
+            return n.meta["val"]
+
+        args = map_arg(node.args, load)
+        kwargs = map_arg(node.kwargs, load)
+        args = map_aggregate(args, _thaw)
+        kwargs = {k: map_aggregate(v, _thaw) for k, v in kwargs.items()}
+        self._evaluating += 1
+        try:
+            with self.fake_mode:
+                if node.op == "call_function":
+                    return node.target(*args, **kwargs)
+                if node.op == "call_method":
+                    return getattr(args[0], node.target)(*args[1:], **kwargs)
+                if node.op == "call_module":
+                    return self.model.get_submodule(node.target)(*args, **kwargs)
+        except TraceError:
+            raise
+        except Exception as e:  # noqa: BLE001 - re-raised with node context
+            raise TraceError(
+                f"{type(self.model).__name__}: cannot compute the output shape of node {node.name} "
+                f"({node.op} {_target_name(node.target)}) at {user_source_line(e)}: {type(e).__name__}: {e}"
+            ) from e
+        finally:
+            self._evaluating -= 1
+        raise AssertionError(node.op)
+
+    def _fetch_attr(self, target: str) -> Any:
+        if target in self.constants:
+            return self.constants[target]
+        obj = self.model
+        for part in target.split("."):
+            obj = getattr(obj, part)
+        return obj
+
+    # -- module calls --------------------------------------------------------------
+    def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
+        return module_qualified_name not in self.traced_modules
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict) -> Any:
+        if self._evaluating:
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+    def call_module(self, m, forward, args, kwargs):
+        if self._evaluating:
+            return self._eval_submodule(m, forward, args, kwargs)
+        qualname = self.path_of_module(m)
+        if not self.is_leaf_module(m, qualname):
+            inner = unwrap_forward(type(m).forward)
+            return super().call_module(m, lambda *a, **k: inner(m, *a, **k), args, kwargs)
+        args, kwargs, states = self._lift_states(args, kwargs)
+        before = {sid: dict(_items(obj)) for sid, (obj, _) in states.items()}
+        out = super().call_module(m, forward, args, kwargs)
+        for sid, (obj, state_proxy) in states.items():
+            for key, value in _items(obj):
+                if key not in before[sid] or before[sid][key] is not value:
+                    entry = self.create_proxy(
+                        "call_function", ops.state_entry, (state_proxy, key), {"after": out}
+                    )
+                    self._states[sid].entries[key] = entry
+        return out
+
+    def _eval_submodule(self, m, forward, args, kwargs):
+        """Run a module inside a leaf's meta evaluation.
+
+        Data-dependent code (MoE expert dispatch: ``nonzero``, loops over hit experts)
+        cannot run on fake tensors. Such a nested module is assumed to map its first
+        tensor input to an output of the same shape; that only feeds meta values,
+        never the numbers a stage computes.
+        """
+        try:
+            return forward(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001
+            if not _is_data_dependent(e) or self._evaluating_depth_is_top(m):
+                raise
+            first = next((a for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)), None)
+            if first is None:
+                raise
+            return torch.empty_like(first)
+
+    def _evaluating_depth_is_top(self, m) -> bool:
+        return False
+
+    def _lift_states(self, args, kwargs):
+        """Replace mutable containers passed to a leaf by explicit ``make_state`` nodes."""
+        states: dict[int, tuple[Any, Proxy]] = {}
+
+        def lift(value: Any) -> Any:
+            if _is_state_container(value):
+                record = self._states.setdefault(id(value), _StateRecord())
+                entries = {k: record.entries.get(k, v) for k, v in _items(value)}
+                if any(not isinstance(v, Proxy) for v in entries.values()):
+                    raise TraceError(
+                        f"{type(self.model).__name__}: a {type(value).__name__} passed to a layer holds "
+                        "values that were not produced inside the traced forward"
+                    )
+                proxy = self.create_proxy("call_function", ops.make_state, (type(value), entries), {})
+                # The meta value is the live container itself: the layer's meta
+                # evaluation writes into it and we diff it afterwards.
+                proxy.node.meta["val"] = value
+                states[id(value)] = (value, proxy)
+                return proxy
+            return value
+
+        return tuple(lift(a) for a in args), {k: lift(v) for k, v in kwargs.items()}, states
+
+    # -- arguments -----------------------------------------------------------------
+    def create_arg(self, a: Any) -> Any:
+        if isinstance(a, Proxy):
+            return a.node
+        if isinstance(a, torch.nn.Parameter) or (isinstance(a, torch.Tensor) and id(a) in self._buffer_names):
+            name = self._param_names.get(id(a)) or self._buffer_names.get(id(a))
+            if name is not None:
+                return self.create_node("get_attr", name, (), {})
+        if isinstance(a, torch.Tensor) or _needs_constant(a):
+            return self.create_node("get_attr", self._constant(a), (), {})
+        return super().create_arg(a)
+
+    def _constant(self, obj: Any) -> str:
+        name = self._constant_ids.get(id(obj))
+        if name is None:
+            name = f"_fxpp_const_{len(self.constants)}"
+            self.constants[name] = obj
+            self._constant_ids[id(obj)] = name
+        return name
+
+    # -- Python control flow on proxies --------------------------------------------
+    def _guard(self, proxy: Proxy, value: Any) -> None:
+        where = _short_stack()
+        self.create_proxy("call_function", ops.check_guard, (proxy, value, where), {})
+
+    def to_bool(self, obj: Proxy) -> bool:
+        val = self.meta_of(obj)
+        try:
+            result = bool(val)
+        except Exception as e:  # noqa: BLE001
+            raise TraceError(
+                f"{type(self.model).__name__}: Python control flow depends on tensor data at {_short_stack()} "
+                f"(node {obj.node.name}); fxpp can only trace decisions on shapes"
+            ) from e
+        self._guard(obj, result)
+        return result
+
+    def concretize(self, obj: Proxy, kind: type) -> Any:
+        val = self.meta_of(obj)
+        try:
+            result = kind(val)
+        except Exception as e:  # noqa: BLE001
+            raise TraceError(
+                f"{type(self.model).__name__}: a tensor value is used as a Python {kind.__name__} at "
+                f"{_short_stack()} (node {obj.node.name}); fxpp can only trace decisions on shapes"
+            ) from e
+        self._guard(obj, result)
+        return result
+
+    def concrete_len(self, obj: Proxy) -> int:
+        val = self.meta_of(obj)
+        n = len(val)
+        if isinstance(val, torch.Tensor):
+            self._guard(self.create_proxy("call_function", len, (obj,), {}), n)
+        return n
+
+    def iter(self, obj: Proxy) -> Iterator:
+        val = self.meta_of(obj)
+        if isinstance(val, collections.abc.Mapping):
+            return iter(list(val.keys()))
+        n = self.concrete_len(obj)
+        return iter([obj[i] for i in range(n)])
+
+    def keys(self, obj: Proxy) -> Any:
+        val = self.meta_of(obj)
+        if isinstance(val, collections.abc.Mapping):
+            return list(val.keys())
+        return super().keys(obj)
+
+
+def _thaw(x: Any) -> Any:
+    # torch.fx stores aggregates as immutable_list / immutable_dict; models may mutate them.
+    if type(x).__name__ == "immutable_list":
+        return list(x)
+    if type(x).__name__ == "immutable_dict":
+        return dict(x)
+    return x
+
+
+def _items(obj: Any) -> list:
+    return list(obj.items())
+
+
+def _is_state_container(value: Any) -> bool:
+    return (
+        isinstance(value, collections.abc.MutableMapping)
+        and not isinstance(value, dict)
+        and not any(isinstance(v, Proxy) for v in value.values())
+    )
+
+
+def _needs_constant(a: Any) -> bool:
+    """Objects torch.fx cannot print into code: configs, modules' helper objects."""
+    simple = (str, int, float, bool, complex, torch.dtype, torch.device, torch.memory_format, torch.layout, slice, range)
+    if a is None or a is ... or isinstance(a, simple):
+        return False
+    if isinstance(a, (tuple, list, dict)):
+        return False
+    import enum
+
+    if isinstance(a, enum.Enum):
+        return False
+    return True
+
+
+def _is_data_dependent(e: Exception) -> bool:
+    from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
+
+    if isinstance(e, (DataDependentOutputException, DynamicOutputShapeException)):
+        return True
+    return "data-dependent" in str(e) or "Data dependent" in str(e) or "nonzero" in str(e)
+
+
+def _target_name(target: Any) -> str:
+    if isinstance(target, str):
+        return target
+    return getattr(target, "__qualname__", None) or getattr(target, "__name__", None) or repr(target)
+
+
+def _is_user_frame(filename: str) -> bool:
+    return "/fxpp/" not in filename and "/torch/" not in filename and "/contextlib" not in filename
+
+
+def _short_stack() -> str:
+    """The innermost model source line of the current Python stack."""
+    for frame in reversed(traceback.extract_stack()):
+        if _is_user_frame(frame.filename) and "/transformers/utils/" not in frame.filename:
+            return f"{frame.filename.rsplit('/', 1)[-1]}:{frame.lineno}"
+    return "<unknown>"
+
+
+def user_source_line(e: BaseException) -> str:
+    """The innermost model source line in an exception's traceback."""
+    frames = traceback.extract_tb(e.__traceback__)
+    for frame in reversed(frames):
+        if _is_user_frame(frame.filename):
+            return f"{frame.filename.rsplit('/', 1)[-1]}:{frame.lineno}"
+    return "<unknown>"
+
+
+@contextlib.contextmanager
+def _opaque_functions_patched(tracer: HFTracer, module_names: set[str]):
+    """Make mask builders single graph nodes in the modules whose forwards we trace."""
+    functions = opaque_functions()
+    saved = []
+
+    def wrap(fn):
+        def wrapper(*args, **kwargs):
+            has_proxy = False
+
+            def find(x):
+                nonlocal has_proxy
+                if isinstance(x, Proxy):
+                    has_proxy = True
+                return x
+
+            map_aggregate(args, find)
+            map_aggregate(kwargs, find)
+            if has_proxy and not tracer._evaluating:
+                return tracer.create_proxy("call_function", fn, args, kwargs)
+            return fn(*args, **kwargs)
+
+        wrapper.__wrapped_opaque__ = fn
+        return wrapper
+
+    try:
+        for mod_name in sorted(module_names):
+            module = sys.modules.get(mod_name)
+            if module is None:
+                continue
+            for name, value in list(vars(module).items()):
+                if id(value) in functions:
+                    saved.append((module, name, value))
+                    setattr(module, name, wrap(value))
+        yield
+    finally:
+        for module, name, value in reversed(saved):
+            setattr(module, name, value)
+
+
+def _fakeify(fake_mode: FakeTensorMode, value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return fake_mode.from_tensor(value)
+    return value
+
+
+def select_output(out: Any) -> Any:
+    """The tensor a stage returns: logits if the model has a head, else hidden states."""
+    if isinstance(out, collections.abc.Mapping):
+        for key in ("logits", "last_hidden_state"):
+            if key in out.keys() and out[key] is not None:
+                return out[key]
+        for value in out.values():
+            if value is not None:
+                return value
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    return out
+
+
+# Keyword arguments every trace passes: a training forward with no KV cache that
+# returns a ModelOutput.
+TRACE_KWARGS = {"use_cache": False, "return_dict": True}
+
+
+def trace_model(model: torch.nn.Module, example_inputs: dict[str, Any]) -> GraphModule:
+    """Trace ``model`` for inputs shaped like ``example_inputs`` (keyword arguments).
+
+    Inputs that are ``None`` or absent are not graph inputs (the forward sees
+    ``None``). The returned GraphModule has a placeholder per given input, returns
+    the logits (or last hidden state), and holds, by reference, the model's own
+    modules and parameters under their original names.
+
+    Raises:
+        UnsupportedModelError: encoder-decoder models or models without a decoder-layer list.
+        TraceError: the forward does something the tracer cannot record.
+    """
+    layers_fqn, _ = find_decoder_layers(model)
+    signature = inspect.signature(unwrap_forward(type(model).forward))
+    accepts_var_kwargs = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
+    inputs = {k: v for k, v in example_inputs.items() if v is not None}
+    for name in inputs:
+        if name not in signature.parameters and not accepts_var_kwargs:
+            raise TraceError(f"{type(model).__name__}.forward has no argument {name!r}")
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+    tracer = HFTracer(model, layers_fqn, fake_mode)
+    tracer._placeholder_vals = {k: _fakeify(fake_mode, v) for k, v in inputs.items()}
+    names = list(inputs)
+    forward = unwrap_forward(type(model).forward)
+
+    def root_fn(*proxies):
+        kwargs = dict(TRACE_KWARGS)
+        kwargs = {k: v for k, v in kwargs.items() if k in signature.parameters or accepts_var_kwargs}
+        kwargs.update(zip(names, proxies))
+        return select_output(forward(model, **kwargs))
+
+    def create_args_for_root(root_fn_unused, is_module, concrete_args=None):
+        proxies = [tracer.create_proxy("placeholder", n, (), {}) for n in names]
+        return root_fn, proxies
+
+    tracer.create_args_for_root = create_args_for_root  # type: ignore[method-assign]
+    module_names = {c.__module__ for m in _traced_module_objects(model, tracer.traced_modules) for c in type(m).__mro__}
+    training = {id(m): m.training for m in model.modules()}
+    try:
+        with _opaque_functions_patched(tracer, module_names):
+            graph = tracer.trace(model)
+    except TraceError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise TraceError(
+            f"cannot trace {type(model).__name__} at {user_source_line(e)}: {type(e).__name__}: {e}"
+        ) from e
+    finally:
+        for m in model.modules():
+            m.training = training.get(id(m), m.training)
+    return _graph_module(model, graph, tracer.constants)
+
+
+def _traced_module_objects(model: torch.nn.Module, names: frozenset[str]) -> list[torch.nn.Module]:
+    return [m for n, m in model.named_modules() if n in names]
+
+
+def _graph_module(model: torch.nn.Module, graph: Graph, constants: dict[str, Any]) -> GraphModule:
+    """A GraphModule over ``graph`` that references the model's modules, not copies."""
+    root: dict[str, Any] = {}
+    for node in graph.nodes:
+        if node.op in ("call_module", "get_attr") and node.target not in root:
+            if node.target in constants:
+                root[node.target] = constants[node.target]
+            else:
+                obj = model
+                for part in node.target.split("."):
+                    obj = getattr(obj, part)
+                root[node.target] = obj
+    gm = GraphModule(root, graph, class_name=f"{type(model).__name__}Graph")
+    return gm
