@@ -18,7 +18,7 @@ def environment(device: str) -> dict:
         commit = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
         ).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "fxpp"], cwd=ROOT, capture_output=True, text=True).stdout
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "fxpp"], cwd=ROOT, capture_output=True, text=True).stdout
         if dirty.strip():
             commit += "-dirty"
     except (OSError, subprocess.CalledProcessError):
@@ -42,7 +42,9 @@ def default_json_path(name: str) -> str:
     return os.path.join(ROOT, "benchmarks", "results", f"{name}.json")
 
 
-def fmt(v) -> str:
+def fmt(v, width: int = 60) -> str:
+    if isinstance(v, str) and len(v) > width:
+        return v[: width - 3] + "..."
     if v is None:
         return "-"
     if isinstance(v, float):
@@ -58,7 +60,7 @@ def report(rows: list[dict], columns: list[str], env: dict, json_path: str) -> N
     print("  ".join("-" * w for w in widths))
     for row in cells:
         print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
-    print()
+    print("# (long cells cut; full rows below)\n")
     for r in rows:
         print(json.dumps(r))
     os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)

@@ -48,7 +48,7 @@ def substitutable(user: Node, value: Node, stream: Node) -> bool:
 
 
 def crossing_values(graph: Graph, k: int) -> list[Node]:
-    """The nodes whose values cross cut ``k``, in graph order.
+    """The nodes whose values cross cut ``k``: the hidden states, then the rest in graph order.
 
     Raises:
         CutError: a value that must cross is not a tensor or a flat tuple of tensors.
@@ -80,4 +80,5 @@ def crossing_values(graph: Graph, k: int) -> list[Node]:
                 f"cut {k}: {value.name} ({value.op} {value.target}) is needed after the cut by {users} but is a "
                 f"{type(value.meta.get('val')).__name__}, not a tensor; move the cut or keep its users on one stage"
             )
-    return sorted(crossing, key=order.__getitem__)
+    # The hidden states go first (the API's promise), the rest in graph order.
+    return sorted(crossing, key=lambda n: (n is not stream, order[n]))

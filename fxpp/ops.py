@@ -19,6 +19,8 @@ guard
 
 from __future__ import annotations
 
+import functools
+import importlib
 from typing import Any
 
 
@@ -55,3 +57,30 @@ def state_entry(state: Any, key: Any, after: Any = None) -> Any:
 def pack(kind: str, *leaves: Any) -> Any:
     """Rebuild a flat tuple or list of tensors that crossed a cut as separate tensors."""
     return list(leaves) if kind == "list" else tuple(leaves)
+
+
+@functools.lru_cache(maxsize=None)
+def resolve(qualified_name: str) -> Any:
+    """``"operator.getitem"`` -> the function (graph code cannot hold callables as arguments)."""
+    module_name, _, attr = qualified_name.rpartition(".")
+    obj = importlib.import_module(module_name)
+    return getattr(obj, attr)
+
+
+def unless_none(fn_name: str, value: Any, *args: Any, **kwargs: Any) -> Any:
+    """``fn(value, ...)``, or ``None`` when ``value`` is ``None``.
+
+    Mask builders return ``None`` at run time when attention needs no explicit mask
+    (causal SDPA without padding), but always a tensor while tracing. Ops the forward
+    applied to a mask are rewritten to this so they pass ``None`` through, as the
+    forward's own ``if mask is not None`` did (see ``fxpp.passes.none_safe_masks``).
+    """
+    if value is None:
+        return None
+    return resolve(fn_name)(value, *args, **kwargs)
+
+
+def method_unless_none(name: str, value: Any, *args: Any, **kwargs: Any) -> Any:
+    if value is None:
+        return None
+    return getattr(value, name)(*args, **kwargs)

@@ -19,6 +19,7 @@ from .annotate import annotate, info
 from .errors import StageInputError, StageSpecError, UnsupportedModelError
 from .ops import GuardFailure
 from .passes.extract_stage import extract_stage
+from .passes.none_safe_masks import none_safe_masks
 from .spec import StageRole, StageSpec
 from .trace import find_decoder_layers, trace_model
 
@@ -60,6 +61,7 @@ def trace_annotated(model: torch.nn.Module, example_inputs: dict[str, Any]) -> G
     inputs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in example_inputs.items()}
     with model_unchanged(model):
         gm = trace_model(model, inputs)
+    none_safe_masks(gm)
     layers_fqn, _ = find_decoder_layers(model)
     text_config = model.config.get_text_config()
     annotate(
@@ -218,20 +220,23 @@ class StageModule(GraphModule):
             if given != set(names):
                 return self._fxpp_alternate(args, kwargs, f"inputs {sorted(given)} differ from {sorted(names)}")
         else:
-            self._check_received(args, kwargs)
+            problem = self._received_problem(args, kwargs)
+            if problem is not None:
+                return self._fxpp_alternate(args, kwargs, problem)
         try:
             return generated(self, *args, **kwargs)
         except GuardFailure as e:
             return self._fxpp_alternate(args, kwargs, str(e))
 
-    def _check_received(self, args, kwargs) -> None:
+    def _received_problem(self, args, kwargs) -> str | None:
+        """Why ``args`` is not the tuple this stage receives, or None if it is."""
         spec = self.spec
         placeholders = [n for n in self.graph.nodes if n.op == "placeholder"]
         if len(args) != len(placeholders):
             hint = ""
             if kwargs and not args:
                 hint = " (model inputs go to the first stage only)"
-            raise StageInputError(
+            return (
                 f"{self.meta['fxpp_model_class']} {spec.role.value} stage layers {spec.layers} expects the "
                 f"{len(placeholders)} tensor(s) that cross cut {spec.layers.start} "
                 f"({', '.join(p.target for p in placeholders)}), got {len(args)}{hint}"
@@ -239,35 +244,40 @@ class StageModule(GraphModule):
         for ph, value in zip(placeholders, args):
             expected = ph.meta.get("val")
             if not isinstance(value, torch.Tensor):
-                raise StageInputError(f"stage input {ph.target!r} must be a tensor, got {type(value).__name__}")
+                return f"stage input {ph.target!r} must be a tensor, got {type(value).__name__}"
             if isinstance(expected, torch.Tensor):
                 if value.dim() != expected.dim() or (expected.dim() >= 3 and value.shape[-1] != expected.shape[-1]):
-                    raise StageInputError(
-                        f"stage input {ph.target!r}: expected shape like {tuple(expected.shape)}, got {tuple(value.shape)}"
-                    )
+                    return f"stage input {ph.target!r}: expected shape like {tuple(expected.shape)}, got {tuple(value.shape)}"
                 if value.dtype.is_floating_point != expected.dtype.is_floating_point:
-                    raise StageInputError(
-                        f"stage input {ph.target!r}: expected dtype like {expected.dtype}, got {value.dtype}"
-                    )
+                    return f"stage input {ph.target!r}: expected dtype like {expected.dtype}, got {value.dtype}"
+        return None
 
     def _fxpp_alternate(self, args, kwargs, why: str):
+        """Run an alternate graph for these inputs, tracing one if none fits."""
         for alt in self._fxpp_alternates:
+            if alt.spec.takes_model_inputs:
+                if set(alt.input_names) != {k for k, v in kwargs.items() if v is not None}:
+                    continue
+            elif alt._received_problem(args, kwargs) is not None:
+                continue
             try:
-                if alt.spec.takes_model_inputs and set(alt.input_names) != {k for k, v in kwargs.items() if v is not None}:
-                    continue
-                if not alt.spec.takes_model_inputs and len(alt.input_names) != len(args):
-                    continue
                 return alt._fxpp_generated(alt, *args, **kwargs)
             except GuardFailure:
                 continue
+        if not self.spec.takes_model_inputs and (not args or not isinstance(args[0], torch.Tensor) or args[0].dim() < 2):
+            raise StageInputError(why)
         example = self._example_for(args, kwargs)
-        model_gm = trace_annotated(self._fxpp_model, example)
+        try:
+            model_gm = trace_annotated(self._fxpp_model, example)
+        except Exception as e:  # noqa: BLE001 - the caller's inputs are the likelier problem
+            if self.spec.takes_model_inputs:
+                raise
+            raise StageInputError(why) from e
         alt = StageModule.build(self._fxpp_model, model_gm, self.spec)
-        if not alt.spec.takes_model_inputs and len(alt.input_names) != len(args):
-            raise StageInputError(
-                f"{self.spec.role.value} stage: retraced for new input shapes ({why}) but the stage then expects "
-                f"{len(alt.input_names)} inputs, not {len(args)}"
-            )
+        if not alt.spec.takes_model_inputs:
+            problem = alt._received_problem(args, kwargs)
+            if problem is not None:
+                raise StageInputError(why)
         self._fxpp_alternates.append(alt)
         return alt._fxpp_generated(alt, *args, **kwargs)
 
@@ -279,7 +289,7 @@ class StageModule(GraphModule):
         received = {}
         for ph, value in zip([n for n in self.graph.nodes if n.op == "placeholder"], args):
             received[ph.meta.get("fxpp_crossing", ph.target)] = value
-        stream = next(v for v in args if isinstance(v, torch.Tensor) and v.is_floating_point())
+        stream = args[0]  # the hidden states cross first
         old = next(iter(example.values()))
         b0, s0 = old.shape[0], old.shape[1] if old.dim() > 1 else None
         b, s = stream.shape[0], stream.shape[1]

@@ -64,7 +64,7 @@ def _config(family: str, num_layers: int, **over: Any):
             **common, num_hidden_layers=num_layers, head_dim=16, sliding_window=over.pop("sliding_window", 4),
             layer_types=_layer_types(num_layers, pattern), final_logit_softcapping=30.0,
             hidden_size_per_layer_input=over.pop("hidden_size_per_layer_input", 8),
-            vocab_size_per_layer_input=VOCAB, num_kv_shared_layers=over.pop("num_kv_shared_layers", num_layers // 2),
+            vocab_size_per_layer_input=VOCAB, num_kv_shared_layers=over.pop("num_kv_shared_layers", num_layers // 2 if num_layers >= 3 else 0),
             max_position_embeddings=256, **over,
         )
     if family == "qwen3_moe":

@@ -68,7 +68,7 @@ def extract_stage(model_gm: GraphModule, *, spec: StageSpec) -> GraphModule:
     for node in graph.nodes:
         if node.op in ("placeholder", "output") or node in env:
             continue
-        if node in keep or (is_guard(node) and all(i in env for i in node.all_input_nodes)):
+        if node in keep:
             env[node] = new.node_copy(node, lookup(node))
 
     if outputs is None:
@@ -84,13 +84,31 @@ def extract_stage(model_gm: GraphModule, *, spec: StageSpec) -> GraphModule:
 
 
 def _needed_nodes(graph: Graph, inputs: list[Node] | None, outputs: list[Node] | None, stream: Node | None) -> set[Node]:
-    """Backward slice from the stage's outputs, stopping at what it receives."""
+    """Backward slice from the stage's outputs, stopping at what it receives.
+
+    Guards (``fxpp.ops.check_guard``) are roots too, wherever the stage can evaluate
+    them: a stage must notice that a shape decision it depends on no longer holds,
+    even when the decision was first taken on an earlier stage.
+    """
     if outputs is None:
         (out,) = [n for n in graph.nodes if n.op == "output"]
         roots = list(out.all_input_nodes)
     else:
         roots = list(outputs)
     received = set(inputs or ())
+    keep = _slice(roots, received, stream, strict=False)
+    last = max((info(n).position for n in roots), default=-1)
+    for guard in graph.nodes:
+        if is_guard(guard) and guard not in keep and info(guard).position <= last:
+            extra = _slice([guard], received | keep, stream, strict=True)
+            if extra is not None:
+                keep |= extra
+    return keep
+
+
+def _slice(roots, received: set[Node], stream: Node | None, *, strict: bool) -> set[Node] | None:
+    """Nodes needed for ``roots`` given ``received``; with ``strict``, None when that
+    would need a value computed on an earlier stage that is not received."""
     keep: set[Node] = set()
     stack = [r for r in roots if r not in received]
     while stack:
@@ -103,6 +121,8 @@ def _needed_nodes(graph: Graph, inputs: list[Node] | None, outputs: list[Node] |
                 continue
             if stream is not None and not info(value).rematerialize and substitutable(node, value, stream):
                 continue
+            if strict and stream is not None and not info(value).rematerialize and value.op != "get_attr":
+                return None
             stack.append(value)
     return keep
 
