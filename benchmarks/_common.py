@@ -48,6 +48,8 @@ def fmt(v, width: int = 60) -> str:
     if v is None:
         return "-"
     if isinstance(v, float):
+        if v != 0 and abs(v) < 1e-3:
+            return f"{v:.2e}"
         return f"{v:.3f}" if abs(v) < 100 else f"{v:.1f}"
     return str(v)
 

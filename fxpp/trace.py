@@ -200,6 +200,8 @@ class HFTracer(Tracer):
         self._placeholder_vals: dict[str, Any] = {}
         self._evaluating = 0
         self.meta_fallbacks: list[str] = []
+        self._leaf_cache: dict = {}
+        self._param_sigs: dict[int, tuple] = {}
         self._states: dict[int, _StateRecord] = {}
         self._param_names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
         self._buffer_names = {id(b): n for n, b in model.named_buffers(remove_duplicate=False)}
@@ -241,7 +243,7 @@ class HFTracer(Tracer):
                 if node.op == "call_method":
                     return getattr(args[0], node.target)(*args[1:], **kwargs)
                 if node.op == "call_module":
-                    return self.model.get_submodule(node.target)(*args, **kwargs)
+                    return self._eval_leaf(node, args, kwargs)
         except TraceError:
             raise
         except Exception as e:  # noqa: BLE001 - re-raised with node context
@@ -252,6 +254,32 @@ class HFTracer(Tracer):
         finally:
             self._evaluating -= 1
         raise AssertionError(node.op)
+
+    def _eval_leaf(self, node: Node, args: tuple, kwargs: dict) -> Any:
+        """Meta-evaluate a leaf module, reusing the result of an identical earlier call.
+
+        Decoder layers dominate tracing time (a fake-tensor run each). Two calls of
+        modules of one class, with parameters of the same shapes and inputs of the same
+        shapes, give outputs of the same shapes; only the meta value is reused, never a
+        number. Calls that touch a state container are always evaluated: their writes
+        differ per layer.
+        """
+        module = self.model.get_submodule(node.target)
+        if any(n.target is ops.make_state for n in node.all_input_nodes):
+            return module(*args, **kwargs)
+        key = (type(module), self._param_signature(module), _signature((args, kwargs)))
+        if key not in self._leaf_cache:
+            self._leaf_cache[key] = module(*args, **kwargs)
+        return self._leaf_cache[key]
+
+    def _param_signature(self, module: torch.nn.Module) -> tuple:
+        sig = self._param_sigs.get(id(module))
+        if sig is None:
+            sig = tuple((n, tuple(t.shape), t.dtype) for n, t in module.state_dict(keep_vars=True).items())
+            sig += tuple(sorted((k, v) for k, v in vars(module).items() if isinstance(v, (str, int, float, bool, type(None)))
+                                and k not in ("layer_idx", "training")))
+            self._param_sigs[id(module)] = sig
+        return sig
 
     def _fetch_attr(self, target: str) -> Any:
         if target in self.constants:
@@ -398,6 +426,19 @@ class HFTracer(Tracer):
         if isinstance(val, collections.abc.Mapping):
             return list(val.keys())
         return super().keys(obj)
+
+
+def _signature(value: Any) -> Any:
+    """A hashable description of a call's arguments: tensor shapes, not values."""
+    if isinstance(value, torch.Tensor):
+        return ("T", tuple(value.shape), value.dtype, str(value.device))
+    if isinstance(value, (tuple, list)):
+        return (type(value).__name__, tuple(_signature(v) for v in value))
+    if isinstance(value, dict):
+        return ("dict", tuple((k, _signature(v)) for k, v in value.items()))
+    if isinstance(value, (str, int, float, bool, type(None), torch.dtype, torch.device)):
+        return value
+    return ("id", id(value))
 
 
 def _thaw(x: Any) -> Any:
