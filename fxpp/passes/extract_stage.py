@@ -25,7 +25,7 @@ from __future__ import annotations
 from torch.fx import Graph, GraphModule, Node
 
 from .. import ops
-from ..annotate import info, is_guard
+from ..annotate import NodeInfo, info, is_guard
 from ..cuts import crossing_values, stream_at, substitutable
 from ..errors import CutError
 from ..spec import StageRole, StageSpec
@@ -73,9 +73,11 @@ def extract_stage(model_gm: GraphModule, *, spec: StageSpec) -> GraphModule:
 
     if outputs is None:
         (result,) = [n for n in graph.nodes if n.op == "output"]
-        new.output(env[result.args[0]])
+        out = new.output(env[result.args[0]])
+        out.meta = dict(result.meta)
     else:
-        new.output(tuple(leaf for value in outputs for leaf in _send(new, env[value])))
+        out = new.output(tuple(leaf for value in outputs for leaf in _send(new, env[value])))
+        out.meta["fxpp"] = NodeInfo(role="output", position=b - 1, rematerialize=False)
 
     new.lint()
     stage = GraphModule(model_gm, new, class_name=f"Stage{spec.role.value.capitalize()}")
