@@ -10,11 +10,20 @@ from .errors import (
     UnsupportedModelError,
     VerificationError,
 )
+from .loss import CausalLMLoss, causal_lm_loss, count_target_tokens
 from .pipeline import Pipeline, pipeline
 from .spec import StageRole
 from .transform import StageModule, transform
 
+
+def stage_ids_of_rank(rank: int, num_stages: int, world_size: int, style: str = "loop") -> list[int]:
+    """The stage ids a rank holds under ``style`` placement (``"loop"`` or ``"v"``)."""
+    from .stage import stage_ids_of_rank as _ids
+
+    return _ids(rank, num_stages, world_size, style)
+
 __all__ = [
+    "CausalLMLoss",
     "CheckpointError",
     "CutError",
     "FxppError",
@@ -26,6 +35,9 @@ __all__ = [
     "TraceError",
     "UnsupportedModelError",
     "VerificationError",
+    "causal_lm_loss",
+    "count_target_tokens",
     "pipeline",
+    "stage_ids_of_rank",
     "transform",
 ]

@@ -33,6 +33,27 @@ class Pipeline:
             self.stages.append(StageModule.build(model, model_gm, spec))
         self.crossing = [[v.name for v in crossing_values(model_gm.graph, r.start)] for r in layer_ranges[1:]]
         self.model_graph = model_gm
+        self._runtime_stages: dict = {}  # built by build_stage on this rank, by index
+
+    def build_stage(self, index: int, device, group=None, *, style: str = "loop"):
+        """Stage ``index`` as a ``torch.distributed.pipelining.PipelineStage``.
+
+        Static input/output metadata come from the example inputs, which must have the
+        microbatch's shape. The stage's parameters are the model's own where they
+        already live on ``device``; otherwise copies (the model is never moved). The
+        last stage holds its own copy of weights tied to the first stage, and their
+        gradients are summed between the two ranks at the end of every
+        ``schedule.step`` over point-to-point ops on ``group`` (default: the world
+        group); see Note [tied-weight sync] in ``fxpp.stage``.
+
+        Args:
+            index: the stage id. device: where its parameters and activations live.
+            group: the pipeline's process group. style: stage placement, ``"loop"``
+                (stage s on rank s % world) or ``"v"`` (ZBVZeroBubble, DualPipeV).
+        """
+        from .stage import build_stage
+
+        return build_stage(self, index, device, group, style=style)
 
     @property
     def num_stages(self) -> int:

@@ -220,6 +220,8 @@ class StageModule(GraphModule):
             if given != set(names):
                 return self._fxpp_alternate(args, kwargs, f"inputs {sorted(given)} differ from {sorted(names)}")
         else:
+            if kwargs and getattr(self, "_fxpp_ignore_model_kwargs", False):
+                kwargs = {}  # schedules pass model inputs to every stage of a rank
             problem = self._received_problem(args, kwargs)
             if problem is not None:
                 return self._fxpp_alternate(args, kwargs, problem)

@@ -1,0 +1,276 @@
+"""Runtime glue: fxpp stages as ``torch.distributed.pipelining.PipelineStage``.
+
+The only module that imports ``torch.distributed.pipelining``. Everything here is
+device-agnostic: the same code runs on CPU with gloo and on CUDA with NCCL; the only
+device-specific decision is :func:`default_backend`.
+
+Terms
+-----
+placement
+    Which rank holds which stage. ``"loop"``: stage ``s`` on rank ``s % world_size``
+    (GPipe, 1F1B, Interleaved1F1B, LoopedBFS, InterleavedZeroBubble). ``"v"``: ranks
+    hold stages ``r`` and ``2 * world_size - 1 - r`` (ZBVZeroBubble, DualPipeV).
+tied weight
+    A parameter used by more than one stage: tied input/output embeddings
+    (``lm_head.weight is model.embed_tokens.weight``). The last stage holds its own
+    copy; see Note [tied-weight sync].
+
+Note [tied-weight sync]
+    The first stage's copy gets its gradient last (stage 0 finishes the backward),
+    the last stage's copy early. Both must end the step with the sum. The last
+    stage's rank, as soon as its gradients are final (``scale_grads`` /
+    ``perform_reduce_grad``, once per step), sends its gradient to the first stage's
+    rank and posts a receive *into its own ``.grad``*. The first stage's rank posts a
+    receive for it when its own gradients are final. Neither waits there: a rank may
+    still owe activations or gradients to others. Both finish at the end of the step,
+    which every schedule of torch 2.13 marks by reading ``stage.is_last`` in
+    ``_update_losses`` after its last wait: the first stage's rank adds the received
+    gradient and sends the sum back; the last stage's rank waits for that sum. Only
+    the two ranks take part, over point-to-point ops on the pipeline's process group
+    (the ``group`` given to ``build_stage``, else the default group), so no rank
+    waits on a collective that another rank never joins, however many stages a rank
+    holds. When both stages sit on one rank the sum is taken locally.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed.pipelining import PipelineStage
+
+from .errors import StageSpecError
+
+if TYPE_CHECKING:
+    from .pipeline import Pipeline
+
+
+def default_backend() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def default_device(rank: int) -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def stage_ranks(num_stages: int, world_size: int, style: str = "loop") -> list[int]:
+    """The rank of each stage under ``style`` placement (see the module glossary)."""
+    if world_size < 1 or num_stages % world_size:
+        raise StageSpecError(
+            f"num_stages={num_stages} must be a multiple of the world size {world_size} "
+            "(each rank holds the same number of stages)"
+        )
+    if style == "loop":
+        return [s % world_size for s in range(num_stages)]
+    if style == "v":
+        if num_stages != 2 * world_size:
+            raise StageSpecError(f"V placement needs num_stages == 2 * world_size; got {num_stages} and {world_size}")
+        return [s if s < world_size else 2 * world_size - 1 - s for s in range(num_stages)]
+    raise StageSpecError(f"placement style={style!r} must be 'loop' or 'v'")
+
+
+def stage_ids_of_rank(rank: int, num_stages: int, world_size: int, style: str = "loop") -> list[int]:
+    """The stage ids a rank holds, in order (what multi-stage schedules expect)."""
+    return [s for s, r in enumerate(stage_ranks(num_stages, world_size, style)) if r == rank]
+
+
+def tied_parameters(pipe: "Pipeline") -> list[dict[int, str]]:
+    """Parameters used by more than one stage: ``[{stage: name, ...}, ...]``."""
+    owners: dict[int, dict[int, str]] = {}
+    for i, stage in enumerate(pipe.stages):
+        for name, p in stage.named_parameters(remove_duplicate=False):
+            owners.setdefault(id(p), {}).setdefault(i, name)
+    return [o for o in owners.values() if len(o) > 1]
+
+
+class _TiedSync:
+    """One tied parameter's exchange between its first and last holder (Note [tied-weight sync])."""
+
+    def __init__(self, param: torch.nn.Parameter, *, is_first_holder: bool, peer: int | None, group):
+        self.param = param
+        self.is_first_holder = is_first_holder
+        self.peer = peer  # global rank of the other holder; None when it is on this rank
+        self.group = group
+        self.works: list = []
+        self.buffer: torch.Tensor | None = None
+
+    def post(self) -> None:
+        grad = self.param.grad
+        if grad is None:
+            grad = self.param.grad = torch.zeros_like(self.param)
+        if self.is_first_holder:
+            self.buffer = torch.empty_like(grad)
+            self.works = [dist.irecv(self.buffer, src=self.peer, group=self.group)]
+        else:
+            self.buffer = grad.detach().clone()
+            self.works = [dist.isend(self.buffer, dst=self.peer, group=self.group), dist.irecv(grad, src=self.peer, group=self.group)]
+
+    def finish(self) -> None:
+        for work in self.works:
+            work.wait()
+        if self.is_first_holder:
+            self.param.grad.add_(self.buffer)
+            dist.send(self.param.grad, dst=self.peer, group=self.group)
+        self.works = []
+        self.buffer = None
+
+
+class FxppPipelineStage(PipelineStage):
+    """A PipelineStage that synchronises tied weights by itself (Note [tied-weight sync])."""
+
+    def __init__(self, *args, tied: list[_TiedSync] = (), local_partners=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._fxpp_tied = list(tied)
+        # [(this stage's parameter, callable giving the same-rank partner's parameter)]
+        self._fxpp_local_tied = list(local_partners or [])
+        self._fxpp_state = "idle"  # idle -> posted (grads final) -> idle (step finished)
+
+    def _fxpp_grads_final(self) -> None:
+        if self._fxpp_state != "idle" or not (self._fxpp_tied or self._fxpp_local_tied):
+            return
+        for sync in self._fxpp_tied:
+            sync.post()
+        self._fxpp_state = "posted"
+
+    def _fxpp_finish(self) -> None:
+        if self._fxpp_state != "posted":
+            return
+        self._fxpp_state = "idle"
+        for sync in self._fxpp_tied:
+            sync.finish()
+        for mine, partner in self._fxpp_local_tied:
+            other = partner()
+            if other is not None and mine.grad is not None and other.grad is not None:
+                mine.grad.add_(other.grad)
+                other.grad.copy_(mine.grad)
+
+    def scale_grads(self, grad_scale_factor: int) -> None:
+        super().scale_grads(grad_scale_factor)
+        self._fxpp_grads_final()
+
+    def perform_reduce_grad(self, grad_scale_factor: int):
+        result = super().perform_reduce_grad(grad_scale_factor)
+        self._fxpp_grads_final()
+        return result
+
+    @property
+    def is_last(self):  # read by every schedule's _update_losses, after its last wait
+        self._fxpp_finish()
+        return super().is_last
+
+
+def _runtime_submodule(pipe: "Pipeline", index: int, device: torch.device):
+    """The stage's GraphModule for a rank: on ``device``, last stage with its own tied copy.
+
+    Modules already on ``device`` are the model's own; others are copied (never moved,
+    so the user's model is untouched); meta modules are allocated empty.
+    """
+    from .transform import StageModule
+
+    source = pipe.stages[index]
+    stage = StageModule.build(pipe.model, pipe.model_graph, source.spec)
+    object.__setattr__(stage, "_fxpp_ignore_model_kwargs", not source.spec.takes_model_inputs)
+    tied_here = set()
+    if index == len(pipe.stages) - 1:
+        for owners in tied_parameters(pipe):
+            if index in owners and min(owners) != index:
+                tied_here.add(owners[index])
+    replaced: dict[int, torch.nn.Module] = {}
+    for node in stage.graph.nodes:
+        if node.op != "call_module":
+            continue
+        module = stage.get_submodule(node.target)
+        tensors = list(module.parameters()) + list(module.buffers())
+        own_names = {f"{node.target}.{n}" for n, _ in module.named_parameters()}
+        needs_copy = any(t.device != device for t in tensors) or bool(own_names & tied_here)
+        if not needs_copy:
+            continue
+        if id(module) not in replaced:
+            replaced[id(module)] = _copy_to(pipe.model, module, device)
+        stage.set_submodule(node.target, replaced[id(module)])
+    stage.recompile()
+    return stage
+
+
+def _copy_to(model: torch.nn.Module, module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    if any(t.is_meta for t in list(module.parameters()) + list(module.buffers())):
+        fresh = copy.deepcopy(module).to_empty(device=device)
+        # Non-persistent buffers (rotary inv_freq) are not in checkpoints: recompute them.
+        init = getattr(model, "_init_weights", None)
+        for sub in fresh.modules():
+            if sub._non_persistent_buffers_set and init is not None:
+                init(sub)
+        return fresh
+    return copy.deepcopy(module).to(device)
+
+
+def _example_args(pipe: "Pipeline", index: int, device: torch.device):
+    """Static input/output metadata of a stage, from its graph's meta values."""
+    stage = pipe.stages[index]
+
+    def real(val):
+        # Floating tensors carry gradients across the cut; integer ones (masks, ids) do not.
+        return torch.empty(val.shape, dtype=val.dtype, device=device, requires_grad=val.dtype.is_floating_point)
+
+    placeholders = [n for n in stage.graph.nodes if n.op == "placeholder"]
+    (out,) = [n for n in stage.graph.nodes if n.op == "output"]
+    inputs = () if stage.spec.takes_model_inputs else tuple(real(p.meta["val"]) for p in placeholders)
+    result = out.args[0]
+    outs = tuple(real(n.meta["val"]) for n in (result if isinstance(result, tuple) else (result,)))
+    return inputs, outs
+
+
+def build_stage(pipe: "Pipeline", index: int, device: torch.device | str, group=None, *, style: str = "loop") -> FxppPipelineStage:
+    """``pipe.build_stage``: see :meth:`fxpp.Pipeline.build_stage`."""
+    device = torch.device(device)
+    num_stages = len(pipe.stages)
+    if not 0 <= index < num_stages:
+        raise StageSpecError(f"stage index {index} is out of range for a {num_stages}-stage pipeline")
+    if not dist.is_initialized():
+        raise StageSpecError(
+            "build_stage needs torch.distributed to be initialised (dist.init_process_group); "
+            "for a single process, run the stages with pipe(**inputs)"
+        )
+    if device.type == "cuda" and dist.get_backend(group) == "gloo":
+        raise StageSpecError(f"device={device} with the gloo backend: use NCCL for CUDA stages")
+    submodule = _runtime_submodule(pipe, index, device)
+    world = dist.get_world_size(group)
+    ranks = stage_ranks(num_stages, world, style)
+    tied, local = [], []
+    registry = pipe._runtime_stages
+    for owners in tied_parameters(pipe):
+        if index not in owners:
+            continue
+        first, last = min(owners), max(owners)
+        if index not in (first, last):
+            continue
+        mine = submodule.get_parameter(owners[index])
+        other = first if index == last else last
+        if ranks[other] == ranks[index]:
+            if index == first:  # the first holder finishes last: it sums for both
+                local.append((mine, lambda o=other, n=owners[other]: (
+                    registry[o].submod.get_parameter(n) if o in registry else None)))
+            continue
+        peer = ranks[other] if group is None else dist.get_global_rank(group, ranks[other])
+        tied.append(_TiedSync(mine, is_first_holder=index == first, peer=peer, group=group))
+    inputs, outputs = _example_args(pipe, index, device)
+    stage = FxppPipelineStage(
+        submodule, index, num_stages, device, input_args=inputs, output_args=outputs, group=group,
+        tied=tied, local_partners=local,
+    )
+    registry[index] = stage
+    return stage
+
+
+def split_microbatch_kwargs(kwargs: dict[str, Any], num_microbatches: int) -> list[dict[str, Any]]:
+    """Split batch-aligned keyword inputs into microbatches along dim 0."""
+    out = [dict() for _ in range(num_microbatches)]
+    for name, value in kwargs.items():
+        chunks = torch.tensor_split(value, num_microbatches, dim=0) if isinstance(value, torch.Tensor) else [value] * num_microbatches
+        for mb, chunk in zip(out, chunks):
+            mb[name] = chunk
+    return out

@@ -1,0 +1,619 @@
+"""Sweep transformers' causal-LM auto mapping: which model families does fxpp split?
+
+For every ``model_type`` in ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`` the sweep builds a
+tiny config (2 decoder layers, hidden 64, vocabulary 128, few experts, ...), the
+model with seeded random weights on the CPU, and compares a 2-stage pipeline
+(``cuts=[1]``) with the unpatched model: logits and every parameter gradient.
+
+Statuses (:data:`STATUSES`):
+
+``pass``
+    logits and all gradients agree (``atol=rtol=1e-4``).
+``mismatch``
+    fxpp ran but the numbers differ; ``detail`` names the worst tensor and its max diff.
+``fxpp-error``
+    fxpp refused the model with an :class:`~fxpp.FxppError` (a clean refusal).
+``model-error``
+    the tiny config, the model build or the unpatched model's own forward/backward
+    failed (or the build took too long, or the model is not deterministic); not
+    fxpp's fault.
+``error``
+    any other exception (or a timeout) while fxpp built or ran the stages; ``frame``
+    is the innermost fxpp frame of the traceback.
+
+Run ``python -m fxpp.sweep [--only llama,gemma] [--write-docs]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import math
+import os
+import signal
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import torch
+
+from .errors import FxppError
+
+STATUSES = ("pass", "mismatch", "fxpp-error", "model-error", "error")
+
+VOCAB = 128
+BATCH, SEQ, LEFT_PAD = 2, 9, 3
+ATOL = RTOL = 1e-4
+DOCS_PATH = os.path.join("docs", "supported_models.md")
+COMMAND = "python -m fxpp.sweep --write-docs"
+
+# --------------------------------------------------------------------------------------
+# Tiny configs
+# --------------------------------------------------------------------------------------
+
+NUM_LAYERS = 2
+# Attribute names of the decoder layer count (``attribute_map`` aliases included).
+LAYER_COUNT_ATTRS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "decoder_layers", "num_decoder_layers")
+# Encoder-side counts: not what fxpp splits, only kept small so the build is fast.
+SIDE_LAYER_COUNT_ATTRS = ("encoder_layers", "num_encoder_layers")
+
+# Set where the attribute exists (``hasattr``) and, for ints, only where it is set.
+SHRINK: dict[str, Any] = {
+    # width
+    "hidden_size": 64, "n_embd": 64, "d_model": 64, "dim": 64, "embedding_size": 64, "word_embed_proj_dim": 64,
+    "attention_hidden_size": 64, "lru_width": 64, "input_embedding_size": 64, "output_embedding_size": 64,
+    "embedding_dim": 64,
+    # MLP
+    "intermediate_size": 128, "ffn_dim": 128, "decoder_ffn_dim": 128, "encoder_ffn_dim": 128, "ffn_hidden_size": 128,
+    "dim_ff": 128, "dff": 128, "n_inner": 128, "d_inner": 128, "feed_forward_size": 128, "intermediate_size_mlp": 128,
+    "dense_intermediate_size": 128, "shared_intermediate_size": 128,
+    # attention heads
+    "num_attention_heads": 4, "n_head": 4, "num_heads": 4, "decoder_attention_heads": 4, "encoder_attention_heads": 4,
+    "swa_num_attention_heads": 4,
+    "num_key_value_heads": 2, "num_kv_heads": 2, "multi_query_group_num": 2, "num_query_groups": 2,
+    "swa_num_key_value_heads": 2,
+    "head_dim": 16, "swa_head_dim": 16, "attention_head_dim": 16, "kv_channels": 16, "d_head": 16, "dim_head": 16,
+    "attention_head_size": 16, "rotary_dim": 8,
+    # multi-head latent attention, sparse indexers
+    "q_lora_rank": 32, "kv_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16,
+    "qk_head_dim": 16, "o_lora_rank": 16, "index_head_dim": 16, "index_n_heads": 2, "index_topk": 4,
+    # vocabulary and positions
+    "vocab_size": VOCAB, "decoder_vocab_size": VOCAB, "vocab_size_per_layer_input": VOCAB,
+    "hidden_size_per_layer_input": 8, "laurel_rank": 8,
+    "max_position_embeddings": 256, "n_positions": 256, "n_ctx": 256, "max_seq_len": 256,
+    "max_target_positions": 256, "max_source_positions": 256,
+    # local attention
+    "sliding_window": 4, "sliding_window_size": 4, "attention_window_size": 4, "local_attention_window_len": 4,
+    "attention_chunk_size": 4,
+    # mixture of experts
+    "num_experts": 4, "num_local_experts": 4, "n_routed_experts": 4, "moe_num_experts": 4,
+    "num_experts_per_tok": 2, "moe_topk": 2, "moe_k": 2, "n_shared_experts": 1, "num_shared_experts": 1,
+    "n_group": 1, "topk_group": 1, "first_k_dense_replace": 1,
+    "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32, "shared_experts_intermediate_size": 32,
+    "moe_shared_expert_intermediate_size": 32, "expert_ffn_hidden_size": 32,
+    # state-space / linear attention
+    "state_size": 16, "ssm_state_size": 16, "mamba_d_state": 16, "time_step_rank": 8, "mamba_dt_rank": 8,
+    "mamba_n_heads": 8, "mamba_num_heads": 8, "mamba_d_head": 16, "mamba_head_dim": 16, "mamba_headdim": 16,
+    "mamba_n_groups": 1, "n_groups": 1, "mamba_chunk_size": 16, "chunk_size": 16,
+    "linear_num_value_heads": 4, "linear_num_key_heads": 2, "linear_key_head_dim": 16, "linear_value_head_dim": 16,
+    "linear_num_heads": 4, "linear_head_dim": 16,
+    # special tokens inside the vocabulary, outside the sampled input ids [3, VOCAB)
+    "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
+}
+
+# Configs whose defaults do not validate: construction keyword arguments.
+CONFIG_KWARGS: dict[str, dict[str, Any]] = {
+    "gemma4_assistant": {"hidden_size_per_layer_input": 0},
+}
+
+
+def _sub_configs(config) -> list[tuple[str, Any]]:
+    from transformers import PreTrainedConfig
+
+    subs = []
+    for name in dict.fromkeys([*(getattr(config, "sub_configs", None) or {}), "text_config"]):
+        value = getattr(config, name, None)
+        if isinstance(value, PreTrainedConfig) and value is not config:
+            subs.append((name, value))
+    return subs
+
+
+def _representative(seq, n: int):
+    """``n`` entries of a per-layer pattern: a prefix, or one entry of each distinct
+    kind in order of first appearance when the prefix would miss a kind."""
+    items = list(seq)
+    kinds = list(dict.fromkeys(map(repr, items)))
+    prefix = items[:n]
+    if len({repr(x) for x in prefix}) >= min(n, len(kinds)):
+        out = prefix
+    else:
+        seen, picks = set(), []
+        for i, x in enumerate(items):
+            if repr(x) not in seen:
+                seen.add(repr(x))
+                picks.append(i)
+        picks = picks[:n]
+        rest = [i for i in range(len(items)) if i not in picks]
+        picks = sorted(picks + rest[: n - len(picks)])
+        out = [items[i] for i in picks]
+    return "".join(out) if isinstance(seq, str) else type(seq)(out) if isinstance(seq, tuple) else out
+
+
+def shrink_config(config, num_layers: int = NUM_LAYERS) -> None:
+    """Shrink ``config`` (and its sub-configs) in place to a tiny model."""
+    old_layers = None
+    for name in LAYER_COUNT_ATTRS:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            old_layers = old_layers or value
+            setattr(config, name, num_layers)
+    for name in SIDE_LAYER_COUNT_ATTRS:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > num_layers:
+            setattr(config, name, num_layers)
+    for name, value in SHRINK.items():
+        if not hasattr(config, name):
+            continue
+        current = getattr(config, name)
+        if isinstance(current, bool) or (current is None and isinstance(value, int) and name not in ("head_dim",)):
+            continue
+        if isinstance(current, (list, tuple)) and name.endswith("token_id"):
+            setattr(config, name, value)
+            continue
+        if isinstance(current, int) and name in ("num_experts_per_tok", "moe_topk", "moe_k", "n_shared_experts",
+                                                 "num_shared_experts", "n_group", "topk_group", "first_k_dense_replace"):
+            value = min(current, value)
+        setattr(config, name, value)
+    # Per-layer patterns (layer_types, block types, override strings, ...) of the old length.
+    if old_layers and old_layers > num_layers:
+        for name, value in list(vars(config).items()):
+            if name.startswith("_") or not isinstance(value, (list, tuple, str)):
+                continue
+            if len(value) == old_layers and old_layers >= 3:
+                setattr(config, name, _representative(value, num_layers))
+    # Layer-index lists that point past the new layer count.
+    for name, value in list(vars(config).items()):
+        if name.startswith("_") or not isinstance(value, (list, tuple)) or not value:
+            continue
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in value) and ("layer" in name or "idx" in name):
+            kept = [v for v in value if v < num_layers]
+            if len(kept) != len(value):
+                setattr(config, name, type(value)(kept) if isinstance(value, tuple) else kept)
+    for _, sub in _sub_configs(config):
+        shrink_config(sub, num_layers)
+
+
+def tiny_config(model_type: str, num_layers: int = NUM_LAYERS):
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(model_type, **CONFIG_KWARGS.get(model_type, {}))
+    shrink_config(config, num_layers)
+    return config
+
+
+# --------------------------------------------------------------------------------------
+# Inputs, reference and comparison (a local copy of tests/helpers.py's logic)
+# --------------------------------------------------------------------------------------
+
+
+def make_inputs(batch: int = BATCH, seq: int = SEQ, left_pad: int = LEFT_PAD, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Token ids in ``[3, VOCAB)``; the first row is left-padded by ``left_pad`` tokens."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (batch, seq), generator=g)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    mask[0, :left_pad] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def loss_of(logits: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """A loss that weighs every logit differently, so every gradient path matters."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(logits.shape, generator=g).to(logits.dtype)
+    return (logits.float() * w.float()).sum()
+
+
+def grads_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _logits(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    for key in ("logits", "last_hidden_state"):
+        value = getattr(out, key, None)
+        if isinstance(value, torch.Tensor):
+            return value
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise TypeError(f"cannot find logits in a {type(out).__name__}")
+
+
+def reference(model: torch.nn.Module, inputs: dict[str, Any]):
+    model.zero_grad(set_to_none=True)
+    logits = _logits(model(**inputs))
+    loss_of(logits).backward()
+    grads = grads_of(model)
+    model.zero_grad(set_to_none=True)
+    return logits.detach(), grads
+
+
+def run_pipeline(pipe, model: torch.nn.Module, inputs: dict[str, Any]):
+    model.zero_grad(set_to_none=True)
+    out = pipe(**inputs)
+    if not isinstance(out, torch.Tensor):
+        out = _logits(out)
+    loss_of(out).backward()
+    grads = grads_of(model)
+    model.zero_grad(set_to_none=True)
+    return out.detach(), grads
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    d = (a.double() - b.double()).abs()
+    d = torch.where(torch.isnan(a) & torch.isnan(b), torch.zeros_like(d), d)
+    d = torch.where(torch.isnan(d), torch.full_like(d, math.inf), d)
+    return float(d.max()) if d.numel() else 0.0
+
+
+def compare(ref, got, *, atol: float = ATOL, rtol: float = RTOL) -> tuple[bool, str, float]:
+    """``(same, detail, max_diff)`` over the logits and every parameter gradient."""
+    ref_logits, ref_grads = ref
+    logits, grads = got
+    if logits.shape != ref_logits.shape:
+        return False, f"logits shape {tuple(logits.shape)} != {tuple(ref_logits.shape)}", math.inf
+    if set(grads) != set(ref_grads):
+        missing, extra = sorted(set(ref_grads) - set(grads)), sorted(set(grads) - set(ref_grads))
+        parts = []
+        if missing:
+            parts.append(f"no grad for {len(missing)} param(s), e.g. {missing[0]}")
+        if extra:
+            parts.append(f"unexpected grad for {len(extra)} param(s), e.g. {extra[0]}")
+        return False, "; ".join(parts), math.inf
+    for name in ref_grads:
+        if grads[name].shape != ref_grads[name].shape:
+            return False, f"grad {name} shape {tuple(grads[name].shape)} != {tuple(ref_grads[name].shape)}", math.inf
+
+    def close(a, b):
+        return torch.allclose(a.double(), b.double(), atol=atol, rtol=rtol, equal_nan=True)
+
+    logits_diff = _max_diff(logits, ref_logits)
+    grad_diffs = {n: _max_diff(grads[n], ref_grads[n]) for n in ref_grads}
+    worst = max([logits_diff, *grad_diffs.values()])
+    logits_ok = close(logits, ref_logits)
+    bad = [n for n in ref_grads if not close(grads[n], ref_grads[n])]
+    if logits_ok and not bad:
+        return True, f"max diff {worst:.2g}", worst
+    detail = f"logits max diff {logits_diff:.3g}" + ("" if logits_ok else " (over tolerance)")
+    if bad:
+        w = max(bad, key=lambda n: grad_diffs[n])
+        detail += f"; {len(bad)}/{len(ref_grads)} grads differ, worst {w} ({grad_diffs[w]:.3g})"
+    return False, detail, worst
+
+
+# --------------------------------------------------------------------------------------
+# The sweep
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class SweepResult:
+    family: str  # the model_type
+    class_name: str  # from the auto mapping
+    status: str  # one of STATUSES
+    detail: str = ""  # message, max diff, ...
+    max_diff: float | None = None
+    frame: str | None = None  # innermost fxpp frame (status "error")
+    exc_type: str | None = None
+    phase: str | None = None  # config, build, reference, pipeline, run, compare
+    seconds: float = 0.0
+    num_params: int | None = None
+    model_class: str | None = None  # the class actually built
+    traceback: str | None = field(default=None, repr=False)
+
+
+class SweepTimeout(Exception):
+    """A family ran past its time budget (raised from a SIGALRM handler)."""
+
+
+@contextlib.contextmanager
+def _deadline(seconds: float | None):
+    """Raise :class:`SweepTimeout` in the main thread after ``seconds`` (no-op elsewhere)."""
+    import threading
+
+    if not seconds or threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    def handler(signum, frame):
+        raise SweepTimeout(f"timed out after {seconds:g}s")
+
+    old = signal.signal(signal.SIGALRM, handler)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+_FXPP_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def innermost_fxpp_frame(exc: BaseException) -> str | None:
+    """``fxpp/file.py:line in function`` of the deepest traceback frame inside fxpp
+    (this sweep module excluded), following ``__cause__``/``__context__`` first."""
+    chain, seen = [], set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    for e in chain:  # outermost first: the exception itself, then what caused it
+        found = None
+        for fs in traceback.extract_tb(e.__traceback__):
+            path = os.path.abspath(fs.filename)
+            if path.startswith(_FXPP_DIR + os.sep) and path != os.path.abspath(__file__):
+                found = f"fxpp/{os.path.relpath(path, _FXPP_DIR)}:{fs.lineno} in {fs.name}"
+        if found:
+            return found
+    return None
+
+
+def _message(exc: BaseException, limit: int = 600) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    cause = exc.__cause__
+    if cause is not None:
+        text += f" [caused by {type(cause).__name__}: {' '.join(str(cause).split())}]"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _perturb(model: torch.nn.Module, seed: int = 0) -> None:
+    """Random init leaves norms at exactly 1 and biases at 0; perturb every parameter
+    so gradients through every path are distinguishable."""
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.is_floating_point():
+                p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.02)
+
+
+def _build(model_type: str, max_params: int):
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config(model_type)
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        try:
+            meta = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        except Exception:  # noqa: BLE001 - some inits need real tensors; the real build decides
+            meta = None
+    if meta is not None:
+        n = sum(p.numel() for p in meta.parameters())
+        del meta
+        if n > max_params:
+            raise MemoryError(f"tiny config still has {n / 1e6:.1f}M parameters (limit {max_params / 1e6:.0f}M)")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    _perturb(model)
+    return model.eval()
+
+
+def check_family(
+    model_type: str,
+    class_name: str = "",
+    *,
+    timeout_s: float = 30.0,
+    build_timeout_s: float = 15.0,
+    max_params: int = 20_000_000,
+    example_inputs: dict[str, Any] | None = None,
+) -> SweepResult:
+    """Build a tiny ``model_type`` model and compare a 2-stage pipeline with it."""
+    import fxpp
+
+    result = SweepResult(family=model_type, class_name=class_name, status="error")
+    start = time.perf_counter()
+    phase = "build"
+    model = None
+    try:
+        # --- the model's own side: any failure here is a model-error
+        try:
+            with _deadline(build_timeout_s):
+                model = _build(model_type, max_params)
+            result.model_class = type(model).__name__
+            result.num_params = sum(p.numel() for p in model.parameters())
+            phase = "reference"
+            inputs = make_inputs()
+            remaining = max(timeout_s - (time.perf_counter() - start), 1.0)
+            with _deadline(remaining):
+                ref = reference(model, inputs)
+                again = reference(model, inputs)
+            same, detail, _ = compare(ref, again, atol=0, rtol=0)
+            if not same:
+                raise RuntimeError(f"the model is not deterministic: two unpatched runs differ ({detail})")
+        except BaseException as e:  # noqa: BLE001
+            if isinstance(e, KeyboardInterrupt):
+                raise
+            result.status, result.phase, result.exc_type = "model-error", phase, type(e).__name__
+            result.detail = f"{phase}: {type(e).__name__}: {_message(e)}"
+            if isinstance(e, SweepTimeout) and phase == "build":
+                result.detail = f"skipped: model build took over {build_timeout_s:g}s"
+            result.traceback = "".join(traceback.format_exception(e))
+            return result
+
+        # --- fxpp's side
+        try:
+            remaining = max(timeout_s - (time.perf_counter() - start), 1.0)
+            with _deadline(remaining):
+                phase = "pipeline"
+                pipe = fxpp.pipeline(model, 2, example_inputs=example_inputs, cuts=[1])
+                phase = "run"
+                got = run_pipeline(pipe, model, inputs)
+            phase = "compare"
+            same, detail, diff = compare(ref, got)
+            result.status = "pass" if same else "mismatch"
+            result.detail, result.max_diff, result.phase = detail, diff, None if same else "compare"
+        except BaseException as e:  # noqa: BLE001
+            if isinstance(e, KeyboardInterrupt):
+                raise
+            result.phase, result.exc_type = phase, type(e).__name__
+            result.traceback = "".join(traceback.format_exception(e))
+            result.frame = innermost_fxpp_frame(e)
+            if isinstance(e, FxppError):
+                result.status = "fxpp-error"
+                result.detail = f"{type(e).__name__}: {_message(e)}"
+            else:
+                result.status = "error"
+                result.detail = f"{phase}: {type(e).__name__}: {_message(e)}"
+                if isinstance(e, SweepTimeout):
+                    result.detail = f"{phase}: timed out (family budget {timeout_s:g}s)"
+            return result
+        return result
+    finally:
+        result.seconds = time.perf_counter() - start
+        if model is not None:
+            model.zero_grad(set_to_none=True)
+
+
+def causal_lm_families() -> dict[str, str]:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return dict(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+
+
+def sweep_causal_lm(
+    families: Iterable[str] | None = None,
+    timeout_s: float = 30.0,
+    *,
+    build_timeout_s: float = 15.0,
+    progress: Any = None,
+) -> list[SweepResult]:
+    """Check every (or each named) family of ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES``.
+
+    Args:
+        families: model types to check (default: all of the mapping, in its order).
+            A name not in the mapping is a ``model-error``.
+        timeout_s: the time budget of one family (build, reference and fxpp).
+        build_timeout_s: families whose tiny model takes longer to build are skipped
+            (``model-error``).
+        progress: called with each :class:`SweepResult` as it is done.
+    """
+    mapping = causal_lm_families()
+    names = list(mapping) if families is None else list(families)
+    results = []
+    for name in names:
+        if name not in mapping:
+            r = SweepResult(family=name, class_name="", status="model-error",
+                            detail="not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES")
+        else:
+            r = check_family(name, mapping[name], timeout_s=timeout_s, build_timeout_s=min(build_timeout_s, timeout_s))
+        results.append(r)
+        if progress is not None:
+            progress(r)
+    return results
+
+
+# --------------------------------------------------------------------------------------
+# Reporting
+# --------------------------------------------------------------------------------------
+
+
+def _short(text: str, limit: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _detail(r: SweepResult) -> str:
+    return f"{r.detail} @ {r.frame}" if r.status == "error" and r.frame else r.detail
+
+
+def summary(results: list[SweepResult]) -> str:
+    counts = {s: sum(r.status == s for r in results) for s in STATUSES}
+    return f"{len(results)} families: " + ", ".join(f"{counts[s]} {s}" for s in STATUSES)
+
+
+def format_table(results: list[SweepResult], width: int = 160) -> str:
+    fw = max([len("family")] + [len(r.family) for r in results])
+    sw = max(len(s) for s in STATUSES)
+    rows = [f"{'family':<{fw}} | {'status':<{sw}} | detail", f"{'-' * fw}-+-{'-' * sw}-+-{'-' * 20}"]
+    for r in results:
+        rows.append(f"{r.family:<{fw}} | {r.status:<{sw}} | {_short(_detail(r), max(width - fw - sw - 6, 40))}")
+    return "\n".join(rows)
+
+
+def _md(text: str) -> str:
+    return " ".join(text.split()).replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def markdown(results: list[SweepResult], command: str = COMMAND) -> str:
+    import transformers
+
+    lines = [
+        "# Supported models",
+        "",
+        f"Generated by `{command}`; do not edit by hand.",
+        "",
+        f"Every causal-LM family of transformers {transformers.__version__} "
+        f"(`MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`, torch {torch.__version__}) is built with a tiny config "
+        f"({NUM_LAYERS} decoder layers, hidden 64, vocabulary {VOCAB}, random weights), split into 2 stages "
+        f"with `cuts=[1]` and compared with the unpatched model on a {BATCH}x{SEQ} batch with left padding: "
+        f"logits and every parameter gradient, `atol=rtol={ATOL:g}`.",
+        "",
+        "Statuses: **pass** — same logits and gradients; **mismatch** — fxpp ran but the numbers differ; "
+        "**fxpp-error** — fxpp refused the model with an `FxppError`; **model-error** — the tiny model itself "
+        "could not be built or run (not fxpp's fault); **error** — any other exception inside fxpp.",
+        "",
+        f"**Summary:** {summary(results)}.",
+        "",
+        "| family | class | status | detail |",
+        "|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(f"| `{r.family}` | `{r.class_name}` | {r.status} | {_md(_short(_detail(r), 300))} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_docs(results: list[SweepResult], path: str = DOCS_PATH, command: str = COMMAND) -> str:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        f.write(markdown(results, command))
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fxpp.sweep", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", default=None, help="comma-separated model types, e.g. llama,gemma")
+    parser.add_argument("--write-docs", action="store_true", help=f"write {DOCS_PATH}")
+    parser.add_argument("--timeout", type=float, default=30.0, help="seconds per family (default 30)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--quiet", action="store_true", help="no per-family progress on stderr")
+    args = parser.parse_args(argv)
+
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(args.threads)
+    families = [f.strip() for f in args.only.split(",") if f.strip()] if args.only else None
+
+    def progress(r: SweepResult):
+        if not args.quiet:
+            print(f"  {r.family:<28} {r.status:<11} {r.seconds:5.1f}s", file=sys.stderr, flush=True)
+
+    t0 = time.perf_counter()
+    results = sweep_causal_lm(families, timeout_s=args.timeout, progress=progress)
+    print(format_table(results))
+    print()
+    print(f"{summary(results)} ({time.perf_counter() - t0:.0f}s)")
+    if args.write_docs:
+        command = COMMAND if families is None else f"{COMMAND} --only {','.join(families)}"
+        print(f"wrote {write_docs(results, command=command)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
