@@ -17,31 +17,34 @@ tied weight
 
 Note [tied-weight sync]
     The first stage's copy gets its gradient last (stage 0 finishes the backward),
-    the last stage's copy early. Both must end the step with the sum. The last
-    stage's rank, as soon as its gradients are final (``scale_grads`` /
-    ``perform_reduce_grad``, once per step), sends its gradient to the first stage's
-    rank and posts a receive *into its own ``.grad``*. The first stage's rank posts a
-    receive for it when its own gradients are final. Neither waits there: a rank may
-    still owe activations or gradients to others. Both finish at the end of the step,
-    which every schedule of torch 2.13 marks by reading ``stage.is_last`` in
-    ``_update_losses`` after its last wait: the first stage's rank adds the received
-    gradient and sends the sum back; the last stage's rank waits for that sum. Only
-    the two ranks take part, over point-to-point ops on the pipeline's process group
-    (the ``group`` given to ``build_stage``, else the default group), so no rank
-    waits on a collective that another rank never joins, however many stages a rank
-    holds. When both stages sit on one rank the sum is taken locally.
+    the last stage's copy early. Both must end the step with the sum. Point-to-point
+    messages between two ranks are matched in the order they are posted (NCCL has no
+    tags), so the exchange must not interleave with the schedule's own activation and
+    gradient messages: it happens after both ranks have left the schedule's loop and
+    waited for its last sends. Multi-stage schedules of torch 2.13 mark that point
+    by reading ``stage.is_last`` from ``_update_losses``, single-stage ones by
+    calling ``perform_reduce_grad`` last; the stage recognises these calls by its
+    caller and only then, if its gradients became final during the step
+    (``scale_grads`` / ``perform_reduce_grad``), exchanges: the last stage's rank sends
+    its gradient and receives the sum into ``.grad``; the first stage's rank receives,
+    adds and sends the sum back. Only those two ranks take part, over point-to-point
+    ops on the pipeline's process group (the ``group`` given to ``build_stage``, else
+    the default group), so no rank waits for a collective another rank never joins,
+    however many stages a rank holds. When both stages sit on one rank the sum is
+    taken locally. A step that starts while an exchange is still owed raises.
 """
 
 from __future__ import annotations
 
 import copy
+import sys
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from torch.distributed.pipelining import PipelineStage
 
-from .errors import StageSpecError
+from .errors import FxppError, StageSpecError
 
 if TYPE_CHECKING:
     from .pipeline import Pipeline
@@ -90,33 +93,42 @@ def tied_parameters(pipe: "Pipeline") -> list[dict[int, str]]:
 class _TiedSync:
     """One tied parameter's exchange between its first and last holder (Note [tied-weight sync])."""
 
-    def __init__(self, param: torch.nn.Parameter, *, is_first_holder: bool, peer: int | None, group):
+    def __init__(self, param: torch.nn.Parameter, *, is_first_holder: bool, peer: int, group):
         self.param = param
         self.is_first_holder = is_first_holder
-        self.peer = peer  # global rank of the other holder; None when it is on this rank
+        self.peer = peer  # global rank of the other holder
         self.group = group
-        self.works: list = []
-        self.buffer: torch.Tensor | None = None
 
-    def post(self) -> None:
+    def exchange(self) -> None:
+        if self.param.grad is None:
+            self.param.grad = torch.zeros_like(self.param)
         grad = self.param.grad
-        if grad is None:
-            grad = self.param.grad = torch.zeros_like(self.param)
         if self.is_first_holder:
-            self.buffer = torch.empty_like(grad)
-            self.works = [dist.irecv(self.buffer, src=self.peer, group=self.group)]
+            other = torch.empty_like(grad)
+            dist.recv(other, src=self.peer, group=self.group)
+            grad.add_(other)
+            dist.send(grad, dst=self.peer, group=self.group)
         else:
-            self.buffer = grad.detach().clone()
-            self.works = [dist.isend(self.buffer, dst=self.peer, group=self.group), dist.irecv(grad, src=self.peer, group=self.group)]
+            dist.send(grad, dst=self.peer, group=self.group)
+            dist.recv(grad, src=self.peer, group=self.group)
 
-    def finish(self) -> None:
-        for work in self.works:
-            work.wait()
-        if self.is_first_holder:
-            self.param.grad.add_(self.buffer)
-            dist.send(self.param.grad, dst=self.peer, group=self.group)
-        self.works = []
-        self.buffer = None
+
+def _called_from_update_losses() -> bool:
+    frame = sys._getframe(2)
+    for _ in range(3):
+        if frame is None:
+            return False
+        if frame.f_code.co_name == "_update_losses":
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _called_by_single_stage_schedule() -> bool:
+    from torch.distributed.pipelining.schedules import PipelineScheduleSingle
+
+    caller = sys._getframe(2)
+    return caller is not None and isinstance(caller.f_locals.get("self"), PipelineScheduleSingle)
 
 
 class FxppPipelineStage(PipelineStage):
@@ -127,21 +139,18 @@ class FxppPipelineStage(PipelineStage):
         self._fxpp_tied = list(tied)
         # [(this stage's parameter, callable giving the same-rank partner's parameter)]
         self._fxpp_local_tied = list(local_partners or [])
-        self._fxpp_state = "idle"  # idle -> posted (grads final) -> idle (step finished)
+        self._fxpp_owed = False  # gradients final this step, exchange not yet done
 
     def _fxpp_grads_final(self) -> None:
-        if self._fxpp_state != "idle" or not (self._fxpp_tied or self._fxpp_local_tied):
-            return
-        for sync in self._fxpp_tied:
-            sync.post()
-        self._fxpp_state = "posted"
+        if self._fxpp_tied or self._fxpp_local_tied:
+            self._fxpp_owed = True
 
     def _fxpp_finish(self) -> None:
-        if self._fxpp_state != "posted":
+        if not self._fxpp_owed:
             return
-        self._fxpp_state = "idle"
+        self._fxpp_owed = False
         for sync in self._fxpp_tied:
-            sync.finish()
+            sync.exchange()
         for mine, partner in self._fxpp_local_tied:
             other = partner()
             if other is not None and mine.grad is not None and other.grad is not None:
@@ -155,12 +164,32 @@ class FxppPipelineStage(PipelineStage):
     def perform_reduce_grad(self, grad_scale_factor: int):
         result = super().perform_reduce_grad(grad_scale_factor)
         self._fxpp_grads_final()
+        if _called_by_single_stage_schedule():
+            # Single-stage schedules call this last, after their final waits (and after
+            # _update_losses): the end of the step.
+            self._fxpp_finish()
         return result
 
+    def clear_runtime_states(self) -> None:
+        if self._fxpp_owed:
+            raise FxppError(
+                f"stage {self.stage_index}: a new step started before the tied-weight gradients of the last one were "
+                "synchronised; this torch version's schedule did not end its step through _update_losses. "
+                "Call fxpp.stage.finish_step(stages) after schedule.step()"
+            )
+        super().clear_runtime_states()
+
     @property
-    def is_last(self):  # read by every schedule's _update_losses, after its last wait
-        self._fxpp_finish()
+    def is_last(self):
+        if self._fxpp_owed and _called_from_update_losses():
+            self._fxpp_finish()
         return super().is_last
+
+
+def finish_step(stages) -> None:
+    """Do any tied-weight exchange still owed (only needed if a schedule skips ``_update_losses``)."""
+    for stage in stages:
+        stage._fxpp_finish()
 
 
 def _runtime_submodule(pipe: "Pipeline", index: int, device: torch.device):

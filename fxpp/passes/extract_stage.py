@@ -22,6 +22,8 @@ no full-attention mask, a middle stage keeps no embedding and no head.
 
 from __future__ import annotations
 
+import operator
+
 from torch.fx import Graph, GraphModule, Node
 
 from .. import ops
@@ -149,16 +151,29 @@ def _receive(graph: Graph, value: Node) -> Node:
 
 
 def _send(graph: Graph, node: Node) -> list[Node]:
-    """The flat tensors a crossing value is sent as."""
+    """The flat, contiguous tensors a crossing value is sent as.
+
+    Point-to-point sends need contiguous tensors; a crossing value may be a view
+    (Gemma 4's per-layer input slices). ``contiguous()`` is free when it already is.
+    """
     val = node.meta.get("val")
+    leaves = []
     if isinstance(val, (tuple, list)):
-        leaves = []
         for i, leaf in enumerate(val):
-            g = graph.call_function(__import__("operator").getitem, (node, i))
+            g = graph.call_function(operator.getitem, (node, i))
             g.meta = {"val": leaf, "fxpp": info(node)}
             leaves.append(g)
-        return leaves
-    return [node]
+    else:
+        leaves = [node]
+    out = []
+    for leaf in leaves:
+        if leaf.meta["val"].is_contiguous():
+            out.append(leaf)
+            continue
+        c = graph.call_method("contiguous", (leaf,))
+        c.meta = {"val": leaf.meta["val"].contiguous(), "fxpp": info(node)}
+        out.append(c)
+    return out
 
 
 __all__ = ["extract_stage", "StageRole"]
