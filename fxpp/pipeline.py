@@ -6,10 +6,12 @@ from typing import Any
 
 import torch
 
+from .costs import BlockCost, estimate_block_costs
 from .cuts import crossing_values
-from .split import even_split, ranges_from_cuts, roles_for
+from .errors import StageSpecError
+from .split import balanced_split, ranges_from_counts, ranges_from_cuts, roles_for
 from .spec import StageRole, StageSpec
-from .transform import StageModule, default_example_inputs, num_decoder_layers, trace_annotated, _check_model
+from .transform import StageModule, _check_model, default_example_inputs, num_decoder_layers, trace_annotated
 
 
 class Pipeline:
@@ -19,21 +21,64 @@ class Pipeline:
         stages: one :class:`~fxpp.transform.StageModule` per stage, in order.
         layer_ranges: the decoder layers of each stage.
         crossing: for each cut, the names of the values that cross it.
+        block_costs: the cost model's ``[prelude, layer 0, ..., head]`` estimates.
     """
 
-    def __init__(self, model: torch.nn.Module, layer_ranges: list[range], example_inputs: dict[str, Any]):
+    def __init__(self, model: torch.nn.Module, model_graph, layer_ranges: list[range], example_inputs: dict[str, Any],
+                 block_costs: list[BlockCost]):
         self.model = model
+        self.model_graph = model_graph
         self.layer_ranges = list(layer_ranges)
         self.example_inputs = example_inputs
-        model_gm = trace_annotated(model, example_inputs)
+        self.block_costs = block_costs
         n = num_decoder_layers(model)
         self.stages: list[StageModule] = []
         for role, layers in zip(roles_for(len(layer_ranges)), layer_ranges):
             spec = StageSpec(role=StageRole.parse(role), layers=layers, num_layers=n)
-            self.stages.append(StageModule.build(model, model_gm, spec))
-        self.crossing = [[v.name for v in crossing_values(model_gm.graph, r.start)] for r in layer_ranges[1:]]
-        self.model_graph = model_gm
+            self.stages.append(StageModule.build(model, model_graph, spec))
+        self.crossing = [[v.name for v in crossing_values(model_graph.graph, r.start)] for r in layer_ranges[1:]]
         self._runtime_stages: dict = {}  # built by build_stage on this rank, by index
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stages)
+
+    def __call__(self, **inputs: Any) -> Any:
+        """Run every stage in this process, one after another."""
+        out = self.stages[0](**inputs)
+        for stage in self.stages[1:]:
+            out = stage(*out)
+        return out
+
+    def stage_costs(self) -> list[float]:
+        """Estimated forward FLOPs of each stage (prelude on the first, head on the last)."""
+        layers = self.block_costs[1:-1]
+        costs = [sum(layers[i].flops for i in r) for r in self.layer_ranges]
+        costs[0] += self.block_costs[0].flops
+        costs[-1] += self.block_costs[-1].flops
+        return costs
+
+    def stage_params(self) -> list[int]:
+        return [sum(p.numel() for p in stage.parameters()) for stage in self.stages]
+
+    def plan(self) -> str:
+        """The stage plan as a table: layers, parameters, cost share, what crosses each cut."""
+        costs = self.stage_costs()
+        total = sum(costs) or 1.0
+        rows = [f"{type(self.model).__name__}: {self.num_stages} stages, "
+                f"example {', '.join(f'{k}{list(v.shape)}' for k, v in self.example_inputs.items() if hasattr(v, 'shape'))}",
+                f"{'stage':>5}  {'role':<6}  {'layers':<9}  {'params':>12}  {'cost share':>10}  crosses the next cut"]
+        for i, (stage, layers) in enumerate(zip(self.stages, self.layer_ranges)):
+            crossing = ", ".join(self.crossing[i]) if i < len(self.crossing) else "-"
+            rows.append(
+                f"{i:>5}  {stage.spec.role.value:<6}  {layers.start:>3}-{layers.stop - 1:<5}  "
+                f"{self.stage_params()[i]:>12,}  {costs[i] / total:>9.1%}  {crossing}"
+            )
+        rows.append(f"balance: slowest stage {max(costs) / total:.1%} of the work (ideal {1 / self.num_stages:.1%})")
+        return "\n".join(rows)
+
+    def __repr__(self) -> str:
+        return self.plan()
 
     def build_stage(self, index: int, device, group=None, *, style: str = "loop"):
         """Stage ``index`` as a ``torch.distributed.pipelining.PipelineStage``.
@@ -55,26 +100,6 @@ class Pipeline:
 
         return build_stage(self, index, device, group, style=style)
 
-    @property
-    def num_stages(self) -> int:
-        return len(self.stages)
-
-    def __call__(self, **inputs: Any) -> Any:
-        """Run every stage in this process, one after another."""
-        out = self.stages[0](**inputs)
-        for stage in self.stages[1:]:
-            out = stage(*out)
-        return out
-
-    def __repr__(self) -> str:
-        rows = [f"Pipeline({type(self.model).__name__}, {self.num_stages} stages)"]
-        for i, (stage, layers) in enumerate(zip(self.stages, self.layer_ranges)):
-            params = sum(p.numel() for p in stage.parameters())
-            rows.append(f"  stage {i} {stage.spec.role.value:<6} layers {layers.start}-{layers.stop - 1}  params {params:,}")
-            if i < len(self.crossing):
-                rows.append(f"    cut {layers.stop}: {', '.join(self.crossing[i])}")
-        return "\n".join(rows)
-
 
 def pipeline(
     model: torch.nn.Module,
@@ -82,30 +107,46 @@ def pipeline(
     example_inputs: dict[str, Any] | None = None,
     *,
     cuts: list[int] | None = None,
+    layers_per_stage: list[int] | None = None,
 ) -> Pipeline:
     """Split ``model`` into ``num_stages`` consecutive stages.
 
     Args:
         model: a transformers decoder-only model (see :func:`fxpp.transform`).
-        num_stages: how many stages.
-        example_inputs: model inputs by keyword that fix which inputs exist; defaults
-            to ``input_ids`` and ``attention_mask``.
-        cuts: explicit cut points (``num_stages - 1`` increasing layer indices);
-            default: an even split by layer count.
+        num_stages: how many stages (a multiple of the ranks for multi-stage schedules).
+        example_inputs: one microbatch of model inputs by keyword; fixes which inputs
+            exist and the shapes the cost model and ``build_stage`` use. Defaults to
+            ``input_ids`` and ``attention_mask`` of shape ``[2, 8]``.
+        cuts: explicit cut points (``num_stages - 1`` increasing layer indices), or
+        layers_per_stage: explicit layer counts. Default: the cost model's balanced split.
 
     Raises:
-        StageSpecError: impossible ``num_stages`` or ``cuts``.
+        StageSpecError: impossible ``num_stages``, ``cuts`` or ``layers_per_stage``.
     """
     _check_model(model)
     n = num_decoder_layers(model)
-    if cuts is not None:
-        ranges = ranges_from_cuts(n, list(cuts))
-        if len(ranges) != num_stages:
-            from .errors import StageSpecError
-
-            raise StageSpecError(f"cuts={cuts!r} gives {len(ranges)} stages, not num_stages={num_stages}")
-    else:
-        ranges = even_split(n, num_stages)
+    if cuts is not None and layers_per_stage is not None:
+        raise StageSpecError("give cuts or layers_per_stage, not both")
     if example_inputs is None:
         example_inputs = default_example_inputs(model)
-    return Pipeline(model, ranges, example_inputs)
+    if cuts is not None:
+        ranges = ranges_from_cuts(n, list(cuts))
+    elif layers_per_stage is not None:
+        ranges = ranges_from_counts(n, list(layers_per_stage))
+    else:
+        ranges = None
+    if ranges is not None and len(ranges) != num_stages:
+        raise StageSpecError(f"{'cuts' if cuts is not None else 'layers_per_stage'} gives {len(ranges)} stages, "
+                             f"not num_stages={num_stages}")
+    if ranges is None:
+        from .split import _check_counts
+
+        _check_counts(n, num_stages)
+    model_graph = trace_annotated(model, example_inputs)
+    costs = estimate_block_costs(model_graph, model, model_graph.meta["fxpp_example_inputs"])
+    if ranges is None:
+        ranges = balanced_split(
+            [c.flops for c in costs[1:-1]], num_stages, first_extra=costs[0].flops, last_extra=costs[-1].flops,
+            layer_params=[c.params for c in costs[1:-1]],
+        )
+    return Pipeline(model, model_graph, ranges, model_graph.meta["fxpp_example_inputs"], costs)

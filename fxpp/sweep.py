@@ -136,6 +136,12 @@ FAMILY_KWARGS: dict[str, dict[str, Any]] = {
     "mamba2": {"num_heads": 8},  # hidden_size * expand == num_heads * head_dim
 }
 FAMILY_KWARGS["qwen4_exp"] = {"text_config": FAMILY_KWARGS["qwen4_exp_text"]}
+# Dots 3: the sliding layer (1 of [indexed, sliding]) overrides the MLA sizes; head_dim = nope + rope
+# and its rotary part (head_dim * 0.25) = qk_rope_head_dim.
+FAMILY_KWARGS["dots3_note_text"] = {"per_layer_config": {1: {
+    "head_dim": 32, "qk_nope_head_dim": 24, "qk_rope_head_dim": 8, "v_head_dim": 32, "num_attention_heads": 8,
+    "num_key_value_heads": 8, "q_lora_rank": 64, "kv_lora_rank": 32}}}
+FAMILY_KWARGS["dots3_note"] = {"text_config": FAMILY_KWARGS["dots3_note_text"]}
 FAMILY_LAYERS: dict[str, int] = {"zamba": 4}
 # Config model types for families whose auto-mapped causal LM takes a sub-config
 # (``AutoConfig.for_model("musicgen")`` is the composite text+audio config).

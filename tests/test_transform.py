@@ -104,10 +104,14 @@ def test_meta_device_model_traces_without_allocating():
                          num_key_value_heads=2, vocab_size=32000)
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
-    pipe = fxpp.pipeline(model, 3)
-    assert [len(r) for r in pipe.layer_ranges] == [2, 2, 2]
+    pipe = fxpp.pipeline(model, 3, layers_per_stage=[2, 2, 2])
     assert all(p.is_meta for s in pipe.stages for p in s.parameters())
     assert pipe.crossing == [["model_layers_1", "attention_mask"], ["model_layers_3", "attention_mask"]]
+    # The cost model moves a layer off the last stage, which also runs the 32000-word head.
+    balanced = fxpp.pipeline(model, 3)
+    assert [len(r) for r in balanced.layer_ranges] == [2, 3, 1]
+    costs = balanced.stage_costs()
+    assert max(costs) < max(pipe.stage_costs())
 
 
 def test_golden_stage_structure_llama():
@@ -252,3 +256,34 @@ def test_wrong_tuple_to_a_middle_stage():
         stage(**make_inputs(2, 5))
     with pytest.raises(fxpp.StageInputError, match="expected shape like"):
         stage(out[0][..., :10], out[1])
+
+
+def test_balanced_split_is_exact():
+    from itertools import combinations
+
+    from fxpp.split import balanced_split
+
+    costs = [5.0, 1.0, 1.0, 7.0, 2.0, 2.0, 3.0, 1.0]
+    for k in range(1, 6):
+        got = balanced_split(costs, k, first_extra=4.0, last_extra=6.0)
+
+        def worst(ranges):
+            loads = [sum(costs[i] for i in r) for r in ranges]
+            loads[0] += 4.0
+            loads[-1] += 6.0
+            return max(loads)
+
+        brute = min(
+            worst([range(a, b) for a, b in zip((0, *cuts), (*cuts, len(costs)))])
+            for cuts in combinations(range(1, len(costs)), k - 1)
+        )
+        assert worst(got) == brute
+        assert [r.start for r in got[1:]] == sorted(r.start for r in got[1:])
+
+
+def test_sliding_layers_cost_less_at_long_sequences():
+    model = cached_model("gemma3", 6)
+    pipe = fxpp.pipeline(model, 2, example_inputs={"input_ids": torch.zeros(1, 256, dtype=torch.long)})
+    layer_costs = [c.flops for c in pipe.block_costs[1:-1]]
+    assert layer_costs[0] < layer_costs[2]  # sliding (window 4) vs full attention
+    assert layer_costs[0] == layer_costs[1]
