@@ -60,12 +60,14 @@ LAYER_COUNT_ATTRS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "
 # Encoder-side counts: not what fxpp splits, only kept small so the build is fast.
 SIDE_LAYER_COUNT_ATTRS = ("encoder_layers", "num_encoder_layers")
 
-# Set where the attribute exists (``hasattr``) and, for ints, only where it is set.
+# Tiny values, passed to a config class only for attributes it has (its own names or
+# ``attribute_map`` aliases) and, except for SET_IF_NONE, only where the default is a
+# non-zero int (None or 0 usually means "feature off" or "derived": left alone).
 SHRINK: dict[str, Any] = {
     # width
     "hidden_size": 64, "n_embd": 64, "d_model": 64, "dim": 64, "embedding_size": 64, "word_embed_proj_dim": 64,
-    "lru_width": 64, "hidden_size_global": 64, "adapter_in_dim": 64, "adapter_input_size": 64, "adapter_out_dim": 64, "input_embedding_size": 64, "output_embedding_size": 64,
-    "embedding_dim": 64,
+    "lru_width": 64, "hidden_size_global": 64, "input_embedding_size": 64, "output_embedding_size": 64,
+    "embedding_dim": 64, "adapter_in_dim": 64, "adapter_input_size": 64, "adapter_out_dim": 64,
     # MLP
     "intermediate_size": 128, "ffn_dim": 128, "decoder_ffn_dim": 128, "encoder_ffn_dim": 128, "ffn_hidden_size": 128,
     "dim_ff": 128, "dff": 128, "n_inner": 128, "d_inner": 128, "feed_forward_size": 128, "intermediate_size_mlp": 128,
@@ -81,7 +83,8 @@ SHRINK: dict[str, Any] = {
     "q_lora_rank": 32, "kv_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16,
     "qk_head_dim": 16, "o_lora_rank": 16, "index_head_dim": 16, "index_n_heads": 2, "index_topk": 4,
     # vocabulary and positions
-    "vocab_size": VOCAB, "decoder_vocab_size": VOCAB, "encoder_hash_byte_group_vocab": VOCAB, "vocab_size_per_layer_input": VOCAB,
+    "vocab_size": VOCAB, "decoder_vocab_size": VOCAB, "encoder_hash_byte_group_vocab": VOCAB,
+    "vocab_size_per_layer_input": VOCAB,
     "hidden_size_per_layer_input": 8, "laurel_rank": 8,
     "max_position_embeddings": 256, "n_positions": 256, "n_ctx": 256, "max_seq_len": 256,
     "max_target_positions": 256, "max_source_positions": 256,
@@ -107,7 +110,7 @@ SHRINK: dict[str, Any] = {
 # Ints that are upper bounds: never raised, only lowered to the tiny value.
 AT_MOST = frozenset({
     "num_experts_per_tok", "moe_topk", "moe_k", "n_shared_experts", "num_shared_experts", "n_group", "topk_group",
-    "first_k_dense_replace", "num_kv_shared_layers", "num_dense_layers",
+    "first_k_dense_replace", "num_dense_layers",
 })
 # MoE sizes that some default configs leave at None although the modeling code needs them.
 SET_IF_NONE = frozenset({"num_experts_per_tok", "n_routed_experts", "num_experts", "num_local_experts",
@@ -469,6 +472,7 @@ class SweepResult:
     max_diff: float | None = None
     frame: str | None = None  # innermost fxpp frame (status "error")
     exc_type: str | None = None
+    cause: str | None = None  # the non-fxpp exception an FxppError wraps (RecursionError, ...)
     phase: str | None = None  # config, build, reference, pipeline, run, compare
     seconds: float = 0.0
     num_params: int | None = None
@@ -504,16 +508,29 @@ def _deadline(seconds: float | None):
 _FXPP_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
-def innermost_fxpp_frame(exc: BaseException) -> str | None:
-    """``fxpp/file.py:line in function`` of the deepest traceback frame inside fxpp
-    (this sweep module excluded), following ``__cause__``/``__context__`` first."""
+def _chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and what caused it (``__cause__``, else ``__context__``), outermost first."""
     chain, seen = [], set()
     e: BaseException | None = exc
     while e is not None and id(e) not in seen:
         seen.add(id(e))
         chain.append(e)
         e = e.__cause__ or e.__context__
-    for e in chain:  # outermost first: the exception itself, then what caused it
+    return chain
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """The deepest exception of ``exc``'s chain that is not an :class:`FxppError`
+    (``exc`` itself if every link is one)."""
+    plain = [e for e in _chain(exc) if not isinstance(e, FxppError)]
+    return plain[-1] if plain else exc
+
+
+def innermost_fxpp_frame(exc: BaseException) -> str | None:
+    """``fxpp/file.py:line in function`` of the deepest traceback frame inside fxpp
+    (this sweep module excluded), looking at the deepest cause of ``exc`` first: for an
+    error that fxpp wrapped (``raise TraceError(...) from e``) that is where it happened."""
+    for e in reversed(_chain(exc)):
         found = None
         for fs in traceback.extract_tb(e.__traceback__):
             path = os.path.abspath(fs.filename)
@@ -526,10 +543,12 @@ def innermost_fxpp_frame(exc: BaseException) -> str | None:
 
 def _message(exc: BaseException, limit: int = 600) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
-    cause = exc.__cause__
-    if cause is not None:
-        text += f" [caused by {type(cause).__name__}: {' '.join(str(cause).split())}]"
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    cause = root_cause(exc)
+    if cause is not exc:
+        cause_text = " ".join(str(cause).split())
+        if cause_text[:60] not in text:
+            text += f" [caused by {type(cause).__name__}: {cause_text}]"
+    return _short(text, limit)
 
 
 def _perturb(model: torch.nn.Module, seed: int = 0) -> None:
@@ -634,6 +653,9 @@ def check_family(
             result.phase, result.exc_type = phase, type(e).__name__
             result.traceback = "".join(traceback.format_exception(e))
             result.frame = innermost_fxpp_frame(e)
+            cause = root_cause(e)
+            if cause is not e:
+                result.cause = type(cause).__name__
             if isinstance(e, FxppError):
                 result.status = "fxpp-error"
                 result.detail = f"{type(e).__name__}: {_message(e)}"
@@ -694,12 +716,22 @@ def sweep_causal_lm(
 
 
 def _short(text: str, limit: int) -> str:
+    """``text`` on one line, at most ``limit`` characters: head and tail kept (the end of
+    an error message often says what went wrong, after a long repr)."""
     text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    if len(text) <= limit:
+        return text
+    tail = max(limit // 3, 0)
+    return text[: limit - tail - 5] + " ... " + text[len(text) - tail:] if tail else text[:limit]
 
 
-def _detail(r: SweepResult) -> str:
-    return f"{r.detail} @ {r.frame}" if r.status == "error" and r.frame else r.detail
+def _detail(r: SweepResult, limit: int = 10_000) -> str:
+    """The detail in at most ``limit`` characters, ending with the innermost fxpp frame
+    for errors and for refusals that wrap a non-fxpp exception."""
+    suffix = ""
+    if r.frame and (r.status == "error" or (r.status == "fxpp-error" and r.cause)):
+        suffix = f" @ {r.frame}"
+    return _short(r.detail, max(limit - len(suffix), 20)) + suffix
 
 
 def summary(results: list[SweepResult]) -> str:
@@ -712,7 +744,7 @@ def format_table(results: list[SweepResult], width: int = 160) -> str:
     sw = max(len(s) for s in STATUSES)
     rows = [f"{'family':<{fw}} | {'status':<{sw}} | detail", f"{'-' * fw}-+-{'-' * sw}-+-{'-' * 20}"]
     for r in results:
-        rows.append(f"{r.family:<{fw}} | {r.status:<{sw}} | {_short(_detail(r), max(width - fw - sw - 6, 40))}")
+        rows.append(f"{r.family:<{fw}} | {r.status:<{sw}} | {_detail(r, max(width - fw - sw - 6, 60))}")
     return "\n".join(rows)
 
 
@@ -744,7 +776,7 @@ def markdown(results: list[SweepResult], command: str = COMMAND) -> str:
         "|---|---|---|---|",
     ]
     for r in results:
-        lines.append(f"| `{r.family}` | `{r.class_name}` | {r.status} | {_md(_short(_detail(r), 300))} |")
+        lines.append(f"| `{r.family}` | `{r.class_name}` | {r.status} | {_md(_detail(r, 300))} |")
     return "\n".join(lines) + "\n"
 
 

@@ -1,0 +1,85 @@
+"""Checkpoints: per-stage loading and saving with safetensors only (no pickle)."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Iterable
+
+import torch
+
+from .errors import CheckpointError
+
+
+def _files_for(path: str, keys: Iterable[str] | None) -> dict[str, list[str]]:
+    """``{file: [keys]}`` to read for ``keys`` from a single file or a sharded index."""
+    if os.path.isdir(path):
+        index = os.path.join(path, "model.safetensors.index.json")
+        single = os.path.join(path, "model.safetensors")
+        if os.path.isfile(index):
+            path = index
+        elif os.path.isfile(single):
+            path = single
+        else:
+            raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
+    if path.endswith(".json"):
+        try:
+            with open(path) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (OSError, ValueError, KeyError) as e:
+            raise CheckpointError(f"{path}: not a safetensors index ({e})") from e
+        base = os.path.dirname(path)
+        wanted = set(weight_map) if keys is None else set(keys)
+        files: dict[str, list[str]] = {}
+        for key in sorted(wanted & set(weight_map)):
+            files.setdefault(os.path.join(base, weight_map[key]), []).append(key)
+        return files
+    return {path: None}  # type: ignore[dict-item]
+
+
+def load_state_dict_from(path: str, keys: Iterable[str] | None = None, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Read ``keys`` (default: all) from a safetensors file, directory or sharded index."""
+    from safetensors import safe_open
+
+    wanted = None if keys is None else set(keys)
+    out: dict[str, torch.Tensor] = {}
+    for file, file_keys in _files_for(path, wanted).items():
+        try:
+            with safe_open(file, framework="pt", device=str(device)) as f:
+                names = f.keys() if file_keys is None else file_keys
+                for name in names:
+                    if wanted is None or name in wanted:
+                        out[name] = f.get_tensor(name)
+        except CheckpointError:
+            raise
+        except Exception as e:  # noqa: BLE001 - safetensors raises several types for bad files
+            raise CheckpointError(f"{file}: cannot read as safetensors ({type(e).__name__}: {e})") from e
+    return out
+
+
+def load_stage(stage: torch.nn.Module, path: str, *, strict: bool = True) -> None:
+    """Load exactly this stage's keys from a transformers safetensors checkpoint.
+
+    Raises:
+        CheckpointError: a key is missing, or a tensor has the wrong shape.
+    """
+    own = stage.state_dict()
+    loaded = load_state_dict_from(path, own.keys(), device=next(iter(own.values())).device if own else "cpu")
+    missing = sorted(set(own) - set(loaded))
+    if missing and strict:
+        raise CheckpointError(f"{path}: missing {len(missing)} key(s) of this stage, e.g. {missing[:3]}")
+    for name, tensor in loaded.items():
+        if tuple(tensor.shape) != tuple(own[name].shape):
+            raise CheckpointError(f"{path}: {name} has shape {tuple(tensor.shape)}, the stage expects {tuple(own[name].shape)}")
+    with torch.no_grad():
+        for name, tensor in loaded.items():
+            own[name].copy_(tensor)
+
+
+def save_stage(stage: torch.nn.Module, path: str) -> None:
+    """Write this stage's parameters and buffers under their original names."""
+    from safetensors.torch import save_file
+
+    # clone: safetensors refuses tensors that share storage (tied weights in one stage)
+    tensors = {k: v.detach().cpu().clone().contiguous() for k, v in stage.state_dict().items()}
+    save_file(tensors, path, metadata={"format": "pt"})

@@ -1,0 +1,122 @@
+"""The command line: ``fxpp plan`` and ``fxpp run`` (also ``python -m fxpp``)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+
+
+def _plan(args) -> int:
+    import torch
+
+    import fxpp
+
+    from .models import build_model
+    from .train import MULTI_STAGE
+
+    model = build_model(args.model, device="meta")
+    micro = max(1, args.batch // args.microbatches)  # the cost model works on one microbatch
+    example = {
+        "input_ids": torch.zeros(micro, args.seq_len, dtype=torch.long, device="meta"),
+        "attention_mask": torch.ones(micro, args.seq_len, dtype=torch.long, device="meta"),
+    }
+    pipe = fxpp.pipeline(model, args.stages, example_inputs=example)
+    print(pipe.plan())
+    costs = pipe.stage_costs()
+    m = args.microbatches
+    ranks = args.stages // (2 if args.schedule in MULTI_STAGE else 1)
+    ideal = m / (m + ranks - 1)
+    balance = sum(costs) / (len(costs) * max(costs))
+    print(f"schedule {args.schedule}: {m} microbatches on {ranks} ranks, bubble bound m/(m+p-1) = {ideal:.1%}, "
+          f"with stage imbalance {ideal * balance:.1%} estimated efficiency")
+    return 0
+
+
+def _run(args) -> int:
+    from .train import RunConfig, launch, run_rank
+
+    cfg = RunConfig(model=args.model, ranks=args.stages, schedule=args.schedule, steps=args.steps, batch=args.batch,
+                    seq_len=args.seq_len, microbatches=args.microbatches, lr=args.lr, seed=args.seed,
+                    tokens=args.tokens, check=not args.no_check)
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # under torchrun
+        import torch.distributed as dist
+
+        from .stage import default_backend
+
+        dist.init_process_group(default_backend())
+        try:
+            result = run_rank(dist.get_rank(), dist.get_world_size(), cfg)
+        finally:
+            dist.destroy_process_group()
+        results = [result]
+    else:
+        with tempfile.TemporaryDirectory() as workdir:
+            results = launch(cfg, workdir, timeout_s=args.timeout)
+    for result in results:
+        if "losses" not in result:
+            continue
+        steps = result["step_s"]
+        tokens = cfg.batch * cfg.seq_len
+        med = sorted(steps)[len(steps) // 2]
+        print(f"{cfg.steps} steps, median step {med * 1e3:.1f} ms, {tokens / med:,.0f} tokens/s, "
+              f"final loss {result['losses'][-1]:.4f}")
+        if "reference_losses" in result:
+            diff = max(abs(a - b) for a, b in zip(result["losses"], result["reference_losses"]))
+            ok = diff <= 1e-3
+            print(f"loss vs the unpatched model on one process: max |diff| {diff:.2e} over {cfg.steps} steps: "
+                  f"{'MATCH' if ok else 'MISMATCH'}")
+            if not ok:
+                return 1
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    from .train import SCHEDULES
+
+    p = argparse.ArgumentParser(prog="fxpp", description="Pipeline parallelism for Hugging Face models.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(q):
+        q.add_argument("model", help="a built-in preset (tiny-llama, tiny-gemma4, ...), a directory with config.json, "
+                       "or a config.json file")
+        q.add_argument("--stages", type=int, default=2)
+        q.add_argument("--schedule", default="1F1B", choices=SCHEDULES)
+        q.add_argument("--seq-len", type=int, default=32)
+        q.add_argument("--batch", type=int, default=8)
+        q.add_argument("--microbatches", type=int, default=4)
+
+    plan = sub.add_parser("plan", help="print the stage plan of a model (built on the meta device)")
+    common(plan)
+    plan.set_defaults(func=_plan)
+    run = sub.add_parser("run", help="train a few steps with a pipeline schedule and check against the model")
+    common(run)
+    run.add_argument("--steps", type=int, default=5)
+    run.add_argument("--lr", type=float, default=1e-3)
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--tokens", help="token ids: a .pt LongTensor or a text file of integers")
+    run.add_argument("--no-check", action="store_true", help="skip the comparison with the unpatched model")
+    run.add_argument("--timeout", type=float, default=600)
+    run.set_defaults(func=_run)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except Exception as e:  # noqa: BLE001 - one readable line unless --debug
+        if args.debug:
+            raise
+        from .errors import FxppError
+
+        kind = "error" if isinstance(e, FxppError) else f"error ({type(e).__name__})"
+        print(f"fxpp: {kind}: {e}", file=sys.stderr)
+        print("hint: rerun with --debug for the traceback", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

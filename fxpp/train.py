@@ -1,0 +1,175 @@
+"""The main job: train a model for a few steps with a pipeline schedule, then check it.
+
+Runs in every rank's process (spawned by ``fxpp run`` or started by ``torchrun``).
+The last stage's rank also trains the unpatched model for the same steps on the same
+data in-process and compares the losses: the end-to-end proof that the pipeline
+trains the model it was given.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+
+# Schedules whose ranks hold two stages, and their placement.
+MULTI_STAGE = {"Interleaved1F1B": "loop", "LoopedBFS": "loop", "InterleavedZeroBubble": "loop",
+               "ZBVZeroBubble": "v", "DualPipeV": "v"}
+SCHEDULES = ("GPipe", "1F1B", *MULTI_STAGE)
+
+
+@dataclass
+class RunConfig:
+    model: str = "tiny-llama"
+    ranks: int = 2
+    schedule: str = "1F1B"
+    steps: int = 5
+    batch: int = 8
+    seq_len: int = 32
+    microbatches: int = 4
+    lr: float = 1e-3
+    seed: int = 0
+    tokens: str | None = None
+    check: bool = True
+    progress: bool = True
+
+    @property
+    def num_stages(self) -> int:
+        return self.ranks * (2 if self.schedule in MULTI_STAGE else 1)
+
+
+def synthetic_batches(cfg: RunConfig, vocab: int) -> list[dict[str, torch.Tensor]]:
+    """``cfg.steps`` batches: token ids from ``cfg.tokens`` (a .pt LongTensor or a text file of ints) or random."""
+    g = torch.Generator().manual_seed(cfg.seed)
+    need = cfg.steps * cfg.batch * cfg.seq_len
+    if cfg.tokens:
+        if cfg.tokens.endswith(".pt"):
+            flat = torch.load(cfg.tokens, weights_only=True).reshape(-1).long()
+        else:
+            with open(cfg.tokens) as f:
+                flat = torch.tensor([int(t) for t in f.read().split()], dtype=torch.long)
+        if flat.numel() < need:
+            flat = flat.repeat(need // max(flat.numel(), 1) + 1)
+        flat = flat[:need] % vocab
+    else:
+        flat = torch.randint(0, vocab, (need,), generator=g)
+    ids = flat.reshape(cfg.steps, cfg.batch, cfg.seq_len)
+    return [{"input_ids": ids[s], "attention_mask": torch.ones_like(ids[s])} for s in range(cfg.steps)]
+
+
+def run_rank(rank: int, world: int, cfg: RunConfig, result_path: str | None = None) -> dict:
+    """One rank's share of the job; the process group must be initialised."""
+    import fxpp
+    from torch.distributed.pipelining import schedules as sched_mod
+
+    from .models import build_model
+    from .stage import default_device
+
+    device = default_device(rank)
+    model = build_model(cfg.model, seed=cfg.seed).to(device)
+    vocab = model.config.get_text_config().vocab_size
+    batches = synthetic_batches(cfg, vocab)
+    mb = {k: v[: cfg.batch // cfg.microbatches].to(device) for k, v in batches[0].items()}
+    pipe = fxpp.pipeline(model, cfg.num_stages, example_inputs=mb)
+    style = MULTI_STAGE.get(cfg.schedule, "loop")
+    ids = fxpp.stage_ids_of_rank(rank, cfg.num_stages, world, style)
+    stages = [pipe.build_stage(i, device, style=style) for i in ids]
+    cls = getattr(sched_mod, f"Schedule{cfg.schedule}")
+    params = list({id(p): p for st in stages for p in st.submod.parameters()}.values())
+    opt = torch.optim.AdamW(params, lr=cfg.lr)
+    holds_last = any(st.is_last for st in stages)
+    losses_per_step, times = [], []
+    bar = None
+    if holds_last and cfg.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.steps, desc=f"{cfg.model} {cfg.schedule} x{cfg.num_stages}", unit="step")
+    for step, batch in enumerate(batches):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        loss_fn = fxpp.causal_lm_loss(labels, cfg.microbatches)
+        schedule = cls(stages if cls.__mro__[1].__name__ != "PipelineScheduleSingle" else stages[0],
+                       n_microbatches=cfg.microbatches, loss_fn=loss_fn)
+        t0 = time.perf_counter()
+        losses: list = []
+        opt.zero_grad(set_to_none=True)
+        schedule.step(**batch, target=labels, losses=losses)
+        opt.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
+        if holds_last:
+            loss = float(loss_fn.whole_batch(losses))
+            losses_per_step.append(loss)
+            if bar is not None:
+                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{cfg.batch * cfg.seq_len / times[-1]:,.0f}")
+                bar.update()
+    if bar is not None:
+        bar.close()
+    result = {"rank": rank, "stages": ids, "step_s": times}
+    if holds_last:
+        result["losses"] = losses_per_step
+        if cfg.check:
+            result["reference_losses"] = reference_losses(cfg, batches, device)
+    if result_path:
+        with open(result_path, "w") as f:
+            json.dump(result, f)
+    return result
+
+
+def reference_losses(cfg: RunConfig, batches, device) -> list[float]:
+    """The unpatched model, trained in this process on the same batches."""
+    from .models import build_model
+
+    model = build_model(cfg.model, seed=cfg.seed).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    out = []
+    for batch in batches:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        opt.zero_grad(set_to_none=True)
+        loss = model(**batch, labels=labels).loss
+        loss.backward()
+        opt.step()
+        out.append(float(loss.detach()))
+    return out
+
+
+def _spawned(rank: int, world: int, cfg_dict: dict, workdir: str, timeout_s: float) -> None:
+    from .stage import default_backend
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    cfg = RunConfig(**cfg_dict)
+    dist.init_process_group(default_backend(), init_method=f"file://{workdir}/rendezvous", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
+    try:
+        run_rank(rank, world, cfg, os.path.join(workdir, f"rank{rank}.json"))
+    finally:
+        dist.destroy_process_group()
+
+
+def launch(cfg: RunConfig, workdir: str, timeout_s: float = 600) -> list[dict]:
+    """Spawn ``cfg.ranks`` local processes; return their results. Raises if any fails."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(_spawned, args=(cfg.ranks, asdict(cfg), workdir, timeout_s), nprocs=cfg.ranks,
+                             join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the {cfg.ranks}-process run did not finish in {timeout_s:.0f}s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+    results = []
+    for rank in range(cfg.ranks):
+        with open(os.path.join(workdir, f"rank{rank}.json")) as f:
+            results.append(json.load(f))
+    return results
