@@ -57,14 +57,27 @@ def load_state_dict_from(path: str, keys: Iterable[str] | None = None, device: s
     return out
 
 
-def load_stage(stage: torch.nn.Module, path: str, *, strict: bool = True) -> None:
+def load_stage(stage: torch.nn.Module, path: str, *, strict: bool = True, aliases: dict[str, list[str]] | None = None) -> None:
     """Load exactly this stage's keys from a transformers safetensors checkpoint.
+
+    Args:
+        aliases: other names a key may be stored under (a tied ``lm_head.weight`` is
+            saved by transformers as ``model.embed_tokens.weight`` only).
 
     Raises:
         CheckpointError: a key is missing, or a tensor has the wrong shape.
     """
     own = stage.state_dict()
-    loaded = load_state_dict_from(path, own.keys(), device=next(iter(own.values())).device if own else "cpu")
+    aliases = aliases or {}
+    wanted = set(own) | {a for names in aliases.values() for a in names}
+    loaded = load_state_dict_from(path, wanted, device=next(iter(own.values())).device if own else "cpu")
+    for name, alts in aliases.items():
+        if name not in loaded:
+            for alt in alts:
+                if alt in loaded:
+                    loaded[name] = loaded[alt]
+                    break
+    loaded = {k: v for k, v in loaded.items() if k in own}
     missing = sorted(set(own) - set(loaded))
     if missing and strict:
         raise CheckpointError(f"{path}: missing {len(missing)} key(s) of this stage, e.g. {missing[:3]}")

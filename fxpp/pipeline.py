@@ -38,6 +38,7 @@ class Pipeline:
             self.stages.append(StageModule.build(model, model_graph, spec))
         self.crossing = [[v.name for v in crossing_values(model_graph.graph, r.start)] for r in layer_ranges[1:]]
         self._runtime_stages: dict = {}  # built by build_stage on this rank, by index
+        self._runtime_submods: dict = {}  # (index, device) -> the stage's runtime GraphModule
 
     @property
     def num_stages(self) -> int:
@@ -80,7 +81,8 @@ class Pipeline:
     def __repr__(self) -> str:
         return self.plan()
 
-    def build_stage(self, index: int, device, group=None, *, style: str = "loop"):
+    def build_stage(self, index: int, device, group=None, *, style: str = "loop", checkpoint: str | None = None,
+                    microbatch: dict | None = None):
         """Stage ``index`` as a ``torch.distributed.pipelining.PipelineStage``.
 
         Static input/output metadata come from the example inputs, which must have the
@@ -95,10 +97,21 @@ class Pipeline:
             index: the stage id. device: where its parameters and activations live.
             group: the pipeline's process group. style: stage placement, ``"loop"``
                 (stage s on rank s % world) or ``"v"`` (ZBVZeroBubble, DualPipeV).
+            checkpoint: a transformers safetensors checkpoint (file, directory or
+                sharded index); the stage reads only its own keys. Required when the
+                model lives on the meta device.
+            microbatch: example inputs of a new microbatch shape. Building a stage
+                again with it (and a new schedule) changes sequence length or
+                microbatch count between steps; the stage keeps its parameters, so
+                gradients accumulated so far are kept.
+
+        Raises:
+            StageSpecError: no process group, bad index, a meta model without a
+                checkpoint, CUDA with gloo. CheckpointError: missing keys, wrong shapes.
         """
         from .stage import build_stage
 
-        return build_stage(self, index, device, group, style=style)
+        return build_stage(self, index, device, group, style=style, checkpoint=checkpoint, microbatch=microbatch)
 
 
 def pipeline(

@@ -91,26 +91,65 @@ def tied_parameters(pipe: "Pipeline") -> list[dict[int, str]]:
 
 
 class _TiedSync:
-    """One tied parameter's exchange between its first and last holder (Note [tied-weight sync])."""
+    """One tied parameter's exchange between its first and last holder (Note [tied-weight sync]).
+
+    What is exchanged is this step's *increment* of the gradient, so gradients
+    accumulated over several steps without ``zero_grad`` are summed once, not again
+    at every step.
+    """
 
     def __init__(self, param: torch.nn.Parameter, *, is_first_holder: bool, peer: int, group):
         self.param = param
         self.is_first_holder = is_first_holder
         self.peer = peer  # global rank of the other holder
         self.group = group
+        self.before: torch.Tensor | None = None
+
+    def start_step(self) -> None:
+        grad = self.param.grad
+        self.before = None if grad is None else grad.detach().clone()
 
     def exchange(self) -> None:
         if self.param.grad is None:
             self.param.grad = torch.zeros_like(self.param)
         grad = self.param.grad
+        mine = grad.detach().clone() if self.before is None else grad.detach() - self.before
+        theirs = torch.empty_like(mine)
         if self.is_first_holder:
-            other = torch.empty_like(grad)
-            dist.recv(other, src=self.peer, group=self.group)
-            grad.add_(other)
-            dist.send(grad, dst=self.peer, group=self.group)
+            dist.recv(theirs, src=self.peer, group=self.group)
+            dist.send(mine, dst=self.peer, group=self.group)
         else:
-            dist.send(grad, dst=self.peer, group=self.group)
-            dist.recv(grad, src=self.peer, group=self.group)
+            dist.send(mine, dst=self.peer, group=self.group)
+            dist.recv(theirs, src=self.peer, group=self.group)
+        grad.add_(theirs)
+        self.before = None
+
+
+class _LocalTie:
+    """A tied parameter whose two holders are stages on this rank."""
+
+    def __init__(self, param: torch.nn.Parameter, partner):
+        self.param = param
+        self.partner = partner  # () -> the other stage's parameter, once that stage is built
+        self.before: dict[int, torch.Tensor | None] = {}
+
+    def start_step(self) -> None:
+        other = self.partner()
+        self.before = {id(p): (None if p.grad is None else p.grad.detach().clone())
+                       for p in (self.param, other) if p is not None}
+
+    def exchange(self) -> None:
+        other = self.partner()
+        if other is None:
+            return
+        deltas = []
+        for p in (self.param, other):
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            before = self.before.get(id(p))
+            deltas.append(p.grad.detach().clone() if before is None else p.grad.detach() - before)
+        self.param.grad.add_(deltas[1])
+        other.grad.add_(deltas[0])
 
 
 def _called_from_update_losses() -> bool:
@@ -134,28 +173,21 @@ def _called_by_single_stage_schedule() -> bool:
 class FxppPipelineStage(PipelineStage):
     """A PipelineStage that synchronises tied weights by itself (Note [tied-weight sync])."""
 
-    def __init__(self, *args, tied: list[_TiedSync] = (), local_partners=None, **kwargs):
+    def __init__(self, *args, tied: list = (), local_partners: list = (), **kwargs):
         super().__init__(*args, **kwargs)
-        self._fxpp_tied = list(tied)
-        # [(this stage's parameter, callable giving the same-rank partner's parameter)]
-        self._fxpp_local_tied = list(local_partners or [])
+        self._fxpp_ties = list(tied) + list(local_partners or [])
         self._fxpp_owed = False  # gradients final this step, exchange not yet done
 
     def _fxpp_grads_final(self) -> None:
-        if self._fxpp_tied or self._fxpp_local_tied:
+        if self._fxpp_ties:
             self._fxpp_owed = True
 
     def _fxpp_finish(self) -> None:
         if not self._fxpp_owed:
             return
         self._fxpp_owed = False
-        for sync in self._fxpp_tied:
-            sync.exchange()
-        for mine, partner in self._fxpp_local_tied:
-            other = partner()
-            if other is not None and mine.grad is not None and other.grad is not None:
-                mine.grad.add_(other.grad)
-                other.grad.copy_(mine.grad)
+        for tie in self._fxpp_ties:
+            tie.exchange()
 
     def scale_grads(self, grad_scale_factor: int) -> None:
         super().scale_grads(grad_scale_factor)
@@ -177,6 +209,8 @@ class FxppPipelineStage(PipelineStage):
                 "synchronised; this torch version's schedule did not end its step through _update_losses. "
                 "Call fxpp.stage.finish_step(stages) after schedule.step()"
             )
+        for tie in self._fxpp_ties:
+            tie.start_step()
         super().clear_runtime_states()
 
     @property
@@ -225,6 +259,24 @@ def _runtime_submodule(pipe: "Pipeline", index: int, device: torch.device):
     return stage
 
 
+def _materialize(pipe: "Pipeline", index: int, submodule, checkpoint: str | None) -> None:
+    """Load the stage's own keys from ``checkpoint``; refuse to train uninitialised memory."""
+    if checkpoint is None:
+        if any(t.is_meta for t in pipe.stages[index].parameters()):
+            raise StageSpecError(
+                f"stage {index}: the model's parameters are on the meta device; pass checkpoint=<safetensors file "
+                "or directory> so the stage loads its own weights"
+            )
+        return
+    from .checkpoint import load_stage
+
+    aliases = {}
+    for owners in tied_parameters(pipe):
+        if index in owners:
+            aliases[owners[index]] = [name for i, name in sorted(owners.items()) if i != index]
+    load_stage(submodule, checkpoint, aliases=aliases)
+
+
 def _copy_to(model: torch.nn.Module, module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     if any(t.is_meta for t in list(module.parameters()) + list(module.buffers())):
         fresh = copy.deepcopy(module).to_empty(device=device)
@@ -237,9 +289,8 @@ def _copy_to(model: torch.nn.Module, module: torch.nn.Module, device: torch.devi
     return copy.deepcopy(module).to(device)
 
 
-def _example_args(pipe: "Pipeline", index: int, device: torch.device):
+def _example_args(stage, device: torch.device):
     """Static input/output metadata of a stage, from its graph's meta values."""
-    stage = pipe.stages[index]
 
     def real(val):
         # Floating tensors carry gradients across the cut; integer ones (masks, ids) do not.
@@ -253,7 +304,8 @@ def _example_args(pipe: "Pipeline", index: int, device: torch.device):
     return inputs, outs
 
 
-def build_stage(pipe: "Pipeline", index: int, device: torch.device | str, group=None, *, style: str = "loop") -> FxppPipelineStage:
+def build_stage(pipe: "Pipeline", index: int, device: torch.device | str, group=None, *, style: str = "loop",
+                checkpoint: str | None = None, microbatch: dict | None = None) -> FxppPipelineStage:
     """``pipe.build_stage``: see :meth:`fxpp.Pipeline.build_stage`."""
     device = torch.device(device)
     num_stages = len(pipe.stages)
@@ -266,7 +318,14 @@ def build_stage(pipe: "Pipeline", index: int, device: torch.device | str, group=
         )
     if device.type == "cuda" and dist.get_backend(group) == "gloo":
         raise StageSpecError(f"device={device} with the gloo backend: use NCCL for CUDA stages")
-    submodule = _runtime_submodule(pipe, index, device)
+    key = (index, str(device))
+    submodule = pipe._runtime_submods.get(key)
+    if submodule is None:
+        submodule = _runtime_submodule(pipe, index, device)
+        _materialize(pipe, index, submodule, checkpoint)
+        pipe._runtime_submods[key] = submodule
+    elif checkpoint is not None:
+        _materialize(pipe, index, submodule, checkpoint)
     world = dist.get_world_size(group)
     ranks = stage_ranks(num_stages, world, style)
     tied, local = [], []
@@ -281,12 +340,17 @@ def build_stage(pipe: "Pipeline", index: int, device: torch.device | str, group=
         other = first if index == last else last
         if ranks[other] == ranks[index]:
             if index == first:  # the first holder finishes last: it sums for both
-                local.append((mine, lambda o=other, n=owners[other]: (
+                local.append(_LocalTie(mine, lambda o=other, n=owners[other]: (
                     registry[o].submod.get_parameter(n) if o in registry else None)))
             continue
         peer = ranks[other] if group is None else dist.get_global_rank(group, ranks[other])
         tied.append(_TiedSync(mine, is_first_holder=index == first, peer=peer, group=group))
-    inputs, outputs = _example_args(pipe, index, device)
+    shapes_from = pipe.stages[index]
+    if microbatch is not None:
+        from .transform import StageModule, trace_annotated
+
+        shapes_from = StageModule.build(pipe.model, trace_annotated(pipe.model, microbatch), pipe.stages[index].spec)
+    inputs, outputs = _example_args(shapes_from, device)
     stage = FxppPipelineStage(
         submodule, index, num_stages, device, input_args=inputs, output_args=outputs, group=group,
         tied=tied, local_partners=local,

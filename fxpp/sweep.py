@@ -47,7 +47,10 @@ STATUSES = ("pass", "mismatch", "fxpp-error", "model-error", "error")
 VOCAB = 128
 BATCH, SEQ, LEFT_PAD = 2, 9, 3
 ATOL = RTOL = 1e-4
-DOCS_PATH = os.path.join("docs", "supported_models.md")
+# docs/ of the source checkout this module lives in (an editable install), else of the cwd
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DOCS_PATH = os.path.join(_ROOT if os.path.exists(os.path.join(_ROOT, "pyproject.toml")) else os.getcwd(),
+                         "docs", "supported_models.md")
 COMMAND = "python -m fxpp.sweep --write-docs"
 
 # --------------------------------------------------------------------------------------
@@ -486,7 +489,9 @@ class SweepTimeout(Exception):
 
 @contextlib.contextmanager
 def _deadline(seconds: float | None):
-    """Raise :class:`SweepTimeout` in the main thread after ``seconds`` (no-op elsewhere)."""
+    """Raise :class:`SweepTimeout` after ``seconds`` (SIGALRM; main thread only, else a
+    no-op). An interval timer already running (pytest-timeout's) is suspended and
+    resumed with its remaining time."""
     import threading
 
     if not seconds or threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
@@ -496,13 +501,19 @@ def _deadline(seconds: float | None):
     def handler(signum, frame):
         raise SweepTimeout(f"timed out after {seconds:g}s")
 
-    old = signal.signal(signal.SIGALRM, handler)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    start = time.monotonic()
+    old_handler = signal.signal(signal.SIGALRM, handler)
+    old_delay, old_interval = signal.setitimer(signal.ITIMER_REAL, seconds)
+    if old_delay and old_delay < seconds:
+        signal.setitimer(signal.ITIMER_REAL, old_delay)
     try:
         yield
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
+        signal.signal(signal.SIGALRM, old_handler)
+        if old_delay:
+            left = old_delay - (time.monotonic() - start)
+            signal.setitimer(signal.ITIMER_REAL, max(left, 1e-3), old_interval)
 
 
 _FXPP_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -790,7 +801,7 @@ def write_docs(results: list[SweepResult], path: str = DOCS_PATH, command: str =
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fxpp.sweep", description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", default=None, help="comma-separated model types, e.g. llama,gemma")
-    parser.add_argument("--write-docs", action="store_true", help=f"write {DOCS_PATH}")
+    parser.add_argument("--write-docs", action="store_true", help=f"write {os.path.relpath(DOCS_PATH)}")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds per family (default 30)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--quiet", action="store_true", help="no per-family progress on stderr")

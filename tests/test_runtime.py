@@ -113,3 +113,133 @@ def test_tied_embeddings_are_synchronised(schedule, tmp_path):
 def test_four_ranks_gpipe_gemma4(tmp_path):
     reports = run_distributed(train_rank, 4, tmp_path, "GPipe", "gemma4", 4, 4, "loop", True, 2, 4)
     _check(reports)
+
+
+def _save_sharded(model, directory, shards=2):
+    """A transformers-style sharded safetensors checkpoint (tied lm_head saved once)."""
+    import json
+    import os
+
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    keys = sorted(state)
+    weight_map = {}
+    for s in range(shards):
+        part = keys[s::shards]
+        name = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+        save_file({k: state[k] for k in part}, os.path.join(directory, name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in part})
+    with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f)
+
+
+def meta_rank(rank, world, workdir, tie):
+    """Each rank builds the model on meta and loads only its own stage's keys."""
+    from transformers import AutoModelForCausalLM
+
+    from fxpp.zoo import tiny_config
+
+    config = tiny_config("qwen2", 4, tie_word_embeddings=tie)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    mb = {k: v[:2] for k, v in _batch()[0].items()}
+    pipe = fxpp.pipeline(model, world, example_inputs={k: v.to("meta") for k, v in mb.items()})
+    stage = pipe.build_stage(rank, "cpu", checkpoint=f"{workdir}/ckpt")
+    ref = tiny_model("qwen2", 4, tie_word_embeddings=tie)
+    inputs, labels = _batch()
+    loss_fn = fxpp.causal_lm_loss(labels, 4)
+    sched = _schedule_class("1F1B")(stage, n_microbatches=4, loss_fn=loss_fn)
+    losses = []
+    sched.step(**inputs, target=labels, losses=losses)
+    ref_loss = ref(**inputs, labels=labels).loss
+    ref_loss.backward()
+    own = dict(stage.submod.named_parameters())
+    report = {
+        "allocated": sum(p.numel() for p in own.values()),
+        "total": sum(p.numel() for p in ref.parameters()),
+        "grad_diff": max(float((p.grad - ref.get_parameter(n).grad).abs().max()) for n, p in own.items()),
+        "weight_diff": max(float((p - ref.get_parameter(n)).abs().max()) for n, p in own.items()),
+        "meta_left": [n for n, p in model.named_parameters() if not p.is_meta],
+    }
+    if stage.is_last:
+        report["loss_diff"] = float((loss_fn.whole_batch(losses) - ref_loss).abs())
+    return report
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("tie", [False, True])
+def test_meta_model_loads_only_its_stage_from_a_sharded_checkpoint(tmp_path, tie):
+    (tmp_path / "ckpt").mkdir()
+    _save_sharded(tiny_model("qwen2", 4, tie_word_embeddings=tie), tmp_path / "ckpt")
+    reports = run_distributed(meta_rank, 2, tmp_path, tie)
+    for r in reports:
+        assert r["grad_diff"] < 2e-5 and r["weight_diff"] == 0.0
+        assert r["allocated"] < 0.75 * r["total"], "a rank allocated more than its stage"
+        assert r["meta_left"] == [], "the user's meta model was modified"
+    assert reports[-1]["loss_diff"] < 2e-5
+
+
+def reshape_rank(rank, world, workdir):
+    """Two steps with different sequence lengths and microbatch counts, gradients accumulated."""
+    model = tiny_model("gemma", 4, tie_word_embeddings=True).train()
+    ref = tiny_model("gemma", 4, tie_word_embeddings=True).train()
+    first_inputs, first_labels = _batch(8, 8)
+    second_inputs = make_inputs(4, 13, padding="right", seed=9)
+    second_labels = second_inputs["input_ids"].masked_fill(second_inputs["attention_mask"] == 0, -100)
+    pipe = fxpp.pipeline(model, world, example_inputs={k: v[:2] for k, v in first_inputs.items()})
+    stage = pipe.build_stage(rank, "cpu")
+    loss_fn = fxpp.causal_lm_loss(first_labels, 4)
+    _schedule_class("1F1B")(stage, n_microbatches=4, loss_fn=loss_fn).step(**first_inputs, target=first_labels)
+    stage = pipe.build_stage(rank, "cpu", microbatch={k: v[:2] for k, v in second_inputs.items()})
+    loss_fn = fxpp.causal_lm_loss(second_labels, 2)
+    _schedule_class("GPipe")(stage, n_microbatches=2, loss_fn=loss_fn).step(**second_inputs, target=second_labels)
+    ref(**first_inputs, labels=first_labels).loss.backward()
+    ref(**second_inputs, labels=second_labels).loss.backward()
+    return {n: float((p.grad - ref.get_parameter(n).grad).abs().max()) for n, p in stage.submod.named_parameters()}
+
+
+@pytest.mark.timeout(300)
+def test_new_sequence_length_and_microbatch_count_keep_accumulated_gradients(tmp_path):
+    for rank, diffs in enumerate(run_distributed(reshape_rank, 2, tmp_path)):
+        bad = {n: d for n, d in diffs.items() if not d < 2e-5}
+        assert not bad, f"rank {rank}: {bad}"
+
+
+def failing_rank(rank, world, workdir):
+    model = tiny_model("llama", 2)
+    inputs, labels = _batch()
+    pipe = fxpp.pipeline(model, world, example_inputs={k: v[:2] for k, v in inputs.items()})
+    stage = pipe.build_stage(rank, "cpu")
+    if rank == 1:
+        raise RuntimeError("rank 1 lost its data loader")
+    _schedule_class("1F1B")(stage, n_microbatches=4, loss_fn=fxpp.causal_lm_loss(labels, 4)).step(**inputs, target=labels)
+
+
+@pytest.mark.timeout(120)
+def test_one_rank_failing_ends_every_rank_with_an_error(tmp_path):
+    import time
+
+    start = time.monotonic()
+    results = run_distributed(failing_rank, 2, tmp_path, expect_ok=False, timeout_s=90, pg_timeout_s=20)
+    assert time.monotonic() - start < 90
+    assert "rank 1 lost its data loader" in results[1]["error"]
+    assert not results[0]["ok"]
+    assert any(word in results[0]["error"] for word in ("peer", "Connection", "closed", "timed out", "Timeout")), results[0]["error"]
+
+
+def test_stage_shards_together_equal_the_model_state_dict(tmp_path):
+    from fxpp.checkpoint import load_state_dict_from, save_stage
+
+    model = tiny_model("gemma4", 6)
+    pipe = fxpp.pipeline(model, 3)
+    merged = {}
+    for i, stage in enumerate(pipe.stages):
+        save_stage(stage, str(tmp_path / f"stage{i}.safetensors"))
+        merged.update(load_state_dict_from(str(tmp_path / f"stage{i}.safetensors")))
+    full = model.state_dict()
+    assert set(merged) == set(full)
+    for name, value in full.items():
+        assert torch.equal(merged[name], value), name
