@@ -26,8 +26,12 @@ def layer_nodes(graph: Graph) -> dict[int, Node]:
 
 
 def stream_at(graph: Graph, k: int) -> Node:
-    """The hidden states entering decoder layer ``k``."""
-    layer = layer_nodes(graph)[k]
+    """The hidden states entering decoder layer ``k`` (or the next layer the forward calls)."""
+    layers = layer_nodes(graph)
+    present = sorted(i for i in layers if i >= k)
+    if not present:
+        raise CutError(f"cut {k}: the traced forward calls no decoder layer at or after {k}")
+    layer = layers[present[0]]
     first = layer.args[0] if layer.args else layer.kwargs.get("hidden_states")
     if not isinstance(first, Node):
         raise CutError(f"{layer.target}: first argument is not a traced value, cannot find the hidden states")

@@ -35,7 +35,7 @@ class GuardFailure(Exception):
 
 
 def check_guard(value: Any, expected: Any, where: str) -> None:
-    actual = type(expected)(value)
+    actual = type(expected)(value) if isinstance(expected, (bool, int, float)) else value
     if actual != expected:
         raise GuardFailure(where, expected, actual)
 

@@ -160,6 +160,11 @@ class MetaProxy(Proxy):
         val = self.node.meta.get("val")
         if name in _CONCRETE_TENSOR_ATTRS and isinstance(val, torch.Tensor):
             return getattr(val, name)
+        if name == "dtype" and isinstance(val, torch.Tensor):
+            # Forwards pass dtypes to Python APIs (tensor.type(dtype), torch.finfo): a
+            # concrete dtype, guarded so that a stage run in another dtype retraces.
+            self.tracer._guard(MetaAttribute(self, "dtype"), val.dtype)
+            return val.dtype
         return MetaAttribute(self, name)
 
     def __len__(self) -> int:
@@ -231,10 +236,8 @@ class HFTracer(Tracer):
         def load(n: Node) -> Any:
             return n.meta["val"]
 
-        args = map_arg(node.args, load)
-        kwargs = map_arg(node.kwargs, load)
-        args = map_aggregate(args, _thaw)
-        kwargs = {k: map_aggregate(v, _thaw) for k, v in kwargs.items()}
+        args = _thaw_all(map_arg(node.args, load))
+        kwargs = {k: _thaw_all(v) for k, v in map_arg(node.kwargs, load).items()}
         self._evaluating += 1
         try:
             with self.fake_mode:
@@ -249,7 +252,7 @@ class HFTracer(Tracer):
         except Exception as e:  # noqa: BLE001 - re-raised with node context
             raise TraceError(
                 f"{type(self.model).__name__}: cannot compute the output shape of node {node.name} "
-                f"({node.op} {_target_name(node.target)}) at {user_source_line(e)}: {type(e).__name__}: {e}"
+                f"({node.op} {_target_name(node.target)}) at {_node_source_line(node, e)}: {type(e).__name__}: {e}"
             ) from e
         finally:
             self._evaluating -= 1
@@ -285,8 +288,12 @@ class HFTracer(Tracer):
         if target in self.constants:
             return self.constants[target]
         obj = self.model
-        for part in target.split("."):
-            obj = getattr(obj, part)
+        self._evaluating += 1  # plain attribute reads, not proxies
+        try:
+            for part in target.split("."):
+                obj = getattr(obj, part)
+        finally:
+            self._evaluating -= 1
         return obj
 
     # -- module calls --------------------------------------------------------------
@@ -362,6 +369,8 @@ class HFTracer(Tracer):
     def create_arg(self, a: Any) -> Any:
         if isinstance(a, Proxy):
             return a.node
+        if type(a).__module__ == "numpy" and hasattr(a, "item") and getattr(a, "ndim", None) == 0:
+            return a.item()  # numpy scalars print as np.float64(...), which graph code cannot name
         if isinstance(a, torch.nn.Parameter) or (isinstance(a, torch.Tensor) and id(a) in self._buffer_names):
             name = self._param_names.get(id(a)) or self._buffer_names.get(id(a))
             if name is not None:
@@ -450,6 +459,20 @@ def _thaw(x: Any) -> Any:
     return x
 
 
+def _thaw_all(x: Any) -> Any:
+    """``_thaw`` through torch.fx's own containers only.
+
+    ``map_aggregate`` would rebuild every dict it meets, so a meta value that is a
+    ``ModelOutput`` (a leaf vision tower's output) would lose its attributes.
+    """
+    name = type(x).__name__
+    if name == "immutable_list" or type(x) in (list, tuple):
+        return type(_thaw(x))(_thaw_all(v) for v in x) if name == "immutable_list" or type(x) is list else tuple(_thaw_all(v) for v in x)
+    if name == "immutable_dict" or type(x) is dict:
+        return {k: _thaw_all(v) for k, v in x.items()}
+    return x
+
+
 def _items(obj: Any) -> list:
     return list(obj.items())
 
@@ -492,6 +515,14 @@ def _short_stack() -> str:
         if _is_user_frame(frame.filename) and "/transformers/utils/" not in frame.filename:
             return f"{frame.filename.rsplit('/', 1)[-1]}:{frame.lineno}"
     return "<unknown>"
+
+
+def _node_source_line(node: Node, e: BaseException) -> str:
+    """Where a node came from: the exception's model frame, else the node's own stack trace."""
+    line = user_source_line(e)
+    if line != "<unknown>":
+        return line
+    return _short_stack()
 
 
 def user_source_line(e: BaseException) -> str:
@@ -595,7 +626,9 @@ def trace_model(model: torch.nn.Module, example_inputs: dict[str, Any]) -> Graph
 
     def root_fn(*proxies):
         kwargs = dict(TRACE_KWARGS)
-        kwargs = {k: v for k, v in kwargs.items() if k in signature.parameters or accepts_var_kwargs}
+        # Only where the forward names them: through **kwargs they could reach a nested
+        # forward that also passes them explicitly.
+        kwargs = {k: v for k, v in kwargs.items() if k in signature.parameters}
         kwargs.update(zip(names, proxies))
         return select_output(forward(model, **kwargs))
 

@@ -149,21 +149,22 @@ def model_unchanged(model: torch.nn.Module):
         yield
     finally:
         for module, state, had_forward, forward in saved:
-            for key in ("_parameters", "_buffers", "_modules"):
+            for key in ("_parameters", "_buffers", "_modules", "_forward_hooks", "_forward_pre_hooks",
+                        "_backward_hooks"):
                 current = getattr(module, key)
-                if current != state[key]:
+                if not _same_entries(current, state[key]):
                     current.clear()
                     current.update(state[key])
             module.training = state["training"]
-            for key in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks"):
-                current = getattr(module, key)
-                if current != state[key]:
-                    current.clear()
-                    current.update(state[key])
             if had_forward:
                 module.__dict__["forward"] = forward
             else:
                 module.__dict__.pop("forward", None)
+
+
+def _same_entries(a: dict, b: dict) -> bool:
+    # By identity: a forward may have stored a traced value (a Proxy) whose == is symbolic.
+    return a.keys() == b.keys() and all(a[k] is b[k] for k in a)
 
 
 class StageModule(GraphModule):
