@@ -243,3 +243,22 @@ def test_stage_shards_together_equal_the_model_state_dict(tmp_path):
     assert set(merged) == set(full)
     for name, value in full.items():
         assert torch.equal(merged[name], value), name
+
+
+def test_torch_pipeline_at_split_markers_status():
+    """torch's own splitter over fxpp's graph: pinned to today's behaviour (see
+    fxpp/torch_ir.py). If a torch upgrade makes it work, the stages must match."""
+    from fxpp.torch_ir import split_with_torch_pipeline, with_split_markers
+
+    model = tiny_model("llama", 4)
+    inputs = make_inputs(2, 8, padding="left")
+    pipe = fxpp.pipeline(model, 2, example_inputs=inputs)
+    marked = with_split_markers(pipe)
+    torch.testing.assert_close(marked(**inputs), model(**inputs).logits, atol=0, rtol=0)
+    try:
+        torch_pipe = split_with_torch_pipeline(pipe, inputs)
+    except fxpp.UnsupportedModelError as e:
+        assert "cannot split LlamaForCausalLM at fxpp's cuts" in str(e)
+        return
+    out = torch_pipe.get_stage_module(1)(*torch_pipe.get_stage_module(0)(**inputs))
+    torch.testing.assert_close(out, model(**inputs).logits)
