@@ -38,7 +38,7 @@ import torch
 from torch.fx import Graph, GraphModule, Node
 
 from . import ops
-from .trace import MASK_SHAPE_ONLY_KWARGS, is_mask_builder
+from .trace import MASK_SHAPE_ONLY_KWARGS, is_check_function, is_mask_builder
 
 _SHAPE_ATTRS = frozenset({"shape", "dtype", "device", "ndim", "is_cuda"})
 _SHAPE_METHODS = frozenset({"size", "dim", "get_device"})
@@ -68,7 +68,8 @@ def is_decoder_layer(node: Node) -> bool:
 
 
 def is_guard(node: Node) -> bool:
-    return node.op == "call_function" and node.target is ops.check_guard
+    """A shape guard or a model's own runtime assertion: a node kept for its check only."""
+    return node.op == "call_function" and (node.target is ops.check_guard or is_check_function(node.target))
 
 
 def is_tensorish(value: Any) -> bool:
@@ -175,7 +176,7 @@ def _role(node: Node, module, layer, pos, input_embeddings, output_embeddings) -
             return "mask"
         if node.target in (ops.make_state, ops.state_entry):
             return "state"
-        if node.target is ops.check_guard:
+        if is_guard(node):
             return "guard"
         return "compute"
     if node.op == "call_method":

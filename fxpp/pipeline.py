@@ -121,6 +121,7 @@ def pipeline(
     *,
     cuts: list[int] | None = None,
     layers_per_stage: list[int] | None = None,
+    verify: bool = False,
 ) -> Pipeline:
     """Split ``model`` into ``num_stages`` consecutive stages.
 
@@ -132,9 +133,13 @@ def pipeline(
             ``input_ids`` and ``attention_mask`` of shape ``[2, 8]``.
         cuts: explicit cut points (``num_stages - 1`` increasing layer indices), or
         layers_per_stage: explicit layer counts. Default: the cost model's balanced split.
+        verify: run the composed stages against the model on the example inputs
+            (which must then hold real values) and raise on any divergence.
 
     Raises:
         StageSpecError: impossible ``num_stages``, ``cuts`` or ``layers_per_stage``.
+        VerificationError: with ``verify=True``, the first stage and node whose output
+            differs from the model's.
     """
     _check_model(model)
     n = num_decoder_layers(model)
@@ -162,4 +167,9 @@ def pipeline(
             [c.flops for c in costs[1:-1]], num_stages, first_extra=costs[0].flops, last_extra=costs[-1].flops,
             layer_params=[c.params for c in costs[1:-1]],
         )
-    return Pipeline(model, model_graph, ranges, model_graph.meta["fxpp_example_inputs"], costs)
+    pipe = Pipeline(model, model_graph, ranges, model_graph.meta["fxpp_example_inputs"], costs)
+    if verify:
+        from .verify import verify_pipeline
+
+        verify_pipeline(pipe, pipe.example_inputs)
+    return pipe

@@ -80,7 +80,36 @@ def opaque_functions() -> dict[int, Callable]:
             found[id(fn)] = fn
         elif callable(fn) and name in ("find_packed_sequence_indices", "create_masks_for_generate"):
             found[id(fn)] = fn
+        elif inspect.isfunction(fn) and is_mask_function_factory(name):
+            found[id(fn)] = fn
     return found
+
+
+def is_mask_function_factory(name: str) -> bool:
+    """``blockwise_overlay(ids)``, ``and_masks(f, g)``, ...: builders of mask *functions*.
+
+    Called on a traced tensor they must become graph nodes too: the closure they return
+    captures its arguments, and a closure holding a Proxy cannot be a graph constant.
+    See Note [mask closures].
+    """
+    return name.endswith("_overlay") or name.endswith("_mask_function") or name in ("and_masks", "or_masks")
+
+
+def check_functions() -> dict[int, Callable]:
+    """Runtime assertions on tensor data (``torch_compilable_check``), by ``id``.
+
+    Traced as single ``call_function`` nodes with the meta value ``None``: the
+    condition depends on data (``n_image_tokens == n_image_features``) so it cannot be
+    answered while tracing, but every stage that computes its inputs re-checks it.
+    """
+    from transformers.utils import import_utils
+
+    fn = getattr(import_utils, "torch_compilable_check", None)
+    return {id(fn): fn} if fn is not None else {}
+
+
+def is_check_function(target: Any) -> bool:
+    return id(target) in check_functions()
 
 
 def is_mask_builder(target: Any) -> bool:
@@ -203,6 +232,8 @@ class HFTracer(Tracer):
         self.constants: dict[str, Any] = {}
         self._constant_ids: dict[int, str] = {}
         self._placeholder_vals: dict[str, Any] = {}
+        self.real_inputs: dict[str, Any] = {}
+        self._real_vals: dict[Node, Any] = {}
         self._evaluating = 0
         self.meta_fallbacks: list[str] = []
         self._leaf_cache: dict = {}
@@ -238,6 +269,8 @@ class HFTracer(Tracer):
 
         args = _thaw_all(map_arg(node.args, load))
         kwargs = {k: _thaw_all(v) for k, v in map_arg(node.kwargs, load).items()}
+        if node.op == "call_function" and is_check_function(node.target):
+            return None
         self._evaluating += 1
         try:
             with self.fake_mode:
@@ -250,6 +283,8 @@ class HFTracer(Tracer):
         except TraceError:
             raise
         except Exception as e:  # noqa: BLE001 - re-raised with node context
+            if _is_data_dependent(e):
+                return self._fakeify_value(self.real_value(node, why=e))
             raise TraceError(
                 f"{type(self.model).__name__}: cannot compute the output shape of node {node.name} "
                 f"({node.op} {_target_name(node.target)}) at {_node_source_line(node, e)}: {type(e).__name__}: {e}"
@@ -296,6 +331,62 @@ class HFTracer(Tracer):
             self._evaluating -= 1
         return obj
 
+    # -- real values: see Note [data-dependent values] ---------------------------------
+    def real_value(self, node: Node, *, why: BaseException | str) -> Any:
+        """``node``'s value for the real example inputs, evaluating the graph so far."""
+        if node in self._real_vals:
+            return self._real_vals[node]
+        if not self.real_inputs:
+            raise TraceError(
+                f"{type(self.model).__name__}: node {node.name} at {_short_stack()} depends on tensor data "
+                f"({type(why).__name__ if isinstance(why, BaseException) else why}); fxpp evaluates such values on the "
+                "example inputs, which needs a model with real weights (not on the meta device) and real example inputs"
+            )
+        for n in self.graph.nodes:
+            if n in self._real_vals or n.op == "output":
+                continue
+            self._real_vals[n] = self._run_real(n)
+            if n is node:
+                break
+        return self._real_vals[node]
+
+    def _run_real(self, node: Node) -> Any:
+        if node.op == "placeholder":
+            return self.real_inputs[node.target]
+        if node.op == "get_attr":
+            return self._fetch_attr(node.target)
+        if node.op == "call_function" and (node.target is ops.check_guard or is_check_function(node.target)):
+            return None
+        args = _thaw_all(map_arg(node.args, self._real_vals.__getitem__))
+        kwargs = {k: _thaw_all(v) for k, v in map_arg(node.kwargs, self._real_vals.__getitem__).items()}
+        self._evaluating += 1
+        try:
+            with torch.no_grad():
+                if node.op == "call_function":
+                    return node.target(*args, **kwargs)
+                if node.op == "call_method":
+                    return getattr(args[0], node.target)(*args[1:], **kwargs)
+                return self.model.get_submodule(node.target)(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - re-raised with node context
+            raise TraceError(
+                f"{type(self.model).__name__}: cannot evaluate node {node.name} ({node.op} {_target_name(node.target)}) "
+                f"on the example inputs at {_node_source_line(node, e)}: {type(e).__name__}: {e}"
+            ) from e
+        finally:
+            self._evaluating -= 1
+
+    def _fakeify_value(self, value: Any) -> Any:
+        def fake(x):
+            return self.fake_mode.from_tensor(x) if isinstance(x, torch.Tensor) else x
+
+        if isinstance(value, (tuple, list)) and type(value) in (tuple, list):
+            return type(value)(self._fakeify_value(v) for v in value)
+        if isinstance(value, collections.abc.Mapping):
+            for k in list(value.keys()):
+                value[k] = self._fakeify_value(value[k])
+            return value
+        return fake(value)
+
     # -- module calls --------------------------------------------------------------
     def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
         return module_qualified_name not in self.traced_modules
@@ -311,6 +402,7 @@ class HFTracer(Tracer):
         qualname = self.path_of_module(m)
         if not self.is_leaf_module(m, qualname):
             inner = unwrap_forward(type(m).forward)
+            kwargs = _without_plumbing_kwargs(inner, kwargs)
             return super().call_module(m, lambda *a, **k: inner(m, *a, **k), args, kwargs)
         args, kwargs, states = self._lift_states(args, kwargs)
         before = {sid: dict(_items(obj)) for sid, (obj, _) in states.items()}
@@ -397,6 +489,10 @@ class HFTracer(Tracer):
         try:
             result = bool(val)
         except Exception as e:  # noqa: BLE001
+            if _is_data_dependent(e):
+                result = bool(self.real_value(obj.node, why=e))
+                self._guard(obj, result)
+                return result
             raise TraceError(
                 f"{type(self.model).__name__}: Python control flow depends on tensor data at {_short_stack()} "
                 f"(node {obj.node.name}); fxpp can only trace decisions on shapes"
@@ -409,6 +505,10 @@ class HFTracer(Tracer):
         try:
             result = kind(val)
         except Exception as e:  # noqa: BLE001
+            if _is_data_dependent(e):
+                result = kind(self.real_value(obj.node, why=e))
+                self._guard(obj, result)
+                return result
             raise TraceError(
                 f"{type(self.model).__name__}: a tensor value is used as a Python {kind.__name__} at "
                 f"{_short_stack()} (node {obj.node.name}); fxpp can only trace decisions on shapes"
@@ -435,6 +535,28 @@ class HFTracer(Tracer):
         if isinstance(val, collections.abc.Mapping):
             return list(val.keys())
         return super().keys(obj)
+
+
+def _without_plumbing_kwargs(inner: Callable, kwargs: dict) -> dict:
+    """Drop ``return_dict`` where the peeled ``can_return_tuple`` would have consumed it.
+
+    A VLM's outer forward calls ``self.model(..., return_dict=True, **kwargs)``; the
+    inner forward has no such parameter, so without its wrapper the keyword would
+    travel on in ``**kwargs`` and collide with the next explicit ``return_dict=True``.
+    """
+    if "return_dict" in kwargs and "return_dict" not in inspect.signature(inner).parameters:
+        return {k: v for k, v in kwargs.items() if k != "return_dict"}
+    return kwargs
+
+
+def _is_data_dependent(e: BaseException) -> bool:
+    """A fake-tensor failure that only the tensor's values could answer."""
+    from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
+
+    if isinstance(e, (DataDependentOutputException, DynamicOutputShapeException)):
+        return True
+    name = type(e).__name__
+    return name in ("GuardOnDataDependentSymNode", "DataDependentOutputException") or "data-dependent" in str(e).lower()
 
 
 def _signature(value: Any) -> Any:
@@ -537,7 +659,7 @@ def user_source_line(e: BaseException) -> str:
 @contextlib.contextmanager
 def _opaque_functions_patched(tracer: HFTracer, module_names: set[str]):
     """Make mask builders single graph nodes in the modules whose forwards we trace."""
-    functions = opaque_functions()
+    functions = {**opaque_functions(), **check_functions()}
     saved = []
 
     def wrap(fn):
@@ -621,6 +743,8 @@ def trace_model(model: torch.nn.Module, example_inputs: dict[str, Any]) -> Graph
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     tracer = HFTracer(model, layers_fqn, fake_mode)
     tracer._placeholder_vals = {k: _fakeify(fake_mode, v) for k, v in inputs.items()}
+    if not any(isinstance(v, torch.Tensor) and v.is_meta for v in list(inputs.values()) + list(model.parameters())[:1]):
+        tracer.real_inputs = dict(inputs)
     names = list(inputs)
     forward = unwrap_forward(type(model).forward)
 

@@ -61,6 +61,7 @@ def trace_annotated(model: torch.nn.Module, example_inputs: dict[str, Any]) -> G
     inputs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in example_inputs.items()}
     with model_unchanged(model):
         gm = trace_model(model, inputs)
+    _reject_ignored_inputs(model, gm)
     none_safe_masks(gm)
     layers_fqn, _ = find_decoder_layers(model)
     text_config = model.config.get_text_config()
@@ -75,6 +76,28 @@ def trace_annotated(model: torch.nn.Module, example_inputs: dict[str, Any]) -> G
     gm.meta["fxpp_num_layers"] = len(find_decoder_layers(model)[1])
     gm.meta["fxpp_model_class"] = type(model).__name__
     return gm
+
+
+_MODALITY_PREFIXES = ("pixel_values", "image_", "video_", "audio_", "input_features")
+
+
+def _reject_ignored_inputs(model: torch.nn.Module, gm: GraphModule) -> None:
+    """Image or audio inputs given to a model without that modality would only reach
+    ``**kwargs`` and be dropped; that is a mistake to report, not to ignore."""
+    import inspect
+
+    from .trace import unwrap_forward
+
+    named = set(inspect.signature(unwrap_forward(type(model).forward)).parameters)
+    config = model.config
+    has_media = any(getattr(config, k, None) is not None for k in ("vision_config", "audio_config"))
+    ignored = [n.target for n in gm.graph.nodes if n.op == "placeholder" and n.target not in named
+               and n.target.startswith(_MODALITY_PREFIXES)]
+    if ignored and not has_media:
+        raise StageInputError(
+            f"{type(model).__name__}.forward does not use input(s) {ignored}: it has no vision or audio path, so "
+            "they would only reach **kwargs. Image and audio inputs go to vision-language models"
+        )
 
 
 def _safe_call(model, name):
@@ -224,6 +247,8 @@ class StageModule(GraphModule):
             if kwargs and getattr(self, "_fxpp_ignore_model_kwargs", False):
                 kwargs = {}  # schedules pass model inputs to every stage of a rank
             problem = self._received_problem(args, kwargs)
+            if problem is not None and "dtype" in problem:
+                raise StageInputError(problem)  # no retrace turns an integer mask into hidden states
             if problem is not None:
                 return self._fxpp_alternate(args, kwargs, problem)
         try:

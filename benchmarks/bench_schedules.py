@@ -1,0 +1,352 @@
+"""Training throughput of fxpp pipelines per schedule, against one process and the bubble bound.
+
+A CPU-sized Llama (hidden 256, 8 layers, intermediate 688, 8 heads / 4 KV heads, vocab 1000,
+fp32, seeded random weights), global batch 16 x seq 64 (1024 tokens), 8 microbatches of
+2 x 64. One training step = forward + backward + AdamW step over the whole global batch.
+
+* ``1 process``: the unpatched ``LlamaForCausalLM`` (``model(**batch, labels=...)``) in
+  one process: the baseline.
+* each schedule of ``fxpp.train.SCHEDULES`` on 2 and 4 ranks: ``fxpp.pipeline(model,
+  stages)`` with the cost model's balanced split (stages = ranks, or 2 x ranks for the
+  schedules whose ranks hold two stages; placement as in ``fxpp.train``), one
+  ``PipelineStage`` per stage, ``fxpp.causal_lm_loss``, AdamW over the rank's own
+  parameters. Ranks start every step together (barrier, untimed); a step's time is the
+  slowest rank's ``schedule.step + opt.step``.
+
+Each pipeline row reports the median step over --steps after --warmup steps, tokens/s,
+speedup = tokens/s / tokens/s(1 process), efficiency = speedup / ranks, and the ideal
+bubble bound m / (m + p - 1) with p = ranks, m = microbatches (the efficiency of a
+perfectly balanced 1F1B/GPipe with free communication; schedules with two stages per rank
+can in principle exceed it, their bound being m / (m + (p - 1) / 2)).
+
+CPU (default): ranks are local processes spawned here, gloo, file rendezvous, and every
+process (the baseline's included) runs with ``torch.set_num_threads(1)``, so that 2 ranks
+on a 2-core machine compare fairly against 1 process on 1 core. With more ranks than cores
+the ranks share cores: a warning is printed and the numbers measure oversubscription.
+
+CUDA: ``torchrun --nproc-per-node N benchmarks/bench_schedules.py`` (detected from
+RANK / WORLD_SIZE; NCCL when CUDA is present, else gloo): ranks = WORLD_SIZE, one GPU
+per rank (cuda:LOCAL_RANK); rank 0 runs the baseline on its GPU first; rank 0 prints.
+
+Run:  PYTHONPATH=. python benchmarks/bench_schedules.py [--ranks 2,4] [--schedules GPipe,1F1B,...]
+          [--steps 4] [--warmup 2] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+
+import torch
+import torch.distributed as dist
+
+import fxpp
+from fxpp.train import MULTI_STAGE, SCHEDULES
+from _common import default_json_path, environment, print_header, report
+
+BATCH, SEQ, MICROBATCHES = 16, 64, 8
+MODEL_NAME = "llama-h256-L8-v1000"
+
+
+def build_model(device="cpu"):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=8, num_attention_heads=8,
+                         num_key_value_heads=4, vocab_size=1000, max_position_embeddings=512)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).float().to(device).train()
+
+
+def make_batch(vocab: int, device) -> tuple[dict, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, vocab, (BATCH, SEQ), generator=g)
+    batch = {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device)}
+    return batch, batch["input_ids"]
+
+
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Baseline:
+    """The unpatched model trained on the whole global batch in one process, a few steps at a time."""
+
+    def __init__(self, device):
+        self.device = device
+        self.model = build_model(device)
+        self.batch, self.labels = make_batch(self.model.config.vocab_size, device)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-3)
+        self.losses: list[float] = []  # loss of every step so far, in order
+        self.samples: list[float] = []  # timed step seconds
+
+    def run(self, n: int, timed: bool = True) -> None:
+        for _ in range(n):
+            sync(self.device)
+            t0 = time.perf_counter()
+            self.opt.zero_grad(set_to_none=True)
+            loss = self.model(**self.batch, labels=self.labels).loss
+            loss.backward()
+            self.opt.step()
+            sync(self.device)
+            if timed:
+                self.samples.append(time.perf_counter() - t0)
+            self.losses.append(float(loss.detach()))
+
+
+def pipeline_step_times(rank: int, world: int, schedule: str, device, steps: int, warmup: int) -> dict:
+    """This rank's step times for ``schedule`` (every rank calls this together)."""
+    from torch.distributed.pipelining import schedules as sched_mod
+
+    model = build_model(device)
+    batch, labels = make_batch(model.config.vocab_size, device)
+    num_stages = world * (2 if schedule in MULTI_STAGE else 1)
+    style = MULTI_STAGE.get(schedule, "loop")
+    mb = {k: v[: BATCH // MICROBATCHES] for k, v in batch.items()}
+    pipe = fxpp.pipeline(model, num_stages, example_inputs=mb)
+    ids = fxpp.stage_ids_of_rank(rank, num_stages, world, style)
+    stages = [pipe.build_stage(i, device, style=style) for i in ids]
+    cls = getattr(sched_mod, f"Schedule{schedule}")
+    single = cls.__mro__[1].__name__ == "PipelineScheduleSingle"
+    loss_fn = fxpp.causal_lm_loss(labels, MICROBATCHES)
+    sched = cls(stages[0] if single else stages, n_microbatches=MICROBATCHES, loss_fn=loss_fn)
+    params = list({id(p): p for st in stages for p in st.submod.parameters()}.values())
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    holds_last = any(st.is_last for st in stages)
+    times, last_loss = [], None
+    for i in range(warmup + steps):
+        dist.barrier()
+        sync(device)
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        losses: list = []
+        if holds_last:
+            sched.step(**batch, target=labels, losses=losses)
+        else:
+            sched.step(**batch)
+        opt.step()
+        sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+        if holds_last:
+            last_loss = float(loss_fn.whole_batch(losses))
+    return {"rank": rank, "stages": ids, "layers": [list(pipe.layer_ranges[i]) for i in ids], "step_s": times,
+            "loss": last_loss}
+
+
+def run_schedules(rank: int, world: int, device, schedules: list[str], steps: int, warmup: int) -> dict:
+    """Every schedule on this rank; errors are results (the other ranks are told by gloo/NCCL failing).
+
+    Rank 0 also times the 1-process baseline, interleaved with the schedules so that
+    machine noise hits both alike: ``warmup + steps`` steps first (the loss sequence the
+    pipelines must reproduce), then ``max(1, steps // 2)`` more before each schedule,
+    while the other ranks wait at a barrier.
+    """
+    out: dict = {}
+    base = None
+    if rank == 0:
+        base = Baseline(device)
+        base.run(warmup, timed=False)
+        base.run(steps)
+    for schedule in schedules:
+        if base is not None:
+            base.run(max(1, steps // 2))
+        dist.barrier()
+        try:
+            out[schedule] = pipeline_step_times(rank, world, schedule, device, steps, warmup)
+        except Exception as e:  # noqa: BLE001 -- a failure is a result here
+            out[schedule] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}",
+                             "traceback": traceback.format_exc()}
+            break  # the process group is in an unknown state after a failed collective
+    if base is not None:
+        out["_baseline"] = {"step_s": base.samples, "loss": base.losses[warmup + steps - 1]}
+    return out
+
+
+def _spawned(rank: int, world: int, workdir: str, schedules: list[str], steps: int, warmup: int) -> None:
+    torch.set_num_threads(1)
+    result: dict = {}
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{workdir}/rendezvous", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=120))
+        result = run_schedules(rank, world, torch.device("cpu"), schedules, steps, warmup)
+    except BaseException as e:  # noqa: BLE001
+        result = {"_fatal": {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}}
+    finally:
+        with open(os.path.join(workdir, f"rank{rank}.json"), "w") as f:
+            json.dump(result, f)
+        if dist.is_initialized():
+            try:
+                dist.destroy_process_group()
+            except Exception:  # noqa: BLE001
+                pass
+
+
+def spawn(world: int, schedules: list[str], steps: int, warmup: int, timeout_s: float) -> list[dict]:
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory(prefix="fxpp_bench_sched_") as workdir:
+        ctx = mp.start_processes(_spawned, args=(world, workdir, schedules, steps, warmup), nprocs=world,
+                                 join=False, start_method="spawn")
+        deadline = time.monotonic() + timeout_s
+        try:
+            while any(p.is_alive() for p in ctx.processes):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the {world}-rank run did not finish in {timeout_s:.0f}s")
+                for p in ctx.processes:
+                    p.join(timeout=0.2)
+        finally:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+        results = []
+        for rank in range(world):
+            path = os.path.join(workdir, f"rank{rank}.json")
+            if os.path.exists(path):
+                with open(path) as f:
+                    results.append(json.load(f))
+            else:
+                results.append({"_fatal": {"error": f"rank {rank} died without a result (exit code "
+                                                    f"{ctx.processes[rank].exitcode})"}})
+        return results
+
+
+def baseline_row(world: int, per_rank: list[dict]) -> dict | None:
+    """The 1-process row from the samples rank 0 took during the ``world``-rank run."""
+    b = per_rank[0].get("_baseline")
+    if b is None:
+        return None
+    med = statistics.median(b["step_s"])
+    return {"schedule": "1 process (unpatched)", "ranks": 1, "stages": 1, "microbatches": 1,
+            "steps": len(b["step_s"]), "step_ms": med * 1e3, "tokens_per_s": BATCH * SEQ / med,
+            "speedup_vs_1proc": 1.0, "efficiency": 1.0, "ideal_bound": 1.0, "step_min_ms": min(b["step_s"]) * 1e3,
+            "final_loss": b["loss"], "measured_during": f"{world}-rank run"}
+
+
+def rows_for(world: int, per_rank: list[dict], schedules: list[str], base: dict, steps: int) -> list[dict]:
+    """One row per schedule; ``final_loss`` (last step's loss) must equal the baseline's: same model, data, steps."""
+    base_tok_s = base["tokens_per_s"]
+    rows = []
+    tokens = BATCH * SEQ
+    for schedule in schedules:
+        entries = [r.get(schedule) or r.get("_fatal") for r in per_rank]
+        num_stages = world * (2 if schedule in MULTI_STAGE else 1)
+        row = {"schedule": schedule, "ranks": world, "stages": num_stages, "microbatches": MICROBATCHES,
+               "steps": steps}
+        errors = [(rank, e) for rank, e in enumerate(entries) if e is None or "error" in e]
+        if errors:
+            rank, e = errors[0]
+            row["error"] = f"rank {rank}: " + (e["error"] if e else "did not get to this schedule")
+            if e and e.get("traceback"):
+                print(f"# {schedule} x{world} rank {rank} traceback:\n{e['traceback']}", file=sys.stderr)
+            rows.append(row)
+            continue
+        # A step ends when the slowest rank is done: per step, the max over ranks.
+        step_s = [max(ts) for ts in zip(*(e["step_s"] for e in entries))]
+        med = statistics.median(step_s)
+        tok_s = tokens / med
+        speedup = tok_s / base_tok_s
+        row.update({
+            "step_ms": med * 1e3,
+            "tokens_per_s": tok_s,
+            "speedup_vs_1proc": speedup,
+            "efficiency": speedup / world,
+            "ideal_bound": MICROBATCHES / (MICROBATCHES + world - 1),
+            "eff/ideal": speedup / world / (MICROBATCHES / (MICROBATCHES + world - 1)),
+            "step_min_ms": min(step_s) * 1e3,
+            "stage_layers": {f"rank{e['rank']}": e["layers"] for e in entries},
+            "final_loss": next((e["loss"] for e in entries if e.get("loss") is not None), None),
+        })
+        row["loss_diff_vs_1proc"] = abs(row["final_loss"] - base["final_loss"]) if row["final_loss"] is not None else None
+        rows.append(row)
+    return rows
+
+
+COLUMNS = ["schedule", "ranks", "stages", "microbatches", "step_ms", "tokens_per_s", "speedup_vs_1proc", "efficiency",
+           "ideal_bound", "eff/ideal", "loss_diff_vs_1proc", "error"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ranks", default="2,4", help="comma list of rank counts (ignored under torchrun)")
+    ap.add_argument("--schedules", default=",".join(SCHEDULES), help="comma list of " + ",".join(SCHEDULES))
+    ap.add_argument("--steps", type=int, default=4, help="timed steps per schedule (median reported)")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps per schedule first")
+    ap.add_argument("--timeout", type=float, default=600, help="seconds for one spawned run of all schedules")
+    ap.add_argument("--json", default=default_json_path("bench_schedules"))
+    args = ap.parse_args()
+    schedules = [s for s in args.schedules.split(",") if s]
+    unknown = [s for s in schedules if s not in SCHEDULES]
+    if unknown:
+        ap.error(f"unknown schedule(s) {unknown}; known: {', '.join(SCHEDULES)}")
+    torch.set_num_threads(1)
+
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        torchrun_main(args, schedules)
+        return
+
+    env = environment("cpu")
+    env["threads_per_process"] = 1
+    env["cpu_count"] = os.cpu_count()
+    print_header(env)
+    print(f"# {MODEL_NAME}, global batch {BATCH}x{SEQ} = {BATCH * SEQ} tokens, {MICROBATCHES} microbatches; "
+          f"gloo, spawned local processes, torch.set_num_threads(1) in every process (baseline included)", flush=True)
+    t0 = time.perf_counter()
+    base = baseline_row(*baseline_step_s(torch.device("cpu"), args.steps, args.warmup), args.steps)
+    rows = [base]
+    print(f"# baseline done ({time.perf_counter() - t0:.0f}s)", flush=True)
+    for world in [int(r) for r in args.ranks.split(",") if r]:
+        if world > (os.cpu_count() or 1):
+            print(f"# WARNING: {world} ranks on {os.cpu_count()} cores: ranks share cores (oversubscribed); "
+                  f"the {world}-rank rows measure time-slicing, not pipeline parallelism", flush=True)
+        t0 = time.perf_counter()
+        per_rank = spawn(world, schedules, args.steps, args.warmup, args.timeout)
+        if any("_fatal" in r for r in per_rank):
+            fatal = next(r["_fatal"] for r in per_rank if "_fatal" in r)
+            print(f"# {world} ranks: {fatal['error']}\n{fatal.get('traceback', '')}", file=sys.stderr)
+        rows += rows_for(world, per_rank, schedules, base, args.steps)
+        print(f"# {world} ranks done ({time.perf_counter() - t0:.0f}s)", flush=True)
+    report(rows, COLUMNS, env, args.json)
+
+
+def torchrun_main(args, schedules: list[str]) -> None:
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count()) if cuda \
+        else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo", init_method="env://",
+                            timeout=datetime.timedelta(seconds=args.timeout))
+    try:
+        env = environment(str(device) if cuda else "cpu")
+        if cuda:
+            env["gpu"] = torch.cuda.get_device_name(device)
+        env["launcher"] = f"torchrun world={world} backend={dist.get_backend()}"
+        if rank == 0:
+            print_header(env)
+            print(f"# {MODEL_NAME}, global batch {BATCH}x{SEQ} = {BATCH * SEQ} tokens, {MICROBATCHES} microbatches",
+                  flush=True)
+            if not cuda and world > (os.cpu_count() or 1):
+                print(f"# WARNING: {world} ranks on {os.cpu_count()} cores: oversubscribed", flush=True)
+        base = baseline_row(*baseline_step_s(device, args.steps, args.warmup), args.steps) if rank == 0 else None
+        dist.barrier()
+        mine = run_schedules(rank, world, device, schedules, args.steps, args.warmup)
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, mine)
+        if rank == 0:
+            rows = [base] + rows_for(world, gathered, schedules, base, args.steps)
+            report(rows, COLUMNS, env, args.json)
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
