@@ -5,7 +5,11 @@ fp32, seeded random weights), global batch 16 x seq 64 (1024 tokens), 8 microbat
 2 x 64. One training step = forward + backward + AdamW step over the whole global batch.
 
 * ``1 process``: the unpatched ``LlamaForCausalLM`` (``model(**batch, labels=...)``) in
-  one process: the baseline.
+  one process: the baseline. Rank 0 of each N-rank run times it, interleaved with the
+  schedules (the other ranks wait at a barrier), so baseline and pipelines see the same
+  machine noise; each N-rank block of the table has its own baseline row. Every
+  pipeline's last-step loss is checked against the baseline's after as many steps
+  (``loss_diff_vs_1proc``).
 * each schedule of ``fxpp.train.SCHEDULES`` on 2 and 4 ranks: ``fxpp.pipeline(model,
   stages)`` with the cost model's balanced split (stages = ranks, or 2 x ranks for the
   schedules whose ranks hold two stages; placement as in ``fxpp.train``), one
@@ -26,7 +30,7 @@ the ranks share cores: a warning is printed and the numbers measure oversubscrip
 
 CUDA: ``torchrun --nproc-per-node N benchmarks/bench_schedules.py`` (detected from
 RANK / WORLD_SIZE; NCCL when CUDA is present, else gloo): ranks = WORLD_SIZE, one GPU
-per rank (cuda:LOCAL_RANK); rank 0 runs the baseline on its GPU first; rank 0 prints.
+per rank (cuda:LOCAL_RANK); rank 0 runs the baseline on its GPU; rank 0 prints.
 
 Run:  PYTHONPATH=. python benchmarks/bench_schedules.py [--ranks 2,4] [--schedules GPipe,1F1B,...]
           [--steps 4] [--warmup 2] [--json PATH]
@@ -230,10 +234,14 @@ def baseline_row(world: int, per_rank: list[dict]) -> dict | None:
             "final_loss": b["loss"], "measured_during": f"{world}-rank run"}
 
 
-def rows_for(world: int, per_rank: list[dict], schedules: list[str], base: dict, steps: int) -> list[dict]:
-    """One row per schedule; ``final_loss`` (last step's loss) must equal the baseline's: same model, data, steps."""
-    base_tok_s = base["tokens_per_s"]
-    rows = []
+def rows_for(world: int, per_rank: list[dict], schedules: list[str], steps: int) -> list[dict]:
+    """The baseline's row, then one per schedule.
+
+    ``final_loss`` (the last step's loss) must equal the baseline's after as many steps:
+    same model, data and optimizer; ``loss_diff_vs_1proc`` shows it.
+    """
+    base = baseline_row(world, per_rank)
+    rows = [base] if base else []
     tokens = BATCH * SEQ
     for schedule in schedules:
         entries = [r.get(schedule) or r.get("_fatal") for r in per_rank]
@@ -252,19 +260,20 @@ def rows_for(world: int, per_rank: list[dict], schedules: list[str], base: dict,
         step_s = [max(ts) for ts in zip(*(e["step_s"] for e in entries))]
         med = statistics.median(step_s)
         tok_s = tokens / med
-        speedup = tok_s / base_tok_s
+        speedup = tok_s / base["tokens_per_s"] if base else None
         row.update({
             "step_ms": med * 1e3,
             "tokens_per_s": tok_s,
             "speedup_vs_1proc": speedup,
-            "efficiency": speedup / world,
+            "efficiency": speedup / world if base else None,
             "ideal_bound": MICROBATCHES / (MICROBATCHES + world - 1),
-            "eff/ideal": speedup / world / (MICROBATCHES / (MICROBATCHES + world - 1)),
+            "eff/ideal": speedup / world / (MICROBATCHES / (MICROBATCHES + world - 1)) if base else None,
             "step_min_ms": min(step_s) * 1e3,
             "stage_layers": {f"rank{e['rank']}": e["layers"] for e in entries},
             "final_loss": next((e["loss"] for e in entries if e.get("loss") is not None), None),
         })
-        row["loss_diff_vs_1proc"] = abs(row["final_loss"] - base["final_loss"]) if row["final_loss"] is not None else None
+        if base and row["final_loss"] is not None:
+            row["loss_diff_vs_1proc"] = abs(row["final_loss"] - base["final_loss"])
         rows.append(row)
     return rows
 
@@ -295,13 +304,11 @@ def main() -> None:
     env = environment("cpu")
     env["threads_per_process"] = 1
     env["cpu_count"] = os.cpu_count()
+    env["loadavg_1m_at_start"] = round(os.getloadavg()[0], 2)  # other users of the machine
     print_header(env)
     print(f"# {MODEL_NAME}, global batch {BATCH}x{SEQ} = {BATCH * SEQ} tokens, {MICROBATCHES} microbatches; "
           f"gloo, spawned local processes, torch.set_num_threads(1) in every process (baseline included)", flush=True)
-    t0 = time.perf_counter()
-    base = baseline_row(*baseline_step_s(torch.device("cpu"), args.steps, args.warmup), args.steps)
-    rows = [base]
-    print(f"# baseline done ({time.perf_counter() - t0:.0f}s)", flush=True)
+    rows = []
     for world in [int(r) for r in args.ranks.split(",") if r]:
         if world > (os.cpu_count() or 1):
             print(f"# WARNING: {world} ranks on {os.cpu_count()} cores: ranks share cores (oversubscribed); "
@@ -311,7 +318,7 @@ def main() -> None:
         if any("_fatal" in r for r in per_rank):
             fatal = next(r["_fatal"] for r in per_rank if "_fatal" in r)
             print(f"# {world} ranks: {fatal['error']}\n{fatal.get('traceback', '')}", file=sys.stderr)
-        rows += rows_for(world, per_rank, schedules, base, args.steps)
+        rows += rows_for(world, per_rank, schedules, args.steps)
         print(f"# {world} ranks done ({time.perf_counter() - t0:.0f}s)", flush=True)
     report(rows, COLUMNS, env, args.json)
 
@@ -336,13 +343,11 @@ def torchrun_main(args, schedules: list[str]) -> None:
                   flush=True)
             if not cuda and world > (os.cpu_count() or 1):
                 print(f"# WARNING: {world} ranks on {os.cpu_count()} cores: oversubscribed", flush=True)
-        base = baseline_row(*baseline_step_s(device, args.steps, args.warmup), args.steps) if rank == 0 else None
-        dist.barrier()
         mine = run_schedules(rank, world, device, schedules, args.steps, args.warmup)
         gathered: list = [None] * world
         dist.all_gather_object(gathered, mine)
         if rank == 0:
-            rows = [base] + rows_for(world, gathered, schedules, base, args.steps)
+            rows = rows_for(world, gathered, schedules, args.steps)
             report(rows, COLUMNS, env, args.json)
     finally:
         dist.destroy_process_group()

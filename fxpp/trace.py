@@ -234,6 +234,7 @@ class HFTracer(Tracer):
         self._placeholder_vals: dict[str, Any] = {}
         self.real_inputs: dict[str, Any] = {}
         self._real_vals: dict[Node, Any] = {}
+        self._opaque_helpers: set[int] = set()
         self._evaluating = 0
         self.meta_fallbacks: list[str] = []
         self._leaf_cache: dict = {}
@@ -271,6 +272,8 @@ class HFTracer(Tracer):
         kwargs = {k: _thaw_all(v) for k, v in map_arg(node.kwargs, load).items()}
         if node.op == "call_function" and is_check_function(node.target):
             return None
+        if node.op == "call_function" and id(node.target) in self._opaque_helpers:
+            return self._fakeify_value(self.real_value(node, why=f"opaque helper {node.target.__name__}"))
         self._evaluating += 1
         try:
             with self.fake_mode:
@@ -330,6 +333,32 @@ class HFTracer(Tracer):
         finally:
             self._evaluating -= 1
         return obj
+
+    # -- helpers that cannot be traced -----------------------------------------------
+    def call_helper(self, fn: Callable, args: tuple, kwargs: dict) -> Any:
+        """Trace a modeling file's helper function, or call it as one opaque node.
+
+        Helpers such as ``image_size_to_num_patches`` or ``unpad_image`` type-check
+        their arguments or loop over tensor data. When tracing into one fails, the nodes
+        it made are removed and the helper becomes a single ``call_function`` node whose
+        meta value comes from running it on the example inputs (Note [data-dependent values]).
+        """
+        last = self.graph._root.prev  # the newest node
+        try:
+            return fn(*args, **kwargs)
+        except TraceError:
+            raise
+        except Exception:  # noqa: BLE001 - retried as one opaque node
+            made = []
+            node = self.graph._root.prev
+            while node is not last:
+                made.append(node)
+                node = node.prev
+            for node in made:  # newest first: users before their inputs
+                self._real_vals.pop(node, None)
+                self.graph.erase_node(node)
+            self._opaque_helpers.add(id(fn))
+            return self.create_proxy("call_function", fn, args, kwargs)
 
     # -- real values: see Note [data-dependent values] ---------------------------------
     def real_value(self, node: Node, *, why: BaseException | str) -> Any:
@@ -427,12 +456,19 @@ class HFTracer(Tracer):
         """
         try:
             return forward(*args, **kwargs)
-        except Exception:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001
+            if _is_data_dependent(e) and not self._in_moe_fallback_scope(m):
+                raise  # the node is evaluated on the real example inputs instead
             first = next((a for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)), None)
             if first is None:
                 raise
             self.meta_fallbacks.append(type(m).__name__)
             return torch.empty_like(first)
+
+    def _in_moe_fallback_scope(self, m: torch.nn.Module) -> bool:
+        """Whether ``m`` is an expert block, whose data-dependent dispatch keeps the shape
+        of its input (see ``_eval_submodule``); other modules get real evaluation."""
+        return any("expert" in type(sub).__name__.lower() or "moe" in type(sub).__name__.lower() for sub in m.modules())
 
     def _lift_states(self, args, kwargs):
         """Replace mutable containers passed to a leaf by explicit ``make_state`` nodes."""
@@ -675,8 +711,21 @@ def _opaque_functions_patched(tracer: HFTracer, module_names: set[str]):
             map_aggregate(args, find)
             map_aggregate(kwargs, find)
             if has_proxy and not tracer._evaluating:
-                return tracer.create_proxy("call_function", fn, args, kwargs)
+                out = tracer.create_proxy("call_function", fn, args, kwargs)
+                if isinstance(tracer.meta_of(out), dict):
+                    # A mapping of masks per layer type: the forward tests isinstance(..., dict).
+                    return {k: out[k] for k in tracer.meta_of(out)}
+                return out
             return fn(*args, **kwargs)
+
+        wrapper.__wrapped_opaque__ = fn
+        return wrapper
+
+    def wrap_helper(fn):
+        def wrapper(*args, **kwargs):
+            if tracer._evaluating or not _has_proxy((args, kwargs)):
+                return fn(*args, **kwargs)
+            return tracer.call_helper(fn, args, kwargs)
 
         wrapper.__wrapped_opaque__ = fn
         return wrapper
@@ -690,10 +739,29 @@ def _opaque_functions_patched(tracer: HFTracer, module_names: set[str]):
                 if id(value) in functions:
                     saved.append((module, name, value))
                     setattr(module, name, wrap(value))
+                elif _is_model_helper(value, mod_name):
+                    saved.append((module, name, value))
+                    setattr(module, name, wrap_helper(value))
         yield
     finally:
         for module, name, value in reversed(saved):
             setattr(module, name, value)
+
+
+def _has_proxy(value: Any) -> bool:
+    found = []
+    map_aggregate(value, lambda x: found.append(x) if isinstance(x, Proxy) else x)
+    return bool(found)
+
+
+def _is_model_helper(value: Any, mod_name: str) -> bool:
+    """A plain function defined in a modeling file (``unpad_image``, ``get_rope_index``'s kin)."""
+    return (
+        inspect.isfunction(value)
+        and value.__module__ == mod_name
+        and mod_name.startswith("transformers.models.")
+        and not value.__name__.startswith("create_")
+    )
 
 
 def _fakeify(fake_mode: FakeTensorMode, value: Any) -> Any:

@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.distributed as dist
 
+from .errors import FxppError
+
 # Schedules whose ranks hold two stages, and their placement.
 MULTI_STAGE = {"Interleaved1F1B": "loop", "LoopedBFS": "loop", "InterleavedZeroBubble": "loop",
                "ZBVZeroBubble": "v", "DualPipeV": "v"}
@@ -163,7 +165,10 @@ def launch(cfg: RunConfig, workdir: str, timeout_s: float = 600) -> list[dict]:
     try:
         while not ctx.join(timeout=1):
             if time.monotonic() > deadline:
-                raise TimeoutError(f"the {cfg.ranks}-process run did not finish in {timeout_s:.0f}s")
+                raise FxppError(f"the {cfg.ranks}-process run did not finish in {timeout_s:.0f}s")
+    except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:
+        lines = [line for line in str(e).strip().splitlines() if line.strip()]
+        raise FxppError(f"rank {e.error_index} failed: {lines[-1] if lines else e}") from None
     finally:
         for p in ctx.processes:
             if p.is_alive():

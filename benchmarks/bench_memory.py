@@ -1,0 +1,255 @@
+"""Per-rank memory of a stage loaded from a sharded checkpoint on a meta model, against the whole model.
+
+A Llama with weights that dominate the process's RSS noise: hidden 512, 8 layers,
+intermediate 1376, 8 heads, vocab 32000, untied embeddings, fp32 (~58M parameters,
+~232 MB), seeded random weights written by this script with ``save_pretrained(...,
+max_shard_size="64MB")`` (a transformers sharded safetensors checkpoint: index + shards
++ config.json) into a temporary directory.
+
+For 2 and 4 ranks (local processes, gloo, file rendezvous, ``torch.set_num_threads(1)``),
+each rank builds stage ``rank`` of ``fxpp.pipeline(model, ranks)`` (the cost model's
+balanced split) in two ways, each in fresh processes (peak RSS is per process):
+
+* ``fxpp``:  the model built on the meta device (``from_config`` under
+  ``torch.device("meta")``), then ``pipe.build_stage(rank, "cpu", checkpoint=dir)``:
+  the rank allocates and reads only its own stage's tensors.
+* ``whole``: the baseline: every rank materialises the whole model
+  (``AutoModelForCausalLM.from_pretrained(dir)``), then ``pipe.build_stage(rank, "cpu")``.
+
+Per rank it reports
+
+* ``share``: the stage's parameters / the model's parameters, and ``share_MB``, the
+  bytes that share is;
+* ``param_MB``: bytes of parameter storage actually allocated in the process (distinct
+  non-meta storages of the model's and the stage's parameters);
+* ``peak_rss_MB``: ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` at the end, and
+  ``load_rss_MB`` = that peak minus the peak before any weight was touched (after imports,
+  process group, and, for ``fxpp``, the meta model and its trace): what loading cost;
+* the ratios fxpp / whole of both, and ``load/share``, the load peak over the stage's
+  share of the weights (1.0 = no transient copies).
+
+Each ``fxpp`` rank also checks that its stage's weights equal the checkpoint's
+(``weights_max_abs_diff``, after the memory was measured).
+
+Run:  PYTHONPATH=. python benchmarks/bench_memory.py [--ranks 2,4] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+import traceback
+
+import torch
+
+from _common import default_json_path, environment, print_header, report
+
+MB = 1024 * 1024
+MODEL_NAME = "llama-h512-L8-v32000"
+
+
+def make_config():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
+                       num_key_value_heads=8, vocab_size=32000, max_position_embeddings=512,
+                       tie_word_embeddings=False)
+
+
+def write_checkpoint(directory: str) -> dict:
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(make_config()).float()
+    model.save_pretrained(directory, max_shard_size="64MB")
+    info = {"params": sum(p.numel() for p in model.parameters()),
+            "param_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+            "shards": len([f for f in os.listdir(directory) if f.endswith(".safetensors")])}
+    del model
+    return info
+
+
+def maxrss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def current_rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def allocated_param_bytes(*modules: torch.nn.Module) -> int:
+    """Bytes of the distinct non-meta storages behind these modules' parameters."""
+    seen, total = set(), 0
+    for module in modules:
+        for p in module.parameters():
+            if p.is_meta:
+                continue
+            storage = p.untyped_storage()
+            if storage.data_ptr() in seen:
+                continue
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
+    return total
+
+
+def rank_job(rank: int, world: int, mode: str, ckpt: str) -> dict:
+    import fxpp
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.zeros(2, 16, dtype=torch.long)
+    example = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if mode == "fxpp":
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(make_config())
+        pipe = fxpp.pipeline(model.train(), world, example_inputs={k: v.to("meta") for k, v in example.items()})
+        before = maxrss_bytes()
+        t0 = time.perf_counter()
+        stage = pipe.build_stage(rank, "cpu", checkpoint=ckpt)
+    else:
+        before = maxrss_bytes()
+        t0 = time.perf_counter()
+        model = AutoModelForCausalLM.from_pretrained(ckpt).train()
+        pipe = fxpp.pipeline(model, world, example_inputs=example)
+        stage = pipe.build_stage(rank, "cpu")
+    load_s = time.perf_counter() - t0
+    peak = maxrss_bytes()
+    out = {
+        "rank": rank,
+        "layers": f"{pipe.layer_ranges[rank].start}-{pipe.layer_ranges[rank].stop - 1}",
+        "stage_params": pipe.stage_params()[rank],
+        "total_params": sum(p.numel() for p in model.parameters()),
+        "param_bytes": allocated_param_bytes(model, stage.submod),
+        "peak_before": before,
+        "peak": peak,
+        "rss_now": current_rss_bytes(),
+        "load_s": load_s,
+    }
+    if mode == "fxpp":
+        from fxpp.checkpoint import load_state_dict_from
+
+        own = dict(stage.submod.named_parameters())
+        ref = load_state_dict_from(ckpt, own)
+        out["weights_max_abs_diff"] = max(float((p.detach() - ref[n]).abs().max()) for n, p in own.items())
+    return out
+
+
+def _spawned(rank: int, world: int, workdir: str, mode: str, ckpt: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    try:
+        import fxpp  # noqa: F401 -- imports belong to the baseline RSS, not to loading
+        import transformers  # noqa: F401
+
+        dist.init_process_group("gloo", init_method=f"file://{workdir}/rendezvous", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=120))
+        result = {"ok": True, **rank_job(rank, world, mode, ckpt)}
+    except BaseException as e:  # noqa: BLE001
+        result = {"ok": False, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+    with open(os.path.join(workdir, f"rank{rank}.json"), "w") as f:
+        json.dump(result, f)
+    if dist.is_initialized():
+        try:
+            dist.barrier()  # every rank measured before any exits
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def spawn(world: int, mode: str, ckpt: str, timeout_s: float = 300) -> list[dict]:
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory(prefix="fxpp_bench_mem_") as workdir:
+        ctx = mp.start_processes(_spawned, args=(world, workdir, mode, ckpt), nprocs=world, join=False,
+                                 start_method="spawn")
+        deadline = time.monotonic() + timeout_s
+        try:
+            while any(p.is_alive() for p in ctx.processes):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{world}-rank {mode} run did not finish in {timeout_s:.0f}s")
+                for p in ctx.processes:
+                    p.join(timeout=0.2)
+        finally:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+        out = []
+        for rank in range(world):
+            path = os.path.join(workdir, f"rank{rank}.json")
+            if not os.path.exists(path):
+                out.append({"ok": False, "error": f"rank {rank} died (exit code {ctx.processes[rank].exitcode})"})
+                continue
+            with open(path) as f:
+                out.append(json.load(f))
+        return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ranks", default="2,4")
+    ap.add_argument("--json", default=default_json_path("bench_memory"))
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    env = environment("cpu")
+    env["threads_per_process"] = 1
+    print_header(env)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="fxpp_bench_ckpt_") as ckpt:
+        info = write_checkpoint(ckpt)
+        print(f"# {MODEL_NAME}: {info['params']:,} parameters, {info['param_bytes'] / MB:.1f} MB fp32, "
+              f"checkpoint of {info['shards']} safetensors shards; ru_maxrss in KiB x 1024", flush=True)
+        for world in [int(r) for r in args.ranks.split(",") if r]:
+            results = {}
+            for mode in ("fxpp", "whole"):
+                t0 = time.perf_counter()
+                results[mode] = spawn(world, mode, ckpt)
+                print(f"# {world} ranks, {mode}: {time.perf_counter() - t0:.0f}s", flush=True)
+            for rank in range(world):
+                f, w = results["fxpp"][rank], results["whole"][rank]
+                row = {"ranks": world, "rank": rank}
+                errors = [f"{m}: {r['error']}" for m, r in (("fxpp", f), ("whole", w)) if not r["ok"]]
+                for m, r in (("fxpp", f), ("whole", w)):
+                    if not r["ok"] and r.get("traceback"):
+                        print(f"# {world} ranks, rank {rank}, {m}:\n{r['traceback']}", file=sys.stderr)
+                if errors:
+                    rows.append({**row, "error": "; ".join(errors)})
+                    continue
+                share = f["stage_params"] / f["total_params"]
+                share_b = share * info["param_bytes"]
+                row.update({
+                    "layers": f["layers"],
+                    "share": share,
+                    "share_MB": share_b / MB,
+                    "fxpp_param_MB": f["param_bytes"] / MB,
+                    "whole_param_MB": w["param_bytes"] / MB,
+                    "param_fxpp/whole": f["param_bytes"] / w["param_bytes"],
+                    "fxpp_peak_rss_MB": f["peak"] / MB,
+                    "whole_peak_rss_MB": w["peak"] / MB,
+                    "peak_fxpp/whole": f["peak"] / w["peak"],
+                    "fxpp_load_rss_MB": (f["peak"] - f["peak_before"]) / MB,
+                    "whole_load_rss_MB": (w["peak"] - w["peak_before"]) / MB,
+                    "load_fxpp/whole": (f["peak"] - f["peak_before"]) / max(w["peak"] - w["peak_before"], 1),
+                    "fxpp_load/share": (f["peak"] - f["peak_before"]) / share_b,
+                    "fxpp_rss_before_MB": f["peak_before"] / MB,
+                    "whole_rss_before_MB": w["peak_before"] / MB,
+                    "fxpp_rss_end_MB": f["rss_now"] / MB,
+                    "whole_rss_end_MB": w["rss_now"] / MB,
+                    "fxpp_load_s": f["load_s"],
+                    "whole_load_s": w["load_s"],
+                    "weights_max_abs_diff": f["weights_max_abs_diff"],
+                })
+                rows.append(row)
+    report(rows, ["ranks", "rank", "layers", "share", "share_MB", "fxpp_param_MB", "whole_param_MB",
+                  "param_fxpp/whole", "fxpp_peak_rss_MB", "whole_peak_rss_MB", "peak_fxpp/whole", "fxpp_load_rss_MB",
+                  "whole_load_rss_MB", "fxpp_load/share", "error"], env, args.json)
+
+
+if __name__ == "__main__":
+    main()
