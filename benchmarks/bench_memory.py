@@ -1,8 +1,8 @@
 """Per-rank memory of a stage loaded from a sharded checkpoint on a meta model, against the whole model.
 
 A Llama with weights that dominate the process's RSS noise: hidden 512, 8 layers,
-intermediate 1376, 8 heads, vocab 32000, untied embeddings, fp32 (~58M parameters,
-~232 MB), seeded random weights written by this script with ``save_pretrained(...,
+intermediate 1376, 8 heads, vocab 32000, untied embeddings, fp32 (58.1M parameters,
+222 MiB), seeded random weights written by this script with ``save_pretrained(...,
 max_shard_size="64MB")`` (a transformers sharded safetensors checkpoint: index + shards
 + config.json) into a temporary directory.
 
@@ -22,10 +22,17 @@ Per rank it reports
   bytes that share is;
 * ``param_MB``: bytes of parameter storage actually allocated in the process (distinct
   non-meta storages of the model's and the stage's parameters);
-* ``peak_rss_MB``: ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` at the end, and
-  ``load_rss_MB`` = that peak minus the peak before any weight was touched (after imports,
-  process group, and, for ``fxpp``, the meta model and its trace): what loading cost;
-* the ratios fxpp / whole of both, and ``load/share``, the load peak over the stage's
+* ``ru_maxrss_MB``: ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` at the end. Caveat: on
+  Linux a spawned process's ru_maxrss starts at its launcher's RSS (fork copies the page
+  tables; exec keeps the old address space's high-water mark), so this script keeps the
+  launcher small (the checkpoint is written by a child) and prints its RSS;
+* ``peak_rss_MB``: the process's own peak RSS (``VmHWM`` of /proc/self/status, which
+  exec resets): equal to ru_maxrss when the launcher's RSS is below it;
+* ``load_peak_MB``: the peak RSS while loading (VmHWM reset through /proc/self/clear_refs
+  just before) minus the RSS just before: what loading cost, transient copies included.
+  For ``fxpp`` "loading" is ``build_stage(..., checkpoint=...)``; for ``whole`` it is
+  ``from_pretrained`` + ``fxpp.pipeline`` + ``build_stage``;
+* the ratios fxpp / whole, and ``fxpp_load/share``: fxpp's load peak over the stage's
   share of the weights (1.0 = no transient copies).
 
 Each ``fxpp`` rank also checks that its stage's weights equal the checkpoint's
@@ -62,21 +69,63 @@ def make_config():
                        tie_word_embeddings=False)
 
 
-def write_checkpoint(directory: str) -> dict:
+def _write_checkpoint(directory: str) -> None:
     from transformers import LlamaForCausalLM
+    from transformers.utils import logging
 
+    logging.disable_progress_bar()
     torch.manual_seed(0)
     model = LlamaForCausalLM(make_config()).float()
     model.save_pretrained(directory, max_shard_size="64MB")
     info = {"params": sum(p.numel() for p in model.parameters()),
             "param_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
             "shards": len([f for f in os.listdir(directory) if f.endswith(".safetensors")])}
-    del model
-    return info
+    with open(os.path.join(directory, "bench_info.json"), "w") as f:
+        json.dump(info, f)
+
+
+def write_checkpoint(directory: str) -> dict:
+    """The seeded model's checkpoint, written by a child process so that this one stays small.
+
+    On Linux a child's ru_maxrss starts at its launcher's RSS (fork copies the page
+    tables, exec keeps the old address space's high-water mark), so a launcher that had
+    held the model would show up in every rank's ru_maxrss.
+    """
+    import multiprocessing as mp
+
+    p = mp.get_context("spawn").Process(target=_write_checkpoint, args=(directory,))
+    p.start()
+    p.join()
+    if p.exitcode != 0:
+        raise RuntimeError(f"writing the checkpoint failed (exit code {p.exitcode})")
+    with open(os.path.join(directory, "bench_info.json")) as f:
+        return json.load(f)
 
 
 def maxrss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def proc_status_bytes(field: str) -> int | None:
+    """``VmRSS`` / ``VmHWM`` of this process from /proc/self/status (None off Linux)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0: write 5 to /proc/self/clear_refs)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def current_rss_bytes() -> int:
@@ -109,26 +158,30 @@ def rank_job(rank: int, world: int, mode: str, ckpt: str) -> dict:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(make_config())
         pipe = fxpp.pipeline(model.train(), world, example_inputs={k: v.to("meta") for k, v in example.items()})
-        before = maxrss_bytes()
-        t0 = time.perf_counter()
+    hwm_before, ru_before, rss_before = proc_status_bytes("VmHWM"), maxrss_bytes(), current_rss_bytes()
+    did_reset = reset_peak_rss()
+    t0 = time.perf_counter()
+    if mode == "fxpp":
         stage = pipe.build_stage(rank, "cpu", checkpoint=ckpt)
     else:
-        before = maxrss_bytes()
-        t0 = time.perf_counter()
         model = AutoModelForCausalLM.from_pretrained(ckpt).train()
         pipe = fxpp.pipeline(model, world, example_inputs=example)
         stage = pipe.build_stage(rank, "cpu")
     load_s = time.perf_counter() - t0
-    peak = maxrss_bytes()
+    hwm_load = proc_status_bytes("VmHWM")
     out = {
         "rank": rank,
         "layers": f"{pipe.layer_ranges[rank].start}-{pipe.layer_ranges[rank].stop - 1}",
         "stage_params": pipe.stage_params()[rank],
         "total_params": sum(p.numel() for p in model.parameters()),
         "param_bytes": allocated_param_bytes(model, stage.submod),
-        "peak_before": before,
-        "peak": peak,
-        "rss_now": current_rss_bytes(),
+        "rss_before": rss_before,
+        # the process's peak RSS since it started (VmHWM is per address space, so exec resets it)
+        "peak": max(hwm_before, hwm_load) if hwm_before is not None else None,
+        # the peak while loading: VmHWM reset to the current RSS just before
+        "load_peak": (hwm_load - rss_before) if did_reset and hwm_load is not None else None,
+        "ru_maxrss": max(ru_before, maxrss_bytes()),
+        "rss_end": current_rss_bytes(),
         "load_s": load_s,
     }
     if mode == "fxpp":
@@ -146,7 +199,9 @@ def _spawned(rank: int, world: int, workdir: str, mode: str, ckpt: str) -> None:
     torch.set_num_threads(1)
     try:
         import fxpp  # noqa: F401 -- imports belong to the baseline RSS, not to loading
-        import transformers  # noqa: F401
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
 
         dist.init_process_group("gloo", init_method=f"file://{workdir}/rendezvous", rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=120))
@@ -204,7 +259,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="fxpp_bench_ckpt_") as ckpt:
         info = write_checkpoint(ckpt)
         print(f"# {MODEL_NAME}: {info['params']:,} parameters, {info['param_bytes'] / MB:.1f} MB fp32, "
-              f"checkpoint of {info['shards']} safetensors shards; ru_maxrss in KiB x 1024", flush=True)
+              f"checkpoint of {info['shards']} safetensors shards; launcher RSS {current_rss_bytes() / MB:.0f} MB "
+              f"(a floor of every rank's ru_maxrss)", flush=True)
         for world in [int(r) for r in args.ranks.split(",") if r]:
             results = {}
             for mode in ("fxpp", "whole"):
@@ -233,22 +289,25 @@ def main() -> None:
                     "fxpp_peak_rss_MB": f["peak"] / MB,
                     "whole_peak_rss_MB": w["peak"] / MB,
                     "peak_fxpp/whole": f["peak"] / w["peak"],
-                    "fxpp_load_rss_MB": (f["peak"] - f["peak_before"]) / MB,
-                    "whole_load_rss_MB": (w["peak"] - w["peak_before"]) / MB,
-                    "load_fxpp/whole": (f["peak"] - f["peak_before"]) / max(w["peak"] - w["peak_before"], 1),
-                    "fxpp_load/share": (f["peak"] - f["peak_before"]) / share_b,
-                    "fxpp_rss_before_MB": f["peak_before"] / MB,
-                    "whole_rss_before_MB": w["peak_before"] / MB,
-                    "fxpp_rss_end_MB": f["rss_now"] / MB,
-                    "whole_rss_end_MB": w["rss_now"] / MB,
+                    "fxpp_ru_maxrss_MB": f["ru_maxrss"] / MB,
+                    "whole_ru_maxrss_MB": w["ru_maxrss"] / MB,
+                    "fxpp_load_peak_MB": f["load_peak"] / MB,
+                    "whole_load_peak_MB": w["load_peak"] / MB,
+                    "load_fxpp/whole": f["load_peak"] / w["load_peak"],
+                    "fxpp_load/share": f["load_peak"] / share_b,
+                    "fxpp_rss_before_MB": f["rss_before"] / MB,
+                    "whole_rss_before_MB": w["rss_before"] / MB,
+                    "fxpp_rss_end_MB": f["rss_end"] / MB,
+                    "whole_rss_end_MB": w["rss_end"] / MB,
                     "fxpp_load_s": f["load_s"],
                     "whole_load_s": w["load_s"],
                     "weights_max_abs_diff": f["weights_max_abs_diff"],
                 })
                 rows.append(row)
     report(rows, ["ranks", "rank", "layers", "share", "share_MB", "fxpp_param_MB", "whole_param_MB",
-                  "param_fxpp/whole", "fxpp_peak_rss_MB", "whole_peak_rss_MB", "peak_fxpp/whole", "fxpp_load_rss_MB",
-                  "whole_load_rss_MB", "fxpp_load/share", "error"], env, args.json)
+                  "param_fxpp/whole", "fxpp_ru_maxrss_MB", "whole_ru_maxrss_MB", "fxpp_peak_rss_MB",
+                  "whole_peak_rss_MB", "peak_fxpp/whole", "fxpp_load_peak_MB", "whole_load_peak_MB", "load_fxpp/whole",
+                  "fxpp_load/share", "error"], env, args.json)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,27 @@ def check_guard(value: Any, expected: Any, where: str) -> None:
         raise GuardFailure(where, expected, actual)
 
 
+class ModuleRef:
+    """A module referenced by a graph constant without registering it as a submodule.
+
+    An opaque helper method (see ``fxpp.trace.HFTracer.call_helper``) needs its
+    ``self``; the method uses no parameters, so the stage must not own the module's.
+    """
+
+    __slots__ = ("module",)
+
+    def __init__(self, module: Any):
+        self.module = module
+
+    def __repr__(self) -> str:
+        return f"ModuleRef({type(self.module).__name__})"
+
+
+def call_method_of(ref: ModuleRef, name: str, *args: Any, **kwargs: Any) -> Any:
+    """``ref.module.name(*args, **kwargs)``: an opaque helper method of a traced module."""
+    return getattr(type(ref.module), name)(ref.module, *args, **kwargs)
+
+
 def make_state(container_type: type, entries: dict) -> Any:
     """A fresh state container holding ``entries`` (see the module glossary)."""
     state = container_type()

@@ -335,7 +335,7 @@ class HFTracer(Tracer):
         return obj
 
     # -- helpers that cannot be traced -----------------------------------------------
-    def call_helper(self, fn: Callable, args: tuple, kwargs: dict) -> Any:
+    def call_helper(self, fn: Callable, args: tuple, kwargs: dict, *, method: str | None = None) -> Any:
         """Trace a modeling file's helper function, or call it as one opaque node.
 
         Helpers such as ``image_size_to_num_patches`` or ``unpad_image`` type-check
@@ -357,8 +357,34 @@ class HFTracer(Tracer):
             for node in made:  # newest first: users before their inputs
                 self._real_vals.pop(node, None)
                 self.graph.erase_node(node)
-            self._opaque_helpers.add(id(fn))
-            return self.create_proxy("call_function", fn, args, kwargs)
+            if method is None:
+                self._opaque_helpers.add(id(fn))
+                return self.create_proxy("call_function", fn, args, kwargs)
+            owner, rest = args[0], args[1:]
+            self._check_parameter_free(owner, method, rest, kwargs)
+            self._opaque_helpers.add(id(ops.call_method_of))
+            return self.create_proxy("call_function", ops.call_method_of, (ops.ModuleRef(owner), method, *rest), kwargs)
+
+    def _check_parameter_free(self, owner: torch.nn.Module, method: str, args: tuple, kwargs: dict) -> None:
+        """An opaque method must not use parameters: the stage would not own them."""
+        used = []
+        for name, sub in owner.named_modules():
+            if any(True for _ in sub.parameters(recurse=False)):
+                pass
+        probe = getattr(type(owner), method)
+        src = inspect.getsource(getattr(probe, "__wrapped_opaque__", probe))
+        for name, sub in owner.named_children():
+            if f"self.{name}(" in src and any(True for _ in sub.parameters()):
+                used.append(name)
+        for name, _ in owner.named_parameters(recurse=False):
+            if f"self.{name}" in src:
+                used.append(name)
+        if used:
+            raise TraceError(
+                f"{type(self.model).__name__}: {type(owner).__name__}.{method} ({_short_stack()}) depends on tensor data "
+                f"and cannot be traced, and it uses parameters ({', '.join(sorted(used))}) so fxpp cannot call it as "
+                "one opaque step either"
+            )
 
     # -- real values: see Note [data-dependent values] ---------------------------------
     def real_value(self, node: Node, *, why: BaseException | str) -> Any:
@@ -693,6 +719,35 @@ def user_source_line(e: BaseException) -> str:
 
 
 @contextlib.contextmanager
+def _helper_methods_patched(tracer: "HFTracer", classes: list[type]):
+    """Route helper methods of traced modules (``get_rope_index``) through ``call_helper``."""
+    saved = []
+
+    def wrap(name, fn):
+        def wrapper(self, *args, **kwargs):
+            if tracer._evaluating or not _has_proxy((args, kwargs)):
+                return fn(self, *args, **kwargs)
+            return tracer.call_helper(fn, (self, *args), kwargs, method=name)
+
+        wrapper.__wrapped_opaque__ = fn
+        return wrapper
+
+    try:
+        for cls in classes:
+            for klass in cls.__mro__:
+                if not klass.__module__.startswith("transformers.models."):
+                    continue
+                for name, fn in list(vars(klass).items()):
+                    if inspect.isfunction(fn) and not name.startswith("_") and name != "forward" and not name.startswith("get_input"):
+                        saved.append((klass, name, fn))
+                        setattr(klass, name, wrap(name, fn))
+        yield
+    finally:
+        for klass, name, fn in reversed(saved):
+            setattr(klass, name, fn)
+
+
+@contextlib.contextmanager
 def _opaque_functions_patched(tracer: HFTracer, module_names: set[str]):
     """Make mask builders single graph nodes in the modules whose forwards we trace."""
     functions = {**opaque_functions(), **check_functions()}
@@ -831,6 +886,7 @@ def trace_model(model: torch.nn.Module, example_inputs: dict[str, Any]) -> Graph
     tracer.create_args_for_root = create_args_for_root  # type: ignore[method-assign]
     module_names = {c.__module__ for m in _traced_module_objects(model, tracer.traced_modules) for c in type(m).__mro__}
     training = {id(m): m.training for m in model.modules()}
+    attributes = _plain_attributes(model)
     import logging
 
     fake_log = logging.getLogger("torch._subclasses.fake_tensor")
@@ -838,7 +894,8 @@ def trace_model(model: torch.nn.Module, example_inputs: dict[str, Any]) -> Graph
     # Failing meta kernels inside MoE experts are expected (see HFTracer._eval_submodule).
     fake_log.setLevel(logging.CRITICAL)
     try:
-        with _opaque_functions_patched(tracer, module_names):
+        classes = sorted({type(m) for m in _traced_module_objects(model, tracer.traced_modules)}, key=lambda c: c.__qualname__)
+        with _opaque_functions_patched(tracer, module_names), _helper_methods_patched(tracer, classes):
             graph = tracer.trace(model)
     except TraceError:
         raise
@@ -850,7 +907,27 @@ def trace_model(model: torch.nn.Module, example_inputs: dict[str, Any]) -> Graph
         fake_log.setLevel(old_level)
         for m in model.modules():
             m.training = training.get(id(m), m.training)
+        _restore_plain_attributes(model, attributes)
     return _graph_module(model, graph, tracer.constants)
+
+
+def _plain_attributes(model: torch.nn.Module) -> dict[int, tuple[torch.nn.Module, dict]]:
+    """Each module's own attributes (not parameters, buffers or submodules)."""
+    return {id(m): (m, {k: v for k, v in vars(m).items() if not k.startswith("_")}) for m in model.modules()}
+
+
+def _restore_plain_attributes(model: torch.nn.Module, saved: dict) -> None:
+    """Undo attribute writes the traced forward made (Qwen-VL's ``self.rope_deltas = ...``).
+
+    Such a write is a side channel between calls; the graph does not record it, and
+    the traced value (a Proxy) must not stay on the model.
+    """
+    for m, attrs in saved.values():
+        for k in [k for k in vars(m) if not k.startswith("_") and k not in attrs]:
+            delattr(m, k)
+        for k, v in attrs.items():
+            if vars(m).get(k) is not v:
+                m.__dict__[k] = v
 
 
 def _traced_module_objects(model: torch.nn.Module, names: frozenset[str]) -> list[torch.nn.Module]:

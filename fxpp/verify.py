@@ -1,11 +1,12 @@
 """``verify=True``: run the composed stages against the model and name where they diverge.
 
-The model runs once with forward hooks on every module a stage calls, recording each
-call's output in call order per module. The stages then run one after another under
-an ``fx.Interpreter`` that compares every ``call_module`` node's output with the
-model's output of the same module at the same call. The first node whose values
-differ beyond the tolerance is reported with its stage, node name, module and source
-line; if every module agrees but the final outputs do not, the stage output is named.
+Two comparisons, both on the example inputs:
+
+1. the traced whole-model graph against ``model(**inputs)`` (is the trace faithful?);
+2. every stage, run under an ``fx.Interpreter``, node by node against the same node of
+   the whole-model graph (stage nodes keep the names of the nodes they were copied
+   from). The first node whose value differs beyond the tolerance is reported with its
+   stage, node, module and the model's source line.
 """
 
 from __future__ import annotations
@@ -18,22 +19,57 @@ from torch.fx import Interpreter
 from .errors import VerificationError
 
 
-def _first_tensor(value: Any) -> torch.Tensor | None:
+def _tensors(value: Any) -> list[torch.Tensor]:
     if isinstance(value, torch.Tensor):
-        return value
+        return [value]
     if isinstance(value, (tuple, list)):
-        for v in value:
-            t = _first_tensor(v)
-            if t is not None:
-                return t
-    return None
+        return [t for v in value for t in _tensors(v)]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors(v)]
+    return []
 
 
-def _close(a: torch.Tensor, b: torch.Tensor, atol: float, rtol: float) -> tuple[bool, float]:
-    if a.shape != b.shape:
-        return False, float("inf")
-    diff = (a.detach().float() - b.detach().float()).abs()
-    return bool((diff <= atol + rtol * b.detach().float().abs()).all()), float(diff.max()) if diff.numel() else 0.0
+def _max_diff(a: Any, b: Any, atol: float, rtol: float) -> float | None:
+    """The largest violation of ``|a - b| <= atol + rtol |b|``, or None when within it."""
+    ta, tb = _tensors(a), _tensors(b)
+    if len(ta) != len(tb):
+        return float("inf")
+    worst = None
+    for x, y in zip(ta, tb):
+        if x.shape != y.shape:
+            return float("inf")
+        if not (x.is_floating_point() or y.is_floating_point()):
+            if not torch.equal(x, y):
+                return float("inf")
+            continue
+        diff = (x.detach().float() - y.detach().float()).abs()
+        if not bool((diff <= atol + rtol * y.detach().float().abs()).all()):
+            d = float(diff.max())
+            worst = d if worst is None else max(worst, d)
+    return worst
+
+
+class _Recording(Interpreter):
+    def __init__(self, gm):
+        super().__init__(gm)
+        self.values: dict[str, Any] = {}
+
+    def run_node(self, n):
+        out = super().run_node(n)
+        self.values[n.name] = out
+        return out
+
+
+def _model_source_line(stack_trace: str | None) -> str:
+    """The innermost model source line (``file.py:N``) of a node's recorded stack."""
+    if not stack_trace:
+        return ""
+    frames = [line.strip() for line in stack_trace.splitlines() if line.strip().startswith("File ")]
+    frames = [f for f in frames if "/fxpp/" not in f and "/torch/" not in f]
+    if not frames:
+        return ""
+    path, _, rest = frames[-1].partition(", line ")
+    return f"{path.rsplit('/', 1)[-1].rstrip(chr(34))}:{rest.split(',')[0]}"
 
 
 def verify_pipeline(pipe, inputs: dict[str, Any], *, atol: float = 1e-4, rtol: float = 1e-4) -> float:
@@ -42,80 +78,50 @@ def verify_pipeline(pipe, inputs: dict[str, Any], *, atol: float = 1e-4, rtol: f
     Raises:
         VerificationError: naming the first stage and node whose output diverges.
     """
-    model = pipe.model
-    targets = sorted({n.target for s in pipe.stages for n in s.graph.nodes if n.op == "call_module"})
-    recorded: dict[str, list[torch.Tensor | None]] = {t: [] for t in targets}
-    handles = []
-    for target in targets:
-        module = model.get_submodule(target)
-        handles.append(module.register_forward_hook(
-            lambda m, a, out, t=target: recorded[t].append(_first_tensor(out))))
-    try:
-        with torch.no_grad():
-            expected = model(**inputs)
-    finally:
-        for h in handles:
-            h.remove()
-    expected = getattr(expected, "logits", None) if hasattr(expected, "logits") else expected.last_hidden_state
-
-    seen: dict[str, int] = {}
+    model_gm = pipe.model_graph
+    names = [n.target for n in model_gm.graph.nodes if n.op == "placeholder"]
+    missing = [n for n in names if inputs.get(n) is None]
+    if missing:
+        raise VerificationError(f"verify: the example inputs lack {missing}")
+    with torch.no_grad():
+        expected = pipe.model(**inputs)
+        expected = expected.logits if getattr(expected, "logits", None) is not None else expected.last_hidden_state
+        whole = _Recording(model_gm)
+        traced_out = whole.run(*[inputs[n] for n in names])
+    diff = _max_diff(traced_out, expected, atol, rtol)
+    if diff is not None:
+        raise VerificationError(
+            f"{type(pipe.model).__name__}: the traced graph's output differs from model(**inputs) by {diff:.3g}; "
+            "the trace is not faithful to the forward (please report this model)"
+        )
 
     class Checking(Interpreter):
-        def __init__(self, gm, stage_index):
+        def __init__(self, gm, index):
             super().__init__(gm)
-            self.stage_index = stage_index
+            self.index = index
 
         def run_node(self, n):
-            self.current = n
-            return super().run_node(n)
-
-        def call_module(self, target, args, kwargs):
-            out = super().call_module(target, args, kwargs)
-            k = seen.get(target, 0)
-            seen[target] = k + 1
-            want = recorded[target][k] if k < len(recorded[target]) else None
-            got = _first_tensor(out)
-            if want is not None and got is not None:
-                ok, diff = _close(got, want, atol, rtol)
-                if not ok:
-                    node = self.current
-                    where = _model_source_lines(node.stack_trace)
-                    raise VerificationError(
-                        f"stage {self.stage_index} ({pipe.stages[self.stage_index].spec.role.value}, layers "
-                        f"{pipe.layer_ranges[self.stage_index]}): node {node.name} ({target}) differs from the model's "
-                        f"output of {target} by {diff:.3g} (shape {tuple(got.shape)} vs {tuple(want.shape)})"
-                        + (f"; called at {where}" if where else "")
-                    )
+            out = super().run_node(n)
+            source = n.meta.get("fxpp_source")
+            if source is None or source not in whole.values:
+                return out  # plumbing fxpp added (receive, send), not a model value
+            d = _max_diff(out, whole.values[source], atol, rtol)
+            if d is not None:
+                stage = pipe.stages[self.index]
+                what = f" ({n.target})" if n.op == "call_module" else ""
+                line = _model_source_line(n.stack_trace)
+                raise VerificationError(
+                    f"stage {self.index} ({stage.spec.role.value}, layers {pipe.layer_ranges[self.index]}): node "
+                    f"{n.name}{what} differs from the model by {d:.3g}" + (f"; model source {line}" if line else "")
+                )
             return out
 
     with torch.no_grad():
-        out = Checking(pipe.stages[0], 0).run(*_ordered(pipe.stages[0], inputs))
+        first = pipe.stages[0]
+        out = Checking(first, 0).run(*[inputs[n] for n in first.input_names])
         for i, stage in enumerate(pipe.stages[1:], start=1):
             out = Checking(stage, i).run(*out)
-    ok, diff = _close(out, expected, atol, rtol)
-    if not ok:
-        raise VerificationError(
-            f"stage {len(pipe.stages) - 1}: the composed output differs from the model's by {diff:.3g} although every "
-            "module call agreed; the difference is in the graph's own ops after the last module"
-        )
-    return diff
-
-
-def _model_source_lines(stack_trace: str | None) -> str:
-    """The innermost ``File ..., line N`` of the model's own code in a node's stack trace."""
-    if not stack_trace:
-        return ""
-    lines = [line.strip() for line in stack_trace.splitlines() if line.strip().startswith("File ")]
-    model_lines = [line for line in lines if "/fxpp/" not in line and "/torch/" not in line]
-    if not model_lines:
-        return ""
-    path, _, rest = model_lines[-1].partition(", line ")
-    return f"{path.rsplit('/', 1)[-1].rstrip(chr(34))}:{rest.split(',')[0]}"
-
-
-def _ordered(stage, inputs):
-    names = [n.target for n in stage.graph.nodes if n.op == "placeholder"]
-    missing = [n for n in names if inputs.get(n) is None]
-    if missing:
-        raise VerificationError(f"verify: example inputs lack {missing}")
-    return [inputs[n] for n in names]
+    diff = _max_diff(out, expected, atol, rtol)
+    if diff is not None:
+        raise VerificationError(f"the composed stages' output differs from the model's by {diff:.3g}")
+    return float((out.float() - expected.float()).abs().max()) if out.numel() else 0.0

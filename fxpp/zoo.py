@@ -267,7 +267,7 @@ def tiny_vlm(family: str, num_layers: int = 4, *, seed: int = 0) -> tuple[torch.
         inputs = {"input_ids": ids, "attention_mask": torch.ones(batch, seq, dtype=torch.long), **images}
         if family == "gemma3":
             inputs["token_type_ids"] = (ids == IMAGE_TOKEN).long()
-        if family == "gemma4":
+        if family in ("gemma4", "qwen2_5_vl", "qwen3_vl"):
             inputs["mm_token_type_ids"] = (ids == IMAGE_TOKEN).long()
         return inputs
 

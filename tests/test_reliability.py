@@ -20,13 +20,14 @@ def test_verify_passes_and_names_the_diverging_stage_and_node():
     pipe = fxpp.pipeline(model, 2, cuts=[2], verify=True, example_inputs=make_inputs(2, 6, padding="left"))
     calls = []
 
-    def perturb_second_call(module, args, out):
+    def perturb_third_call(module, args, out):
+        # calls: the model itself, the traced whole-model graph, then the stage
         calls.append(1)
-        return out + 1.0 if len(calls) == 2 else out
+        return out + 1.0 if len(calls) == 3 else out
 
-    handle = model.model.layers[3].register_forward_hook(perturb_second_call)
+    handle = model.model.layers[3].register_forward_hook(perturb_third_call)
     try:
-        with pytest.raises(fxpp.VerificationError, match=r"stage 1 \(last, layers range\(2, 4\)\): node model_layers_3 \(model.layers.3\) differs"):
+        with pytest.raises(fxpp.VerificationError, match=r"stage 1 \(last, layers range\(2, 4\)\): node model_layers_3 \(model.layers.3\) differs from the model by 1; model source modeling_gemma4.py:\d+"):
             from fxpp.verify import verify_pipeline
 
             verify_pipeline(pipe, pipe.example_inputs)

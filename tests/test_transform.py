@@ -40,14 +40,20 @@ def _assert_unchanged(model, before):
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma4", "mixtral"])
-def test_transform_and_pipeline_leave_model_untouched(family):
+def test_transform_and_pipeline_leave_model_untouched(family, tmp_path):
+    from fxpp.checkpoint import save_stage
+
     model = tiny_model(family, 4).train()
     before = _snapshot(model)
-    pipe = fxpp.pipeline(model, 3)
+    pipe = fxpp.pipeline(model, 3, verify=True)
+    print(pipe)
     fxpp.transform(model, "middle", range(1, 2))
     pipe(**make_inputs(2, 5))
+    save_stage(pipe.stages[1], str(tmp_path / "stage1.safetensors"))
     with pytest.raises(fxpp.StageSpecError):
         fxpp.transform(model, "first", range(1, 2))
+    with pytest.raises(fxpp.StageInputError):
+        pipe.stages[1](torch.zeros(2, 5, 64))
     _assert_unchanged(model, before)
 
 

@@ -1,8 +1,9 @@
 """The rewrite pass: the graph of one pipeline stage from the annotated model graph.
 
 Reads ``node.meta["fxpp"]`` (``fxpp.annotate``) and ``node.meta["val"]``; copies both
-onto every node it keeps and writes ``node.meta["fxpp_crossing"]`` on the stage's
-input placeholders (the original node name a placeholder stands for).
+onto every node it keeps, writes ``node.meta["fxpp_source"]`` (the name of the model
+node a kept node computes) and ``node.meta["fxpp_crossing"]`` on the stage's input
+placeholders (the original node name a placeholder stands for).
 
 Before (whole model, cuts at 1 and 2)::
 
@@ -72,6 +73,7 @@ def extract_stage(model_gm: GraphModule, *, spec: StageSpec) -> GraphModule:
             continue
         if node in keep:
             env[node] = new.node_copy(node, lookup(node))
+            env[node].meta["fxpp_source"] = node.name  # for verify: the model node it computes
 
     if outputs is None:
         (result,) = [n for n in graph.nodes if n.op == "output"]
