@@ -14,7 +14,11 @@ balanced split) in two ways, each in fresh processes (peak RSS is per process):
   ``torch.device("meta")``), then ``pipe.build_stage(rank, "cpu", checkpoint=dir)``:
   the rank allocates and reads only its own stage's tensors.
 * ``whole``: the baseline: every rank materialises the whole model
-  (``AutoModelForCausalLM.from_pretrained(dir)``), then ``pipe.build_stage(rank, "cpu")``.
+  (``AutoModelForCausalLM.from_pretrained(dir)``, then ``pipe.build_stage(rank, "cpu")``,
+  then every parameter read once). transformers maps the safetensors files, so right
+  after ``from_pretrained`` weights nobody has read are not resident yet: that "lazy"
+  state is recorded too (``whole_lazy_*``, JSON only); a rank that trains touches at
+  least its own stage's weights, and its optimizer writes them.
 
 Per rank it reports
 
@@ -30,6 +34,8 @@ Per rank it reports
   exec resets): equal to ru_maxrss when the launcher's RSS is below it;
 * ``load_peak_MB``: the peak RSS while loading (VmHWM reset through /proc/self/clear_refs
   just before) minus the RSS just before: what loading cost, transient copies included.
+  Both modes build and trace the meta model before that point (the whole-model mode then
+  drops it), so imported code and the tracer's own memory are outside it.
   For ``fxpp`` "loading" is ``build_stage(..., checkpoint=...)``; for ``whole`` it is
   ``from_pretrained`` + ``fxpp.pipeline`` + ``build_stage``;
 * the ratios fxpp / whole, and ``fxpp_load/share``: fxpp's load peak over the stage's
@@ -154,10 +160,14 @@ def rank_job(rank: int, world: int, mode: str, ckpt: str) -> dict:
 
     ids = torch.zeros(2, 16, dtype=torch.long)
     example = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    if mode == "fxpp":
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(make_config())
-        pipe = fxpp.pipeline(model.train(), world, example_inputs={k: v.to("meta") for k, v in example.items()})
+    # Both modes first build the meta model and trace it, so that the modelling code and
+    # the tracer are imported before "before": the load numbers then hold weights and
+    # loading only. The whole-model mode then drops these.
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(make_config())
+    pipe = fxpp.pipeline(model.train(), world, example_inputs={k: v.to("meta") for k, v in example.items()})
+    if mode == "whole":
+        del model, pipe
     hwm_before, ru_before, rss_before = proc_status_bytes("VmHWM"), maxrss_bytes(), current_rss_bytes()
     did_reset = reset_peak_rss()
     t0 = time.perf_counter()
@@ -169,6 +179,16 @@ def rank_job(rank: int, world: int, mode: str, ckpt: str) -> dict:
         stage = pipe.build_stage(rank, "cpu")
     load_s = time.perf_counter() - t0
     hwm_load = proc_status_bytes("VmHWM")
+    lazy = {}
+    if mode == "whole":
+        # from_pretrained maps the safetensors files: untouched weights are not resident
+        # yet. Record that, then materialise: read every parameter once.
+        lazy = {"lazy_load_peak": (hwm_load - rss_before) if did_reset and hwm_load is not None else None,
+                "lazy_rss": current_rss_bytes()}
+        with torch.no_grad():
+            for p in model.parameters():
+                p.sum()
+        hwm_load = proc_status_bytes("VmHWM")
     out = {
         "rank": rank,
         "layers": f"{pipe.layer_ranges[rank].start}-{pipe.layer_ranges[rank].stop - 1}",
@@ -183,6 +203,7 @@ def rank_job(rank: int, world: int, mode: str, ckpt: str) -> dict:
         "ru_maxrss": max(ru_before, maxrss_bytes()),
         "rss_end": current_rss_bytes(),
         "load_s": load_s,
+        **lazy,
     }
     if mode == "fxpp":
         from fxpp.checkpoint import load_state_dict_from
@@ -299,6 +320,8 @@ def main() -> None:
                     "whole_rss_before_MB": w["rss_before"] / MB,
                     "fxpp_rss_end_MB": f["rss_end"] / MB,
                     "whole_rss_end_MB": w["rss_end"] / MB,
+                    "whole_lazy_load_peak_MB": w["lazy_load_peak"] / MB,
+                    "whole_lazy_rss_MB": w["lazy_rss"] / MB,
                     "fxpp_load_s": f["load_s"],
                     "whole_load_s": w["load_s"],
                     "weights_max_abs_diff": f["weights_max_abs_diff"],

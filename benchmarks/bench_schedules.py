@@ -21,7 +21,12 @@ Each pipeline row reports the median step over --steps after --warmup steps, tok
 speedup = tokens/s / tokens/s(1 process), efficiency = speedup / ranks, and the ideal
 bubble bound m / (m + p - 1) with p = ranks, m = microbatches (the efficiency of a
 perfectly balanced 1F1B/GPipe with free communication; schedules with two stages per rank
-can in principle exceed it, their bound being m / (m + (p - 1) / 2)).
+can in principle exceed it, their bound being m / (m + (p - 1) / 2)). ``cpu/wall`` is
+each process's CPU seconds per wall second over the timed steps, averaged over ranks:
+a pipeline rank is below 1 while it waits for activations or gradients (bubbles,
+communication) or when other work on the machine takes its core; the baseline never
+waits, so its value is the machine's contention alone. On a shared machine compare
+the two before reading the speedups.
 
 CPU (default): ranks are local processes spawned here, gloo, file rendezvous, and every
 process (the baseline's included) runs with ``torch.set_num_threads(1)``, so that 2 ranks
@@ -33,7 +38,7 @@ RANK / WORLD_SIZE; NCCL when CUDA is present, else gloo): ranks = WORLD_SIZE, on
 per rank (cuda:LOCAL_RANK); rank 0 runs the baseline on its GPU; rank 0 prints.
 
 Run:  PYTHONPATH=. python benchmarks/bench_schedules.py [--ranks 2,4] [--schedules GPipe,1F1B,...]
-          [--steps 4] [--warmup 2] [--json PATH]
+          [--steps 3] [--warmup 1] [--json PATH]
 """
 
 from __future__ import annotations
@@ -90,11 +95,12 @@ class Baseline:
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-3)
         self.losses: list[float] = []  # loss of every step so far, in order
         self.samples: list[float] = []  # timed step seconds
+        self.cpu: list[float] = []  # CPU seconds of this process in those steps
 
     def run(self, n: int, timed: bool = True) -> None:
         for _ in range(n):
             sync(self.device)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             self.opt.zero_grad(set_to_none=True)
             loss = self.model(**self.batch, labels=self.labels).loss
             loss.backward()
@@ -102,6 +108,7 @@ class Baseline:
             sync(self.device)
             if timed:
                 self.samples.append(time.perf_counter() - t0)
+                self.cpu.append(time.process_time() - c0)
             self.losses.append(float(loss.detach()))
 
 
@@ -124,11 +131,11 @@ def pipeline_step_times(rank: int, world: int, schedule: str, device, steps: int
     params = list({id(p): p for st in stages for p in st.submod.parameters()}.values())
     opt = torch.optim.AdamW(params, lr=1e-3)
     holds_last = any(st.is_last for st in stages)
-    times, last_loss = [], None
+    times, cpu, last_loss = [], [], None
     for i in range(warmup + steps):
         dist.barrier()
         sync(device)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         opt.zero_grad(set_to_none=True)
         losses: list = []
         if holds_last:
@@ -139,10 +146,11 @@ def pipeline_step_times(rank: int, world: int, schedule: str, device, steps: int
         sync(device)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
         if holds_last:
             last_loss = float(loss_fn.whole_batch(losses))
     return {"rank": rank, "stages": ids, "layers": [list(pipe.layer_ranges[i]) for i in ids], "step_s": times,
-            "loss": last_loss}
+            "cpu_s": cpu, "loss": last_loss}
 
 
 def run_schedules(rank: int, world: int, device, schedules: list[str], steps: int, warmup: int) -> dict:
@@ -170,7 +178,7 @@ def run_schedules(rank: int, world: int, device, schedules: list[str], steps: in
                              "traceback": traceback.format_exc()}
             break  # the process group is in an unknown state after a failed collective
     if base is not None:
-        out["_baseline"] = {"step_s": base.samples, "loss": base.losses[warmup + steps - 1]}
+        out["_baseline"] = {"step_s": base.samples, "cpu_s": base.cpu, "loss": base.losses[warmup + steps - 1]}
     return out
 
 
@@ -231,7 +239,7 @@ def baseline_row(world: int, per_rank: list[dict]) -> dict | None:
     return {"schedule": "1 process (unpatched)", "ranks": 1, "stages": 1, "microbatches": 1,
             "steps": len(b["step_s"]), "step_ms": med * 1e3, "tokens_per_s": BATCH * SEQ / med,
             "speedup_vs_1proc": 1.0, "efficiency": 1.0, "ideal_bound": 1.0, "step_min_ms": min(b["step_s"]) * 1e3,
-            "final_loss": b["loss"], "measured_during": f"{world}-rank run"}
+            "cpu/wall": sum(b["cpu_s"]) / sum(b["step_s"]), "final_loss": b["loss"], "measured_during": f"{world}-rank run"}
 
 
 def rows_for(world: int, per_rank: list[dict], schedules: list[str], steps: int) -> list[dict]:
@@ -269,6 +277,7 @@ def rows_for(world: int, per_rank: list[dict], schedules: list[str], steps: int)
             "ideal_bound": MICROBATCHES / (MICROBATCHES + world - 1),
             "eff/ideal": speedup / world / (MICROBATCHES / (MICROBATCHES + world - 1)) if base else None,
             "step_min_ms": min(step_s) * 1e3,
+            "cpu/wall": statistics.mean(sum(e["cpu_s"]) / sum(e["step_s"]) for e in entries),
             "stage_layers": {f"rank{e['rank']}": e["layers"] for e in entries},
             "final_loss": next((e["loss"] for e in entries if e.get("loss") is not None), None),
         })
@@ -279,15 +288,15 @@ def rows_for(world: int, per_rank: list[dict], schedules: list[str], steps: int)
 
 
 COLUMNS = ["schedule", "ranks", "stages", "microbatches", "step_ms", "tokens_per_s", "speedup_vs_1proc", "efficiency",
-           "ideal_bound", "eff/ideal", "loss_diff_vs_1proc", "error"]
+           "ideal_bound", "eff/ideal", "cpu/wall", "loss_diff_vs_1proc", "error"]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ranks", default="2,4", help="comma list of rank counts (ignored under torchrun)")
     ap.add_argument("--schedules", default=",".join(SCHEDULES), help="comma list of " + ",".join(SCHEDULES))
-    ap.add_argument("--steps", type=int, default=4, help="timed steps per schedule (median reported)")
-    ap.add_argument("--warmup", type=int, default=2, help="untimed steps per schedule first")
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per schedule (median reported)")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed steps per schedule first")
     ap.add_argument("--timeout", type=float, default=600, help="seconds for one spawned run of all schedules")
     ap.add_argument("--json", default=default_json_path("bench_schedules"))
     args = ap.parse_args()

@@ -96,3 +96,60 @@ def save_stage(stage: torch.nn.Module, path: str) -> None:
     # clone: safetensors refuses tensors that share storage (tied weights in one stage)
     tensors = {k: v.detach().cpu().clone().contiguous() for k, v in stage.state_dict().items()}
     save_file(tensors, path, metadata={"format": "pt"})
+
+
+def save_optimizer(optimizer: torch.optim.Optimizer, stage: torch.nn.Module, path: str) -> None:
+    """The optimizer state of a stage's parameters, keyed by parameter name, as safetensors.
+
+    Tensors go in as ``state.<param name>.<key>``; hyper-parameters and non-tensor state
+    as JSON in the file's metadata. No pickle.
+    """
+    from safetensors.torch import save_file
+
+    names = {id(p): n for n, p in stage.named_parameters()}
+    sd = optimizer.state_dict()
+    index_to_name = {}
+    flat_params = [p for group in optimizer.param_groups for p in group["params"]]
+    for i, p in enumerate(flat_params):
+        if id(p) not in names:
+            raise CheckpointError("the optimizer holds a parameter that is not in this stage")
+        index_to_name[i] = names[id(p)]
+    tensors, scalars = {}, {}
+    for i, state in sd["state"].items():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{index_to_name[i]}.{key}"] = value.detach().cpu().clone().contiguous()
+            else:
+                scalars[f"{index_to_name[i]}.{key}"] = value
+    groups = [{k: v for k, v in g.items() if k != "params"} | {"params": [index_to_name[i] for i in g["params"]]}
+              for g in sd["param_groups"]]
+    save_file(tensors, path, metadata={"format": "pt", "param_groups": json.dumps(groups), "scalars": json.dumps(scalars)})
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, stage: torch.nn.Module, path: str) -> None:
+    """Restore what :func:`save_optimizer` wrote into an optimizer over the same stage."""
+    from safetensors import safe_open
+
+    names = {id(p): n for n, p in stage.named_parameters()}
+    flat_params = [p for group in optimizer.param_groups for p in group["params"]]
+    name_to_index = {names[id(p)]: i for i, p in enumerate(flat_params)}
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            groups = json.loads(meta["param_groups"])
+            scalars = json.loads(meta.get("scalars", "{}"))
+            state: dict[int, dict] = {}
+            for key in f.keys():
+                _, rest = key.split(".", 1)
+                pname, skey = rest.rsplit(".", 1)
+                state.setdefault(name_to_index[pname], {})[skey] = f.get_tensor(key)
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{path}: not an fxpp optimizer checkpoint for this stage ({type(e).__name__}: {e})") from e
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"{path}: cannot read as safetensors ({type(e).__name__}: {e})") from e
+    for key, value in scalars.items():
+        pname, skey = key.rsplit(".", 1)
+        state.setdefault(name_to_index[pname], {})[skey] = value
+    for group in groups:
+        group["params"] = [name_to_index[n] for n in group["params"]]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})

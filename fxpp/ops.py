@@ -61,6 +61,16 @@ def call_method_of(ref: ModuleRef, name: str, *args: Any, **kwargs: Any) -> Any:
     return getattr(type(ref.module), name)(ref.module, *args, **kwargs)
 
 
+def setitem(target: Any, key: Any, value: Any) -> Any:
+    """``target[key] = value``, returning ``target``: an in-place write as a dataflow edge.
+
+    The tracer rebinds the written proxy to this node, so later reads of ``target``
+    depend on the write and a stage that keeps the reads keeps the write too.
+    """
+    target[key] = value
+    return target
+
+
 def make_state(container_type: type, entries: dict) -> Any:
     """A fresh state container holding ``entries`` (see the module glossary)."""
     state = container_type()

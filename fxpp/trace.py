@@ -32,6 +32,28 @@ How transformers 5 forwards are handled
     * ``**kwargs`` and ``ModelOutput`` construction are plain Python over proxies;
     * config objects become graph constants (``get_attr`` of ``_fxpp_const_N``),
       never rebuilt from nodes;
+    * in-place writes ``h[mask] = v`` become ``fxpp.ops.setitem`` nodes that the
+      written proxy stands for afterwards;
+    * attributes a forward sets on a module (Qwen-VL's ``self.rope_deltas``) are undone
+      after the trace: the graph records no side channel between calls.
+
+Note [data-dependent values]
+    Vision-language forwards compute Python values from tensor *data*: split sizes
+    (``grid.prod(-1).tolist()``), boolean-mask gathers, vision towers that loop over
+    image sizes, and helpers that type-check or loop (``unpad_image``,
+    ``get_rope_index``). FakeTensors cannot answer these. fxpp keeps them as graph
+    nodes (so every call recomputes them from its own inputs) and takes their meta
+    value from running the graph so far on the real example inputs
+    (``HFTracer.real_value``). A plain function of a modeling file, or a public helper
+    method of a traced module, that fails to trace is removed again and called as one
+    opaque node; a helper method must not use parameters (the stage would not own
+    them). Python *control flow* on data is still refused. On the meta device there
+    are no real values, and these models get a TraceError that says so.
+
+Note [mask closures]
+    ``blockwise_overlay(ids)`` returns a closure over ``ids``. Traced through, the
+    closure would capture a Proxy and become a graph constant; as a node of its own it
+    is rebuilt from the stage's real tensors on every call.
     * mutable containers that layers write into (``KVSharingDict``) become explicit
       ``make_state`` / ``state_entry`` nodes, so cross-layer dataflow is visible.
 """
@@ -40,6 +62,7 @@ from __future__ import annotations
 
 import collections.abc
 import contextlib
+import copy
 import inspect
 import linecache
 import sys
@@ -211,6 +234,11 @@ class MetaProxy(Proxy):
     def __contains__(self, item: Any) -> bool:
         return item in self.tracer.meta_of(self)
 
+    def __setitem__(self, key: Any, value: Any) -> None:
+        # ``h[mask, :] = v`` (Qwen3-VL's deepstack merge): record the write and make this
+        # proxy stand for the written tensor from now on.
+        self.node = self.tracer.create_proxy("call_function", ops.setitem, (self, key, value), {}).node
+
 
 class MetaAttribute(MetaProxy, Attribute):
     pass
@@ -368,9 +396,6 @@ class HFTracer(Tracer):
     def _check_parameter_free(self, owner: torch.nn.Module, method: str, args: tuple, kwargs: dict) -> None:
         """An opaque method must not use parameters: the stage would not own them."""
         used = []
-        for name, sub in owner.named_modules():
-            if any(True for _ in sub.parameters(recurse=False)):
-                pass
         probe = getattr(type(owner), method)
         src = inspect.getsource(getattr(probe, "__wrapped_opaque__", probe))
         for name, sub in owner.named_children():
@@ -437,6 +462,7 @@ class HFTracer(Tracer):
         if isinstance(value, (tuple, list)) and type(value) in (tuple, list):
             return type(value)(self._fakeify_value(v) for v in value)
         if isinstance(value, collections.abc.Mapping):
+            value = copy.copy(value)  # the real value stays cached for later real evaluation
             for k in list(value.keys()):
                 value[k] = self._fakeify_value(value[k])
             return value
@@ -551,10 +577,6 @@ class HFTracer(Tracer):
         try:
             result = bool(val)
         except Exception as e:  # noqa: BLE001
-            if _is_data_dependent(e):
-                result = bool(self.real_value(obj.node, why=e))
-                self._guard(obj, result)
-                return result
             raise TraceError(
                 f"{type(self.model).__name__}: Python control flow depends on tensor data at {_short_stack()} "
                 f"(node {obj.node.name}); fxpp can only trace decisions on shapes"
@@ -567,10 +589,6 @@ class HFTracer(Tracer):
         try:
             result = kind(val)
         except Exception as e:  # noqa: BLE001
-            if _is_data_dependent(e):
-                result = kind(self.real_value(obj.node, why=e))
-                self._guard(obj, result)
-                return result
             raise TraceError(
                 f"{type(self.model).__name__}: a tensor value is used as a Python {kind.__name__} at "
                 f"{_short_stack()} (node {obj.node.name}); fxpp can only trace decisions on shapes"
@@ -650,8 +668,10 @@ def _thaw_all(x: Any) -> Any:
     ``ModelOutput`` (a leaf vision tower's output) would lose its attributes.
     """
     name = type(x).__name__
-    if name == "immutable_list" or type(x) in (list, tuple):
-        return type(_thaw(x))(_thaw_all(v) for v in x) if name == "immutable_list" or type(x) is list else tuple(_thaw_all(v) for v in x)
+    if name == "immutable_list" or type(x) is list:
+        return [_thaw_all(v) for v in x]
+    if type(x) is tuple:
+        return tuple(_thaw_all(v) for v in x)
     if name == "immutable_dict" or type(x) is dict:
         return {k: _thaw_all(v) for k, v in x.items()}
     return x
@@ -911,9 +931,18 @@ def trace_model(model: torch.nn.Module, example_inputs: dict[str, Any]) -> Graph
     return _graph_module(model, graph, tracer.constants)
 
 
+# Module state that ``fxpp.transform.model_unchanged`` restores itself.
+_MODULE_STATE = frozenset({"_parameters", "_buffers", "_modules", "_forward_hooks", "_forward_pre_hooks",
+                           "_backward_hooks", "training", "forward"})
+
+
 def _plain_attributes(model: torch.nn.Module) -> dict[int, tuple[torch.nn.Module, dict]]:
-    """Each module's own attributes (not parameters, buffers or submodules)."""
-    return {id(m): (m, {k: v for k, v in vars(m).items() if not k.startswith("_")}) for m in model.modules()}
+    """Each module's own attributes (not parameters, buffers, submodules or hooks).
+
+    Restoring them also undoes flags that go with hooks the trace installed and
+    ``model_unchanged`` removes (``_output_capturing_hooks_installed``).
+    """
+    return {id(m): (m, {k: v for k, v in vars(m).items() if k not in _MODULE_STATE}) for m in model.modules()}
 
 
 def _restore_plain_attributes(model: torch.nn.Module, saved: dict) -> None:
@@ -923,10 +952,10 @@ def _restore_plain_attributes(model: torch.nn.Module, saved: dict) -> None:
     the traced value (a Proxy) must not stay on the model.
     """
     for m, attrs in saved.values():
-        for k in [k for k in vars(m) if not k.startswith("_") and k not in attrs]:
-            delattr(m, k)
+        for k in [k for k in vars(m) if k not in attrs and k not in _MODULE_STATE]:
+            del m.__dict__[k]
         for k, v in attrs.items():
-            if vars(m).get(k) is not v:
+            if m.__dict__.get(k) is not v:
                 m.__dict__[k] = v
 
 

@@ -12,18 +12,19 @@ import datetime
 import os
 import pickle
 import traceback
+import uuid
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def _entry(rank, world_size, workdir, fn, args, pg_timeout_s):
+def _entry(rank, world_size, workdir, fn, args, pg_timeout_s, rendezvous):
     torch.set_num_threads(1)
     result = {"ok": False}
     try:
         dist.init_process_group(
-            "gloo", init_method=f"file://{workdir}/rendezvous", rank=rank, world_size=world_size,
+            "gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world_size,
             timeout=datetime.timedelta(seconds=pg_timeout_s),
         )
         result = {"ok": True, "value": fn(rank, world_size, workdir, *args)}
@@ -42,8 +43,14 @@ def _entry(rank, world_size, workdir, fn, args, pg_timeout_s):
 def run_distributed(fn, world_size: int, workdir, *args, timeout_s: float = 180, pg_timeout_s: float = 60, expect_ok: bool = True):
     """Run ``fn`` on every rank; return the list of per-rank results (dicts)."""
     workdir = str(workdir)
+    rendezvous = os.path.join(workdir, f"rendezvous-{uuid.uuid4().hex}")  # one per run: a stale file would hang
+    for rank in range(world_size):
+        stale = os.path.join(workdir, f"result{rank}.pkl")
+        if os.path.exists(stale):
+            os.remove(stale)
     ctx = mp.start_processes(
-        _entry, args=(world_size, workdir, fn, args, pg_timeout_s), nprocs=world_size, join=False, start_method="spawn"
+        _entry, args=(world_size, workdir, fn, args, pg_timeout_s, rendezvous), nprocs=world_size, join=False,
+        start_method="spawn",
     )
     deadline = datetime.datetime.now() + datetime.timedelta(seconds=timeout_s)
     try:

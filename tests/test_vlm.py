@@ -1,0 +1,96 @@
+"""Vision-language models: composed stages equal the unpatched model.
+
+Each family is built from a tiny config (``fxpp.zoo.tiny_vlm``) and run on inputs
+with real image tokens and pixel values. The stages are traced from one example and
+run on another whose image sits at a different offset, so nothing specific to the
+example's token positions may be baked into a graph. Logits and every parameter's
+gradient are compared, the vision tower's included.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+
+import pytest
+import torch
+
+import fxpp
+from fxpp.zoo import VLM_FAMILIES, tiny_vlm
+
+from .helpers import assert_same, reference, run_stages
+
+ATOL32, RTOL32 = 1e-5, 1e-5
+NUM_LAYERS = 4
+# LLaVA-OneVision's tiled images need more tokens than the others.
+SEQ = {"llava_onevision": 40}
+
+VISION_PREFIXES = ("vision_tower", "visual", "multi_modal_projector", "embed_vision", "image_newline")
+
+
+@functools.lru_cache(maxsize=None)
+def _vlm(family: str):
+    return tiny_vlm(family, NUM_LAYERS)
+
+
+def _random_cuts(family: str, seed: int) -> list[int]:
+    rng = random.Random(f"{family}-{seed}")
+    k = rng.randint(1, NUM_LAYERS - 1)
+    return sorted(rng.sample(range(1, NUM_LAYERS), k))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("family", VLM_FAMILIES)
+def test_composed_stages_equal_model(family, seed):
+    model, make_inputs = _vlm(family)
+    seq = SEQ.get(family, 24)
+    cuts = _random_cuts(family, seed)
+    example = make_inputs(2, seq, seed=1, offset=2)
+    inputs = make_inputs(2, seq, seed=2 + seed)
+    pipe = fxpp.pipeline(model, len(cuts) + 1, example_inputs=example, cuts=cuts)
+    ref = reference(model, inputs)
+    assert any(n.startswith(("model.vision", "model.visual", "model.multi", "model.embed_vision")) for n in ref[1]), \
+        "the vision tower must get gradients"
+    assert_same(ref, run_stages(pipe.stages, inputs, model), atol=ATOL32, rtol=RTOL32, what=f"{family} cuts={cuts}")
+
+
+@pytest.mark.parametrize("family", VLM_FAMILIES)
+def test_vision_path_on_first_stage_only(family):
+    """The tower, projector and merge live on the first stage; pixel values never cross."""
+    model, make_inputs = _vlm(family)
+    example = make_inputs(2, SEQ.get(family, 24), seed=1)
+    pipe = fxpp.pipeline(model, 3, example_inputs=example, cuts=[1, 3])
+    for i, stage in enumerate(pipe.stages):
+        names = {n.split(".")[1] for n, _ in stage.named_parameters() if n.startswith("model.")}
+        has_vision = any(n in VISION_PREFIXES for n in names)
+        assert has_vision == (i == 0), f"stage {i}: {sorted(names)}"
+    assert "lm_head.weight" in dict(pipe.stages[-1].named_parameters())
+    for crossing in pipe.crossing:
+        assert not {"pixel_values", "image_sizes", "image_position_ids"} & set(crossing), crossing
+
+
+def test_qwen3_vl_deepstack_features_cross_cuts():
+    """Deepstack features are added into layers 0 and 1; a cut at 1 sends layer 1's."""
+    model, make_inputs = _vlm("qwen3_vl")
+    pipe = fxpp.pipeline(model, 2, example_inputs=make_inputs(2, 24, seed=1), cuts=[1])
+    received = [n for n in pipe.stages[1].graph.nodes if n.op == "placeholder"]
+    shapes = [tuple(n.meta["val"].shape) for n in received]
+    assert any(len(s) == 2 and s[-1] == model.config.text_config.hidden_size for s in shapes), shapes
+
+
+def test_tracing_leaves_no_side_channel_on_the_model():
+    """Qwen-VL's forward writes ``self.rope_deltas``; tracing must not leave a Proxy there."""
+    model, make_inputs = _vlm("qwen2_5_vl")
+    before = model.model.rope_deltas
+    fxpp.pipeline(model, 2, example_inputs=make_inputs(2, 24, seed=1), cuts=[2])
+    assert model.model.rope_deltas is before
+
+
+def test_data_dependent_vision_on_meta_device_names_model_and_line():
+    """Split sizes computed from tensor data need real example values."""
+    model, make_inputs = _vlm("mistral3")
+    with torch.device("meta"):
+        meta_model = type(model)(model.config)
+    example = {k: v.to("meta") for k, v in make_inputs(2, 24, seed=1).items()}
+    with pytest.raises(fxpp.TraceError, match=r"Mistral3ForConditionalGeneration: .* depends on tensor data .*meta device"):
+        fxpp.pipeline(meta_model, 2, example_inputs=example, cuts=[2])
