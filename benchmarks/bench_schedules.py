@@ -116,6 +116,7 @@ def pipeline_step_times(rank: int, world: int, schedule: str, device, steps: int
     """This rank's step times for ``schedule`` (every rank calls this together)."""
     from torch.distributed.pipelining import schedules as sched_mod
 
+    t_setup = time.perf_counter()
     model = build_model(device)
     batch, labels = make_batch(model.config.vocab_size, device)
     num_stages = world * (2 if schedule in MULTI_STAGE else 1)
@@ -131,6 +132,7 @@ def pipeline_step_times(rank: int, world: int, schedule: str, device, steps: int
     params = list({id(p): p for st in stages for p in st.submod.parameters()}.values())
     opt = torch.optim.AdamW(params, lr=1e-3)
     holds_last = any(st.is_last for st in stages)
+    setup_s = time.perf_counter() - t_setup
     times, cpu, last_loss = [], [], None
     for i in range(warmup + steps):
         dist.barrier()
@@ -150,7 +152,7 @@ def pipeline_step_times(rank: int, world: int, schedule: str, device, steps: int
         if holds_last:
             last_loss = float(loss_fn.whole_batch(losses))
     return {"rank": rank, "stages": ids, "layers": [list(pipe.layer_ranges[i]) for i in ids], "step_s": times,
-            "cpu_s": cpu, "loss": last_loss}
+            "cpu_s": cpu, "loss": last_loss, "setup_s": setup_s}
 
 
 def run_schedules(rank: int, world: int, device, schedules: list[str], steps: int, warmup: int) -> dict:
@@ -239,7 +241,8 @@ def baseline_row(world: int, per_rank: list[dict]) -> dict | None:
     return {"schedule": "1 process (unpatched)", "ranks": 1, "stages": 1, "microbatches": 1,
             "steps": len(b["step_s"]), "step_ms": med * 1e3, "tokens_per_s": BATCH * SEQ / med,
             "speedup_vs_1proc": 1.0, "efficiency": 1.0, "ideal_bound": 1.0, "step_min_ms": min(b["step_s"]) * 1e3,
-            "cpu/wall": sum(b["cpu_s"]) / sum(b["step_s"]), "final_loss": b["loss"], "measured_during": f"{world}-rank run"}
+            "cpu/wall": sum(b["cpu_s"]) / sum(b["step_s"]), "final_loss": b["loss"],
+            "measured_during": f"{world}-rank run"}
 
 
 def rows_for(world: int, per_rank: list[dict], schedules: list[str], steps: int) -> list[dict]:
@@ -278,6 +281,7 @@ def rows_for(world: int, per_rank: list[dict], schedules: list[str], steps: int)
             "eff/ideal": speedup / world / (MICROBATCHES / (MICROBATCHES + world - 1)) if base else None,
             "step_min_ms": min(step_s) * 1e3,
             "cpu/wall": statistics.mean(sum(e["cpu_s"]) / sum(e["step_s"]) for e in entries),
+            "setup_s": max(e["setup_s"] for e in entries),
             "stage_layers": {f"rank{e['rank']}": e["layers"] for e in entries},
             "final_loss": next((e["loss"] for e in entries if e.get("loss") is not None), None),
         })

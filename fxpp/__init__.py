@@ -11,6 +11,7 @@ from .errors import (
     VerificationError,
 )
 from .loss import CausalLMLoss, causal_lm_loss, count_target_tokens
+from .microbatch import split_microbatches, step_with_microbatches
 from .pipeline import Pipeline, pipeline
 from .spec import StageRole
 from .transform import StageModule, transform
@@ -38,6 +39,8 @@ __all__ = [
     "causal_lm_loss",
     "count_target_tokens",
     "pipeline",
+    "split_microbatches",
     "stage_ids_of_rank",
+    "step_with_microbatches",
     "transform",
 ]

@@ -60,6 +60,9 @@ def load_state_dict_from(path: str, keys: Iterable[str] | None = None, device: s
 def load_stage(stage: torch.nn.Module, path: str, *, strict: bool = True, aliases: dict[str, list[str]] | None = None) -> None:
     """Load exactly this stage's keys from a transformers safetensors checkpoint.
 
+    Tensors are copied into the stage one at a time, straight from each file, so the
+    peak memory is the stage's weights plus one tensor, not twice the stage.
+
     Args:
         aliases: other names a key may be stored under (a tied ``lm_head.weight`` is
             saved by transformers as ``model.embed_tokens.weight`` only).
@@ -67,26 +70,43 @@ def load_stage(stage: torch.nn.Module, path: str, *, strict: bool = True, aliase
     Raises:
         CheckpointError: a key is missing, or a tensor has the wrong shape.
     """
+    from safetensors import safe_open
+
     own = stage.state_dict()
-    aliases = aliases or {}
-    wanted = set(own) | {a for names in aliases.values() for a in names}
-    loaded = load_state_dict_from(path, wanted, device=next(iter(own.values())).device if own else "cpu")
-    for name, alts in aliases.items():
-        if name not in loaded:
-            for alt in alts:
-                if alt in loaded:
-                    loaded[name] = loaded[alt]
-                    break
-    loaded = {k: v for k, v in loaded.items() if k in own}
-    missing = sorted(set(own) - set(loaded))
+    source_of: dict[str, str] = {}  # stored name -> stage name
+    for name in own:
+        source_of.setdefault(name, name)
+    for name, alts in (aliases or {}).items():
+        for alt in alts:
+            source_of.setdefault(alt, name)
+    files = _files_for(path, set(source_of))
+    found: set[str] = set()
+    for file, file_keys in files.items():
+        try:
+            with safe_open(file, framework="pt", device="cpu") as f:
+                stored = set(f.keys()) if file_keys is None else set(file_keys)
+                for key in sorted(stored & set(source_of)):
+                    target = source_of[key]
+                    if target in found:
+                        continue  # the stage's own name wins over an alias
+                    if key != target and target in stored:
+                        continue
+                    tensor = f.get_tensor(key)
+                    if tuple(tensor.shape) != tuple(own[target].shape):
+                        raise CheckpointError(
+                            f"{path}: {key} has shape {tuple(tensor.shape)}, the stage expects {tuple(own[target].shape)}"
+                        )
+                    with torch.no_grad():
+                        own[target].copy_(tensor)
+                    found.add(target)
+                    del tensor
+        except CheckpointError:
+            raise
+        except Exception as e:  # noqa: BLE001 - safetensors raises several types for bad files
+            raise CheckpointError(f"{file}: cannot read as safetensors ({type(e).__name__}: {e})") from e
+    missing = sorted(set(own) - found)
     if missing and strict:
         raise CheckpointError(f"{path}: missing {len(missing)} key(s) of this stage, e.g. {missing[:3]}")
-    for name, tensor in loaded.items():
-        if tuple(tensor.shape) != tuple(own[name].shape):
-            raise CheckpointError(f"{path}: {name} has shape {tuple(tensor.shape)}, the stage expects {tuple(own[name].shape)}")
-    with torch.no_grad():
-        for name, tensor in loaded.items():
-            own[name].copy_(tensor)
 
 
 def save_stage(stage: torch.nn.Module, path: str) -> None:

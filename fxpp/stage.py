@@ -177,6 +177,7 @@ class FxppPipelineStage(PipelineStage):
         super().__init__(*args, **kwargs)
         self._fxpp_ties = list(tied) + list(local_partners or [])
         self._fxpp_owed = False  # gradients final this step, exchange not yet done
+        self._fxpp_grad_before: dict = {}
 
     def _fxpp_grads_final(self) -> None:
         if self._fxpp_ties:
@@ -190,7 +191,23 @@ class FxppPipelineStage(PipelineStage):
             tie.exchange()
 
     def scale_grads(self, grad_scale_factor: int) -> None:
-        super().scale_grads(grad_scale_factor)
+        """Divide this step's gradient increment by ``grad_scale_factor``.
+
+        torch's own ``scale_grads`` divides the whole ``.grad``, so gradients accumulated
+        over earlier steps (no ``zero_grad`` in between, or a step with a new sequence
+        length or microbatch count) would be divided again at every step. Only what this
+        step added is scaled here.
+        """
+        if grad_scale_factor != 1:
+            for p in self.submod.parameters():
+                if p.grad is None:
+                    continue
+                before = self._fxpp_grad_before.get(p)
+                if before is None:
+                    p.grad.div_(grad_scale_factor)
+                else:
+                    p.grad.sub_(before).div_(grad_scale_factor).add_(before)
+        self._fxpp_grad_before = {}
         self._fxpp_grads_final()
 
     def perform_reduce_grad(self, grad_scale_factor: int):
@@ -211,6 +228,8 @@ class FxppPipelineStage(PipelineStage):
             )
         for tie in self._fxpp_ties:
             tie.start_step()
+        # Gradients already accumulated before this step (see scale_grads).
+        self._fxpp_grad_before = {p: p.grad.detach().clone() for p in self.submod.parameters() if p.grad is not None}
         super().clear_runtime_states()
 
     @property

@@ -21,7 +21,8 @@ Statuses (:data:`STATUSES`):
     any other exception (or a timeout) while fxpp built or ran the stages; ``frame``
     is the innermost fxpp frame of the traceback.
 
-Run ``python -m fxpp.sweep [--only llama,gemma] [--write-docs]``.
+Run ``python -m fxpp.sweep [--only llama,gemma] [--write-docs]``; with ``--vlm``, the
+image-text-to-text sweep of :mod:`fxpp.sweep_vlm` instead.
 """
 
 from __future__ import annotations
@@ -792,13 +793,27 @@ def markdown(results: list[SweepResult], command: str = COMMAND) -> str:
 
 
 def write_docs(results: list[SweepResult], path: str = DOCS_PATH, command: str = COMMAND) -> str:
+    """Write the causal-LM part of ``path``, keeping a VLM section (``fxpp.sweep_vlm``) after it."""
+    from .sweep_vlm import SECTION_MARK
+
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    vlm = ""
+    if os.path.exists(path):
+        with open(path) as f:
+            old = f.read()
+        if SECTION_MARK in old:
+            vlm = "\n" + SECTION_MARK + old.split(SECTION_MARK, 1)[1]
     with open(path, "w") as f:
-        f.write(markdown(results, command))
+        f.write(markdown(results, command) + vlm)
     return path
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--vlm" in argv:  # the image-text-to-text sweep (fxpp.sweep_vlm), same flags
+        from .sweep_vlm import main as vlm_main
+
+        return vlm_main(argv, prog="python -m fxpp.sweep --vlm")
     parser = argparse.ArgumentParser(prog="python -m fxpp.sweep", description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", default=None, help="comma-separated model types, e.g. llama,gemma")
     parser.add_argument("--write-docs", action="store_true", help=f"write {os.path.relpath(DOCS_PATH)}")

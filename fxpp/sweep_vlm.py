@@ -1,0 +1,384 @@
+"""Sweep transformers' image-text-to-text auto mapping: which VLM families does fxpp split?
+
+For every ``model_type`` in ``MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES`` the sweep
+builds a tiny model and inputs with real image tokens, and compares a 2-stage pipeline
+(``cuts=[1]``) with the unpatched model: logits and every parameter gradient, the
+vision tower's included (the causal sweep's comparison, :func:`fxpp.sweep.compare`).
+
+Terms
+-----
+zoo family
+    One of :data:`fxpp.zoo.VLM_FAMILIES`: hand-written tiny config and inputs
+    (``fxpp.zoo.tiny_vlm``), one image per row.
+generic attempt
+    Every other family: :func:`fxpp.sweep.tiny_config`'s shrinking applied with the
+    vision tower's ``image_size`` set to 4 patches a side and the image token moved
+    into the tiny vocabulary; ``pixel_values`` of shape ``[2, C, size, size]``; the
+    model's own ``get_image_features`` says how many tokens an image becomes, and each
+    row gets that many image tokens. A family whose config has no vision tower is
+    checked on text inputs (kind ``text``).
+
+Statuses: those of the causal sweep (:data:`fxpp.sweep.STATUSES`) and ``not-built``:
+the generic attempt could not build a config, a model or image inputs (the reason is
+in ``detail``); the family may well work with a hand-written config.
+
+Run ``python -m fxpp.sweep --vlm [--only llava,gemma3] [--write-docs]`` (or
+``python -m fxpp.sweep_vlm`` with the same flags).
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import os
+import sys
+import time
+import traceback
+from typing import Any
+
+import torch
+
+from . import sweep as base
+from .errors import FxppError
+
+STATUSES = ("pass", "mismatch", "fxpp-error", "model-error", "error", "not-built")
+COMMAND = "python -m fxpp.sweep --vlm --write-docs"
+SECTION_MARK = "<!-- fxpp-vlm-sweep -->"
+SEQ_TEXT = 6  # text tokens around the image tokens of each row
+IMAGE_TOKEN_ATTRS = ("image_token_id", "image_token_index")
+ZOO_SEQ = {"llava_onevision": 40}
+
+
+class NotBuilt(Exception):
+    """The generic attempt could not produce a model with image inputs."""
+
+
+def vlm_families() -> dict[str, str]:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    return dict(MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
+
+
+def _patch(vision) -> int:
+    p = getattr(vision, "patch_size", None)
+    if isinstance(p, (list, tuple)):
+        p = p[0]
+    if not isinstance(p, int) or p <= 0:
+        raise NotBuilt(f"{type(vision).__name__} has no integer patch_size ({p!r})")
+    return p
+
+
+def _is_grid(vision) -> bool:
+    """Qwen-VL style vision towers: flattened patches plus ``image_grid_thw``."""
+    return all(isinstance(getattr(vision, a, None), int) for a in ("temporal_patch_size", "spatial_merge_size"))
+
+
+def generic_config(model_type: str):
+    """A tiny config with a 4x4-patch image size and the image token inside the vocabulary."""
+    from transformers import AutoConfig
+
+    try:
+        cfg = AutoConfig.for_model(model_type)
+    except Exception as e:  # noqa: BLE001
+        raise NotBuilt(f"default config: {type(e).__name__}: {base._message(e, 200)}") from e
+    extra: dict[str, Any] = {}
+    vision = getattr(cfg, "vision_config", None)
+    if vision is not None and _is_grid(vision):
+        # Qwen-VL style: image sizes come with the inputs (image_grid_thw); the tower's
+        # output width is the text width
+        extra["vision_config"] = {"out_hidden_size": base.SHRINK["hidden_size"]} if isinstance(
+            getattr(vision, "out_hidden_size", None), int) else {}
+    elif vision is not None:
+        if not isinstance(getattr(vision, "image_size", None), (int, list, tuple)):
+            raise NotBuilt(f"{type(vision).__name__} has no image_size (images described by other inputs, "
+                           "e.g. patch grids, are not generated generically)")
+        size = 4 * _patch(vision)
+        extra["vision_config"] = {"image_size": [size, size] if isinstance(vision.image_size, (list, tuple)) else size}
+        # a projector sized to the default text width must follow the tiny one
+        text_width = getattr(cfg.get_text_config(), "hidden_size", None)
+        for holder, into in ((cfg, extra), (vision, extra["vision_config"])):
+            if text_width and getattr(holder, "projection_dim", None) == text_width:
+                into["projection_dim"] = base.SHRINK["hidden_size"]
+    for attr in IMAGE_TOKEN_ATTRS:
+        if isinstance(getattr(cfg, attr, None), int):
+            extra[attr] = base.VOCAB - 1
+    rope = getattr(cfg.get_text_config(), "rope_parameters", None)
+    if isinstance(rope, dict) and isinstance(rope.get("mrope_section"), list) and len(rope["mrope_section"]) == 3:
+        # multimodal rotary sections must add up to the tiny head_dim / 2
+        text = extra.setdefault("text_config", {}) if "text_config" in (getattr(cfg, "sub_configs", None) or {}) else extra
+        text["rope_parameters"] = {**rope, "mrope_section": [2, 3, 3]}
+    try:
+        return AutoConfig.for_model(model_type, **base.shrink_kwargs(cfg, base.NUM_LAYERS, extra))
+    except Exception as e:  # noqa: BLE001
+        raise NotBuilt(f"tiny config: {type(e).__name__}: {base._message(e, 200)}") from e
+
+
+def _feature_tokens(features, hidden: int) -> int:
+    """Tokens that the image features fill: the features' size over the text width."""
+    for key in ("pooler_output", "image_embeds", "last_hidden_state"):
+        value = getattr(features, key, None) if not isinstance(features, (torch.Tensor, list, tuple)) else None
+        if value is not None:
+            features = value
+            break
+    tensors = [features] if isinstance(features, torch.Tensor) else list(features) if isinstance(
+        features, (list, tuple)) else []
+    if not tensors or not all(isinstance(t, torch.Tensor) for t in tensors):
+        raise NotBuilt(f"get_image_features returned a {type(features).__name__}, not tensors")
+    total = sum(t.numel() for t in tensors)
+    if total % hidden:
+        raise NotBuilt(f"image features of {total} values do not fill whole tokens of width {hidden}")
+    return total // hidden
+
+
+def generic_inputs(model, seed: int = 0) -> tuple[dict[str, torch.Tensor], str]:
+    """Inputs with one image per row (kind ``VLM``), or text inputs (kind ``text``)."""
+    config = model.config
+    vision = getattr(config, "vision_config", None)
+    if vision is None:
+        return base.make_inputs(seed=seed), "text"
+    token = next((getattr(config, a) for a in IMAGE_TOKEN_ATTRS if isinstance(getattr(config, a, None), int)), None)
+    if token is None:
+        raise NotBuilt(f"{type(config).__name__} names no image token ({' / '.join(IMAGE_TOKEN_ATTRS)})")
+    channels = getattr(vision, "num_channels", None) or getattr(vision, "in_channels", None) or 3
+    g = torch.Generator().manual_seed(seed)
+    if _is_grid(vision):
+        side = 2 * vision.spatial_merge_size
+        grid = torch.tensor([[1, side, side]] * 2)
+        patch_dim = channels * vision.temporal_patch_size * _patch(vision) ** 2
+        media = {"pixel_values": torch.randn(int(grid.prod(-1).sum()), patch_dim, generator=g), "image_grid_thw": grid}
+    else:
+        size = vision.image_size[0] if isinstance(vision.image_size, (list, tuple)) else vision.image_size
+        media = {"pixel_values": torch.randn(2, channels, size, size, generator=g)}
+    get = getattr(model, "get_image_features", None) or getattr(getattr(model, "model", None), "get_image_features", None)
+    if get is None:
+        raise NotBuilt(f"{type(model).__name__} has no get_image_features")
+    if "image_sizes" in inspect.signature(get).parameters and "image_grid_thw" not in media:
+        media["image_sizes"] = torch.tensor([list(media["pixel_values"].shape[-2:])] * 2)
+    shapes = ", ".join(f"{k}{list(v.shape)}" for k, v in media.items())
+    try:
+        with torch.no_grad():
+            n = _feature_tokens(get(**media), config.get_text_config().hidden_size)
+    except NotBuilt:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise NotBuilt(f"get_image_features on {shapes}: {type(e).__name__}: {base._message(e, 200)}") from e
+    if n % 2:
+        raise NotBuilt(f"2 images gave {n} feature tokens")
+    n //= 2
+    seq = n + SEQ_TEXT
+    if seq > 200:
+        raise NotBuilt(f"an image becomes {n} tokens; too many for the tiny model")
+    ids = torch.randint(3, base.VOCAB - 8, (2, seq), generator=g)
+    ids[:, 2:2 + n] = token
+    mask = torch.ones_like(ids)
+    mask[0, :1] = 0
+    inputs = {"input_ids": ids, "attention_mask": mask, **media}
+    if "mm_token_type_ids" in inspect.signature(model.forward).parameters:
+        inputs["mm_token_type_ids"] = (ids == token).long()
+    return inputs, "VLM"
+
+
+def _zoo_model_and_inputs(family: str):
+    from .zoo import tiny_vlm
+
+    model, make_inputs = tiny_vlm(family, base.NUM_LAYERS)
+    seq = ZOO_SEQ.get(family, 24)
+    return model, make_inputs(2, seq, seed=2), make_inputs(2, seq, seed=1, offset=2)
+
+
+def check_vlm_family(model_type: str, class_name: str = "", *, timeout_s: float = 45.0,
+                     build_timeout_s: float = 20.0) -> base.SweepResult:
+    """Build a tiny ``model_type`` VLM with image inputs and compare a 2-stage pipeline with it."""
+    import transformers
+
+    import fxpp
+    from .zoo import VLM_FAMILIES
+
+    result = base.SweepResult(family=model_type, class_name=class_name, status="error")
+    result.kind = "VLM"  # type: ignore[attr-defined]
+    start = time.perf_counter()
+    phase = "build"
+    model = None
+    try:
+        try:
+            with base._deadline(build_timeout_s):
+                if model_type in VLM_FAMILIES:
+                    model, inputs, example = _zoo_model_and_inputs(model_type)
+                else:
+                    config = generic_config(model_type)
+                    torch.manual_seed(0)
+                    try:
+                        model = transformers.AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
+                    except Exception as e:  # noqa: BLE001
+                        raise NotBuilt(f"model: {type(e).__name__}: {base._message(e, 200)}") from e
+                    base._perturb(model)
+                    model.eval()
+                    phase = "inputs"
+                    inputs, result.kind = generic_inputs(model, seed=2)  # type: ignore[attr-defined]
+                    example = generic_inputs(model, seed=1)[0]
+            result.model_class = type(model).__name__
+            result.num_params = sum(p.numel() for p in model.parameters())
+            phase = "reference"
+            with base._deadline(max(timeout_s - (time.perf_counter() - start), 1.0)):
+                ref = base.reference(model, inputs)
+                again = base.reference(model, inputs)
+            same, detail, _ = base.compare(ref, again, atol=0, rtol=0)
+            if not same:
+                raise RuntimeError(f"the model is not deterministic: two unpatched runs differ ({detail})")
+        except BaseException as e:  # noqa: BLE001
+            if isinstance(e, KeyboardInterrupt):
+                raise
+            result.phase, result.exc_type = phase, type(e).__name__
+            result.traceback = "".join(traceback.format_exception(e))
+            if isinstance(e, NotBuilt):
+                result.status, result.detail = "not-built", str(e)
+            elif isinstance(e, base.SweepTimeout) and phase == "build":
+                result.status, result.detail = "not-built", f"model build took over {build_timeout_s:g}s"
+            else:
+                result.status = "model-error"
+                result.detail = f"{phase}: {type(e).__name__}: {base._message(e)}"
+            return result
+        try:
+            with base._deadline(max(timeout_s - (time.perf_counter() - start), 1.0)):
+                phase = "pipeline"
+                pipe = fxpp.pipeline(model, 2, example_inputs=example, cuts=[1])
+                phase = "run"
+                got = base.run_pipeline(pipe, model, inputs)
+            same, detail, diff = base.compare(ref, got)
+            result.status = "pass" if same else "mismatch"
+            result.detail, result.max_diff, result.phase = detail, diff, None if same else "compare"
+        except BaseException as e:  # noqa: BLE001
+            if isinstance(e, KeyboardInterrupt):
+                raise
+            result.phase, result.exc_type = phase, type(e).__name__
+            result.traceback = "".join(traceback.format_exception(e))
+            result.frame = base.innermost_fxpp_frame(e)
+            cause = base.root_cause(e)
+            if cause is not e:
+                result.cause = type(cause).__name__
+            if isinstance(e, FxppError):
+                result.status, result.detail = "fxpp-error", f"{type(e).__name__}: {base._message(e)}"
+            else:
+                result.status = "error"
+                result.detail = f"{phase}: {type(e).__name__}: {base._message(e)}"
+                if isinstance(e, base.SweepTimeout):
+                    result.detail = f"{phase}: timed out (family budget {timeout_s:g}s)"
+        return result
+    finally:
+        result.seconds = time.perf_counter() - start
+        if model is not None:
+            model.zero_grad(set_to_none=True)
+
+
+def sweep_vlm(families=None, timeout_s: float = 45.0, *, progress=None) -> list[base.SweepResult]:
+    """Check every (or each named) family of ``MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES``."""
+    mapping = vlm_families()
+    names = list(mapping) if families is None else list(families)
+    results = []
+    for name in names:
+        if name not in mapping:
+            r = base.SweepResult(family=name, class_name="", status="model-error",
+                                 detail="not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES")
+            r.kind = "-"  # type: ignore[attr-defined]
+        else:
+            r = check_vlm_family(name, mapping[name], timeout_s=timeout_s, build_timeout_s=min(20.0, timeout_s))
+        results.append(r)
+        if progress is not None:
+            progress(r)
+    return results
+
+
+def summary(results) -> str:
+    counts = {s: sum(r.status == s for r in results) for s in STATUSES}
+    return f"{len(results)} families: " + ", ".join(f"{counts[s]} {s}" for s in STATUSES)
+
+
+def format_table(results, width: int = 160) -> str:
+    fw = max([len("family")] + [len(r.family) for r in results])
+    sw = max(len(s) for s in STATUSES)
+    rows = [f"{'family':<{fw}} | kind | {'status':<{sw}} | detail", f"{'-' * fw}-+------+-{'-' * sw}-+-{'-' * 20}"]
+    for r in results:
+        rows.append(f"{r.family:<{fw}} | {getattr(r, 'kind', '-'):<4} | {r.status:<{sw}} | "
+                    f"{base._detail(r, max(width - fw - sw - 13, 60))}")
+    return "\n".join(rows)
+
+
+def markdown(results, command: str = COMMAND) -> str:
+    import transformers
+
+    from .zoo import VLM_FAMILIES
+
+    lines = [
+        SECTION_MARK,
+        "## Vision-language models",
+        "",
+        f"Generated by `{command}`; do not edit by hand.",
+        "",
+        f"Every family of transformers {transformers.__version__}'s `MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES` "
+        f"(torch {torch.__version__}), {base.NUM_LAYERS} decoder layers, split into 2 stages with `cuts=[1]` and "
+        f"compared with the unpatched model on a batch of 2 rows with one image each: logits and every parameter "
+        f"gradient (vision tower included), `atol=rtol={base.ATOL:g}`. The stages are traced from another batch "
+        "(different pixels, image tokens elsewhere for the zoo families). "
+        f"Zoo families ({', '.join(f'`{f}`' for f in VLM_FAMILIES)}) use `fxpp.zoo.tiny_vlm`; the others a generic "
+        "attempt (the causal sweep's tiny config, images of 4x4 patches, as many image tokens as the model's "
+        "`get_image_features` returns). Kind `text`: the config has no vision tower, checked on text.",
+        "",
+        "Statuses as above, plus **not-built** — the generic attempt could not build the config, the model or "
+        "its image inputs (the family may work with a hand-written config; the reason is in the detail).",
+        "",
+        f"**Summary:** {summary(results)}.",
+        "",
+        "| family | class | kind | status | detail |",
+        "|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(f"| `{r.family}` | `{r.class_name}` | {getattr(r, 'kind', '-')} | {r.status} | "
+                     f"{base._md(base._detail(r, 300))} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_docs(results, path: str = base.DOCS_PATH, command: str = COMMAND) -> str:
+    """Replace (or append) the VLM section of ``path``, keeping the causal-LM part."""
+    text = open(path).read() if os.path.exists(path) else "# Supported models\n"
+    head = text.split(SECTION_MARK)[0].rstrip("\n")
+    with open(path, "w") as f:
+        f.write(head + "\n\n" + markdown(results, command))
+    return path
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m fxpp.sweep_vlm") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    parser.add_argument("--vlm", action="store_true", help="accepted for symmetry with python -m fxpp.sweep --vlm")
+    parser.add_argument("--only", default=None, help="comma-separated model types, e.g. llava,gemma3")
+    parser.add_argument("--write-docs", action="store_true", help=f"write the VLM section of {os.path.relpath(base.DOCS_PATH)}")
+    parser.add_argument("--timeout", type=float, default=45.0, help="seconds per family (default 45)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--quiet", action="store_true", help="no per-family progress on stderr")
+    args = parser.parse_args(argv)
+
+    import warnings
+
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(args.threads)
+    families = [f.strip() for f in args.only.split(",") if f.strip()] if args.only else None
+
+    def progress(r):
+        if not args.quiet:
+            print(f"  {r.family:<28} {r.status:<11} {r.seconds:5.1f}s", file=sys.stderr, flush=True)
+
+    t0 = time.perf_counter()
+    results = sweep_vlm(families, timeout_s=args.timeout, progress=progress)
+    print(format_table(results))
+    print()
+    print(f"{summary(results)} ({time.perf_counter() - t0:.0f}s)")
+    if args.write_docs:
+        command = COMMAND if families is None else f"{COMMAND} --only {','.join(families)}"
+        print(f"wrote {write_docs(results, command=command)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

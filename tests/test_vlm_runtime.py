@@ -1,0 +1,70 @@
+"""A vision-language model trained with a torch.distributed.pipelining schedule on gloo.
+
+LLaVA (the cheapest tiny VLM) on 2 ranks with 1F1B: a batch of 4 samples owning 1, 2,
+0 and 1 images is split with ``fxpp.split_microbatches`` (so the two microbatches
+carry 3 and 1 images) and run with ``fxpp.step_with_microbatches``. The loss equals
+the unpatched model's on the whole batch, and every stage's gradients (the vision
+tower's included) equal the unpatched model's.
+
+Every microbatch has the same text shape (the batch is padded to one length): the
+stages' static metadata come from the example microbatch. Images may differ per
+microbatch because nothing image-shaped crosses LLaVA's cut (hidden states and the
+padding mask, ``[B, S, ...]``).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fxpp
+from fxpp.zoo import tiny_vlm
+
+from .dist import run_distributed
+from .test_microbatch import multi_image_batch
+
+FAMILY = "llava"
+IMAGES_PER_SAMPLE = (1, 2, 0, 1)
+VISION_PREFIXES = ("model.vision_tower.", "model.multi_modal_projector.")
+
+
+def vlm_train_rank(rank, world, workdir, schedule_name, num_microbatches):
+    from torch.distributed import pipelining as pp
+
+    torch.manual_seed(0)
+    model = tiny_vlm(FAMILY, 4)[0].train()
+    ref = tiny_vlm(FAMILY, 4)[0].train()
+    _, inputs, labels, _ = multi_image_batch(FAMILY, IMAGES_PER_SAMPLE, seed=3, model=model)
+    mbs = fxpp.split_microbatches(model, {**inputs, "labels": labels}, num_microbatches)
+    targets = [mb.pop("labels") for mb in mbs]
+    images = [mb["pixel_values"].shape[0] if "pixel_values" in mb else 0 for mb in mbs]
+    pipe = fxpp.pipeline(model, world, example_inputs=mbs[0])
+    stage = pipe.build_stage(rank, "cpu")
+    loss_fn = fxpp.causal_lm_loss(labels, num_microbatches)
+    schedule = getattr(pp, f"Schedule{schedule_name}")(stage, n_microbatches=num_microbatches, loss_fn=loss_fn)
+    losses = []
+    fxpp.step_with_microbatches(schedule, mbs if rank == 0 else None, targets, losses)
+    ref_loss = ref(**inputs, labels=labels).loss
+    ref_loss.backward()
+    report = {"images": images, "loss_diff": None, "grad_diff": {}}
+    if stage.is_last:
+        report["loss_diff"] = float((loss_fn.whole_batch(losses) - ref_loss.detach()).abs())
+    for name, p in stage.submod.named_parameters():
+        g_ref = ref.get_parameter(name).grad
+        if p.grad is None and g_ref is None:
+            continue  # unused by the model too (LLaVA reads a vision layer's output, not post_layernorm's)
+        report["grad_diff"][name] = "missing" if p.grad is None or g_ref is None else float((p.grad - g_ref).abs().max())
+    return report
+
+
+@pytest.mark.timeout(300)
+def test_vlm_1f1b_with_images_matches_unpatched_model(tmp_path):
+    reports = run_distributed(vlm_train_rank, 2, tmp_path, "1F1B", 2, timeout_s=240)
+    assert reports[0]["images"] == [3, 1], "the microbatches must carry different numbers of images"
+    assert reports[-1]["loss_diff"] is not None and reports[-1]["loss_diff"] < 2e-5, reports[-1]["loss_diff"]
+    for rank, r in enumerate(reports):
+        for name, d in r["grad_diff"].items():
+            assert d != "missing" and d < 2e-5, f"rank {rank} grad {name}: {d}"
+    vision = [n for n in reports[0]["grad_diff"] if n.startswith(VISION_PREFIXES)]
+    assert vision, "the first stage must hold the vision tower and projector"
+    assert not any(n.startswith(VISION_PREFIXES) for n in reports[1]["grad_diff"])
