@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 
 
 def _plan(args) -> int:
@@ -52,8 +51,7 @@ def _run(args) -> int:
             dist.destroy_process_group()
         results = [result]
     else:
-        with tempfile.TemporaryDirectory() as workdir:
-            results = launch(cfg, workdir, timeout_s=args.timeout)
+        results = launch(cfg, timeout_s=args.timeout)
     for result in results:
         if "losses" not in result:
             continue

@@ -8,8 +8,6 @@ trains the model it was given.
 
 from __future__ import annotations
 
-import datetime
-import json
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -64,7 +62,7 @@ def synthetic_batches(cfg: RunConfig, vocab: int) -> list[dict[str, torch.Tensor
     return [{"input_ids": ids[s], "attention_mask": torch.ones_like(ids[s])} for s in range(cfg.steps)]
 
 
-def run_rank(rank: int, world: int, cfg: RunConfig, result_path: str | None = None) -> dict:
+def run_rank(rank: int, world: int, cfg: RunConfig) -> dict:
     """One rank's share of the job; the process group must be initialised."""
     import fxpp
     from torch.distributed.pipelining import schedules as sched_mod
@@ -118,9 +116,6 @@ def run_rank(rank: int, world: int, cfg: RunConfig, result_path: str | None = No
         result["losses"] = losses_per_step
         if cfg.check:
             result["reference_losses"] = reference_losses(cfg, batches, device)
-    if result_path:
-        with open(result_path, "w") as f:
-            json.dump(result, f)
     return result
 
 
@@ -142,39 +137,27 @@ def reference_losses(cfg: RunConfig, batches, device) -> list[float]:
     return out
 
 
-def _spawned(rank: int, world: int, cfg_dict: dict, workdir: str, timeout_s: float) -> None:
-    from .stage import default_backend
+def _rank_job(rank: int, world: int, workdir: str, cfg_dict: dict) -> dict:
+    return run_rank(rank, world, RunConfig(**cfg_dict))
 
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    cfg = RunConfig(**cfg_dict)
-    dist.init_process_group(default_backend(), init_method=f"file://{workdir}/rendezvous", rank=rank,
-                            world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
+
+def launch(cfg: RunConfig, workdir: str | None = None, timeout_s: float = 600) -> list[dict]:
+    """Run the job on ``cfg.ranks`` local processes; return their results.
+
+    Raises:
+        FxppError: naming the first rank that failed and its error.
+    """
+    from .launch import run_ranks
+
+    threads = max(1, (os.cpu_count() or 1) // cfg.ranks)
     try:
-        run_rank(rank, world, cfg, os.path.join(workdir, f"rank{rank}.json"))
-    finally:
-        dist.destroy_process_group()
-
-
-def launch(cfg: RunConfig, workdir: str, timeout_s: float = 600) -> list[dict]:
-    """Spawn ``cfg.ranks`` local processes; return their results. Raises if any fails."""
-    import torch.multiprocessing as mp
-
-    ctx = mp.start_processes(_spawned, args=(cfg.ranks, asdict(cfg), workdir, timeout_s), nprocs=cfg.ranks,
-                             join=False, start_method="spawn")
-    deadline = time.monotonic() + timeout_s
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                raise FxppError(f"the {cfg.ranks}-process run did not finish in {timeout_s:.0f}s")
-    except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:
-        lines = [line for line in str(e).strip().splitlines() if line.strip()]
-        raise FxppError(f"rank {e.error_index} failed: {lines[-1] if lines else e}") from None
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-    results = []
-    for rank in range(cfg.ranks):
-        with open(os.path.join(workdir, f"rank{rank}.json")) as f:
-            results.append(json.load(f))
-    return results
+        results = run_ranks(_rank_job, cfg.ranks, asdict(cfg), workdir=workdir, timeout_s=timeout_s,
+                            pg_timeout_s=min(timeout_s, 300), threads=threads)
+    except TimeoutError as e:
+        raise FxppError(str(e)) from None
+    failed = [(r, res) for r, res in enumerate(results) if not res["ok"]]
+    if failed:
+        # The first rank to fail is the likeliest cause; its peers then fail on the broken connection.
+        rank, res = min(failed, key=lambda f: "Connection" in f[1]["error"] or "peer" in f[1]["error"])
+        raise FxppError(f"rank {rank} failed: {res['error']}")
+    return [res["value"] for res in results]

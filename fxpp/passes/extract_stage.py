@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import operator
 
+import torch
+
 from torch.fx import Graph, GraphModule, Node
 
 from .. import ops
@@ -157,6 +159,7 @@ def _send(graph: Graph, node: Node) -> list[Node]:
 
     Point-to-point sends need contiguous tensors; a crossing value may be a view
     (Gemma 4's per-layer input slices). ``contiguous()`` is free when it already is.
+    Floating views and passed-on inputs are cloned (see the comment below).
     """
     val = node.meta.get("val")
     leaves = []
@@ -169,11 +172,19 @@ def _send(graph: Graph, node: Node) -> list[Node]:
         leaves = [node]
     out = []
     for leaf in leaves:
-        if leaf.meta["val"].is_contiguous():
+        val = leaf.meta["val"]
+        if val.is_floating_point() and (leaf.op == "placeholder" or val._is_view()):
+            # Zero-bubble schedules detach stage outputs in place, which views (and a
+            # received tensor passed straight on) do not allow: send a fresh copy.
+            copy = graph.call_method("clone", (leaf,), {"memory_format": torch.contiguous_format})
+            copy.meta = {"val": val.contiguous(), "fxpp": info(node)}
+            out.append(copy)
+            continue
+        if val.is_contiguous():
             out.append(leaf)
             continue
         c = graph.call_method("contiguous", (leaf,))
-        c.meta = {"val": leaf.meta["val"].contiguous(), "fxpp": info(node)}
+        c.meta = {"val": val.contiguous(), "fxpp": info(node)}
         out.append(c)
     return out
 
