@@ -50,14 +50,12 @@ Run:  PYTHONPATH=. python benchmarks/bench_memory.py [--ranks 2,4] [--json PATH]
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import resource
 import sys
 import tempfile
 import time
-import traceback
 
 import torch
 
@@ -214,57 +212,22 @@ def rank_job(rank: int, world: int, mode: str, ckpt: str) -> dict:
     return out
 
 
-def _spawned(rank: int, world: int, workdir: str, mode: str, ckpt: str) -> None:
-    import torch.distributed as dist
+def _rank_job(rank: int, world: int, workdir: str, mode: str, ckpt: str) -> dict:
+    import transformers
 
-    torch.set_num_threads(1)
-    try:
-        import fxpp  # noqa: F401 -- imports belong to the baseline RSS, not to loading
-        import transformers
+    import fxpp  # noqa: F401 -- imports belong to the baseline RSS, not to loading
 
-        transformers.utils.logging.disable_progress_bar()
-
-        dist.init_process_group("gloo", init_method=f"file://{workdir}/rendezvous", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=120))
-        result = {"ok": True, **rank_job(rank, world, mode, ckpt)}
-    except BaseException as e:  # noqa: BLE001
-        result = {"ok": False, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
-    with open(os.path.join(workdir, f"rank{rank}.json"), "w") as f:
-        json.dump(result, f)
-    if dist.is_initialized():
-        try:
-            dist.barrier()  # every rank measured before any exits
-            dist.destroy_process_group()
-        except Exception:  # noqa: BLE001
-            pass
+    transformers.utils.logging.disable_progress_bar()
+    return rank_job(rank, world, mode, ckpt)
 
 
 def spawn(world: int, mode: str, ckpt: str, timeout_s: float = 300) -> list[dict]:
-    import torch.multiprocessing as mp
+    """Local gloo ranks through fxpp's own launcher; every rank measures before any exits."""
+    from fxpp.launch import run_ranks
 
-    with tempfile.TemporaryDirectory(prefix="fxpp_bench_mem_") as workdir:
-        ctx = mp.start_processes(_spawned, args=(world, workdir, mode, ckpt), nprocs=world, join=False,
-                                 start_method="spawn")
-        deadline = time.monotonic() + timeout_s
-        try:
-            while any(p.is_alive() for p in ctx.processes):
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{world}-rank {mode} run did not finish in {timeout_s:.0f}s")
-                for p in ctx.processes:
-                    p.join(timeout=0.2)
-        finally:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-        out = []
-        for rank in range(world):
-            path = os.path.join(workdir, f"rank{rank}.json")
-            if not os.path.exists(path):
-                out.append({"ok": False, "error": f"rank {rank} died (exit code {ctx.processes[rank].exitcode})"})
-                continue
-            with open(path) as f:
-                out.append(json.load(f))
-        return out
+    results = run_ranks(_rank_job, world, mode, ckpt, timeout_s=timeout_s, pg_timeout_s=120, threads=1,
+                        barrier_at_end=True)
+    return [{"ok": True, **r["value"]} if r["ok"] else r for r in results]
 
 
 def main() -> None:

@@ -45,11 +45,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 import traceback
 
@@ -184,52 +182,17 @@ def run_schedules(rank: int, world: int, device, schedules: list[str], steps: in
     return out
 
 
-def _spawned(rank: int, world: int, workdir: str, schedules: list[str], steps: int, warmup: int) -> None:
-    torch.set_num_threads(1)
-    result: dict = {}
-    try:
-        dist.init_process_group("gloo", init_method=f"file://{workdir}/rendezvous", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=120))
-        result = run_schedules(rank, world, torch.device("cpu"), schedules, steps, warmup)
-    except BaseException as e:  # noqa: BLE001
-        result = {"_fatal": {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}}
-    finally:
-        with open(os.path.join(workdir, f"rank{rank}.json"), "w") as f:
-            json.dump(result, f)
-        if dist.is_initialized():
-            try:
-                dist.destroy_process_group()
-            except Exception:  # noqa: BLE001
-                pass
+def _rank_job(rank: int, world: int, workdir: str, schedules: list[str], steps: int, warmup: int) -> dict:
+    return run_schedules(rank, world, torch.device("cpu"), schedules, steps, warmup)
 
 
 def spawn(world: int, schedules: list[str], steps: int, warmup: int, timeout_s: float) -> list[dict]:
-    import torch.multiprocessing as mp
+    """Local gloo ranks through fxpp's own launcher (one thread each)."""
+    from fxpp.launch import run_ranks
 
-    with tempfile.TemporaryDirectory(prefix="fxpp_bench_sched_") as workdir:
-        ctx = mp.start_processes(_spawned, args=(world, workdir, schedules, steps, warmup), nprocs=world,
-                                 join=False, start_method="spawn")
-        deadline = time.monotonic() + timeout_s
-        try:
-            while any(p.is_alive() for p in ctx.processes):
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"the {world}-rank run did not finish in {timeout_s:.0f}s")
-                for p in ctx.processes:
-                    p.join(timeout=0.2)
-        finally:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-        results = []
-        for rank in range(world):
-            path = os.path.join(workdir, f"rank{rank}.json")
-            if os.path.exists(path):
-                with open(path) as f:
-                    results.append(json.load(f))
-            else:
-                results.append({"_fatal": {"error": f"rank {rank} died without a result (exit code "
-                                                    f"{ctx.processes[rank].exitcode})"}})
-        return results
+    results = run_ranks(_rank_job, world, schedules, steps, warmup, timeout_s=timeout_s, pg_timeout_s=120, threads=1)
+    return [r["value"] if r["ok"] else {"_fatal": {"error": r["error"], "traceback": r.get("traceback", "")}}
+            for r in results]
 
 
 def baseline_row(world: int, per_rank: list[dict]) -> dict | None:

@@ -122,6 +122,7 @@ def annotate(gm: GraphModule, *, layers_fqn: str, layer_types: list[str] | None,
     remat: dict[Node, bool] = {}
     records: dict[Node, dict] = {}
 
+    media = _media_inputs(graph, modules, prefix)
     for node in graph.nodes:
         module = modules.get(node.target) if node.op == "call_module" else None
         shape_only = shape_only_inputs(node, module)
@@ -145,7 +146,9 @@ def annotate(gm: GraphModule, *, layers_fqn: str, layer_types: list[str] | None,
         elif not is_tensorish(val):
             rm = True
         else:
-            rm = pos == -1 and all(remat[i] or i.op == "placeholder" or i in shape_only for i in inputs)
+            rm = pos == -1 and all(
+                remat[i] or (i.op == "placeholder" and i not in media) or i in shape_only for i in inputs
+            )
         remat[node] = rm
         records[node] = dict(
             role=_role(node, module, layer, pos, input_embeddings, output_embeddings),
@@ -162,6 +165,26 @@ def annotate(gm: GraphModule, *, layers_fqn: str, layer_types: list[str] | None,
             records[node]["layer_types"] = tuple(sorted(_consumer_layer_types(node, records)))
         node.meta["fxpp"] = NodeInfo(**records[node])
     return gm
+
+
+def _media_inputs(graph: Graph, modules: dict, layer_prefix: str) -> set[Node]:
+    """Model inputs that an encoder (vision or audio tower, projector) reads.
+
+    Their shapes follow the images or audio a microbatch holds (one row per image),
+    while pipeline stages need the same shapes on every microbatch. So a value computed
+    from them (Qwen-VL's multimodal position ids) is sent as itself, with its
+    per-sample shape, rather than recomputed on a later stage from the media inputs.
+    """
+    found = set()
+    for node in graph.nodes:
+        if node.op != "placeholder":
+            continue
+        for user in node.users:
+            module = modules.get(user.target) if user.op == "call_module" else None
+            if (module is not None and not user.target.startswith(layer_prefix)
+                    and not isinstance(module, torch.nn.Embedding) and any(True for _ in module.parameters())):
+                found.add(node)
+    return found
 
 
 def _role(node: Node, module, layer, pos, input_embeddings, output_embeddings) -> str:

@@ -64,7 +64,6 @@ import collections.abc
 import contextlib
 import copy
 import inspect
-import linecache
 import sys
 import traceback
 from dataclasses import dataclass, field

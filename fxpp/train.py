@@ -13,7 +13,6 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.distributed as dist
 
 from .errors import FxppError
 
