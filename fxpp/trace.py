@@ -179,7 +179,7 @@ def find_decoder_layers(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleLis
     candidates = []
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.ModuleList) and num_layers is not None and len(module) == num_layers:
-            if any(part in name for part in ("vision", "visual", "audio", "encoder")):
+            if any(part in name for part in ("vision", "visual", "audio")):
                 continue
             candidates.append((name.count("."), name, module))
     if not candidates:
