@@ -5,6 +5,9 @@ with real image tokens and pixel values. The stages are traced from one example 
 run on another whose image sits at a different offset, so nothing specific to the
 example's token positions may be baked into a graph. Logits and every parameter's
 gradient are compared, the vision tower's included.
+
+Gemma 4's audio path (``fxpp.zoo.tiny_audio_lm``) is tested the same way, with real
+audio placeholder tokens, log-mel-shaped features and clips of different lengths.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ import pytest
 import torch
 
 import fxpp
-from fxpp.zoo import VLM_FAMILIES, tiny_vlm
+from fxpp.annotate import info
+from fxpp.zoo import AUDIO_TOKEN, VLM_FAMILIES, tiny_audio_lm, tiny_vlm
 
 from .helpers import assert_same, reference, run_stages
 
@@ -94,3 +98,63 @@ def test_data_dependent_vision_on_meta_device_names_model_and_line():
     example = {k: v.to("meta") for k, v in make_inputs(2, 24, seed=1).items()}
     with pytest.raises(fxpp.TraceError, match=r"Mistral3ForConditionalGeneration: .* depends on tensor data .*meta device"):
         fxpp.pipeline(meta_model, 2, example_inputs=example, cuts=[2])
+
+
+# -- Gemma 4's audio path --------------------------------------------------------------
+AUDIO_PREFIXES = ("audio_tower", "embed_audio")
+AUDIO_INPUTS = {"input_features", "input_features_mask"}
+
+
+@functools.lru_cache(maxsize=None)
+def _audio_lm():
+    return tiny_audio_lm(NUM_LAYERS)
+
+
+def _audio_counts(inputs) -> list[int]:
+    return (inputs["input_ids"] == AUDIO_TOKEN).sum(-1).tolist()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("image", [False, True], ids=["audio", "audio+image"])
+def test_gemma4_audio_composed_stages_equal_model(image, seed):
+    """Traced with one clip length and offset, run with others (more frames, batch 3)."""
+    model, make_inputs = _audio_lm()
+    cuts = _random_cuts(f"gemma4_audio-{image}", seed)
+    example = make_inputs(2, 24, seed=1, offset=2, image=image)
+    inputs = make_inputs(2 + seed, 24 + 4 * seed, seed=4 + seed, frames=20 + 4 * seed, image=image)
+    assert _audio_counts(inputs)[:2] != _audio_counts(example), "the clips must differ from the example's"
+    pipe = fxpp.pipeline(model, len(cuts) + 1, example_inputs=example, cuts=cuts)
+    ref = reference(model, inputs)
+    for prefix in ("model.audio_tower.", "model.embed_audio.") + (("model.vision_tower.",) if image else ()):
+        assert any(n.startswith(prefix) for n in ref[1]), f"{prefix} must get gradients"
+    assert_same(ref, run_stages(pipe.stages, inputs, model), atol=ATOL32, rtol=RTOL32,
+                what=f"gemma4 audio image={image} cuts={cuts}")
+
+
+def test_gemma4_audio_path_on_first_stage_only():
+    """The audio tower and its embedder are ``audio`` nodes of the first stage; features never cross."""
+    model, make_inputs = _audio_lm()
+    pipe = fxpp.pipeline(model, 3, example_inputs=make_inputs(2, 24, seed=1, image=True), cuts=[1, 3])
+    for i, stage in enumerate(pipe.stages):
+        names = {n.split(".")[1] for n, _ in stage.named_parameters() if n.startswith("model.")}
+        assert any(n in AUDIO_PREFIXES for n in names) == (i == 0), f"stage {i}: {sorted(names)}"
+        placeholders = {n.target for n in stage.graph.nodes if n.op == "placeholder"}
+        assert (AUDIO_INPUTS <= placeholders) if i == 0 else not (AUDIO_INPUTS & placeholders), (i, placeholders)
+    roles = {n.target: info(n) for n in pipe.stages[0].graph.nodes
+             if n.op == "call_module" and n.target.startswith(tuple("model." + p for p in AUDIO_PREFIXES))}
+    assert set(roles) == {"model.audio_tower", "model.embed_audio"}, roles
+    assert all(r.role == "audio" and r.position == -1 for r in roles.values()), roles
+    for crossing in pipe.crossing:
+        assert not AUDIO_INPUTS & set(crossing), crossing
+
+
+def test_gemma4_audio_balanced_split():
+    """Without explicit cuts the cost model counts the audio tower into the prelude."""
+    model, make_inputs = _audio_lm()
+    example = make_inputs(2, 24, seed=1)
+    pipe = fxpp.pipeline(model, 2, example_inputs=example)
+    tower = sum(p.numel() for n, p in model.named_parameters() if n.startswith("model.audio_tower."))
+    assert pipe.block_costs[0].params >= tower
+    inputs = make_inputs(2, 24, seed=4)
+    assert_same(reference(model, inputs), run_stages(pipe.stages, inputs, model), atol=ATOL32, rtol=RTOL32,
+                what="gemma4 audio balanced")
