@@ -814,35 +814,45 @@ def main(argv: list[str] | None = None) -> int:
         from .sweep_vlm import main as vlm_main
 
         return vlm_main(argv, prog="python -m fxpp.sweep --vlm")
-    parser = argparse.ArgumentParser(prog="python -m fxpp.sweep", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", default=None, help="comma-separated model types, e.g. llama,gemma")
-    parser.add_argument("--write-docs", action="store_true", help=f"write {os.path.relpath(DOCS_PATH)}")
-    parser.add_argument("--timeout", type=float, default=30.0, help="seconds per family (default 30)")
+    parser = sweep_parser("python -m fxpp.sweep", __doc__, "llama,gemma", f"write {os.path.relpath(DOCS_PATH)}", 30.0)
+    args = parser.parse_args(argv)
+    return run_and_report(args, sweep_causal_lm, format_table, summary, write_docs, COMMAND)
+
+
+def sweep_parser(prog: str, doc: str, example: str, docs_help: str, timeout: float) -> argparse.ArgumentParser:
+    """The flags both sweep commands take."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0])
+    parser.add_argument("--only", default=None, help=f"comma-separated model types, e.g. {example}")
+    parser.add_argument("--write-docs", action="store_true", help=docs_help)
+    parser.add_argument("--timeout", type=float, default=timeout, help=f"seconds per family (default {timeout:.0f})")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--quiet", action="store_true", help="no per-family progress on stderr")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def run_and_report(args, sweep_fn, format_table_fn, summary_fn, write_docs_fn, command: str) -> int:
+    """The part of a sweep command that both sweeps share: run, print, optionally write docs."""
+    import warnings
 
     import transformers
 
     transformers.logging.set_verbosity_error()
-    import warnings
-
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
     families = [f.strip() for f in args.only.split(",") if f.strip()] if args.only else None
 
-    def progress(r: SweepResult):
+    def progress(r):
         if not args.quiet:
             print(f"  {r.family:<28} {r.status:<11} {r.seconds:5.1f}s", file=sys.stderr, flush=True)
 
     t0 = time.perf_counter()
-    results = sweep_causal_lm(families, timeout_s=args.timeout, progress=progress)
-    print(format_table(results))
+    results = sweep_fn(families, timeout_s=args.timeout, progress=progress)
+    print(format_table_fn(results))
     print()
-    print(f"{summary(results)} ({time.perf_counter() - t0:.0f}s)")
+    print(f"{summary_fn(results)} ({time.perf_counter() - t0:.0f}s)")
     if args.write_docs:
-        command = COMMAND if families is None else f"{COMMAND} --only {','.join(families)}"
-        print(f"wrote {write_docs(results, command=command)}")
+        command = command if families is None else f"{command} --only {','.join(families)}"
+        print(f"wrote {write_docs_fn(results, command=command)}")
     return 0
 
 

@@ -28,7 +28,6 @@ Run ``python -m fxpp.sweep --vlm [--only llava,gemma3] [--write-docs]`` (or
 
 from __future__ import annotations
 
-import argparse
 import inspect
 import os
 import sys
@@ -347,37 +346,11 @@ def write_docs(results, path: str = base.DOCS_PATH, command: str = COMMAND) -> s
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m fxpp.sweep_vlm") -> int:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    parser = base.sweep_parser(prog, __doc__, "llava,gemma3", f"write the VLM section of {os.path.relpath(base.DOCS_PATH)}",
+                               45.0)
     parser.add_argument("--vlm", action="store_true", help="accepted for symmetry with python -m fxpp.sweep --vlm")
-    parser.add_argument("--only", default=None, help="comma-separated model types, e.g. llava,gemma3")
-    parser.add_argument("--write-docs", action="store_true", help=f"write the VLM section of {os.path.relpath(base.DOCS_PATH)}")
-    parser.add_argument("--timeout", type=float, default=45.0, help="seconds per family (default 45)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    parser.add_argument("--quiet", action="store_true", help="no per-family progress on stderr")
     args = parser.parse_args(argv)
-
-    import warnings
-
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    warnings.filterwarnings("ignore")
-    torch.set_num_threads(args.threads)
-    families = [f.strip() for f in args.only.split(",") if f.strip()] if args.only else None
-
-    def progress(r):
-        if not args.quiet:
-            print(f"  {r.family:<28} {r.status:<11} {r.seconds:5.1f}s", file=sys.stderr, flush=True)
-
-    t0 = time.perf_counter()
-    results = sweep_vlm(families, timeout_s=args.timeout, progress=progress)
-    print(format_table(results))
-    print()
-    print(f"{summary(results)} ({time.perf_counter() - t0:.0f}s)")
-    if args.write_docs:
-        command = COMMAND if families is None else f"{COMMAND} --only {','.join(families)}"
-        print(f"wrote {write_docs(results, command=command)}")
-    return 0
+    return base.run_and_report(args, sweep_vlm, format_table, summary, write_docs, COMMAND)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import functools
 
 import torch
 
+from fxpp.sweep import grads_of, loss_of  # one definition, shared with the sweep
 from fxpp.zoo import VOCAB, tiny_model
 
 
@@ -32,17 +33,6 @@ def make_inputs(batch: int, seq: int, *, padding: str = "none", position_ids: bo
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         inputs["position_ids"] = pos
     return inputs
-
-
-def loss_of(logits: torch.Tensor, seed: int = 0) -> torch.Tensor:
-    """A loss that weighs every logit differently, so every gradient path matters."""
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(logits.shape, generator=g).to(logits.dtype)
-    return (logits.float() * w.float()).sum()
-
-
-def grads_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 def reference(model, inputs):
