@@ -554,6 +554,14 @@ class HFTracer(Tracer):
             name = self._param_names.get(id(a)) or self._buffer_names.get(id(a))
             if name is not None:
                 return self.create_node("get_attr", name, (), {})
+        if _is_kv_cache(a):
+            # A cache object built inside the forward would become a graph constant and
+            # keep every call's keys and values: wrong from the second call on.
+            raise TraceError(
+                f"{type(self.model).__name__}: its forward passes a {type(a).__name__} it created itself to a module "
+                f"at {_short_stack()} even with use_cache=False; a key/value cache cannot live inside a pipeline "
+                "stage graph"
+            )
         if isinstance(a, torch.Tensor) or _needs_constant(a):
             return self.create_node("get_attr", self._constant(a), (), {})
         return super().create_arg(a)
@@ -686,6 +694,12 @@ def _is_state_container(value: Any) -> bool:
         and not isinstance(value, dict)
         and not any(isinstance(v, Proxy) for v in value.values())
     )
+
+
+def _is_kv_cache(a: Any) -> bool:
+    from transformers.cache_utils import Cache
+
+    return isinstance(a, Cache)
 
 
 def _needs_constant(a: Any) -> bool:
