@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import collections.abc
 import contextlib
+import functools
 import copy
 import inspect
 import sys
@@ -780,6 +781,36 @@ def _helper_methods_patched(tracer: "HFTracer", classes: list[type]):
             setattr(klass, name, fn)
 
 
+# Constructors whose size arguments come as varargs: Python's argument parser rejects a
+# Proxy there (``torch.zeros(batch, 4)`` with ``batch`` traced) before torch's
+# ``__torch_function__`` could record the call, so they are recorded by hand.
+_VARARG_CONSTRUCTORS = ("zeros", "ones", "empty", "full", "rand", "randn", "randint", "eye")
+
+
+@contextlib.contextmanager
+def _constructors_patched(tracer: "HFTracer"):
+    saved = []
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            if not tracer._evaluating and _has_proxy((args, kwargs)):
+                return tracer.create_proxy("call_function", fn, args, kwargs)
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    try:
+        for name in _VARARG_CONSTRUCTORS:
+            fn = getattr(torch, name)
+            saved.append((name, fn))
+            setattr(torch, name, wrap(fn))
+        yield
+    finally:
+        for name, fn in saved:
+            setattr(torch, name, fn)
+
+
 @contextlib.contextmanager
 def _opaque_functions_patched(tracer: HFTracer, module_names: set[str]):
     """Make mask builders single graph nodes in the modules whose forwards we trace."""
@@ -928,7 +959,7 @@ def trace_model(model: torch.nn.Module, example_inputs: dict[str, Any]) -> Graph
     fake_log.setLevel(logging.CRITICAL)
     try:
         classes = sorted({type(m) for m in _traced_module_objects(model, tracer.traced_modules)}, key=lambda c: c.__qualname__)
-        with _opaque_functions_patched(tracer, module_names), _helper_methods_patched(tracer, classes):
+        with _opaque_functions_patched(tracer, module_names), _constructors_patched(tracer), _helper_methods_patched(tracer, classes):
             graph = tracer.trace(model)
     except TraceError:
         raise
