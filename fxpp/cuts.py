@@ -86,3 +86,40 @@ def crossing_values(graph: Graph, k: int) -> list[Node]:
             )
     # The hidden states go first (the API's promise), the rest in graph order.
     return sorted(crossing, key=lambda n: (n is not stream, order[n]))
+
+
+def describe_crossing(graph: Graph, node: Node, k: int, modules: dict | None = None) -> str:
+    """What a crossing value is, in the model's own words, for plans and docs.
+
+    The hidden states; a model input; a shared-state entry and who wrote it; or the
+    parameter of the first later layer that reads it (``per_layer_input of
+    model.layers.3``), named from that layer's forward signature.
+    """
+    import inspect
+
+    from . import ops
+
+    if node is stream_at(graph, k):
+        return "hidden states"
+    if node.op == "placeholder":
+        return f"input {node.target}"
+    if node.op == "call_function" and node.target is ops.state_entry:
+        writer = node.kwargs.get("after")
+        return f"shared state {node.args[1]!r} from {getattr(writer, 'target', '?')}"
+    later = sorted((u for u in node.users if info(u).position >= k or info(u).layer == k),
+                   key=lambda u: (info(u).position, u.name))
+    for user in later:
+        if info(user).role != "layer":
+            continue
+        for name, value in user.kwargs.items():
+            if value is node:
+                return f"{name} of {user.target}"
+        for i, value in enumerate(user.args):
+            if value is node:
+                module = (modules or {}).get(user.target)
+                if module is not None:
+                    params = [p for p in inspect.signature(module.forward).parameters]
+                    if i < len(params):
+                        return f"{params[i]} of {user.target}"
+                return f"argument {i} of {user.target}"
+    return f"read by {later[0].name}" if later else info(node).role

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from .costs import BlockCost, estimate_block_costs
-from .cuts import crossing_values
+from .cuts import crossing_values, describe_crossing
 from .errors import StageSpecError
 from .split import balanced_split, ranges_from_counts, ranges_from_cuts, roles_for
 from .spec import StageRole, StageSpec
@@ -37,6 +37,12 @@ class Pipeline:
             spec = StageSpec(role=StageRole.parse(role), layers=layers, num_layers=n)
             self.stages.append(StageModule.build(model, model_graph, spec))
         self.crossing = [[v.name for v in crossing_values(model_graph.graph, r.start)] for r in layer_ranges[1:]]
+        modules = dict(model_graph.named_modules())
+        self.crossing_described = [
+            [f"{v.name} ({describe_crossing(model_graph.graph, v, r.start, modules)})"
+             for v in crossing_values(model_graph.graph, r.start)]
+            for r in layer_ranges[1:]
+        ]
         self._runtime_stages: dict = {}  # built by build_stage on this rank, by index
         self._runtime_submods: dict = {}  # (index, device) -> the stage's runtime GraphModule
 
@@ -70,7 +76,7 @@ class Pipeline:
                 f"example {', '.join(f'{k}{list(v.shape)}' for k, v in self.example_inputs.items() if hasattr(v, 'shape'))}",
                 f"{'stage':>5}  {'role':<6}  {'layers':<9}  {'params':>12}  {'cost share':>10}  crosses the next cut"]
         for i, (stage, layers) in enumerate(zip(self.stages, self.layer_ranges)):
-            crossing = ", ".join(self.crossing[i]) if i < len(self.crossing) else "-"
+            crossing = ", ".join(self.crossing_described[i]) if i < len(self.crossing) else "-"
             rows.append(
                 f"{i:>5}  {stage.spec.role.value:<6}  {layers.start:>3}-{layers.stop - 1:<5}  "
                 f"{self.stage_params()[i]:>12,}  {costs[i] / total:>9.1%}  {crossing}"
