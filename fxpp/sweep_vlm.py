@@ -15,8 +15,14 @@ generic attempt
     vision tower's ``image_size`` set to 4 patches a side and the image token moved
     into the tiny vocabulary; ``pixel_values`` of shape ``[2, C, size, size]``; the
     model's own ``get_image_features`` says how many tokens an image becomes, and each
-    row gets that many image tokens. A family whose config has no vision tower is
-    checked on text inputs (kind ``text``).
+    row gets that many image tokens. Vision-to-text widths (projector dims, ``out_hidden_size``)
+    follow the tiny text width; ``mm_tokens_per_image``, ``image_grid_pinpoints``,
+    ``projector_patch_to_query_dict`` and list ``vision_feature_layer`` follow the tiny image.
+    Pixel layouts are tried in turn: ``[2, C, H, W]``, ``[2, 1, C, H, W]``,
+    ``[2, 2, C, H, W]`` (base view plus a tile). Families whose ``get_image_features``
+    takes ``image_grid_thw`` get Qwen-VL style flattened patches (width read from the
+    tower's patch embedding), else the patches as ``[N, C, p, p]`` or ``[1, N, C, p, p]``.
+    A family whose config has no vision tower is checked on text inputs (kind ``text``).
 
 Statuses: those of the causal sweep (:data:`fxpp.sweep.STATUSES`) and ``not-built``:
 the generic attempt could not build a config, a model or image inputs (the reason is
@@ -46,6 +52,12 @@ SECTION_MARK = "<!-- fxpp-vlm-sweep -->"
 SEQ_TEXT = 6  # text tokens around the image tokens of each row
 IMAGE_TOKEN_ATTRS = ("image_token_id", "image_token_index")
 ZOO_SEQ = {"llava_onevision": 40}
+# merge (pixel-shuffle) factor of grid-style vision towers, under its various names
+MERGE_ATTRS = ("spatial_merge_size", "merge_size", "merge_kernel_size", "adapter_merge_size")
+TEMPORAL_ATTRS = ("temporal_patch_size", "patch_temporal")
+# vision-config widths that feed the text model: they must follow the tiny text width
+VISION_TO_TEXT_WIDTH_ATTRS = ("projection_dim", "projector_output_dim", "vision_output_dim", "text_hidden_size",
+                              "out_hidden_size")
 
 
 class NotBuilt(Exception):
@@ -67,9 +79,51 @@ def _patch(vision) -> int:
     return p
 
 
-def _is_grid(vision) -> bool:
+def _int_attr(holder, names, default=None):
+    for name in names:
+        value = getattr(holder, name, None)
+        if isinstance(value, (list, tuple)) and value and isinstance(value[0], int):
+            value = value[0]
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return default
+
+
+def _model_class(model_type: str):
+    import transformers
+
+    return getattr(transformers, vlm_families().get(model_type, ""), None)
+
+
+def _takes_grid(model_type: str) -> bool:
+    """Whether the family's ``get_image_features`` takes ``image_grid_thw`` (Qwen-VL style)."""
+    get = getattr(_model_class(model_type), "get_image_features", None)
+    try:
+        return get is not None and "image_grid_thw" in inspect.signature(get).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _is_grid(vision, model_type: str | None = None) -> bool:
     """Qwen-VL style vision towers: flattened patches plus ``image_grid_thw``."""
+    if model_type is not None and _takes_grid(model_type):
+        return True
     return all(isinstance(getattr(vision, a, None), int) for a in ("temporal_patch_size", "spatial_merge_size"))
+
+
+def _patch_dim(model, vision) -> int:
+    """Values per flattened patch: read from the vision tower's patch embedding."""
+    tower = next((getattr(m, a) for m in (model, getattr(model, "model", None)) if m is not None
+                  for a in ("visual", "vision_tower", "vision_model", "vision_encoder") if hasattr(m, a)), model)
+    for name, mod in tower.named_modules():
+        if "patch" not in name and "embed" not in name:
+            continue
+        if isinstance(mod, torch.nn.Linear):
+            return mod.in_features
+        if isinstance(mod, (torch.nn.Conv2d, torch.nn.Conv3d)):
+            return mod.in_channels * int(torch.tensor(mod.kernel_size).prod())
+    channels = getattr(vision, "num_channels", None) or getattr(vision, "in_channels", None) or 3
+    return channels * _int_attr(vision, TEMPORAL_ATTRS, 1) * _patch(vision) ** 2
 
 
 def generic_config(model_type: str):
@@ -82,11 +136,11 @@ def generic_config(model_type: str):
         raise NotBuilt(f"default config: {type(e).__name__}: {base._message(e, 200)}") from e
     extra: dict[str, Any] = {}
     vision = getattr(cfg, "vision_config", None)
-    if vision is not None and _is_grid(vision):
+    if vision is not None and _is_grid(vision, model_type):
         # Qwen-VL style: image sizes come with the inputs (image_grid_thw); the tower's
         # output width is the text width
-        extra["vision_config"] = {"out_hidden_size": base.SHRINK["hidden_size"]} if isinstance(
-            getattr(vision, "out_hidden_size", None), int) else {}
+        extra["vision_config"] = {a: base.SHRINK["hidden_size"] for a in VISION_TO_TEXT_WIDTH_ATTRS
+                                  if isinstance(getattr(vision, a, None), int)}
     elif vision is not None:
         if not isinstance(getattr(vision, "image_size", None), (int, list, tuple)):
             raise NotBuilt(f"{type(vision).__name__} has no image_size (images described by other inputs, "
@@ -95,9 +149,33 @@ def generic_config(model_type: str):
         extra["vision_config"] = {"image_size": [size, size] if isinstance(vision.image_size, (list, tuple)) else size}
         # a projector sized to the default text width must follow the tiny one
         text_width = getattr(cfg.get_text_config(), "hidden_size", None)
-        for holder, into in ((cfg, extra), (vision, extra["vision_config"])):
-            if text_width and getattr(holder, "projection_dim", None) == text_width:
-                into["projection_dim"] = base.SHRINK["hidden_size"]
+        if text_width and getattr(cfg, "projection_dim", None) == text_width:
+            extra["projection_dim"] = base.SHRINK["hidden_size"]
+        for attr in VISION_TO_TEXT_WIDTH_ATTRS:
+            if isinstance(getattr(vision, attr, None), int):
+                extra["vision_config"][attr] = base.SHRINK["hidden_size"]
+        n_patches = 16
+        if isinstance(getattr(cfg, "mm_tokens_per_image", None), int):  # pooled to a square number of tokens
+            extra["mm_tokens_per_image"] = 4
+        if isinstance(getattr(cfg, "image_grid_pinpoints", None), list):  # any-resolution: one tile of the base size
+            extra["image_grid_pinpoints"] = [[size, size]]
+        if isinstance(getattr(cfg, "projector_patch_to_query_dict", None), dict):  # queries per patch count
+            extra["projector_patch_to_query_dict"] = {n_patches: 4}
+        layers = getattr(cfg, "vision_feature_layer", None)
+        if isinstance(layers, (list, tuple)):  # hidden-state indices of the tiny tower
+            extra["vision_feature_layer"] = [-1, -2][:len(layers)]
+    if vision is not None and isinstance(getattr(vision, "projector_input_dim", None), int):
+        # the projector reads the tower's output after pixel shuffle (Llama 4): width / ratio^2
+        ratio = getattr(vision, "pixel_shuffle_ratio", None) or 1
+        extra["vision_config"]["projector_input_dim"] = int(base.SHRINK["hidden_size"] / ratio ** 2)
+    # other encoders whose output is scattered onto the text embeddings (audio towers), and
+    # top-level output widths of the projector
+    if isinstance(getattr(cfg, "out_hidden_size", None), int):
+        extra["out_hidden_size"] = base.SHRINK["hidden_size"]
+    for name in getattr(cfg, "sub_configs", None) or {}:
+        sub = getattr(cfg, name, None)
+        if name not in ("vision_config", "text_config") and isinstance(getattr(sub, "out_hidden_size", None), int):
+            extra.setdefault(name, {})["out_hidden_size"] = base.SHRINK["hidden_size"]
     for attr in IMAGE_TOKEN_ATTRS:
         if isinstance(getattr(cfg, attr, None), int):
             extra[attr] = base.VOCAB - 1
@@ -140,27 +218,49 @@ def generic_inputs(model, seed: int = 0) -> tuple[dict[str, torch.Tensor], str]:
         raise NotBuilt(f"{type(config).__name__} names no image token ({' / '.join(IMAGE_TOKEN_ATTRS)})")
     channels = getattr(vision, "num_channels", None) or getattr(vision, "in_channels", None) or 3
     g = torch.Generator().manual_seed(seed)
-    if _is_grid(vision):
-        side = 2 * vision.spatial_merge_size
-        grid = torch.tensor([[1, side, side]] * 2)
-        patch_dim = channels * vision.temporal_patch_size * _patch(vision) ** 2
-        media = {"pixel_values": torch.randn(int(grid.prod(-1).sum()), patch_dim, generator=g), "image_grid_thw": grid}
-    else:
-        size = vision.image_size[0] if isinstance(vision.image_size, (list, tuple)) else vision.image_size
-        media = {"pixel_values": torch.randn(2, channels, size, size, generator=g)}
     get = getattr(model, "get_image_features", None) or getattr(getattr(model, "model", None), "get_image_features", None)
     if get is None:
         raise NotBuilt(f"{type(model).__name__} has no get_image_features")
-    if "image_sizes" in inspect.signature(get).parameters and "image_grid_thw" not in media:
-        media["image_sizes"] = torch.tensor([list(media["pixel_values"].shape[-2:])] * 2)
-    shapes = ", ".join(f"{k}{list(v.shape)}" for k, v in media.items())
-    try:
-        with torch.no_grad():
-            n = _feature_tokens(get(**media), config.get_text_config().hidden_size)
-    except NotBuilt:
-        raise
-    except Exception as e:  # noqa: BLE001
-        raise NotBuilt(f"get_image_features on {shapes}: {type(e).__name__}: {base._message(e, 200)}") from e
+    if _is_grid(vision, getattr(config, "model_type", None)):
+        side = 2 * _int_attr(vision, MERGE_ATTRS, 1)
+        grid = torch.tensor([[1, side, side]] * 2)
+        patch_dim = _patch_dim(model, vision)
+        flat = torch.randn(int(grid.prod(-1).sum()), patch_dim, generator=g)
+        p = _patch(vision)
+        # flattened patches [patches, values]; else patches as small images [patches, C, p, p]
+        # (the temporal patch folded into the channels), or a batch of one [1, patches, C, p, p]
+        candidates = [{"pixel_values": flat}]
+        if patch_dim % (p * p) == 0:
+            images = flat.reshape(len(flat), patch_dim // (p * p), p, p)
+            candidates += [{"pixel_values": images}, {"pixel_values": images[None]}]
+        for media in candidates:
+            media["image_grid_thw"] = grid
+            if "image_merge_sizes" in inspect.signature(model.forward).parameters:
+                media["image_merge_sizes"] = torch.tensor([side // 2] * 2)
+    else:
+        size = vision.image_size[0] if isinstance(vision.image_size, (list, tuple)) else vision.image_size
+        pixels = torch.randn(2, channels, size, size, generator=g)
+        # [images, C, H, W]; else one image (or, for any-resolution models, a base view plus
+        # one tile) per row: [rows, images, C, H, W]
+        candidates = [{"pixel_values": pixels}, {"pixel_values": pixels[:, None]},
+                      {"pixel_values": torch.stack([pixels, pixels.flip(-1)], 1)}]
+        if "image_sizes" in inspect.signature(get).parameters:
+            for media in candidates:
+                media["image_sizes"] = torch.tensor([[size, size]] * 2)
+    failures = []
+    for media in candidates:
+        shapes = ", ".join(f"{k}{list(v.shape)}" for k, v in media.items())
+        try:
+            with torch.no_grad():
+                n = _feature_tokens(get(**media), config.get_text_config().hidden_size)
+            break
+        except NotBuilt:
+            raise
+        except Exception as e:  # noqa: BLE001
+                failures.append(f"get_image_features on {shapes}: {type(e).__name__}: "
+                            f"{base._message(e, 200 if not failures else 100)}")
+    else:
+        raise NotBuilt("; ".join(failures))
     if n % 2:
         raise NotBuilt(f"2 images gave {n} feature tokens")
     n //= 2
