@@ -520,7 +520,10 @@ class HFTracer(Tracer):
     def _in_moe_fallback_scope(self, m: torch.nn.Module) -> bool:
         """Whether ``m`` is an expert block, whose data-dependent dispatch keeps the shape
         of its input (see ``_eval_submodule``); other modules get real evaluation."""
-        return any("expert" in type(sub).__name__.lower() or "moe" in type(sub).__name__.lower() for sub in m.modules())
+        name = type(m).__name__.lower()
+        if any(v in name for v in ("vision", "visual", "audio")):
+            return False  # towers of MoE VLMs (Qwen3VLMoeVisionModel) are not expert blocks
+        return "expert" in name or "moe" in name
 
     def _lift_states(self, args, kwargs):
         """Replace mutable containers passed to a leaf by explicit ``make_state`` nodes."""
