@@ -62,9 +62,10 @@ from __future__ import annotations
 
 import collections.abc
 import contextlib
-import functools
 import copy
+import functools
 import inspect
+import operator
 import sys
 import traceback
 from dataclasses import dataclass, field
@@ -212,6 +213,10 @@ class MetaProxy(Proxy):
         val = self.node.meta.get("val")
         if name in _CONCRETE_TENSOR_ATTRS and isinstance(val, torch.Tensor):
             return getattr(val, name)
+        if name == "prod" and isinstance(val, torch.Size):
+            # numpy reductions call obj.prod(); torch.Size has none: multiply the dims symbolically.
+            dims = [self[i] for i in range(len(val))]
+            return lambda *args, **kwargs: functools.reduce(operator.mul, dims, 1)
         if name == "dtype" and isinstance(val, torch.Tensor):
             # Forwards pass dtypes to Python APIs (tensor.type(dtype), torch.finfo): a
             # concrete dtype, guarded so that a stage run in another dtype retraces.
