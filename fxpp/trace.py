@@ -258,6 +258,9 @@ class HFTracer(Tracer):
 
     def __init__(self, model: torch.nn.Module, layers_fqn: str, fake_mode: FakeTensorMode):
         super().__init__(autowrap_functions=(), param_shapes_constant=False)
+        # Buffers a traced forward reads (BERT's token_type_ids) become get_attr nodes, so
+        # tensor methods called on them with traced sizes are recorded, not executed.
+        self.proxy_buffer_attributes = True
         self.record_stack_traces = True
         self.model = model
         self.traced_modules = trace_path(layers_fqn)
