@@ -112,7 +112,7 @@ class Baseline:
 
 def pipeline_step_times(rank: int, world: int, schedule: str, device, steps: int, warmup: int) -> dict:
     """This rank's step times for ``schedule`` (every rank calls this together)."""
-    from torch.distributed.pipelining import schedules as sched_mod
+    from fxpp.stage import make_schedule
 
     t_setup = time.perf_counter()
     model = build_model(device)
@@ -123,10 +123,8 @@ def pipeline_step_times(rank: int, world: int, schedule: str, device, steps: int
     pipe = fxpp.pipeline(model, num_stages, example_inputs=mb)
     ids = fxpp.stage_ids_of_rank(rank, num_stages, world, style)
     stages = [pipe.build_stage(i, device, style=style) for i in ids]
-    cls = getattr(sched_mod, f"Schedule{schedule}")
-    single = cls.__mro__[1].__name__ == "PipelineScheduleSingle"
     loss_fn = fxpp.causal_lm_loss(labels, MICROBATCHES)
-    sched = cls(stages[0] if single else stages, n_microbatches=MICROBATCHES, loss_fn=loss_fn)
+    sched = make_schedule(schedule, stages, MICROBATCHES, loss_fn)
     params = list({id(p): p for st in stages for p in st.submod.parameters()}.values())
     opt = torch.optim.AdamW(params, lr=1e-3)
     holds_last = any(st.is_last for st in stages)

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import copy
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -93,9 +93,9 @@ def tied_parameters(pipe: "Pipeline") -> list[dict[int, str]]:
 class _TiedSync:
     """One tied parameter's exchange between its first and last holder (Note [tied-weight sync]).
 
-    What is exchanged is this step's *increment* of the gradient, so gradients
-    accumulated over several steps without ``zero_grad`` are summed once, not again
-    at every step.
+    What is exchanged is this step's *increment* of the gradient (see
+    ``FxppPipelineStage._fxpp_increment``), so gradients accumulated over several steps
+    without ``zero_grad`` are summed once, not again at every step.
     """
 
     def __init__(self, param: torch.nn.Parameter, *, is_first_holder: bool, peer: int, group):
@@ -103,17 +103,9 @@ class _TiedSync:
         self.is_first_holder = is_first_holder
         self.peer = peer  # global rank of the other holder
         self.group = group
-        self.before: torch.Tensor | None = None
 
-    def start_step(self) -> None:
-        grad = self.param.grad
-        self.before = None if grad is None else grad.detach().clone()
-
-    def exchange(self) -> None:
-        if self.param.grad is None:
-            self.param.grad = torch.zeros_like(self.param)
-        grad = self.param.grad
-        mine = grad.detach().clone() if self.before is None else grad.detach() - self.before
+    def exchange(self, stage: "FxppPipelineStage") -> None:
+        mine = stage._fxpp_increment(self.param)
         theirs = torch.empty_like(mine)
         if self.is_first_holder:
             dist.recv(theirs, src=self.peer, group=self.group)
@@ -121,35 +113,24 @@ class _TiedSync:
         else:
             dist.send(mine, dst=self.peer, group=self.group)
             dist.recv(theirs, src=self.peer, group=self.group)
-        grad.add_(theirs)
-        self.before = None
+        self.param.grad.add_(theirs)
 
 
 class _LocalTie:
-    """A tied parameter whose two holders are stages on this rank."""
+    """A tied parameter whose two holders are stages on this rank; the first holder sums."""
 
     def __init__(self, param: torch.nn.Parameter, partner):
         self.param = param
-        self.partner = partner  # () -> the other stage's parameter, once that stage is built
-        self.before: dict[int, torch.Tensor | None] = {}
+        self.partner = partner  # () -> (other stage, its parameter), once that stage is built
 
-    def start_step(self) -> None:
-        other = self.partner()
-        self.before = {id(p): (None if p.grad is None else p.grad.detach().clone())
-                       for p in (self.param, other) if p is not None}
-
-    def exchange(self) -> None:
-        other = self.partner()
-        if other is None:
+    def exchange(self, stage: "FxppPipelineStage") -> None:
+        found = self.partner()
+        if found is None:
             return
-        deltas = []
-        for p in (self.param, other):
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            before = self.before.get(id(p))
-            deltas.append(p.grad.detach().clone() if before is None else p.grad.detach() - before)
-        self.param.grad.add_(deltas[1])
-        other.grad.add_(deltas[0])
+        other_stage, other = found
+        mine, theirs = stage._fxpp_increment(self.param), other_stage._fxpp_increment(other)
+        self.param.grad.add_(theirs)
+        other.grad.add_(mine)
 
 
 def _called_from_update_losses() -> bool:
@@ -183,12 +164,19 @@ class FxppPipelineStage(PipelineStage):
         if self._fxpp_ties:
             self._fxpp_owed = True
 
+    def _fxpp_increment(self, p: torch.nn.Parameter) -> torch.Tensor:
+        """What this step added to ``p.grad`` (its value at the step's start is in the snapshot)."""
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        before = self._fxpp_grad_before.get(p)
+        return p.grad.detach().clone() if before is None else p.grad.detach() - before
+
     def _fxpp_finish(self) -> None:
         if not self._fxpp_owed:
             return
         self._fxpp_owed = False
         for tie in self._fxpp_ties:
-            tie.exchange()
+            tie.exchange(self)
 
     def scale_grads(self, grad_scale_factor: int) -> None:
         """Divide this step's gradient increment by ``grad_scale_factor``.
@@ -207,7 +195,6 @@ class FxppPipelineStage(PipelineStage):
                     p.grad.div_(grad_scale_factor)
                 else:
                     p.grad.sub_(before).div_(grad_scale_factor).add_(before)
-        self._fxpp_grad_before = {}
         self._fxpp_grads_final()
 
     def perform_reduce_grad(self, grad_scale_factor: int):
@@ -226,9 +213,8 @@ class FxppPipelineStage(PipelineStage):
                 "synchronised; this torch version's schedule did not end its step through _update_losses. "
                 "Call fxpp.stage.finish_step(stages) after schedule.step()"
             )
-        for tie in self._fxpp_ties:
-            tie.start_step()
-        # Gradients already accumulated before this step (see scale_grads).
+        # Gradients already accumulated before this step (see scale_grads and the
+        # tied-weight exchange); kept until the next step starts.
         self._fxpp_grad_before = {p: p.grad.detach().clone() for p in self.submod.parameters() if p.grad is not None}
         super().clear_runtime_states()
 
@@ -237,6 +223,23 @@ class FxppPipelineStage(PipelineStage):
         if self._fxpp_owed and _called_from_update_losses():
             self._fxpp_finish()
         return super().is_last
+
+
+def make_schedule(name: str, stages: list, n_microbatches: int, loss_fn, **kwargs):
+    """A ``torch.distributed.pipelining`` schedule by name (``"1F1B"``, ``"ZBVZeroBubble"``, ...).
+
+    Single-stage schedules get the rank's one stage, multi-stage ones the list.
+    """
+    from torch.distributed.pipelining import schedules
+
+    cls = getattr(schedules, f"Schedule{name}", None)
+    if cls is None:
+        raise StageSpecError(f"schedule={name!r} is not a schedule of torch.distributed.pipelining")
+    if issubclass(cls, schedules.PipelineScheduleSingle):
+        if len(stages) != 1:
+            raise StageSpecError(f"schedule {name} runs one stage per rank; this rank holds {len(stages)}")
+        return cls(stages[0], n_microbatches=n_microbatches, loss_fn=loss_fn, **kwargs)
+    return cls(stages, n_microbatches=n_microbatches, loss_fn=loss_fn, **kwargs)
 
 
 def finish_step(stages) -> None:
@@ -360,7 +363,7 @@ def build_stage(pipe: "Pipeline", index: int, device: torch.device | str, group=
         if ranks[other] == ranks[index]:
             if index == first:  # the first holder finishes last: it sums for both
                 local.append(_LocalTie(mine, lambda o=other, n=owners[other]: (
-                    registry[o].submod.get_parameter(n) if o in registry else None)))
+                    (registry[o], registry[o].submod.get_parameter(n)) if o in registry else None)))
             continue
         peer = ranks[other] if group is None else dist.get_global_rank(group, ranks[other])
         tied.append(_TiedSync(mine, is_first_holder=index == first, peer=peer, group=group))
@@ -376,13 +379,3 @@ def build_stage(pipe: "Pipeline", index: int, device: torch.device | str, group=
     )
     registry[index] = stage
     return stage
-
-
-def split_microbatch_kwargs(kwargs: dict[str, Any], num_microbatches: int) -> list[dict[str, Any]]:
-    """Split batch-aligned keyword inputs into microbatches along dim 0."""
-    out = [dict() for _ in range(num_microbatches)]
-    for name, value in kwargs.items():
-        chunks = torch.tensor_split(value, num_microbatches, dim=0) if isinstance(value, torch.Tensor) else [value] * num_microbatches
-        for mb, chunk in zip(out, chunks):
-            mb[name] = chunk
-    return out

@@ -64,10 +64,8 @@ def synthetic_batches(cfg: RunConfig, vocab: int) -> list[dict[str, torch.Tensor
 def run_rank(rank: int, world: int, cfg: RunConfig) -> dict:
     """One rank's share of the job; the process group must be initialised."""
     import fxpp
-    from torch.distributed.pipelining import schedules as sched_mod
-
     from .models import build_model
-    from .stage import default_device
+    from .stage import default_device, make_schedule
 
     device = default_device(rank)
     model = build_model(cfg.model, seed=cfg.seed).to(device)
@@ -78,7 +76,6 @@ def run_rank(rank: int, world: int, cfg: RunConfig) -> dict:
     style = MULTI_STAGE.get(cfg.schedule, "loop")
     ids = fxpp.stage_ids_of_rank(rank, cfg.num_stages, world, style)
     stages = [pipe.build_stage(i, device, style=style) for i in ids]
-    cls = getattr(sched_mod, f"Schedule{cfg.schedule}")
     params = list({id(p): p for st in stages for p in st.submod.parameters()}.values())
     opt = torch.optim.AdamW(params, lr=cfg.lr)
     holds_last = any(st.is_last for st in stages)
@@ -92,8 +89,7 @@ def run_rank(rank: int, world: int, cfg: RunConfig) -> dict:
         batch = {k: v.to(device) for k, v in batch.items()}
         labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
         loss_fn = fxpp.causal_lm_loss(labels, cfg.microbatches)
-        schedule = cls(stages if cls.__mro__[1].__name__ != "PipelineScheduleSingle" else stages[0],
-                       n_microbatches=cfg.microbatches, loss_fn=loss_fn)
+        schedule = make_schedule(cfg.schedule, stages, cfg.microbatches, loss_fn)
         t0 = time.perf_counter()
         losses: list = []
         opt.zero_grad(set_to_none=True)

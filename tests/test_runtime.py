@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import fxpp
+from fxpp.stage import make_schedule
 from fxpp.zoo import tiny_model
 
 from .dist import run_distributed
@@ -26,12 +27,6 @@ SCHEDULES = {
     "ZBVZeroBubble": (2, 4, "v"),
     "DualPipeV": (2, 4, "v"),
 }
-
-
-def _schedule_class(name):
-    import torch.distributed.pipelining as pp
-
-    return getattr(pp, f"Schedule{name}")
 
 
 def _batch(batch=8, seq=8):
@@ -50,9 +45,7 @@ def train_rank(rank, world, workdir, schedule, family, num_layers, num_stages, s
     ids = fxpp.stage_ids_of_rank(rank, num_stages, world, style)
     stages = [pipe.build_stage(i, "cpu", style=style) for i in ids]
     loss_fn = fxpp.causal_lm_loss(labels, microbatches)
-    cls = _schedule_class(schedule)
-    single = cls.__mro__[1].__name__ == "PipelineScheduleSingle"
-    sched = cls(stages[0] if single else stages, n_microbatches=microbatches, loss_fn=loss_fn)
+    sched = make_schedule(schedule, stages, microbatches, loss_fn)
     params = {}
     for st in stages:
         for name, p in st.submod.named_parameters():
@@ -151,7 +144,7 @@ def meta_rank(rank, world, workdir, tie):
     ref = tiny_model("qwen2", 4, tie_word_embeddings=tie)
     inputs, labels = _batch()
     loss_fn = fxpp.causal_lm_loss(labels, 4)
-    sched = _schedule_class("1F1B")(stage, n_microbatches=4, loss_fn=loss_fn)
+    sched = make_schedule("1F1B", [stage], 4, loss_fn)
     losses = []
     sched.step(**inputs, target=labels, losses=losses)
     ref_loss = ref(**inputs, labels=labels).loss
@@ -192,10 +185,10 @@ def reshape_rank(rank, world, workdir):
     pipe = fxpp.pipeline(model, world, example_inputs={k: v[:2] for k, v in first_inputs.items()})
     stage = pipe.build_stage(rank, "cpu")
     loss_fn = fxpp.causal_lm_loss(first_labels, 4)
-    _schedule_class("1F1B")(stage, n_microbatches=4, loss_fn=loss_fn).step(**first_inputs, target=first_labels)
+    make_schedule("1F1B", [stage], 4, loss_fn).step(**first_inputs, target=first_labels)
     stage = pipe.build_stage(rank, "cpu", microbatch={k: v[:2] for k, v in second_inputs.items()})
     loss_fn = fxpp.causal_lm_loss(second_labels, 2)
-    _schedule_class("GPipe")(stage, n_microbatches=2, loss_fn=loss_fn).step(**second_inputs, target=second_labels)
+    make_schedule("GPipe", [stage], 2, loss_fn).step(**second_inputs, target=second_labels)
     ref(**first_inputs, labels=first_labels).loss.backward()
     ref(**second_inputs, labels=second_labels).loss.backward()
     return {n: float((p.grad - ref.get_parameter(n).grad).abs().max()) for n, p in stage.submod.named_parameters()}
@@ -215,7 +208,7 @@ def failing_rank(rank, world, workdir):
     stage = pipe.build_stage(rank, "cpu")
     if rank == 1:
         raise RuntimeError("rank 1 lost its data loader")
-    _schedule_class("1F1B")(stage, n_microbatches=4, loss_fn=fxpp.causal_lm_loss(labels, 4)).step(**inputs, target=labels)
+    make_schedule("1F1B", [stage], 4, fxpp.causal_lm_loss(labels, 4)).step(**inputs, target=labels)
 
 
 @pytest.mark.timeout(120)
@@ -277,7 +270,7 @@ def resume_rank(rank, world, workdir, phase):
         load_stage(stage.submod, f"{workdir}/stage{rank}.safetensors")
         load_optimizer(opt, stage.submod, f"{workdir}/opt{rank}.safetensors")
     steps = {"full": 4, "first": 2, "resume": 2}[phase]
-    schedule = _schedule_class("1F1B")(stage, n_microbatches=4, loss_fn=fxpp.causal_lm_loss(labels, 4))
+    schedule = make_schedule("1F1B", [stage], 4, fxpp.causal_lm_loss(labels, 4))
     for _ in range(steps):
         opt.zero_grad(set_to_none=True)
         schedule.step(**inputs, target=labels)
@@ -315,7 +308,7 @@ def killed_rank(rank, world, workdir):
     stage = pipe.build_stage(rank, "cpu")
     if rank == 1:
         stage.submod.register_forward_pre_hook(lambda *a: os._exit(9))  # killed mid-step
-    _schedule_class("1F1B")(stage, n_microbatches=4, loss_fn=fxpp.causal_lm_loss(labels, 4)).step(**inputs, target=labels)
+    make_schedule("1F1B", [stage], 4, fxpp.causal_lm_loss(labels, 4)).step(**inputs, target=labels)
 
 
 @pytest.mark.timeout(120)

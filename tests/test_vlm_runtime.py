@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import fxpp
+from fxpp.stage import make_schedule
 from fxpp.zoo import tiny_vlm
 
 from .dist import run_distributed
@@ -29,8 +30,6 @@ VISION_PREFIXES = ("model.vision_tower.", "model.multi_modal_projector.")
 
 
 def vlm_train_rank(rank, world, workdir, schedule_name, num_microbatches):
-    from torch.distributed import pipelining as pp
-
     torch.manual_seed(0)
     model = tiny_vlm(FAMILY, 4)[0].train()
     ref = tiny_vlm(FAMILY, 4)[0].train()
@@ -41,7 +40,7 @@ def vlm_train_rank(rank, world, workdir, schedule_name, num_microbatches):
     pipe = fxpp.pipeline(model, world, example_inputs=mbs[0])
     stage = pipe.build_stage(rank, "cpu")
     loss_fn = fxpp.causal_lm_loss(labels, num_microbatches)
-    schedule = getattr(pp, f"Schedule{schedule_name}")(stage, n_microbatches=num_microbatches, loss_fn=loss_fn)
+    schedule = make_schedule(schedule_name, [stage], num_microbatches, loss_fn)
     losses = []
     fxpp.step_with_microbatches(schedule, mbs if rank == 0 else None, targets, losses)
     ref_loss = ref(**inputs, labels=labels).loss
