@@ -15,6 +15,7 @@ import torch
 
 import fxpp
 from fxpp.annotate import info
+from fxpp.split import even_split
 from fxpp.zoo import tiny_model
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -74,7 +75,7 @@ def stage_balance_png(path: str) -> None:
     example = {"input_ids": torch.zeros(1, 4096, dtype=torch.long, device="meta")}
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.5))
     for ax, stages in zip(axes, (4, 8)):
-        for label, kwargs, offset in (("even layer count", {"layers_per_stage": _even(32, stages)}, -0.2),
+        for label, kwargs, offset in (("even layer count", {"layers_per_stage": [len(r) for r in even_split(32, stages)]}, -0.2),
                                       ("cost model", {}, 0.2)):
             pipe = fxpp.pipeline(model, stages, example_inputs=example, **kwargs)
             costs = pipe.stage_costs()
@@ -88,11 +89,6 @@ def stage_balance_png(path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def _even(n: int, k: int) -> list[int]:
-    base, extra = divmod(n, k)
-    return [base + (1 if i < extra else 0) for i in range(k)]
 
 
 def schedule_png(path: str, schedule: str, ranks: int, microbatches: int, stages_per_rank: int) -> None:

@@ -36,12 +36,11 @@ class Pipeline:
         for role, layers in zip(roles_for(len(layer_ranges)), layer_ranges):
             spec = StageSpec(role=StageRole.parse(role), layers=layers, num_layers=n)
             self.stages.append(StageModule.build(model, model_graph, spec))
-        self.crossing = [[v.name for v in crossing_values(model_graph.graph, r.start)] for r in layer_ranges[1:]]
-        modules = dict(model_graph.named_modules())
+        graph, modules = model_graph.graph, dict(model_graph.named_modules())
+        cut_values = [(r.start, crossing_values(graph, r.start)) for r in layer_ranges[1:]]
+        self.crossing = [[v.name for v in values] for _, values in cut_values]
         self.crossing_described = [
-            [f"{v.name} ({describe_crossing(model_graph.graph, v, r.start, modules)})"
-             for v in crossing_values(model_graph.graph, r.start)]
-            for r in layer_ranges[1:]
+            [f"{v.name} ({describe_crossing(graph, v, k, modules)})" for v in values] for k, values in cut_values
         ]
         self._runtime_stages: dict = {}  # built by build_stage on this rank, by index
         self._runtime_submods: dict = {}  # (index, device) -> the stage's runtime GraphModule
@@ -71,6 +70,7 @@ class Pipeline:
     def plan(self) -> str:
         """The stage plan as a table: layers, parameters, cost share, what crosses each cut."""
         costs = self.stage_costs()
+        params = self.stage_params()
         total = sum(costs) or 1.0
         rows = [f"{type(self.model).__name__}: {self.num_stages} stages, "
                 f"example {', '.join(f'{k}{list(v.shape)}' for k, v in self.example_inputs.items() if hasattr(v, 'shape'))}",
@@ -79,7 +79,7 @@ class Pipeline:
             crossing = ", ".join(self.crossing_described[i]) if i < len(self.crossing) else "-"
             rows.append(
                 f"{i:>5}  {stage.spec.role.value:<6}  {layers.start:>3}-{layers.stop - 1:<5}  "
-                f"{self.stage_params()[i]:>12,}  {costs[i] / total:>9.1%}  {crossing}"
+                f"{params[i]:>12,}  {costs[i] / total:>9.1%}  {crossing}"
             )
         rows.append(f"balance: slowest stage {max(costs) / total:.1%} of the work (ideal {1 / self.num_stages:.1%})")
         return "\n".join(rows)

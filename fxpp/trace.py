@@ -249,10 +249,6 @@ class MetaAttribute(MetaProxy, Attribute):
     pass
 
 
-def _fake_leaf_like(value: Any) -> Any:
-    return value
-
-
 class HFTracer(Tracer):
     """The tracer; use :func:`trace_model` rather than this class directly."""
 
