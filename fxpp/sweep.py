@@ -615,8 +615,6 @@ def check_family(
     example_inputs: dict[str, Any] | None = None,
 ) -> SweepResult:
     """Build a tiny ``model_type`` model and compare a 2-stage pipeline with it."""
-    import fxpp
-
     result = SweepResult(family=model_type, class_name=class_name, status="error")
     start = time.perf_counter()
     phase = "build"
@@ -648,40 +646,47 @@ def check_family(
             return result
 
         # --- fxpp's side
-        try:
-            remaining = max(timeout_s - (time.perf_counter() - start), 1.0)
-            with _deadline(remaining):
-                phase = "pipeline"
-                pipe = fxpp.pipeline(model, 2, example_inputs=example_inputs, cuts=[1])
-                phase = "run"
-                got = run_pipeline(pipe, model, inputs)
-            phase = "compare"
-            same, detail, diff = compare(ref, got)
-            result.status = "pass" if same else "mismatch"
-            result.detail, result.max_diff, result.phase = detail, diff, None if same else "compare"
-        except BaseException as e:  # noqa: BLE001
-            if isinstance(e, KeyboardInterrupt):
-                raise
-            result.phase, result.exc_type = phase, type(e).__name__
-            result.traceback = "".join(traceback.format_exception(e))
-            result.frame = innermost_fxpp_frame(e)
-            cause = root_cause(e)
-            if cause is not e:
-                result.cause = type(cause).__name__
-            if isinstance(e, FxppError):
-                result.status = "fxpp-error"
-                result.detail = f"{type(e).__name__}: {_message(e)}"
-            else:
-                result.status = "error"
-                result.detail = f"{phase}: {type(e).__name__}: {_message(e)}"
-                if isinstance(e, SweepTimeout):
-                    result.detail = f"{phase}: timed out (family budget {timeout_s:g}s)"
-            return result
-        return result
+        return check_pipeline(result, model, inputs, ref, example_inputs, timeout_s=timeout_s, start=start)
     finally:
         result.seconds = time.perf_counter() - start
         if model is not None:
             model.zero_grad(set_to_none=True)
+
+
+def check_pipeline(result: SweepResult, model, inputs: dict, ref, example_inputs: dict | None, *,
+                   timeout_s: float, start: float) -> SweepResult:
+    """fxpp's half of a family's check, shared by both sweeps: a 2-stage pipeline
+    (``cuts=[1]``) against the unpatched reference ``ref``; fills and returns ``result``."""
+    import fxpp
+
+    phase = "pipeline"
+    try:
+        with _deadline(max(timeout_s - (time.perf_counter() - start), 1.0)):
+            pipe = fxpp.pipeline(model, 2, example_inputs=example_inputs, cuts=[1])
+            phase = "run"
+            got = run_pipeline(pipe, model, inputs)
+        phase = "compare"
+        same, detail, diff = compare(ref, got)
+        result.status = "pass" if same else "mismatch"
+        result.detail, result.max_diff, result.phase = detail, diff, None if same else "compare"
+    except BaseException as e:  # noqa: BLE001
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        result.phase, result.exc_type = phase, type(e).__name__
+        result.traceback = "".join(traceback.format_exception(e))
+        result.frame = innermost_fxpp_frame(e)
+        cause = root_cause(e)
+        if cause is not e:
+            result.cause = type(cause).__name__
+        if isinstance(e, FxppError):
+            result.status = "fxpp-error"
+            result.detail = f"{type(e).__name__}: {_message(e)}"
+        else:
+            result.status = "error"
+            result.detail = f"{phase}: {type(e).__name__}: {_message(e)}"
+            if isinstance(e, SweepTimeout):
+                result.detail = f"{phase}: timed out (family budget {timeout_s:g}s)"
+    return result
 
 
 def causal_lm_families() -> dict[str, str]:

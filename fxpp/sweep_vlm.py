@@ -44,7 +44,6 @@ from typing import Any
 import torch
 
 from . import sweep as base
-from .errors import FxppError
 
 STATUSES = ("pass", "mismatch", "fxpp-error", "model-error", "error", "not-built")
 COMMAND = "python -m fxpp.sweep --vlm --write-docs"
@@ -290,7 +289,6 @@ def check_vlm_family(model_type: str, class_name: str = "", *, timeout_s: float 
     """Build a tiny ``model_type`` VLM with image inputs and compare a 2-stage pipeline with it."""
     import transformers
 
-    import fxpp
     from .zoo import VLM_FAMILIES
 
     result = base.SweepResult(family=model_type, class_name=class_name, status="error")
@@ -337,32 +335,7 @@ def check_vlm_family(model_type: str, class_name: str = "", *, timeout_s: float 
                 result.status = "model-error"
                 result.detail = f"{phase}: {type(e).__name__}: {base._message(e)}"
             return result
-        try:
-            with base._deadline(max(timeout_s - (time.perf_counter() - start), 1.0)):
-                phase = "pipeline"
-                pipe = fxpp.pipeline(model, 2, example_inputs=example, cuts=[1])
-                phase = "run"
-                got = base.run_pipeline(pipe, model, inputs)
-            same, detail, diff = base.compare(ref, got)
-            result.status = "pass" if same else "mismatch"
-            result.detail, result.max_diff, result.phase = detail, diff, None if same else "compare"
-        except BaseException as e:  # noqa: BLE001
-            if isinstance(e, KeyboardInterrupt):
-                raise
-            result.phase, result.exc_type = phase, type(e).__name__
-            result.traceback = "".join(traceback.format_exception(e))
-            result.frame = base.innermost_fxpp_frame(e)
-            cause = base.root_cause(e)
-            if cause is not e:
-                result.cause = type(cause).__name__
-            if isinstance(e, FxppError):
-                result.status, result.detail = "fxpp-error", f"{type(e).__name__}: {base._message(e)}"
-            else:
-                result.status = "error"
-                result.detail = f"{phase}: {type(e).__name__}: {base._message(e)}"
-                if isinstance(e, base.SweepTimeout):
-                    result.detail = f"{phase}: timed out (family budget {timeout_s:g}s)"
-        return result
+        return base.check_pipeline(result, model, inputs, ref, example, timeout_s=timeout_s, start=start)
     finally:
         result.seconds = time.perf_counter() - start
         if model is not None:
