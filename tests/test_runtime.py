@@ -201,13 +201,18 @@ def test_new_sequence_length_and_microbatch_count_keep_accumulated_gradients(tmp
         assert not bad, f"rank {rank}: {bad}"
 
 
-def failing_rank(rank, world, workdir):
+def faulty_rank(rank, world, workdir, fault):
+    """Rank 1 fails before its step (``"raise"``) or is killed inside it (``"kill"``)."""
+    import os
+
     model = tiny_model("llama", 2)
     inputs, labels = _batch()
     pipe = fxpp.pipeline(model, world, example_inputs={k: v[:2] for k, v in inputs.items()})
     stage = pipe.build_stage(rank, "cpu")
-    if rank == 1:
+    if rank == 1 and fault == "raise":
         raise RuntimeError("rank 1 lost its data loader")
+    if rank == 1 and fault == "kill":
+        stage.submod.register_forward_pre_hook(lambda *a: os._exit(9))  # killed mid-step
     make_schedule("1F1B", [stage], 4, fxpp.causal_lm_loss(labels, 4)).step(**inputs, target=labels)
 
 
@@ -216,7 +221,7 @@ def test_one_rank_failing_ends_every_rank_with_an_error(tmp_path):
     import time
 
     start = time.monotonic()
-    results = run_distributed(failing_rank, 2, tmp_path, expect_ok=False, timeout_s=90, pg_timeout_s=20)
+    results = run_distributed(faulty_rank, 2, tmp_path, "raise", expect_ok=False, timeout_s=90, pg_timeout_s=20)
     assert time.monotonic() - start < 90
     assert "rank 1 lost its data loader" in results[1]["error"]
     assert not results[0]["ok"]
@@ -299,24 +304,12 @@ def test_resume_from_stage_checkpoints_continues_exactly(tmp_path):
                 assert torch.equal(torch.as_tensor(state_a[i][key]), torch.as_tensor(state_b[i][key])), (rank, i, key)
 
 
-def killed_rank(rank, world, workdir):
-    import os
-
-    model = tiny_model("llama", 2)
-    inputs, labels = _batch()
-    pipe = fxpp.pipeline(model, world, example_inputs={k: v[:2] for k, v in inputs.items()})
-    stage = pipe.build_stage(rank, "cpu")
-    if rank == 1:
-        stage.submod.register_forward_pre_hook(lambda *a: os._exit(9))  # killed mid-step
-    make_schedule("1F1B", [stage], 4, fxpp.causal_lm_loss(labels, 4)).step(**inputs, target=labels)
-
-
 @pytest.mark.timeout(120)
 def test_a_killed_rank_ends_the_others_in_bounded_time(tmp_path):
     import time
 
     start = time.monotonic()
-    results = run_distributed(killed_rank, 2, tmp_path, expect_ok=False, timeout_s=90, pg_timeout_s=20)
+    results = run_distributed(faulty_rank, 2, tmp_path, "kill", expect_ok=False, timeout_s=90, pg_timeout_s=20)
     assert time.monotonic() - start < 90
     assert results[1]["error"].startswith("rank 1 died")
     assert not results[0]["ok"] and results[0]["error"]
