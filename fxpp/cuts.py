@@ -103,6 +103,9 @@ def describe_crossing(graph: Graph, node: Node, k: int, modules: dict | None = N
         return "hidden states"
     if node.op == "placeholder":
         return f"input {node.target}"
+    if node.op == "call_function" and node.target is ops.scatter_rows:
+        rows, mask = node.args
+        return f"{rows.name} placed densely at the True positions of {mask.name}"
     if node.op == "call_function" and node.target is ops.state_entry:
         writer = node.kwargs.get("after")
         return f"shared state {node.args[1]!r} from {getattr(writer, 'target', '?')}"

@@ -71,6 +71,23 @@ def setitem(target: Any, key: Any, value: Any) -> Any:
     return target
 
 
+def scatter_rows(rows: Any, mask: Any) -> Any:
+    """A zero tensor of shape ``[*mask.shape, *rows.shape[1:]]`` holding ``rows`` at the
+    ``True`` positions of ``mask``, in order: the dense form of ``dense[mask] = rows``.
+
+    Differentiable in ``rows`` (its gradient is the dense gradient's masked rows), so
+    a value sent this way gets exactly its gradient back (see
+    ``fxpp.passes.dense_masked_rows``).
+    """
+    dense = rows.new_zeros(*mask.shape, *rows.shape[1:])
+    return dense.index_put((mask,), rows)
+
+
+def gather_rows(dense: Any, mask: Any) -> Any:
+    """``dense[mask]``: the rows :func:`scatter_rows` placed, in the same order."""
+    return dense[mask]
+
+
 def make_state(container_type: type, entries: dict) -> Any:
     """A fresh state container holding ``entries`` (see the module glossary)."""
     state = container_type()

@@ -18,6 +18,7 @@ from torch.fx import GraphModule
 from .annotate import annotate, info
 from .errors import StageInputError, StageSpecError, UnsupportedModelError
 from .ops import GuardFailure
+from .passes.dense_masked_rows import dense_masked_rows
 from .passes.extract_stage import extract_stage
 from .passes.none_safe_masks import none_safe_masks
 from .spec import StageRole, StageSpec
@@ -72,6 +73,7 @@ def trace_annotated(model: torch.nn.Module, example_inputs: dict[str, Any]) -> G
         input_embeddings=_safe_call(model, "get_input_embeddings"),
         output_embeddings=_safe_call(model, "get_output_embeddings"),
     )
+    dense_masked_rows(gm)
     gm.meta["fxpp_example_inputs"] = {k: v for k, v in inputs.items() if v is not None}
     gm.meta["fxpp_num_layers"] = len(find_decoder_layers(model)[1])
     gm.meta["fxpp_model_class"] = type(model).__name__

@@ -73,13 +73,25 @@ def test_vision_path_on_first_stage_only(family):
         assert not {"pixel_values", "image_sizes", "image_position_ids"} & set(crossing), crossing
 
 
-def test_qwen3_vl_deepstack_features_cross_cuts():
-    """Deepstack features are added into layers 0 and 1; a cut at 1 sends layer 1's."""
+def test_qwen3_vl_deepstack_features_cross_cuts_densely():
+    """Deepstack features are added into layers 0 and 1; a cut at 1 sends layer 1's as a
+    dense ``[B, S, H]`` tensor (zeros off the image tokens), so no received shape follows
+    the microbatch's image count."""
     model, make_inputs = _vlm("qwen3_vl")
-    pipe = fxpp.pipeline(model, 2, example_inputs=make_inputs(2, 24, seed=1), cuts=[1])
-    received = [n for n in pipe.stages[1].graph.nodes if n.op == "placeholder"]
-    shapes = [tuple(n.meta["val"].shape) for n in received]
-    assert any(len(s) == 2 and s[-1] == model.config.text_config.hidden_size for s in shapes), shapes
+    example = make_inputs(2, 24, seed=1)
+    pipe = fxpp.pipeline(model, 2, example_inputs=example, cuts=[1])
+    received = {n.meta["fxpp_crossing"]: tuple(n.meta["val"].shape)
+                for n in pipe.stages[1].graph.nodes if n.op == "placeholder"}
+    batch, seq = example["input_ids"].shape
+    hidden = model.config.text_config.hidden_size
+    dense = [name for name in received if name.startswith("scatter_rows")]
+    assert len(dense) == 1 and received[dense[0]] == (batch, seq, hidden), received
+    assert all(shape[:2] == (batch, seq) for shape in received.values()), received
+    # The dense tensor holds exactly the features at the image tokens.
+    outputs = pipe.stages[0](**example)
+    sent = dict(zip(received, outputs))[dense[0]]  # placeholders in the order they are sent
+    image = example["input_ids"] == model.config.image_token_id
+    assert torch.count_nonzero(sent[~image]) == 0 and torch.count_nonzero(sent[image]) > 0
 
 
 def test_tracing_leaves_no_side_channel_on_the_model():

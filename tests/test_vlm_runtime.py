@@ -1,15 +1,20 @@
-"""A vision-language model trained with a torch.distributed.pipelining schedule on gloo.
+"""Vision-language models trained with a torch.distributed.pipelining schedule on gloo.
 
-LLaVA (the cheapest tiny VLM) on 2 ranks with 1F1B: a batch of 4 samples owning 1, 2,
-0 and 1 images is split with ``fxpp.split_microbatches`` (so the two microbatches
-carry 3 and 1 images) and run with ``fxpp.step_with_microbatches``. The loss equals
-the unpatched model's on the whole batch, and every stage's gradients (the vision
-tower's included) equal the unpatched model's.
+On 2 ranks with 1F1B, a batch of 4 samples owning 1, 2, 0 and 1 images is split with
+``fxpp.split_microbatches`` (so the two microbatches carry 3 and 1 images) and run
+with ``fxpp.step_with_microbatches``. The loss equals the unpatched model's on the
+whole batch, and every stage's gradients (the vision tower's included) equal the
+unpatched model's.
 
 Every microbatch has the same text shape (the batch is padded to one length): the
 stages' static metadata come from the example microbatch. Images may differ per
-microbatch because nothing image-shaped crosses LLaVA's cut (hidden states and the
-padding mask, ``[B, S, ...]``).
+microbatch because nothing image-shaped crosses a cut:
+
+* LLaVA (the cheapest tiny VLM), cut chosen by fxpp: hidden states and the padding
+  mask cross.
+* Qwen3-VL cut at layer 1, before a deepstack layer: its visual features for layer 1
+  (one row per image token) cross as a dense ``[B, S, H]`` tensor
+  (``fxpp.passes.dense_masked_rows``).
 """
 
 from __future__ import annotations
@@ -24,20 +29,20 @@ from fxpp.zoo import tiny_vlm
 from .dist import run_distributed
 from .test_microbatch import multi_image_batch
 
-FAMILY = "llava"
 IMAGES_PER_SAMPLE = (1, 2, 0, 1)
-VISION_PREFIXES = ("model.vision_tower.", "model.multi_modal_projector.")
+VISION_PREFIXES = ("model.vision_tower.", "model.multi_modal_projector.", "model.visual.")
+CUTS = {"llava": None, "qwen3_vl": [1]}
 
 
-def vlm_train_rank(rank, world, workdir, schedule_name, num_microbatches):
+def vlm_train_rank(rank, world, workdir, family, schedule_name, num_microbatches):
     torch.manual_seed(0)
-    model = tiny_vlm(FAMILY, 4)[0].train()
-    ref = tiny_vlm(FAMILY, 4)[0].train()
-    _, inputs, labels, _ = multi_image_batch(FAMILY, IMAGES_PER_SAMPLE, seed=3, model=model)
+    model = tiny_vlm(family, 4)[0].train()
+    ref = tiny_vlm(family, 4)[0].train()
+    _, inputs, labels, _ = multi_image_batch(family, IMAGES_PER_SAMPLE, seed=3, model=model)
     mbs = fxpp.split_microbatches(model, {**inputs, "labels": labels}, num_microbatches)
     targets = [mb.pop("labels") for mb in mbs]
-    images = [mb["pixel_values"].shape[0] if "pixel_values" in mb else 0 for mb in mbs]
-    pipe = fxpp.pipeline(model, world, example_inputs=mbs[0])
+    images = [int((mb["input_ids"] == model.config.image_token_id).sum()) for mb in mbs]
+    pipe = fxpp.pipeline(model, world, example_inputs=mbs[0], cuts=CUTS[family])
     stage = pipe.build_stage(rank, "cpu")
     loss_fn = fxpp.causal_lm_loss(labels, num_microbatches)
     schedule = make_schedule(schedule_name, [stage], num_microbatches, loss_fn)
@@ -45,7 +50,7 @@ def vlm_train_rank(rank, world, workdir, schedule_name, num_microbatches):
     fxpp.step_with_microbatches(schedule, mbs if rank == 0 else None, targets, losses)
     ref_loss = ref(**inputs, labels=labels).loss
     ref_loss.backward()
-    report = {"images": images, "loss_diff": None, "grad_diff": {}}
+    report = {"images": images, "crossing": pipe.crossing, "loss_diff": None, "grad_diff": {}}
     if stage.is_last:
         report["loss_diff"] = float((loss_fn.whole_batch(losses) - ref_loss.detach()).abs())
     for name, p in stage.submod.named_parameters():
@@ -57,9 +62,13 @@ def vlm_train_rank(rank, world, workdir, schedule_name, num_microbatches):
 
 
 @pytest.mark.timeout(300)
-def test_vlm_1f1b_with_images_matches_unpatched_model(tmp_path):
-    reports = run_distributed(vlm_train_rank, 2, tmp_path, "1F1B", 2, timeout_s=240)
-    assert reports[0]["images"] == [3, 1], "the microbatches must carry different numbers of images"
+@pytest.mark.parametrize("family", sorted(CUTS))
+def test_vlm_1f1b_with_images_matches_unpatched_model(tmp_path, family):
+    reports = run_distributed(vlm_train_rank, 2, tmp_path, family, "1F1B", 2, timeout_s=240)
+    first, second = reports[0]["images"]
+    assert first > second > 0, f"the microbatches must carry different numbers of image tokens: {first}, {second}"
+    if family == "qwen3_vl":
+        assert any(name.startswith("scatter_rows") for name in reports[0]["crossing"][0]), reports[0]["crossing"]
     assert reports[-1]["loss_diff"] is not None and reports[-1]["loss_diff"] < 2e-5, reports[-1]["loss_diff"]
     for rank, r in enumerate(reports):
         for name, d in r["grad_diff"].items():
