@@ -178,15 +178,41 @@ def generic_config(model_type: str):
     for attr in IMAGE_TOKEN_ATTRS:
         if isinstance(getattr(cfg, attr, None), int):
             extra[attr] = base.VOCAB - 1
-    rope = getattr(cfg.get_text_config(), "rope_parameters", None)
-    if isinstance(rope, dict) and isinstance(rope.get("mrope_section"), list) and len(rope["mrope_section"]) == 3:
-        # multimodal rotary sections must add up to the tiny head_dim / 2
+    text_cfg = cfg.get_text_config()
+    rope = getattr(text_cfg, "rope_parameters", None)
+    if isinstance(rope, dict) and (isinstance(rope.get("mrope_section"), list) or _reads_mrope_section(model_type)
+                                   or "mrope_section" in getattr(text_cfg, "ignore_keys_at_rope_validation", ())):
+        # multimodal rotary sections (t, h, w) must add up to half the tiny rotary width;
+        # a config without them gets the modeling code's default, sized for the full model
         text = extra.setdefault("text_config", {}) if "text_config" in (getattr(cfg, "sub_configs", None) or {}) else extra
-        text["rope_parameters"] = {**rope, "mrope_section": [2, 3, 3]}
+        text["rope_parameters"] = {**rope, "mrope_section": _mrope_sections(text_cfg)}
     try:
         return AutoConfig.for_model(model_type, **base.shrink_kwargs(cfg, base.NUM_LAYERS, extra))
     except Exception as e:  # noqa: BLE001
         raise NotBuilt(f"tiny config: {type(e).__name__}: {base._message(e, 200)}") from e
+
+
+def _reads_mrope_section(model_type: str) -> bool:
+    """Whether the family's modeling code reads ``mrope_section`` (defaulting it when the
+    config has none, to sections sized for the full model). Families that import their
+    text model from another family say so in their config instead."""
+    cls = _model_class(model_type)
+    module = sys.modules.get(getattr(cls, "__module__", ""))
+    try:
+        return module is not None and "mrope_section" in inspect.getsource(module)
+    except (OSError, TypeError):
+        return False
+
+
+def _mrope_sections(text_config) -> list[int]:
+    """Three rotary sections that add up to half the tiny model's rotary width."""
+    shrink = base.SHRINK
+    head_dim = shrink.get("head_dim") or shrink["hidden_size"] // shrink["num_attention_heads"]
+    factor = (getattr(text_config, "rope_parameters", None) or {}).get("partial_rotary_factor") or getattr(
+        text_config, "partial_rotary_factor", None) or 1.0
+    half = int(head_dim * factor) // 2
+    third = half // 3
+    return [half - 2 * third, third, third]
 
 
 def _feature_tokens(features, hidden: int) -> int:

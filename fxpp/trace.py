@@ -249,6 +249,15 @@ class MetaAttribute(MetaProxy, Attribute):
     pass
 
 
+class UntraceableCode(TraceError):
+    """Code the tracer cannot follow symbolically: Python control flow or a Python
+    number taken from tensor data, or an op that fake tensors cannot run.
+
+    Raised to the user from the model's own code; inside a helper function it makes
+    the helper one opaque node instead (:meth:`HFTracer.call_helper`).
+    """
+
+
 class HFTracer(Tracer):
     """The tracer; use :func:`trace_model` rather than this class directly."""
 
@@ -320,7 +329,7 @@ class HFTracer(Tracer):
         except Exception as e:  # noqa: BLE001 - re-raised with node context
             if _is_data_dependent(e):
                 return self._fakeify_value(self.real_value(node, why=e))
-            raise TraceError(
+            raise UntraceableCode(
                 f"{type(self.model).__name__}: cannot compute the output shape of node {node.name} "
                 f"({node.op} {_target_name(node.target)}) at {_node_source_line(node, e)}: {type(e).__name__}: {e}"
             ) from e
@@ -378,24 +387,27 @@ class HFTracer(Tracer):
         last = self.graph._root.prev  # the newest node
         try:
             return fn(*args, **kwargs)
+        except UntraceableCode:
+            pass  # ``int(grid[0])``, ``torch.tensor`` of traced values: opaque, like any failure below
         except TraceError:
-            raise
+            raise  # a problem opaque evaluation has too (no real values on the meta device)
         except Exception:  # noqa: BLE001 - retried as one opaque node
-            made = []
-            node = self.graph._root.prev
-            while node is not last:
-                made.append(node)
-                node = node.prev
-            for node in made:  # newest first: users before their inputs
-                self._real_vals.pop(node, None)
-                self.graph.erase_node(node)
-            if method is None:
-                self._opaque_helpers.add(id(fn))
-                return self.create_proxy("call_function", fn, args, kwargs)
-            owner, rest = args[0], args[1:]
-            self._check_parameter_free(owner, method, rest, kwargs)
-            self._opaque_helpers.add(id(ops.call_method_of))
-            return self.create_proxy("call_function", ops.call_method_of, (ops.ModuleRef(owner), method, *rest), kwargs)
+            pass
+        made = []
+        node = self.graph._root.prev
+        while node is not last:
+            made.append(node)
+            node = node.prev
+        for node in made:  # newest first: users before their inputs
+            self._real_vals.pop(node, None)
+            self.graph.erase_node(node)
+        if method is None:
+            self._opaque_helpers.add(id(fn))
+            return self.create_proxy("call_function", fn, args, kwargs)
+        owner, rest = args[0], args[1:]
+        self._check_parameter_free(owner, method, rest, kwargs)
+        self._opaque_helpers.add(id(ops.call_method_of))
+        return self.create_proxy("call_function", ops.call_method_of, (ops.ModuleRef(owner), method, *rest), kwargs)
 
     def _check_parameter_free(self, owner: torch.nn.Module, method: str, args: tuple, kwargs: dict) -> None:
         """An opaque method must not use parameters: the stage would not own them."""
@@ -592,7 +604,7 @@ class HFTracer(Tracer):
         try:
             result = bool(val)
         except Exception as e:  # noqa: BLE001
-            raise TraceError(
+            raise UntraceableCode(
                 f"{type(self.model).__name__}: Python control flow depends on tensor data at {_short_stack()} "
                 f"(node {obj.node.name}); fxpp can only trace decisions on shapes"
             ) from e
@@ -604,7 +616,7 @@ class HFTracer(Tracer):
         try:
             result = kind(val)
         except Exception as e:  # noqa: BLE001
-            raise TraceError(
+            raise UntraceableCode(
                 f"{type(self.model).__name__}: a tensor value is used as a Python {kind.__name__} at "
                 f"{_short_stack()} (node {obj.node.name}); fxpp can only trace decisions on shapes"
             ) from e
