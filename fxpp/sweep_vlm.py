@@ -176,7 +176,8 @@ def generic_config(model_type: str):
         if name not in ("vision_config", "text_config") and isinstance(getattr(sub, "out_hidden_size", None), int):
             extra.setdefault(name, {})["out_hidden_size"] = base.SHRINK["hidden_size"]
     for attr in IMAGE_TOKEN_ATTRS:
-        if isinstance(getattr(cfg, attr, None), int):
+        # an int, or declared as None (BLIP-2 merges query outputs at image tokens only when set)
+        if isinstance(getattr(cfg, attr, None), int) or attr in vars(cfg):
             extra[attr] = base.VOCAB - 1
     text_cfg = cfg.get_text_config()
     rope = getattr(text_cfg, "rope_parameters", None)

@@ -189,9 +189,34 @@ def find_decoder_layers(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleLis
             f"{type(model).__name__}: found no ModuleList of num_hidden_layers={num_layers} decoder layers; "
             "fxpp needs a decoder-only model whose layers live in one nn.ModuleList"
         )
-    candidates.sort(key=lambda c: (c[0], c[1]))
+    # Other stacks of the same length (BLIP-2's Q-Former layers) are not the text decoder:
+    # prefer the stack that shares the longest path with the token embeddings, then the
+    # shallowest.
+    text_path = _token_embedding_path(model)
+    candidates.sort(key=lambda c: (-_shared_parts(c[1], text_path), c[0], c[1]))
     _, name, module = candidates[0]
     return name, module
+
+
+def _token_embedding_path(model: torch.nn.Module) -> list[str]:
+    """The qualified name of the module holding the input token embeddings, as parts."""
+    try:
+        embeddings = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return []
+    for name, module in model.named_modules():
+        if module is embeddings:
+            return name.split(".")[:-1]
+    return []
+
+
+def _shared_parts(name: str, path: list[str]) -> int:
+    shared = 0
+    for a, b in zip(name.split("."), path):
+        if a != b:
+            break
+        shared += 1
+    return shared
 
 
 def trace_path(layers_fqn: str) -> frozenset[str]:
