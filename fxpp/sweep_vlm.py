@@ -50,6 +50,7 @@ COMMAND = "python -m fxpp.sweep --vlm --write-docs"
 SECTION_MARK = "<!-- fxpp-vlm-sweep -->"
 SEQ_TEXT = 6  # text tokens around the image tokens of each row
 IMAGE_TOKEN_ATTRS = ("image_token_id", "image_token_index")
+VIDEO_TOKEN_ATTRS = ("video_token_id", "video_token_index")  # placeholders of video-only models
 ZOO_SEQ = {"llava_onevision": 40}
 # merge (pixel-shuffle) factor of grid-style vision towers, under its various names
 MERGE_ATTRS = ("spatial_merge_size", "merge_size", "merge_kernel_size", "adapter_merge_size")
@@ -175,13 +176,12 @@ def generic_config(model_type: str):
         sub = getattr(cfg, name, None)
         if name not in ("vision_config", "text_config") and isinstance(getattr(sub, "out_hidden_size", None), int):
             extra.setdefault(name, {})["out_hidden_size"] = base.SHRINK["hidden_size"]
-    for attr in IMAGE_TOKEN_ATTRS:
+    for attr in _placeholder_token_attrs(cfg):
         # an int, or declared as None (BLIP-2 merges query outputs at image tokens only when set)
-        if isinstance(getattr(cfg, attr, None), int) or attr in vars(cfg):
-            extra[attr] = base.VOCAB - 1
+        extra[attr] = base.VOCAB - 1
     text_cfg = cfg.get_text_config()
     rope = getattr(text_cfg, "rope_parameters", None)
-    if isinstance(rope, dict) and (isinstance(rope.get("mrope_section"), list) or _reads_mrope_section(model_type)
+    if isinstance(rope, dict) and rope and (isinstance(rope.get("mrope_section"), list) or _reads_mrope_section(model_type)
                                    or "mrope_section" in getattr(text_cfg, "ignore_keys_at_rope_validation", ())):
         # multimodal rotary sections (t, h, w) must add up to half the tiny rotary width;
         # a config without them gets the modeling code's default, sized for the full model
@@ -191,6 +191,16 @@ def generic_config(model_type: str):
         return AutoConfig.for_model(model_type, **base.shrink_kwargs(cfg, base.NUM_LAYERS, extra))
     except Exception as e:  # noqa: BLE001
         raise NotBuilt(f"tiny config: {type(e).__name__}: {base._message(e, 200)}") from e
+
+
+def _placeholder_token_attrs(config) -> list[str]:
+    """The config attributes naming the token that image features replace: the image
+    token's, else (a video-only model) the video token's. Declared as None counts."""
+    for attrs in (IMAGE_TOKEN_ATTRS, VIDEO_TOKEN_ATTRS):
+        found = [a for a in attrs if isinstance(getattr(config, a, None), int) or a in vars(config)]
+        if found:
+            return found
+    return []
 
 
 def _reads_mrope_section(model_type: str) -> bool:
@@ -239,14 +249,12 @@ def generic_inputs(model, seed: int = 0) -> tuple[dict[str, torch.Tensor], str]:
     vision = getattr(config, "vision_config", None)
     if vision is None:
         return base.make_inputs(seed=seed), "text"
-    token = next((getattr(config, a) for a in IMAGE_TOKEN_ATTRS if isinstance(getattr(config, a, None), int)), None)
-    if token is None:
-        raise NotBuilt(f"{type(config).__name__} names no image token ({' / '.join(IMAGE_TOKEN_ATTRS)})")
+    token = next((getattr(config, a) for a in _placeholder_token_attrs(config)
+                  if isinstance(getattr(config, a, None), int)), None)
     channels = getattr(vision, "num_channels", None) or getattr(vision, "in_channels", None) or 3
     g = torch.Generator().manual_seed(seed)
-    get = getattr(model, "get_image_features", None) or getattr(getattr(model, "model", None), "get_image_features", None)
-    if get is None:
-        raise NotBuilt(f"{type(model).__name__} has no get_image_features")
+    get = next((getattr(owner, name) for name in ("get_image_features", "get_video_features")
+                for owner in (model, getattr(model, "model", None)) if hasattr(owner, name)), None)
     if _is_grid(vision, getattr(config, "model_type", None)):
         side = 2 * _int_attr(vision, MERGE_ATTRS, 1)
         grid = torch.tensor([[1, side, side]] * 2)
@@ -270,9 +278,26 @@ def generic_inputs(model, seed: int = 0) -> tuple[dict[str, torch.Tensor], str]:
         # one tile) per row: [rows, images, C, H, W]
         candidates = [{"pixel_values": pixels}, {"pixel_values": pixels[:, None]},
                       {"pixel_values": torch.stack([pixels, pixels.flip(-1)], 1)}]
-        if "image_sizes" in inspect.signature(get).parameters:
+        if get is not None and "image_sizes" in inspect.signature(get).parameters:
             for media in candidates:
                 media["image_sizes"] = torch.tensor([[size, size]] * 2)
+    # token ids of a second text encoder that reads the images (InstructBLIP's Q-Former
+    # instruction), one short row per image
+    params = set(inspect.signature(model.forward).parameters)
+    if get is not None:
+        params |= set(inspect.signature(get).parameters)
+    for name in sorted(p for p in params if p.endswith("_input_ids") and p not in ("input_ids", "decoder_input_ids")):
+        ids = torch.randint(3, base.VOCAB - 8, (2, 4), generator=g)
+        for media in candidates:
+            media[name] = ids
+            if name.replace("input_ids", "attention_mask") in params:
+                media[name.replace("input_ids", "attention_mask")] = torch.ones_like(ids)
+    if token is None:
+        # No image token: the model reads the images another way (cross-attention, or
+        # features put before the text); any text length goes with them
+        return _first_that_runs(model, candidates, g), "VLM"
+    if get is None:
+        raise NotBuilt(f"{type(model).__name__} has an image token but no get_image_features (or get_video_features)")
     failures = []
     for media in candidates:
         shapes = ", ".join(f"{k}{list(v.shape)}" for k, v in media.items())
@@ -283,7 +308,7 @@ def generic_inputs(model, seed: int = 0) -> tuple[dict[str, torch.Tensor], str]:
         except NotBuilt:
             raise
         except Exception as e:  # noqa: BLE001
-                failures.append(f"get_image_features on {shapes}: {type(e).__name__}: "
+            failures.append(f"get_image_features on {shapes}: {type(e).__name__}: "
                             f"{base._message(e, 200 if not failures else 100)}")
     else:
         raise NotBuilt("; ".join(failures))
@@ -301,6 +326,25 @@ def generic_inputs(model, seed: int = 0) -> tuple[dict[str, torch.Tensor], str]:
     if "mm_token_type_ids" in inspect.signature(model.forward).parameters:
         inputs["mm_token_type_ids"] = (ids == token).long()
     return inputs, "VLM"
+
+
+def _first_that_runs(model, candidates: list[dict], g: torch.Generator) -> dict[str, torch.Tensor]:
+    """Text inputs with the first image layout the model's forward accepts."""
+    ids = torch.randint(3, base.VOCAB - 8, (2, 2 * SEQ_TEXT), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, :1] = 0
+    failures = []
+    for media in candidates:
+        inputs = {"input_ids": ids, "attention_mask": mask, **media}
+        try:
+            with torch.no_grad():
+                model(**inputs)
+            return inputs
+        except Exception as e:  # noqa: BLE001
+            shapes = ", ".join(f"{k}{list(v.shape)}" for k, v in media.items())
+            failures.append(f"forward with {shapes} and no image tokens: {type(e).__name__}: "
+                            f"{base._message(e, 200 if not failures else 100)}")
+    raise NotBuilt("; ".join(failures))
 
 
 def _zoo_model_and_inputs(family: str):
