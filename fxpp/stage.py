@@ -44,7 +44,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.pipelining import PipelineStage
 
-from .errors import FxppError, StageSpecError
+from .errors import FxppError, StageInputError, StageSpecError
 
 if TYPE_CHECKING:
     from .pipeline import Pipeline
@@ -154,11 +154,18 @@ def _called_by_single_stage_schedule() -> bool:
 class FxppPipelineStage(PipelineStage):
     """A PipelineStage that synchronises tied weights by itself (Note [tied-weight sync])."""
 
-    def __init__(self, *args, tied: list = (), local_partners: list = (), **kwargs):
+    def __init__(self, *args, tied: list = (), local_partners: list = (), sends: list = (), **kwargs):
         super().__init__(*args, **kwargs)
         self._fxpp_ties = list(tied) + list(local_partners or [])
         self._fxpp_owed = False  # gradients final this step, exchange not yet done
         self._fxpp_grad_before: dict = {}
+        self._fxpp_sends = list(sends)  # (what, shape) of each tensor sent to the next stage
+
+    def forward_one_chunk(self, fwd_chunk_id: int, *args, **kwargs):
+        output = super().forward_one_chunk(fwd_chunk_id, *args, **kwargs)
+        if self._fxpp_sends:
+            check_sent_shapes(self.stage_index, fwd_chunk_id, output, self._fxpp_sends)
+        return output
 
     def _fxpp_grads_final(self) -> None:
         if self._fxpp_ties:
@@ -223,6 +230,27 @@ class FxppPipelineStage(PipelineStage):
         if self._fxpp_owed and _called_from_update_losses():
             self._fxpp_finish()
         return super().is_last
+
+
+def check_sent_shapes(stage_index: int, microbatch: int, outputs, sends: list[tuple[str, tuple]]) -> None:
+    """Every tensor a stage sends must have the shape the receive buffers were made for.
+
+    A point-to-point receive into a buffer of another size fails far from the cause,
+    on the other rank, or reads a wrong value; so the sender checks (shapes only, no
+    communication) and names the value.
+
+    Raises:
+        StageInputError: a sent tensor's shape differs from the example microbatch's.
+    """
+    outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
+    for (what, expected), tensor in zip(sends, outputs):
+        if tuple(tensor.shape) != tuple(expected):
+            raise StageInputError(
+                f"stage {stage_index}, microbatch {microbatch}: sends {what} with shape {list(tensor.shape)}, but the "
+                f"stages were built for {list(expected)} (from the example microbatch). Every value that crosses a "
+                "cut needs one shape in every microbatch: give microbatches one batch size and sequence length, and "
+                "cut where no value shaped by a microbatch's images or audio crosses (see Pipeline.plan())"
+            )
 
 
 def make_schedule(name: str, stages: list, n_microbatches: int, loss_fn, **kwargs):
@@ -311,6 +339,16 @@ def _copy_to(model: torch.nn.Module, module: torch.nn.Module, device: torch.devi
     return copy.deepcopy(module).to(device)
 
 
+def _sends(pipe: "Pipeline", index: int, outputs: tuple) -> list[tuple[str, tuple]]:
+    """``(what, shape)`` of each tensor stage ``index`` sends, named as the plan names them."""
+    if index == len(pipe.stages) - 1:
+        return []
+    described = dict(zip(pipe.crossing[index], pipe.crossing_described[index]))
+    received = [n for n in pipe.stages[index + 1].graph.nodes if n.op == "placeholder"]
+    return [(described.get(ph.meta.get("fxpp_crossing"), ph.target), tuple(out.shape))
+            for ph, out in zip(received, outputs)]
+
+
 def _example_args(stage, device: torch.device):
     """Static input/output metadata of a stage, from its graph's meta values."""
 
@@ -375,7 +413,7 @@ def build_stage(pipe: "Pipeline", index: int, device: torch.device | str, group=
     inputs, outputs = _example_args(shapes_from, device)
     stage = FxppPipelineStage(
         submodule, index, num_stages, device, input_args=inputs, output_args=outputs, group=group,
-        tied=tied, local_partners=local,
+        tied=tied, local_partners=local, sends=_sends(pipe, index, outputs),
     )
     registry[index] = stage
     return stage

@@ -202,13 +202,17 @@ def test_new_sequence_length_and_microbatch_count_keep_accumulated_gradients(tmp
 
 
 def faulty_rank(rank, world, workdir, fault):
-    """Rank 1 fails before its step (``"raise"``) or is killed inside it (``"kill"``)."""
+    """Rank 1 fails before its step (``"raise"``) or is killed inside it (``"kill"``), or
+    the step's microbatches are longer than the example the stages were built from
+    (``"longer"``)."""
     import os
 
     model = tiny_model("llama", 2)
     inputs, labels = _batch()
     pipe = fxpp.pipeline(model, world, example_inputs={k: v[:2] for k, v in inputs.items()})
     stage = pipe.build_stage(rank, "cpu")
+    if fault == "longer":
+        inputs, labels = _batch(seq=12)
     if rank == 1 and fault == "raise":
         raise RuntimeError("rank 1 lost its data loader")
     if rank == 1 and fault == "kill":
@@ -226,6 +230,15 @@ def test_one_rank_failing_ends_every_rank_with_an_error(tmp_path):
     assert "rank 1 lost its data loader" in results[1]["error"]
     assert not results[0]["ok"]
     assert any(word in results[0]["error"] for word in ("peer", "Connection", "closed", "timed out", "Timeout")), results[0]["error"]
+
+
+@pytest.mark.timeout(120)
+def test_sending_another_shape_than_the_stages_were_built_for_names_the_value(tmp_path):
+    results = run_distributed(faulty_rank, 2, tmp_path, "longer", expect_ok=False, timeout_s=90, pg_timeout_s=20)
+    assert not results[0]["ok"] and not results[1]["ok"]
+    assert "StageInputError" in results[0]["error"], results[0]["error"]
+    assert ("stage 0, microbatch 0: sends model_layers_0 (hidden states) with shape [2, 12, 64], but the stages "
+            "were built for [2, 8, 64]") in results[0]["error"], results[0]["error"]
 
 
 def test_stage_shards_together_equal_the_model_state_dict(tmp_path):
