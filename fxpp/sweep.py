@@ -293,7 +293,7 @@ def shrink_kwargs(config, num_layers: int = NUM_LAYERS, extra: dict[str, Any] | 
                 continue
         # layer indices past the new layer count
         if isinstance(value, (list, tuple)) and value and all(_is_int(v) for v in value) and any(
-                k in name for k in ("layer", "idx", "indices")):
+                k in name for k in ("layer", "idx", "indices", "indexes")):
             kept = [v for v in value if v < num_layers] or [num_layers - 1]
             if kept != list(value):
                 out[name] = type(value)(kept) if isinstance(value, tuple) else kept

@@ -35,6 +35,7 @@ Run ``python -m fxpp.sweep --vlm [--only llava,gemma3] [--write-docs]`` (or
 from __future__ import annotations
 
 import inspect
+import math
 import os
 import sys
 import time
@@ -142,11 +143,7 @@ def generic_config(model_type: str):
         extra["vision_config"] = {a: base.SHRINK["hidden_size"] for a in VISION_TO_TEXT_WIDTH_ATTRS
                                   if isinstance(getattr(vision, a, None), int)}
     elif vision is not None:
-        if not isinstance(getattr(vision, "image_size", None), (int, list, tuple)):
-            raise NotBuilt(f"{type(vision).__name__} has no image_size (images described by other inputs, "
-                           "e.g. patch grids, are not generated generically)")
-        size = 4 * _patch(vision)
-        extra["vision_config"] = {"image_size": [size, size] if isinstance(vision.image_size, (list, tuple)) else size}
+        extra["vision_config"] = _tiny_image_size(vision)
         # a projector sized to the default text width must follow the tiny one
         text_width = getattr(cfg.get_text_config(), "hidden_size", None)
         if text_width and getattr(cfg, "projection_dim", None) == text_width:
@@ -158,12 +155,18 @@ def generic_config(model_type: str):
         if isinstance(getattr(cfg, "mm_tokens_per_image", None), int):  # pooled to a square number of tokens
             extra["mm_tokens_per_image"] = 4
         if isinstance(getattr(cfg, "image_grid_pinpoints", None), list):  # any-resolution: one tile of the base size
-            extra["image_grid_pinpoints"] = [[size, size]]
+            size = extra["vision_config"].get("image_size", 4 * _patch(vision))
+            extra["image_grid_pinpoints"] = [[size, size] if isinstance(size, int) else size]
         if isinstance(getattr(cfg, "projector_patch_to_query_dict", None), dict):  # queries per patch count
             extra["projector_patch_to_query_dict"] = {n_patches: 4}
         layers = getattr(cfg, "vision_feature_layer", None)
         if isinstance(layers, (list, tuple)):  # hidden-state indices of the tiny tower
             extra["vision_feature_layer"] = [-1, -2][:len(layers)]
+        for name in getattr(cfg, "sub_configs", None) or {}:  # a second tower (DeepSeek-VL's high-res SAM)
+            other = getattr(cfg, name, None)
+            if name != "vision_config" and name.endswith("vision_config") and other is not None:
+                extra[name] = _tiny_image_size(other)
+    _follow_default_widths(cfg, extra)
     if vision is not None and isinstance(getattr(vision, "projector_input_dim", None), int):
         # the projector reads the tower's output after pixel shuffle (Llama 4): width / ratio^2
         ratio = getattr(vision, "pixel_shuffle_ratio", None) or 1
@@ -171,7 +174,7 @@ def generic_config(model_type: str):
     # other encoders whose output is scattered onto the text embeddings (audio towers), and
     # top-level output widths of the projector
     if isinstance(getattr(cfg, "out_hidden_size", None), int):
-        extra["out_hidden_size"] = base.SHRINK["hidden_size"]
+        extra.setdefault("out_hidden_size", base.SHRINK["hidden_size"])
     for name in getattr(cfg, "sub_configs", None) or {}:
         sub = getattr(cfg, name, None)
         if name not in ("vision_config", "text_config") and isinstance(getattr(sub, "out_hidden_size", None), int):
@@ -191,6 +194,57 @@ def generic_config(model_type: str):
         return AutoConfig.for_model(model_type, **base.shrink_kwargs(cfg, base.NUM_LAYERS, extra))
     except Exception as e:  # noqa: BLE001
         raise NotBuilt(f"tiny config: {type(e).__name__}: {base._message(e, 200)}") from e
+
+
+def _tiny_image_size(vision) -> dict[str, Any]:
+    """Overrides giving ``vision`` images of 4x4 patches: its ``image_size``, or the patch
+    count of a tower that takes patch sequences (``num_patches``, SigLIP2 naflex); a
+    convolutional tower with strides (DaViT) takes any multiple of its total stride."""
+    size = getattr(vision, "image_size", None)
+    if isinstance(size, (int, list, tuple)):
+        side = 4 * _patch(vision)
+        return {"image_size": [side, side] if isinstance(size, (list, tuple)) else side}
+    if isinstance(getattr(vision, "num_patches", None), int) and not isinstance(vision.num_patches, bool):
+        return {"num_patches": 16}
+    if isinstance(getattr(vision, "patch_stride", None), (list, tuple)):
+        return {}
+    raise NotBuilt(f"{type(vision).__name__} has no image_size, num_patches or patch_stride (images described by "
+                   "other inputs are not generated generically)")
+
+
+def _image_side(vision) -> int | None:
+    """The side of the generic square image for ``vision``; None for patch-sequence towers."""
+    size = getattr(vision, "image_size", None)
+    if isinstance(size, (int, list, tuple)):
+        return size[0] if isinstance(size, (list, tuple)) else size
+    stride = getattr(vision, "patch_stride", None)
+    if isinstance(stride, (list, tuple)):
+        return 2 * math.prod(stride)
+    return None
+
+
+def _follow_default_widths(cfg, extra: dict[str, Any]) -> None:
+    """Top-level widths that equal a default width of the full model follow the tiny one.
+
+    A projector's width has many names (``projection_hidden_size``, ``out_hidden_size``);
+    what it equals says what it is: the text width, the vision width, or the vision width
+    after a ``merge x merge`` pixel shuffle (a merger's input).
+    """
+    tiny = base.SHRINK["hidden_size"]
+    vision = getattr(cfg, "vision_config", None)
+    text_width = getattr(cfg.get_text_config(), "hidden_size", None)
+    vision_width = getattr(vision, "hidden_size", None)
+    merge = _int_attr(vision, MERGE_ATTRS) if vision is not None else None
+    targets: dict[int, int] = {}
+    if isinstance(vision_width, int) and merge:
+        targets[vision_width * merge * merge] = tiny * merge * merge
+    for width in (text_width, vision_width):
+        if isinstance(width, int):
+            targets[width] = tiny
+    for name, value in vars(cfg).items():
+        if (isinstance(value, int) and not isinstance(value, bool) and value in targets and name not in extra
+                and name not in base.SHRINK and name.endswith(("_size", "_dim")) and "vocab" not in name):
+            extra[name] = targets[value]
 
 
 def _placeholder_token_attrs(config) -> list[str]:
@@ -271,8 +325,16 @@ def generic_inputs(model, seed: int = 0) -> tuple[dict[str, torch.Tensor], str]:
             media["image_grid_thw"] = grid
             if "image_merge_sizes" in inspect.signature(model.forward).parameters:
                 media["image_merge_sizes"] = torch.tensor([side // 2] * 2)
+    elif _image_side(vision) is None:
+        # a tower that takes patch sequences (SigLIP2 naflex): [images, patches, C*p*p] with
+        # each image's patch grid and which patches are real
+        p = _patch(vision)
+        side = 4
+        candidates = [{"pixel_values": torch.randn(2, side * side, channels * p * p, generator=g),
+                       "spatial_shapes": torch.tensor([[side, side]] * 2),
+                       "pixel_attention_mask": torch.ones(2, side * side, dtype=torch.long)}]
     else:
-        size = vision.image_size[0] if isinstance(vision.image_size, (list, tuple)) else vision.image_size
+        size = _image_side(vision)
         pixels = torch.randn(2, channels, size, size, generator=g)
         # [images, C, H, W]; else one image (or, for any-resolution models, a base view plus
         # one tile) per row: [rows, images, C, H, W]
@@ -281,6 +343,7 @@ def generic_inputs(model, seed: int = 0) -> tuple[dict[str, torch.Tensor], str]:
         if get is not None and "image_sizes" in inspect.signature(get).parameters:
             for media in candidates:
                 media["image_sizes"] = torch.tensor([[size, size]] * 2)
+    _add_second_towers(config, get, candidates, g)
     # token ids of a second text encoder that reads the images (InstructBLIP's Q-Former
     # instruction), one short row per image
     params = set(inspect.signature(model.forward).parameters)
@@ -326,6 +389,22 @@ def generic_inputs(model, seed: int = 0) -> tuple[dict[str, torch.Tensor], str]:
     if "mm_token_type_ids" in inspect.signature(model.forward).parameters:
         inputs["mm_token_type_ids"] = (ids == token).long()
     return inputs, "VLM"
+
+
+def _add_second_towers(config, get, candidates: list[dict], g: torch.Generator) -> None:
+    """Images for a second tower (``high_res_pixel_values`` read by ``high_res_vision_config``)."""
+    if get is None:
+        return
+    for name in inspect.signature(get).parameters:
+        if not name.endswith("_pixel_values"):
+            continue
+        other = getattr(config, name[: -len("pixel_values")] + "vision_config", None)
+        side = _image_side(other) if other is not None else None
+        if side is None:
+            raise NotBuilt(f"{type(config).__name__}: no vision config with an image size for {name}")
+        channels = getattr(other, "num_channels", None) or 3
+        for media in candidates:
+            media[name] = torch.randn(2, channels, side, side, generator=g)
 
 
 def _first_that_runs(model, candidates: list[dict], g: torch.Generator) -> dict[str, torch.Tensor]:
