@@ -32,8 +32,9 @@ How transformers 5 forwards are handled
     * ``**kwargs`` and ``ModelOutput`` construction are plain Python over proxies;
     * config objects become graph constants (``get_attr`` of ``_fxpp_const_N``),
       never rebuilt from nodes;
-    * in-place writes ``h[mask] = v`` become ``fxpp.ops.setitem`` nodes that the
-      written proxy stands for afterwards;
+    * in-place writes ``h[mask] = v`` become ``fxpp.ops.setitem`` nodes, and in-place
+      methods (``mask.masked_fill_(c, 0)``) stay ``call_method`` nodes; the written proxy
+      stands for the write afterwards, so every later read depends on it;
     * attributes a forward sets on a module (Qwen-VL's ``self.rope_deltas``) are undone
       after the trace: the graph records no side channel between calls.
 
@@ -164,6 +165,11 @@ def unwrap_forward(fn: Callable) -> Callable:
         if qualname.startswith("merge_with_config_defaults"):
             result = generic.merge_with_config_defaults(result)
     return result
+
+
+def is_inplace_method(name: Any) -> bool:
+    """``masked_fill_``, ``add_``, ``copy_``: a tensor method that writes its own tensor."""
+    return isinstance(name, str) and name.endswith("_") and not name.startswith("_") and hasattr(torch.Tensor, name)
 
 
 def find_decoder_layers(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
@@ -315,6 +321,14 @@ class HFTracer(Tracer):
 
     def meta_of(self, proxy: Proxy) -> Any:
         return proxy.node.meta.get("val")
+
+    def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
+        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+        if kind == "call_method" and is_inplace_method(target) and args and isinstance(args[0], Proxy):
+            # ``mask.masked_fill_(cond, 0)`` changes ``mask``: from now on the proxy stands for
+            # the written tensor, so later reads depend on the write (else no stage keeps it)
+            args[0].node = proxy.node
+        return proxy
 
     def create_node(self, kind, target, args, kwargs, name=None, type_expr=None) -> Node:
         node = super().create_node(kind, target, args, kwargs, name, type_expr)

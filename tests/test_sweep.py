@@ -52,8 +52,10 @@ def test_sweep_every_causal_lm_family():
 # Generic VLM attempts (no zoo config) that each exercise one general mechanism:
 # blip-2: the decoder layers are the stack beside the token embeddings, not the Q-Former's;
 # hunyuan_vl: a helper that calls int() on tensor data inside another helper becomes opaque;
-# qwen2_vl: multimodal rotary sections sized for the tiny model by the sweep's builder.
-GENERIC_VLMS = ("blip-2", "hunyuan_vl", "qwen2_vl")
+# qwen2_vl: multimodal rotary sections sized for the tiny model by the sweep's builder;
+# kosmos-2: its causal mask is written in place (``mask.masked_fill_(...)``), a write every
+# stage must keep (before, the stages silently used a mask without the causal part).
+GENERIC_VLMS = ("blip-2", "hunyuan_vl", "qwen2_vl", "kosmos-2")
 
 
 def test_vlm_sweep_generic_families():
