@@ -97,12 +97,15 @@ def _model_class(model_type: str):
 
 
 def _takes_grid(model_type: str) -> bool:
-    """Whether the family's ``get_image_features`` takes ``image_grid_thw`` (Qwen-VL style)."""
-    get = getattr(_model_class(model_type), "get_image_features", None)
-    try:
-        return get is not None and "image_grid_thw" in inspect.signature(get).parameters
-    except (TypeError, ValueError):
-        return False
+    """Whether the family's ``get_image_features`` or forward takes ``image_grid_thw`` (Qwen-VL style)."""
+    cls = _model_class(model_type)
+    for fn in (getattr(cls, "get_image_features", None), getattr(cls, "forward", None)):
+        try:
+            if fn is not None and "image_grid_thw" in inspect.signature(fn).parameters:
+                return True
+        except (TypeError, ValueError):
+            continue
+    return False
 
 
 def _is_grid(vision, model_type: str | None = None) -> bool:
