@@ -173,9 +173,12 @@ def generic_config(model_type: str):
                 extra[name] = _tiny_image_size(other)
     _follow_default_widths(cfg, extra)
     if vision is not None and isinstance(getattr(vision, "projector_input_dim", None), int):
-        # the projector reads the tower's output after pixel shuffle (Llama 4): width / ratio^2
+        # Llama 4: the tower's output, pixel-shuffled to width / ratio^2, enters the projector's
+        # first layer (vision intermediate_size wide); its widths then stay the tiny width
         ratio = getattr(vision, "pixel_shuffle_ratio", None) or 1
-        extra["vision_config"]["projector_input_dim"] = int(base.SHRINK["hidden_size"] / ratio ** 2)
+        tiny = base.SHRINK["hidden_size"]
+        extra["vision_config"].update(intermediate_size=int(tiny / ratio ** 2), projector_input_dim=tiny,
+                                      projector_output_dim=tiny, vision_output_dim=tiny)
     # other encoders whose output is scattered onto the text embeddings (audio towers), and
     # top-level output widths of the projector
     if isinstance(getattr(cfg, "out_hidden_size", None), int):
@@ -184,6 +187,9 @@ def generic_config(model_type: str):
         sub = getattr(cfg, name, None)
         if name not in ("vision_config", "text_config") and isinstance(getattr(sub, "out_hidden_size", None), int):
             extra.setdefault(name, {})["out_hidden_size"] = base.SHRINK["hidden_size"]
+    for name, value in vars(cfg).items():
+        if name.startswith("freeze_") and isinstance(value, bool):
+            extra[name] = False  # IDEFICS freezes its towers by default: nothing would be compared
     for attr in _placeholder_token_attrs(cfg):
         # an int, or declared as None (BLIP-2 merges query outputs at image tokens only when set)
         extra[attr] = base.VOCAB - 1
@@ -357,6 +363,10 @@ def generic_inputs(model, seed: int = 0) -> tuple[dict[str, torch.Tensor], str]:
         if get is not None and "image_sizes" in inspect.signature(get).parameters:
             for media in candidates:
                 media["image_sizes"] = torch.tensor([[size, size]] * 2)
+        if get is not None and "pixel_attention_mask" in inspect.signature(get).parameters:
+            # which tiles of [rows, tiles, C, H, W] are real (Granite Docling needs it; tried last)
+            candidates += [{**media, "pixel_attention_mask": torch.ones(media["pixel_values"].shape[:2], dtype=torch.bool)}
+                           for media in candidates if media["pixel_values"].ndim == 5]
     _add_second_towers(config, get, candidates, g)
     # token ids of a second text encoder that reads the images (InstructBLIP's Q-Former
     # instruction), one short row per image
@@ -421,6 +431,25 @@ def _add_second_towers(config, get, candidates: list[dict], g: torch.Generator) 
             media[name] = torch.randn(2, channels, side, side, generator=g)
 
 
+def _encoder_gradients(model, grads: dict) -> list[str]:
+    """Parameters with a gradient outside the text stack (decoder layers, token embeddings,
+    head, and the 1-D norms beside the layers): what shows that the comparison covers an
+    image encoder."""
+    from .trace import find_decoder_layers
+
+    layers = find_decoder_layers(model)[0]
+    parent = layers.rsplit(".", 1)[0] if "." in layers else ""
+    text = {id(p) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None
+            for p in m.parameters()}
+    owner = model.get_submodule(parent) if parent else model
+    for name, child in owner.named_children():
+        params = list(child.parameters())
+        if params and all(p.ndim == 1 for p in params):
+            text |= {id(p) for p in params}
+    named = dict(model.named_parameters())
+    return [n for n in grads if not n.startswith(layers + ".") and id(named[n]) not in text]
+
+
 def _first_that_runs(model, candidates: list[dict], g: torch.Generator) -> dict[str, torch.Tensor]:
     """Text inputs with the first image layout the model's forward accepts."""
     slots = getattr(model.config, "latent_query_num", None)
@@ -432,9 +461,12 @@ def _first_that_runs(model, candidates: list[dict], g: torch.Generator) -> dict[
     if slots:  # Kosmos-2: the positions the image's query outputs replace
         extra["image_embeds_position_mask"] = torch.zeros_like(ids)
         extra["image_embeds_position_mask"][:, 2:2 + slots] = 1
+    sees_images = "image_attention_mask" in inspect.signature(model.forward).parameters
     failures = []
     for media in candidates:
         inputs = {"input_ids": ids, "attention_mask": mask, **extra, **media}
+        if sees_images and media["pixel_values"].ndim == 5:  # IDEFICS: every token sees every image
+            inputs["image_attention_mask"] = torch.ones(*ids.shape, media["pixel_values"].shape[1], dtype=torch.long)
         try:
             with torch.no_grad():
                 model(**inputs)
@@ -496,6 +528,9 @@ def check_vlm_family(model_type: str, class_name: str = "", *, timeout_s: float 
             same, detail, _ = base.compare(ref, again, atol=0, rtol=0)
             if not same:
                 raise RuntimeError(f"the model is not deterministic: two unpatched runs differ ({detail})")
+            if getattr(result, "kind", None) == "VLM" and not _encoder_gradients(model, ref[1]):
+                raise NotBuilt("no parameter outside the text model gets a gradient: the images reach the text "
+                               "without a trainable encoder (discrete image codes, or frozen towers)")
         except BaseException as e:  # noqa: BLE001
             if isinstance(e, KeyboardInterrupt):
                 raise
