@@ -162,6 +162,12 @@ def generic_config(model_type: str):
             extra["image_grid_pinpoints"] = [[size, size] if isinstance(size, int) else size]
         if isinstance(getattr(cfg, "projector_patch_to_query_dict", None), dict):  # queries per patch count
             extra["projector_patch_to_query_dict"] = {n_patches: 4}
+        indices = getattr(vision, "intermediate_layers_indices", None)
+        if isinstance(indices, list) and isinstance(getattr(vision, "vision_output_dim", None), int):
+            # Mllama: the tower's output is its last state beside the listed intermediate ones
+            kept = [i for i in indices if i < base.NUM_LAYERS] or [base.NUM_LAYERS - 1]
+            extra["vision_config"].update(intermediate_layers_indices=kept,
+                                          vision_output_dim=base.SHRINK["hidden_size"] * (1 + len(kept)))
         if isinstance(getattr(cfg, "latent_query_num", None), int):  # Kosmos-2's image query count
             extra["latent_query_num"] = 4
         layers = getattr(cfg, "vision_feature_layer", None)
@@ -322,6 +328,8 @@ def generic_inputs(model, seed: int = 0) -> tuple[dict[str, torch.Tensor], str]:
     g = torch.Generator().manual_seed(seed)
     get = next((getattr(owner, name) for name in ("get_image_features", "get_video_features")
                 for owner in (model, getattr(model, "model", None)) if hasattr(owner, name)), None)
+    if "aspect_ratio_ids" in inspect.signature(model.forward).parameters:
+        return _tiled_cross_attention_inputs(model, vision, token, channels, g), "VLM"
     if _is_grid(vision, getattr(config, "model_type", None)):
         side = 2 * _int_attr(vision, MERGE_ATTRS, 1)
         grid = torch.tensor([[1, side, side]] * 2)
@@ -448,6 +456,25 @@ def _encoder_gradients(model, grads: dict) -> list[str]:
             text |= {id(p) for p in params}
     named = dict(model.named_parameters())
     return [n for n in grads if not n.startswith(layers + ".") and id(named[n]) not in text]
+
+
+def _tiled_cross_attention_inputs(model, vision, token, channels: int, g: torch.Generator) -> dict:
+    """Mllama-style inputs: one image of ``max_num_tiles`` tiles per row, read through
+    cross-attention by every token from the image token on."""
+    tiles = getattr(vision, "max_num_tiles", None) or 1
+    size = _image_side(vision)
+    seq = 2 * SEQ_TEXT
+    ids = torch.randint(3, base.VOCAB - 8, (2, seq), generator=g)
+    if token is not None:
+        ids[:, 1] = token
+    mask = torch.ones_like(ids)
+    mask[0, :1] = 0
+    sees = torch.zeros(2, seq, 1, tiles, dtype=torch.long)
+    sees[:, 1:] = 1
+    return {"input_ids": ids, "attention_mask": mask,
+            "pixel_values": torch.randn(2, 1, tiles, channels, size, size, generator=g),
+            "aspect_ratio_ids": torch.ones(2, 1, dtype=torch.long),  # 0 would mean a padding image
+            "aspect_ratio_mask": torch.ones(2, 1, tiles, dtype=torch.long), "cross_attention_mask": sees}
 
 
 def _first_that_runs(model, candidates: list[dict], g: torch.Generator) -> dict[str, torch.Tensor]:
