@@ -12,17 +12,35 @@ zoo family
     (``fxpp.zoo.tiny_vlm``), one image per row.
 generic attempt
     Every other family: :func:`fxpp.sweep.tiny_config`'s shrinking applied with the
-    vision tower's ``image_size`` set to 4 patches a side and the image token moved
-    into the tiny vocabulary; ``pixel_values`` of shape ``[2, C, size, size]``; the
-    model's own ``get_image_features`` says how many tokens an image becomes, and each
-    row gets that many image tokens. Vision-to-text widths (projector dims, ``out_hidden_size``)
-    follow the tiny text width; ``mm_tokens_per_image``, ``image_grid_pinpoints``,
-    ``projector_patch_to_query_dict`` and list ``vision_feature_layer`` follow the tiny image.
-    Pixel layouts are tried in turn: ``[2, C, H, W]``, ``[2, 1, C, H, W]``,
-    ``[2, 2, C, H, W]`` (base view plus a tile). Families whose ``get_image_features``
-    takes ``image_grid_thw`` get Qwen-VL style flattened patches (width read from the
-    tower's patch embedding), else the patches as ``[N, C, p, p]`` or ``[1, N, C, p, p]``.
-    A family whose config has no vision tower is checked on text inputs (kind ``text``).
+    vision tower's images set to 4x4 patches (its ``image_size``; ``num_patches`` for
+    towers that take patch sequences; any multiple of a convolutional tower's
+    ``patch_stride``; Pix2Struct's ``max_num_patches``) and the image token (else, for a
+    video-only model, the video token) moved into the tiny vocabulary. The model's own
+    ``get_image_features`` (or ``get_video_features``) says how many tokens an image
+    becomes, and each row gets that many image tokens. A model without an image token
+    (cross-attention, features put before the text, Kosmos-2's image slots) gets text
+    with the first image layout its forward accepts.
+
+    Config rules, each read from the config rather than the family name: widths that
+    feed the text model (projector dims, ``out_hidden_size``, and any top-level
+    ``*_size``/``*_dim`` equal to a default width of the full model) follow the tiny
+    width they equal; ``mm_tokens_per_image``, ``image_grid_pinpoints``,
+    ``projector_patch_to_query_dict``, list ``vision_feature_layer``, ``latent_query_num``
+    and Llama 4's pixel-shuffle widths follow the tiny image; multimodal rotary sections
+    follow the tiny head width; ``freeze_*`` flags are off.
+
+    Input layouts are tried in turn: ``[2, C, H, W]``, ``[2, 1, C, H, W]``,
+    ``[2, 2, C, H, W]`` (base view plus a tile), with ``pixel_attention_mask`` where the
+    model takes one. Families that take ``image_grid_thw`` get Qwen-VL style flattened
+    patches (width read from the tower's patch embedding), else the patches as
+    ``[N, C, p, p]`` or ``[1, N, C, p, p]``. Inputs named in the forward signature are
+    added: ``*_input_ids`` of a second text encoder (InstructBLIP's Q-Former),
+    ``*_pixel_values`` of a second tower, ``spatial_shapes``, ``flattened_patches``,
+    ``image_embeds_position_mask``, ``image_attention_mask``, and Mllama's tiles and
+    aspect ratios. A family counts as built only when some parameter outside the text
+    stack gets a gradient, so a frozen or discrete-code image path is not reported as a
+    pass. Encoder-decoder families are checked for fxpp's refusal. A family whose
+    config has no vision tower is checked on text inputs (kind ``text``).
 
 Statuses: those of the causal sweep (:data:`fxpp.sweep.STATUSES`) and ``not-built``:
 the generic attempt could not build a config, a model or image inputs (the reason is
