@@ -346,7 +346,9 @@ def generic_inputs(model, seed: int = 0) -> tuple[dict[str, torch.Tensor], str]:
     g = torch.Generator().manual_seed(seed)
     get = next((getattr(owner, name) for name in ("get_image_features", "get_video_features")
                 for owner in (model, getattr(model, "model", None)) if hasattr(owner, name)), None)
-    if "aspect_ratio_ids" in inspect.signature(model.forward).parameters:
+    forward_params = set(inspect.signature(model.forward).parameters)
+    get_params = set(inspect.signature(get).parameters) if get is not None else set()
+    if "aspect_ratio_ids" in forward_params:
         return _tiled_cross_attention_inputs(model, vision, token, channels, g), "VLM"
     if _is_grid(vision, getattr(config, "model_type", None)):
         side = 2 * _int_attr(vision, MERGE_ATTRS, 1)
@@ -362,9 +364,9 @@ def generic_inputs(model, seed: int = 0) -> tuple[dict[str, torch.Tensor], str]:
             candidates += [{"pixel_values": images}, {"pixel_values": images[None]}]
         for media in candidates:
             media["image_grid_thw"] = grid
-            if "image_merge_sizes" in inspect.signature(model.forward).parameters:
+            if "image_merge_sizes" in forward_params:
                 media["image_merge_sizes"] = torch.tensor([side // 2] * 2)
-    elif "flattened_patches" in inspect.signature(model.forward).parameters:
+    elif "flattened_patches" in forward_params:
         # Pix2Struct-style: [images, patches, 2 + values], each row led by its patch's (row, column)
         side = 4
         rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
@@ -386,19 +388,17 @@ def generic_inputs(model, seed: int = 0) -> tuple[dict[str, torch.Tensor], str]:
         # one tile) per row: [rows, images, C, H, W]
         candidates = [{"pixel_values": pixels}, {"pixel_values": pixels[:, None]},
                       {"pixel_values": torch.stack([pixels, pixels.flip(-1)], 1)}]
-        if get is not None and "image_sizes" in inspect.signature(get).parameters:
+        if "image_sizes" in get_params:
             for media in candidates:
                 media["image_sizes"] = torch.tensor([[size, size]] * 2)
-        if get is not None and "pixel_attention_mask" in inspect.signature(get).parameters:
+        if "pixel_attention_mask" in get_params:
             # which tiles of [rows, tiles, C, H, W] are real (Granite Docling needs it; tried last)
             candidates += [{**media, "pixel_attention_mask": torch.ones(media["pixel_values"].shape[:2], dtype=torch.bool)}
                            for media in candidates if media["pixel_values"].ndim == 5]
-    _add_second_towers(config, get, candidates, g)
+    _add_second_towers(config, get_params, candidates, g)
     # token ids of a second text encoder that reads the images (InstructBLIP's Q-Former
     # instruction), one short row per image
-    params = set(inspect.signature(model.forward).parameters)
-    if get is not None:
-        params |= set(inspect.signature(get).parameters)
+    params = forward_params | get_params
     for name in sorted(p for p in params if p.endswith("_input_ids") and p not in ("input_ids", "decoder_input_ids")):
         ids = torch.randint(3, base.VOCAB - 8, (2, 4), generator=g)
         for media in candidates:
@@ -408,23 +408,12 @@ def generic_inputs(model, seed: int = 0) -> tuple[dict[str, torch.Tensor], str]:
     if token is None:
         # No image token: the model reads the images another way (cross-attention, or
         # features put before the text); any text length goes with them
-        return _first_that_runs(model, candidates, g), "VLM"
+        return _first_that_runs(model, forward_params, candidates, g), "VLM"
     if get is None:
         raise NotBuilt(f"{type(model).__name__} has an image token but no get_image_features (or get_video_features)")
-    failures = []
-    for media in candidates:
-        shapes = ", ".join(f"{k}{list(v.shape)}" for k, v in media.items())
-        try:
-            with torch.no_grad():
-                n = _feature_tokens(get(**media), config.get_text_config().hidden_size)
-            break
-        except NotBuilt:
-            raise
-        except Exception as e:  # noqa: BLE001
-            failures.append(f"get_image_features on {shapes}: {type(e).__name__}: "
-                            f"{base._message(e, 200 if not failures else 100)}")
-    else:
-        raise NotBuilt("; ".join(failures))
+    hidden = config.get_text_config().hidden_size
+    media, n = _first_working(candidates, lambda media: _feature_tokens(get(**media), hidden),
+                              "get_image_features on {}")
     if n % 2:
         raise NotBuilt(f"2 images gave {n} feature tokens")
     n //= 2
@@ -436,16 +425,14 @@ def generic_inputs(model, seed: int = 0) -> tuple[dict[str, torch.Tensor], str]:
     mask = torch.ones_like(ids)
     mask[0, :1] = 0
     inputs = {"input_ids": ids, "attention_mask": mask, **media}
-    if "mm_token_type_ids" in inspect.signature(model.forward).parameters:
+    if "mm_token_type_ids" in forward_params:
         inputs["mm_token_type_ids"] = (ids == token).long()
     return inputs, "VLM"
 
 
-def _add_second_towers(config, get, candidates: list[dict], g: torch.Generator) -> None:
+def _add_second_towers(config, get_params: set[str], candidates: list[dict], g: torch.Generator) -> None:
     """Images for a second tower (``high_res_pixel_values`` read by ``high_res_vision_config``)."""
-    if get is None:
-        return
-    for name in inspect.signature(get).parameters:
+    for name in sorted(get_params):
         if not name.endswith("_pixel_values"):
             continue
         other = getattr(config, name[: -len("pixel_values")] + "vision_config", None)
@@ -495,10 +482,27 @@ def _tiled_cross_attention_inputs(model, vision, token, channels: int, g: torch.
             "aspect_ratio_mask": torch.ones(2, 1, tiles, dtype=torch.long), "cross_attention_mask": sees}
 
 
-def _first_that_runs(model, candidates: list[dict], g: torch.Generator) -> dict[str, torch.Tensor]:
+def _first_working(candidates: list[dict], attempt, what: str):
+    """``(media, attempt(media))`` for the first candidate ``attempt`` accepts, without
+    gradients; else NotBuilt listing every failure (``what`` formats the shapes)."""
+    failures = []
+    for media in candidates:
+        try:
+            with torch.no_grad():
+                return media, attempt(media)
+        except NotBuilt:
+            raise
+        except Exception as e:  # noqa: BLE001
+            shapes = ", ".join(f"{k}{list(v.shape)}" for k, v in media.items())
+            failures.append(f"{what.format(shapes)}: {type(e).__name__}: "
+                            f"{base._message(e, 200 if not failures else 100)}")
+    raise NotBuilt("; ".join(failures))
+
+
+def _first_that_runs(model, forward_params: set[str], candidates: list[dict], g: torch.Generator) -> dict:
     """Text inputs with the first image layout the model's forward accepts."""
     slots = getattr(model.config, "latent_query_num", None)
-    slots = slots if "image_embeds_position_mask" in inspect.signature(model.forward).parameters else None
+    slots = slots if "image_embeds_position_mask" in forward_params else None
     ids = torch.randint(3, base.VOCAB - 8, (2, (slots or 0) + 2 * SEQ_TEXT), generator=g)
     mask = torch.ones_like(ids)
     mask[0, :1] = 0
@@ -506,21 +510,21 @@ def _first_that_runs(model, candidates: list[dict], g: torch.Generator) -> dict[
     if slots:  # Kosmos-2: the positions the image's query outputs replace
         extra["image_embeds_position_mask"] = torch.zeros_like(ids)
         extra["image_embeds_position_mask"][:, 2:2 + slots] = 1
-    sees_images = "image_attention_mask" in inspect.signature(model.forward).parameters
-    failures = []
-    for media in candidates:
+
+    def inputs_with(media: dict) -> dict:
         inputs = {"input_ids": ids, "attention_mask": mask, **extra, **media}
-        if sees_images and media["pixel_values"].ndim == 5:  # IDEFICS: every token sees every image
-            inputs["image_attention_mask"] = torch.ones(*ids.shape, media["pixel_values"].shape[1], dtype=torch.long)
-        try:
-            with torch.no_grad():
-                model(**inputs)
-            return inputs
-        except Exception as e:  # noqa: BLE001
-            shapes = ", ".join(f"{k}{list(v.shape)}" for k, v in media.items())
-            failures.append(f"forward with {shapes} and no image tokens: {type(e).__name__}: "
-                            f"{base._message(e, 200 if not failures else 100)}")
-    raise NotBuilt("; ".join(failures))
+        pixels = media.get("pixel_values")
+        if "image_attention_mask" in forward_params and pixels is not None and pixels.ndim == 5:
+            # IDEFICS: every token sees every image
+            inputs["image_attention_mask"] = torch.ones(*ids.shape, pixels.shape[1], dtype=torch.long)
+        return inputs
+
+    def runs(media: dict) -> dict:
+        inputs = inputs_with(media)
+        model(**inputs)
+        return inputs
+
+    return _first_working(candidates, runs, "forward with {} and no image tokens")[1]
 
 
 def _zoo_model_and_inputs(family: str):
