@@ -64,7 +64,7 @@ def trace_annotated(model: torch.nn.Module, example_inputs: dict[str, Any]) -> G
         gm = trace_model(model, inputs)
     _reject_ignored_inputs(model, gm)
     none_safe_masks(gm)
-    layers_fqn, _ = find_decoder_layers(model)
+    layers_fqn, layers = find_decoder_layers(model)
     text_config = model.config.get_text_config()
     annotate(
         gm,
@@ -75,7 +75,7 @@ def trace_annotated(model: torch.nn.Module, example_inputs: dict[str, Any]) -> G
     )
     dense_masked_rows(gm)
     gm.meta["fxpp_example_inputs"] = {k: v for k, v in inputs.items() if v is not None}
-    gm.meta["fxpp_num_layers"] = len(find_decoder_layers(model)[1])
+    gm.meta["fxpp_num_layers"] = len(layers)
     gm.meta["fxpp_model_class"] = type(model).__name__
     return gm
 
