@@ -88,6 +88,44 @@ def crossing_values(graph: Graph, k: int) -> list[Node]:
     return sorted(crossing, key=lambda n: (n is not stream, order[n]))
 
 
+def crossing_identity(graph: Graph, node: Node, k: int, modules: dict | None = None) -> str:
+    """What a crossing value *is*, stable across traces of one model with other inputs.
+
+    The receiving stage matches the values it gets by these names, not by their
+    position in the tuple (see ``fxpp.layout``). The description of
+    :func:`describe_crossing` where it names the value by the model's own structure
+    (hidden states, an input, a shared-state key, the parameter of the later layer
+    that reads it); elsewhere the consuming modules, never a node name that a
+    retrace may number differently.
+    """
+    from . import ops
+
+    if node.op == "call_function" and node.target is ops.scatter_rows:
+        return "dense " + crossing_identity(graph, node.args[0], k, modules)
+    described = describe_crossing(graph, node, k, modules)
+    if described.startswith("read by ") or described == info(node).role:
+        readers = sorted({_first_layer_reader(u) for u in node.users} - {None})
+        what = node.target if node.op == "call_module" else getattr(node.target, "__name__", str(node.target))
+        return f"{node.op} {what} read by {', '.join(readers) or 'the output'}"
+    return described
+
+
+def _first_layer_reader(node: Node) -> str | None:
+    """The decoder layer (or other module) that ``node``'s value first reaches."""
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop(0)
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "call_module":
+            return n.target
+        if n.op == "output":
+            return "output"
+        stack.extend(n.users)
+    return None
+
+
 def describe_crossing(graph: Graph, node: Node, k: int, modules: dict | None = None) -> str:
     """What a crossing value is, in the model's own words, for plans and docs.
 

@@ -11,7 +11,7 @@ from .cuts import crossing_values, describe_crossing
 from .errors import StageSpecError
 from .split import balanced_split, ranges_from_counts, ranges_from_cuts, roles_for
 from .spec import StageRole, StageSpec
-from .transform import StageModule, _check_model, default_example_inputs, num_decoder_layers, trace_annotated
+from .transform import StageModule, _check_model, num_decoder_layers, trace_canonical
 
 
 class Pipeline:
@@ -39,6 +39,7 @@ class Pipeline:
         graph, modules = model_graph.graph, dict(model_graph.named_modules())
         cut_values = [(r.start, crossing_values(graph, r.start)) for r in layer_ranges[1:]]
         self.crossing = [[v.name for v in values] for _, values in cut_values]
+        self.signature = model_graph.meta["fxpp_signature"]
         self.crossing_described = [
             [f"{v.name} ({describe_crossing(graph, v, k, modules)})" for v in values] for k, values in cut_values
         ]
@@ -134,9 +135,12 @@ def pipeline(
     Args:
         model: a transformers decoder-only model (see :func:`fxpp.transform`).
         num_stages: how many stages (a multiple of the ranks for multi-stage schedules).
-        example_inputs: one microbatch of model inputs by keyword; fixes which inputs
-            exist and the shapes the cost model and ``build_stage`` use. Defaults to
-            ``input_ids`` and ``attention_mask`` of shape ``[2, 8]``.
+        example_inputs: one microbatch of model inputs by keyword; widens the input
+            signature (a VLM's media inputs; ``input_ids``, ``attention_mask`` and
+            ``position_ids`` are in it anyway where the forward takes them, see
+            ``fxpp.layout``) and gives the shapes the cost model uses. Defaults to
+            ``input_ids`` of shape ``[2, 8]``. Calls may carry any subset of the
+            signature that names the tokens.
         cuts: explicit cut points (``num_stages - 1`` increasing layer indices), or
         layers_per_stage: explicit layer counts. Default: the cost model's balanced split.
         verify: run the composed stages against the model on the example inputs
@@ -151,8 +155,6 @@ def pipeline(
     n = num_decoder_layers(model)
     if cuts is not None and layers_per_stage is not None:
         raise StageSpecError("give cuts or layers_per_stage, not both")
-    if example_inputs is None:
-        example_inputs = default_example_inputs(model)
     if cuts is not None:
         ranges = ranges_from_cuts(n, list(cuts))
     elif layers_per_stage is not None:
@@ -166,7 +168,7 @@ def pipeline(
         from .split import _check_counts
 
         _check_counts(n, num_stages)
-    model_graph = trace_annotated(model, example_inputs)
+    model_graph = trace_canonical(model, example_inputs)
     costs = estimate_block_costs(model_graph, model, model_graph.meta["fxpp_example_inputs"])
     if ranges is None:
         ranges = balanced_split(

@@ -527,6 +527,39 @@ def _first_that_runs(model, forward_params: set[str], candidates: list[dict], g:
     return _first_working(candidates, runs, "forward with {} and no image tokens")[1]
 
 
+def generic_model(model_type: str) -> torch.nn.Module:
+    """The generic attempt's tiny model of ``model_type`` (seeded, perturbed, in eval mode)."""
+    import transformers
+
+    config = generic_config(model_type)
+    torch.manual_seed(0)
+    try:
+        model = transformers.AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
+    except Exception as e:  # noqa: BLE001
+        raise NotBuilt(f"model: {type(e).__name__}: {base._message(e, 200)}") from e
+    base._perturb(model)
+    model.eval()
+    return model
+
+
+def tiny_family(model_type: str, seed: int = 2) -> tuple[torch.nn.Module, dict[str, torch.Tensor], str]:
+    """The model, inputs and kind (``VLM`` or ``text``) the sweep checks ``model_type`` with.
+
+    Raises NotBuilt where the sweep reports ``not-built``; an encoder-decoder family
+    comes with no inputs (the sweep only checks that fxpp refuses it).
+    """
+    from .zoo import VLM_FAMILIES
+
+    if model_type in VLM_FAMILIES:
+        model, inputs, _ = _zoo_model_and_inputs(model_type)
+        return model, inputs, "VLM"
+    model = generic_model(model_type)
+    if getattr(model.config, "is_encoder_decoder", False):
+        return model, {}, "VLM"
+    inputs, kind = generic_inputs(model, seed=seed)
+    return model, inputs, kind
+
+
 def _zoo_model_and_inputs(family: str):
     from .zoo import tiny_vlm
 
@@ -538,8 +571,6 @@ def _zoo_model_and_inputs(family: str):
 def check_vlm_family(model_type: str, class_name: str = "", *, timeout_s: float = 45.0,
                      build_timeout_s: float = 20.0) -> base.SweepResult:
     """Build a tiny ``model_type`` VLM with image inputs and compare a 2-stage pipeline with it."""
-    import transformers
-
     from .zoo import VLM_FAMILIES
 
     result = base.SweepResult(family=model_type, class_name=class_name, status="error")
@@ -553,14 +584,7 @@ def check_vlm_family(model_type: str, class_name: str = "", *, timeout_s: float 
                 if model_type in VLM_FAMILIES:
                     model, inputs, example = _zoo_model_and_inputs(model_type)
                 else:
-                    config = generic_config(model_type)
-                    torch.manual_seed(0)
-                    try:
-                        model = transformers.AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
-                    except Exception as e:  # noqa: BLE001
-                        raise NotBuilt(f"model: {type(e).__name__}: {base._message(e, 200)}") from e
-                    base._perturb(model)
-                    model.eval()
+                    model = generic_model(model_type)
                     if getattr(model.config, "is_encoder_decoder", False):
                         # fxpp refuses encoder-decoder models whatever the inputs: check the refusal
                         result.model_class = type(model).__name__

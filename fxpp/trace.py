@@ -27,8 +27,11 @@ opaque function
 
 How transformers 5 forwards are handled
     * decorators: output-plumbing wrappers (``can_return_tuple``, ``capture_outputs``,
-      ``auto_docstring``) are unwrapped; ``merge_with_config_defaults`` is kept (it fills
-      config defaults) and sees ``use_cache=False`` and ``return_dict=True``;
+      ``auto_docstring``) are unwrapped; every other wrapper is kept, rebuilt around the
+      unwrapped function: ``merge_with_config_defaults`` (it fills config defaults and
+      sees ``use_cache=False`` and ``return_dict=True``) and ``deprecate_kwarg`` (it
+      renames an old argument such as ``image_patches`` to ``pixel_values``; without it
+      the old name would reach an unused parameter and the input would be ignored);
     * ``**kwargs`` and ``ModelOutput`` construction are plain Python over proxies;
     * config objects become graph constants (``get_attr`` of ``_fxpp_const_N``),
       never rebuilt from nodes;
@@ -142,7 +145,14 @@ def is_mask_builder(target: Any) -> bool:
 
 
 def unwrap_forward(fn: Callable) -> Callable:
-    """Peel output-plumbing decorators off a transformers forward, keep the rest."""
+    """Peel output-plumbing decorators off a transformers forward, keep the rest.
+
+    A decorator that is not plumbing changes what the forward computes (config
+    defaults, ``deprecate_kwarg``'s renaming of old argument names), so dropping it
+    would silently change the model. Each one kept is rebuilt around the peeled function
+    beneath it (:func:`_rewrap`). A wrapper that cannot be rebuilt keeps the whole
+    forward as written: plumbing traced through is slower, never wrong.
+    """
     layers = []
     cur = fn
     while True:
@@ -151,20 +161,82 @@ def unwrap_forward(fn: Callable) -> Callable:
         if nxt is None:
             break
         cur = nxt
-    inner = layers[-1]
-    # Rebuild from the innermost function outwards, skipping plumbing wrappers. A
-    # wrapper we keep is re-applied by calling its decorator on the new inner
-    # function; we only know how to do that for merge_with_config_defaults.
-    from transformers.utils import generic
-
-    result = inner
+    result = layers[-1]
     for wrapper in reversed(layers[:-1]):
-        qualname = getattr(wrapper, "__qualname__", "")
-        if any(qualname.startswith(p) for p in _PLUMBING_WRAPPERS):
+        if _is_plumbing_wrapper(wrapper):
             continue
-        if qualname.startswith("merge_with_config_defaults"):
-            result = generic.merge_with_config_defaults(result)
+        if result is wrapper.__wrapped__:
+            result = wrapper  # nothing beneath it was peeled
+            continue
+        rebuilt = _rewrap(wrapper, result)
+        if rebuilt is None:
+            return fn
+        result = rebuilt
     return result
+
+
+@functools.lru_cache(maxsize=1)
+def _plumbing_codes() -> frozenset:
+    """Code objects of the functions the plumbing decorators wrap a forward in.
+
+    Compared by identity: ``functools.wraps`` gives a wrapper the forward's own
+    ``__name__`` and ``__qualname__``, so names cannot tell the wrappers apart.
+    """
+    import importlib
+
+    codes: set = set()
+
+    def walk(code: Any) -> None:
+        for const in code.co_consts:
+            if inspect.iscode(const):
+                codes.add(const)
+                walk(const)
+
+    for module_name in ("transformers.utils.generic", "transformers.utils.output_capturing",
+                        "transformers.utils.auto_docstring"):
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        for name in _PLUMBING_WRAPPERS:
+            decorator = getattr(module, name, None)
+            if inspect.isfunction(decorator):
+                walk(decorator.__code__)
+    return frozenset(codes)
+
+
+def _is_plumbing_wrapper(wrapper: Callable) -> bool:
+    return getattr(wrapper, "__code__", None) in _plumbing_codes()
+
+
+def _rewrap(wrapper: Callable, inner: Callable) -> Callable | None:
+    """``wrapper`` calling ``inner`` instead of the function it was built around.
+
+    A decorator's wrapper reaches the function it wraps through a closure cell; the
+    copy gets a fresh cell holding ``inner`` and shares every other cell (the
+    decorator's arguments). None when no cell holds the wrapped function.
+    """
+    import types
+
+    wrapped = wrapper.__wrapped__
+    cells = getattr(wrapper, "__closure__", None) or ()
+
+    def holds_wrapped(cell) -> bool:
+        try:
+            return cell.cell_contents is wrapped
+        except ValueError:  # an empty cell
+            return False
+
+    if not inspect.isfunction(wrapper) or not any(holds_wrapped(c) for c in cells):
+        return None
+    closure = tuple(types.CellType(inner) if holds_wrapped(c) else c for c in cells)
+    rebuilt = types.FunctionType(wrapper.__code__, wrapper.__globals__, wrapper.__name__, wrapper.__defaults__, closure)
+    rebuilt.__kwdefaults__ = wrapper.__kwdefaults__
+    rebuilt.__dict__.update(wrapper.__dict__)
+    rebuilt.__qualname__ = wrapper.__qualname__
+    rebuilt.__doc__ = wrapper.__doc__
+    rebuilt.__wrapped__ = inner
+    return rebuilt
 
 
 def is_inplace_method(name: Any) -> bool:

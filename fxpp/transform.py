@@ -22,6 +22,7 @@ from .passes.dense_masked_rows import dense_masked_rows
 from .passes.extract_stage import extract_stage
 from .passes.none_safe_masks import none_safe_masks
 from .spec import StageRole, StageSpec
+from .layout import TEXT_INPUTS, CutLayout, InputSignature, Slot
 from .trace import find_decoder_layers, trace_model
 
 
@@ -45,14 +46,63 @@ def model_device(model: torch.nn.Module) -> torch.device:
 
 
 def default_example_inputs(model: torch.nn.Module, batch_size: int = 2, seq_len: int = 8) -> dict[str, torch.Tensor]:
-    """Token ids and an all-ones attention mask, on the model's device."""
+    """Token ids of shape ``[batch_size, seq_len]``, on the model's device."""
     device = model_device(model)
     vocab = getattr(model.config.get_text_config(), "vocab_size", 2) or 2
     ids = torch.arange(batch_size * seq_len, device="cpu").reshape(batch_size, seq_len) % vocab
-    return {
-        "input_ids": ids.to(device),
-        "attention_mask": torch.ones(batch_size, seq_len, dtype=torch.long, device=device),
-    }
+    return {"input_ids": ids.to(device)}
+
+
+def forward_parameters(model: torch.nn.Module) -> set[str]:
+    import inspect
+
+    from .trace import unwrap_forward
+
+    return set(inspect.signature(unwrap_forward(type(model).forward)).parameters)
+
+
+def _default_text_input(name: str, like: torch.Tensor) -> torch.Tensor:
+    """An example of a text input the example inputs lack, shaped like the tokens."""
+    b, s = like.shape[0], like.shape[1]
+    if name == "attention_mask":
+        return torch.ones(b, s, dtype=torch.long, device=like.device)
+    return torch.arange(s, device=like.device).expand(b, s).clone()  # position_ids
+
+
+def trace_canonical(model: torch.nn.Module, example_inputs: dict[str, Any] | None) -> GraphModule:
+    """Trace the model for its whole input signature (see ``fxpp.layout``).
+
+    The signature is every input of ``example_inputs`` plus ``attention_mask`` and
+    ``position_ids`` where the forward takes them; an added input the trace cannot
+    take (its example does not fit the model) is left out and the reason kept for the
+    error a call with it gets. The graph's ``meta["fxpp_signature"]`` is the
+    signature, ``meta["fxpp_example_inputs"]`` the inputs it was traced with.
+    """
+    _check_model(model)
+    given = {k: v for k, v in (example_inputs or default_example_inputs(model)).items() if v is not None}
+    params = forward_parameters(model)
+    tokens = given.get("input_ids", given.get("inputs_embeds"))
+    missing = [n for n in TEXT_INPUTS if n not in given and n in params]
+    left_out = [(n, f"{type(model).__name__}.forward takes no {n}") for n in TEXT_INPUTS if n not in params]
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() < 2:
+        missing = []
+    errors = []
+    for added in (missing, [n for n in missing if n != "position_ids"], []):
+        example = dict(given)
+        example.update({n: _default_text_input(n, tokens) for n in added})
+        try:
+            gm = trace_annotated(model, example)
+        except Exception as e:  # noqa: BLE001 - the example fxpp added may not fit; try without it
+            if not added:
+                raise
+            errors.append(e)
+            continue
+        for name in sorted(set(missing) - set(added)):
+            left_out.append((name, f"a trace with an example {name} failed: {str(errors[0]).splitlines()[0][:200]}"))
+        break
+    names = tuple(n for n in gm.meta["fxpp_example_inputs"])
+    gm.meta["fxpp_signature"] = InputSignature(names=names, left_out=tuple(left_out))
+    return gm
 
 
 def trace_annotated(model: torch.nn.Module, example_inputs: dict[str, Any]) -> GraphModule:
@@ -133,11 +183,12 @@ def transform(
             vision-language ``*ForConditionalGeneration``), on any device including meta.
         stage_role: ``StageRole`` or ``"first" | "middle" | "last" | "full"``.
         layers: the decoder layers the stage owns, ``range(start, stop)``; optional for FULL.
-        example_inputs: keyword inputs of the model that fix which inputs exist
-            (``input_ids``, ``attention_mask``, ``position_ids``, ...). Shapes are only
-            an example: the stage accepts other batch and sequence sizes. Defaults to
-            ``input_ids`` and ``attention_mask``. Every stage of one pipeline must be
-            built from the same set of inputs.
+        example_inputs: keyword inputs of the model that widen the input signature
+            (a VLM's ``pixel_values`` and companions); ``input_ids``,
+            ``attention_mask`` and ``position_ids`` are in it anyway where the forward
+            takes them. Shapes are only an example: the stage accepts other batch and
+            sequence sizes, and any call with a subset of the signature. Every stage of
+            one pipeline must be built from the same example inputs.
 
     Returns:
         A :class:`StageModule`: FIRST/FULL take the model inputs by keyword, MIDDLE/LAST
@@ -150,9 +201,7 @@ def transform(
     """
     _check_model(model)
     spec = make_spec(model, stage_role, layers)
-    if example_inputs is None:
-        example_inputs = default_example_inputs(model)
-    model_gm = trace_annotated(model, example_inputs)
+    model_gm = trace_canonical(model, example_inputs)
     return StageModule.build(model, model_gm, spec)
 
 
@@ -193,12 +242,14 @@ def _same_entries(a: dict, b: dict) -> bool:
 
 
 class StageModule(GraphModule):
-    """A stage's GraphModule that checks its inputs and retraces on new shapes.
+    """A stage's GraphModule that takes any input set of its signature and checks what it receives.
 
-    ``self.graph`` is the graph for the example inputs it was built from. When a call's
-    inputs make a traced shape decision (a guard) false, the stage traces the model
-    again for those shapes, keeps the new graph as an alternate and runs it; later
-    calls with such shapes use the alternate directly.
+    ``self.graph`` is the *canonical* variant: the stage traced with every input of the
+    signature (see ``fxpp.layout``). A FIRST or MIDDLE stage returns the fixed layout
+    of its cut (the canonical slots, then the header); a MIDDLE or LAST stage takes
+    that tuple and matches its values by identity. A call with another present set,
+    or whose shapes make a traced shape decision (a guard) false, runs a variant
+    traced for it, kept for later calls.
     """
 
     @classmethod
@@ -208,12 +259,30 @@ class StageModule(GraphModule):
         object.__setattr__(stage, "_fxpp_model", model)
         stage.meta.update(model_gm.meta)
         stage.meta["fxpp_spec"] = spec
-        object.__setattr__(stage, "_fxpp_alternates", [])
+        object.__setattr__(stage, "_fxpp_variants", {})  # present bits -> [GraphModule]
+        signature = model_gm.meta["fxpp_signature"]
+        in_layout = None
+        if not spec.takes_model_inputs:
+            phs = [n for n in stage.graph.nodes if n.op == "placeholder"]
+            in_layout = CutLayout(spec.layers.start, signature, tuple(
+                Slot(p.meta["fxpp_identity"], tuple(p.meta["val"].shape), p.meta["val"].dtype) for p in phs))
+        out_layout = None
+        if not spec.returns_model_output:
+            (out,) = [n for n in stage.graph.nodes if n.op == "output"]
+            out_layout = CutLayout(spec.layers.stop, signature, tuple(
+                Slot(i, tuple(v.meta["val"].shape), v.meta["val"].dtype)
+                for i, v in zip(out.meta["fxpp_identities"], out.args[0])))
+        object.__setattr__(stage, "in_layout", in_layout)
+        object.__setattr__(stage, "out_layout", out_layout)
         return stage
 
     @property
     def spec(self) -> StageSpec:
         return self.meta["fxpp_spec"]
+
+    @property
+    def signature(self) -> InputSignature:
+        return self.meta["fxpp_signature"]
 
     @property
     def input_names(self) -> list[str]:
@@ -231,108 +300,161 @@ class StageModule(GraphModule):
         object.__setattr__(self, "_fxpp_generated", generated)
         return result
 
+    def _where(self) -> str:
+        spec = self.spec
+        return f"{self.meta['fxpp_model_class']} {spec.role.value} stage layers {spec.layers}"
+
     def _fxpp_dispatch(self, generated, args, kwargs):
         spec = self.meta.get("fxpp_spec")
         if spec is None:  # during GraphModule construction
             return generated(self, *args, **kwargs)
+        where = self._where()
         if spec.takes_model_inputs:
-            names = self.input_names
-            given = {k for k, v in kwargs.items() if v is not None}
             if args:
                 raise StageInputError(
-                    f"{self.meta['fxpp_model_class']} {spec.role.value} stage takes the model's inputs by keyword "
-                    f"({', '.join(names)}); got {len(args)} positional argument(s)"
+                    f"{where} takes the model's inputs by keyword ({', '.join(self.signature.names)}); "
+                    f"got {len(args)} positional argument(s)"
                 )
-            if given != set(names):
-                return self._fxpp_alternate(args, kwargs, f"inputs {sorted(given)} differ from {sorted(names)}")
+            inputs = {k: v for k, v in kwargs.items() if v is not None}
+            self.signature.check_call(inputs, where)
+            bits = self.signature.bits(inputs)
+            variant, out = self._run(bits, inputs=inputs)
         else:
             if kwargs and getattr(self, "_fxpp_ignore_model_kwargs", False):
                 kwargs = {}  # schedules pass model inputs to every stage of a rank
-            problem = self._received_problem(args, kwargs)
-            if problem is not None and "dtype" in problem:
-                raise StageInputError(problem)  # no retrace turns an integer mask into hidden states
+            if kwargs:
+                raise StageInputError(f"{where} takes the tuple the previous stage returned, positionally; got "
+                                      f"keyword input(s) {sorted(kwargs)} (model inputs go to the first stage only)")
+            bits, received = self.in_layout.unpack(args, where)
+            variant, out = self._run(bits, received=received)
+        if spec.returns_model_output:
+            return out
+        (node,) = [n for n in variant.graph.nodes if n.op == "output"]
+        return self.out_layout.pack(node.meta["fxpp_identities"], out, bits, where)
+
+    def _run(self, bits: int, *, inputs: dict | None = None, received: dict | None = None):
+        """Run the variant for the present ``bits`` that fits the shapes, tracing one if none does."""
+        candidates = list(self._fxpp_variants.get(bits, ()))
+        if bits == self.signature.all_bits:
+            candidates.insert(0, self)
+        why = f"no variant for inputs {list(self.signature.present(bits))} yet"
+        for variant in candidates:
+            args = () if received is None else self._args_for(variant, received, bits)
+            problem = None if received is None else _received_problem(variant, args)
             if problem is not None:
-                return self._fxpp_alternate(args, kwargs, problem)
-        try:
-            return generated(self, *args, **kwargs)
-        except GuardFailure as e:
-            return self._fxpp_alternate(args, kwargs, str(e))
-
-    def _received_problem(self, args, kwargs) -> str | None:
-        """Why ``args`` is not the tuple this stage receives, or None if it is."""
-        spec = self.spec
-        placeholders = [n for n in self.graph.nodes if n.op == "placeholder"]
-        if len(args) != len(placeholders):
-            hint = ""
-            if kwargs and not args:
-                hint = " (model inputs go to the first stage only)"
-            return (
-                f"{self.meta['fxpp_model_class']} {spec.role.value} stage layers {spec.layers} expects the "
-                f"{len(placeholders)} tensor(s) that cross cut {spec.layers.start} "
-                f"({', '.join(p.target for p in placeholders)}), got {len(args)}{hint}"
-            )
-        for ph, value in zip(placeholders, args):
-            expected = ph.meta.get("val")
-            if not isinstance(value, torch.Tensor):
-                return f"stage input {ph.target!r} must be a tensor, got {type(value).__name__}"
-            if isinstance(expected, torch.Tensor):
-                if value.dim() != expected.dim() or (expected.dim() >= 3 and value.shape[-1] != expected.shape[-1]):
-                    return f"stage input {ph.target!r}: expected shape like {tuple(expected.shape)}, got {tuple(value.shape)}"
-                if value.dtype.is_floating_point != expected.dtype.is_floating_point:
-                    return f"stage input {ph.target!r}: expected dtype like {expected.dtype}, got {value.dtype}"
-        return None
-
-    def _fxpp_alternate(self, args, kwargs, why: str):
-        """Run an alternate graph for these inputs, tracing one if none fits."""
-        for alt in self._fxpp_alternates:
-            if alt.spec.takes_model_inputs:
-                if set(alt.input_names) != {k for k, v in kwargs.items() if v is not None}:
-                    continue
-            elif alt._received_problem(args, kwargs) is not None:
+                why = problem
                 continue
             try:
-                return alt._fxpp_generated(alt, *args, **kwargs)
-            except GuardFailure:
-                continue
-        if not self.spec.takes_model_inputs and (not args or not isinstance(args[0], torch.Tensor) or args[0].dim() < 2):
-            raise StageInputError(why)
-        example = self._example_for(args, kwargs)
+                return variant, self._call(variant, args, inputs or {})
+            except GuardFailure as e:
+                why = str(e)
+        variant = self._trace_variant(bits, inputs, received, why)
+        self._fxpp_variants.setdefault(bits, []).append(variant)
+        args = () if received is None else self._args_for(variant, received, bits)
+        return variant, self._call(variant, args, inputs or {})
+
+    def _call(self, variant: GraphModule, args, inputs: dict):
+        if variant is self:
+            return self._fxpp_generated(self, *args, **inputs)
+        return variant(*args, **inputs)
+
+    def _args_for(self, variant: GraphModule, received: dict, bits: int) -> list:
+        """The received values a variant reads, by identity; a filler is never read."""
+        args = []
+        for ph in (n for n in variant.graph.nodes if n.op == "placeholder"):
+            identity = ph.meta["fxpp_identity"]
+            if identity not in received:
+                raise StageInputError(
+                    f"{self._where()}: with inputs {list(self.signature.present(bits))} it reads {identity!r}, which "
+                    f"the previous stage did not compute for this call (it sent a stand-in). The stages disagree on "
+                    f"what crosses cut {self.spec.layers.start}; build them from the same model and example inputs"
+                )
+            args.append(received[identity])
+        return args
+
+    def _trace_variant(self, bits: int, inputs: dict | None, received: dict | None, why: str) -> GraphModule:
+        """Trace the model for this present set and shapes; the stage of that trace, on this stage's modules."""
+        present = self.signature.present(bits)
+        example = inputs if inputs is not None else self._example_for(present, received)
         try:
             model_gm = trace_annotated(self._fxpp_model, example)
         except Exception as e:  # noqa: BLE001 - the caller's inputs are the likelier problem
-            if self.spec.takes_model_inputs:
+            if inputs is not None:
                 raise
-            raise StageInputError(why) from e
-        alt = StageModule.build(self._fxpp_model, model_gm, self.spec)
-        if not alt.spec.takes_model_inputs:
-            problem = alt._received_problem(args, kwargs)
+            raise StageInputError(f"{self._where()}: {why}") from e
+        model_gm.meta["fxpp_signature"] = self.signature
+        variant = _on_modules_of(extract_stage(model_gm, spec=self.spec), self)
+        variant.meta.update(model_gm.meta)
+        variant.meta["fxpp_spec"] = self.spec
+        for layout, names in ((self.in_layout, [p.meta["fxpp_identity"] for p in variant.graph.nodes
+                                                if p.op == "placeholder"] if received is not None else []),
+                              (self.out_layout, [i for n in variant.graph.nodes if n.op == "output"
+                                                 for i in n.meta.get("fxpp_identities", ())])):
+            unknown = [i for i in names if layout is not None and i not in layout.identities]
+            if unknown:
+                raise StageInputError(
+                    f"{self._where()}: with inputs {list(present)}, {unknown} must cross cut {layout.cut}, but the "
+                    f"stages were built to send {list(layout.identities)} (with every input of "
+                    f"{list(self.signature.names)}). Build the stages with example inputs like this call's"
+                )
+        if received is not None:
+            problem = _received_problem(variant, self._args_for(variant, received, bits))
             if problem is not None:
-                raise StageInputError(why)
-        self._fxpp_alternates.append(alt)
-        return alt._fxpp_generated(alt, *args, **kwargs)
+                raise StageInputError(f"{self._where()}: {problem}")
+        return variant
 
-    def _example_for(self, args, kwargs) -> dict[str, Any]:
-        """Model inputs that produce the given stage inputs' shapes."""
-        if self.spec.takes_model_inputs:
-            return {k: v for k, v in kwargs.items() if v is not None}
-        example = dict(self.meta["fxpp_example_inputs"])
-        received = {}
-        for ph, value in zip([n for n in self.graph.nodes if n.op == "placeholder"], args):
-            received[ph.meta.get("fxpp_crossing", ph.target)] = value
-        stream = args[0]  # the hidden states cross first
+    def _example_for(self, present: tuple[str, ...], received: dict) -> dict[str, Any]:
+        """Model inputs of this present set that produce the received values' shapes."""
+        example = {k: v for k, v in self.meta["fxpp_example_inputs"].items() if k in present}
+        stream = received["hidden states"]  # always computed, always first
         old = next(iter(example.values()))
         b0, s0 = old.shape[0], old.shape[1] if old.dim() > 1 else None
         b, s = stream.shape[0], stream.shape[1]
         out = {}
         for name, value in example.items():
-            if name in received:
-                out[name] = received[name]
-            elif isinstance(value, torch.Tensor):
+            if f"input {name}" in received:
+                out[name] = received[f"input {name}"]
+            elif isinstance(value, torch.Tensor) and (b, s) != (b0, s0):
                 shape = [b if d == b0 and i == 0 else s if d == s0 else d for i, d in enumerate(value.shape)]
                 out[name] = torch.zeros(shape, dtype=value.dtype, device=value.device)
             else:
                 out[name] = value
         return out
+
+
+def _received_problem(variant: GraphModule, args) -> str | None:
+    """Why ``args`` cannot be this variant's inputs (rank, width, dtype), or None if they can."""
+    for ph, value in zip([n for n in variant.graph.nodes if n.op == "placeholder"], args):
+        expected = ph.meta.get("val")
+        name = ph.meta.get("fxpp_identity", ph.target)
+        if isinstance(expected, torch.Tensor):
+            if value.dim() != expected.dim() or (expected.dim() >= 3 and value.shape[-1] != expected.shape[-1]):
+                return f"stage input {name!r}: expected shape like {tuple(expected.shape)}, got {tuple(value.shape)}"
+            if value.dtype.is_floating_point != expected.dtype.is_floating_point:
+                return f"stage input {name!r}: expected dtype like {expected.dtype}, got {value.dtype}"
+    return None
+
+
+def _on_modules_of(variant: GraphModule, owner: GraphModule) -> GraphModule:
+    """``variant`` calling the submodules and parameters ``owner`` holds under the same names.
+
+    A runtime stage holds copies on its device (and its own copy of a tied weight);
+    a variant traced later must use those, not the user's model's.
+    """
+    def resolve(root, target):
+        obj = root
+        for part in target.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                return None
+        return obj
+
+    targets = {}
+    for node in variant.graph.nodes:
+        if node.op in ("call_module", "get_attr"):
+            mine = resolve(owner, node.target)
+            targets[node.target] = mine if mine is not None else resolve(variant, node.target)
+    return GraphModule(targets, variant.graph, class_name=type(variant).__name__)
 
 
 def stage_info(stage: GraphModule) -> list[tuple[str, str]]:

@@ -2,8 +2,11 @@
 
 Reads ``node.meta["fxpp"]`` (``fxpp.annotate``) and ``node.meta["val"]``; copies both
 onto every node it keeps, writes ``node.meta["fxpp_source"]`` (the name of the model
-node a kept node computes) and ``node.meta["fxpp_crossing"]`` on the stage's input
-placeholders (the original node name a placeholder stands for).
+node a kept node computes), ``node.meta["fxpp_crossing"]`` and
+``node.meta["fxpp_identity"]`` on the stage's input placeholders (the original node
+name a placeholder stands for, and what that value is: ``fxpp.cuts.crossing_identity``),
+and ``node.meta["fxpp_identities"]`` on the output of a FIRST or MIDDLE stage (the
+identity of each tensor it returns).
 
 Before (whole model, cuts at 1 and 2)::
 
@@ -31,7 +34,7 @@ from torch.fx import Graph, GraphModule, Node
 
 from .. import ops
 from ..annotate import NodeInfo, info, is_guard
-from ..cuts import crossing_values, stream_at, substitutable
+from ..cuts import crossing_identity, crossing_values, stream_at, substitutable
 from ..errors import CutError
 from ..spec import StageRole, StageSpec
 
@@ -49,6 +52,7 @@ def extract_stage(model_gm: GraphModule, *, spec: StageSpec) -> GraphModule:
     stream = None if spec.takes_model_inputs else stream_at(graph, a)
 
     keep = _needed_nodes(graph, inputs, outputs, stream)
+    modules = dict(model_gm.named_modules())
     new = Graph()
     env: dict[Node, Node] = {}
 
@@ -58,7 +62,7 @@ def extract_stage(model_gm: GraphModule, *, spec: StageSpec) -> GraphModule:
                 env[node] = new.node_copy(node)
     else:
         for value in inputs:
-            env[value] = _receive(new, value)
+            env[value] = _receive(new, value, crossing_identity(graph, value, a, modules))
 
     def lookup(user: Node):
         def arg(value: Node) -> Node:
@@ -82,8 +86,11 @@ def extract_stage(model_gm: GraphModule, *, spec: StageSpec) -> GraphModule:
         out = new.output(env[result.args[0]])
         out.meta = dict(result.meta)
     else:
-        out = new.output(tuple(leaf for value in outputs for leaf in _send(new, env[value])))
+        sent = [(crossing_identity(graph, value, b, modules), _send(new, env[value])) for value in outputs]
+        out = new.output(tuple(leaf for _, leaves in sent for leaf in leaves))
         out.meta["fxpp"] = NodeInfo(role="output", position=b - 1, rematerialize=False)
+        out.meta["fxpp_identities"] = tuple(
+            name for identity, leaves in sent for name in _leaf_identities(identity, len(leaves)))
 
     new.lint()
     stage = GraphModule(model_gm, new, class_name=f"Stage{spec.role.value.capitalize()}")
@@ -135,14 +142,20 @@ def _slice(roots, received: set[Node], stream: Node | None, *, strict: bool) -> 
     return keep
 
 
-def _receive(graph: Graph, value: Node) -> Node:
+def _leaf_identities(identity: str, count: int) -> list[str]:
+    """The identity of each tensor a crossing value is sent as (tuples are flattened)."""
+    return [identity] if count == 1 else [f"{identity}[{i}]" for i in range(count)]
+
+
+def _receive(graph: Graph, value: Node, identity: str) -> Node:
     """Placeholder(s) for a value that crossed the cut, rebuilt into its original form."""
     val = value.meta.get("val")
     if isinstance(val, (tuple, list)):
         leaves = []
+        names = _leaf_identities(identity, len(val))
         for i, leaf in enumerate(val):
             ph = graph.placeholder(f"{value.name}_{i}")
-            ph.meta = {"val": leaf, "fxpp": info(value), "fxpp_crossing": value.name}
+            ph.meta = {"val": leaf, "fxpp": info(value), "fxpp_crossing": value.name, "fxpp_identity": names[i]}
             leaves.append(ph)
         kind = "list" if isinstance(val, list) else "tuple"
         packed = graph.call_function(ops.pack, (kind, *leaves))
@@ -151,6 +164,7 @@ def _receive(graph: Graph, value: Node) -> Node:
     ph = graph.placeholder(value.name)
     ph.meta = dict(value.meta)
     ph.meta["fxpp_crossing"] = value.name
+    ph.meta["fxpp_identity"] = identity
     return ph
 
 

@@ -1,0 +1,249 @@
+"""The fixed layout of what crosses a cut, whatever inputs one call carries.
+
+Terms
+-----
+signature
+    The model inputs a pipeline accepts (:class:`InputSignature`): by default
+    ``input_ids``, ``attention_mask`` and ``position_ids`` where the forward takes
+    them, plus every input of the example inputs (a VLM's media inputs).
+present set
+    The signature inputs one call carries. Any subset that names the tokens is
+    allowed; an absent input means what the model's forward does without it (no
+    ``attention_mask`` is not an all-ones mask: transformers then finds packed
+    documents from ``position_ids``; no ``pixel_values`` is the text-only path).
+variant
+    A stage's graph traced for one present set. The stage keeps one per present set
+    it has seen (and per shape decision, Note [guards] in ``fxpp.ops``).
+slot
+    One tensor of the tuple that crosses cut ``k``, named by its *identity*
+    (``fxpp.cuts.crossing_identity``: ``"hidden states"``, ``"input attention_mask"``,
+    ``"per_layer_input of model.layers.3"``, ...).
+layout
+    The slots of cut ``k`` when every signature input is present, then the *header*.
+    It depends only on the model, the signature and ``k``; never on one call.
+header
+    An ``int64`` tensor ``[layout id, present bits, filled bits...]`` ending every
+    crossing tuple. The layout id hashes the signature and the slot identities, so a
+    tuple from stages built for another signature is refused, not read in the wrong
+    slots; the present bits tell the receiving stage which variant to run; the filled
+    bits (62 slots a word) say which slots hold a computed value, so no stage ever
+    reads a filler as data.
+
+A variant that does not compute a slot (no padding mask in this call, no image
+features) sends a zero *filler* of the slot's shape in its place, so every
+microbatch of a schedule step sends the same shapes; the receiving variant never
+reads it. A variant that would need to send a value the layout has no slot for is
+refused with the value's name.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import torch
+
+from .errors import StageInputError
+
+TEXT_INPUTS = ("input_ids", "attention_mask", "position_ids")
+HEADER = "fxpp header (layout id, inputs present, slots filled)"
+_WORD = 62  # bits per header word: int64, kept non-negative
+
+
+@dataclass(frozen=True)
+class InputSignature:
+    """The inputs a pipeline accepts, in a fixed order (the header's bit order).
+
+    Attributes:
+        names: the declared inputs.
+        left_out: inputs of the default set the model cannot take, with the reason,
+            for error messages.
+    """
+
+    names: tuple[str, ...]
+    left_out: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self) -> None:
+        if len(set(self.names)) != len(self.names):
+            raise ValueError(f"input signature {self.names} names an input twice")
+        if len(self.names) > 62:
+            raise ValueError(f"input signature {self.names} has more than 62 inputs")
+
+    @property
+    def all_bits(self) -> int:
+        return (1 << len(self.names)) - 1
+
+    def bits(self, present: Iterable[str]) -> int:
+        present = set(present)
+        return sum(1 << i for i, name in enumerate(self.names) if name in present)
+
+    def present(self, bits: int) -> tuple[str, ...]:
+        return tuple(name for i, name in enumerate(self.names) if bits >> i & 1)
+
+    def check_call(self, given: Iterable[str], where: str) -> None:
+        """Refuse inputs outside the signature, naming them and how to declare them.
+
+        Raises:
+            StageInputError: an input the stages were not built for, or no token input.
+        """
+        given = sorted(given)
+        outside = [name for name in given if name not in self.names]
+        if outside:
+            reasons = dict(self.left_out)
+            why = "; ".join(f"{name}: {reasons[name]}" for name in outside if name in reasons)
+            raise StageInputError(
+                f"{where}: input(s) {outside} are not in the pipeline's input signature {list(self.names)}"
+                + (f" ({why})" if why else "")
+                + ". Declare them by building the stages with example_inputs that contain them "
+                "(fxpp.pipeline(model, n, example_inputs=...) or fxpp.transform(..., example_inputs=...))"
+            )
+        token_inputs = [name for name in ("input_ids", "inputs_embeds") if name in self.names]
+        if token_inputs and not set(token_inputs) & set(given):
+            raise StageInputError(
+                f"{where}: the call gives {given or 'no inputs'} but not {' or '.join(token_inputs)}; "
+                "the first stage needs the tokens"
+            )
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One tensor of a crossing tuple, as the canonical variant sends it."""
+
+    identity: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+@dataclass(frozen=True)
+class CutLayout:
+    """The slots of cut ``cut`` (then the header) for ``signature``."""
+
+    cut: int
+    signature: InputSignature
+    slots: tuple[Slot, ...]
+
+    def __post_init__(self) -> None:
+        names = [s.identity for s in self.slots]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise StageInputError(f"cut {self.cut}: two crossing values share the identity {twice}")
+
+    @property
+    def id(self) -> int:
+        text = "\n".join([*self.signature.names, "|", *(f"{s.identity}:{s.dtype}" for s in self.slots)])
+        return zlib.crc32(text.encode()) & 0x7FFFFFFF
+
+    @property
+    def identities(self) -> tuple[str, ...]:
+        return tuple(s.identity for s in self.slots)
+
+    @property
+    def header_size(self) -> int:
+        return 2 + (len(self.slots) + _WORD - 1) // _WORD
+
+    def header(self, bits: int, filled: Sequence[bool], device) -> torch.Tensor:
+        words = [0] * (self.header_size - 2)
+        for i, f in enumerate(filled):
+            if f:
+                words[i // _WORD] |= 1 << (i % _WORD)
+        return torch.tensor([self.id, bits, *words], dtype=torch.int64, device=device)
+
+    def pack(self, identities: Sequence[str], values: Sequence[torch.Tensor], bits: int, where: str) -> tuple:
+        """A variant's outputs in the layout's slots, fillers for the rest, then the header.
+
+        Raises:
+            StageInputError: the variant sends a value the layout has no slot for.
+        """
+        by_identity = dict(zip(identities, values))
+        unknown = [i for i in identities if i not in self.identities]
+        if unknown:
+            raise StageInputError(
+                f"{where}: with inputs {list(self.signature.present(bits))} the stage must send {unknown} across "
+                f"cut {self.cut}, but the stages were built to send {list(self.identities)} (with every input of "
+                f"{list(self.signature.names)}). Build the stages with example inputs like this call's"
+            )
+        stream = values[0]
+        out, filled = [], []
+        for slot in self.slots:
+            value = by_identity.get(slot.identity)
+            filled.append(value is not None)
+            out.append(value if value is not None else self._filler(slot, stream, bits, where))
+        out.append(self.header(bits, filled, stream.device))
+        return tuple(out)
+
+    def _filler(self, slot: Slot, stream: torch.Tensor, bits: int, where: str) -> torch.Tensor:
+        shape = filler_shape(slot.shape, self.slots[0].shape[:2], tuple(stream.shape[:2]))
+        if shape is None:
+            raise StageInputError(
+                f"{where}: with inputs {list(self.signature.present(bits))} nothing computes {slot.identity!r}, and "
+                f"its shape {list(slot.shape)} does not follow the batch and sequence sizes, so fxpp cannot send a "
+                f"stand-in of the right shape. Give this call the inputs that compute it"
+            )
+        return torch.zeros(shape, dtype=slot.dtype, device=stream.device)
+
+    def unpack(self, args: Sequence, where: str) -> tuple[int, dict[str, torch.Tensor]]:
+        """The present bits and the received tensors by identity (fillers left out).
+
+        Raises:
+            StageInputError: not a tuple of this layout (count, header, dtype or rank).
+        """
+        expected = len(self.slots) + 1
+        if len(args) != expected:
+            raise StageInputError(
+                f"{where} expects the {expected} tensors that cross cut {self.cut} "
+                f"({', '.join(self.identities)}, then the {HEADER}), got {len(args)}"
+                + (" (model inputs go to the first stage only)" if not args else "")
+            )
+        header = args[-1]
+        if (not isinstance(header, torch.Tensor) or header.dtype != torch.int64
+                or tuple(header.shape) != (self.header_size,)):
+            raise StageInputError(f"{where}: the last value crossing cut {self.cut} must be the {HEADER}; got "
+                                  f"{_describe(header)}")
+        layout_id, bits, *words = (int(v) for v in header.tolist())
+        if layout_id != self.id:
+            raise StageInputError(
+                f"{where}: the tuple crossing cut {self.cut} comes from stages built for another input signature or "
+                f"another cut (layout id {layout_id}, expected {self.id}); this stage receives "
+                f"{list(self.identities)} for inputs {list(self.signature.names)}. Build every stage of a pipeline "
+                "from the same model and example inputs"
+            )
+        if bits & ~self.signature.all_bits:
+            raise StageInputError(f"{where}: the {HEADER} names inputs outside the signature (bits {bits:#x})")
+        received = {}
+        for i, (slot, value) in enumerate(zip(self.slots, args)):
+            if not isinstance(value, torch.Tensor):
+                raise StageInputError(f"{where}: {slot.identity!r} must be a tensor, got {_describe(value)}")
+            if value.dim() != len(slot.shape) or value.is_floating_point() != slot.dtype.is_floating_point:
+                raise StageInputError(
+                    f"{where}: {slot.identity!r} should be like {slot.dtype}{list(slot.shape)}, got {_describe(value)}"
+                )
+            if words[i // _WORD] >> (i % _WORD) & 1:
+                received[slot.identity] = value
+        return bits, received
+
+
+def filler_shape(shape: tuple[int, ...], built: tuple[int, ...], now: tuple[int, ...]) -> tuple[int, ...] | None:
+    """``shape`` (of a slot built for batch and sequence ``built``) for batch and sequence ``now``.
+
+    The batch and sequence dimensions are the first adjacent pair equal to ``built``
+    (``[B, S]`` masks, ``[3, B, S]`` multimodal positions, ``[B, S, H]`` features).
+    None when the shape has no such pair.
+    """
+    for i in range(len(shape) - 1):
+        if tuple(shape[i:i + 2]) == tuple(built):
+            return tuple(shape[:i]) + tuple(now) + tuple(shape[i + 2:])
+    return None
+
+
+def _describe(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {list(value.shape)}"
+    return f"a {type(value).__name__}"
+
+
+def layout_of(graph_output_meta: dict, output_vals: Sequence, cut: int, signature: InputSignature) -> CutLayout:
+    """The layout of the cut a FIRST or MIDDLE stage graph sends across."""
+    identities = graph_output_meta["fxpp_identities"]
+    slots = tuple(Slot(i, tuple(v.shape), v.dtype) for i, v in zip(identities, output_vals))
+    return CutLayout(cut=cut, signature=signature, slots=slots)
