@@ -610,7 +610,7 @@ class HFTracer(Tracer):
         qualname = self.path_of_module(m)
         if not self.is_leaf_module(m, qualname):
             inner = unwrap_forward(type(m).forward)
-            kwargs = _without_plumbing_kwargs(inner, kwargs)
+            kwargs = _nested_forward_kwargs(inner, args, kwargs)
             return super().call_module(m, lambda *a, **k: inner(m, *a, **k), args, kwargs)
         args, kwargs, states = self._lift_states(args, kwargs)
         before = {sid: dict(_items(obj)) for sid, (obj, _) in states.items()}
@@ -755,15 +755,26 @@ class HFTracer(Tracer):
         return super().keys(obj)
 
 
-def _without_plumbing_kwargs(inner: Callable, kwargs: dict) -> dict:
-    """Drop ``return_dict`` where the peeled ``can_return_tuple`` would have consumed it.
+def _nested_forward_kwargs(inner: Callable, args: tuple, kwargs: dict) -> dict:
+    """The keyword arguments for a traced forward nested in another (``model.language_model``).
 
-    A VLM's outer forward calls ``self.model(..., return_dict=True, **kwargs)``; the
-    inner forward has no such parameter, so without its wrapper the keyword would
-    travel on in ``**kwargs`` and collide with the next explicit ``return_dict=True``.
+    * ``return_dict`` is dropped where the peeled ``can_return_tuple`` would have
+      consumed it. A VLM's outer forward calls ``self.model(..., return_dict=True,
+      **kwargs)``; the inner forward has no such parameter, so without its wrapper the
+      keyword would travel on in ``**kwargs`` and collide with the next explicit
+      ``return_dict=True``.
+    * ``use_cache`` is False where the forward takes it and its caller left it out or
+      None (LLaVA calls its language model without it). The trace is of a forward
+      without a KV cache: ``merge_with_config_defaults`` would otherwise fill in the
+      config's ``use_cache=True`` and the forward would build a cache object.
     """
-    if "return_dict" in kwargs and "return_dict" not in inspect.signature(inner).parameters:
-        return {k: v for k, v in kwargs.items() if k != "return_dict"}
+    params = inspect.signature(inner).parameters
+    if "return_dict" in kwargs and "return_dict" not in params:
+        kwargs = {k: v for k, v in kwargs.items() if k != "return_dict"}
+    if "use_cache" in params and kwargs.get("use_cache") is None:
+        positional = [n for n, p in params.items() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        if "use_cache" not in positional[1:len(args) + 1]:  # not passed positionally (after self)
+            kwargs = {**kwargs, "use_cache": False}
     return kwargs
 
 
