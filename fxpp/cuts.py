@@ -110,6 +110,21 @@ def crossing_identity(graph: Graph, node: Node, k: int, modules: dict | None = N
     return described
 
 
+def leaf_identities(identity: str, count: int) -> list[str]:
+    """The identity of each tensor a crossing value is sent as (tuples are flattened)."""
+    return [identity] if count == 1 else [f"{identity}[{i}]" for i in range(count)]
+
+
+def crossing_slots(graph: Graph, k: int, modules: dict | None = None) -> list[tuple[str, object]]:
+    """``(identity, meta value)`` of each tensor that crosses cut ``k``, in the order it is sent."""
+    slots = []
+    for value in crossing_values(graph, k):
+        val = value.meta.get("val")
+        leaves = list(val) if isinstance(val, (tuple, list)) else [val]
+        slots.extend(zip(leaf_identities(crossing_identity(graph, value, k, modules), len(leaves)), leaves))
+    return slots
+
+
 def _first_layer_reader(node: Node) -> str | None:
     """The decoder layer (or other module) that ``node``'s value first reaches."""
     seen, stack = set(), [node]

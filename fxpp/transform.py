@@ -22,6 +22,7 @@ from .passes.dense_masked_rows import dense_masked_rows
 from .passes.extract_stage import extract_stage
 from .passes.none_safe_masks import none_safe_masks
 from .spec import StageRole, StageSpec
+from .cuts import crossing_slots
 from .layout import TEXT_INPUTS, CutLayout, InputSignature, Slot
 from .trace import find_decoder_layers, trace_model
 
@@ -101,8 +102,64 @@ def trace_canonical(model: torch.nn.Module, example_inputs: dict[str, Any] | Non
             left_out.append((name, f"a trace with an example {name} failed: {str(errors[0]).splitlines()[0][:200]}"))
         break
     names = tuple(n for n in gm.meta["fxpp_example_inputs"])
-    gm.meta["fxpp_signature"] = InputSignature(names=names, left_out=tuple(left_out))
+    signature = InputSignature(names=names, left_out=tuple(left_out))
+    gm.meta["fxpp_signature"] = signature
+    gm.meta["fxpp_variant_graphs"] = _trace_other_present_sets(model, gm.meta["fxpp_example_inputs"], signature)
+    gm.meta["fxpp_layouts"] = {}
     return gm
+
+
+def representative_present_sets(signature: InputSignature) -> list[tuple[str, ...]]:
+    """The present sets whose crossing values make up each cut's layout (Note [layout union]).
+
+    Every subset of the optional text inputs, with and without all media inputs
+    (everything that is not a text input) together.
+    """
+    import itertools
+
+    optional = [n for n in ("attention_mask", "position_ids") if n in signature.names]
+    media = [n for n in signature.names if n not in TEXT_INPUTS and n != "inputs_embeds"]
+    found = []
+    for with_media in ((True, False) if media else (True,)):
+        for r in range(len(optional), -1, -1):
+            for kept in itertools.combinations(optional, r):
+                present = tuple(n for n in signature.names
+                                if (n not in optional and n not in media) or n in kept or (with_media and n in media))
+                if present != signature.names:
+                    found.append(present)
+    return found
+
+
+def _trace_other_present_sets(model, example: dict, signature: InputSignature) -> dict[int, GraphModule]:
+    """Note [layout union]: what crosses a cut when a call leaves inputs out.
+
+    A call without ``position_ids`` may send what the forward computes from the other
+    inputs (Qwen-VL's rotary embeddings from ``get_rope_index``); one without images
+    sends no image features. The layout of a cut is the union of the slots of these
+    traces, so every such call finds its values a slot; present sets outside this list
+    are traced when a call brings them and refused if they need a slot none of these
+    has. A trace that fails here is left out: the call that needs it gets the error.
+    """
+    graphs = {}
+    for present in representative_present_sets(signature):
+        try:
+            graphs[signature.bits(present)] = trace_annotated(model, {k: example[k] for k in present})
+        except Exception:  # noqa: BLE001 - see the docstring
+            continue
+    return graphs
+
+
+def cut_layout(model_gm: GraphModule, k: int) -> CutLayout:
+    """The fixed layout of cut ``k``: the canonical slots, then those only other present sets send."""
+    cache = model_gm.meta["fxpp_layouts"]
+    if k not in cache:
+        slots: dict[str, Slot] = {}
+        for gm in [model_gm, *model_gm.meta["fxpp_variant_graphs"].values()]:
+            modules = dict(gm.named_modules())
+            for identity, val in crossing_slots(gm.graph, k, modules):
+                slots.setdefault(identity, Slot(identity, tuple(val.shape), val.dtype))
+        cache[k] = CutLayout(k, model_gm.meta["fxpp_signature"], tuple(slots.values()))
+    return cache[k]
 
 
 def trace_annotated(model: torch.nn.Module, example_inputs: dict[str, Any]) -> GraphModule:
@@ -260,20 +317,9 @@ class StageModule(GraphModule):
         stage.meta.update(model_gm.meta)
         stage.meta["fxpp_spec"] = spec
         object.__setattr__(stage, "_fxpp_variants", {})  # present bits -> [GraphModule]
-        signature = model_gm.meta["fxpp_signature"]
-        in_layout = None
-        if not spec.takes_model_inputs:
-            phs = [n for n in stage.graph.nodes if n.op == "placeholder"]
-            in_layout = CutLayout(spec.layers.start, signature, tuple(
-                Slot(p.meta["fxpp_identity"], tuple(p.meta["val"].shape), p.meta["val"].dtype) for p in phs))
-        out_layout = None
-        if not spec.returns_model_output:
-            (out,) = [n for n in stage.graph.nodes if n.op == "output"]
-            out_layout = CutLayout(spec.layers.stop, signature, tuple(
-                Slot(i, tuple(v.meta["val"].shape), v.meta["val"].dtype)
-                for i, v in zip(out.meta["fxpp_identities"], out.args[0])))
-        object.__setattr__(stage, "in_layout", in_layout)
-        object.__setattr__(stage, "out_layout", out_layout)
+        object.__setattr__(stage, "in_layout", None if spec.takes_model_inputs else cut_layout(model_gm, spec.layers.start))
+        object.__setattr__(stage, "out_layout", None if spec.returns_model_output else cut_layout(model_gm, spec.layers.stop))
+        object.__setattr__(stage, "_fxpp_traced_sets", model_gm.meta.get("fxpp_variant_graphs", {}))
         return stage
 
     @property
@@ -334,6 +380,8 @@ class StageModule(GraphModule):
 
     def _run(self, bits: int, *, inputs: dict | None = None, received: dict | None = None):
         """Run the variant for the present ``bits`` that fits the shapes, tracing one if none does."""
+        if bits not in self._fxpp_variants and bits in self._fxpp_traced_sets:
+            self._fxpp_variants[bits] = [self._variant_of(self._fxpp_traced_sets[bits], received is not None)]
         candidates = list(self._fxpp_variants.get(bits, ()))
         if bits == self.signature.all_bits:
             candidates.insert(0, self)
@@ -382,12 +430,21 @@ class StageModule(GraphModule):
             if inputs is not None:
                 raise
             raise StageInputError(f"{self._where()}: {why}") from e
-        model_gm.meta["fxpp_signature"] = self.signature
+        variant = self._variant_of(model_gm, received is not None)
+        if received is not None:
+            problem = _received_problem(variant, self._args_for(variant, received, bits))
+            if problem is not None:
+                raise StageInputError(f"{self._where()}: {problem}")
+        return variant
+
+    def _variant_of(self, model_gm: GraphModule, receives: bool) -> GraphModule:
+        """This stage of another trace, on this stage's modules; refused if its values have no slot."""
+        present = [n for n in self.signature.names if n in model_gm.meta["fxpp_example_inputs"]]
         variant = _on_modules_of(extract_stage(model_gm, spec=self.spec), self)
         variant.meta.update(model_gm.meta)
         variant.meta["fxpp_spec"] = self.spec
         for layout, names in ((self.in_layout, [p.meta["fxpp_identity"] for p in variant.graph.nodes
-                                                if p.op == "placeholder"] if received is not None else []),
+                                                if p.op == "placeholder"] if receives else []),
                               (self.out_layout, [i for n in variant.graph.nodes if n.op == "output"
                                                  for i in n.meta.get("fxpp_identities", ())])):
             unknown = [i for i in names if layout is not None and i not in layout.identities]
@@ -397,10 +454,6 @@ class StageModule(GraphModule):
                     f"stages were built to send {list(layout.identities)} (with every input of "
                     f"{list(self.signature.names)}). Build the stages with example inputs like this call's"
                 )
-        if received is not None:
-            problem = _received_problem(variant, self._args_for(variant, received, bits))
-            if problem is not None:
-                raise StageInputError(f"{self._where()}: {problem}")
         return variant
 
     def _example_for(self, present: tuple[str, ...], received: dict) -> dict[str, Any]:
@@ -449,10 +502,18 @@ def _on_modules_of(variant: GraphModule, owner: GraphModule) -> GraphModule:
                 return None
         return obj
 
+    def is_model_state(root, target) -> bool:
+        # Submodules, parameters and buffers are the model's; anything else under a
+        # get_attr (configs, traced constants) is the variant's own, numbered per trace.
+        parent_name, _, name = target.rpartition(".")
+        parent = resolve(root, parent_name) if parent_name else root
+        obj = getattr(parent, name, None)
+        return isinstance(obj, (torch.nn.Module, torch.nn.Parameter)) or name in getattr(parent, "_buffers", {})
+
     targets = {}
     for node in variant.graph.nodes:
         if node.op in ("call_module", "get_attr"):
-            mine = resolve(owner, node.target)
+            mine = resolve(owner, node.target) if is_model_state(variant, node.target) else None
             targets[node.target] = mine if mine is not None else resolve(variant, node.target)
     return GraphModule(targets, variant.graph, class_name=type(variant).__name__)
 

@@ -112,7 +112,8 @@ def test_meta_device_model_traces_without_allocating():
         model = LlamaForCausalLM(config)
     pipe = fxpp.pipeline(model, 3, layers_per_stage=[2, 2, 2])
     assert all(p.is_meta for s in pipe.stages for p in s.parameters())
-    assert pipe.crossing == [["model_layers_1", "attention_mask"], ["model_layers_3", "attention_mask"]]
+    assert pipe.crossing == [["model_layers_1", "attention_mask", "position_ids"],
+                             ["model_layers_3", "attention_mask", "position_ids"]]
     # The cost model moves a layer off the last stage, which also runs the 32000-word head.
     balanced = fxpp.pipeline(model, 3)
     assert [len(r) for r in balanced.layer_ranges] == [2, 3, 1]
@@ -129,16 +130,16 @@ def test_golden_stage_structure_llama():
         return [f"{n.name}:{info(n).role}" for n in stage.graph.nodes if info(n).role not in ("compute", "constant", "output")]
 
     assert roles(pipe.stages[0]) == [
-        "input_ids:input", "attention_mask:input", "model_embed_tokens:embed", "create_causal_mask:mask",
-        "model_rotary_emb:rotary", "model_layers_0:layer",
+        "input_ids:input", "attention_mask:input", "position_ids:input", "model_embed_tokens:embed",
+        "create_causal_mask:mask", "model_rotary_emb:rotary", "model_layers_0:layer",
     ]
     assert roles(pipe.stages[1]) == [
-        "model_layers_0:layer", "attention_mask:input", "create_causal_mask:mask", "model_rotary_emb:rotary",
-        "model_layers_1:layer",
+        "model_layers_0:layer", "attention_mask:input", "position_ids:input", "create_causal_mask:mask",
+        "model_rotary_emb:rotary", "model_layers_1:layer",
     ]
     assert roles(pipe.stages[2]) == [
-        "model_layers_1:layer", "attention_mask:input", "create_causal_mask:mask", "model_rotary_emb:rotary",
-        "model_layers_2:layer", "model_norm:norm", "lm_head:head",
+        "model_layers_1:layer", "attention_mask:input", "position_ids:input", "create_causal_mask:mask",
+        "model_rotary_emb:rotary", "model_layers_2:layer", "model_norm:norm", "lm_head:head",
     ]
     inputs = make_inputs(2, 6, padding="left")
     assert_same(reference(model, inputs), run_stages(pipe.stages, inputs, model), atol=1e-5, rtol=1e-5)
@@ -256,12 +257,13 @@ def test_wrong_tuple_to_a_middle_stage():
     stage = fxpp.transform(model, "middle", range(1, 3))
     first = fxpp.transform(model, "first", range(0, 1))
     out = first(**make_inputs(2, 5))
-    with pytest.raises(fxpp.StageInputError, match=r"expects the 2 tensor\(s\) that cross cut 1 \(model_layers_0, attention_mask\), got 1"):
+    with pytest.raises(fxpp.StageInputError, match=r"expects the 4 tensors that cross cut 1 \(hidden states, input "
+                       r"attention_mask, input position_ids, then the fxpp header .*\), got 1"):
         stage(out[0])
     with pytest.raises(fxpp.StageInputError, match="model inputs go to the first stage only"):
         stage(**make_inputs(2, 5))
     with pytest.raises(fxpp.StageInputError, match="expected shape like"):
-        stage(out[0][..., :10], out[1])
+        stage(out[0][..., :10], *out[1:])
 
 
 def test_balanced_split_is_exact():

@@ -34,7 +34,7 @@ from torch.fx import Graph, GraphModule, Node
 
 from .. import ops
 from ..annotate import NodeInfo, info, is_guard
-from ..cuts import crossing_identity, crossing_values, stream_at, substitutable
+from ..cuts import crossing_identity, crossing_values, leaf_identities, stream_at, substitutable
 from ..errors import CutError
 from ..spec import StageRole, StageSpec
 
@@ -90,7 +90,7 @@ def extract_stage(model_gm: GraphModule, *, spec: StageSpec) -> GraphModule:
         out = new.output(tuple(leaf for _, leaves in sent for leaf in leaves))
         out.meta["fxpp"] = NodeInfo(role="output", position=b - 1, rematerialize=False)
         out.meta["fxpp_identities"] = tuple(
-            name for identity, leaves in sent for name in _leaf_identities(identity, len(leaves)))
+            name for identity, leaves in sent for name in leaf_identities(identity, len(leaves)))
 
     new.lint()
     stage = GraphModule(model_gm, new, class_name=f"Stage{spec.role.value.capitalize()}")
@@ -142,17 +142,12 @@ def _slice(roots, received: set[Node], stream: Node | None, *, strict: bool) -> 
     return keep
 
 
-def _leaf_identities(identity: str, count: int) -> list[str]:
-    """The identity of each tensor a crossing value is sent as (tuples are flattened)."""
-    return [identity] if count == 1 else [f"{identity}[{i}]" for i in range(count)]
-
-
 def _receive(graph: Graph, value: Node, identity: str) -> Node:
     """Placeholder(s) for a value that crossed the cut, rebuilt into its original form."""
     val = value.meta.get("val")
     if isinstance(val, (tuple, list)):
         leaves = []
-        names = _leaf_identities(identity, len(val))
+        names = leaf_identities(identity, len(val))
         for i, leaf in enumerate(val):
             ph = graph.placeholder(f"{value.name}_{i}")
             ph.meta = {"val": leaf, "fxpp": info(value), "fxpp_crossing": value.name, "fxpp_identity": names[i]}
