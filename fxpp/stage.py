@@ -45,6 +45,7 @@ import torch.distributed as dist
 from torch.distributed.pipelining import PipelineStage
 
 from .errors import FxppError, StageInputError, StageSpecError
+from .layout import HEADER, filler_shape
 
 if TYPE_CHECKING:
     from .pipeline import Pipeline
@@ -339,29 +340,35 @@ def _copy_to(model: torch.nn.Module, module: torch.nn.Module, device: torch.devi
     return copy.deepcopy(module).to(device)
 
 
-def _sends(pipe: "Pipeline", index: int, outputs: tuple) -> list[tuple[str, tuple]]:
-    """``(what, shape)`` of each tensor stage ``index`` sends, named as the plan names them."""
-    if index == len(pipe.stages) - 1:
-        return []
-    described = dict(zip(pipe.crossing[index], pipe.crossing_described[index]))
-    received = [n for n in pipe.stages[index + 1].graph.nodes if n.op == "placeholder"]
-    return [(described.get(ph.meta.get("fxpp_crossing"), ph.target), tuple(out.shape))
-            for ph, out in zip(received, outputs)]
+def _sends(stage) -> list[str]:
+    """What each tensor a stage sends is, as its cut's layout names them (``fxpp.layout``)."""
+    layout = stage.out_layout
+    return [] if layout is None else [*layout.identities, HEADER]
 
 
-def _example_args(stage, device: torch.device):
-    """Static input/output metadata of a stage, from its graph's meta values."""
+def _example_args(stage, device: torch.device, batch_seq: tuple[int, int] | None):
+    """Static input/output metadata of a stage: its cuts' layouts at the microbatch's batch and sequence size."""
 
-    def real(val):
-        # Floating tensors carry gradients across the cut; integer ones (masks, ids) do not.
-        return torch.empty(val.shape, dtype=val.dtype, device=device, requires_grad=val.dtype.is_floating_point)
+    def real(shape, dtype):
+        # Floating tensors carry gradients across the cut; integer ones (masks, ids, the header) do not.
+        return torch.empty(shape, dtype=dtype, device=device, requires_grad=dtype.is_floating_point)
 
-    placeholders = [n for n in stage.graph.nodes if n.op == "placeholder"]
+    def resized(shape, built):
+        return shape if batch_seq is None else (filler_shape(shape, built, batch_seq) or shape)
+
+    def layout_args(layout):
+        built = layout.slots[0].shape[:2]
+        return (*(real(resized(s.shape, built), s.dtype) for s in layout.slots),
+                real((layout.header_size,), torch.int64))
+
+    inputs = () if stage.in_layout is None else layout_args(stage.in_layout)
+    if stage.out_layout is not None:
+        return inputs, layout_args(stage.out_layout)
     (out,) = [n for n in stage.graph.nodes if n.op == "output"]
-    inputs = () if stage.spec.takes_model_inputs else tuple(real(p.meta["val"]) for p in placeholders)
-    result = out.args[0]
-    outs = tuple(real(n.meta["val"]) for n in (result if isinstance(result, tuple) else (result,)))
-    return inputs, outs
+    val = out.args[0].meta["val"]
+    built = tuple(stage.meta["fxpp_example_inputs"]["input_ids"].shape[:2]) if "input_ids" in \
+        stage.meta["fxpp_example_inputs"] else tuple(val.shape[:2])
+    return inputs, (real(resized(tuple(val.shape), built), val.dtype),)
 
 
 def build_stage(pipe: "Pipeline", index: int, device: torch.device | str, group=None, *, style: str = "loop",
@@ -405,15 +412,14 @@ def build_stage(pipe: "Pipeline", index: int, device: torch.device | str, group=
             continue
         peer = ranks[other] if group is None else dist.get_global_rank(group, ranks[other])
         tied.append(_TiedSync(mine, is_first_holder=index == first, peer=peer, group=group))
-    shapes_from = pipe.stages[index]
+    batch_seq = None
     if microbatch is not None:
-        from .transform import StageModule, trace_annotated
-
-        shapes_from = StageModule.build(pipe.model, trace_annotated(pipe.model, microbatch), pipe.stages[index].spec)
-    inputs, outputs = _example_args(shapes_from, device)
+        tokens = microbatch.get("input_ids", microbatch.get("inputs_embeds"))
+        batch_seq = tuple(tokens.shape[:2])
+    inputs, outputs = _example_args(submodule, device, batch_seq)
     stage = FxppPipelineStage(
         submodule, index, num_stages, device, input_args=inputs, output_args=outputs, group=group,
-        tied=tied, local_partners=local, sends=_sends(pipe, index, outputs),
+        tied=tied, local_partners=local, sends=list(zip(_sends(submodule), (tuple(o.shape) for o in outputs))),
     )
     registry[index] = stage
     return stage
