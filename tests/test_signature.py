@@ -153,3 +153,97 @@ def test_vlm_with_and_without_images_in_one_pipeline(family):
     for inputs in (with_images, text_only, {"input_ids": text_only["input_ids"]}, with_images):
         assert_same(training_reference(model, inputs), through_pipeline(pipe, inputs), atol=ATOL32, rtol=RTOL32,
                     what=f"{family} inputs={sorted(inputs)}")
+
+
+# -- on 2 gloo ranks ---------------------------------------------------------------
+def _grad_report(stage, ref) -> dict:
+    report = {}
+    for name, p in stage.submod.named_parameters():
+        g_ref = ref.get_parameter(name).grad
+        if p.grad is None and g_ref is None:
+            continue
+        report[name] = "missing" if p.grad is None or g_ref is None else float((p.grad - g_ref).abs().max())
+    return report
+
+
+def token_ids_only_rank(rank, world, workdir):
+    """Plain pretraining: a pipeline built with no example inputs, stepped on token ids alone."""
+    from fxpp.stage import make_schedule
+
+    from .helpers import cached_model as build
+
+    model = build("llama", NUM_LAYERS).train()
+    pipe = fxpp.pipeline(model, world)
+    stage = pipe.build_stage(rank, "cpu")
+    ids = make_inputs(4, 8, seed=11)["input_ids"]
+    loss_fn = fxpp.causal_lm_loss(ids, 2)
+    schedule = make_schedule("1F1B", [stage], 2, loss_fn)
+    losses = []
+    if rank == 0:
+        schedule.step(input_ids=ids)
+    else:
+        schedule.step(target=ids, losses=losses)
+    ref = build("llama", NUM_LAYERS)
+    ref.zero_grad(set_to_none=True)
+    # The same microbatches, losses and scaling as the schedule (see tests/test_runtime.py).
+    for chunk in ids.chunk(2):
+        (loss_fn(ref(input_ids=chunk, use_cache=False).logits, chunk) / 2).backward()
+    report = {"loss_diff": None, "grads": _grad_report(stage, ref)}
+    if stage.is_last:
+        ref_loss = sum(float(loss_fn(ref(input_ids=c, use_cache=False).logits, c)) for c in ids.chunk(2)) / 2
+        report["loss_diff"] = abs(float(loss_fn.whole_batch(losses)) - ref_loss)
+    return report
+
+
+def vlm_image_presence_rank(rank, world, workdir, family):
+    """One step whose microbatch 0 holds no image and microbatch 1 two."""
+    from fxpp.stage import make_schedule
+
+    model, make = tiny_vlm(family, NUM_LAYERS)
+    model.train()
+    ref = tiny_vlm(family, NUM_LAYERS)[0].train()
+    with_images = make(2, 24, seed=4)
+    text_only = {"input_ids": make(2, 24, seed=5)["input_ids"].clamp(max=50),
+                 "attention_mask": torch.ones(2, 24, dtype=torch.long)}
+    mbs = [text_only, with_images]
+    targets = [mb["input_ids"].clamp(max=50) for mb in mbs]
+    pipe = fxpp.pipeline(model, world, example_inputs=with_images, cuts=[2])
+    stage = pipe.build_stage(rank, "cpu")
+    labels = torch.cat(targets)
+    loss_fn = fxpp.causal_lm_loss(labels, 2)
+    schedule = make_schedule("1F1B", [stage], 2, loss_fn)
+    losses = []
+    fxpp.step_with_microbatches(schedule, mbs if rank == 0 else None, targets, losses)
+    ref_losses = []
+    for mb, target in zip(mbs, targets):
+        loss = loss_fn(ref(**mb, use_cache=False).logits, target)
+        (loss / 2).backward()
+        ref_losses.append(loss.detach())
+    report = {"loss_diff": None, "grads": _grad_report(stage, ref)}
+    if stage.is_last:
+        report["loss_diff"] = float((loss_fn.whole_batch(losses) - loss_fn.whole_batch(ref_losses)).abs())
+    return report
+
+
+def _check_reports(reports):
+    # Same tolerance as the in-process tests (module docstring): the ranks run the same
+    # modules on the same microbatches; only the order of float32 sums may differ.
+    assert reports[-1]["loss_diff"] is not None and reports[-1]["loss_diff"] < 2e-5, reports[-1]["loss_diff"]
+    for rank, r in enumerate(reports):
+        assert r["grads"], f"rank {rank} compared no gradient"
+        for name, d in r["grads"].items():
+            assert d != "missing" and d < 2e-5, f"rank {rank} grad {name}: {d}"
+
+
+@pytest.mark.timeout(300)
+def test_two_ranks_1f1b_on_token_ids_only(tmp_path):
+    from .dist import run_distributed
+
+    _check_reports(run_distributed(token_ids_only_rank, 2, tmp_path, timeout_s=240))
+
+
+@pytest.mark.timeout(300)
+def test_two_ranks_1f1b_microbatches_with_and_without_images(tmp_path):
+    from .dist import run_distributed
+
+    _check_reports(run_distributed(vlm_image_presence_rank, 2, tmp_path, "qwen2_5_vl", timeout_s=240))
