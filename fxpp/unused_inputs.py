@@ -7,15 +7,28 @@ then compute the model *without* that input, and the only symptom is wrong numbe
 So after tracing, every input the caller gave (not ``None``) must be *consumed*: its
 placeholder must have a path to the graph output.
 
-Inputs that do nothing for one particular call still count as consumed as long as they
-flow into the computation: an all-ones ``attention_mask`` is read by the mask builder
-node, which feeds every decoder layer, whatever it returns at run time. An input read
-only for its shape (a mask builder's ``inputs_embeds``) is consumed too: a guard or a
-size computed from it reaches the output. Inputs whose only use is a ``check_guard``
-node that nothing reads are not: the guard asserts the shape the graph was built
-for, it does not feed the computation.
+Consumed, even where the input changes nothing for one particular call: an all-ones
+``attention_mask`` is read by the mask builder node, which feeds every decoder layer
+whatever it returns at run time; ``inputs_embeds`` read by a mask builder only for its
+shape is an argument of that node. Not consumed: a placeholder without users, or one
+whose only readers lead nowhere, such as a ``check_guard`` node (a guard asserts the
+shapes the graph was built for; nothing reads its result).
 
-Both functions are pure: they read the graph and raise, nothing else.
+Tolerated (:func:`tolerated_reason`): two inputs that tokenizers and processors return
+for every model, which some models accept and ignore exactly as the unpatched model
+does, so ignoring them changes nothing:
+
+* ``attention_mask`` when the graph calls no mask builder of
+  ``transformers.masking_utils`` at all: the model has no padding-mask machinery for
+  the mask to feed (xLSTM is recurrent; CPM-Ant builds its mask from its own span
+  inputs and documents ``attention_mask`` as a dummy). A model that builds masks and
+  still drops ``attention_mask`` is the tracer's fault and is rejected.
+* ``mm_token_type_ids``: multimodal token types select a masking scheme that a config
+  may switch off (Gemma 4 reads them only when ``use_bidirectional_attention ==
+  "vision"``). The price: a trace that wrongly dropped them elsewhere (Qwen3-VL's
+  ``get_rope_index``) would not be caught here.
+
+These are pure functions of the graph: they read it and raise, nothing else.
 """
 
 from __future__ import annotations
@@ -28,7 +41,7 @@ from .errors import StageInputError
 
 
 def consumed_nodes(graph: torch.fx.Graph) -> set[torch.fx.Node]:
-    """Every node some path from which reaches the output node (the output included)."""
+    """Every node from which some path reaches the output node (the output included)."""
     outputs = [n for n in graph.nodes if n.op == "output"]
     seen: set[torch.fx.Node] = set(outputs)
     stack = list(outputs)
@@ -44,31 +57,47 @@ def consumed_nodes(graph: torch.fx.Graph) -> set[torch.fx.Node]:
 def unconsumed_inputs(gm: torch.fx.GraphModule, given: Iterable[str]) -> list[str]:
     """The names in ``given`` whose placeholder does not reach ``gm``'s output, sorted.
 
-    A name in ``given`` without a placeholder counts as unconsumed too: the trace did
-    not even make it a graph input. ``given`` is the set of inputs the caller passed
-    as tensors or values (``None`` already left out).
+    ``given``: the inputs the caller passed (``None`` values already left out). A name
+    without a placeholder counts as unconsumed too: the trace did not even make it a
+    graph input. Tolerated inputs are reported here as well; see
+    :func:`reject_unconsumed_inputs`.
     """
-    graph = gm.graph
-    placeholders = {n.target: n for n in graph.nodes if n.op == "placeholder"}
-    reached = consumed_nodes(graph)
+    placeholders = {n.target: n for n in gm.graph.nodes if n.op == "placeholder"}
+    reached = consumed_nodes(gm.graph)
     return sorted(name for name in set(given) if placeholders.get(name) not in reached)
+
+
+def _builds_masks(graph: torch.fx.Graph) -> bool:
+    return any(n.op == "call_function" and getattr(n.target, "__module__", "") == "transformers.masking_utils"
+               for n in graph.nodes)
+
+
+def tolerated_reason(gm: torch.fx.GraphModule, name: str) -> str | None:
+    """Why leaving the unconsumed input ``name`` out of ``gm`` is harmless, or None."""
+    if name == "attention_mask" and not _builds_masks(gm.graph):
+        return ("the model builds no attention mask (no masking_utils mask builder); the unpatched model ignores "
+                "it too")
+    if name == "mm_token_type_ids":
+        return "multimodal token types select a masking scheme that the model's config may switch off"
+    return None
 
 
 def reject_unconsumed_inputs(model_class_name: str, gm: torch.fx.GraphModule, given: Iterable[str]) -> None:
     """Raise :class:`~fxpp.errors.StageInputError` if an input in ``given`` vanished from ``gm``.
 
-    Call it right after tracing with the names of the inputs the caller gave.
+    Call it right after tracing, with the names of the inputs the *caller* gave (not
+    inputs fxpp added itself). Tolerated inputs (:func:`tolerated_reason`) pass.
     """
-    missing = unconsumed_inputs(gm, given)
+    missing = [n for n in unconsumed_inputs(gm, given) if tolerated_reason(gm, n) is None]
     if not missing:
         return
     names = ", ".join(repr(n) for n in missing)
-    plural = len(missing) > 1
+    many = len(missing) > 1
+    it = "them" if many else "it"
     raise StageInputError(
-        f"{model_class_name}: input{'s' if plural else ''} {names} {'are' if plural else 'is'} given but the "
-        f"model's traced forward does not use {'them' if plural else 'it'}: no result depends on "
-        f"{'them' if plural else 'it'}, so fxpp would silently ignore {'them' if plural else 'it'}. "
-        f"Check the name{'s' if plural else ''} against {model_class_name}.forward (an argument the forward "
-        "accepts but never reads, or one that only reaches **kwargs) and leave out inputs this model does not "
-        "take; if the model itself does use it, this is a tracing bug in fxpp, please report it"
+        f"{model_class_name}: input{'s' if many else ''} {names} {'are' if many else 'is'} given, but the model's "
+        f"traced forward does not use {it}: nothing it computes depends on {it}, so fxpp would silently ignore "
+        f"{it}. Leave out inputs this model does not take (check the name{'s' if many else ''} against "
+        f"{model_class_name}.forward: an argument it accepts but never reads, or one that only reaches **kwargs); "
+        "if the unpatched model does use it, the trace lost it, which is a bug in fxpp to report"
     )

@@ -10,8 +10,10 @@ their example inputs:
   the sweep's inputs;
 * ``--causal``: every family of the causal sweep, with its text inputs.
 
-and prints one line per model: ``ok``, ``UNCONSUMED <names>``, or why it was skipped
-(not built, trace error). Exit status 1 when some input was unconsumed.
+and prints one line per model: ``ok``, ``UNCONSUMED <names>`` (the rule would reject
+the model), ``tolerated`` (unconsumed inputs the rule lets pass, with the reason), or
+why it was skipped (not built, trace error). Exit status 1 when the rule would reject
+some model.
 
     python scripts/scan_unused_inputs.py --zoo --vlm [--causal] [--only fuyu,llava]
 """
@@ -29,7 +31,7 @@ import torch
 def _scan(name: str, build) -> tuple[str, str]:
     from fxpp import sweep as base
     from fxpp.trace import trace_model
-    from fxpp.unused_inputs import unconsumed_inputs
+    from fxpp.unused_inputs import tolerated_reason, unconsumed_inputs
 
     start = time.perf_counter()
     try:
@@ -47,8 +49,12 @@ def _scan(name: str, build) -> tuple[str, str]:
         return "skip", f"trace error: {type(e).__name__}: {base._message(e, 120)}"
     missing = unconsumed_inputs(gm, given)
     took = f"{time.perf_counter() - start:.1f}s"
+    rejected = [n for n in missing if tolerated_reason(gm, n) is None]
+    if rejected:
+        return "UNCONSUMED", f"{rejected} of {sorted(given)} ({type(model).__name__}, {took})"
     if missing:
-        return "UNCONSUMED", f"{missing} of {sorted(given)} ({type(model).__name__}, {took})"
+        why = "; ".join(f"{n}: {tolerated_reason(gm, n)}" for n in missing)
+        return "tolerated", f"{why} ({type(model).__name__}, {took})"
     return "ok", f"{sorted(given)} ({type(model).__name__}, {took})"
 
 
