@@ -40,7 +40,10 @@ generic attempt
     aspect ratios. A family counts as built only when some parameter outside the text
     stack gets a gradient, so a frozen or discrete-code image path is not reported as a
     pass. Encoder-decoder families are checked for fxpp's refusal. A family whose
-    config has no vision tower is checked on text inputs (kind ``text``).
+    config has no vision tower but an integer ``patch_size`` and ``get_image_features``
+    embeds raw patches itself (Fuyu): its images are ``[images, 16, C*p*p]``. Any
+    other family whose config has no vision tower is checked on text inputs (kind
+    ``text``).
 
 Statuses: those of the causal sweep (:data:`fxpp.sweep.STATUSES`) and ``not-built``:
 the generic attempt could not build a config, a model or image inputs (the reason is
@@ -317,6 +320,13 @@ def _mrope_sections(text_config) -> list[int]:
     return [half - 2 * third, third, third]
 
 
+def _embeds_raw_patches(model) -> bool:
+    """A model without a vision tower config that embeds image patches itself (Fuyu):
+    it has ``get_image_features`` and its config an integer ``patch_size``."""
+    has_get = any(hasattr(owner, "get_image_features") for owner in (model, getattr(model, "model", None)))
+    return has_get and isinstance(getattr(model.config, "patch_size", None), int)
+
+
 def _feature_tokens(features, hidden: int) -> int:
     """Tokens that the image features fill: the features' size over the text width."""
     for key in ("pooler_output", "image_embeds", "last_hidden_state"):
@@ -338,6 +348,9 @@ def generic_inputs(model, seed: int = 0) -> tuple[dict[str, torch.Tensor], str]:
     """Inputs with one image per row (kind ``VLM``), or text inputs (kind ``text``)."""
     config = model.config
     vision = getattr(config, "vision_config", None)
+    towerless = vision is None and _embeds_raw_patches(model)
+    if towerless:
+        vision = config  # patch size and channels are the model's own
     if vision is None:
         return base.make_inputs(seed=seed), "text"
     token = next((getattr(config, a) for a in _placeholder_token_attrs(config)
@@ -350,7 +363,11 @@ def generic_inputs(model, seed: int = 0) -> tuple[dict[str, torch.Tensor], str]:
     get_params = set(inspect.signature(get).parameters) if get is not None else set()
     if "aspect_ratio_ids" in forward_params:
         return _tiled_cross_attention_inputs(model, vision, token, channels, g), "VLM"
-    if _is_grid(vision, getattr(config, "model_type", None)):
+    if towerless:
+        # no tower: a linear embedding of raw patches, [images, patches, C*p*p] (Fuyu)
+        p = _patch(config)
+        candidates = [{"pixel_values": torch.randn(2, 16, channels * p * p, generator=g)}]
+    elif _is_grid(vision, getattr(config, "model_type", None)):
         side = 2 * _int_attr(vision, MERGE_ATTRS, 1)
         grid = torch.tensor([[1, side, side]] * 2)
         patch_dim = _patch_dim(model, vision)
