@@ -88,7 +88,7 @@ class Pipeline:
     def __repr__(self) -> str:
         return self.plan()
 
-    def build_stage(self, index: int, device, group=None, *, style: str = "loop", checkpoint: str | None = None,
+    def build_stage(self, index: int, device, group=None, *, style: str | None = None, checkpoint: str | None = None,
                     microbatch: dict | None = None):
         """Stage ``index`` as a ``torch.distributed.pipelining.PipelineStage``.
 
@@ -103,7 +103,9 @@ class Pipeline:
         Args:
             index: the stage id. device: where its parameters and activations live.
             group: the pipeline's process group. style: stage placement, ``"loop"``
-                (stage s on rank s % world) or ``"v"`` (ZBVZeroBubble, DualPipeV).
+                (stage s on rank s % world) or ``"v"`` (ZBVZeroBubble, DualPipeV);
+                by default inferred from the stages this rank builds (known at the
+                first step; a set that fits neither is a ``StageSpecError``).
             checkpoint: a transformers safetensors checkpoint (file, directory or
                 sharded index); the stage reads only its own keys. Required when the
                 model lives on the meta device.

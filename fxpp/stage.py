@@ -215,6 +215,11 @@ class FxppPipelineStage(PipelineStage):
         return result
 
     def clear_runtime_states(self) -> None:
+        pending = getattr(self, "_fxpp_pending_ties", None)
+        if pending is not None:
+            tied, local = pending()
+            self._fxpp_ties = tied + local
+            self._fxpp_pending_ties = None
         if self._fxpp_owed:
             raise FxppError(
                 f"stage {self.stage_index}: a new step started before the tied-weight gradients of the last one were "
@@ -248,9 +253,10 @@ def check_sent_shapes(stage_index: int, microbatch: int, outputs, sends: list[tu
         if tuple(tensor.shape) != tuple(expected):
             raise StageInputError(
                 f"stage {stage_index}, microbatch {microbatch}: sends {what} with shape {list(tensor.shape)}, but the "
-                f"stages were built for {list(expected)} (from the example microbatch). Every value that crosses a "
-                "cut needs one shape in every microbatch: give microbatches one batch size and sequence length, and "
-                "cut where no value shaped by a microbatch's images or audio crosses (see Pipeline.plan())"
+                f"stages were built for {list(expected)}. A stage's static shapes are fixed when it is built: "
+                "pipe.build_stage(i, device, microbatch=<a microbatch of this step's shape>) and a new schedule "
+                "change them between steps (the stage keeps its parameters and gradients); within one step every "
+                "microbatch needs one batch size and sequence length"
             )
 
 
@@ -371,7 +377,54 @@ def _example_args(stage, device: torch.device, batch_seq: tuple[int, int] | None
     return inputs, (real(resized(tuple(val.shape), built), val.dtype),)
 
 
-def build_stage(pipe: "Pipeline", index: int, device: torch.device | str, group=None, *, style: str = "loop",
+def _check_placement(ids: set[int], rank: int, num_stages: int, world: int, *, complete: bool = False) -> str:
+    """The placement (``"loop"`` or ``"v"``) of the stages this rank builds.
+
+    Raises:
+        StageSpecError: the stage ids fit neither placement (or, with ``complete``, are
+            not all of one placement's stages).
+    """
+    fits = []
+    for style in ("loop", "v"):
+        try:
+            expected = set(stage_ids_of_rank(rank, num_stages, world, style))
+        except StageSpecError:
+            continue
+        if ids == expected or (not complete and ids <= expected):
+            fits.append(style)
+    if not fits:
+        raise StageSpecError(
+            f"rank {rank} builds stages {sorted(ids)} of {num_stages} on {world} ranks, which is neither loop placement "
+            f"({stage_ids_of_rank(rank, num_stages, world, 'loop')}) nor V placement (stages r and 2 * world - 1 - r); "
+            "build the stages fxpp.stage_ids_of_rank(rank, num_stages, world, style) gives"
+        )
+    return fits[0]
+
+
+def _ties(pipe: "Pipeline", index: int, submodule, group, style: str) -> tuple[list, list]:
+    """The tied-weight exchanges stage ``index`` takes part in under ``style`` placement."""
+    ranks = stage_ranks(len(pipe.stages), dist.get_world_size(group), style)
+    registry = pipe._runtime_stages
+    tied, local = [], []
+    for owners in tied_parameters(pipe):
+        if index not in owners:
+            continue
+        first, last = min(owners), max(owners)
+        if index not in (first, last):
+            continue
+        mine = submodule.get_parameter(owners[index])
+        other = first if index == last else last
+        if ranks[other] == ranks[index]:
+            if index == first:  # the first holder finishes last: it sums for both
+                local.append(_LocalTie(mine, lambda o=other, n=owners[other]: (
+                    (registry[o], registry[o].submod.get_parameter(n)) if o in registry else None)))
+            continue
+        peer = ranks[other] if group is None else dist.get_global_rank(group, ranks[other])
+        tied.append(_TiedSync(mine, is_first_holder=index == first, peer=peer, group=group))
+    return tied, local
+
+
+def build_stage(pipe: "Pipeline", index: int, device: torch.device | str, group=None, *, style: str | None = None,
                 checkpoint: str | None = None, microbatch: dict | None = None) -> FxppPipelineStage:
     """``pipe.build_stage``: see :meth:`fxpp.Pipeline.build_stage`."""
     device = torch.device(device)
@@ -394,24 +447,11 @@ def build_stage(pipe: "Pipeline", index: int, device: torch.device | str, group=
     elif checkpoint is not None:
         _materialize(pipe, index, submodule, checkpoint)
     world = dist.get_world_size(group)
-    ranks = stage_ranks(num_stages, world, style)
-    tied, local = [], []
     registry = pipe._runtime_stages
-    for owners in tied_parameters(pipe):
-        if index not in owners:
-            continue
-        first, last = min(owners), max(owners)
-        if index not in (first, last):
-            continue
-        mine = submodule.get_parameter(owners[index])
-        other = first if index == last else last
-        if ranks[other] == ranks[index]:
-            if index == first:  # the first holder finishes last: it sums for both
-                local.append(_LocalTie(mine, lambda o=other, n=owners[other]: (
-                    (registry[o], registry[o].submod.get_parameter(n)) if o in registry else None)))
-            continue
-        peer = ranks[other] if group is None else dist.get_global_rank(group, ranks[other])
-        tied.append(_TiedSync(mine, is_first_holder=index == first, peer=peer, group=group))
+    if style is None:
+        _check_placement(set(registry) | {index}, dist.get_rank(group), num_stages, world)
+    stage_style = style or ("loop" if num_stages == world else None)
+    tied, local = _ties(pipe, index, submodule, group, stage_style) if stage_style else ([], [])
     batch_seq = None
     if microbatch is not None:
         tokens = microbatch.get("input_ids", microbatch.get("inputs_embeds"))
@@ -421,5 +461,9 @@ def build_stage(pipe: "Pipeline", index: int, device: torch.device | str, group=
         submodule, index, num_stages, device, input_args=inputs, output_args=outputs, group=group,
         tied=tied, local_partners=local, sends=list(zip(_sends(submodule), (tuple(o.shape) for o in outputs))),
     )
+    if stage_style is None and any(index in owners for owners in tied_parameters(pipe)):
+        # Placement is known once the rank has built all its stages: at the first step.
+        stage._fxpp_pending_ties = lambda: _ties(pipe, index, submodule, group, _check_placement(
+            set(registry), dist.get_rank(group), num_stages, world, complete=True))
     registry[index] = stage
     return stage

@@ -23,6 +23,7 @@ from .passes.extract_stage import extract_stage
 from .passes.none_safe_masks import none_safe_masks
 from .spec import StageRole, StageSpec
 from .cuts import crossing_slots
+from .unused_inputs import reject_unconsumed_inputs
 from .layout import TEXT_INPUTS, CutLayout, InputSignature, Slot
 from .trace import find_decoder_layers, trace_model
 
@@ -170,6 +171,7 @@ def trace_annotated(model: torch.nn.Module, example_inputs: dict[str, Any]) -> G
     with model_unchanged(model):
         gm = trace_model(model, inputs)
     _reject_ignored_inputs(model, gm)
+    reject_unconsumed_inputs(type(model).__name__, gm, [k for k, v in inputs.items() if v is not None])
     none_safe_masks(gm)
     layers_fqn, layers = find_decoder_layers(model)
     text_config = model.config.get_text_config()

@@ -247,3 +247,39 @@ def test_two_ranks_1f1b_microbatches_with_and_without_images(tmp_path):
     from .dist import run_distributed
 
     _check_reports(run_distributed(vlm_image_presence_rank, 2, tmp_path, "qwen2_5_vl", timeout_s=240))
+
+
+def v_placement_without_style_rank(rank, world, workdir):
+    """ZBVZeroBubble with tied embeddings, stages built as API.md spells it: no placement argument."""
+    from fxpp.stage import make_schedule
+    from fxpp.zoo import tiny_model
+
+    model = tiny_model("qwen2", NUM_LAYERS, tie_word_embeddings=True).train()
+    ref = tiny_model("qwen2", NUM_LAYERS, tie_word_embeddings=True).train()
+    pipe = fxpp.pipeline(model, 2 * world, cuts=[1, 2, 3])
+    stages = [pipe.build_stage(i, "cpu") for i in (rank, 2 * world - 1 - rank)]
+    inputs = make_inputs(4, 8, padding="left", seed=3)
+    labels = inputs["input_ids"]
+    loss_fn = fxpp.causal_lm_loss(labels, 2)
+    schedule = make_schedule("ZBVZeroBubble", stages, 2, loss_fn)
+    losses = []
+    schedule.step(**inputs, target=labels, losses=losses)
+    for chunk in range(2):
+        mb = {k: v.chunk(2)[chunk] for k, v in inputs.items()}
+        (loss_fn(ref(**mb, use_cache=False).logits, labels.chunk(2)[chunk]) / 2).backward()
+    grads = {}
+    for stage in stages:
+        grads.update(_grad_report(stage, ref))
+    return {"grads": grads, "tied": "lm_head.weight" in grads or "model.embed_tokens.weight" in grads}
+
+
+@pytest.mark.timeout(300)
+def test_v_placement_is_inferred_from_the_stages_a_rank_builds(tmp_path):
+    from .dist import run_distributed
+
+    reports = run_distributed(v_placement_without_style_rank, 2, tmp_path, timeout_s=240)
+    assert reports[0]["tied"], "rank 0 holds stages 0 and 3: both copies of the tied embedding"
+    for rank, r in enumerate(reports):
+        for name, d in r["grads"].items():
+            # Tolerance as in _check_reports.
+            assert d != "missing" and d < 2e-5, f"rank {rank} grad {name}: {d}"
