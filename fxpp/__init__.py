@@ -17,6 +17,18 @@ from .spec import StageRole
 from .transform import StageModule, transform
 
 
+def schedule(schedule, stages, n_microbatches: int, loss_fn, **kwargs):
+    """A schedule of ``torch.distributed.pipelining`` over this rank's fxpp stages (see ``fxpp.stage.PipelineSchedule``).
+
+    ``schedule``: a name (``"1F1B"``, ``"ZBVZeroBubble"``, ...) or a schedule class. Its
+    ``step`` is torch's, preceded by agreeing on the step's shapes and followed by the
+    tied-weight exchange.
+    """
+    from .stage import PipelineSchedule
+
+    return PipelineSchedule(schedule, stages, n_microbatches, loss_fn, **kwargs)
+
+
 def stage_ids_of_rank(rank: int, num_stages: int, world_size: int, style: str = "loop") -> list[int]:
     """The stage ids a rank holds under ``style`` placement (``"loop"`` or ``"v"``)."""
     from .stage import stage_ids_of_rank as _ids
@@ -39,6 +51,7 @@ __all__ = [
     "causal_lm_loss",
     "count_target_tokens",
     "pipeline",
+    "schedule",
     "split_microbatches",
     "stage_ids_of_rank",
     "step_with_microbatches",

@@ -314,9 +314,9 @@ def step_with_microbatches(schedule, microbatches: list[dict[str, Any]] | None, 
     ``PipelineScheduleMulti`` of torch 2.13 (set ``has_backward`` on the rank's
     stages, clear their per-step state), then calls the schedule's **private**
     ``_step_microbatches(arg_mbs, kwarg_mbs, target_mbs, losses)``: a torch version
-    that renames or changes it breaks this function, not fxpp's stages. fxpp's
-    tied-weight synchronisation (Note [tied-weight sync] in ``fxpp.stage``) runs
-    inside ``_step_microbatches`` and is unaffected.
+    that renames or changes it breaks this function, not fxpp's stages. With an
+    fxpp schedule (``fxpp.schedule``) the step's shapes follow the microbatches and
+    the tied-weight exchange ends the step (Note [tied-weight sync] in ``fxpp.stage``).
 
     Args:
         schedule: a single- or multi-stage schedule over this rank's stages.
@@ -337,6 +337,15 @@ def step_with_microbatches(schedule, microbatches: list[dict[str, Any]] | None, 
             ``n_microbatches``, or ``targets`` is a tensor rather than a list.
         RuntimeError: a training schedule stepped under ``torch.no_grad()``.
     """
+    from .stage import PipelineSchedule
+
+    if isinstance(schedule, PipelineSchedule):
+        return schedule.step_microbatches(microbatches, targets, losses, return_outputs=return_outputs)
+    return run_microbatches(schedule, microbatches, targets, losses, return_outputs=return_outputs)
+
+
+def run_microbatches(schedule, microbatches, targets=None, losses=None, *, return_outputs: bool = False):
+    """:func:`step_with_microbatches` on a torch schedule (no shape following, no tied-weight exchange)."""
     n = schedule._n_microbatches
     stages = list(schedule._stages) if hasattr(schedule, "_stages") else [schedule._stage]
     if microbatches is not None and len(microbatches) != n:

@@ -13,31 +13,33 @@ placement
 tied weight
     A parameter used by more than one stage: tied input/output embeddings
     (``lm_head.weight is model.embed_tokens.weight``). The last stage holds its own
-    copy; see Note [tied-weight sync].
-
-Note [tied-weight sync]
+    copy; see Note [tied-weight sync]
     The first stage's copy gets its gradient last (stage 0 finishes the backward),
     the last stage's copy early. Both must end the step with the sum. Point-to-point
     messages between two ranks are matched in the order they are posted (NCCL has no
     tags), so the exchange must not interleave with the schedule's own activation and
-    gradient messages: it happens after both ranks have left the schedule's loop and
-    waited for its last sends. Multi-stage schedules of torch 2.13 mark that point
-    by reading ``stage.is_last`` from ``_update_losses``, single-stage ones by
-    calling ``perform_reduce_grad`` last; the stage recognises these calls by its
-    caller and only then, if its gradients became final during the step
-    (``scale_grads`` / ``perform_reduce_grad``), exchanges: the last stage's rank sends
-    its gradient and receives the sum into ``.grad``; the first stage's rank receives,
+    gradient messages: :class:`PipelineSchedule` does it after torch's ``step`` has
+    returned on the rank (torch waits for all of the step's sends before returning),
+    on every rank that holds a tied stage: the last stage's rank sends its gradient
+    increment and receives the sum into ``.grad``; the first stage's rank receives,
     adds and sends the sum back. Only those two ranks take part, over point-to-point
     ops on the pipeline's process group (the ``group`` given to ``build_stage``, else
     the default group), so no rank waits for a collective another rank never joins,
-    however many stages a rank holds. When both stages sit on one rank the sum is
-    taken locally. A step that starts while an exchange is still owed raises.
+    however many stages a rank holds. When both stages sit on one rank (V placement)
+    the sum is taken locally. Nothing here reads torch's call stack or relies on which
+    private methods a schedule calls: a stage only notes that a backward ran
+    (``backward_one_chunk`` / ``backward_weight_one_chunk``, public methods of
+    ``PipelineStage``), and the exchange is owed from then on. A torch schedule stepped
+    directly, without the exchange, leaves it owed: the next optimizer step over those
+    parameters (a global ``register_optimizer_step_pre_hook``) or the next schedule
+    step raises ``FxppError`` before any unsynchronised gradient is used;
+    ``finish_step(stages)`` does the exchange by hand.
 """
 
 from __future__ import annotations
 
 import copy
-import sys
+import weakref
 from typing import TYPE_CHECKING
 
 import torch
@@ -134,43 +136,43 @@ class _LocalTie:
         other.grad.add_(mine)
 
 
-def _called_from_update_losses() -> bool:
-    frame = sys._getframe(2)
-    for _ in range(3):
-        if frame is None:
-            return False
-        if frame.f_code.co_name == "_update_losses":
-            return True
-        frame = frame.f_back
-    return False
-
-
-def _called_by_single_stage_schedule() -> bool:
-    from torch.distributed.pipelining.schedules import PipelineScheduleSingle
-
-    caller = sys._getframe(2)
-    return caller is not None and isinstance(caller.f_locals.get("self"), PipelineScheduleSingle)
-
-
 class FxppPipelineStage(PipelineStage):
-    """A PipelineStage that synchronises tied weights by itself (Note [tied-weight sync])."""
+    """A PipelineStage that knows its tied weights (Note [tied-weight sync]) and can be rebuilt for new shapes."""
 
-    def __init__(self, *args, tied: list = (), local_partners: list = (), sends: list = (), **kwargs):
+    def __init__(self, *args, tied: list = (), local_partners: list = (), sends: list = (), rebuild=None,
+                 batch_seq: tuple[int, int] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self._fxpp_ties = list(tied) + list(local_partners or [])
-        self._fxpp_owed = False  # gradients final this step, exchange not yet done
+        self._fxpp_pending_ties = None  # resolved at the first step when the placement was inferred
+        self._fxpp_owed = False  # a backward ran this step, exchange not yet done
         self._fxpp_grad_before: dict = {}
         self._fxpp_sends = list(sends)  # (what, shape) of each tensor sent to the next stage
+        self._fxpp_rebuild = rebuild  # (batch, seq) -> a stage with those static shapes; None: shapes fixed
+        self._fxpp_batch_seq = batch_seq
+        _LIVE_STAGES.add(self)
+        _guard_optimizers()
+
+    @property
+    def has_ties(self) -> bool:
+        return bool(self._fxpp_ties) or self._fxpp_pending_ties is not None
+
+    def backward_one_chunk(self, *args, **kwargs):
+        self._fxpp_backward_ran()
+        return super().backward_one_chunk(*args, **kwargs)
+
+    def backward_weight_one_chunk(self, *args, **kwargs):
+        self._fxpp_backward_ran()
+        return super().backward_weight_one_chunk(*args, **kwargs)
+
+    def _fxpp_backward_ran(self) -> None:
+        if self.has_ties:
+            self._fxpp_owed = True
 
     def forward_one_chunk(self, fwd_chunk_id: int, *args, **kwargs):
         output = super().forward_one_chunk(fwd_chunk_id, *args, **kwargs)
         if self._fxpp_sends:
             check_sent_shapes(self.stage_index, fwd_chunk_id, output, self._fxpp_sends)
         return output
-
-    def _fxpp_grads_final(self) -> None:
-        if self._fxpp_ties:
-            self._fxpp_owed = True
 
     def _fxpp_increment(self, p: torch.nn.Parameter) -> torch.Tensor:
         """What this step added to ``p.grad`` (its value at the step's start is in the snapshot)."""
@@ -180,6 +182,7 @@ class FxppPipelineStage(PipelineStage):
         return p.grad.detach().clone() if before is None else p.grad.detach() - before
 
     def _fxpp_finish(self) -> None:
+        """The tied-weight exchange of this step; called by :class:`PipelineSchedule` after the step."""
         if not self._fxpp_owed:
             return
         self._fxpp_owed = False
@@ -203,39 +206,47 @@ class FxppPipelineStage(PipelineStage):
                     p.grad.div_(grad_scale_factor)
                 else:
                     p.grad.sub_(before).div_(grad_scale_factor).add_(before)
-        self._fxpp_grads_final()
-
-    def perform_reduce_grad(self, grad_scale_factor: int):
-        result = super().perform_reduce_grad(grad_scale_factor)
-        self._fxpp_grads_final()
-        if _called_by_single_stage_schedule():
-            # Single-stage schedules call this last, after their final waits (and after
-            # _update_losses): the end of the step.
-            self._fxpp_finish()
-        return result
 
     def clear_runtime_states(self) -> None:
-        pending = getattr(self, "_fxpp_pending_ties", None)
-        if pending is not None:
-            tied, local = pending()
+        if self._fxpp_pending_ties is not None:
+            tied, local = self._fxpp_pending_ties()
             self._fxpp_ties = tied + local
             self._fxpp_pending_ties = None
         if self._fxpp_owed:
-            raise FxppError(
-                f"stage {self.stage_index}: a new step started before the tied-weight gradients of the last one were "
-                "synchronised; this torch version's schedule did not end its step through _update_losses. "
-                "Call fxpp.stage.finish_step(stages) after schedule.step()"
-            )
+            raise FxppError(_UNSYNCHRONISED.format(stage=self.stage_index, when="a new step started"))
         # Gradients already accumulated before this step (see scale_grads and the
         # tied-weight exchange); kept until the next step starts.
         self._fxpp_grad_before = {p: p.grad.detach().clone() for p in self.submod.parameters() if p.grad is not None}
         super().clear_runtime_states()
 
-    @property
-    def is_last(self):
-        if self._fxpp_owed and _called_from_update_losses():
-            self._fxpp_finish()
-        return super().is_last
+
+_LIVE_STAGES: "weakref.WeakSet[FxppPipelineStage]" = weakref.WeakSet()
+_UNSYNCHRONISED = (
+    "stage {stage}: {when} while the tied-weight gradients of the last step are not synchronised (a torch "
+    "schedule was stepped directly). Step fxpp stages with fxpp.schedule(...) (or fxpp.stage.make_schedule), whose "
+    "step ends with the exchange, or call fxpp.stage.finish_step(stages) right after schedule.step()"
+)
+_OPTIMIZER_GUARD = []
+
+
+def _guard_optimizers() -> None:
+    """Refuse an optimizer step over tied weights whose exchange is still owed (once per process).
+
+    A torch schedule stepped directly (not through :class:`PipelineSchedule`) ends
+    without the exchange; the optimizer must not use those gradients.
+    """
+    if _OPTIMIZER_GUARD:
+        return
+
+    def check(optimizer, args, kwargs):
+        params = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        for stage in list(_LIVE_STAGES):
+            if stage._fxpp_owed and any(id(p) in params for p in stage.submod.parameters()):
+                raise FxppError(_UNSYNCHRONISED.format(stage=stage.stage_index, when="an optimizer step"))
+
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    _OPTIMIZER_GUARD.append(register_optimizer_step_pre_hook(check))
 
 
 def check_sent_shapes(stage_index: int, microbatch: int, outputs, sends: list[tuple[str, tuple]]) -> None:
@@ -260,25 +271,110 @@ def check_sent_shapes(stage_index: int, microbatch: int, outputs, sends: list[tu
             )
 
 
-def make_schedule(name: str, stages: list, n_microbatches: int, loss_fn, **kwargs):
-    """A ``torch.distributed.pipelining`` schedule by name (``"1F1B"``, ``"ZBVZeroBubble"``, ...).
+def schedule_class(name_or_class):
+    """A ``torch.distributed.pipelining`` schedule class from its name (``"1F1B"``) or itself."""
+    from torch.distributed.pipelining import schedules
+
+    if isinstance(name_or_class, type):
+        if not issubclass(name_or_class, (schedules.PipelineScheduleSingle, schedules.PipelineScheduleMulti)):
+            raise StageSpecError(f"schedule={name_or_class.__name__} is not a torch.distributed.pipelining schedule")
+        return name_or_class
+    cls = getattr(schedules, f"Schedule{name_or_class}", None)
+    if cls is None:
+        raise StageSpecError(f"schedule={name_or_class!r} is not a schedule of torch.distributed.pipelining")
+    return cls
+
+
+class PipelineSchedule:
+    """A ``torch.distributed.pipelining`` schedule over this rank's fxpp stages.
+
+    ``step`` (and :meth:`step_microbatches`) is torch's, with two things around it:
+
+    * before: when the stages were built without a ``microbatch``, the rank of stage 0
+      tells every rank of the pipeline the step's microbatch batch and sequence size
+      (one broadcast on the pipeline's group), and stages whose static shapes differ
+      are rebuilt with those shapes (same submodules, so parameters and gradients are
+      kept) with a new torch schedule; so every step may have its own shapes;
+    * after: the tied-weight exchange (Note [tied-weight sync]), once torch's step has
+      returned on this rank, so it never interleaves with the schedule's messages and
+      never depends on which private methods a torch release calls.
+
+    Attributes:
+        stages: this rank's stages, in order. n_microbatches, loss_fn: as given.
+        torch_schedule: the torch schedule of the current shapes.
+    """
+
+    def __init__(self, schedule, stages: list, n_microbatches: int, loss_fn, **kwargs):
+        self._cls = schedule_class(schedule)
+        self.stages = list(stages)
+        if not self.stages or not all(isinstance(s, FxppPipelineStage) for s in self.stages):
+            raise StageSpecError("fxpp.schedule takes the stages that Pipeline.build_stage returned on this rank")
+        self.n_microbatches = n_microbatches
+        self.loss_fn = loss_fn
+        self._kwargs = kwargs
+        self.torch_schedule = self._make()
+
+    def _make(self):
+        from torch.distributed.pipelining import schedules
+
+        if issubclass(self._cls, schedules.PipelineScheduleSingle):
+            if len(self.stages) != 1:
+                raise StageSpecError(
+                    f"schedule {self._cls.__name__} runs one stage per rank; this rank holds {len(self.stages)}")
+            return self._cls(self.stages[0], n_microbatches=self.n_microbatches, loss_fn=self.loss_fn, **self._kwargs)
+        return self._cls(self.stages, n_microbatches=self.n_microbatches, loss_fn=self.loss_fn, **self._kwargs)
+
+    def step(self, *args, target=None, losses=None, **kwargs):
+        tokens = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+        shape = None
+        if isinstance(tokens, torch.Tensor):
+            shape = (-(-tokens.shape[0] // self.n_microbatches), tokens.shape[1])
+        self._follow_shapes(shape)
+        result = self.torch_schedule.step(*args, target=target, losses=losses, **kwargs)
+        finish_step(self.stages)
+        return result
+
+    def step_microbatches(self, microbatches, targets=None, losses=None, *, return_outputs: bool = False):
+        """One step on microbatches split beforehand (see :func:`fxpp.step_with_microbatches`)."""
+        from .microbatch import run_microbatches
+
+        shape = None
+        if microbatches:
+            tokens = microbatches[0].get("input_ids", microbatches[0].get("inputs_embeds"))
+            shape = tuple(tokens.shape[:2])
+        self._follow_shapes(shape)
+        result = run_microbatches(self.torch_schedule, microbatches, targets, losses, return_outputs=return_outputs)
+        finish_step(self.stages)
+        return result
+
+    def _follow_shapes(self, shape: tuple[int, int] | None) -> None:
+        if not any(s._fxpp_rebuild is not None for s in self.stages):
+            return  # built for a fixed microbatch shape
+        stage = self.stages[0]
+        group = stage.group
+        src = 0 if group is None else dist.get_global_rank(group, 0)
+        holder = any(s.stage_index == 0 for s in self.stages)
+        if holder and shape is None:
+            raise StageInputError("the rank of stage 0 must give the step's inputs (input_ids or inputs_embeds)")
+        agreed = torch.tensor(shape if holder else (0, 0), dtype=torch.int64, device=stage.device)
+        dist.broadcast(agreed, src=src, group=group)
+        batch_seq = tuple(int(v) for v in agreed.tolist())
+        if all(s._fxpp_batch_seq == batch_seq for s in self.stages):
+            return
+        self.stages = [s._fxpp_rebuild(batch_seq) if s._fxpp_batch_seq != batch_seq else s for s in self.stages]
+        self.torch_schedule = self._make()
+
+
+def make_schedule(name, stages: list, n_microbatches: int, loss_fn, **kwargs) -> PipelineSchedule:
+    """A :class:`PipelineSchedule` of the torch schedule ``name`` (``"1F1B"``, ``"ZBVZeroBubble"``, ... or a class).
 
     Single-stage schedules get the rank's one stage, multi-stage ones the list.
     """
-    from torch.distributed.pipelining import schedules
-
-    cls = getattr(schedules, f"Schedule{name}", None)
-    if cls is None:
-        raise StageSpecError(f"schedule={name!r} is not a schedule of torch.distributed.pipelining")
-    if issubclass(cls, schedules.PipelineScheduleSingle):
-        if len(stages) != 1:
-            raise StageSpecError(f"schedule {name} runs one stage per rank; this rank holds {len(stages)}")
-        return cls(stages[0], n_microbatches=n_microbatches, loss_fn=loss_fn, **kwargs)
-    return cls(stages, n_microbatches=n_microbatches, loss_fn=loss_fn, **kwargs)
+    return PipelineSchedule(name, stages, n_microbatches, loss_fn, **kwargs)
 
 
 def finish_step(stages) -> None:
-    """Do any tied-weight exchange still owed (only needed if a schedule skips ``_update_losses``)."""
+    """Do the tied-weight exchange of the step that just ended (needed only after stepping a torch schedule directly)."""
     for stage in stages:
         stage._fxpp_finish()
 
@@ -425,7 +521,8 @@ def _ties(pipe: "Pipeline", index: int, submodule, group, style: str) -> tuple[l
 
 
 def build_stage(pipe: "Pipeline", index: int, device: torch.device | str, group=None, *, style: str | None = None,
-                checkpoint: str | None = None, microbatch: dict | None = None) -> FxppPipelineStage:
+                checkpoint: str | None = None, microbatch: dict | None = None,
+                batch_seq: tuple[int, int] | None = None) -> FxppPipelineStage:
     """``pipe.build_stage``: see :meth:`fxpp.Pipeline.build_stage`."""
     device = torch.device(device)
     num_stages = len(pipe.stages)
@@ -452,14 +549,22 @@ def build_stage(pipe: "Pipeline", index: int, device: torch.device | str, group=
         _check_placement(set(registry) | {index}, dist.get_rank(group), num_stages, world)
     stage_style = style or ("loop" if num_stages == world else None)
     tied, local = _ties(pipe, index, submodule, group, stage_style) if stage_style else ([], [])
-    batch_seq = None
+    rebuild = None
     if microbatch is not None:
         tokens = microbatch.get("input_ids", microbatch.get("inputs_embeds"))
         batch_seq = tuple(tokens.shape[:2])
+    else:
+        def rebuild(shape):
+            return build_stage(pipe, index, device, group, style=style, batch_seq=shape)
+
+        if batch_seq is None:
+            tokens = pipe.example_inputs.get("input_ids", pipe.example_inputs.get("inputs_embeds"))
+            batch_seq = tuple(tokens.shape[:2])
     inputs, outputs = _example_args(submodule, device, batch_seq)
     stage = FxppPipelineStage(
         submodule, index, num_stages, device, input_args=inputs, output_args=outputs, group=group,
         tied=tied, local_partners=local, sends=list(zip(_sends(submodule), (tuple(o.shape) for o in outputs))),
+        rebuild=rebuild, batch_seq=batch_seq,
     )
     if stage_style is None and any(index in owners for owners in tied_parameters(pipe)):
         # Placement is known once the rank has built all its stages: at the first step.
