@@ -23,7 +23,7 @@ from .passes.extract_stage import extract_stage
 from .passes.none_safe_masks import none_safe_masks
 from .spec import StageRole, StageSpec
 from .cuts import crossing_slots
-from .unused_inputs import reject_unconsumed_inputs
+from .trace import reject_unconsumed_inputs
 from .layout import TEXT_INPUTS, CutLayout, InputSignature, Slot
 from .trace import find_decoder_layers, trace_model
 

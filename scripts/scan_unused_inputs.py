@@ -31,7 +31,7 @@ import torch
 def _scan(name: str, build) -> tuple[str, str]:
     from fxpp import sweep as base
     from fxpp.trace import trace_model
-    from fxpp.unused_inputs import tolerated_reason, unconsumed_inputs
+    from fxpp.trace.unused_inputs import tolerated_reason, unconsumed_inputs
 
     start = time.perf_counter()
     try:

@@ -21,7 +21,7 @@ import fxpp
 from fxpp import ops
 from fxpp.errors import StageInputError
 from fxpp.trace import select_output, trace_model, unwrap_forward
-from fxpp.unused_inputs import reject_unconsumed_inputs, tolerated_reason, unconsumed_inputs
+from fxpp.trace.unused_inputs import reject_unconsumed_inputs, tolerated_reason, unconsumed_inputs
 from fxpp.zoo import tiny_model, tiny_vlm
 
 # The traced graph calls the model's own modules with the same kernels in the same

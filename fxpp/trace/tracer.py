@@ -1,305 +1,34 @@
-"""HF-aware torch.fx tracer at module granularity.
+"""The HF-aware ``torch.fx`` tracer: proxies that carry meta values, leaf modules, guards, state containers.
 
-transformers 5 dropped ``transformers.utils.fx``; this is fxpp's replacement. It
-traces a model's forward (and the forward of every module on the path from the root
-to the decoder-layer list) into one ``torch.fx.Graph`` in which decoder layers,
-embeddings, rotary embeddings, norms, heads and vision towers stay single
-``call_module`` nodes with their original qualified names.
-
-Terms
------
-trace path
-    The root module and every ancestor of the text decoder-layer ``ModuleList``
-    (``""``, ``"model"``, ``"model.language_model"``). Their forwards are traced
-    through; every other module is a leaf.
-meta value
-    ``node.meta["val"]``: a FakeTensor (or a Python structure of them, or a plain
-    Python value) that the node produces for the example inputs. The tracer computes
-    it for every node as it is created, so Python control flow on shapes
-    (``x.shape[1] == 1``, ``*x.shape``, ``len(x)``) can be answered.
-guard
-    Such an answer, recorded in the graph as a ``check_guard`` node (see ``fxpp.ops``).
-    The graph stays shape-generic everywhere else.
-opaque function
-    A function called as one ``call_function`` node without tracing into it: the mask
-    builders of ``transformers.masking_utils`` (they branch on data and on the
-    attention implementation, and only use ``inputs_embeds`` for its shape).
-
-How transformers 5 forwards are handled
-    * decorators: output-plumbing wrappers (``can_return_tuple``, ``capture_outputs``,
-      ``auto_docstring``) are unwrapped; every other wrapper is kept, rebuilt around the
-      unwrapped function: ``merge_with_config_defaults`` (it fills config defaults and
-      sees ``use_cache=False`` and ``return_dict=True``) and ``deprecate_kwarg`` (it
-      renames an old argument such as ``image_patches`` to ``pixel_values``; without it
-      the old name would reach an unused parameter and the input would be ignored);
-    * ``**kwargs`` and ``ModelOutput`` construction are plain Python over proxies;
-    * config objects become graph constants (``get_attr`` of ``_fxpp_const_N``),
-      never rebuilt from nodes;
-    * in-place writes ``h[mask] = v`` become ``fxpp.ops.setitem`` nodes, and in-place
-      methods (``mask.masked_fill_(c, 0)``) stay ``call_method`` nodes; the written proxy
-      stands for the write afterwards, so every later read depends on it;
-    * attributes a forward sets on a module (Qwen-VL's ``self.rope_deltas``) are undone
-      after the trace: the graph records no side channel between calls.
-
-Note [data-dependent values]
-    Vision-language forwards compute Python values from tensor *data*: split sizes
-    (``grid.prod(-1).tolist()``), boolean-mask gathers, vision towers that loop over
-    image sizes, and helpers that type-check or loop (``unpad_image``,
-    ``get_rope_index``). FakeTensors cannot answer these. fxpp keeps them as graph
-    nodes (so every call recomputes them from its own inputs) and takes their meta
-    value from running the graph so far on the real example inputs
-    (``HFTracer.real_value``). A plain function of a modeling file, or a public helper
-    method of a traced module, that fails to trace is removed again and called as one
-    opaque node; a helper method must not use parameters (the stage would not own
-    them). Python *control flow* on data is still refused. On the meta device there
-    are no real values, and these models get a TraceError that says so.
-
-Note [mask closures]
-    ``blockwise_overlay(ids)`` returns a closure over ``ids``. Traced through, the
-    closure would capture a Proxy and become a graph constant; as a node of its own it
-    is rebuilt from the stage's real tensors on every call.
-    * mutable containers that layers write into (``KVSharingDict``) become explicit
-      ``make_state`` / ``state_entry`` nodes, so cross-layer dataflow is visible.
+See the package docstring (``fxpp.trace``) for the terms.
 """
 
 from __future__ import annotations
 
+from __future__ import annotations
+
 import collections.abc
-import contextlib
 import copy
 import functools
 import inspect
 import operator
-import sys
 import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import torch
 import torch.fx
-from torch.fx import Graph, GraphModule, Node, Proxy, Tracer
+from torch.fx import Node, Proxy, Tracer
 from torch.fx.node import map_aggregate, map_arg
 from torch.fx.proxy import Attribute
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from . import ops
-from .errors import TraceError, UnsupportedModelError
+from .. import ops
+from ..errors import TraceError
+from .layers import trace_path
+from .targets import CONCRETE_TENSOR_ATTRS, is_check_function, is_inplace_method
+from .wrappers import nested_forward_kwargs, unwrap_forward
 
-# Attributes of a traced tensor that are answered from its meta value instead of
-# becoming graph nodes: they cannot change without the graph being retraced anyway
-# (rank) or they are needed as Python values by the forward (ndim in ``if``).
-_CONCRETE_TENSOR_ATTRS = frozenset({"ndim", "is_floating_point", "requires_grad", "is_meta", "is_cuda"})
-
-# Wrappers that only reshape a forward's output or record intermediates; tracing
-# through them adds nothing and some of them install hooks.
-_PLUMBING_WRAPPERS = ("can_return_tuple", "capture_outputs", "auto_docstring", "check_model_inputs")
-
-# Keyword arguments that opaque mask builders only read for shape, dtype and device.
-MASK_SHAPE_ONLY_KWARGS = ("inputs_embeds", "input_embeds")
-
-
-def opaque_functions() -> dict[int, Callable]:
-    """Functions traced as single ``call_function`` nodes, by ``id``."""
-    from transformers import masking_utils
-
-    found = {}
-    for name, fn in vars(masking_utils).items():
-        if callable(fn) and inspect.isfunction(fn) and name.startswith("create_") and name.endswith("mask"):
-            found[id(fn)] = fn
-        elif callable(fn) and name in ("find_packed_sequence_indices", "create_masks_for_generate"):
-            found[id(fn)] = fn
-        elif inspect.isfunction(fn) and is_mask_function_factory(name):
-            found[id(fn)] = fn
-    return found
-
-
-def is_mask_function_factory(name: str) -> bool:
-    """``blockwise_overlay(ids)``, ``and_masks(f, g)``, ...: builders of mask *functions*.
-
-    Called on a traced tensor they must become graph nodes too: the closure they return
-    captures its arguments, and a closure holding a Proxy cannot be a graph constant.
-    See Note [mask closures].
-    """
-    return name.endswith("_overlay") or name.endswith("_mask_function") or name in ("and_masks", "or_masks")
-
-
-def check_functions() -> dict[int, Callable]:
-    """Runtime assertions on tensor data (``torch_compilable_check``), by ``id``.
-
-    Traced as single ``call_function`` nodes with the meta value ``None``: the
-    condition depends on data (``n_image_tokens == n_image_features``) so it cannot be
-    answered while tracing, but every stage that computes its inputs re-checks it.
-    """
-    from transformers.utils import import_utils
-
-    fn = getattr(import_utils, "torch_compilable_check", None)
-    return {id(fn): fn} if fn is not None else {}
-
-
-def is_check_function(target: Any) -> bool:
-    return id(target) in check_functions()
-
-
-def is_mask_builder(target: Any) -> bool:
-    return getattr(target, "__module__", "") == "transformers.masking_utils"
-
-
-def unwrap_forward(fn: Callable) -> Callable:
-    """Peel output-plumbing decorators off a transformers forward, keep the rest.
-
-    A decorator that is not plumbing changes what the forward computes (config
-    defaults, ``deprecate_kwarg``'s renaming of old argument names), so dropping it
-    would silently change the model. Each one kept is rebuilt around the peeled function
-    beneath it (:func:`_rewrap`). A wrapper that cannot be rebuilt keeps the whole
-    forward as written: plumbing traced through is slower, never wrong.
-    """
-    layers = []
-    cur = fn
-    while True:
-        layers.append(cur)
-        nxt = getattr(cur, "__wrapped__", None)
-        if nxt is None:
-            break
-        cur = nxt
-    result = layers[-1]
-    for wrapper in reversed(layers[:-1]):
-        if _is_plumbing_wrapper(wrapper):
-            continue
-        if result is wrapper.__wrapped__:
-            result = wrapper  # nothing beneath it was peeled
-            continue
-        rebuilt = _rewrap(wrapper, result)
-        if rebuilt is None:
-            return fn
-        result = rebuilt
-    return result
-
-
-@functools.lru_cache(maxsize=1)
-def _plumbing_codes() -> frozenset:
-    """Code objects of the functions the plumbing decorators wrap a forward in.
-
-    Compared by identity: ``functools.wraps`` gives a wrapper the forward's own
-    ``__name__`` and ``__qualname__``, so names cannot tell the wrappers apart.
-    """
-    import importlib
-
-    codes: set = set()
-
-    def walk(code: Any) -> None:
-        for const in code.co_consts:
-            if inspect.iscode(const):
-                codes.add(const)
-                walk(const)
-
-    for module_name in ("transformers.utils.generic", "transformers.utils.output_capturing",
-                        "transformers.utils.auto_docstring"):
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError:
-            continue
-        for name in _PLUMBING_WRAPPERS:
-            decorator = getattr(module, name, None)
-            if inspect.isfunction(decorator):
-                walk(decorator.__code__)
-    return frozenset(codes)
-
-
-def _is_plumbing_wrapper(wrapper: Callable) -> bool:
-    return getattr(wrapper, "__code__", None) in _plumbing_codes()
-
-
-def _rewrap(wrapper: Callable, inner: Callable) -> Callable | None:
-    """``wrapper`` calling ``inner`` instead of the function it was built around.
-
-    A decorator's wrapper reaches the function it wraps through a closure cell; the
-    copy gets a fresh cell holding ``inner`` and shares every other cell (the
-    decorator's arguments). None when no cell holds the wrapped function.
-    """
-    import types
-
-    wrapped = wrapper.__wrapped__
-    cells = getattr(wrapper, "__closure__", None) or ()
-
-    def holds_wrapped(cell) -> bool:
-        try:
-            return cell.cell_contents is wrapped
-        except ValueError:  # an empty cell
-            return False
-
-    if not inspect.isfunction(wrapper) or not any(holds_wrapped(c) for c in cells):
-        return None
-    closure = tuple(types.CellType(inner) if holds_wrapped(c) else c for c in cells)
-    rebuilt = types.FunctionType(wrapper.__code__, wrapper.__globals__, wrapper.__name__, wrapper.__defaults__, closure)
-    rebuilt.__kwdefaults__ = wrapper.__kwdefaults__
-    rebuilt.__dict__.update(wrapper.__dict__)
-    rebuilt.__qualname__ = wrapper.__qualname__
-    rebuilt.__doc__ = wrapper.__doc__
-    rebuilt.__wrapped__ = inner
-    return rebuilt
-
-
-def is_inplace_method(name: Any) -> bool:
-    """``masked_fill_``, ``add_``, ``copy_``: a tensor method that writes its own tensor."""
-    return isinstance(name, str) and name.endswith("_") and not name.startswith("_") and hasattr(torch.Tensor, name)
-
-
-def find_decoder_layers(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
-    """The qualified name and the ``ModuleList`` of the text decoder layers."""
-    config = getattr(model, "config", None)
-    if config is None:
-        raise UnsupportedModelError(f"{type(model).__name__} has no .config; fxpp needs a transformers model")
-    if getattr(config, "is_encoder_decoder", False):
-        raise UnsupportedModelError(
-            f"{type(model).__name__} is an encoder-decoder model; fxpp splits decoder-only models "
-            "(causal LMs, their base models and vision-language models)"
-        )
-    text_config = config.get_text_config()
-    num_layers = getattr(text_config, "num_hidden_layers", None)
-    candidates = []
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.ModuleList) and num_layers is not None and len(module) == num_layers:
-            if any(part in name for part in ("vision", "visual", "audio")):
-                continue
-            candidates.append((name.count("."), name, module))
-    if not candidates:
-        raise UnsupportedModelError(
-            f"{type(model).__name__}: found no ModuleList of num_hidden_layers={num_layers} decoder layers; "
-            "fxpp needs a decoder-only model whose layers live in one nn.ModuleList"
-        )
-    # Other stacks of the same length (BLIP-2's Q-Former layers) are not the text decoder:
-    # prefer the stack that shares the longest path with the token embeddings, then the
-    # shallowest.
-    text_path = _token_embedding_path(model)
-    candidates.sort(key=lambda c: (-_shared_parts(c[1], text_path), c[0], c[1]))
-    _, name, module = candidates[0]
-    return name, module
-
-
-def _token_embedding_path(model: torch.nn.Module) -> list[str]:
-    """The qualified name of the module holding the input token embeddings, as parts."""
-    try:
-        embeddings = model.get_input_embeddings()
-    except (AttributeError, NotImplementedError):
-        return []
-    for name, module in model.named_modules():
-        if module is embeddings:
-            return name.split(".")[:-1]
-    return []
-
-
-def _shared_parts(name: str, path: list[str]) -> int:
-    shared = 0
-    for a, b in zip(name.split("."), path):
-        if a != b:
-            break
-        shared += 1
-    return shared
-
-
-def trace_path(layers_fqn: str) -> frozenset[str]:
-    parts = layers_fqn.split(".")
-    return frozenset([""] + [".".join(parts[:i]) for i in range(1, len(parts))])
 
 
 @dataclass
@@ -314,7 +43,7 @@ class MetaProxy(Proxy):
 
     def __getattr__(self, name: str) -> Any:
         val = self.node.meta.get("val")
-        if name in _CONCRETE_TENSOR_ATTRS and isinstance(val, torch.Tensor):
+        if name in CONCRETE_TENSOR_ATTRS and isinstance(val, torch.Tensor):
             return getattr(val, name)
         if name == "prod" and isinstance(val, torch.Size):
             # numpy reductions call obj.prod(); torch.Size has none: multiply the dims symbolically.
@@ -610,7 +339,7 @@ class HFTracer(Tracer):
         qualname = self.path_of_module(m)
         if not self.is_leaf_module(m, qualname):
             inner = unwrap_forward(type(m).forward)
-            kwargs = _nested_forward_kwargs(inner, args, kwargs)
+            kwargs = nested_forward_kwargs(inner, args, kwargs)
             return super().call_module(m, lambda *a, **k: inner(m, *a, **k), args, kwargs)
         args, kwargs, states = self._lift_states(args, kwargs)
         before = {sid: dict(_items(obj)) for sid, (obj, _) in states.items()}
@@ -755,29 +484,6 @@ class HFTracer(Tracer):
         return super().keys(obj)
 
 
-def _nested_forward_kwargs(inner: Callable, args: tuple, kwargs: dict) -> dict:
-    """The keyword arguments for a traced forward nested in another (``model.language_model``).
-
-    * ``return_dict`` is dropped where the peeled ``can_return_tuple`` would have
-      consumed it. A VLM's outer forward calls ``self.model(..., return_dict=True,
-      **kwargs)``; the inner forward has no such parameter, so without its wrapper the
-      keyword would travel on in ``**kwargs`` and collide with the next explicit
-      ``return_dict=True``.
-    * ``use_cache`` is False where the forward takes it and its caller left it out or
-      None (LLaVA calls its language model without it). The trace is of a forward
-      without a KV cache: ``merge_with_config_defaults`` would otherwise fill in the
-      config's ``use_cache=True`` and the forward would build a cache object.
-    """
-    params = inspect.signature(inner).parameters
-    if "return_dict" in kwargs and "return_dict" not in params:
-        kwargs = {k: v for k, v in kwargs.items() if k != "return_dict"}
-    if "use_cache" in params and kwargs.get("use_cache") is None:
-        positional = [n for n, p in params.items() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-        if "use_cache" not in positional[1:len(args) + 1]:  # not passed positionally (after self)
-            kwargs = {**kwargs, "use_cache": False}
-    return kwargs
-
-
 def _is_data_dependent(e: BaseException) -> bool:
     """A fake-tensor failure that only the tensor's values could answer."""
     from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
@@ -893,272 +599,13 @@ def user_source_line(e: BaseException) -> str:
     return "<unknown>"
 
 
-@contextlib.contextmanager
-def _helper_methods_patched(tracer: "HFTracer", classes: list[type]):
-    """Route helper methods of traced modules (``get_rope_index``) through ``call_helper``."""
-    saved = []
-
-    def wrap(name, fn):
-        def wrapper(self, *args, **kwargs):
-            if tracer._evaluating or not _has_proxy((args, kwargs)):
-                return fn(self, *args, **kwargs)
-            return tracer.call_helper(fn, (self, *args), kwargs, method=name)
-
-        wrapper.__wrapped_opaque__ = fn
-        return wrapper
-
-    try:
-        for cls in classes:
-            for klass in cls.__mro__:
-                if not klass.__module__.startswith("transformers.models."):
-                    continue
-                for name, fn in list(vars(klass).items()):
-                    if inspect.isfunction(fn) and not name.startswith("_") and name != "forward" and not name.startswith("get_input"):
-                        saved.append((klass, name, fn))
-                        setattr(klass, name, wrap(name, fn))
-        yield
-    finally:
-        for klass, name, fn in reversed(saved):
-            setattr(klass, name, fn)
-
-
-# Constructors whose size arguments come as varargs: Python's argument parser rejects a
-# Proxy there (``torch.zeros(batch, 4)`` with ``batch`` traced) before torch's
-# ``__torch_function__`` could record the call, so they are recorded by hand.
-_VARARG_CONSTRUCTORS = ("zeros", "ones", "empty", "full", "rand", "randn", "randint", "eye")
-
-
-@contextlib.contextmanager
-def _constructors_patched(tracer: "HFTracer"):
-    saved = []
-
-    def wrap(fn):
-        @functools.wraps(fn)
-        def wrapper(*args, **kwargs):
-            if not tracer._evaluating and _has_proxy((args, kwargs)):
-                return tracer.create_proxy("call_function", fn, args, kwargs)
-            return fn(*args, **kwargs)
-
-        return wrapper
-
-    try:
-        for name in _VARARG_CONSTRUCTORS:
-            fn = getattr(torch, name)
-            saved.append((name, fn))
-            setattr(torch, name, wrap(fn))
-        yield
-    finally:
-        for name, fn in saved:
-            setattr(torch, name, fn)
-
-
-@contextlib.contextmanager
-def _opaque_functions_patched(tracer: HFTracer, module_names: set[str]):
-    """Make mask builders single graph nodes in the modules whose forwards we trace."""
-    functions = {**opaque_functions(), **check_functions()}
-    saved = []
-
-    def wrap(fn):
-        def wrapper(*args, **kwargs):
-            has_proxy = False
-
-            def find(x):
-                nonlocal has_proxy
-                if isinstance(x, Proxy):
-                    has_proxy = True
-                return x
-
-            map_aggregate(args, find)
-            map_aggregate(kwargs, find)
-            if has_proxy and not tracer._evaluating:
-                out = tracer.create_proxy("call_function", fn, args, kwargs)
-                if isinstance(tracer.meta_of(out), dict):
-                    # A mapping of masks per layer type: the forward tests isinstance(..., dict).
-                    return {k: out[k] for k in tracer.meta_of(out)}
-                return out
-            return fn(*args, **kwargs)
-
-        wrapper.__wrapped_opaque__ = fn
-        return wrapper
-
-    def wrap_helper(fn):
-        def wrapper(*args, **kwargs):
-            if tracer._evaluating or not _has_proxy((args, kwargs)):
-                return fn(*args, **kwargs)
-            return tracer.call_helper(fn, args, kwargs)
-
-        wrapper.__wrapped_opaque__ = fn
-        return wrapper
-
-    try:
-        for mod_name in sorted(module_names):
-            module = sys.modules.get(mod_name)
-            if module is None:
-                continue
-            for name, value in list(vars(module).items()):
-                if id(value) in functions:
-                    saved.append((module, name, value))
-                    setattr(module, name, wrap(value))
-                elif _is_model_helper(value, mod_name):
-                    saved.append((module, name, value))
-                    setattr(module, name, wrap_helper(value))
-        yield
-    finally:
-        for module, name, value in reversed(saved):
-            setattr(module, name, value)
-
-
-def _has_proxy(value: Any) -> bool:
+def has_proxy(value: Any) -> bool:
     found = []
     map_aggregate(value, lambda x: found.append(x) if isinstance(x, Proxy) else x)
     return bool(found)
 
 
-def _is_model_helper(value: Any, mod_name: str) -> bool:
-    """A plain function defined in a modeling file (``unpad_image``, ``get_rope_index``'s kin)."""
-    return (
-        inspect.isfunction(value)
-        and value.__module__ == mod_name
-        and mod_name.startswith("transformers.models.")
-        and not value.__name__.startswith("create_")
-    )
-
-
-def _fakeify(fake_mode: FakeTensorMode, value: Any) -> Any:
+def fakeify(fake_mode: FakeTensorMode, value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return fake_mode.from_tensor(value)
     return value
-
-
-def select_output(out: Any) -> Any:
-    """The tensor a stage returns: logits if the model has a head, else hidden states."""
-    if isinstance(out, collections.abc.Mapping):
-        for key in ("logits", "last_hidden_state"):
-            if key in out.keys() and out[key] is not None:
-                return out[key]
-        for value in out.values():
-            if value is not None:
-                return value
-    if isinstance(out, (tuple, list)):
-        return out[0]
-    return out
-
-
-# Keyword arguments every trace passes: a training forward with no KV cache that
-# returns a ModelOutput.
-TRACE_KWARGS = {"use_cache": False, "return_dict": True}
-
-
-def trace_model(model: torch.nn.Module, example_inputs: dict[str, Any]) -> GraphModule:
-    """Trace ``model`` for inputs shaped like ``example_inputs`` (keyword arguments).
-
-    Inputs that are ``None`` or absent are not graph inputs (the forward sees
-    ``None``). The returned GraphModule has a placeholder per given input, returns
-    the logits (or last hidden state), and holds, by reference, the model's own
-    modules and parameters under their original names.
-
-    Raises:
-        UnsupportedModelError: encoder-decoder models or models without a decoder-layer list.
-        TraceError: the forward does something the tracer cannot record.
-    """
-    layers_fqn, _ = find_decoder_layers(model)
-    signature = inspect.signature(unwrap_forward(type(model).forward))
-    accepts_var_kwargs = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
-    inputs = {k: v for k, v in example_inputs.items() if v is not None}
-    for name in inputs:
-        if name not in signature.parameters and not accepts_var_kwargs:
-            raise TraceError(f"{type(model).__name__}.forward has no argument {name!r}")
-    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
-    tracer = HFTracer(model, layers_fqn, fake_mode)
-    tracer._placeholder_vals = {k: _fakeify(fake_mode, v) for k, v in inputs.items()}
-    if not any(isinstance(v, torch.Tensor) and v.is_meta for v in list(inputs.values()) + list(model.parameters())[:1]):
-        tracer.real_inputs = dict(inputs)
-    names = list(inputs)
-    forward = unwrap_forward(type(model).forward)
-
-    def root_fn(*proxies):
-        kwargs = dict(TRACE_KWARGS)
-        # Only where the forward names them: through **kwargs they could reach a nested
-        # forward that also passes them explicitly.
-        kwargs = {k: v for k, v in kwargs.items() if k in signature.parameters}
-        kwargs.update(zip(names, proxies))
-        return select_output(forward(model, **kwargs))
-
-    def create_args_for_root(root_fn_unused, is_module, concrete_args=None):
-        proxies = [tracer.create_proxy("placeholder", n, (), {}) for n in names]
-        return root_fn, proxies
-
-    tracer.create_args_for_root = create_args_for_root  # type: ignore[method-assign]
-    module_names = {c.__module__ for m in _traced_module_objects(model, tracer.traced_modules) for c in type(m).__mro__}
-    training = {id(m): m.training for m in model.modules()}
-    attributes = _plain_attributes(model)
-    import logging
-
-    fake_log = logging.getLogger("torch._subclasses.fake_tensor")
-    old_level = fake_log.level
-    # Failing meta kernels inside MoE experts are expected (see HFTracer._eval_submodule).
-    fake_log.setLevel(logging.CRITICAL)
-    try:
-        classes = sorted({type(m) for m in _traced_module_objects(model, tracer.traced_modules)}, key=lambda c: c.__qualname__)
-        with _opaque_functions_patched(tracer, module_names), _constructors_patched(tracer), _helper_methods_patched(tracer, classes):
-            graph = tracer.trace(model)
-    except TraceError:
-        raise
-    except Exception as e:  # noqa: BLE001
-        raise TraceError(
-            f"cannot trace {type(model).__name__} at {user_source_line(e)}: {type(e).__name__}: {e}"
-        ) from e
-    finally:
-        fake_log.setLevel(old_level)
-        for m in model.modules():
-            m.training = training.get(id(m), m.training)
-        _restore_plain_attributes(model, attributes)
-    return _graph_module(model, graph, tracer.constants)
-
-
-# Module state that ``fxpp.transform.model_unchanged`` restores itself.
-_MODULE_STATE = frozenset({"_parameters", "_buffers", "_modules", "_forward_hooks", "_forward_pre_hooks",
-                           "_backward_hooks", "training", "forward"})
-
-
-def _plain_attributes(model: torch.nn.Module) -> dict[int, tuple[torch.nn.Module, dict]]:
-    """Each module's own attributes (not parameters, buffers, submodules or hooks).
-
-    Restoring them also undoes flags that go with hooks the trace installed and
-    ``model_unchanged`` removes (``_output_capturing_hooks_installed``).
-    """
-    return {id(m): (m, {k: v for k, v in vars(m).items() if k not in _MODULE_STATE}) for m in model.modules()}
-
-
-def _restore_plain_attributes(model: torch.nn.Module, saved: dict) -> None:
-    """Undo attribute writes the traced forward made (Qwen-VL's ``self.rope_deltas = ...``).
-
-    Such a write is a side channel between calls; the graph does not record it, and
-    the traced value (a Proxy) must not stay on the model.
-    """
-    for m, attrs in saved.values():
-        for k in [k for k in vars(m) if k not in attrs and k not in _MODULE_STATE]:
-            del m.__dict__[k]
-        for k, v in attrs.items():
-            if m.__dict__.get(k) is not v:
-                m.__dict__[k] = v
-
-
-def _traced_module_objects(model: torch.nn.Module, names: frozenset[str]) -> list[torch.nn.Module]:
-    return [m for n, m in model.named_modules() if n in names]
-
-
-def _graph_module(model: torch.nn.Module, graph: Graph, constants: dict[str, Any]) -> GraphModule:
-    """A GraphModule over ``graph`` that references the model's modules, not copies."""
-    root: dict[str, Any] = {}
-    for node in graph.nodes:
-        if node.op in ("call_module", "get_attr") and node.target not in root:
-            if node.target in constants:
-                root[node.target] = constants[node.target]
-            else:
-                obj = model
-                for part in node.target.split("."):
-                    obj = getattr(obj, part)
-                root[node.target] = obj
-    gm = GraphModule(root, graph, class_name=f"{type(model).__name__}Graph")
-    return gm

@@ -37,7 +37,7 @@ from collections.abc import Iterable
 
 import torch.fx
 
-from .errors import StageInputError
+from ..errors import StageInputError
 
 
 def consumed_nodes(graph: torch.fx.Graph) -> set[torch.fx.Node]:

@@ -1,0 +1,156 @@
+"""``trace_model``: trace a model for example inputs, restore everything the forward touched.
+"""
+
+from __future__ import annotations
+
+from __future__ import annotations
+
+import collections.abc
+import inspect
+from typing import Any
+
+import torch
+import torch.fx
+from torch.fx import Graph, GraphModule
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from ..errors import TraceError
+from .layers import find_decoder_layers
+from .patching import constructors_patched, helper_methods_patched, opaque_functions_patched
+from .tracer import HFTracer, fakeify, user_source_line
+from .wrappers import unwrap_forward
+
+
+
+def select_output(out: Any) -> Any:
+    """The tensor a stage returns: logits if the model has a head, else hidden states."""
+    if isinstance(out, collections.abc.Mapping):
+        for key in ("logits", "last_hidden_state"):
+            if key in out.keys() and out[key] is not None:
+                return out[key]
+        for value in out.values():
+            if value is not None:
+                return value
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    return out
+
+
+# Keyword arguments every trace passes: a training forward with no KV cache that
+# returns a ModelOutput.
+TRACE_KWARGS = {"use_cache": False, "return_dict": True}
+
+
+def trace_model(model: torch.nn.Module, example_inputs: dict[str, Any]) -> GraphModule:
+    """Trace ``model`` for inputs shaped like ``example_inputs`` (keyword arguments).
+
+    Inputs that are ``None`` or absent are not graph inputs (the forward sees
+    ``None``). The returned GraphModule has a placeholder per given input, returns
+    the logits (or last hidden state), and holds, by reference, the model's own
+    modules and parameters under their original names.
+
+    Raises:
+        UnsupportedModelError: encoder-decoder models or models without a decoder-layer list.
+        TraceError: the forward does something the tracer cannot record.
+    """
+    layers_fqn, _ = find_decoder_layers(model)
+    signature = inspect.signature(unwrap_forward(type(model).forward))
+    accepts_var_kwargs = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
+    inputs = {k: v for k, v in example_inputs.items() if v is not None}
+    for name in inputs:
+        if name not in signature.parameters and not accepts_var_kwargs:
+            raise TraceError(f"{type(model).__name__}.forward has no argument {name!r}")
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+    tracer = HFTracer(model, layers_fqn, fake_mode)
+    tracer._placeholder_vals = {k: fakeify(fake_mode, v) for k, v in inputs.items()}
+    if not any(isinstance(v, torch.Tensor) and v.is_meta for v in list(inputs.values()) + list(model.parameters())[:1]):
+        tracer.real_inputs = dict(inputs)
+    names = list(inputs)
+    forward = unwrap_forward(type(model).forward)
+
+    def root_fn(*proxies):
+        kwargs = dict(TRACE_KWARGS)
+        # Only where the forward names them: through **kwargs they could reach a nested
+        # forward that also passes them explicitly.
+        kwargs = {k: v for k, v in kwargs.items() if k in signature.parameters}
+        kwargs.update(zip(names, proxies))
+        return select_output(forward(model, **kwargs))
+
+    def create_args_for_root(root_fn_unused, is_module, concrete_args=None):
+        proxies = [tracer.create_proxy("placeholder", n, (), {}) for n in names]
+        return root_fn, proxies
+
+    tracer.create_args_for_root = create_args_for_root  # type: ignore[method-assign]
+    module_names = {c.__module__ for m in _traced_module_objects(model, tracer.traced_modules) for c in type(m).__mro__}
+    training = {id(m): m.training for m in model.modules()}
+    attributes = _plain_attributes(model)
+    import logging
+
+    fake_log = logging.getLogger("torch._subclasses.fake_tensor")
+    old_level = fake_log.level
+    # Failing meta kernels inside MoE experts are expected (see HFTracer._eval_submodule).
+    fake_log.setLevel(logging.CRITICAL)
+    try:
+        classes = sorted({type(m) for m in _traced_module_objects(model, tracer.traced_modules)}, key=lambda c: c.__qualname__)
+        with opaque_functions_patched(tracer, module_names), constructors_patched(tracer), helper_methods_patched(tracer, classes):
+            graph = tracer.trace(model)
+    except TraceError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise TraceError(
+            f"cannot trace {type(model).__name__} at {user_source_line(e)}: {type(e).__name__}: {e}"
+        ) from e
+    finally:
+        fake_log.setLevel(old_level)
+        for m in model.modules():
+            m.training = training.get(id(m), m.training)
+        _restore_plain_attributes(model, attributes)
+    return _graph_module(model, graph, tracer.constants)
+
+
+# Module state that ``fxpp.transform.model_unchanged`` restores itself.
+_MODULE_STATE = frozenset({"_parameters", "_buffers", "_modules", "_forward_hooks", "_forward_pre_hooks",
+                           "_backward_hooks", "training", "forward"})
+
+
+def _plain_attributes(model: torch.nn.Module) -> dict[int, tuple[torch.nn.Module, dict]]:
+    """Each module's own attributes (not parameters, buffers, submodules or hooks).
+
+    Restoring them also undoes flags that go with hooks the trace installed and
+    ``model_unchanged`` removes (``_output_capturing_hooks_installed``).
+    """
+    return {id(m): (m, {k: v for k, v in vars(m).items() if k not in _MODULE_STATE}) for m in model.modules()}
+
+
+def _restore_plain_attributes(model: torch.nn.Module, saved: dict) -> None:
+    """Undo attribute writes the traced forward made (Qwen-VL's ``self.rope_deltas = ...``).
+
+    Such a write is a side channel between calls; the graph does not record it, and
+    the traced value (a Proxy) must not stay on the model.
+    """
+    for m, attrs in saved.values():
+        for k in [k for k in vars(m) if k not in attrs and k not in _MODULE_STATE]:
+            del m.__dict__[k]
+        for k, v in attrs.items():
+            if m.__dict__.get(k) is not v:
+                m.__dict__[k] = v
+
+
+def _traced_module_objects(model: torch.nn.Module, names: frozenset[str]) -> list[torch.nn.Module]:
+    return [m for n, m in model.named_modules() if n in names]
+
+
+def _graph_module(model: torch.nn.Module, graph: Graph, constants: dict[str, Any]) -> GraphModule:
+    """A GraphModule over ``graph`` that references the model's modules, not copies."""
+    root: dict[str, Any] = {}
+    for node in graph.nodes:
+        if node.op in ("call_module", "get_attr") and node.target not in root:
+            if node.target in constants:
+                root[node.target] = constants[node.target]
+            else:
+                obj = model
+                for part in node.target.split("."):
+                    obj = getattr(obj, part)
+                root[node.target] = obj
+    gm = GraphModule(root, graph, class_name=f"{type(model).__name__}Graph")
+    return gm

@@ -1,0 +1,148 @@
+"""What the tracer patches while it runs: model helper methods, tensor constructors, opaque functions.
+
+Each patch is a context manager that restores the original on exit.
+"""
+
+from __future__ import annotations
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import sys
+from typing import Any
+
+import torch
+import torch.fx
+from torch.fx import Proxy
+from torch.fx.node import map_aggregate
+
+from .targets import check_functions, opaque_functions
+from .tracer import HFTracer, has_proxy
+
+
+
+@contextlib.contextmanager
+def helper_methods_patched(tracer: "HFTracer", classes: list[type]):
+    """Route helper methods of traced modules (``get_rope_index``) through ``call_helper``."""
+    saved = []
+
+    def wrap(name, fn):
+        def wrapper(self, *args, **kwargs):
+            if tracer._evaluating or not has_proxy((args, kwargs)):
+                return fn(self, *args, **kwargs)
+            return tracer.call_helper(fn, (self, *args), kwargs, method=name)
+
+        wrapper.__wrapped_opaque__ = fn
+        return wrapper
+
+    try:
+        for cls in classes:
+            for klass in cls.__mro__:
+                if not klass.__module__.startswith("transformers.models."):
+                    continue
+                for name, fn in list(vars(klass).items()):
+                    if inspect.isfunction(fn) and not name.startswith("_") and name != "forward" and not name.startswith("get_input"):
+                        saved.append((klass, name, fn))
+                        setattr(klass, name, wrap(name, fn))
+        yield
+    finally:
+        for klass, name, fn in reversed(saved):
+            setattr(klass, name, fn)
+
+
+# Constructors whose size arguments come as varargs: Python's argument parser rejects a
+# Proxy there (``torch.zeros(batch, 4)`` with ``batch`` traced) before torch's
+# ``__torch_function__`` could record the call, so they are recorded by hand.
+_VARARG_CONSTRUCTORS = ("zeros", "ones", "empty", "full", "rand", "randn", "randint", "eye")
+
+
+@contextlib.contextmanager
+def constructors_patched(tracer: "HFTracer"):
+    saved = []
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            if not tracer._evaluating and has_proxy((args, kwargs)):
+                return tracer.create_proxy("call_function", fn, args, kwargs)
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    try:
+        for name in _VARARG_CONSTRUCTORS:
+            fn = getattr(torch, name)
+            saved.append((name, fn))
+            setattr(torch, name, wrap(fn))
+        yield
+    finally:
+        for name, fn in saved:
+            setattr(torch, name, fn)
+
+
+@contextlib.contextmanager
+def opaque_functions_patched(tracer: HFTracer, module_names: set[str]):
+    """Make mask builders single graph nodes in the modules whose forwards we trace."""
+    functions = {**opaque_functions(), **check_functions()}
+    saved = []
+
+    def wrap(fn):
+        def wrapper(*args, **kwargs):
+            has_proxy = False
+
+            def find(x):
+                nonlocal has_proxy
+                if isinstance(x, Proxy):
+                    has_proxy = True
+                return x
+
+            map_aggregate(args, find)
+            map_aggregate(kwargs, find)
+            if has_proxy and not tracer._evaluating:
+                out = tracer.create_proxy("call_function", fn, args, kwargs)
+                if isinstance(tracer.meta_of(out), dict):
+                    # A mapping of masks per layer type: the forward tests isinstance(..., dict).
+                    return {k: out[k] for k in tracer.meta_of(out)}
+                return out
+            return fn(*args, **kwargs)
+
+        wrapper.__wrapped_opaque__ = fn
+        return wrapper
+
+    def wrap_helper(fn):
+        def wrapper(*args, **kwargs):
+            if tracer._evaluating or not has_proxy((args, kwargs)):
+                return fn(*args, **kwargs)
+            return tracer.call_helper(fn, args, kwargs)
+
+        wrapper.__wrapped_opaque__ = fn
+        return wrapper
+
+    try:
+        for mod_name in sorted(module_names):
+            module = sys.modules.get(mod_name)
+            if module is None:
+                continue
+            for name, value in list(vars(module).items()):
+                if id(value) in functions:
+                    saved.append((module, name, value))
+                    setattr(module, name, wrap(value))
+                elif _is_model_helper(value, mod_name):
+                    saved.append((module, name, value))
+                    setattr(module, name, wrap_helper(value))
+        yield
+    finally:
+        for module, name, value in reversed(saved):
+            setattr(module, name, value)
+
+
+def _is_model_helper(value: Any, mod_name: str) -> bool:
+    """A plain function defined in a modeling file (``unpad_image``, ``get_rope_index``'s kin)."""
+    return (
+        inspect.isfunction(value)
+        and value.__module__ == mod_name
+        and mod_name.startswith("transformers.models.")
+        and not value.__name__.startswith("create_")
+    )
