@@ -204,7 +204,7 @@ def rank_job(rank: int, world: int, mode: str, ckpt: str) -> dict:
         **lazy,
     }
     if mode == "fxpp":
-        from fxpp.checkpoint import load_state_dict_from
+        from fxpp.runtime.checkpoint import load_state_dict_from
 
         own = dict(stage.submod.named_parameters())
         ref = load_state_dict_from(ckpt, own)
@@ -223,7 +223,7 @@ def _rank_job(rank: int, world: int, workdir: str, mode: str, ckpt: str) -> dict
 
 def spawn(world: int, mode: str, ckpt: str, timeout_s: float = 300) -> list[dict]:
     """Local gloo ranks through fxpp's own launcher; every rank measures before any exits."""
-    from fxpp.launch import run_ranks
+    from fxpp.runtime.launch import run_ranks
 
     results = run_ranks(_rank_job, world, mode, ckpt, timeout_s=timeout_s, pg_timeout_s=120, threads=1,
                         barrier_at_end=True)

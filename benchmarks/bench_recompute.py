@@ -46,7 +46,7 @@ import torch
 from torch import fx
 
 import fxpp
-from fxpp.annotate import info
+from fxpp.analysis.annotate import info
 from _common import default_json_path, environment, print_header, report
 
 BATCH = 2

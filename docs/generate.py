@@ -14,7 +14,7 @@ import subprocess
 import torch
 
 import fxpp
-from fxpp.annotate import info
+from fxpp.analysis.annotate import info
 from fxpp.split import even_split
 from fxpp.zoo import tiny_model
 

@@ -10,28 +10,29 @@ from .errors import (
     UnsupportedModelError,
     VerificationError,
 )
-from .loss import CausalLMLoss, causal_lm_loss, count_target_tokens
-from .microbatch import split_microbatches, step_with_microbatches
+from .runtime.loss import CausalLMLoss, causal_lm_loss, count_target_tokens
+from .runtime.microbatch import split_microbatches
+from .runtime.schedule import step_with_microbatches
 from .pipeline import Pipeline, pipeline
 from .spec import StageRole
 from .transform import StageModule, transform
 
 
 def schedule(schedule, stages, n_microbatches: int, loss_fn, **kwargs):
-    """A schedule of ``torch.distributed.pipelining`` over this rank's fxpp stages (see ``fxpp.stage.PipelineSchedule``).
+    """A schedule of ``torch.distributed.pipelining`` over this rank's fxpp stages (see ``fxpp.runtime.schedule.PipelineSchedule``).
 
     ``schedule``: a name (``"1F1B"``, ``"ZBVZeroBubble"``, ...) or a schedule class. Its
     ``step`` is torch's, preceded by agreeing on the step's shapes and followed by the
     tied-weight exchange.
     """
-    from .stage import PipelineSchedule
+    from .runtime.schedule import PipelineSchedule
 
     return PipelineSchedule(schedule, stages, n_microbatches, loss_fn, **kwargs)
 
 
 def stage_ids_of_rank(rank: int, num_stages: int, world_size: int, style: str = "loop") -> list[int]:
     """The stage ids a rank holds under ``style`` placement (``"loop"`` or ``"v"``)."""
-    from .stage import stage_ids_of_rank as _ids
+    from .runtime.placement import stage_ids_of_rank as _ids
 
     return _ids(rank, num_stages, world_size, style)
 

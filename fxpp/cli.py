@@ -12,8 +12,8 @@ def _plan(args) -> int:
 
     import fxpp
 
-    from .models import build_model
-    from .train import MULTI_STAGE
+    from .runtime.models import build_model
+    from .runtime.train import MULTI_STAGE
 
     model = build_model(args.model, device="meta")
     micro = max(1, args.batch // args.microbatches)  # the cost model works on one microbatch
@@ -34,7 +34,7 @@ def _plan(args) -> int:
 
 
 def _run(args) -> int:
-    from .train import RunConfig, launch, run_rank
+    from .runtime.train import RunConfig, launch, run_rank
 
     cfg = RunConfig(model=args.model, ranks=args.stages, schedule=args.schedule, steps=args.steps, batch=args.batch,
                     seq_len=args.seq_len, microbatches=args.microbatches, lr=args.lr, seed=args.seed,
@@ -42,7 +42,7 @@ def _run(args) -> int:
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # under torchrun
         import torch.distributed as dist
 
-        from .stage import default_backend
+        from .runtime.placement import default_backend
 
         dist.init_process_group(default_backend())
         try:
@@ -71,7 +71,7 @@ def _run(args) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from .train import SCHEDULES
+    from .runtime.train import SCHEDULES
 
     p = argparse.ArgumentParser(prog="fxpp", description="Pipeline parallelism for Hugging Face models.")
     p.add_argument("--debug", action="store_true", help="show tracebacks")

@@ -16,7 +16,7 @@ variant
     it has seen (and per shape decision, Note [guards] in ``fxpp.ops``).
 slot
     One tensor of the tuple that crosses cut ``k``, named by its *identity*
-    (``fxpp.cuts.crossing_identity``: ``"hidden states"``, ``"input attention_mask"``,
+    (``fxpp.analysis.cuts.crossing_identity``: ``"hidden states"``, ``"input attention_mask"``,
     ``"per_layer_input of model.layers.3"``, ...).
 layout
     The slots of cut ``k`` when every signature input is present, then the *header*.

@@ -6,8 +6,8 @@ from typing import Any
 
 import torch
 
-from .costs import BlockCost, estimate_block_costs
-from .cuts import crossing_values, describe_crossing
+from .analysis.costs import BlockCost, estimate_block_costs
+from .analysis.cuts import crossing_values, describe_crossing
 from .errors import StageSpecError
 from .split import balanced_split, ranges_from_counts, ranges_from_cuts, roles_for
 from .spec import StageRole, StageSpec
@@ -98,7 +98,7 @@ class Pipeline:
         last stage holds its own copy of weights tied to the first stage, and their
         gradients are summed between the two ranks at the end of every
         ``schedule.step`` over point-to-point ops on ``group`` (default: the world
-        group); see Note [tied-weight sync] in ``fxpp.stage``.
+        group); see Note [tied-weight sync] in ``fxpp.runtime.ties``.
 
         Args:
             index: the stage id. device: where its parameters and activations live.
@@ -118,7 +118,7 @@ class Pipeline:
             StageSpecError: no process group, bad index, a meta model without a
                 checkpoint, CUDA with gloo. CheckpointError: missing keys, wrong shapes.
         """
-        from .stage import build_stage
+        from .runtime.stage import build_stage
 
         return build_stage(self, index, device, group, style=style, checkpoint=checkpoint, microbatch=microbatch)
 
@@ -179,7 +179,7 @@ def pipeline(
         )
     pipe = Pipeline(model, model_graph, ranges, model_graph.meta["fxpp_example_inputs"], costs)
     if verify:
-        from .verify import verify_pipeline
+        from .analysis.verify import verify_pipeline
 
         verify_pipeline(pipe, pipe.example_inputs)
     return pipe

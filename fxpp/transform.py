@@ -1,7 +1,7 @@
 """``fxpp.transform``: one stage of a model as a GraphModule.
 
 The door between the user and the rooms behind it: validate the request, trace
-(``fxpp.trace``), annotate (``fxpp.annotate``), rewrite (``fxpp.passes``) and wrap
+(``fxpp.trace``), annotate (``fxpp.analysis.annotate``), rewrite (``fxpp.passes``) and wrap
 the result in a :class:`StageModule` that checks its inputs and retraces itself when
 a shape decision baked into the graph no longer holds (see Note [guards] in
 ``fxpp.ops``).
@@ -15,14 +15,14 @@ from typing import Any
 import torch
 from torch.fx import GraphModule
 
-from .annotate import annotate, info
+from .analysis.annotate import annotate, info
 from .errors import StageInputError, StageSpecError, UnsupportedModelError
 from .ops import GuardFailure
 from .passes.dense_masked_rows import dense_masked_rows
 from .passes.extract_stage import extract_stage
 from .passes.none_safe_masks import none_safe_masks
 from .spec import StageRole, StageSpec
-from .cuts import crossing_slots
+from .analysis.cuts import crossing_slots
 from .trace import reject_unconsumed_inputs
 from .layout import TEXT_INPUTS, CutLayout, InputSignature, Slot
 from .trace import find_decoder_layers, trace_model

@@ -1,6 +1,6 @@
 """Trace tiny models and report every given input the traced graph does not consume.
 
-The rule of :mod:`fxpp.unused_inputs` (every input the caller gives must reach the
+The rule of :mod:`fxpp.trace.unused_inputs` (every input the caller gives must reach the
 graph output) must not fire on models fxpp handles correctly. This script traces, with
 their example inputs:
 

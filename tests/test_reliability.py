@@ -28,7 +28,7 @@ def test_verify_passes_and_names_the_diverging_stage_and_node():
     handle = model.model.layers[3].register_forward_hook(perturb_third_call)
     try:
         with pytest.raises(fxpp.VerificationError, match=r"stage 1 \(last, layers range\(2, 4\)\): node model_layers_3 \(model.layers.3\) differs from the model by 1; model source modeling_gemma4.py:\d+"):
-            from fxpp.verify import verify_pipeline
+            from fxpp.analysis.verify import verify_pipeline
 
             verify_pipeline(pipe, pipe.example_inputs)
     finally:
@@ -38,7 +38,7 @@ def test_verify_passes_and_names_the_diverging_stage_and_node():
 def test_checkpoint_errors(tmp_path):
     from safetensors.torch import save_file
 
-    from fxpp.checkpoint import load_stage
+    from fxpp.runtime.checkpoint import load_stage
 
     model = cached_model("llama", 4)
     stage = fxpp.transform(tiny_model("llama", 4), "middle", range(1, 3))
@@ -121,7 +121,7 @@ def test_cuts_and_counts_together_and_bad_counts():
 
 
 def test_placement_errors():
-    from fxpp.stage import stage_ranks
+    from fxpp.runtime.placement import stage_ranks
 
     with pytest.raises(fxpp.StageSpecError, match="num_stages=3 must be a multiple of the world size 2"):
         stage_ranks(3, 2)

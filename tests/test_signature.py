@@ -168,7 +168,7 @@ def _grad_report(stage, ref) -> dict:
 
 def token_ids_only_rank(rank, world, workdir):
     """Plain pretraining: a pipeline built with no example inputs, stepped on token ids alone."""
-    from fxpp.stage import make_schedule
+    from fxpp.runtime.schedule import make_schedule
 
     from .helpers import cached_model as build
 
@@ -197,7 +197,7 @@ def token_ids_only_rank(rank, world, workdir):
 
 def vlm_image_presence_rank(rank, world, workdir, family):
     """One step whose microbatch 0 holds no image and microbatch 1 two."""
-    from fxpp.stage import make_schedule
+    from fxpp.runtime.schedule import make_schedule
 
     model, make = tiny_vlm(family, NUM_LAYERS)
     model.train()
@@ -251,7 +251,7 @@ def test_two_ranks_1f1b_microbatches_with_and_without_images(tmp_path):
 
 def v_placement_without_style_rank(rank, world, workdir):
     """ZBVZeroBubble with tied embeddings, stages built as API.md spells it: no placement argument."""
-    from fxpp.stage import make_schedule
+    from fxpp.runtime.schedule import make_schedule
     from fxpp.zoo import tiny_model
 
     model = tiny_model("qwen2", NUM_LAYERS, tie_word_embeddings=True).train()

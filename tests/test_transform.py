@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fxpp
-from fxpp.annotate import info
+from fxpp.analysis.annotate import info
 from fxpp.zoo import tiny_model
 
 from .helpers import cached_model, make_inputs, reference, run_stages, assert_same
@@ -41,7 +41,7 @@ def _assert_unchanged(model, before):
 
 @pytest.mark.parametrize("family", ["llama", "gemma4", "mixtral"])
 def test_transform_and_pipeline_leave_model_untouched(family, tmp_path):
-    from fxpp.checkpoint import save_stage
+    from fxpp.runtime.checkpoint import save_stage
 
     model = tiny_model(family, 4).train()
     before = _snapshot(model)

@@ -1,4 +1,4 @@
-"""No input the caller gives may vanish from the graph (``fxpp.unused_inputs``).
+"""No input the caller gives may vanish from the graph (``fxpp.trace.unused_inputs``).
 
 The rule found two tracer bugs, both an old argument name that the forward's
 ``deprecate_kwarg`` decorator renames (``image_patches`` and ``pixel_values_images`` to

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import fxpp
-from fxpp.annotate import info
+from fxpp.analysis.annotate import info
 from fxpp.zoo import AUDIO_TOKEN, VLM_FAMILIES, tiny_audio_lm, tiny_vlm
 
 from .helpers import assert_same, reference, run_stages

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import fxpp
-from fxpp.stage import make_schedule
+from fxpp.runtime.schedule import make_schedule
 from fxpp.zoo import tiny_vlm
 
 from .dist import run_distributed

@@ -1,6 +1,6 @@
 """Send values that are added into masked rows of a tensor as dense ``[B, S, ...]`` tensors.
 
-Reads ``node.meta["fxpp"]`` (positions, from ``fxpp.annotate``) and ``node.meta["val"]``;
+Reads ``node.meta["fxpp"]`` (positions, from ``fxpp.analysis.annotate``) and ``node.meta["val"]``;
 writes both on the nodes it creates.
 
 A pipeline stage's receive buffers have one static shape for every microbatch. Most
@@ -43,7 +43,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from .. import ops
-from ..annotate import NodeInfo, info
+from ..analysis.annotate import NodeInfo, info
 
 _COMBINE_FUNCTIONS = frozenset({operator.add, operator.sub, operator.mul, torch.add, torch.sub, torch.mul})
 _COMBINE_METHODS = frozenset({"add", "sub", "mul"})

@@ -1,10 +1,10 @@
 """The rewrite pass: the graph of one pipeline stage from the annotated model graph.
 
-Reads ``node.meta["fxpp"]`` (``fxpp.annotate``) and ``node.meta["val"]``; copies both
+Reads ``node.meta["fxpp"]`` (``fxpp.analysis.annotate``) and ``node.meta["val"]``; copies both
 onto every node it keeps, writes ``node.meta["fxpp_source"]`` (the name of the model
 node a kept node computes), ``node.meta["fxpp_crossing"]`` and
 ``node.meta["fxpp_identity"]`` on the stage's input placeholders (the original node
-name a placeholder stands for, and what that value is: ``fxpp.cuts.crossing_identity``),
+name a placeholder stands for, and what that value is: ``fxpp.analysis.cuts.crossing_identity``),
 and ``node.meta["fxpp_identities"]`` on the output of a FIRST or MIDDLE stage (the
 identity of each tensor it returns).
 
@@ -33,8 +33,8 @@ import torch
 from torch.fx import Graph, GraphModule, Node
 
 from .. import ops
-from ..annotate import NodeInfo, info, is_guard
-from ..cuts import crossing_identity, crossing_values, leaf_identities, stream_at, substitutable
+from ..analysis.annotate import NodeInfo, info, is_guard
+from ..analysis.cuts import crossing_identity, crossing_values, leaf_identities, stream_at, substitutable
 from ..errors import CutError
 from ..spec import StageRole, StageSpec
 

@@ -7,7 +7,7 @@ that cross it are the nodes that
   ``>= k``, the graph output, or a rematerialized node any of those need), and
 * are computed before the cut (position ``< k``) and are not rematerialized.
 
-A shape-only use of such a value (see ``fxpp.annotate``) does not make it cross: the
+A shape-only use of such a value (see ``fxpp.analysis.annotate``) does not make it cross: the
 later stage substitutes its incoming hidden states, the *stream* at the cut, when
 their shapes agree. The result depends only on the graph and ``k``, so any two stages
 with ``a.layers.stop == b.layers.start`` fit together.
@@ -18,7 +18,7 @@ from __future__ import annotations
 from torch.fx import Graph, Node
 
 from .annotate import info, is_guard, is_tensorish
-from .errors import CutError
+from ..errors import CutError
 
 
 def layer_nodes(graph: Graph) -> dict[int, Node]:
@@ -98,7 +98,7 @@ def crossing_identity(graph: Graph, node: Node, k: int, modules: dict | None = N
     that reads it); elsewhere the consuming modules, never a node name that a
     retrace may number differently.
     """
-    from . import ops
+    from .. import ops
 
     if node.op == "call_function" and node.target is ops.scatter_rows:
         return "dense " + crossing_identity(graph, node.args[0], k, modules)
@@ -150,7 +150,7 @@ def describe_crossing(graph: Graph, node: Node, k: int, modules: dict | None = N
     """
     import inspect
 
-    from . import ops
+    from .. import ops
 
     if node is stream_at(graph, k):
         return "hidden states"

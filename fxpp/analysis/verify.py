@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch.fx import Interpreter
 
-from .errors import VerificationError
+from ..errors import VerificationError
 
 
 def _tensors(value: Any) -> list[torch.Tensor]:

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .errors import FxppError
+from ..errors import FxppError
 
 # Schedules whose ranks hold two stages, and their placement.
 MULTI_STAGE = {"Interleaved1F1B": "loop", "LoopedBFS": "loop", "InterleavedZeroBubble": "loop",
@@ -65,7 +65,8 @@ def run_rank(rank: int, world: int, cfg: RunConfig) -> dict:
     """One rank's share of the job; the process group must be initialised."""
     import fxpp
     from .models import build_model
-    from .stage import default_device, make_schedule
+    from .placement import default_device
+    from .schedule import make_schedule
 
     device = default_device(rank)
     model = build_model(cfg.model, seed=cfg.seed).to(device)

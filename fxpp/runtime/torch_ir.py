@@ -16,16 +16,16 @@ from typing import Any
 
 import torch
 
-from .errors import UnsupportedModelError
+from ..errors import UnsupportedModelError
 
 
 def with_split_markers(pipe) -> torch.fx.GraphModule:
     """The whole-model graph of ``pipe`` with ``pipe_split()`` before each cut's first layer."""
     from torch.distributed.pipelining import pipe_split
 
-    from .annotate import info
-    from .transform import StageModule
-    from .spec import StageRole, StageSpec
+    from ..analysis.annotate import info
+    from ..transform import StageModule
+    from ..spec import StageRole, StageSpec
 
     n = pipe.layer_ranges[-1].stop
     full = StageModule.build(pipe.model, pipe.model_graph, StageSpec(StageRole.FULL, range(n), n))

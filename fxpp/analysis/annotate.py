@@ -37,8 +37,8 @@ from typing import Any
 import torch
 from torch.fx import Graph, GraphModule, Node
 
-from . import ops
-from .trace import MASK_SHAPE_ONLY_KWARGS, is_check_function, is_mask_builder
+from .. import ops
+from ..trace import MASK_SHAPE_ONLY_KWARGS, is_check_function, is_mask_builder
 
 _SHAPE_ATTRS = frozenset({"shape", "dtype", "device", "ndim", "is_cuda"})
 _SHAPE_METHODS = frozenset({"size", "dim", "get_device"})

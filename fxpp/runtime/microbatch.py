@@ -45,13 +45,12 @@ Note [items per sample]
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 
-from .errors import StageInputError
+from ..errors import StageInputError
 
 
 @dataclass(frozen=True)
@@ -302,75 +301,3 @@ def _split_media(name, value, modality, inputs, items, bounds, batch, batch_alig
         empty = items[k + 1] == items[k] and row_bounds is not bounds
         chunks.append(None if empty else value[lo:hi])
     return chunks
-
-
-def step_with_microbatches(schedule, microbatches: list[dict[str, Any]] | None, targets: list | None = None,
-                           losses: list | None = None, *, return_outputs: bool = False):
-    """Run one step of a ``torch.distributed.pipelining`` schedule on pre-split microbatches.
-
-    ``schedule.step(**batch)`` splits the batch itself, along dim 0 of every tensor,
-    which cuts media inputs wrongly (see :func:`split_microbatches`). This does what
-    ``step`` does around the split for ``PipelineScheduleSingle`` and
-    ``PipelineScheduleMulti`` of torch 2.13 (set ``has_backward`` on the rank's
-    stages, clear their per-step state), then calls the schedule's **private**
-    ``_step_microbatches(arg_mbs, kwarg_mbs, target_mbs, losses)``: a torch version
-    that renames or changes it breaks this function, not fxpp's stages. With an
-    fxpp schedule (``fxpp.schedule``) the step's shapes follow the microbatches and
-    the tied-weight exchange ends the step (Note [tied-weight sync] in ``fxpp.stage``).
-
-    Args:
-        schedule: a single- or multi-stage schedule over this rank's stages.
-        microbatches: one dict of first-stage keyword inputs per microbatch, as many
-            as the schedule's ``n_microbatches``. Ranks without the first stage may
-            pass ``None`` (non-first fxpp stages ignore keyword inputs anyway).
-        targets: one target per microbatch (e.g. ``mb.pop("labels")`` from each),
-            needed on the rank of the last stage when the schedule has a loss.
-        losses: a list that receives each microbatch's loss on the last stage's rank.
-        return_outputs: keep and return the last stage's output per microbatch.
-
-    Returns:
-        On the last stage's rank with ``return_outputs``, the list of its per-microbatch
-        outputs; otherwise ``None``.
-
-    Raises:
-        StageInputError: the number of microbatches or targets is not the schedule's
-            ``n_microbatches``, or ``targets`` is a tensor rather than a list.
-        RuntimeError: a training schedule stepped under ``torch.no_grad()``.
-    """
-    from .stage import PipelineSchedule
-
-    if isinstance(schedule, PipelineSchedule):
-        return schedule.step_microbatches(microbatches, targets, losses, return_outputs=return_outputs)
-    return run_microbatches(schedule, microbatches, targets, losses, return_outputs=return_outputs)
-
-
-def run_microbatches(schedule, microbatches, targets=None, losses=None, *, return_outputs: bool = False):
-    """:func:`step_with_microbatches` on a torch schedule (no shape following, no tied-weight exchange)."""
-    n = schedule._n_microbatches
-    stages = list(schedule._stages) if hasattr(schedule, "_stages") else [schedule._stage]
-    if microbatches is not None and len(microbatches) != n:
-        raise StageInputError(f"microbatches: got {len(microbatches)}, the schedule was built for n_microbatches={n}")
-    if isinstance(targets, torch.Tensor):
-        raise StageInputError(
-            "targets: pass one target per microbatch (a list), split as the inputs were, e.g. by putting labels "
-            "into the dict given to split_microbatches and popping them from each microbatch"
-        )
-    if targets is not None and len(targets) != n:
-        raise StageInputError(f"targets: got {len(targets)}, the schedule was built for n_microbatches={n}")
-    if schedule._has_backward and not torch.is_grad_enabled():
-        raise RuntimeError("step_with_microbatches() needs gradients enabled for a training schedule; "
-                           "it must not run under torch.no_grad()")
-    for stage in stages:
-        stage.has_backward = schedule._has_backward
-    for stage in stages:
-        stage.clear_runtime_states()
-    kwarg_mbs = None if microbatches is None else [dict(mb) for mb in microbatches]
-    kwargs = {}
-    if "return_outputs" in inspect.signature(schedule._step_microbatches).parameters:
-        kwargs["return_outputs"] = return_outputs
-    schedule._step_microbatches(None, kwarg_mbs, None if targets is None else list(targets), losses, **kwargs)
-    if return_outputs:
-        for stage in stages:
-            if stage.is_last:
-                return list(stage.output_chunks)
-    return None

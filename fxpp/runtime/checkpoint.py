@@ -8,7 +8,7 @@ from typing import Iterable
 
 import torch
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 
 def _files_for(path: str, keys: Iterable[str] | None) -> dict[str, list[str]]:

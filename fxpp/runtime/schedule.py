@@ -1,0 +1,189 @@
+"""Schedules over fxpp stages: shapes that follow the step, the tied-weight exchange at its end.
+
+``PipelineSchedule`` wraps a ``torch.distributed.pipelining`` schedule; the functions
+below step it on microbatches split beforehand (images per sample, see
+``fxpp.runtime.microbatch``).
+"""
+
+from __future__ import annotations
+
+
+import inspect
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ..errors import StageInputError, StageSpecError
+from .stage import FxppPipelineStage
+from .ties import finish_step
+
+
+def schedule_class(name_or_class):
+    """A ``torch.distributed.pipelining`` schedule class from its name (``"1F1B"``) or itself."""
+    from torch.distributed.pipelining import schedules
+
+    if isinstance(name_or_class, type):
+        if not issubclass(name_or_class, (schedules.PipelineScheduleSingle, schedules.PipelineScheduleMulti)):
+            raise StageSpecError(f"schedule={name_or_class.__name__} is not a torch.distributed.pipelining schedule")
+        return name_or_class
+    cls = getattr(schedules, f"Schedule{name_or_class}", None)
+    if cls is None:
+        raise StageSpecError(f"schedule={name_or_class!r} is not a schedule of torch.distributed.pipelining")
+    return cls
+
+
+class PipelineSchedule:
+    """A ``torch.distributed.pipelining`` schedule over this rank's fxpp stages.
+
+    ``step`` (and :meth:`step_microbatches`) is torch's, with two things around it:
+
+    * before: when the stages were built without a ``microbatch``, the rank of stage 0
+      tells every rank of the pipeline the step's microbatch batch and sequence size
+      (one broadcast on the pipeline's group), and stages whose static shapes differ
+      are rebuilt with those shapes (same submodules, so parameters and gradients are
+      kept) with a new torch schedule; so every step may have its own shapes;
+    * after: the tied-weight exchange (Note [tied-weight sync]), once torch's step has
+      returned on this rank, so it never interleaves with the schedule's messages and
+      never depends on which private methods a torch release calls.
+
+    Attributes:
+        stages: this rank's stages, in order. n_microbatches, loss_fn: as given.
+        torch_schedule: the torch schedule of the current shapes.
+    """
+
+    def __init__(self, schedule, stages: list, n_microbatches: int, loss_fn, **kwargs):
+        self._cls = schedule_class(schedule)
+        self.stages = list(stages)
+        if not self.stages or not all(isinstance(s, FxppPipelineStage) for s in self.stages):
+            raise StageSpecError("fxpp.schedule takes the stages that Pipeline.build_stage returned on this rank")
+        self.n_microbatches = n_microbatches
+        self.loss_fn = loss_fn
+        self._kwargs = kwargs
+        self.torch_schedule = self._make()
+
+    def _make(self):
+        from torch.distributed.pipelining import schedules
+
+        if issubclass(self._cls, schedules.PipelineScheduleSingle):
+            if len(self.stages) != 1:
+                raise StageSpecError(
+                    f"schedule {self._cls.__name__} runs one stage per rank; this rank holds {len(self.stages)}")
+            return self._cls(self.stages[0], n_microbatches=self.n_microbatches, loss_fn=self.loss_fn, **self._kwargs)
+        return self._cls(self.stages, n_microbatches=self.n_microbatches, loss_fn=self.loss_fn, **self._kwargs)
+
+    def step(self, *args, target=None, losses=None, **kwargs):
+        tokens = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+        shape = None
+        if isinstance(tokens, torch.Tensor):
+            shape = (-(-tokens.shape[0] // self.n_microbatches), tokens.shape[1])
+        self._follow_shapes(shape)
+        result = self.torch_schedule.step(*args, target=target, losses=losses, **kwargs)
+        finish_step(self.stages)
+        return result
+
+    def step_microbatches(self, microbatches, targets=None, losses=None, *, return_outputs: bool = False):
+        """One step on microbatches split beforehand (see :func:`fxpp.step_with_microbatches`)."""
+        shape = None
+        if microbatches:
+            tokens = microbatches[0].get("input_ids", microbatches[0].get("inputs_embeds"))
+            shape = tuple(tokens.shape[:2])
+        self._follow_shapes(shape)
+        result = run_microbatches(self.torch_schedule, microbatches, targets, losses, return_outputs=return_outputs)
+        finish_step(self.stages)
+        return result
+
+    def _follow_shapes(self, shape: tuple[int, int] | None) -> None:
+        if not any(s._fxpp_rebuild is not None for s in self.stages):
+            return  # built for a fixed microbatch shape
+        stage = self.stages[0]
+        group = stage.group
+        src = 0 if group is None else dist.get_global_rank(group, 0)
+        holder = any(s.stage_index == 0 for s in self.stages)
+        if holder and shape is None:
+            raise StageInputError("the rank of stage 0 must give the step's inputs (input_ids or inputs_embeds)")
+        agreed = torch.tensor(shape if holder else (0, 0), dtype=torch.int64, device=stage.device)
+        dist.broadcast(agreed, src=src, group=group)
+        batch_seq = tuple(int(v) for v in agreed.tolist())
+        if all(s._fxpp_batch_seq == batch_seq for s in self.stages):
+            return
+        self.stages = [s._fxpp_rebuild(batch_seq) if s._fxpp_batch_seq != batch_seq else s for s in self.stages]
+        self.torch_schedule = self._make()
+
+
+def make_schedule(name, stages: list, n_microbatches: int, loss_fn, **kwargs) -> PipelineSchedule:
+    """A :class:`PipelineSchedule` of the torch schedule ``name`` (``"1F1B"``, ``"ZBVZeroBubble"``, ... or a class).
+
+    Single-stage schedules get the rank's one stage, multi-stage ones the list.
+    """
+    return PipelineSchedule(name, stages, n_microbatches, loss_fn, **kwargs)
+
+
+def step_with_microbatches(schedule, microbatches: list[dict[str, Any]] | None, targets: list | None = None,
+                           losses: list | None = None, *, return_outputs: bool = False):
+    """Run one step of a ``torch.distributed.pipelining`` schedule on pre-split microbatches.
+
+    ``schedule.step(**batch)`` splits the batch itself, along dim 0 of every tensor,
+    which cuts media inputs wrongly (see :func:`split_microbatches`). This does what
+    ``step`` does around the split for ``PipelineScheduleSingle`` and
+    ``PipelineScheduleMulti`` of torch 2.13 (set ``has_backward`` on the rank's
+    stages, clear their per-step state), then calls the schedule's **private**
+    ``_step_microbatches(arg_mbs, kwarg_mbs, target_mbs, losses)``: a torch version
+    that renames or changes it breaks this function, not fxpp's stages. With an
+    fxpp schedule (``fxpp.schedule``) the step's shapes follow the microbatches and
+    the tied-weight exchange ends the step (Note [tied-weight sync] in ``fxpp.runtime.ties``).
+
+    Args:
+        schedule: a single- or multi-stage schedule over this rank's stages.
+        microbatches: one dict of first-stage keyword inputs per microbatch, as many
+            as the schedule's ``n_microbatches``. Ranks without the first stage may
+            pass ``None`` (non-first fxpp stages ignore keyword inputs anyway).
+        targets: one target per microbatch (e.g. ``mb.pop("labels")`` from each),
+            needed on the rank of the last stage when the schedule has a loss.
+        losses: a list that receives each microbatch's loss on the last stage's rank.
+        return_outputs: keep and return the last stage's output per microbatch.
+
+    Returns:
+        On the last stage's rank with ``return_outputs``, the list of its per-microbatch
+        outputs; otherwise ``None``.
+
+    Raises:
+        StageInputError: the number of microbatches or targets is not the schedule's
+            ``n_microbatches``, or ``targets`` is a tensor rather than a list.
+        RuntimeError: a training schedule stepped under ``torch.no_grad()``.
+    """
+    if isinstance(schedule, PipelineSchedule):
+        return schedule.step_microbatches(microbatches, targets, losses, return_outputs=return_outputs)
+    return run_microbatches(schedule, microbatches, targets, losses, return_outputs=return_outputs)
+
+
+def run_microbatches(schedule, microbatches, targets=None, losses=None, *, return_outputs: bool = False):
+    """:func:`step_with_microbatches` on a torch schedule (no shape following, no tied-weight exchange)."""
+    n = schedule._n_microbatches
+    stages = list(schedule._stages) if hasattr(schedule, "_stages") else [schedule._stage]
+    if microbatches is not None and len(microbatches) != n:
+        raise StageInputError(f"microbatches: got {len(microbatches)}, the schedule was built for n_microbatches={n}")
+    if isinstance(targets, torch.Tensor):
+        raise StageInputError(
+            "targets: pass one target per microbatch (a list), split as the inputs were, e.g. by putting labels "
+            "into the dict given to split_microbatches and popping them from each microbatch"
+        )
+    if targets is not None and len(targets) != n:
+        raise StageInputError(f"targets: got {len(targets)}, the schedule was built for n_microbatches={n}")
+    if schedule._has_backward and not torch.is_grad_enabled():
+        raise RuntimeError("step_with_microbatches() needs gradients enabled for a training schedule; "
+                           "it must not run under torch.no_grad()")
+    for stage in stages:
+        stage.has_backward = schedule._has_backward
+    for stage in stages:
+        stage.clear_runtime_states()
+    kwarg_mbs = None if microbatches is None else [dict(mb) for mb in microbatches]
+    kwargs = {}
+    if "return_outputs" in inspect.signature(schedule._step_microbatches).parameters:
+        kwargs["return_outputs"] = return_outputs
+    schedule._step_microbatches(None, kwarg_mbs, None if targets is None else list(targets), losses, **kwargs)
+    if return_outputs:
+        for stage in stages:
+            if stage.is_last:
+                return list(stage.output_chunks)
+    return None

@@ -1,0 +1,277 @@
+"""Runtime glue: fxpp stages as ``torch.distributed.pipelining.PipelineStage``.
+
+The runtime room (``fxpp.runtime``) is the only one that imports
+``torch.distributed.pipelining``. Everything here is device-agnostic: the same code
+runs on CPU with gloo and on CUDA with NCCL (``fxpp.runtime.placement``).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+from torch.distributed.pipelining import PipelineStage
+
+from ..errors import FxppError, StageInputError, StageSpecError
+from ..layout import HEADER, filler_shape
+from .placement import check_placement
+from .ties import LIVE_STAGES, UNSYNCHRONISED, guard_optimizers, tie_exchanges, tied_parameters
+
+if TYPE_CHECKING:
+    from ..pipeline import Pipeline
+
+
+class FxppPipelineStage(PipelineStage):
+    """A PipelineStage that knows its tied weights (Note [tied-weight sync]) and can be rebuilt for new shapes."""
+
+    def __init__(self, *args, tied: list = (), local_partners: list = (), sends: list = (), rebuild=None,
+                 batch_seq: tuple[int, int] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._fxpp_ties = list(tied) + list(local_partners or [])
+        self._fxpp_pending_ties = None  # resolved at the first step when the placement was inferred
+        self._fxpp_owed = False  # a backward ran this step, exchange not yet done
+        self._fxpp_grad_before: dict = {}
+        self._fxpp_sends = list(sends)  # (what, shape) of each tensor sent to the next stage
+        self._fxpp_rebuild = rebuild  # (batch, seq) -> a stage with those static shapes; None: shapes fixed
+        self._fxpp_batch_seq = batch_seq
+        LIVE_STAGES.add(self)
+        guard_optimizers()
+
+    @property
+    def has_ties(self) -> bool:
+        return bool(self._fxpp_ties) or self._fxpp_pending_ties is not None
+
+    def backward_one_chunk(self, *args, **kwargs):
+        self._fxpp_backward_ran()
+        return super().backward_one_chunk(*args, **kwargs)
+
+    def backward_weight_one_chunk(self, *args, **kwargs):
+        self._fxpp_backward_ran()
+        return super().backward_weight_one_chunk(*args, **kwargs)
+
+    def _fxpp_backward_ran(self) -> None:
+        if self.has_ties:
+            self._fxpp_owed = True
+
+    def forward_one_chunk(self, fwd_chunk_id: int, *args, **kwargs):
+        output = super().forward_one_chunk(fwd_chunk_id, *args, **kwargs)
+        if self._fxpp_sends:
+            check_sent_shapes(self.stage_index, fwd_chunk_id, output, self._fxpp_sends)
+        return output
+
+    def _fxpp_increment(self, p: torch.nn.Parameter) -> torch.Tensor:
+        """What this step added to ``p.grad`` (its value at the step's start is in the snapshot)."""
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        before = self._fxpp_grad_before.get(p)
+        return p.grad.detach().clone() if before is None else p.grad.detach() - before
+
+    def _fxpp_finish(self) -> None:
+        """The tied-weight exchange of this step; called by :class:`PipelineSchedule` after the step."""
+        if not self._fxpp_owed:
+            return
+        self._fxpp_owed = False
+        for tie in self._fxpp_ties:
+            tie.exchange(self)
+
+    def scale_grads(self, grad_scale_factor: int) -> None:
+        """Divide this step's gradient increment by ``grad_scale_factor``.
+
+        torch's own ``scale_grads`` divides the whole ``.grad``, so gradients accumulated
+        over earlier steps (no ``zero_grad`` in between, or a step with a new sequence
+        length or microbatch count) would be divided again at every step. Only what this
+        step added is scaled here.
+        """
+        if grad_scale_factor != 1:
+            for p in self.submod.parameters():
+                if p.grad is None:
+                    continue
+                before = self._fxpp_grad_before.get(p)
+                if before is None:
+                    p.grad.div_(grad_scale_factor)
+                else:
+                    p.grad.sub_(before).div_(grad_scale_factor).add_(before)
+
+    def clear_runtime_states(self) -> None:
+        if self._fxpp_pending_ties is not None:
+            tied, local = self._fxpp_pending_ties()
+            self._fxpp_ties = tied + local
+            self._fxpp_pending_ties = None
+        if self._fxpp_owed:
+            raise FxppError(UNSYNCHRONISED.format(stage=self.stage_index, when="a new step started"))
+        # Gradients already accumulated before this step (see scale_grads and the
+        # tied-weight exchange); kept until the next step starts.
+        self._fxpp_grad_before = {p: p.grad.detach().clone() for p in self.submod.parameters() if p.grad is not None}
+        super().clear_runtime_states()
+
+
+def check_sent_shapes(stage_index: int, microbatch: int, outputs, sends: list[tuple[str, tuple]]) -> None:
+    """Every tensor a stage sends must have the shape the receive buffers were made for.
+
+    A point-to-point receive into a buffer of another size fails far from the cause,
+    on the other rank, or reads a wrong value; so the sender checks (shapes only, no
+    communication) and names the value.
+
+    Raises:
+        StageInputError: a sent tensor's shape differs from the example microbatch's.
+    """
+    outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
+    for (what, expected), tensor in zip(sends, outputs):
+        if tuple(tensor.shape) != tuple(expected):
+            raise StageInputError(
+                f"stage {stage_index}, microbatch {microbatch}: sends {what} with shape {list(tensor.shape)}, but the "
+                f"stages were built for {list(expected)}. A stage's static shapes are fixed when it is built: "
+                "pipe.build_stage(i, device, microbatch=<a microbatch of this step's shape>) and a new schedule "
+                "change them between steps (the stage keeps its parameters and gradients); within one step every "
+                "microbatch needs one batch size and sequence length"
+            )
+
+
+def _runtime_submodule(pipe: "Pipeline", index: int, device: torch.device):
+    """The stage's GraphModule for a rank: on ``device``, last stage with its own tied copy.
+
+    Modules already on ``device`` are the model's own; others are copied (never moved,
+    so the user's model is untouched); meta modules are allocated empty.
+    """
+    from ..transform import StageModule
+
+    source = pipe.stages[index]
+    stage = StageModule.build(pipe.model, pipe.model_graph, source.spec)
+    object.__setattr__(stage, "_fxpp_ignore_model_kwargs", not source.spec.takes_model_inputs)
+    tied_here = set()
+    if index == len(pipe.stages) - 1:
+        for owners in tied_parameters(pipe):
+            if index in owners and min(owners) != index:
+                tied_here.add(owners[index])
+    replaced: dict[int, torch.nn.Module] = {}
+    for node in stage.graph.nodes:
+        if node.op != "call_module":
+            continue
+        module = stage.get_submodule(node.target)
+        tensors = list(module.parameters()) + list(module.buffers())
+        own_names = {f"{node.target}.{n}" for n, _ in module.named_parameters()}
+        needs_copy = any(t.device != device for t in tensors) or bool(own_names & tied_here)
+        if not needs_copy:
+            continue
+        if id(module) not in replaced:
+            replaced[id(module)] = _copy_to(pipe.model, module, device)
+        stage.set_submodule(node.target, replaced[id(module)])
+    stage.recompile()
+    return stage
+
+
+def _materialize(pipe: "Pipeline", index: int, submodule, checkpoint: str | None) -> None:
+    """Load the stage's own keys from ``checkpoint``; refuse to train uninitialised memory."""
+    if checkpoint is None:
+        if any(t.is_meta for t in pipe.stages[index].parameters()):
+            raise StageSpecError(
+                f"stage {index}: the model's parameters are on the meta device; pass checkpoint=<safetensors file "
+                "or directory> so the stage loads its own weights"
+            )
+        return
+    from .checkpoint import load_stage
+
+    aliases = {}
+    for owners in tied_parameters(pipe):
+        if index in owners:
+            aliases[owners[index]] = [name for i, name in sorted(owners.items()) if i != index]
+    load_stage(submodule, checkpoint, aliases=aliases)
+
+
+def _copy_to(model: torch.nn.Module, module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    if any(t.is_meta for t in list(module.parameters()) + list(module.buffers())):
+        fresh = copy.deepcopy(module).to_empty(device=device)
+        # Non-persistent buffers (rotary inv_freq) are not in checkpoints: recompute them.
+        init = getattr(model, "_init_weights", None)
+        for sub in fresh.modules():
+            if sub._non_persistent_buffers_set and init is not None:
+                init(sub)
+        return fresh
+    return copy.deepcopy(module).to(device)
+
+
+def _sends(stage) -> list[str]:
+    """What each tensor a stage sends is, as its cut's layout names them (``fxpp.layout``)."""
+    layout = stage.out_layout
+    return [] if layout is None else [*layout.identities, HEADER]
+
+
+def _example_args(stage, device: torch.device, batch_seq: tuple[int, int] | None):
+    """Static input/output metadata of a stage: its cuts' layouts at the microbatch's batch and sequence size."""
+
+    def real(shape, dtype):
+        # Floating tensors carry gradients across the cut; integer ones (masks, ids, the header) do not.
+        return torch.empty(shape, dtype=dtype, device=device, requires_grad=dtype.is_floating_point)
+
+    def resized(shape, built):
+        return shape if batch_seq is None else (filler_shape(shape, built, batch_seq) or shape)
+
+    def layout_args(layout):
+        built = layout.slots[0].shape[:2]
+        return (*(real(resized(s.shape, built), s.dtype) for s in layout.slots),
+                real((layout.header_size,), torch.int64))
+
+    inputs = () if stage.in_layout is None else layout_args(stage.in_layout)
+    if stage.out_layout is not None:
+        return inputs, layout_args(stage.out_layout)
+    (out,) = [n for n in stage.graph.nodes if n.op == "output"]
+    val = out.args[0].meta["val"]
+    built = tuple(stage.meta["fxpp_example_inputs"]["input_ids"].shape[:2]) if "input_ids" in \
+        stage.meta["fxpp_example_inputs"] else tuple(val.shape[:2])
+    return inputs, (real(resized(tuple(val.shape), built), val.dtype),)
+
+
+def build_stage(pipe: "Pipeline", index: int, device: torch.device | str, group=None, *, style: str | None = None,
+                checkpoint: str | None = None, microbatch: dict | None = None,
+                batch_seq: tuple[int, int] | None = None) -> FxppPipelineStage:
+    """``pipe.build_stage``: see :meth:`fxpp.Pipeline.build_stage`."""
+    device = torch.device(device)
+    num_stages = len(pipe.stages)
+    if not 0 <= index < num_stages:
+        raise StageSpecError(f"stage index {index} is out of range for a {num_stages}-stage pipeline")
+    if not dist.is_initialized():
+        raise StageSpecError(
+            "build_stage needs torch.distributed to be initialised (dist.init_process_group); "
+            "for a single process, run the stages with pipe(**inputs)"
+        )
+    if device.type == "cuda" and dist.get_backend(group) == "gloo":
+        raise StageSpecError(f"device={device} with the gloo backend: use NCCL for CUDA stages")
+    key = (index, str(device))
+    submodule = pipe._runtime_submods.get(key)
+    if submodule is None:
+        submodule = _runtime_submodule(pipe, index, device)
+        _materialize(pipe, index, submodule, checkpoint)
+        pipe._runtime_submods[key] = submodule
+    elif checkpoint is not None:
+        _materialize(pipe, index, submodule, checkpoint)
+    world = dist.get_world_size(group)
+    registry = pipe._runtime_stages
+    if style is None:
+        check_placement(set(registry) | {index}, dist.get_rank(group), num_stages, world)
+    stage_style = style or ("loop" if num_stages == world else None)
+    tied, local = tie_exchanges(pipe, index, submodule, group, stage_style) if stage_style else ([], [])
+    rebuild = None
+    if microbatch is not None:
+        tokens = microbatch.get("input_ids", microbatch.get("inputs_embeds"))
+        batch_seq = tuple(tokens.shape[:2])
+    else:
+        def rebuild(shape):
+            return build_stage(pipe, index, device, group, style=style, batch_seq=shape)
+
+        if batch_seq is None:
+            tokens = pipe.example_inputs.get("input_ids", pipe.example_inputs.get("inputs_embeds"))
+            batch_seq = tuple(tokens.shape[:2])
+    inputs, outputs = _example_args(submodule, device, batch_seq)
+    stage = FxppPipelineStage(
+        submodule, index, num_stages, device, input_args=inputs, output_args=outputs, group=group,
+        tied=tied, local_partners=local, sends=list(zip(_sends(submodule), (tuple(o.shape) for o in outputs))),
+        rebuild=rebuild, batch_seq=batch_seq,
+    )
+    if stage_style is None and any(index in owners for owners in tied_parameters(pipe)):
+        # Placement is known once the rank has built all its stages: at the first step.
+        stage._fxpp_pending_ties = lambda: tie_exchanges(pipe, index, submodule, group, check_placement(
+            set(registry), dist.get_rank(group), num_stages, world, complete=True))
+    registry[index] = stage
+    return stage
