@@ -173,13 +173,9 @@ class CutLayout:
         return tuple(out)
 
     def _filler(self, slot: Slot, stream: torch.Tensor, bits: int, where: str) -> torch.Tensor:
+        # Never read (the header marks it unfilled); its shape only keeps the schedule's
+        # static metadata, which the sender checks (fxpp.runtime.stage.check_sent_shapes).
         shape = filler_shape(slot.shape, self.slots[0].shape[:2], tuple(stream.shape[:2]))
-        if shape is None:
-            raise StageInputError(
-                f"{where}: with inputs {list(self.signature.present(bits))} nothing computes {slot.identity!r}, and "
-                f"its shape {list(slot.shape)} does not follow the batch and sequence sizes, so fxpp cannot send a "
-                f"stand-in of the right shape. Give this call the inputs that compute it"
-            )
         return torch.zeros(shape, dtype=slot.dtype, device=stream.device)
 
     def unpack(self, args: Sequence, where: str) -> tuple[int, dict[str, torch.Tensor]]:
@@ -223,17 +219,22 @@ class CutLayout:
         return bits, received
 
 
-def filler_shape(shape: tuple[int, ...], built: tuple[int, ...], now: tuple[int, ...]) -> tuple[int, ...] | None:
+def filler_shape(shape: tuple[int, ...], built: tuple[int, ...], now: tuple[int, ...]) -> tuple[int, ...]:
     """``shape`` (of a slot built for batch and sequence ``built``) for batch and sequence ``now``.
 
     The batch and sequence dimensions are the first adjacent pair equal to ``built``
-    (``[B, S]`` masks, ``[3, B, S]`` multimodal positions, ``[B, S, H]`` features).
-    None when the shape has no such pair.
+    (``[B, S]`` masks, ``[3, B, S]`` multimodal positions, ``[B, S, H]`` features), else
+    the first dimension equal to their product (``[B * S, experts]`` router logits);
+    a shape with neither does not follow them (``[experts]`` sums) and is returned as is.
     """
+    built, now = tuple(built), tuple(now)
     for i in range(len(shape) - 1):
-        if tuple(shape[i:i + 2]) == tuple(built):
-            return tuple(shape[:i]) + tuple(now) + tuple(shape[i + 2:])
-    return None
+        if tuple(shape[i:i + 2]) == built:
+            return tuple(shape[:i]) + now + tuple(shape[i + 2:])
+    if len(built) == 2 and built[0] * built[1] in shape:
+        i = list(shape).index(built[0] * built[1])
+        return tuple(shape[:i]) + (now[0] * now[1],) + tuple(shape[i + 1:])
+    return tuple(shape)
 
 
 def _describe(value) -> str:

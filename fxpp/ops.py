@@ -19,6 +19,7 @@ guard
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import importlib
 from typing import Any
@@ -132,3 +133,20 @@ def method_unless_none(name: str, value: Any, *args: Any, **kwargs: Any) -> Any:
     if value is None:
         return None
     return getattr(value, name)(*args, **kwargs)
+
+
+# Values recorded by submodules during the current stage call (fxpp.trace.recording):
+# submodule path -> the values it returned, in call order.
+RECORDED: "contextvars.ContextVar[dict | None]" = contextvars.ContextVar("fxpp_recorded", default=None)
+
+
+def take_recorded(path: str, index: int, occurrence: int, *, after: Any = None) -> Any:
+    """The ``occurrence``-th value submodule ``path`` returned (output ``index``) during the call ``after``.
+
+    ``after`` only orders the node after the leaf call that produced the value.
+    """
+    collected = RECORDED.get()
+    if collected is None or path not in collected or len(collected[path]) <= occurrence:
+        raise RuntimeError(f"take_recorded: no recorded output {index} of {path} (call {occurrence}); the stage must "
+                           "run inside fxpp.trace.recording.recording_hooks")
+    return collected[path][occurrence]

@@ -51,11 +51,29 @@ class Pipeline:
         return len(self.stages)
 
     def __call__(self, **inputs: Any) -> Any:
-        """Run every stage in this process, one after another."""
+        """Run every stage in this process, one after another.
+
+        Returns the logits, or with ``labels=...`` what the model returns for them: an
+        output with ``.loss``, ``.logits`` and, for a MoE model with router logits,
+        ``.aux_loss`` (the loss includes ``router_aux_loss_coef`` times it).
+        """
+        labels = None
+        if "labels" not in self.signature.names:
+            labels = inputs.pop("labels", None)
         out = self.stages[0](**inputs)
-        for stage in self.stages[1:]:
-            out = stage(*out)
-        return out
+        last = self.stages[-1]
+        mode = getattr(last, "output_mode", "logits")
+        object.__setattr__(last, "output_mode", "dict")
+        try:
+            for stage in self.stages[1:]:
+                out = stage(*out)
+        finally:
+            object.__setattr__(last, "output_mode", mode)
+        if not isinstance(out, dict):
+            out = {"logits": out}
+        if labels is None:
+            return last._final_output(out) if len(out) > 1 else out["logits"]
+        return model_loss(self.model, out, labels)
 
     def stage_costs(self) -> list[float]:
         """Estimated forward FLOPs of each stage (prelude on the first, head on the last)."""
@@ -183,3 +201,31 @@ def pipeline(
 
         verify_pipeline(pipe, pipe.example_inputs)
     return pipe
+
+
+def model_loss(model: torch.nn.Module, out: dict, labels: torch.Tensor):
+    """What the model's forward returns for ``labels``, from a stage's outputs (Note [stage outputs]).
+
+    The language-model loss is the model's own ``loss_function``; a router auxiliary
+    loss is added with the coefficient the forward uses (``fxpp.runtime.loss.router_aux_loss_coef``).
+
+    Raises:
+        StageInputError: the forward computes a loss term fxpp does not know how to add.
+    """
+    from transformers.modeling_outputs import CausalLMOutputWithPast, MoeCausalLMOutputWithPast
+
+    from .errors import StageInputError
+    from .runtime.loss import router_aux_loss_coef
+
+    unknown = sorted(set(out) - {"logits", "aux_loss"})
+    if unknown:
+        raise StageInputError(f"{type(model).__name__}: its forward computes {unknown}, which fxpp does not add to the "
+                              "loss; compute the loss from the logits yourself")
+    logits = out["logits"]
+    vocab = model.config.get_text_config().vocab_size
+    loss = model.loss_function(logits=logits, labels=labels, vocab_size=vocab)
+    if "aux_loss" not in out:
+        return CausalLMOutputWithPast(loss=loss, logits=logits)
+    coef = router_aux_loss_coef(model)
+    loss = loss + coef * out["aux_loss"].to(loss.device)
+    return MoeCausalLMOutputWithPast(loss=loss, aux_loss=out["aux_loss"], logits=logits)

@@ -24,6 +24,7 @@ from .passes.none_safe_masks import none_safe_masks
 from .spec import StageRole, StageSpec
 from .analysis.cuts import crossing_slots
 from .trace import reject_unconsumed_inputs
+from .trace.recording import recording_hooks, recording_targets
 from .layout import TEXT_INPUTS, CutLayout, InputSignature, Slot
 from .trace import find_decoder_layers, trace_model
 
@@ -303,6 +304,16 @@ def _same_entries(a: dict, b: dict) -> bool:
 class StageModule(GraphModule):
     """A stage's GraphModule that takes any input set of its signature and checks what it receives.
 
+    Note [stage outputs]
+        A LAST or FULL stage returns the logits (the final hidden states for a base
+        model). Where the model's forward also computes loss terms (``aux_loss`` of the
+        router logits when the config sets ``output_router_logits``; ``loss`` when
+        ``labels`` are in the signature), the graph returns them too, and
+        ``output_mode`` says what a call gives: ``"logits"`` (the default; a
+        ``ModelOutput`` with ``loss`` when the graph computed one), ``"tuple"``
+        (``(logits, *loss terms)``: what ``build_stage`` sets, for a schedule's loss
+        function) or ``"dict"``.
+
     ``self.graph`` is the *canonical* variant: the stage traced with every input of the
     signature (see ``fxpp.layout``). A FIRST or MIDDLE stage returns the fixed layout
     of its cut (the canonical slots, then the header); a MIDDLE or LAST stage takes
@@ -376,7 +387,7 @@ class StageModule(GraphModule):
             bits, received = self.in_layout.unpack(args, where)
             variant, out = self._run(bits, received=received)
         if spec.returns_model_output:
-            return out
+            return self._final_output(out)
         (node,) = [n for n in variant.graph.nodes if n.op == "output"]
         return self.out_layout.pack(node.meta["fxpp_identities"], out, bits, where)
 
@@ -404,9 +415,26 @@ class StageModule(GraphModule):
         return variant, self._call(variant, args, inputs or {})
 
     def _call(self, variant: GraphModule, args, inputs: dict):
-        if variant is self:
-            return self._fxpp_generated(self, *args, **inputs)
-        return variant(*args, **inputs)
+        targets = recording_targets(variant.graph)
+        with recording_hooks(variant, targets) if targets else contextlib.nullcontext():
+            if variant is self:
+                return self._fxpp_generated(self, *args, **inputs)
+            return variant(*args, **inputs)
+
+    def _final_output(self, out):
+        """What a LAST or FULL stage returns (Note [stage outputs])."""
+        if not isinstance(out, dict):
+            return out
+        mode = getattr(self, "output_mode", "logits")
+        if mode == "dict":
+            return out
+        if mode == "tuple":
+            return tuple(out.values())
+        if "loss" in out:
+            from transformers.utils import ModelOutput
+
+            return ModelOutput(out)
+        return out["logits"]
 
     def _args_for(self, variant: GraphModule, received: dict, bits: int) -> list:
         """The received values a variant reads, by identity; a filler is never read."""

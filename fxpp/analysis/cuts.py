@@ -15,6 +15,9 @@ with ``a.layers.stop == b.layers.start`` fit together.
 
 from __future__ import annotations
 
+import weakref
+
+import torch
 from torch.fx import Graph, Node
 
 from .annotate import info, is_guard, is_tensorish
@@ -102,12 +105,66 @@ def crossing_identity(graph: Graph, node: Node, k: int, modules: dict | None = N
 
     if node.op == "call_function" and node.target is ops.scatter_rows:
         return "dense " + crossing_identity(graph, node.args[0], k, modules)
+    if node.op == "call_function" and node.target is ops.take_recorded:
+        path, index, occurrence = node.args
+        return f"recorded output {index} of {path}" + (f" (call {occurrence})" if occurrence else "")
     described = describe_crossing(graph, node, k, modules)
     if described.startswith("read by ") or described == info(node).role:
-        readers = sorted({_first_layer_reader(u) for u in node.users} - {None})
         what = node.target if node.op == "call_module" else getattr(node.target, "__name__", str(node.target))
-        return f"{node.op} {what} read by {', '.join(readers) or 'the output'}"
+        return f"{node.op} {what} {structural_key(node)}"
     return described
+
+
+def structural_key(node: Node) -> str:
+    """A short hash of how ``node`` is computed: its op, target, constants and the keys of its inputs.
+
+    Inputs are named by what they are (``input x``, the n-th call of a module, a
+    recorded output), never by node names, so the same computation in another trace of
+    the model (other inputs present, other shapes, another process) has the same key.
+    Two nodes computed the same way get ``#1``, ``#2``, ... in graph order: they may be
+    written in place later (``torch.zeros(n).scatter_add_(...)`` once per layer), so
+    they must stay two values.
+    """
+    keys = _STRUCTURAL_KEYS.get(node.graph)
+    if keys is None or node not in keys:
+        keys = _structural_keys(node.graph)
+        _STRUCTURAL_KEYS[node.graph] = keys
+    return keys[node]
+
+
+_STRUCTURAL_KEYS: "weakref.WeakKeyDictionary[Graph, dict[Node, str]]" = weakref.WeakKeyDictionary()
+
+
+def _structural_keys(graph: Graph) -> dict[Node, str]:
+    import hashlib
+
+    from .. import ops
+
+    keys: dict[Node, str] = {}
+    seen: dict[str, int] = {}
+    module_calls: dict[str, int] = {}
+    for n in graph.nodes:
+        if n.op == "call_module":  # the n-th call of each module
+            text = f"module {n.target}#{module_calls.get(n.target, 0)}"
+            module_calls[n.target] = module_calls.get(n.target, 0) + 1
+        elif n.op == "placeholder":
+            text = f"input {n.target}"
+        elif n.op == "call_function" and n.target is ops.take_recorded:
+            text = f"recorded {n.args}"
+        elif n.op == "get_attr":
+            val = n.meta.get("val")
+            text = (f"tensor {tuple(val.shape)} {val.dtype}" if isinstance(val, torch.Tensor)
+                    else f"constant {type(val).__name__}")
+        else:
+            target = getattr(n.target, "__qualname__", None) or str(n.target)
+            args = torch.fx.node.map_aggregate(n.args, lambda a: keys[a] if isinstance(a, Node) else repr(a))
+            kwargs = {k: (keys[v] if isinstance(v, Node) else repr(v)) for k, v in sorted(n.kwargs.items())}
+            text = f"{n.op} {target} {args} {kwargs}"
+        digest = hashlib.sha1(text.encode()).hexdigest()[:12]
+        count = seen.get(digest, 0)
+        seen[digest] = count + 1
+        keys[n] = digest if count == 0 else f"{digest}#{count}"
+    return keys
 
 
 def leaf_identities(identity: str, count: int) -> list[str]:
@@ -123,22 +180,6 @@ def crossing_slots(graph: Graph, k: int, modules: dict | None = None) -> list[tu
         leaves = list(val) if isinstance(val, (tuple, list)) else [val]
         slots.extend(zip(leaf_identities(crossing_identity(graph, value, k, modules), len(leaves)), leaves))
     return slots
-
-
-def _first_layer_reader(node: Node) -> str | None:
-    """The decoder layer (or other module) that ``node``'s value first reaches."""
-    seen, stack = set(), [node]
-    while stack:
-        n = stack.pop(0)
-        if n in seen:
-            continue
-        seen.add(n)
-        if n.op == "call_module":
-            return n.target
-        if n.op == "output":
-            return "output"
-        stack.extend(n.users)
-    return None
 
 
 def describe_crossing(graph: Graph, node: Node, k: int, modules: dict | None = None) -> str:

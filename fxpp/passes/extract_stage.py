@@ -83,7 +83,7 @@ def extract_stage(model_gm: GraphModule, *, spec: StageSpec) -> GraphModule:
 
     if outputs is None:
         (result,) = [n for n in graph.nodes if n.op == "output"]
-        out = new.output(env[result.args[0]])
+        out = new.output(torch.fx.node.map_arg(result.args[0], lambda n: env[n]))
         out.meta = dict(result.meta)
     else:
         sent = [(crossing_identity(graph, value, b, modules), _send(new, env[value])) for value in outputs]
@@ -160,7 +160,22 @@ def _receive(graph: Graph, value: Node, identity: str) -> Node:
     ph.meta = dict(value.meta)
     ph.meta["fxpp_crossing"] = value.name
     ph.meta["fxpp_identity"] = identity
+    if _written_in_place(value):
+        # A received tensor is a leaf of this stage's autograd graph (and a schedule's
+        # receive buffer): write into a copy, as the forward wrote into its own tensor.
+        copy = graph.call_method("clone", (ph,))
+        copy.meta = dict(value.meta)
+        return copy
     return ph
+
+
+def _written_in_place(value: Node) -> bool:
+    """Some user of ``value`` writes into it (``t.scatter_add_(...)``, ``t[mask] = v``)."""
+    from ..trace import is_inplace_method
+
+    return any((u.op == "call_method" and is_inplace_method(u.target) and u.args and u.args[0] is value)
+               or (u.op == "call_function" and u.target is ops.setitem and u.args and u.args[0] is value)
+               for u in value.users)
 
 
 def _send(graph: Graph, node: Node) -> list[Node]:

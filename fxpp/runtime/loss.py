@@ -1,9 +1,22 @@
-"""Losses for pipeline schedules that reproduce transformers' whole-batch loss."""
+"""Losses for pipeline schedules that reproduce transformers' whole-batch loss.
+
+Note [auxiliary loss]
+    A mixture-of-experts model with ``output_router_logits`` adds
+    ``router_aux_loss_coef * load_balancing_loss(router logits of every layer)`` to its
+    loss. The router logits cross the cuts (``fxpp.trace.recording``) and the last
+    stage returns ``(logits, aux_loss)`` to the schedule. The load-balancing loss is not
+    linear in the batch, so a microbatched step defines it per microbatch: the step's
+    loss is the whole batch's language-model loss plus the coefficient times the *mean
+    over microbatches* of each microbatch's auxiliary loss, which is what the unpatched
+    model gives run on the same microbatches (``model(**mb, use_cache=False).aux_loss``).
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from ..errors import FxppError
 
 
 class CausalLMLoss:
@@ -21,15 +34,37 @@ class CausalLMLoss:
     the loss transformers reports.
     """
 
-    def __init__(self, num_target_tokens: int, num_microbatches: int, *, scale_grads: bool = True, ignore_index: int = -100):
+    def __init__(self, num_target_tokens: int, num_microbatches: int, *, scale_grads: bool = True, ignore_index: int = -100,
+                 aux_loss_coef: float | None = None):
         if num_target_tokens < 1:
             raise ValueError(f"num_target_tokens={num_target_tokens}: the batch has no target tokens")
         self.num_target_tokens = num_target_tokens
         self.num_microbatches = num_microbatches
         self.scale_grads = scale_grads
         self.ignore_index = ignore_index
+        self.aux_loss_coef = aux_loss_coef
 
-    def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def __call__(self, output, labels: torch.Tensor) -> torch.Tensor:
+        """The microbatch's loss; ``output`` is the logits, or ``(logits, aux_loss)`` (Note [auxiliary loss])."""
+        aux = None
+        if isinstance(output, (tuple, list)):
+            logits, aux = output
+            if self.aux_loss_coef is None:
+                raise FxppError(
+                    "the last stage returns an auxiliary loss (the model's config sets output_router_logits); build "
+                    "the loss with fxpp.causal_lm_loss(labels, num_microbatches, model=model) so it adds "
+                    "router_aux_loss_coef times it, as the model's forward does"
+                )
+        else:
+            logits = output
+        loss = self._lm_loss(logits, labels)
+        if aux is not None:
+            # Not multiplied by the microbatch count: after the schedule divides the
+            # gradients by it, the step has the mean of the microbatches' aux losses.
+            loss = loss + self.aux_loss_coef * aux.float()
+        return loss
+
+    def _lm_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         labels = F.pad(labels.to(logits.device), (0, 1), value=self.ignore_index)[..., 1:]
         ce = F.cross_entropy(
             logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
@@ -49,6 +84,31 @@ def count_target_tokens(labels: torch.Tensor, ignore_index: int = -100) -> int:
     return int((labels[..., 1:] != ignore_index).sum())
 
 
-def causal_lm_loss(labels: torch.Tensor, num_microbatches: int, *, scale_grads: bool = True, ignore_index: int = -100) -> CausalLMLoss:
-    """A :class:`CausalLMLoss` for the whole batch's ``labels``."""
-    return CausalLMLoss(count_target_tokens(labels, ignore_index), num_microbatches, scale_grads=scale_grads, ignore_index=ignore_index)
+def causal_lm_loss(labels: torch.Tensor, num_microbatches: int, *, scale_grads: bool = True, ignore_index: int = -100,
+                   model: torch.nn.Module | None = None) -> CausalLMLoss:
+    """A :class:`CausalLMLoss` for the whole batch's ``labels``.
+
+    With ``model`` whose config sets ``output_router_logits``, the loss also adds the
+    model's ``router_aux_loss_coef`` times the auxiliary loss the last stage returns
+    (Note [auxiliary loss]).
+    """
+    coef = router_aux_loss_coef(model) if model is not None else None
+    return CausalLMLoss(count_target_tokens(labels, ignore_index), num_microbatches, scale_grads=scale_grads,
+                        ignore_index=ignore_index, aux_loss_coef=coef)
+
+
+def router_aux_loss_coef(model: torch.nn.Module) -> float | None:
+    """The coefficient the model's forward puts on its auxiliary router loss, or None when it computes none.
+
+    Where the model's forward reads it: the model's own attribute (``self.router_aux_loss_coef``,
+    set from the config by every MoE ``*ForCausalLM``), else the text config's or the config's.
+    """
+    config = model.config
+    configs = [config.get_text_config(), config]
+    if not any(getattr(c, "output_router_logits", False) for c in configs):
+        return None
+    for source in (model, *configs):
+        coef = getattr(source, "router_aux_loss_coef", None)
+        if coef is not None:
+            return float(coef)
+    return None

@@ -159,6 +159,8 @@ def _runtime_submodule(pipe: "Pipeline", index: int, device: torch.device):
             replaced[id(module)] = _copy_to(pipe.model, module, device)
         stage.set_submodule(node.target, replaced[id(module)])
     stage.recompile()
+    if isinstance(next(n for n in stage.graph.nodes if n.op == "output").args[0], dict):
+        stage.output_mode = "tuple"  # (logits, *loss terms) for the schedule's loss (Note [stage outputs])
     return stage
 
 
@@ -206,7 +208,7 @@ def _example_args(stage, device: torch.device, batch_seq: tuple[int, int] | None
         return torch.empty(shape, dtype=dtype, device=device, requires_grad=dtype.is_floating_point)
 
     def resized(shape, built):
-        return shape if batch_seq is None else (filler_shape(shape, built, batch_seq) or shape)
+        return shape if batch_seq is None else filler_shape(shape, built, batch_seq)
 
     def layout_args(layout):
         built = layout.slots[0].shape[:2]
@@ -217,10 +219,12 @@ def _example_args(stage, device: torch.device, batch_seq: tuple[int, int] | None
     if stage.out_layout is not None:
         return inputs, layout_args(stage.out_layout)
     (out,) = [n for n in stage.graph.nodes if n.op == "output"]
-    val = out.args[0].meta["val"]
-    built = tuple(stage.meta["fxpp_example_inputs"]["input_ids"].shape[:2]) if "input_ids" in \
-        stage.meta["fxpp_example_inputs"] else tuple(val.shape[:2])
-    return inputs, (real(resized(tuple(val.shape), built), val.dtype),)
+    result = out.args[0]
+    vals = [n.meta["val"] for n in (result.values() if isinstance(result, dict) else [result])]
+    example = stage.meta["fxpp_example_inputs"]
+    tokens = example.get("input_ids", example.get("inputs_embeds"))
+    built = tuple(tokens.shape[:2]) if tokens is not None else tuple(vals[0].shape[:2])
+    return inputs, tuple(real(resized(tuple(v.shape), built), v.dtype) for v in vals)
 
 
 def build_stage(pipe: "Pipeline", index: int, device: torch.device | str, group=None, *, style: str | None = None,

@@ -23,8 +23,16 @@ from .wrappers import unwrap_forward
 
 
 def select_output(out: Any) -> Any:
-    """The tensor a stage returns: logits if the model has a head, else hidden states."""
+    """What a model graph returns: logits if the model has a head, else hidden states.
+
+    Where the forward also computes losses (an auxiliary ``aux_loss`` of router logits,
+    or ``loss`` when labels are inputs), a dict ``{"logits": ..., <loss terms>}`` in the
+    output's order; ``fxpp.transform.StageModule`` decides what a call returns.
+    """
     if isinstance(out, collections.abc.Mapping):
+        terms = {k: v for k, v in out.items() if is_loss_term(k) and v is not None}
+        if terms and out.get("logits") is not None:
+            return {"logits": out["logits"], **terms}
         for key in ("logits", "last_hidden_state"):
             if key in out.keys() and out[key] is not None:
                 return out[key]
@@ -34,6 +42,11 @@ def select_output(out: Any) -> Any:
     if isinstance(out, (tuple, list)):
         return out[0]
     return out
+
+
+def is_loss_term(key: str) -> bool:
+    """An output field that is a loss (``loss``, ``aux_loss``, ``z_loss``, ...)."""
+    return key == "loss" or key.endswith("_loss")
 
 
 # Keyword arguments every trace passes: a training forward with no KV cache that
@@ -74,7 +87,8 @@ def trace_model(model: torch.nn.Module, example_inputs: dict[str, Any]) -> Graph
         # forward that also passes them explicitly.
         kwargs = {k: v for k, v in kwargs.items() if k in signature.parameters}
         kwargs.update(zip(names, proxies))
-        return select_output(forward(model, **kwargs))
+        call = tracer.recording_forward(model, type(model).forward, lambda **k: forward(model, **k), kwargs)
+        return select_output(call(**kwargs))
 
     def create_args_for_root(root_fn_unused, is_module, concrete_args=None):
         proxies = [tracer.create_proxy("placeholder", n, (), {}) for n in names]

@@ -27,7 +27,8 @@ from .. import ops
 from ..errors import TraceError
 from .layers import trace_path
 from .targets import CONCRETE_TENSOR_ATTRS, is_check_function, is_inplace_method
-from .wrappers import nested_forward_kwargs, unwrap_forward
+from .recording import recorded_submodules, recorder_specs
+from .wrappers import captures_outputs, nested_forward_kwargs, unwrap_forward
 
 
 
@@ -113,6 +114,11 @@ class HFTracer(Tracer):
         self._leaf_cache: dict = {}
         self._param_sigs: dict[int, tuple] = {}
         self._states: dict[int, _StateRecord] = {}
+        # fxpp.trace.recording: the outputs each traced capture_outputs forward collects
+        self._recording: list[tuple[list, dict[str, list]]] = []
+        self._pending_record: list[tuple[str, str, int]] = []
+        self._captured: list[tuple[str, int, Any]] = []
+        self._recorded_meta: dict[tuple, Any] = {}
         self._param_names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
         self._buffer_names = {id(b): n for n, b in model.named_buffers(remove_duplicate=False)}
 
@@ -153,6 +159,8 @@ class HFTracer(Tracer):
         kwargs = {k: _thaw_all(v) for k, v in map_arg(node.kwargs, load).items()}
         if node.op == "call_function" and is_check_function(node.target):
             return None
+        if node.op == "call_function" and node.target is ops.take_recorded:
+            return self._recorded_meta[tuple(node.args)]
         if node.op == "call_function" and id(node.target) in self._opaque_helpers:
             return self._fakeify_value(self.real_value(node, why=f"opaque helper {node.target.__name__}"))
         self._evaluating += 1
@@ -187,12 +195,34 @@ class HFTracer(Tracer):
         differ per layer.
         """
         module = self.model.get_submodule(node.target)
+        targets, self._pending_record = self._pending_record, []
+        if targets:
+            return self._eval_recording(module, targets, args, kwargs)
         if any(n.target is ops.make_state for n in node.all_input_nodes):
             return module(*args, **kwargs)
         key = (type(module), self._param_signature(module), _signature((args, kwargs)))
         if key not in self._leaf_cache:
             self._leaf_cache[key] = module(*args, **kwargs)
         return self._leaf_cache[key]
+
+    def _eval_recording(self, module, targets: list[tuple[str, str, int]], args, kwargs) -> Any:
+        """Meta-evaluate a leaf with temporary hooks on the submodules it records (in call order)."""
+        captured = []
+        handles = []
+        try:
+            for _, path, index in targets:
+                def hook(mod, a, output, path=path, index=index):
+                    value = output[index] if isinstance(output, tuple) else output
+                    if value is not None:
+                        captured.append((path, index, value))
+
+                handles.append(self.model.get_submodule(path).register_forward_hook(hook))
+            out = module(*args, **kwargs)
+        finally:
+            for handle in handles:
+                handle.remove()
+        self._captured = captured
+        return out
 
     def _param_signature(self, module: torch.nn.Module) -> tuple:
         sig = self._param_sigs.get(id(module))
@@ -340,10 +370,15 @@ class HFTracer(Tracer):
         if not self.is_leaf_module(m, qualname):
             inner = unwrap_forward(type(m).forward)
             kwargs = nested_forward_kwargs(inner, args, kwargs)
-            return super().call_module(m, lambda *a, **k: inner(m, *a, **k), args, kwargs)
+            call = self.recording_forward(m, type(m).forward, lambda *a, **k: inner(m, *a, **k), kwargs)
+            return super().call_module(m, call, args, kwargs)
         args, kwargs, states = self._lift_states(args, kwargs)
         before = {sid: dict(_items(obj)) for sid, (obj, _) in states.items()}
+        targets = recorded_submodules(m, qualname, self._recording[-1][0]) if self._recording else []
+        self._pending_record = targets
         out = super().call_module(m, forward, args, kwargs)
+        if targets:
+            self._take_recorded(out, targets)
         for sid, (obj, state_proxy) in states.items():
             for key, value in _items(obj):
                 if key not in before[sid] or before[sid][key] is not value:
@@ -352,6 +387,40 @@ class HFTracer(Tracer):
                     )
                     self._states[sid].entries[key] = entry
         return out
+
+    def recording_forward(self, module, declared_forward, call, kwargs):
+        """``call`` collecting the recordable outputs its ``capture_outputs`` forward requests
+        (``fxpp.trace.recording``): leaf calls inside add their ``take_recorded`` nodes, and
+        the forward's output gets them as its tuple, as the decorator would set it."""
+        specs = recorder_specs(module, kwargs) if captures_outputs(declared_forward) else []
+        if not specs:
+            return call
+
+        def run(*a, **k):
+            collected: dict[str, list] = {key: [] for key, _ in specs}
+            self._recording.append((specs, collected))
+            try:
+                out = call(*a, **k)
+            finally:
+                self._recording.pop()
+            for key, values in collected.items():
+                out[key] = tuple(values)
+            return out
+
+        return run
+
+    def _take_recorded(self, out: Proxy, targets: list[tuple[str, str, int]]) -> None:
+        """One ``take_recorded`` node per value the leaf call ``out`` recorded, in call order."""
+        keys = {path: key for key, path, _ in targets}
+        _, collected = self._recording[-1]
+        seen: dict[str, int] = {}
+        for path, index, value in self._captured:
+            occurrence = seen.get(path, 0)
+            seen[path] = occurrence + 1
+            self._recorded_meta[(path, index, occurrence)] = value
+            proxy = self.create_proxy("call_function", ops.take_recorded, (path, index, occurrence), {"after": out})
+            collected[keys[path]].append(proxy)
+        self._captured = []
 
     def _eval_submodule(self, m, forward, args, kwargs):
         """Run a module nested inside a leaf, during the leaf's meta evaluation.

@@ -47,8 +47,19 @@ def unwrap_forward(fn: Callable) -> Callable:
     return result
 
 
-@functools.lru_cache(maxsize=1)
-def _plumbing_codes() -> frozenset:
+def captures_outputs(fn: Callable) -> bool:
+    """Whether a forward is wrapped in transformers' ``capture_outputs`` (see ``fxpp.trace.recording``)."""
+    codes = _plumbing_codes(("capture_outputs",))
+    cur = fn
+    while cur is not None:
+        if getattr(cur, "__code__", None) in codes:
+            return True
+        cur = getattr(cur, "__wrapped__", None)
+    return False
+
+
+@functools.lru_cache(maxsize=None)
+def _plumbing_codes(names: tuple[str, ...] = _PLUMBING_WRAPPERS) -> frozenset:
     """Code objects of the functions the plumbing decorators wrap a forward in.
 
     Compared by identity: ``functools.wraps`` gives a wrapper the forward's own
@@ -70,7 +81,7 @@ def _plumbing_codes() -> frozenset:
             module = importlib.import_module(module_name)
         except ImportError:
             continue
-        for name in _PLUMBING_WRAPPERS:
+        for name in names:
             decorator = getattr(module, name, None)
             if inspect.isfunction(decorator):
                 walk(decorator.__code__)
