@@ -429,7 +429,8 @@ class StageModule(GraphModule):
         if mode == "dict":
             return out
         if mode == "tuple":
-            return tuple(out.values())
+            # Scalars as [1]: a schedule concatenates the last stage's outputs per microbatch.
+            return tuple(v.reshape(1) if v.dim() == 0 else v for v in out.values())
         if "loss" in out:
             from transformers.utils import ModelOutput
 

@@ -76,12 +76,19 @@ def _config(family: str, num_layers: int, **over: Any):
         return tf.MixtralConfig(**_COMMON, num_hidden_layers=num_layers, num_local_experts=4, num_experts_per_tok=2, **over)
     if family == "olmo2":
         return tf.Olmo2Config(**_COMMON, num_hidden_layers=num_layers, **over)
+    if family == "olmoe":
+        return tf.OlmoeConfig(**_COMMON, num_hidden_layers=num_layers, num_experts=4, num_experts_per_tok=2, **over)
+    if family == "qwen2_moe":  # dense and sparse layers mixed: mlp_only_layers are dense
+        return tf.Qwen2MoeConfig(
+            **_COMMON, num_hidden_layers=num_layers, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+            shared_expert_intermediate_size=32, mlp_only_layers=over.pop("mlp_only_layers", [0, 2]), **over,
+        )
     raise KeyError(family)
 
 
 FAMILIES = (
     "llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3", "gemma4",
-    "qwen3_moe", "mixtral", "olmo2",
+    "qwen3_moe", "mixtral", "olmo2", "olmoe", "qwen2_moe",
 )
 
 

@@ -298,14 +298,15 @@ def test_new_sequence_length_and_microbatch_count_keep_accumulated_gradients(tmp
 
 def faulty_rank(rank, world, workdir, fault):
     """Rank 1 fails before its step (``"raise"``) or is killed inside it (``"kill"``), or
-    the step's microbatches are longer than the example the stages were built from
-    (``"longer"``)."""
+    the step's microbatches are longer than the stages were built for with a fixed
+    ``microbatch`` shape (``"longer"``; without one, shapes follow the step)."""
     import os
 
     model = tiny_model("llama", 2)
     inputs, labels = _batch()
-    pipe = fxpp.pipeline(model, world, example_inputs={k: v[:2] for k, v in inputs.items()})
-    stage = pipe.build_stage(rank, "cpu")
+    microbatch = {k: v[:2] for k, v in inputs.items()}
+    pipe = fxpp.pipeline(model, world, example_inputs=microbatch)
+    stage = pipe.build_stage(rank, "cpu", microbatch=microbatch if fault == "longer" else None)
     if fault == "longer":
         inputs, labels = _batch(seq=12)
     if rank == 1 and fault == "raise":
@@ -332,8 +333,8 @@ def test_sending_another_shape_than_the_stages_were_built_for_names_the_value(tm
     results = run_distributed(faulty_rank, 2, tmp_path, "longer", expect_ok=False, timeout_s=90, pg_timeout_s=20)
     assert not results[0]["ok"] and not results[1]["ok"]
     assert "StageInputError" in results[0]["error"], results[0]["error"]
-    assert ("stage 0, microbatch 0: sends model_layers_0 (hidden states) with shape [2, 12, 64], but the stages "
-            "were built for [2, 8, 64]") in results[0]["error"], results[0]["error"]
+    assert ("stage 0, microbatch 0: sends hidden states with shape [2, 12, 64], but the stages were built for "
+            "[2, 8, 64]") in results[0]["error"], results[0]["error"]
 
 
 def test_stage_shards_together_equal_the_model_state_dict(tmp_path):
@@ -357,7 +358,7 @@ def test_torch_pipeline_at_split_markers_status():
     from fxpp.runtime.torch_ir import split_with_torch_pipeline, with_split_markers
 
     model = tiny_model("llama", 4)
-    inputs = make_inputs(2, 8, padding="left")
+    inputs = make_inputs(2, 8, padding="left", position_ids=True)  # the whole signature: the canonical graph
     pipe = fxpp.pipeline(model, 2, example_inputs=inputs)
     marked = with_split_markers(pipe)
     torch.testing.assert_close(marked(**inputs), model(**inputs).logits, atol=0, rtol=0)

@@ -61,7 +61,7 @@ class CausalLMLoss:
         if aux is not None:
             # Not multiplied by the microbatch count: after the schedule divides the
             # gradients by it, the step has the mean of the microbatches' aux losses.
-            loss = loss + self.aux_loss_coef * aux.float()
+            loss = loss + self.aux_loss_coef * aux.float().sum()  # a stage sends the scalar as [1]
         return loss
 
     def _lm_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -224,7 +224,7 @@ def _example_args(stage, device: torch.device, batch_seq: tuple[int, int] | None
     example = stage.meta["fxpp_example_inputs"]
     tokens = example.get("input_ids", example.get("inputs_embeds"))
     built = tuple(tokens.shape[:2]) if tokens is not None else tuple(vals[0].shape[:2])
-    return inputs, tuple(real(resized(tuple(v.shape), built), v.dtype) for v in vals)
+    return inputs, tuple(real(resized(tuple(v.shape), built) or (1,), v.dtype) for v in vals)  # scalars as [1]
 
 
 def build_stage(pipe: "Pipeline", index: int, device: torch.device | str, group=None, *, style: str | None = None,
