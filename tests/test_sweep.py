@@ -20,7 +20,7 @@ ZOO_MODEL_TYPES = tuple(_ZOO_MODEL_TYPE.get(f, f) for f in FAMILIES)
 def test_zoo_model_types():
     assert set(ZOO_MODEL_TYPES) == {
         "llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3_text", "gemma4_text",
-        "qwen3_moe", "mixtral", "olmo2",
+        "qwen3_moe", "mixtral", "olmo2", "olmoe", "qwen2_moe",
     }
 
 
