@@ -98,6 +98,10 @@ def trace_model(model: torch.nn.Module, example_inputs: dict[str, Any]) -> Graph
     module_names = {c.__module__ for m in _traced_module_objects(model, tracer.traced_modules) for c in type(m).__mro__}
     training = {id(m): m.training for m in model.modules()}
     attributes = _plain_attributes(model)
+    # A forward may assign a traced value to a buffer (CTRL: self.pos_encoding =
+    # self.pos_encoding.to(...)); the graph reads the buffer itself, so put it back
+    # before the GraphModule takes its references.
+    buffers = {id(m): (m, dict(m._buffers)) for m in model.modules()}
     import logging
 
     fake_log = logging.getLogger("torch._subclasses.fake_tensor")
@@ -119,6 +123,10 @@ def trace_model(model: torch.nn.Module, example_inputs: dict[str, Any]) -> Graph
         for m in model.modules():
             m.training = training.get(id(m), m.training)
         _restore_plain_attributes(model, attributes)
+        for m, saved in buffers.values():
+            if m._buffers.keys() != saved.keys() or any(m._buffers[k] is not v for k, v in saved.items()):
+                m._buffers.clear()
+                m._buffers.update(saved)
     return _graph_module(model, graph, tracer.constants)
 
 
