@@ -1,16 +1,36 @@
 """Sweep transformers' causal-LM auto mapping: which model families does fxpp split?
 
 For every ``model_type`` in ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`` the sweep builds a
-tiny config (2 decoder layers, hidden 64, vocabulary 128, few experts, ...), the
-model with seeded random weights on the CPU, and compares a 2-stage pipeline
-(``cuts=[1]``) with the unpatched model: logits and every parameter gradient.
+tiny config (2 decoder layers, hidden 64, vocabulary 128, few experts, ...) and the
+model with seeded random weights on the CPU, then builds ONE 2-stage pipeline
+(``fxpp.pipeline(model, 2, cuts=[1])``, no example inputs: the default signature) and
+calls it with every input case of :data:`CAUSAL_CASES`, each compared with the
+unpatched training forward ``model(**case, use_cache=False)`` on the same inputs:
+logits and every parameter gradient (:func:`compare`).
 
-Statuses (:data:`STATUSES`):
+Cases (:func:`causal_cases`)
+----------------------------
+``ids``
+    token ids only, 2x12 (not the build's 2x8).
+``padded``
+    ids and a left-padded ``attention_mask``, 2x9.
+``packed``
+    ids and packed-document ``position_ids`` restarting mid-row, no mask (the model
+    then finds the documents from the positions), 2x12.
+``padded+pos``
+    ids, a padding mask and ``position_ids`` that follow it, 3x10.
+
+A case whose input the model's forward does not take is ``skipped``; a case where the
+unpatched model itself fails (or is not deterministic) is ``model-error`` for that case.
+
+Statuses (:data:`STATUSES`) of a family: the worst of its cases (:data:`SEVERITY`),
+``detail`` naming the case.
 
 ``pass``
-    logits and all gradients agree (``atol=rtol=1e-4``).
+    every case that applies: logits and all gradients agree (``atol=rtol=1e-4``).
 ``mismatch``
-    fxpp ran but the numbers differ; ``detail`` names the worst tensor and its max diff.
+    fxpp ran but the numbers differ in some case (a silent wrong answer, the worst
+    outcome); ``detail`` names the case, the worst tensor and its max diff.
 ``fxpp-error``
     fxpp refused the model with an :class:`~fxpp.FxppError` (a clean refusal).
 ``model-error``
@@ -20,6 +40,8 @@ Statuses (:data:`STATUSES`):
 ``error``
     any other exception (or a timeout) while fxpp built or ran the stages; ``frame``
     is the innermost fxpp frame of the traceback.
+
+A case has the same statuses plus ``skipped`` (:data:`CASE_STATUSES`).
 
 Run ``python -m fxpp.sweep [--only llama,gemma] [--write-docs]``; with ``--vlm``, the
 image-text-to-text sweep of :mod:`fxpp.sweep_vlm` instead.
@@ -44,6 +66,15 @@ import torch
 from .errors import FxppError
 
 STATUSES = ("pass", "mismatch", "fxpp-error", "model-error", "error")
+CASE_STATUSES = (*STATUSES, "skipped")
+# A family's status is its worst case's: a silent wrong answer first, then fxpp's
+# failures, then the model's own.
+SEVERITY = ("mismatch", "error", "fxpp-error", "model-error")
+CAUSAL_CASES = ("ids", "padded", "packed", "padded+pos")
+# One character per case in the tables.
+MARKS = {"pass": "✓", "mismatch": "≠", "fxpp-error": "✗", "error": "✗", "model-error": "m", "skipped": "–"}
+MARKS_LEGEND = ("✓ pass, ≠ mismatch, ✗ fxpp-error or error, m model-error, – skipped (the forward takes no such "
+                "input; for a VLM of kind text, no images)")
 
 VOCAB = 128
 BATCH, SEQ, LEFT_PAD = 2, 9, 3
@@ -149,7 +180,12 @@ FAMILY_KWARGS["dots3_note_text"] = {"per_layer_config": {1: {
     "head_dim": 32, "qk_nope_head_dim": 24, "qk_rope_head_dim": 8, "v_head_dim": 32, "num_attention_heads": 8,
     "num_key_value_heads": 8, "q_lora_rank": 64, "kv_lora_rank": 32}}}
 FAMILY_KWARGS["dots3_note"] = {"text_config": FAMILY_KWARGS["dots3_note_text"]}
-FAMILY_LAYERS: dict[str, int] = {"zamba": 4}
+# Mllama's text model skips its cross-attention layers without images: the default rule
+# (layer indices past the tiny count -> the last layer) would make layer 1 of 2 one that
+# never runs, leaving the stage after cuts=[1] nothing to call. Three layers, the
+# cross-attention one last: the second stage holds a layer that runs and one that is skipped.
+FAMILY_KWARGS["mllama"] = {"text_config": {"cross_attention_layers": [2]}}
+FAMILY_LAYERS: dict[str, int] = {"zamba": 4, "mllama": 3}
 # Config model types for families whose auto-mapped causal LM takes a sub-config
 # (``AutoConfig.for_model("musicgen")`` is the composite text+audio config).
 FAMILY_CONFIG_TYPE: dict[str, str] = {"musicgen": "musicgen_decoder", "musicgen_melody": "musicgen_melody_decoder"}
@@ -377,6 +413,51 @@ def make_inputs(batch: int = BATCH, seq: int = SEQ, left_pad: int = LEFT_PAD, se
     return {"input_ids": ids, "attention_mask": mask}
 
 
+def packed_positions(seq: int, restarts: Iterable[Iterable[int]]) -> torch.Tensor:
+    """Position ids of packed documents: row ``r`` restarts at 0 at each index of ``restarts[r]``."""
+    rows = []
+    for cuts in restarts:
+        starts = sorted({0, *cuts})
+        pos = torch.zeros(seq, dtype=torch.long)
+        for a, b in zip(starts, [*starts[1:], seq]):
+            pos[a:b] = torch.arange(b - a)
+        rows.append(pos)
+    return torch.stack(rows)
+
+
+@dataclass
+class Case:
+    """One call of a family's pipeline: ``inputs``, or none (``skip`` says why)."""
+
+    name: str
+    inputs: dict[str, Any] | None
+    skip: str = ""
+
+
+def _needs(name: str, inputs: dict[str, Any], params: set[str], model_name: str) -> Case:
+    """``Case(name, inputs)``, skipped when the forward does not take one of the inputs."""
+    missing = [k for k in inputs if k not in params]
+    if missing:
+        return Case(name, None, f"{model_name}.forward takes no {', '.join(missing)}")
+    return Case(name, inputs)
+
+
+def causal_cases(model: torch.nn.Module, seed: int = 0) -> list[Case]:
+    """The input cases of :data:`CAUSAL_CASES` for ``model`` (see the module docstring)."""
+    from .transform import forward_parameters
+
+    params, name = forward_parameters(model), type(model).__name__
+    ids = make_inputs(2, 12, seed=seed)["input_ids"]
+    padded = make_inputs(seed=seed + 1)  # 2x9, the first row left-padded by 3
+    packed = {"input_ids": make_inputs(2, 12, seed=seed + 2)["input_ids"],
+              "position_ids": packed_positions(12, [[5], [7, 10]])}  # 2 and 3 documents
+    both = make_inputs(3, 10, seed=seed + 3)
+    both["attention_mask"][2, :1] = 0  # rows padded by 3, 0 and 1
+    both["position_ids"] = (both["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    return [_needs("ids", {"input_ids": ids}, params, name), _needs("padded", padded, params, name),
+            _needs("packed", packed, params, name), _needs("padded+pos", both, params, name)]
+
+
 def loss_of(logits: torch.Tensor, seed: int = 0) -> torch.Tensor:
     """A loss that weighs every logit differently, so every gradient path matters."""
     g = torch.Generator().manual_seed(seed)
@@ -400,9 +481,22 @@ def _logits(out: Any) -> torch.Tensor:
     raise TypeError(f"cannot find logits in a {type(out).__name__}")
 
 
+def training_kwargs(model: torch.nn.Module) -> dict[str, Any]:
+    """``use_cache=False`` where the forward takes it, by name or through ``**kwargs``
+    that it hands to the inner model: the training forward a pipeline must equal."""
+    import inspect
+
+    from .trace import unwrap_forward
+
+    params = inspect.signature(unwrap_forward(type(model).forward)).parameters
+    takes = "use_cache" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+    return {"use_cache": False} if takes else {}
+
+
 def reference(model: torch.nn.Module, inputs: dict[str, Any]):
+    """Logits and gradients of the unpatched training forward ``model(**inputs, use_cache=False)``."""
     model.zero_grad(set_to_none=True)
-    logits = _logits(model(**inputs))
+    logits = _logits(model(**inputs, **training_kwargs(model)))
     loss_of(logits).backward()
     grads = grads_of(model)
     model.zero_grad(set_to_none=True)
@@ -481,6 +575,33 @@ class SweepResult:
     seconds: float = 0.0
     num_params: int | None = None
     model_class: str | None = None  # the class actually built
+    traceback: str | None = field(default=None, repr=False)
+    case: str | None = None  # the case the status comes from (None: the build, or every case passed)
+    cases: list[CaseResult] = field(default_factory=list)  # one per input case, in the sweep's order
+
+    def case_status(self, name: str) -> str | None:
+        """The status of case ``name``; None where the family got no case (model not built)."""
+        return next((c.status for c in self.cases if c.name == name), None)
+
+    def marks(self, names: Iterable[str]) -> str:
+        """One :data:`MARKS` character per case of ``names`` (blank where the case did not run)."""
+        if not self.cases:
+            return ""
+        return " ".join(MARKS.get(self.case_status(n) or "", "·") for n in names)
+
+
+@dataclass
+class CaseResult:
+    """One input case of a family: a status of :data:`CASE_STATUSES` and its details."""
+
+    name: str
+    status: str
+    detail: str = ""
+    max_diff: float | None = None
+    phase: str | None = None  # reference, run, compare (pipeline: the build failed)
+    frame: str | None = None
+    exc_type: str | None = None
+    cause: str | None = None
     traceback: str | None = field(default=None, repr=False)
 
 
@@ -609,15 +730,15 @@ def check_family(
     model_type: str,
     class_name: str = "",
     *,
-    timeout_s: float = 30.0,
+    timeout_s: float = 60.0,
     build_timeout_s: float = 15.0,
     max_params: int = 64_000_000,
     example_inputs: dict[str, Any] | None = None,
 ) -> SweepResult:
-    """Build a tiny ``model_type`` model and compare a 2-stage pipeline with it."""
+    """Build a tiny ``model_type`` model, one 2-stage pipeline, and compare it with the
+    model on every case of :func:`causal_cases`."""
     result = SweepResult(family=model_type, class_name=class_name, status="error")
     start = time.perf_counter()
-    phase = "build"
     model = None
     try:
         # --- the model's own side: any failure here is a model-error
@@ -626,66 +747,149 @@ def check_family(
                 model = _build(model_type, class_name, max_params)
             result.model_class = type(model).__name__
             result.num_params = sum(p.numel() for p in model.parameters())
-            phase = "reference"
-            inputs = make_inputs()
-            remaining = max(timeout_s - (time.perf_counter() - start), 1.0)
-            with _deadline(remaining):
-                ref = reference(model, inputs)
-                again = reference(model, inputs)
-            same, detail, _ = compare(ref, again, atol=0, rtol=0)
-            if not same:
-                raise RuntimeError(f"the model is not deterministic: two unpatched runs differ ({detail})")
+            cases = causal_cases(model)
         except BaseException as e:  # noqa: BLE001
             if isinstance(e, KeyboardInterrupt):
                 raise
-            result.status, result.phase, result.exc_type = "model-error", phase, type(e).__name__
-            result.detail = f"{phase}: {type(e).__name__}: {_message(e)}"
-            if isinstance(e, SweepTimeout) and phase == "build":
+            result.status, result.phase, result.exc_type = "model-error", "build", type(e).__name__
+            result.detail = f"build: {type(e).__name__}: {_message(e)}"
+            if isinstance(e, SweepTimeout):
                 result.detail = f"skipped: model build took over {build_timeout_s:g}s"
             result.traceback = "".join(traceback.format_exception(e))
             return result
-
+        checks = reference_cases(result, model, cases, timeout_s=timeout_s, start=start)
+        if not checks:  # the model fails every case itself: nothing to compare
+            return settle(result)
         # --- fxpp's side
-        return check_pipeline(result, model, inputs, ref, example_inputs, timeout_s=timeout_s, start=start)
+        return check_pipeline(result, model, checks, example_inputs, timeout_s=timeout_s, start=start)
     finally:
         result.seconds = time.perf_counter() - start
         if model is not None:
             model.zero_grad(set_to_none=True)
 
 
-def check_pipeline(result: SweepResult, model, inputs: dict, ref, example_inputs: dict | None, *,
+def _left(timeout_s: float, start: float) -> float:
+    return max(timeout_s - (time.perf_counter() - start), 1.0)
+
+
+def reference_cases(result: SweepResult, model, cases: list[Case], *, timeout_s: float,
+                    start: float) -> list[tuple[str, dict, Any]]:
+    """The unpatched model's side of every case, shared by both sweeps: appends a
+    :class:`CaseResult` per case to ``result.cases`` (``skipped``, ``model-error`` where
+    the model fails or is not deterministic, else a placeholder that
+    :func:`check_pipeline` fills) and returns ``(name, inputs, reference)`` of the cases
+    to run through the pipeline."""
+    checks = []
+    for case in cases:
+        if case.inputs is None:
+            result.cases.append(CaseResult(case.name, "skipped", case.skip))
+            continue
+        try:
+            with _deadline(_left(timeout_s, start)):
+                ref = reference(model, case.inputs)
+                again = reference(model, case.inputs)
+            same, detail, _ = compare(ref, again, atol=0, rtol=0)
+            if not same:
+                raise RuntimeError(f"the model is not deterministic: two unpatched runs differ ({detail})")
+        except BaseException as e:  # noqa: BLE001
+            if isinstance(e, KeyboardInterrupt):
+                raise
+            result.cases.append(CaseResult(
+                case.name, "model-error", f"reference: {type(e).__name__}: {_message(e)}", phase="reference",
+                exc_type=type(e).__name__, traceback="".join(traceback.format_exception(e))))
+            continue
+        result.cases.append(CaseResult(case.name, "error", "not run"))
+        checks.append((case.name, case.inputs, ref))
+    return checks
+
+
+def _failure(name: str, phase: str, e: BaseException, timeout_s: float) -> CaseResult:
+    """A :class:`CaseResult` for an exception raised on fxpp's side."""
+    out = CaseResult(name, "error", phase=phase, exc_type=type(e).__name__,
+                     traceback="".join(traceback.format_exception(e)), frame=innermost_fxpp_frame(e))
+    cause = root_cause(e)
+    if cause is not e:
+        out.cause = type(cause).__name__
+    if isinstance(e, FxppError):
+        out.status, out.detail = "fxpp-error", f"{type(e).__name__}: {_message(e)}"
+    elif isinstance(e, SweepTimeout):
+        out.detail = f"{phase}: timed out (family budget {timeout_s:g}s)"
+    else:
+        out.detail = f"{phase}: {type(e).__name__}: {_message(e)}"
+    return out
+
+
+def check_pipeline(result: SweepResult, model, checks: list[tuple[str, dict, Any]], example_inputs: dict | None, *,
                    timeout_s: float, start: float) -> SweepResult:
-    """fxpp's half of a family's check, shared by both sweeps: a 2-stage pipeline
-    (``cuts=[1]``) against the unpatched reference ``ref``; fills and returns ``result``."""
+    """fxpp's half of a family's check, shared by both sweeps: ONE 2-stage pipeline
+    (``cuts=[1]``, built from ``example_inputs``) run on every ``(case, inputs,
+    reference)`` of ``checks`` and compared with the unpatched reference; fills the
+    cases of ``result`` and settles its status (:func:`settle`)."""
     import fxpp
 
-    phase = "pipeline"
     try:
-        with _deadline(max(timeout_s - (time.perf_counter() - start), 1.0)):
+        with _deadline(_left(timeout_s, start)):
             pipe = fxpp.pipeline(model, 2, example_inputs=example_inputs, cuts=[1])
-            phase = "run"
-            got = run_pipeline(pipe, model, inputs)
-        phase = "compare"
-        same, detail, diff = compare(ref, got)
-        result.status = "pass" if same else "mismatch"
-        result.detail, result.max_diff, result.phase = detail, diff, None if same else "compare"
     except BaseException as e:  # noqa: BLE001
         if isinstance(e, KeyboardInterrupt):
             raise
-        result.phase, result.exc_type = phase, type(e).__name__
-        result.traceback = "".join(traceback.format_exception(e))
-        result.frame = innermost_fxpp_frame(e)
-        cause = root_cause(e)
-        if cause is not e:
-            result.cause = type(cause).__name__
-        if isinstance(e, FxppError):
-            result.status = "fxpp-error"
-            result.detail = f"{type(e).__name__}: {_message(e)}"
-        else:
-            result.status = "error"
-            result.detail = f"{phase}: {type(e).__name__}: {_message(e)}"
-            if isinstance(e, SweepTimeout):
-                result.detail = f"{phase}: timed out (family budget {timeout_s:g}s)"
+        failure = _failure("", "pipeline", e, timeout_s)
+        for name, _, _ in checks:
+            _put(result, dataclasses.replace(failure, name=name, traceback=None))
+        return settle(result, build_failure=failure)
+    timed_out = False
+    for name, inputs, ref in checks:
+        if timed_out:
+            _put(result, CaseResult(name, "error", "not run: the family's time budget is spent", phase="run"))
+            continue
+        phase = "run"
+        try:
+            with _deadline(_left(timeout_s, start)):
+                got = run_pipeline(pipe, model, inputs)
+            phase = "compare"
+            same, detail, diff = compare(ref, got)
+            _put(result, CaseResult(name, "pass" if same else "mismatch", detail, max_diff=diff,
+                                    phase=None if same else "compare"))
+        except BaseException as e:  # noqa: BLE001
+            if isinstance(e, KeyboardInterrupt):
+                raise
+            timed_out = isinstance(e, SweepTimeout)
+            _put(result, _failure(name, phase, e, timeout_s))
+    return settle(result)
+
+
+def _put(result: SweepResult, case: CaseResult) -> None:
+    for i, c in enumerate(result.cases):
+        if c.name == case.name:
+            result.cases[i] = case
+            return
+    result.cases.append(case)
+
+
+def settle(result: SweepResult, build_failure: CaseResult | None = None) -> SweepResult:
+    """The family's status from its cases: ``pass`` if every case that applies passes,
+    else the worst case's status (:data:`SEVERITY`; a failed pipeline build outranks
+    the cases it stopped), its details, and ``case`` naming it."""
+    failed = [c for c in result.cases if c.status in SEVERITY]
+    diffs = [c.max_diff for c in result.cases if c.max_diff is not None]
+    result.max_diff = max(diffs) if diffs else None
+    if build_failure is None and not failed:
+        ran = [c for c in result.cases if c.status == "pass"]
+        if not ran:
+            result.status, result.detail = "error", "no case ran"
+            return result
+        result.status, result.detail, result.case, result.phase = "pass", f"max diff {result.max_diff:.2g}", None, None
+        return result
+    worst = build_failure or min(failed, key=lambda c: SEVERITY.index(c.status))
+    result.status, result.case = worst.status, worst.name or None
+    result.phase, result.frame, result.exc_type, result.cause = worst.phase, worst.frame, worst.exc_type, worst.cause
+    result.traceback = worst.traceback
+    if worst.status == "mismatch":
+        result.max_diff = worst.max_diff
+    result.detail = f"{worst.name}: {worst.detail}" if worst.name else worst.detail
+    others = [c for c in failed if c is not worst and build_failure is None]
+    if others:
+        result.detail += " (also " + ", ".join(f"{c.name}: {c.status}" for c in others) + ")"
     return result
 
 
@@ -697,7 +901,7 @@ def causal_lm_families() -> dict[str, str]:
 
 def sweep_causal_lm(
     families: Iterable[str] | None = None,
-    timeout_s: float = 30.0,
+    timeout_s: float = 60.0,
     *,
     build_timeout_s: float = 15.0,
     progress: Any = None,
@@ -756,12 +960,44 @@ def summary(results: list[SweepResult]) -> str:
     return f"{len(results)} families: " + ", ".join(f"{counts[s]} {s}" for s in STATUSES)
 
 
-def format_table(results: list[SweepResult], width: int = 160) -> str:
+def built(results: list[SweepResult]) -> list[SweepResult]:
+    """The families whose tiny model was built (those a pass rate is over)."""
+    return [r for r in results if r.model_class is not None and r.status != "not-built"]
+
+
+def built_summary(results: list[SweepResult]) -> str:
+    """``N build tiny, M pass every case (P%)``, and how many more fail only where the
+    unpatched model itself fails (every case pass, skipped or model-error, one pass)."""
+    ok = built(results)
+    passed = sum(r.status == "pass" for r in ok)
+    rate = f" ({100 * passed / len(ok):.1f}%)" if ok else ""
+    model_only = sum(r.status == "model-error" and any(c.status == "pass" for c in r.cases)
+                     and all(c.status in ("pass", "skipped", "model-error") for c in r.cases) for r in ok)
+    more = f", {model_only} more pass every case the unpatched model runs" if model_only else ""
+    return f"{len(ok)} build tiny, {passed} pass every case{rate}{more}"
+
+
+def case_summary(results: list[SweepResult], names: Iterable[str]) -> str:
+    """Per case: how many families pass it, mismatch, fail in fxpp, fail in the model, skip it."""
+    parts = []
+    for name in names:
+        got = [r.case_status(name) for r in results]
+        n = {s: got.count(s) for s in CASE_STATUSES}
+        parts.append(f"{name}: {n['pass']} pass, {n['mismatch']} mismatch, {n['fxpp-error'] + n['error']} fxpp-error "
+                     f"or error, {n['model-error']} model-error, {n['skipped']} skipped")
+    return "; ".join(parts)
+
+
+def format_table(results: list[SweepResult], width: int = 160, cases: Iterable[str] = CAUSAL_CASES) -> str:
+    cases = tuple(cases)
     fw = max([len("family")] + [len(r.family) for r in results])
     sw = max(len(s) for s in STATUSES)
-    rows = [f"{'family':<{fw}} | {'status':<{sw}} | detail", f"{'-' * fw}-+-{'-' * sw}-+-{'-' * 20}"]
+    cw = max(len("cases"), 2 * len(cases) - 1)
+    rows = [f"{'family':<{fw}} | {'status':<{sw}} | {'cases':<{cw}} | detail",
+            f"{'-' * fw}-+-{'-' * sw}-+-{'-' * cw}-+-{'-' * 20}"]
     for r in results:
-        rows.append(f"{r.family:<{fw}} | {r.status:<{sw}} | {_detail(r, max(width - fw - sw - 6, 60))}")
+        rows.append(f"{r.family:<{fw}} | {r.status:<{sw}} | {r.marks(cases):<{cw}} | "
+                    f"{_detail(r, max(width - fw - sw - cw - 9, 60))}")
     return "\n".join(rows)
 
 
@@ -779,21 +1015,30 @@ def markdown(results: list[SweepResult], command: str = COMMAND) -> str:
         "",
         f"Every causal-LM family of transformers {transformers.__version__} "
         f"(`MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`, torch {torch.__version__}) is built with a tiny config "
-        f"({NUM_LAYERS} decoder layers, hidden 64, vocabulary {VOCAB}, random weights), split into 2 stages "
-        f"with `cuts=[1]` and compared with the unpatched model on a {BATCH}x{SEQ} batch with left padding: "
-        f"logits and every parameter gradient, `atol=rtol={ATOL:g}`.",
+        f"({NUM_LAYERS} decoder layers, hidden 64, vocabulary {VOCAB}, random weights) and split into 2 stages "
+        "with `fxpp.pipeline(model, 2, cuts=[1])`, once, without example inputs. That one pipeline is called "
+        "with each input case and compared with the unpatched training forward `model(**case, use_cache=False)` "
+        f"on the same inputs: logits and every parameter gradient, `atol=rtol={ATOL:g}`. Cases: **ids** — token "
+        "ids only (2x12, not the build's 2x8); **padded** — ids and a left-padded `attention_mask` (2x9); "
+        "**packed** — ids and `position_ids` of packed documents restarting mid-row, no mask (2x12); "
+        "**padded+pos** — ids, a padding mask and `position_ids` that follow it (3x10).",
         "",
-        "Statuses: **pass** — same logits and gradients; **mismatch** — fxpp ran but the numbers differ; "
-        "**fxpp-error** — fxpp refused the model with an `FxppError`; **model-error** — the tiny model itself "
-        "could not be built or run (not fxpp's fault); **error** — any other exception inside fxpp.",
+        "Statuses: **pass** — same logits and gradients in every case that applies; **mismatch** — fxpp ran but "
+        "the numbers differ in some case (a silent wrong answer); **fxpp-error** — fxpp refused the model or a "
+        "case with an `FxppError`; **model-error** — the tiny model itself could not be built or run on a case "
+        "(not fxpp's fault); **error** — any other exception inside fxpp. A family's status is its worst case's "
+        f"(in that order: mismatch, error, fxpp-error, model-error), named in the detail. Case marks: {MARKS_LEGEND}.",
         "",
-        f"**Summary:** {summary(results)}.",
+        f"**Summary:** {summary(results)}; {built_summary(results)}.",
         "",
-        "| family | class | status | detail |",
-        "|---|---|---|---|",
+        f"**Per case:** {case_summary(results, CAUSAL_CASES)}.",
+        "",
+        f"| family | class | status | {' / '.join(CAUSAL_CASES)} | detail |",
+        "|---|---|---|---|---|",
     ]
     for r in results:
-        lines.append(f"| `{r.family}` | `{r.class_name}` | {r.status} | {_md(_detail(r, 300))} |")
+        lines.append(f"| `{r.family}` | `{r.class_name}` | {r.status} | {r.marks(CAUSAL_CASES)} | "
+                     f"{_md(_detail(r, 300))} |")
     return "\n".join(lines) + "\n"
 
 
@@ -819,7 +1064,7 @@ def main(argv: list[str] | None = None) -> int:
         from .sweep_vlm import main as vlm_main
 
         return vlm_main(argv, prog="python -m fxpp.sweep --vlm")
-    parser = sweep_parser("python -m fxpp.sweep", __doc__, "llama,gemma", f"write {os.path.relpath(DOCS_PATH)}", 30.0)
+    parser = sweep_parser("python -m fxpp.sweep", __doc__, "llama,gemma", f"write {os.path.relpath(DOCS_PATH)}", 60.0)
     args = parser.parse_args(argv)
     return run_and_report(args, sweep_causal_lm, format_table, summary, write_docs, COMMAND)
 
@@ -832,7 +1077,24 @@ def sweep_parser(prog: str, doc: str, example: str, docs_help: str, timeout: flo
     parser.add_argument("--timeout", type=float, default=timeout, help=f"seconds per family (default {timeout:.0f})")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--quiet", action="store_true", help="no per-family progress on stderr")
+    parser.add_argument("--tracebacks", default=None, metavar="PATH",
+                        help="write the traceback of every family and case that does not pass to PATH")
     return parser
+
+
+def write_tracebacks(results: list[SweepResult], path: str) -> str:
+    """The traceback of every failed family and case, for investigation."""
+    with open(path, "w") as f:
+        for r in results:
+            if r.status == "pass":
+                continue
+            f.write(f"=== {r.family} ({r.class_name}): {r.status}\n{r.detail}\n")
+            if r.traceback and not any(c.traceback == r.traceback for c in r.cases):
+                f.write(r.traceback + "\n")
+            for c in r.cases:
+                if c.status not in ("pass", "skipped"):
+                    f.write(f"--- case {c.name}: {c.status}: {c.detail}\n{c.traceback or ''}\n")
+    return path
 
 
 def run_and_report(args, sweep_fn, format_table_fn, summary_fn, write_docs_fn, command: str) -> int:
@@ -848,13 +1110,20 @@ def run_and_report(args, sweep_fn, format_table_fn, summary_fn, write_docs_fn, c
 
     def progress(r):
         if not args.quiet:
-            print(f"  {r.family:<28} {r.status:<11} {r.seconds:5.1f}s", file=sys.stderr, flush=True)
+            marks = " ".join(f"{c.name} {MARKS.get(c.status, '?')}" for c in r.cases)
+            print(f"  {r.family:<28} {r.status:<11} {r.seconds:5.1f}s  {marks}", file=sys.stderr, flush=True)
 
     t0 = time.perf_counter()
     results = sweep_fn(families, timeout_s=args.timeout, progress=progress)
     print(format_table_fn(results))
     print()
     print(f"{summary_fn(results)} ({time.perf_counter() - t0:.0f}s)")
+    print(built_summary(results))
+    names = list(dict.fromkeys(c.name for r in results for c in r.cases))
+    if names:
+        print("per case: " + case_summary(results, names))
+    if getattr(args, "tracebacks", None):
+        print(f"wrote {write_tracebacks(results, args.tracebacks)}")
     if args.write_docs:
         command = command if families is None else f"{command} --only {','.join(families)}"
         print(f"wrote {write_docs_fn(results, command=command)}")

@@ -1,9 +1,27 @@
 """Sweep transformers' image-text-to-text auto mapping: which VLM families does fxpp split?
 
 For every ``model_type`` in ``MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES`` the sweep
-builds a tiny model and inputs with real image tokens, and compares a 2-stage pipeline
-(``cuts=[1]``) with the unpatched model: logits and every parameter gradient, the
-vision tower's included (the causal sweep's comparison, :func:`fxpp.sweep.compare`).
+builds a tiny model and inputs with real image tokens, builds ONE 2-stage pipeline
+(``cuts=[1]``) with an image example (another batch: media inputs are declared through
+``example_inputs``), and calls it with every case of :data:`VLM_CASES`, each compared
+with the unpatched training forward ``model(**case, use_cache=False)`` on the same
+inputs: logits and every parameter gradient, the vision tower's included (the causal
+sweep's comparison, :func:`fxpp.sweep.compare`; statuses per case and per family as in
+:mod:`fxpp.sweep`).
+
+Cases (:func:`vlm_cases`)
+-------------------------
+``images``
+    the image inputs (tokens, mask, media and companions), another image offset and
+    other pixels than the example's.
+``text``
+    token ids without any image placeholder or other special token and a left-padded
+    ``attention_mask``, no media inputs (the text-only path), 2x10.
+``ids``
+    token ids only, no mask and no media, 2x12.
+
+A family of kind ``text`` (no vision tower) is built without example inputs and
+skips ``images``.
 
 Terms
 -----
@@ -68,6 +86,7 @@ import torch
 from . import sweep as base
 
 STATUSES = ("pass", "mismatch", "fxpp-error", "model-error", "error", "not-built")
+VLM_CASES = ("images", "text", "ids")
 COMMAND = "python -m fxpp.sweep --vlm --write-docs"
 SECTION_MARK = "<!-- fxpp-vlm-sweep -->"
 SEQ_TEXT = 6  # text tokens around the image tokens of each row
@@ -544,6 +563,44 @@ def _first_that_runs(model, forward_params: set[str], candidates: list[dict], g:
     return _first_working(candidates, runs, "forward with {} and no image tokens")[1]
 
 
+def _special_token_ids(config, depth: int = 3) -> set[int]:
+    """Every token id a config names (``*_token_id``, ``*_token_index``, ``*_token_ids``),
+    its sub-configs' included: what text-only ids must not contain."""
+    from transformers import PreTrainedConfig
+
+    found: set[int] = set()
+    for name, value in vars(config).items():
+        if isinstance(value, PreTrainedConfig) and depth:
+            found |= _special_token_ids(value, depth - 1)
+        elif "token" in name and name.endswith(("_id", "_index", "_ids", "_indices")):
+            values = value if isinstance(value, (list, tuple)) else [value]
+            found |= {v for v in values if isinstance(v, int) and not isinstance(v, bool)}
+    return found
+
+
+def text_ids(config, batch: int, seq: int, seed: int) -> torch.Tensor:
+    """Token ids in ``[3, VOCAB - 8)`` without any special token of ``config`` (no image placeholders)."""
+    special = _special_token_ids(config)
+    allowed = torch.tensor([v for v in range(3, base.VOCAB - 8) if v not in special])
+    g = torch.Generator().manual_seed(seed)
+    return allowed[torch.randint(len(allowed), (batch, seq), generator=g)]
+
+
+def vlm_cases(model, kind: str, inputs: dict[str, torch.Tensor]) -> list[base.Case]:
+    """The cases of :data:`VLM_CASES` for ``model``: ``inputs`` with images (kind ``VLM``),
+    text with a padding mask and no media, token ids only."""
+    from .transform import forward_parameters
+
+    params, name = forward_parameters(model), type(model).__name__
+    images = base.Case("images", inputs) if kind == "VLM" else base.Case(
+        "images", None, "the config has no vision tower (kind text)")
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[0, :2] = 0
+    text = {"input_ids": text_ids(model.config, 2, 10, seed=3), "attention_mask": mask}
+    return [images, base._needs("text", text, params, name),
+            base.Case("ids", {"input_ids": text_ids(model.config, 2, 12, seed=4)})]
+
+
 def generic_model(model_type: str) -> torch.nn.Module:
     """The generic attempt's tiny model of ``model_type`` (seeded, perturbed, in eval mode)."""
     import transformers
@@ -585,9 +642,10 @@ def _zoo_model_and_inputs(family: str):
     return model, make_inputs(2, seq, seed=2), make_inputs(2, seq, seed=1, offset=2)
 
 
-def check_vlm_family(model_type: str, class_name: str = "", *, timeout_s: float = 45.0,
+def check_vlm_family(model_type: str, class_name: str = "", *, timeout_s: float = 90.0,
                      build_timeout_s: float = 20.0) -> base.SweepResult:
-    """Build a tiny ``model_type`` VLM with image inputs and compare a 2-stage pipeline with it."""
+    """Build a tiny ``model_type`` VLM, one 2-stage pipeline from an image example, and
+    compare it with the model on every case of :func:`vlm_cases`."""
     from .zoo import VLM_FAMILIES
 
     result = base.SweepResult(family=model_type, class_name=class_name, status="error")
@@ -605,43 +663,50 @@ def check_vlm_family(model_type: str, class_name: str = "", *, timeout_s: float 
                     if getattr(model.config, "is_encoder_decoder", False):
                         # fxpp refuses encoder-decoder models whatever the inputs: check the refusal
                         result.model_class = type(model).__name__
-                        return base.check_pipeline(result, model, {}, None, {}, timeout_s=timeout_s, start=start)
+                        return base.check_pipeline(result, model, [], None, timeout_s=timeout_s, start=start)
                     phase = "inputs"
                     inputs, result.kind = generic_inputs(model, seed=2)  # type: ignore[attr-defined]
-                    example = generic_inputs(model, seed=1)[0]
+                    # media inputs are declared through the example; a text-kind family takes the defaults
+                    example = generic_inputs(model, seed=1)[0] if result.kind == "VLM" else None
             result.model_class = type(model).__name__
             result.num_params = sum(p.numel() for p in model.parameters())
-            phase = "reference"
-            with base._deadline(max(timeout_s - (time.perf_counter() - start), 1.0)):
-                ref = base.reference(model, inputs)
-                again = base.reference(model, inputs)
-            same, detail, _ = base.compare(ref, again, atol=0, rtol=0)
-            if not same:
-                raise RuntimeError(f"the model is not deterministic: two unpatched runs differ ({detail})")
-            if getattr(result, "kind", None) == "VLM" and not _encoder_gradients(model, ref[1]):
-                raise NotBuilt("no parameter outside the text model gets a gradient: the images reach the text "
-                               "without a trainable encoder (discrete image codes, or frozen towers)")
+            phase = "cases"
+            cases = vlm_cases(model, result.kind, inputs)
         except BaseException as e:  # noqa: BLE001
             if isinstance(e, KeyboardInterrupt):
                 raise
-            result.phase, result.exc_type = phase, type(e).__name__
-            result.traceback = "".join(traceback.format_exception(e))
-            if isinstance(e, NotBuilt):
-                result.status, result.detail = "not-built", str(e)
-            elif isinstance(e, base.SweepTimeout) and phase == "build":
-                result.status, result.detail = "not-built", f"model build took over {build_timeout_s:g}s"
-            else:
-                result.status = "model-error"
-                result.detail = f"{phase}: {type(e).__name__}: {base._message(e)}"
-            return result
-        return base.check_pipeline(result, model, inputs, ref, example, timeout_s=timeout_s, start=start)
+            return _not_built_or_model_error(result, e, phase, build_timeout_s)
+        checks = base.reference_cases(result, model, cases, timeout_s=timeout_s, start=start)
+        with_images = next((ref for name, _, ref in checks if name == "images"), None)
+        if with_images is not None and not _encoder_gradients(model, with_images[1]):
+            result.cases = []
+            return _not_built_or_model_error(result, NotBuilt(
+                "no parameter outside the text model gets a gradient: the images reach the text without a "
+                "trainable encoder (discrete image codes, or frozen towers)"), "reference", build_timeout_s)
+        if not checks:  # the model fails every case itself
+            return base.settle(result)
+        return base.check_pipeline(result, model, checks, example, timeout_s=timeout_s, start=start)
     finally:
         result.seconds = time.perf_counter() - start
         if model is not None:
             model.zero_grad(set_to_none=True)
 
 
-def sweep_vlm(families=None, timeout_s: float = 45.0, *, progress=None) -> list[base.SweepResult]:
+def _not_built_or_model_error(result: base.SweepResult, e: BaseException, phase: str,
+                              build_timeout_s: float) -> base.SweepResult:
+    result.phase, result.exc_type = phase, type(e).__name__
+    result.traceback = "".join(traceback.format_exception(e))
+    if isinstance(e, NotBuilt):
+        result.status, result.detail = "not-built", str(e)
+    elif isinstance(e, base.SweepTimeout) and phase == "build":
+        result.status, result.detail = "not-built", f"model build took over {build_timeout_s:g}s"
+    else:
+        result.status = "model-error"
+        result.detail = f"{phase}: {type(e).__name__}: {base._message(e)}"
+    return result
+
+
+def sweep_vlm(families=None, timeout_s: float = 90.0, *, progress=None) -> list[base.SweepResult]:
     """Check every (or each named) family of ``MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES``."""
     mapping = vlm_families()
     names = list(mapping) if families is None else list(families)
@@ -667,10 +732,12 @@ def summary(results) -> str:
 def format_table(results, width: int = 160) -> str:
     fw = max([len("family")] + [len(r.family) for r in results])
     sw = max(len(s) for s in STATUSES)
-    rows = [f"{'family':<{fw}} | kind | {'status':<{sw}} | detail", f"{'-' * fw}-+------+-{'-' * sw}-+-{'-' * 20}"]
+    cw = 2 * len(VLM_CASES) - 1
+    rows = [f"{'family':<{fw}} | kind | {'status':<{sw}} | {'cases':<{cw}} | detail",
+            f"{'-' * fw}-+------+-{'-' * sw}-+-{'-' * cw}-+-{'-' * 20}"]
     for r in results:
         rows.append(f"{r.family:<{fw}} | {getattr(r, 'kind', '-'):<4} | {r.status:<{sw}} | "
-                    f"{base._detail(r, max(width - fw - sw - 13, 60))}")
+                    f"{r.marks(VLM_CASES):<{cw}} | {base._detail(r, max(width - fw - sw - cw - 16, 60))}")
     return "\n".join(rows)
 
 
@@ -686,25 +753,33 @@ def markdown(results, command: str = COMMAND) -> str:
         f"Generated by `{command}`; do not edit by hand.",
         "",
         f"Every family of transformers {transformers.__version__}'s `MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES` "
-        f"(torch {torch.__version__}), {base.NUM_LAYERS} decoder layers, split into 2 stages with `cuts=[1]` and "
-        f"compared with the unpatched model on a batch of 2 rows with one image each: logits and every parameter "
-        f"gradient (vision tower included), `atol=rtol={base.ATOL:g}`. The stages are traced from another batch "
-        "(different pixels, image tokens elsewhere for the zoo families). "
+        f"(torch {torch.__version__}), {base.NUM_LAYERS} decoder layers, split into 2 stages with `cuts=[1]` once, "
+        "with an image example (media inputs are declared through `example_inputs`; another batch: different "
+        "pixels, image tokens elsewhere for the zoo families). That one pipeline is called with each input case "
+        "and compared with the unpatched training forward `model(**case, use_cache=False)` on the same inputs: "
+        "logits and every parameter gradient (vision tower included), "
+        f"`atol=rtol={base.ATOL:g}`. Cases: **images** — a batch of 2 rows with one image each (tokens, padding "
+        "mask, media and companions); **text** — token ids without image placeholders and a left-padded "
+        "`attention_mask`, no media inputs (2x10); **ids** — token ids only (2x12). "
         f"Zoo families ({', '.join(f'`{f}`' for f in VLM_FAMILIES)}) use `fxpp.zoo.tiny_vlm`; the others a generic "
         "attempt (the causal sweep's tiny config, images of 4x4 patches, as many image tokens as the model's "
-        "`get_image_features` returns). Kind `text`: the config has no vision tower, checked on text.",
+        "`get_image_features` returns). Kind `text`: the config has no vision tower; built without example inputs, "
+        "checked on the text cases only.",
         "",
         "Statuses as above, plus **not-built** — the generic attempt could not build the config, the model or "
-        "its image inputs (the family may work with a hand-written config; the reason is in the detail).",
+        f"its image inputs (the family may work with a hand-written config; the reason is in the detail). "
+        f"Case marks: {base.MARKS_LEGEND}.",
         "",
-        f"**Summary:** {summary(results)}.",
+        f"**Summary:** {summary(results)}; {base.built_summary(results)}.",
         "",
-        "| family | class | kind | status | detail |",
-        "|---|---|---|---|---|",
+        f"**Per case:** {base.case_summary(results, VLM_CASES)}.",
+        "",
+        f"| family | class | kind | status | {' / '.join(VLM_CASES)} | detail |",
+        "|---|---|---|---|---|---|",
     ]
     for r in results:
         lines.append(f"| `{r.family}` | `{r.class_name}` | {getattr(r, 'kind', '-')} | {r.status} | "
-                     f"{base._md(base._detail(r, 300))} |")
+                     f"{r.marks(VLM_CASES)} | {base._md(base._detail(r, 300))} |")
     return "\n".join(lines) + "\n"
 
 
@@ -719,7 +794,7 @@ def write_docs(results, path: str = base.DOCS_PATH, command: str = COMMAND) -> s
 
 def main(argv: list[str] | None = None, prog: str = "python -m fxpp.sweep_vlm") -> int:
     parser = base.sweep_parser(prog, __doc__, "llava,gemma3", f"write the VLM section of {os.path.relpath(base.DOCS_PATH)}",
-                               45.0)
+                               90.0)
     parser.add_argument("--vlm", action="store_true", help="accepted for symmetry with python -m fxpp.sweep --vlm")
     args = parser.parse_args(argv)
     return base.run_and_report(args, sweep_vlm, format_table, summary, write_docs, COMMAND)

@@ -1,20 +1,47 @@
 """The sweeps (``fxpp.sweep``, ``fxpp.sweep_vlm``): every family of transformers'
-causal-LM and image-text-to-text auto mappings, tiny config, 2 stages, logits and
-gradients against the unpatched model."""
+causal-LM and image-text-to-text auto mappings, tiny config, ONE 2-stage pipeline per
+family called with several input cases (token ids only, padding mask, packed
+positions, both; for VLMs images, text only, ids only), each compared with the
+unpatched training forward on the same inputs: logits and gradients."""
 
 from __future__ import annotations
 
-import pytest
+import time
 
-from fxpp.sweep import STATUSES, format_table, summary, sweep_causal_lm
+import pytest
+import torch
+
+from fxpp.sweep import (
+    CASE_STATUSES,
+    CAUSAL_CASES,
+    STATUSES,
+    Case,
+    CaseResult,
+    SweepResult,
+    _build,
+    built_summary,
+    case_summary,
+    causal_cases,
+    check_pipeline,
+    format_table,
+    markdown,
+    reference,
+    reference_cases,
+    settle,
+    summary,
+    sweep_causal_lm,
+)
+from fxpp.sweep_vlm import VLM_CASES, text_ids, vlm_cases
 from fxpp.sweep_vlm import format_table as format_vlm_table
+from fxpp.sweep_vlm import markdown as vlm_markdown
 from fxpp.sweep_vlm import summary as vlm_summary
 from fxpp.sweep_vlm import sweep_vlm
-from fxpp.zoo import FAMILIES, VLM_FAMILIES
+from fxpp.zoo import FAMILIES, IMAGE_TOKEN, VLM_FAMILIES, VOCAB
 
 # zoo preset name -> transformers model_type, where they differ
 _ZOO_MODEL_TYPE = {"gemma3": "gemma3_text", "gemma4": "gemma4_text"}
 ZOO_MODEL_TYPES = tuple(_ZOO_MODEL_TYPE.get(f, f) for f in FAMILIES)
+FXPP_FAILURES = ("mismatch", "fxpp-error", "error")
 
 
 def test_zoo_model_types():
@@ -24,29 +51,121 @@ def test_zoo_model_types():
     }
 
 
-def test_sweep_llama_and_qwen2():
+def _llama():
+    return _build("llama", "LlamaForCausalLM", 64_000_000)
+
+
+def test_causal_cases_cover_the_input_sets():
+    cases = {c.name: c for c in causal_cases(_llama())}
+    assert tuple(cases) == CAUSAL_CASES
+    assert set(cases["ids"].inputs) == {"input_ids"}
+    assert tuple(cases["ids"].inputs["input_ids"].shape) != (2, 8)  # not the build's default shape
+    assert set(cases["padded"].inputs) == {"input_ids", "attention_mask"}
+    assert (cases["padded"].inputs["attention_mask"] == 0).any()
+    packed = cases["packed"].inputs
+    assert set(packed) == {"input_ids", "position_ids"}
+    restarts = (packed["position_ids"][:, 1:] == 0).sum(-1)
+    assert (restarts >= 1).all()  # every row holds at least two documents
+    both = cases["padded+pos"].inputs
+    assert set(both) == {"input_ids", "attention_mask", "position_ids"}
+    mask = both["attention_mask"]
+    torch.testing.assert_close(both["position_ids"], (mask.cumsum(-1) - 1).clamp(min=0))
+
+
+def test_sweep_llama_and_qwen2_every_case():
     results = sweep_causal_lm(["llama", "qwen2"])
     assert [r.family for r in results] == ["llama", "qwen2"]
     assert all(r.status in STATUSES for r in results)
     failed = [r for r in results if r.status != "pass"]
     assert not failed, "\n" + format_table(failed)
+    for r in results:
+        assert [c.name for c in r.cases] == list(CAUSAL_CASES)
+        assert all(c.status == "pass" for c in r.cases), r.cases
+        assert r.marks(CAUSAL_CASES) == "✓ ✓ ✓ ✓"
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(3600)
-def test_sweep_every_causal_lm_family():
-    """Every zoo family passes; no family fails un-cleanly (status "error": an exception
-    from fxpp that is not an FxppError). Clean refusals and model errors are allowed."""
-    results = sweep_causal_lm()
-    by_family = {r.family: r for r in results}
-    zoo_failed = [by_family[t] for t in ZOO_MODEL_TYPES if by_family[t].status != "pass"]
-    errors = [r for r in results if r.status == "error"]
-    report = summary(results)
-    if zoo_failed:
-        report += "\n\nzoo families that do not pass:\n" + format_table(zoo_failed)
-    if errors:
-        report += "\n\nfamilies with un-clean failures (status error):\n" + format_table(errors)
-    assert not zoo_failed and not errors, report
+def test_cases_the_forward_cannot_take_are_skipped():
+    # Bloom's forward takes no position_ids: the packed cases are skipped, not failed
+    [r] = sweep_causal_lm(["bloom"])
+    assert r.status == "pass", format_table([r])
+    status = {c.name: c.status for c in r.cases}
+    assert status == {"ids": "pass", "padded": "pass", "packed": "skipped", "padded+pos": "skipped"}
+    assert "takes no position_ids" in next(c.detail for c in r.cases if c.name == "packed")
+    assert r.marks(CAUSAL_CASES) == "✓ ✓ – –"
+
+
+def test_one_pipeline_a_wrong_reference_is_a_mismatch_naming_the_case():
+    """A case whose answer differs from its reference is a mismatch of the family, with
+    the case named: here the reference of 'padded' is the unpadded forward."""
+    model = _llama()
+    cases = {c.name: c for c in causal_cases(model)}
+    unpadded = {"input_ids": cases["padded"].inputs["input_ids"]}
+    checks = [("ids", cases["ids"].inputs, reference(model, cases["ids"].inputs)),
+              ("padded", cases["padded"].inputs, reference(model, unpadded))]
+    result = SweepResult("llama", "LlamaForCausalLM", "error",
+                         cases=[CaseResult("ids", "error"), CaseResult("padded", "error")])
+    check_pipeline(result, model, checks, None, timeout_s=60, start=time.perf_counter())
+    assert [c.status for c in result.cases] == ["pass", "mismatch"]
+    assert result.status == "mismatch" and result.case == "padded"
+    assert result.detail.startswith("padded: logits max diff") and result.max_diff > 1e-3
+
+
+def test_a_case_the_model_itself_fails_is_a_model_error_of_that_case():
+    model = _llama()
+    good = {"input_ids": torch.randint(3, VOCAB, (2, 6))}
+    bad = {"input_ids": torch.full((2, 6), VOCAB + 5), "attention_mask": torch.ones(2, 6, dtype=torch.long)}
+    result = SweepResult("llama", "LlamaForCausalLM", "error")
+    start = time.perf_counter()
+    checks = reference_cases(result, model, [Case("ids", good), Case("padded", bad), Case("packed", None, "why")],
+                             timeout_s=60, start=start)
+    assert [name for name, _, _ in checks] == ["ids"]
+    assert [c.status for c in result.cases] == ["error", "model-error", "skipped"]  # ids: not run yet
+    check_pipeline(result, model, checks, None, timeout_s=60, start=start)
+    assert [c.status for c in result.cases] == ["pass", "model-error", "skipped"]
+    assert result.status == "model-error" and result.case == "padded"
+    assert result.detail.startswith("padded: reference:")
+
+
+def test_settle_worst_case_first():
+    def family(*statuses):
+        r = SweepResult("f", "F", "error", cases=[CaseResult(f"c{i}", s, s, max_diff=0.0 if s == "pass" else None)
+                                                  for i, s in enumerate(statuses)])
+        return settle(r)
+
+    assert family("pass", "skipped", "pass").status == "pass"
+    assert family("pass", "model-error", "fxpp-error", "mismatch").status == "mismatch"
+    r = family("pass", "model-error", "fxpp-error", "error")
+    assert r.status == "error" and r.case == "c3" and "also c1: model-error, c2: fxpp-error" in r.detail
+    assert family("model-error", "fxpp-error").status == "fxpp-error"
+    assert family("model-error", "pass").status == "model-error"
+    assert set(CASE_STATUSES) == {*STATUSES, "skipped"}
+
+
+def test_docs_table_has_a_column_per_case():
+    results = [settle(SweepResult("a", "A", "error", model_class="A",
+                                  cases=[CaseResult(n, s, max_diff=0.0) for n, s in
+                                         zip(CAUSAL_CASES, ("pass", "pass", "skipped", "mismatch"))])),
+               SweepResult("b", "B", "model-error", detail="build: ValueError: no")]
+    text = markdown(results)
+    assert "| family | class | status | ids / padded / packed / padded+pos | detail |" in text
+    assert "| `a` | `A` | mismatch | ✓ ✓ – ≠ |" in text
+    assert "| `b` | `B` | model-error |  |" in text
+    assert markdown(results) == text  # deterministic
+    assert built_summary(results) == "1 build tiny, 0 pass every case (0.0%)"
+    assert case_summary(results, ["padded+pos"]) == (
+        "padded+pos: 0 pass, 1 mismatch, 0 fxpp-error or error, 0 model-error, 0 skipped")
+    results[0] = settle(SweepResult("a", "A", "error", model_class="A", cases=[
+        CaseResult("ids", "pass", max_diff=0.0), CaseResult("padded", "model-error", "reference: no")]))
+    assert results[0].status == "model-error"
+    assert built_summary(results) == "1 build tiny, 0 pass every case (0.0%), 1 more pass every case the unpatched model runs"
+
+
+def test_vlm_text_cases_carry_no_image_tokens():
+    import transformers
+
+    config = transformers.LlavaConfig(image_token_index=IMAGE_TOKEN)
+    ids = text_ids(config, 2, 200, seed=0)
+    assert not (ids == IMAGE_TOKEN).any() and ids.min() >= 3
 
 
 # Generic VLM attempts (no zoo config) that each exercise one general mechanism:
@@ -56,19 +175,60 @@ def test_sweep_every_causal_lm_family():
 # kosmos-2: its causal mask is written in place (``mask.masked_fill_(...)``), a write every
 # stage must keep (before, the stages silently used a mask without the causal part).
 GENERIC_VLMS = ("blip-2", "hunyuan_vl", "qwen2_vl", "kosmos-2")
+# Their forwards need images: the text-only cases are the model's own errors.
+NEEDS_IMAGES = ("blip-2", "kosmos-2")
 
 
 def test_vlm_sweep_generic_families():
     results = sweep_vlm(list(GENERIC_VLMS))
     assert [r.family for r in results] == list(GENERIC_VLMS)
-    failed = [r for r in results if r.status != "pass"]
-    assert not failed, "\n" + format_vlm_table(failed)
+    for r in results:
+        status = {c.name: c.status for c in r.cases}
+        assert tuple(status) == VLM_CASES, format_vlm_table([r])
+        assert status["images"] == "pass", format_vlm_table([r])
+        expected = "model-error" if r.family in NEEDS_IMAGES else "pass"
+        assert status["text"] == status["ids"] == expected, format_vlm_table([r])
+        assert r.status == expected, format_vlm_table([r])
+
+
+def test_vlm_sweep_zoo_family_images_text_and_ids():
+    [r] = sweep_vlm(["llava"])
+    assert r.status == "pass", format_vlm_table([r])
+    assert r.marks(VLM_CASES) == "✓ ✓ ✓"
+    assert "| `llava` | `LlavaForConditionalGeneration` | VLM | pass | ✓ ✓ ✓ |" in vlm_markdown([r])
+
+
+def test_vlm_cases_text_kind_skips_images():
+    model = _llama()
+    cases = {c.name: c for c in vlm_cases(model, "text", {})}
+    assert cases["images"].inputs is None and "no vision tower" in cases["images"].skip
+    assert set(cases["text"].inputs) == {"input_ids", "attention_mask"}
+    assert set(cases["ids"].inputs) == {"input_ids"}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+def test_sweep_every_causal_lm_family():
+    """Every zoo family passes every case; no family gives a wrong answer (mismatch) or
+    fails un-cleanly (status "error": an exception from fxpp that is not an FxppError).
+    Clean refusals and model errors are allowed."""
+    results = sweep_causal_lm()
+    by_family = {r.family: r for r in results}
+    zoo_failed = [by_family[t] for t in ZOO_MODEL_TYPES if by_family[t].status != "pass"]
+    errors = [r for r in results if r.status in ("error", "mismatch")]
+    report = summary(results) + "\n" + built_summary(results) + "\n" + case_summary(results, CAUSAL_CASES)
+    if zoo_failed:
+        report += "\n\nzoo families that do not pass:\n" + format_table(zoo_failed)
+    if errors:
+        report += "\n\nfamilies with wrong answers or un-clean failures:\n" + format_table(errors)
+    assert not zoo_failed and not errors, report
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(3600)
 def test_sweep_every_vlm_family():
-    """No VLM family fails un-cleanly (status "error"); the zoo families pass."""
+    """No VLM family gives a wrong answer or fails un-cleanly; the zoo families pass every case."""
     results = sweep_vlm()
-    errors = [r for r in results if r.status == "error" or (r.family in VLM_FAMILIES and r.status != "pass")]
+    errors = [r for r in results if r.status in ("error", "mismatch")
+              or (r.family in VLM_FAMILIES and r.status != "pass")]
     assert not errors, vlm_summary(results) + "\n\n" + format_vlm_table(errors)
