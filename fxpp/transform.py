@@ -16,7 +16,7 @@ import torch
 from torch.fx import GraphModule
 
 from .analysis.annotate import annotate, info
-from .errors import StageInputError, StageSpecError, UnsupportedModelError
+from .errors import CutError, StageInputError, StageSpecError, UnsupportedModelError
 from .ops import GuardFailure
 from .passes.dense_masked_rows import dense_masked_rows
 from .passes.extract_stage import extract_stage
@@ -158,7 +158,15 @@ def cut_layout(model_gm: GraphModule, k: int) -> CutLayout:
         slots: dict[str, Slot] = {}
         for gm in [model_gm, *model_gm.meta["fxpp_variant_graphs"].values()]:
             modules = dict(gm.named_modules())
-            for identity, val in crossing_slots(gm.graph, k, modules):
+            try:
+                found = crossing_slots(gm.graph, k, modules)
+            except CutError:
+                if gm is model_gm:
+                    raise
+                # This input set calls no layer after the cut (Mllama without images skips
+                # its cross-attention layers): a call with it gets the CutError itself.
+                continue
+            for identity, val in found:
                 slots.setdefault(identity, Slot(identity, tuple(val.shape), val.dtype))
         cache[k] = CutLayout(k, model_gm.meta["fxpp_signature"], tuple(slots.values()))
     return cache[k]
