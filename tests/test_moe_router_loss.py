@@ -139,7 +139,7 @@ def moe_schedule_rank(rank, world, workdir, family, schedule_name, num_stages):
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("family, schedule_name, num_stages", [
-    ("qwen3_moe", "1F1B", 2), ("qwen2_moe", "1F1B", 2), ("mixtral", "ZBVZeroBubble", 4)])
+    ("qwen3_moe", "1F1B", 2), ("qwen2_moe", "1F1B", 2), ("olmoe", "1F1B", 2), ("mixtral", "ZBVZeroBubble", 4)])
 def test_two_ranks_router_loss_matches_the_unpatched_model(tmp_path, family, schedule_name, num_stages):
     reports = run_distributed(moe_schedule_rank, 2, tmp_path, family, schedule_name, num_stages, timeout_s=240)
     diffs = [r["loss_diff"] for r in reports if r["loss_diff"] is not None]
