@@ -23,6 +23,7 @@ import torch
 from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 import fxpp
+from fxpp.layout import filler_shape
 from _common import default_json_path, environment, print_header, report
 
 
@@ -40,8 +41,6 @@ def crossing_bytes(router_logits: bool, batch: int, seq: int) -> list[int]:
         layout = stage.out_layout
         built = layout.slots[0].shape[:2]
         total = 0
-        from fxpp.layout import filler_shape
-
         for slot in layout.slots:
             shape = filler_shape(slot.shape, built, (batch, seq))
             numel = 1

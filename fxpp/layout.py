@@ -241,10 +241,3 @@ def _describe(value) -> str:
     if isinstance(value, torch.Tensor):
         return f"a {value.dtype} tensor of shape {list(value.shape)}"
     return f"a {type(value).__name__}"
-
-
-def layout_of(graph_output_meta: dict, output_vals: Sequence, cut: int, signature: InputSignature) -> CutLayout:
-    """The layout of the cut a FIRST or MIDDLE stage graph sends across."""
-    identities = graph_output_meta["fxpp_identities"]
-    slots = tuple(Slot(i, tuple(v.shape), v.dtype) for i, v in zip(identities, output_vals))
-    return CutLayout(cut=cut, signature=signature, slots=slots)

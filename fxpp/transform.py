@@ -396,8 +396,7 @@ class StageModule(GraphModule):
             variant, out = self._run(bits, received=received)
         if spec.returns_model_output:
             return self._final_output(out)
-        (node,) = [n for n in variant.graph.nodes if n.op == "output"]
-        return self.out_layout.pack(node.meta["fxpp_identities"], out, bits, where)
+        return self.out_layout.pack(_graph_facts(variant)["sent"], out, bits, where)
 
     def _run(self, bits: int, *, inputs: dict | None = None, received: dict | None = None):
         """Run the variant for the present ``bits`` that fits the shapes, tracing one if none does."""
@@ -423,7 +422,7 @@ class StageModule(GraphModule):
         return variant, self._call(variant, args, inputs or {})
 
     def _call(self, variant: GraphModule, args, inputs: dict):
-        targets = recording_targets(variant.graph)
+        targets = _graph_facts(variant)["recorded"]
         with recording_hooks(variant, targets) if targets else contextlib.nullcontext():
             if variant is self:
                 return self._fxpp_generated(self, *args, **inputs)
@@ -512,6 +511,18 @@ class StageModule(GraphModule):
             else:
                 out[name] = value
         return out
+
+
+def _graph_facts(variant: GraphModule) -> dict:
+    """What a call of ``variant`` needs from its graph, read once per graph, not per call:
+    the identities it sends (FIRST/MIDDLE) and the submodules whose outputs it records."""
+    facts = variant.meta.get("fxpp_graph_facts")
+    if facts is None or facts["graph"] is not variant.graph:
+        (out,) = [n for n in variant.graph.nodes if n.op == "output"]
+        facts = {"graph": variant.graph, "sent": out.meta.get("fxpp_identities", ()),
+                 "recorded": recording_targets(variant.graph)}
+        variant.meta["fxpp_graph_facts"] = facts
+    return facts
 
 
 def _received_problem(variant: GraphModule, args) -> str | None:
