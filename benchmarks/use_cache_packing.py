@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from fxpp.zoo import tiny_model
+from fxpp.testing.zoo import tiny_model
 
 if __name__ == "__main__":
     print("family | max |logits(use_cache=True) - logits(use_cache=False)|, packed documents 5 + 7 tokens")

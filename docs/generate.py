@@ -16,7 +16,7 @@ import torch
 import fxpp
 from fxpp.analysis.annotate import info
 from fxpp.split import even_split
-from fxpp.zoo import tiny_model
+from fxpp.testing.zoo import tiny_model
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

@@ -32,7 +32,7 @@ def main() -> int:
 
     transformers.logging.set_verbosity_error()
     import fxpp
-    from fxpp.sweep_vlm import generic_inputs, generic_model
+    from fxpp.testing.sweep_vlm import generic_inputs, generic_model
 
     model = generic_model("mllama")
     example = generic_inputs(model, seed=1)[0]

@@ -4,9 +4,9 @@ The rule of :mod:`fxpp.trace.unused_inputs` (every input the caller gives must r
 graph output) must not fire on models fxpp handles correctly. This script traces, with
 their example inputs:
 
-* ``--zoo``: the causal presets of ``fxpp.zoo`` with ``input_ids``, ``attention_mask``
+* ``--zoo``: the causal presets of ``fxpp.testing.zoo`` with ``input_ids``, ``attention_mask``
   and ``position_ids`` (the last two are the inputs most likely to be no-ops);
-* ``--vlm``: every family the VLM sweep builds (``fxpp.sweep_vlm.tiny_family``), with
+* ``--vlm``: every family the VLM sweep builds (``fxpp.testing.sweep_vlm.tiny_family``), with
   the sweep's inputs;
 * ``--causal``: every family of the causal sweep, with its text inputs.
 
@@ -29,7 +29,7 @@ import torch
 
 
 def _scan(name: str, build) -> tuple[str, str]:
-    from fxpp import sweep as base
+    from fxpp.testing import check as base
     from fxpp.trace import trace_model
     from fxpp.trace.unused_inputs import tolerated_reason, unconsumed_inputs
 
@@ -59,7 +59,7 @@ def _scan(name: str, build) -> tuple[str, str]:
 
 
 def zoo_builds():
-    from fxpp.zoo import FAMILIES, tiny_model
+    from fxpp.testing.zoo import FAMILIES, tiny_model
 
     for family in FAMILIES:
         def build(family=family):
@@ -72,7 +72,7 @@ def zoo_builds():
 
 
 def vlm_builds():
-    from fxpp.sweep_vlm import tiny_family, vlm_families
+    from fxpp.testing.sweep_vlm import tiny_family, vlm_families
 
     for model_type in vlm_families():
         def build(model_type=model_type):
@@ -83,11 +83,11 @@ def vlm_builds():
 
 
 def causal_builds():
-    from fxpp import sweep as base
+    from fxpp.testing import check as base, sweep_causal
 
-    for model_type, class_name in base.causal_lm_families().items():
+    for model_type, class_name in sweep_causal.causal_lm_families().items():
         def build(model_type=model_type, class_name=class_name):
-            return base._build(model_type, class_name, 64_000_000), base.make_inputs()
+            return sweep_causal._build(model_type, class_name, 64_000_000), base.make_inputs()
 
         yield f"causal:{model_type}", build
 

@@ -6,8 +6,8 @@ import functools
 
 import torch
 
-from fxpp.sweep import grads_of, loss_of  # one definition, shared with the sweep
-from fxpp.zoo import VOCAB, tiny_model
+from fxpp.testing.check import grads_of, loss_of  # one definition, shared with the sweep
+from fxpp.testing.zoo import VOCAB, tiny_model
 
 
 @functools.lru_cache(maxsize=None)

@@ -13,7 +13,7 @@ import torch
 from hypothesis import given, strategies as st
 
 import fxpp
-from fxpp.zoo import FAMILIES
+from fxpp.testing.zoo import FAMILIES
 
 from .helpers import assert_same, cached_model, make_inputs, reference, run_stages
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import fxpp
-from fxpp.zoo import IMAGE_TOKEN, VISION_END, VISION_START, VLM_FAMILIES, _FIRST_SPECIAL, _image_inputs, tiny_vlm
+from fxpp.testing.zoo import IMAGE_TOKEN, VISION_END, VISION_START, VLM_FAMILIES, _FIRST_SPECIAL, _image_inputs, tiny_vlm
 
 IMAGES_PER_SAMPLE = (2, 0, 1, 1)
 # What each family's media inputs hold per image (grid inputs: one row; flattened

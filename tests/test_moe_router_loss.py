@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fxpp
-from fxpp.zoo import tiny_model
+from fxpp.testing.zoo import tiny_model
 
 from .dist import run_distributed
 from .helpers import make_inputs

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import fxpp
-from fxpp.zoo import FAMILIES, tiny_model
+from fxpp.testing.zoo import FAMILIES, tiny_model
 
 from .helpers import cached_model, make_inputs, reference, run_stages
 

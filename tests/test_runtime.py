@@ -15,7 +15,7 @@ import torch
 
 import fxpp
 from fxpp.runtime.schedule import make_schedule
-from fxpp.zoo import tiny_model
+from fxpp.testing.zoo import tiny_model
 
 from .dist import run_distributed
 from .helpers import make_inputs
@@ -224,7 +224,7 @@ def meta_rank(rank, world, workdir, tie):
     """Each rank builds the model on meta and loads only its own stage's keys."""
     from transformers import AutoModelForCausalLM
 
-    from fxpp.zoo import tiny_config
+    from fxpp.testing.zoo import tiny_config
 
     config = tiny_config("qwen2", 4, tie_word_embeddings=tie)
     with torch.device("meta"):

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import fxpp
-from fxpp.zoo import tiny_model
+from fxpp.testing.zoo import tiny_model
 
 from .dist import run_distributed
 from .helpers import make_inputs

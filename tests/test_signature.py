@@ -25,8 +25,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fxpp
-from fxpp.sweep import grads_of, loss_of
-from fxpp.zoo import VLM_FAMILIES, tiny_vlm
+from fxpp.testing.check import grads_of, loss_of
+from fxpp.testing.zoo import VLM_FAMILIES, tiny_vlm
 
 from .helpers import assert_same, cached_model, make_inputs
 
@@ -256,7 +256,7 @@ def test_two_ranks_1f1b_microbatches_with_and_without_images(tmp_path):
 def v_placement_without_style_rank(rank, world, workdir):
     """ZBVZeroBubble with tied embeddings, stages built as API.md spells it: no placement argument."""
     from fxpp.runtime.schedule import make_schedule
-    from fxpp.zoo import tiny_model
+    from fxpp.testing.zoo import tiny_model
 
     model = tiny_model("qwen2", NUM_LAYERS, tie_word_embeddings=True).train()
     ref = tiny_model("qwen2", NUM_LAYERS, tie_word_embeddings=True).train()

@@ -1,4 +1,4 @@
-"""The sweeps (``fxpp.sweep``, ``fxpp.sweep_vlm``): every family of transformers'
+"""The sweeps (``fxpp.testing.sweep_causal``, ``fxpp.testing.sweep_vlm``): every family of transformers'
 causal-LM and image-text-to-text auto mappings, tiny config, ONE 2-stage pipeline per
 family called with several input cases (token ids only, padding mask, packed
 positions, both; for VLMs images, text only, ids only), each compared with the
@@ -11,32 +11,25 @@ import time
 import pytest
 import torch
 
-from fxpp.sweep import (
+from fxpp.testing.check import (
     CASE_STATUSES,
-    CAUSAL_CASES,
     STATUSES,
     Case,
     CaseResult,
     SweepResult,
-    _build,
-    built_summary,
-    case_summary,
-    causal_cases,
     check_pipeline,
-    format_table,
-    markdown,
     reference,
     reference_cases,
     settle,
-    summary,
-    sweep_causal_lm,
 )
-from fxpp.sweep_vlm import VLM_CASES, text_ids, vlm_cases
-from fxpp.sweep_vlm import format_table as format_vlm_table
-from fxpp.sweep_vlm import markdown as vlm_markdown
-from fxpp.sweep_vlm import summary as vlm_summary
-from fxpp.sweep_vlm import sweep_vlm
-from fxpp.zoo import FAMILIES, IMAGE_TOKEN, VLM_FAMILIES, VOCAB
+from fxpp.testing.report import built_summary, case_summary, summary
+from fxpp.testing.sweep_causal import CAUSAL_CASES, _build, causal_cases, format_table, markdown, sweep_causal_lm
+from fxpp.testing.sweep_vlm import VLM_CASES, text_ids, vlm_cases
+from fxpp.testing.sweep_vlm import format_table as format_vlm_table
+from fxpp.testing.sweep_vlm import markdown as vlm_markdown
+from fxpp.testing.sweep_vlm import summary as vlm_summary
+from fxpp.testing.sweep_vlm import sweep_vlm
+from fxpp.testing.zoo import FAMILIES, IMAGE_TOKEN, VLM_FAMILIES, VOCAB
 
 # zoo preset name -> transformers model_type, where they differ
 _ZOO_MODEL_TYPE = {"gemma3": "gemma3_text", "gemma4": "gemma4_text"}

@@ -8,7 +8,7 @@ import torch
 
 import fxpp
 from fxpp.analysis.annotate import info
-from fxpp.zoo import tiny_model
+from fxpp.testing.zoo import tiny_model
 
 from .helpers import cached_model, make_inputs, reference, run_stages, assert_same
 

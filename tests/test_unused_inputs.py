@@ -22,7 +22,7 @@ from fxpp import ops
 from fxpp.errors import StageInputError
 from fxpp.trace import select_output, trace_model, unwrap_forward
 from fxpp.trace.unused_inputs import reject_unconsumed_inputs, tolerated_reason, unconsumed_inputs
-from fxpp.zoo import tiny_model, tiny_vlm
+from fxpp.testing.zoo import tiny_model, tiny_vlm
 
 # The traced graph calls the model's own modules with the same kernels in the same
 # order, in float32 on the CPU: results are bitwise equal in practice (0.0 measured).
@@ -148,7 +148,7 @@ def test_unwrap_forward_keeps_renaming_and_config_defaults():
 
 @functools.lru_cache(maxsize=None)
 def _generic(model_type: str):
-    from fxpp.sweep_vlm import generic_model
+    from fxpp.testing.sweep_vlm import generic_model
 
     return generic_model(model_type)
 
@@ -166,7 +166,7 @@ def _fuyu_inputs(model, name: str) -> dict:
 
 
 def _video_llava_inputs(model, *, videos: bool) -> dict:
-    from fxpp.sweep_vlm import generic_inputs
+    from fxpp.testing.sweep_vlm import generic_inputs
 
     inputs, _ = generic_inputs(model, seed=2)  # images: pixel_values and their image tokens
     out = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"],

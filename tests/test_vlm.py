@@ -1,12 +1,12 @@
 """Vision-language models: composed stages equal the unpatched model.
 
-Each family is built from a tiny config (``fxpp.zoo.tiny_vlm``) and run on inputs
+Each family is built from a tiny config (``fxpp.testing.zoo.tiny_vlm``) and run on inputs
 with real image tokens and pixel values. The stages are traced from one example and
 run on another whose image sits at a different offset, so nothing specific to the
 example's token positions may be baked into a graph. Logits and every parameter's
 gradient are compared, the vision tower's included.
 
-Gemma 4's audio path (``fxpp.zoo.tiny_audio_lm``) is tested the same way, with real
+Gemma 4's audio path (``fxpp.testing.zoo.tiny_audio_lm``) is tested the same way, with real
 audio placeholder tokens, log-mel-shaped features and clips of different lengths.
 """
 
@@ -20,7 +20,7 @@ import torch
 
 import fxpp
 from fxpp.analysis.annotate import info
-from fxpp.zoo import AUDIO_TOKEN, VLM_FAMILIES, tiny_audio_lm, tiny_vlm
+from fxpp.testing.zoo import AUDIO_TOKEN, VLM_FAMILIES, tiny_audio_lm, tiny_vlm
 
 from .helpers import assert_same, reference, run_stages
 

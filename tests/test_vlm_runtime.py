@@ -24,7 +24,7 @@ import torch
 
 import fxpp
 from fxpp.runtime.schedule import make_schedule
-from fxpp.zoo import tiny_vlm
+from fxpp.testing.zoo import tiny_vlm
 
 from .dist import run_distributed
 from .test_microbatch import multi_image_batch

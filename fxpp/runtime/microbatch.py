@@ -36,7 +36,7 @@ Note [items per sample]
     not contiguous (Pixtral's processor puts ``[IMG_BREAK]`` between rows of image
     tokens; Qwen3-VL puts timestamps between a video's frames). Elsewhere each
     maximal run of placeholder tokens is one item: every processor of the families
-    in ``fxpp.zoo`` (Gemma 3/4 with begin/end-of-image tokens around each image,
+    in ``fxpp.testing.zoo`` (Gemma 3/4 with begin/end-of-image tokens around each image,
     LLaVA, LLaVA-OneVision) writes an image's tokens contiguously. Two images written
     back to back with no token between them look like one run there; the item counts
     then disagree with the media tensors' rows and :func:`split_microbatches` raises

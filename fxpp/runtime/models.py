@@ -12,7 +12,7 @@ import os
 import torch
 
 from ..errors import FxppError
-from ..zoo import PRESETS, tiny_config
+from ..testing.zoo import PRESETS, tiny_config
 
 
 def load_config(source: str):
@@ -42,7 +42,7 @@ def build_model(source: str, *, device: str | torch.device = "cpu", seed: int = 
     from transformers import AutoModelForCausalLM
 
     if source in PRESETS and str(device) != "meta":
-        from ..zoo import tiny_model
+        from ..testing.zoo import tiny_model
 
         return tiny_model(source[len("tiny-"):], seed=seed).train()
     config = load_config(source)

@@ -275,8 +275,6 @@ def tiny_vlm(family: str, num_layers: int = 4, *, seed: int = 0) -> tuple[torch.
     values it also returns), an all-ones attention mask, the pixel values and their
     companions (``image_sizes``, ``image_grid_thw``, ``token_type_ids``, ...).
     """
-    import transformers as tf
-
     config = _vlm_config(family, num_layers)
     config._attn_implementation = "sdpa"
     config.get_text_config()._attn_implementation = "sdpa"

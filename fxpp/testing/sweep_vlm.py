@@ -6,8 +6,8 @@ builds a tiny model and inputs with real image tokens, builds ONE 2-stage pipeli
 ``example_inputs``), and calls it with every case of :data:`VLM_CASES`, each compared
 with the unpatched training forward ``model(**case, use_cache=False)`` on the same
 inputs: logits and every parameter gradient, the vision tower's included (the causal
-sweep's comparison, :func:`fxpp.sweep.compare`; statuses per case and per family as in
-:mod:`fxpp.sweep`).
+sweep's comparison, :func:`fxpp.testing.check.compare`; statuses per case and per family as in
+:mod:`fxpp.testing.sweep_causal`).
 
 Cases (:func:`vlm_cases`)
 -------------------------
@@ -26,10 +26,10 @@ skips ``images``.
 Terms
 -----
 zoo family
-    One of :data:`fxpp.zoo.VLM_FAMILIES`: hand-written tiny config and inputs
-    (``fxpp.zoo.tiny_vlm``), one image per row.
+    One of :data:`fxpp.testing.zoo.VLM_FAMILIES`: hand-written tiny config and inputs
+    (``fxpp.testing.zoo.tiny_vlm``), one image per row.
 generic attempt
-    Every other family: :func:`fxpp.sweep.tiny_config`'s shrinking applied with the
+    Every other family: :func:`fxpp.testing.tiny.tiny_config`'s shrinking applied with the
     vision tower's images set to 4x4 patches (its ``image_size``; ``num_patches`` for
     towers that take patch sequences; any multiple of a convolutional tower's
     ``patch_stride``; Pix2Struct's ``max_num_patches``) and the image token (else, for a
@@ -63,12 +63,12 @@ generic attempt
     other family whose config has no vision tower is checked on text inputs (kind
     ``text``).
 
-Statuses: those of the causal sweep (:data:`fxpp.sweep.STATUSES`) and ``not-built``:
+Statuses: those of the causal sweep (:data:`fxpp.testing.check.STATUSES`) and ``not-built``:
 the generic attempt could not build a config, a model or image inputs (the reason is
 in ``detail``); the family may well work with a hand-written config.
 
 Run ``python -m fxpp.sweep --vlm [--only llava,gemma3] [--write-docs]`` (or
-``python -m fxpp.sweep_vlm`` with the same flags).
+``python -m fxpp.testing.sweep_vlm`` with the same flags).
 """
 
 from __future__ import annotations
@@ -83,12 +83,15 @@ from typing import Any
 
 import torch
 
-from . import sweep as base
+from .check import (ATOL, MARKS_LEGEND, Case, SweepResult, SweepTimeout, _deadline, _message, _needs, _perturb,
+                    check_pipeline, make_inputs, reference_cases, settle)
+from .report import (DOCS_PATH, SECTION_MARK, _detail, _md, built_summary, case_summary, run_and_report,
+                     sweep_parser)
+from .tiny import NUM_LAYERS, SHRINK, VOCAB, shrink_kwargs
 
 STATUSES = ("pass", "mismatch", "fxpp-error", "model-error", "error", "not-built")
 VLM_CASES = ("images", "text", "ids")
 COMMAND = "python -m fxpp.sweep --vlm --write-docs"
-SECTION_MARK = "<!-- fxpp-vlm-sweep -->"
 SEQ_TEXT = 6  # text tokens around the image tokens of each row
 IMAGE_TOKEN_ATTRS = ("image_token_id", "image_token_index")
 VIDEO_TOKEN_ATTRS = ("video_token_id", "video_token_index")  # placeholders of video-only models
@@ -177,23 +180,23 @@ def generic_config(model_type: str):
     try:
         cfg = AutoConfig.for_model(model_type)
     except Exception as e:  # noqa: BLE001
-        raise NotBuilt(f"default config: {type(e).__name__}: {base._message(e, 200)}") from e
+        raise NotBuilt(f"default config: {type(e).__name__}: {_message(e, 200)}") from e
     extra: dict[str, Any] = {}
     vision = getattr(cfg, "vision_config", None)
     if vision is not None and _is_grid(vision, model_type):
         # Qwen-VL style: image sizes come with the inputs (image_grid_thw); the tower's
         # output width is the text width
-        extra["vision_config"] = {a: base.SHRINK["hidden_size"] for a in VISION_TO_TEXT_WIDTH_ATTRS
+        extra["vision_config"] = {a: SHRINK["hidden_size"] for a in VISION_TO_TEXT_WIDTH_ATTRS
                                   if isinstance(getattr(vision, a, None), int)}
     elif vision is not None:
         extra["vision_config"] = _tiny_image_size(vision)
         # a projector sized to the default text width must follow the tiny one
         text_width = getattr(cfg.get_text_config(), "hidden_size", None)
         if text_width and getattr(cfg, "projection_dim", None) == text_width:
-            extra["projection_dim"] = base.SHRINK["hidden_size"]
+            extra["projection_dim"] = SHRINK["hidden_size"]
         for attr in VISION_TO_TEXT_WIDTH_ATTRS:
             if isinstance(getattr(vision, attr, None), int):
-                extra["vision_config"][attr] = base.SHRINK["hidden_size"]
+                extra["vision_config"][attr] = SHRINK["hidden_size"]
         n_patches = 16
         if isinstance(getattr(cfg, "mm_tokens_per_image", None), int):  # pooled to a square number of tokens
             extra["mm_tokens_per_image"] = 4
@@ -205,9 +208,9 @@ def generic_config(model_type: str):
         indices = getattr(vision, "intermediate_layers_indices", None)
         if isinstance(indices, list) and isinstance(getattr(vision, "vision_output_dim", None), int):
             # Mllama: the tower's output is its last state beside the listed intermediate ones
-            kept = [i for i in indices if i < base.NUM_LAYERS] or [base.NUM_LAYERS - 1]
+            kept = [i for i in indices if i < NUM_LAYERS] or [NUM_LAYERS - 1]
             extra["vision_config"].update(intermediate_layers_indices=kept,
-                                          vision_output_dim=base.SHRINK["hidden_size"] * (1 + len(kept)))
+                                          vision_output_dim=SHRINK["hidden_size"] * (1 + len(kept)))
         if isinstance(getattr(cfg, "latent_query_num", None), int):  # Kosmos-2's image query count
             extra["latent_query_num"] = 4
         layers = getattr(cfg, "vision_feature_layer", None)
@@ -222,23 +225,23 @@ def generic_config(model_type: str):
         # Llama 4: the tower's output, pixel-shuffled to width / ratio^2, enters the projector's
         # first layer (vision intermediate_size wide); its widths then stay the tiny width
         ratio = getattr(vision, "pixel_shuffle_ratio", None) or 1
-        tiny = base.SHRINK["hidden_size"]
+        tiny = SHRINK["hidden_size"]
         extra["vision_config"].update(intermediate_size=int(tiny / ratio ** 2), projector_input_dim=tiny,
                                       projector_output_dim=tiny, vision_output_dim=tiny)
     # other encoders whose output is scattered onto the text embeddings (audio towers), and
     # top-level output widths of the projector
     if isinstance(getattr(cfg, "out_hidden_size", None), int):
-        extra.setdefault("out_hidden_size", base.SHRINK["hidden_size"])
+        extra.setdefault("out_hidden_size", SHRINK["hidden_size"])
     for name in getattr(cfg, "sub_configs", None) or {}:
         sub = getattr(cfg, name, None)
         if name not in ("vision_config", "text_config") and isinstance(getattr(sub, "out_hidden_size", None), int):
-            extra.setdefault(name, {})["out_hidden_size"] = base.SHRINK["hidden_size"]
+            extra.setdefault(name, {})["out_hidden_size"] = SHRINK["hidden_size"]
     for name, value in vars(cfg).items():
         if name.startswith("freeze_") and isinstance(value, bool):
             extra[name] = False  # IDEFICS freezes its towers by default: nothing would be compared
     for attr in _placeholder_token_attrs(cfg):
         # an int, or declared as None (BLIP-2 merges query outputs at image tokens only when set)
-        extra[attr] = base.VOCAB - 1
+        extra[attr] = VOCAB - 1
     text_cfg = cfg.get_text_config()
     rope = getattr(text_cfg, "rope_parameters", None)
     if isinstance(rope, dict) and rope and (isinstance(rope.get("mrope_section"), list) or _reads_mrope_section(model_type)
@@ -248,9 +251,9 @@ def generic_config(model_type: str):
         text = extra.setdefault("text_config", {}) if "text_config" in (getattr(cfg, "sub_configs", None) or {}) else extra
         text["rope_parameters"] = {**rope, "mrope_section": _mrope_sections(text_cfg)}
     try:
-        return AutoConfig.for_model(model_type, **base.shrink_kwargs(cfg, base.NUM_LAYERS, extra))
+        return AutoConfig.for_model(model_type, **shrink_kwargs(cfg, NUM_LAYERS, extra))
     except Exception as e:  # noqa: BLE001
-        raise NotBuilt(f"tiny config: {type(e).__name__}: {base._message(e, 200)}") from e
+        raise NotBuilt(f"tiny config: {type(e).__name__}: {_message(e, 200)}") from e
 
 
 def _tiny_image_size(vision) -> dict[str, Any]:
@@ -289,7 +292,7 @@ def _follow_default_widths(cfg, extra: dict[str, Any]) -> None:
     what it equals says what it is: the text width, the vision width, or the vision width
     after a ``merge x merge`` pixel shuffle (a merger's input).
     """
-    tiny = base.SHRINK["hidden_size"]
+    tiny = SHRINK["hidden_size"]
     vision = getattr(cfg, "vision_config", None)
     text_width = getattr(cfg.get_text_config(), "hidden_size", None)
     vision_width = getattr(vision, "hidden_size", None)
@@ -302,7 +305,7 @@ def _follow_default_widths(cfg, extra: dict[str, Any]) -> None:
             targets[width] = tiny
     for name, value in vars(cfg).items():
         if (isinstance(value, int) and not isinstance(value, bool) and value in targets and name not in extra
-                and name not in base.SHRINK and name.endswith(("_size", "_dim")) and "vocab" not in name):
+                and name not in SHRINK and name.endswith(("_size", "_dim")) and "vocab" not in name):
             extra[name] = targets[value]
 
 
@@ -330,7 +333,7 @@ def _reads_mrope_section(model_type: str) -> bool:
 
 def _mrope_sections(text_config) -> list[int]:
     """Three rotary sections that add up to half the tiny model's rotary width."""
-    shrink = base.SHRINK
+    shrink = SHRINK
     head_dim = shrink.get("head_dim") or shrink["hidden_size"] // shrink["num_attention_heads"]
     factor = (getattr(text_config, "rope_parameters", None) or {}).get("partial_rotary_factor") or getattr(
         text_config, "partial_rotary_factor", None) or 1.0
@@ -371,7 +374,7 @@ def generic_inputs(model, seed: int = 0) -> tuple[dict[str, torch.Tensor], str]:
     if towerless:
         vision = config  # patch size and channels are the model's own
     if vision is None:
-        return base.make_inputs(seed=seed), "text"
+        return make_inputs(seed=seed), "text"
     token = next((getattr(config, a) for a in _placeholder_token_attrs(config)
                   if isinstance(getattr(config, a, None), int)), None)
     channels = getattr(vision, "num_channels", None) or getattr(vision, "in_channels", None) or 3
@@ -436,7 +439,7 @@ def generic_inputs(model, seed: int = 0) -> tuple[dict[str, torch.Tensor], str]:
     # instruction), one short row per image
     params = forward_params | get_params
     for name in sorted(p for p in params if p.endswith("_input_ids") and p not in ("input_ids", "decoder_input_ids")):
-        ids = torch.randint(3, base.VOCAB - 8, (2, 4), generator=g)
+        ids = torch.randint(3, VOCAB - 8, (2, 4), generator=g)
         for media in candidates:
             media[name] = ids
             if name.replace("input_ids", "attention_mask") in params:
@@ -456,7 +459,7 @@ def generic_inputs(model, seed: int = 0) -> tuple[dict[str, torch.Tensor], str]:
     seq = n + SEQ_TEXT
     if seq > 200:
         raise NotBuilt(f"an image becomes {n} tokens; too many for the tiny model")
-    ids = torch.randint(3, base.VOCAB - 8, (2, seq), generator=g)
+    ids = torch.randint(3, VOCAB - 8, (2, seq), generator=g)
     ids[:, 2:2 + n] = token
     mask = torch.ones_like(ids)
     mask[0, :1] = 0
@@ -484,7 +487,7 @@ def _encoder_gradients(model, grads: dict) -> list[str]:
     """Parameters with a gradient outside the text stack (decoder layers, token embeddings,
     head, and the 1-D norms beside the layers): what shows that the comparison covers an
     image encoder."""
-    from .trace import find_decoder_layers
+    from ..trace import find_decoder_layers
 
     layers = find_decoder_layers(model)[0]
     parent = layers.rsplit(".", 1)[0] if "." in layers else ""
@@ -505,7 +508,7 @@ def _tiled_cross_attention_inputs(model, vision, token, channels: int, g: torch.
     tiles = getattr(vision, "max_num_tiles", None) or 1
     size = _image_side(vision)
     seq = 2 * SEQ_TEXT
-    ids = torch.randint(3, base.VOCAB - 8, (2, seq), generator=g)
+    ids = torch.randint(3, VOCAB - 8, (2, seq), generator=g)
     if token is not None:
         ids[:, 1] = token
     mask = torch.ones_like(ids)
@@ -531,7 +534,7 @@ def _first_working(candidates: list[dict], attempt, what: str):
         except Exception as e:  # noqa: BLE001
             shapes = ", ".join(f"{k}{list(v.shape)}" for k, v in media.items())
             failures.append(f"{what.format(shapes)}: {type(e).__name__}: "
-                            f"{base._message(e, 200 if not failures else 100)}")
+                            f"{_message(e, 200 if not failures else 100)}")
     raise NotBuilt("; ".join(failures))
 
 
@@ -539,7 +542,7 @@ def _first_that_runs(model, forward_params: set[str], candidates: list[dict], g:
     """Text inputs with the first image layout the model's forward accepts."""
     slots = getattr(model.config, "latent_query_num", None)
     slots = slots if "image_embeds_position_mask" in forward_params else None
-    ids = torch.randint(3, base.VOCAB - 8, (2, (slots or 0) + 2 * SEQ_TEXT), generator=g)
+    ids = torch.randint(3, VOCAB - 8, (2, (slots or 0) + 2 * SEQ_TEXT), generator=g)
     mask = torch.ones_like(ids)
     mask[0, :1] = 0
     extra = {}
@@ -581,24 +584,24 @@ def _special_token_ids(config, depth: int = 3) -> set[int]:
 def text_ids(config, batch: int, seq: int, seed: int) -> torch.Tensor:
     """Token ids in ``[3, VOCAB - 8)`` without any special token of ``config`` (no image placeholders)."""
     special = _special_token_ids(config)
-    allowed = torch.tensor([v for v in range(3, base.VOCAB - 8) if v not in special])
+    allowed = torch.tensor([v for v in range(3, VOCAB - 8) if v not in special])
     g = torch.Generator().manual_seed(seed)
     return allowed[torch.randint(len(allowed), (batch, seq), generator=g)]
 
 
-def vlm_cases(model, kind: str, inputs: dict[str, torch.Tensor]) -> list[base.Case]:
+def vlm_cases(model, kind: str, inputs: dict[str, torch.Tensor]) -> list[Case]:
     """The cases of :data:`VLM_CASES` for ``model``: ``inputs`` with images (kind ``VLM``),
     text with a padding mask and no media, token ids only."""
-    from .transform import forward_parameters
+    from ..transform import forward_parameters
 
     params, name = forward_parameters(model), type(model).__name__
-    images = base.Case("images", inputs) if kind == "VLM" else base.Case(
+    images = Case("images", inputs) if kind == "VLM" else Case(
         "images", None, "the config has no vision tower (kind text)")
     mask = torch.ones(2, 10, dtype=torch.long)
     mask[0, :2] = 0
     text = {"input_ids": text_ids(model.config, 2, 10, seed=3), "attention_mask": mask}
-    return [images, base._needs("text", text, params, name),
-            base.Case("ids", {"input_ids": text_ids(model.config, 2, 12, seed=4)})]
+    return [images, _needs("text", text, params, name),
+            Case("ids", {"input_ids": text_ids(model.config, 2, 12, seed=4)})]
 
 
 def generic_model(model_type: str) -> torch.nn.Module:
@@ -610,8 +613,8 @@ def generic_model(model_type: str) -> torch.nn.Module:
     try:
         model = transformers.AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
     except Exception as e:  # noqa: BLE001
-        raise NotBuilt(f"model: {type(e).__name__}: {base._message(e, 200)}") from e
-    base._perturb(model)
+        raise NotBuilt(f"model: {type(e).__name__}: {_message(e, 200)}") from e
+    _perturb(model)
     model.eval()
     return model
 
@@ -637,25 +640,25 @@ def tiny_family(model_type: str, seed: int = 2) -> tuple[torch.nn.Module, dict[s
 def _zoo_model_and_inputs(family: str):
     from .zoo import tiny_vlm
 
-    model, make_inputs = tiny_vlm(family, base.NUM_LAYERS)
+    model, make_inputs = tiny_vlm(family, NUM_LAYERS)
     seq = ZOO_SEQ.get(family, 24)
     return model, make_inputs(2, seq, seed=2), make_inputs(2, seq, seed=1, offset=2)
 
 
 def check_vlm_family(model_type: str, class_name: str = "", *, timeout_s: float = 90.0,
-                     build_timeout_s: float = 20.0) -> base.SweepResult:
+                     build_timeout_s: float = 20.0) -> SweepResult:
     """Build a tiny ``model_type`` VLM, one 2-stage pipeline from an image example, and
     compare it with the model on every case of :func:`vlm_cases`."""
     from .zoo import VLM_FAMILIES
 
-    result = base.SweepResult(family=model_type, class_name=class_name, status="error")
+    result = SweepResult(family=model_type, class_name=class_name, status="error")
     result.kind = "VLM"  # type: ignore[attr-defined]
     start = time.perf_counter()
     phase = "build"
     model = None
     try:
         try:
-            with base._deadline(build_timeout_s):
+            with _deadline(build_timeout_s):
                 if model_type in VLM_FAMILIES:
                     model, inputs, example = _zoo_model_and_inputs(model_type)
                 else:
@@ -663,7 +666,7 @@ def check_vlm_family(model_type: str, class_name: str = "", *, timeout_s: float 
                     if getattr(model.config, "is_encoder_decoder", False):
                         # fxpp refuses encoder-decoder models whatever the inputs: check the refusal
                         result.model_class = type(model).__name__
-                        return base.check_pipeline(result, model, [], None, timeout_s=timeout_s, start=start)
+                        return check_pipeline(result, model, [], None, timeout_s=timeout_s, start=start)
                     phase = "inputs"
                     inputs, result.kind = generic_inputs(model, seed=2)  # type: ignore[attr-defined]
                     # media inputs are declared through the example; a text-kind family takes the defaults
@@ -676,7 +679,7 @@ def check_vlm_family(model_type: str, class_name: str = "", *, timeout_s: float 
             if isinstance(e, KeyboardInterrupt):
                 raise
             return _not_built_or_model_error(result, e, phase, build_timeout_s)
-        checks = base.reference_cases(result, model, cases, timeout_s=timeout_s, start=start)
+        checks = reference_cases(result, model, cases, timeout_s=timeout_s, start=start)
         with_images = next((ref for name, _, ref in checks if name == "images"), None)
         if with_images is not None and not _encoder_gradients(model, with_images[1]):
             result.cases = []
@@ -684,36 +687,36 @@ def check_vlm_family(model_type: str, class_name: str = "", *, timeout_s: float 
                 "no parameter outside the text model gets a gradient: the images reach the text without a "
                 "trainable encoder (discrete image codes, or frozen towers)"), "reference", build_timeout_s)
         if not checks:  # the model fails every case itself
-            return base.settle(result)
-        return base.check_pipeline(result, model, checks, example, timeout_s=timeout_s, start=start)
+            return settle(result)
+        return check_pipeline(result, model, checks, example, timeout_s=timeout_s, start=start)
     finally:
         result.seconds = time.perf_counter() - start
         if model is not None:
             model.zero_grad(set_to_none=True)
 
 
-def _not_built_or_model_error(result: base.SweepResult, e: BaseException, phase: str,
-                              build_timeout_s: float) -> base.SweepResult:
+def _not_built_or_model_error(result: SweepResult, e: BaseException, phase: str,
+                              build_timeout_s: float) -> SweepResult:
     result.phase, result.exc_type = phase, type(e).__name__
     result.traceback = "".join(traceback.format_exception(e))
     if isinstance(e, NotBuilt):
         result.status, result.detail = "not-built", str(e)
-    elif isinstance(e, base.SweepTimeout) and phase == "build":
+    elif isinstance(e, SweepTimeout) and phase == "build":
         result.status, result.detail = "not-built", f"model build took over {build_timeout_s:g}s"
     else:
         result.status = "model-error"
-        result.detail = f"{phase}: {type(e).__name__}: {base._message(e)}"
+        result.detail = f"{phase}: {type(e).__name__}: {_message(e)}"
     return result
 
 
-def sweep_vlm(families=None, timeout_s: float = 90.0, *, progress=None) -> list[base.SweepResult]:
+def sweep_vlm(families=None, timeout_s: float = 90.0, *, progress=None) -> list[SweepResult]:
     """Check every (or each named) family of ``MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES``."""
     mapping = vlm_families()
     names = list(mapping) if families is None else list(families)
     results = []
     for name in names:
         if name not in mapping:
-            r = base.SweepResult(family=name, class_name="", status="model-error",
+            r = SweepResult(family=name, class_name="", status="model-error",
                                  detail="not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES")
             r.kind = "-"  # type: ignore[attr-defined]
         else:
@@ -737,7 +740,7 @@ def format_table(results, width: int = 160) -> str:
             f"{'-' * fw}-+------+-{'-' * sw}-+-{'-' * cw}-+-{'-' * 20}"]
     for r in results:
         rows.append(f"{r.family:<{fw}} | {getattr(r, 'kind', '-'):<4} | {r.status:<{sw}} | "
-                    f"{r.marks(VLM_CASES):<{cw}} | {base._detail(r, max(width - fw - sw - cw - 16, 60))}")
+                    f"{r.marks(VLM_CASES):<{cw}} | {_detail(r, max(width - fw - sw - cw - 16, 60))}")
     return "\n".join(rows)
 
 
@@ -753,37 +756,37 @@ def markdown(results, command: str = COMMAND) -> str:
         f"Generated by `{command}`; do not edit by hand.",
         "",
         f"Every family of transformers {transformers.__version__}'s `MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES` "
-        f"(torch {torch.__version__}), {base.NUM_LAYERS} decoder layers, split into 2 stages with `cuts=[1]` once, "
+        f"(torch {torch.__version__}), {NUM_LAYERS} decoder layers, split into 2 stages with `cuts=[1]` once, "
         "with an image example (media inputs are declared through `example_inputs`; another batch: different "
         "pixels, image tokens elsewhere for the zoo families). That one pipeline is called with each input case "
         "and compared with the unpatched training forward `model(**case, use_cache=False)` on the same inputs: "
         "logits and every parameter gradient (vision tower included), "
-        f"`atol=rtol={base.ATOL:g}`. Cases: **images** — a batch of 2 rows with one image each (tokens, padding "
+        f"`atol=rtol={ATOL:g}`. Cases: **images** — a batch of 2 rows with one image each (tokens, padding "
         "mask, media and companions); **text** — token ids without image placeholders and a left-padded "
         "`attention_mask`, no media inputs (2x10); **ids** — token ids only (2x12). "
-        f"Zoo families ({', '.join(f'`{f}`' for f in VLM_FAMILIES)}) use `fxpp.zoo.tiny_vlm`; the others a generic "
+        f"Zoo families ({', '.join(f'`{f}`' for f in VLM_FAMILIES)}) use `fxpp.testing.zoo.tiny_vlm`; the others a generic "
         "attempt (the causal sweep's tiny config, images of 4x4 patches, as many image tokens as the model's "
         "`get_image_features` returns). Kind `text`: the config has no vision tower; built without example inputs, "
         "checked on the text cases only.",
         "",
         "Statuses as above, plus **not-built** — the generic attempt could not build the config, the model or "
         f"its image inputs (the family may work with a hand-written config; the reason is in the detail). "
-        f"Case marks: {base.MARKS_LEGEND}.",
+        f"Case marks: {MARKS_LEGEND}.",
         "",
-        f"**Summary:** {summary(results)}; {base.built_summary(results)}.",
+        f"**Summary:** {summary(results)}; {built_summary(results)}.",
         "",
-        f"**Per case:** {base.case_summary(results, VLM_CASES)}.",
+        f"**Per case:** {case_summary(results, VLM_CASES)}.",
         "",
         f"| family | class | kind | status | {' / '.join(VLM_CASES)} | detail |",
         "|---|---|---|---|---|---|",
     ]
     for r in results:
         lines.append(f"| `{r.family}` | `{r.class_name}` | {getattr(r, 'kind', '-')} | {r.status} | "
-                     f"{r.marks(VLM_CASES)} | {base._md(base._detail(r, 300))} |")
+                     f"{r.marks(VLM_CASES)} | {_md(_detail(r, 300))} |")
     return "\n".join(lines) + "\n"
 
 
-def write_docs(results, path: str = base.DOCS_PATH, command: str = COMMAND) -> str:
+def write_docs(results, path: str = DOCS_PATH, command: str = COMMAND) -> str:
     """Replace (or append) the VLM section of ``path``, keeping the causal-LM part."""
     text = open(path).read() if os.path.exists(path) else "# Supported models\n"
     head = text.split(SECTION_MARK)[0].rstrip("\n")
@@ -792,12 +795,12 @@ def write_docs(results, path: str = base.DOCS_PATH, command: str = COMMAND) -> s
     return path
 
 
-def main(argv: list[str] | None = None, prog: str = "python -m fxpp.sweep_vlm") -> int:
-    parser = base.sweep_parser(prog, __doc__, "llava,gemma3", f"write the VLM section of {os.path.relpath(base.DOCS_PATH)}",
+def main(argv: list[str] | None = None, prog: str = "python -m fxpp.testing.sweep_vlm") -> int:
+    parser = sweep_parser(prog, __doc__, "llava,gemma3", f"write the VLM section of {os.path.relpath(DOCS_PATH)}",
                                90.0)
     parser.add_argument("--vlm", action="store_true", help="accepted for symmetry with python -m fxpp.sweep --vlm")
     args = parser.parse_args(argv)
-    return base.run_and_report(args, sweep_vlm, format_table, summary, write_docs, COMMAND)
+    return run_and_report(args, sweep_vlm, format_table, summary, write_docs, COMMAND)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,262 @@
+"""Sweep transformers' causal-LM auto mapping: which model families does fxpp split?
+
+For every ``model_type`` in ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`` the sweep builds a
+tiny config (2 decoder layers, hidden 64, vocabulary 128, few experts, ...) and the
+model with seeded random weights on the CPU, then builds ONE 2-stage pipeline
+(``fxpp.pipeline(model, 2, cuts=[1])``, no example inputs: the default signature) and
+calls it with every input case of :data:`CAUSAL_CASES`, each compared with the
+unpatched training forward ``model(**case, use_cache=False)`` on the same inputs:
+logits and every parameter gradient (:func:`compare`).
+
+Cases (:func:`causal_cases`)
+----------------------------
+``ids``
+    token ids only, 2x12 (not the build's 2x8).
+``padded``
+    ids and a left-padded ``attention_mask``, 2x9.
+``packed``
+    ids and packed-document ``position_ids`` restarting mid-row, no mask (the model
+    then finds the documents from the positions), 2x12.
+``padded+pos``
+    ids, a padding mask and ``position_ids`` that follow it, 3x10.
+
+A case whose input the model's forward does not take is ``skipped``; a case where the
+unpatched model itself fails (or is not deterministic) is ``model-error`` for that case.
+
+Statuses (:data:`STATUSES`) of a family: the worst of its cases (:data:`SEVERITY`),
+``detail`` naming the case.
+
+``pass``
+    every case that applies: logits and all gradients agree (``atol=rtol=1e-4``).
+``mismatch``
+    fxpp ran but the numbers differ in some case (a silent wrong answer, the worst
+    outcome); ``detail`` names the case, the worst tensor and its max diff.
+``fxpp-error``
+    fxpp refused the model with an :class:`~fxpp.FxppError` (a clean refusal).
+``model-error``
+    the tiny config, the model build or the unpatched model's own forward/backward
+    failed (or the build took too long, or the model is not deterministic); not
+    fxpp's fault.
+``error``
+    any other exception (or a timeout) while fxpp built or ran the stages; ``frame``
+    is the innermost fxpp frame of the traceback.
+
+A case has the same statuses plus ``skipped`` (:data:`CASE_STATUSES`).
+
+Run ``python -m fxpp.sweep [--only llama,gemma] [--write-docs]``; with ``--vlm``, the
+image-text-to-text sweep of :mod:`fxpp.testing.sweep_vlm` instead (the command is
+:mod:`fxpp.testing.sweep`, also ``python -m fxpp.testing.sweep``).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import traceback
+from typing import Any, Iterable
+
+import torch
+
+from .check import (ATOL, MARKS_LEGEND, Case, SweepResult, SweepTimeout, _deadline, _message, _needs, _perturb,
+                    check_pipeline, make_inputs, packed_positions, reference_cases, settle)
+from .report import (DOCS_PATH, SECTION_MARK, _detail, _md, built_summary, case_summary, run_and_report, summary,
+                     sweep_parser)
+from .report import format_table as _table
+from .tiny import FAMILY_SETUP, NUM_LAYERS, VOCAB, tiny_config
+
+CAUSAL_CASES = ("ids", "padded", "packed", "padded+pos")
+COMMAND = "python -m fxpp.sweep --write-docs"
+
+
+def causal_cases(model: torch.nn.Module, seed: int = 0) -> list[Case]:
+    """The input cases of :data:`CAUSAL_CASES` for ``model`` (see the module docstring)."""
+    from ..transform import forward_parameters
+
+    params, name = forward_parameters(model), type(model).__name__
+    ids = make_inputs(2, 12, seed=seed)["input_ids"]
+    padded = make_inputs(seed=seed + 1)  # 2x9, the first row left-padded by 3
+    packed = {"input_ids": make_inputs(2, 12, seed=seed + 2)["input_ids"],
+              "position_ids": packed_positions(12, [[5], [7, 10]])}  # 2 and 3 documents
+    both = make_inputs(3, 10, seed=seed + 3)
+    both["attention_mask"][2, :1] = 0  # rows padded by 3, 0 and 1
+    both["position_ids"] = (both["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    return [_needs("ids", {"input_ids": ids}, params, name), _needs("padded", padded, params, name),
+            _needs("packed", packed, params, name), _needs("padded+pos", both, params, name)]
+
+
+def _build(model_type: str, class_name: str, max_params: int):
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config(model_type)
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        try:
+            meta = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        except Exception:  # noqa: BLE001 - some inits need real tensors; the real build decides
+            meta = None
+    if meta is not None:
+        n = sum(p.numel() for p in meta.parameters())
+        del meta
+        if n > max_params:
+            raise MemoryError(f"tiny config still has {n / 1e6:.1f}M parameters (limit {max_params / 1e6:.0f}M)")
+    torch.manual_seed(0)
+    try:
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    except ValueError as e:
+        # a sub-config (FAMILY_CONFIG_TYPE) that the auto class does not map: the mapped class itself
+        cls = getattr(transformers, class_name, None)
+        if "Unrecognized configuration class" not in str(e) or cls is None:
+            raise
+        torch.manual_seed(0)
+        model = cls._from_config(config, dtype=torch.float32)
+    _perturb(model)
+    if model_type in FAMILY_SETUP:
+        FAMILY_SETUP[model_type](model)
+    return model.eval()
+
+
+def check_family(
+    model_type: str,
+    class_name: str = "",
+    *,
+    timeout_s: float = 60.0,
+    build_timeout_s: float = 15.0,
+    max_params: int = 64_000_000,
+    example_inputs: dict[str, Any] | None = None,
+) -> SweepResult:
+    """Build a tiny ``model_type`` model, one 2-stage pipeline, and compare it with the
+    model on every case of :func:`causal_cases`."""
+    result = SweepResult(family=model_type, class_name=class_name, status="error")
+    start = time.perf_counter()
+    model = None
+    try:
+        # --- the model's own side: any failure here is a model-error
+        try:
+            with _deadline(build_timeout_s):
+                model = _build(model_type, class_name, max_params)
+            result.model_class = type(model).__name__
+            result.num_params = sum(p.numel() for p in model.parameters())
+            cases = causal_cases(model)
+        except BaseException as e:  # noqa: BLE001
+            if isinstance(e, KeyboardInterrupt):
+                raise
+            result.status, result.phase, result.exc_type = "model-error", "build", type(e).__name__
+            result.detail = f"build: {type(e).__name__}: {_message(e)}"
+            if isinstance(e, SweepTimeout):
+                result.detail = f"skipped: model build took over {build_timeout_s:g}s"
+            result.traceback = "".join(traceback.format_exception(e))
+            return result
+        checks = reference_cases(result, model, cases, timeout_s=timeout_s, start=start)
+        if not checks:  # the model fails every case itself: nothing to compare
+            return settle(result)
+        # --- fxpp's side
+        return check_pipeline(result, model, checks, example_inputs, timeout_s=timeout_s, start=start)
+    finally:
+        result.seconds = time.perf_counter() - start
+        if model is not None:
+            model.zero_grad(set_to_none=True)
+
+
+def causal_lm_families() -> dict[str, str]:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return dict(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+
+
+def sweep_causal_lm(
+    families: Iterable[str] | None = None,
+    timeout_s: float = 60.0,
+    *,
+    build_timeout_s: float = 15.0,
+    progress: Any = None,
+) -> list[SweepResult]:
+    """Check every (or each named) family of ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES``.
+
+    Args:
+        families: model types to check (default: all of the mapping, in its order).
+            A name not in the mapping is a ``model-error``.
+        timeout_s: the time budget of one family (build, reference and fxpp).
+        build_timeout_s: families whose tiny model takes longer to build are skipped
+            (``model-error``).
+        progress: called with each :class:`SweepResult` as it is done.
+    """
+    mapping = causal_lm_families()
+    names = list(mapping) if families is None else list(families)
+    results = []
+    for name in names:
+        if name not in mapping:
+            r = SweepResult(family=name, class_name="", status="model-error",
+                            detail="not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES")
+        else:
+            r = check_family(name, mapping[name], timeout_s=timeout_s, build_timeout_s=min(build_timeout_s, timeout_s))
+        results.append(r)
+        if progress is not None:
+            progress(r)
+    return results
+
+
+def format_table(results: list[SweepResult], width: int = 160) -> str:
+    return _table(results, width, CAUSAL_CASES)
+
+
+def markdown(results: list[SweepResult], command: str = COMMAND) -> str:
+    import transformers
+
+    lines = [
+        "# Supported models",
+        "",
+        f"Generated by `{command}`; do not edit by hand.",
+        "",
+        f"Every causal-LM family of transformers {transformers.__version__} "
+        f"(`MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`, torch {torch.__version__}) is built with a tiny config "
+        f"({NUM_LAYERS} decoder layers, hidden 64, vocabulary {VOCAB}, random weights) and split into 2 stages "
+        "with `fxpp.pipeline(model, 2, cuts=[1])`, once, without example inputs. That one pipeline is called "
+        "with each input case and compared with the unpatched training forward `model(**case, use_cache=False)` "
+        f"on the same inputs: logits and every parameter gradient, `atol=rtol={ATOL:g}`. Cases: **ids** — token "
+        "ids only (2x12, not the build's 2x8); **padded** — ids and a left-padded `attention_mask` (2x9); "
+        "**packed** — ids and `position_ids` of packed documents restarting mid-row, no mask (2x12); "
+        "**padded+pos** — ids, a padding mask and `position_ids` that follow it (3x10).",
+        "",
+        "Statuses: **pass** — same logits and gradients in every case that applies; **mismatch** — fxpp ran but "
+        "the numbers differ in some case (a silent wrong answer); **fxpp-error** — fxpp refused the model or a "
+        "case with an `FxppError`; **model-error** — the tiny model itself could not be built or run on a case "
+        "(not fxpp's fault); **error** — any other exception inside fxpp. A family's status is its worst case's "
+        f"(in that order: mismatch, error, fxpp-error, model-error), named in the detail. Case marks: {MARKS_LEGEND}.",
+        "",
+        f"**Summary:** {summary(results)}; {built_summary(results)}.",
+        "",
+        f"**Per case:** {case_summary(results, CAUSAL_CASES)}.",
+        "",
+        f"| family | class | status | {' / '.join(CAUSAL_CASES)} | detail |",
+        "|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(f"| `{r.family}` | `{r.class_name}` | {r.status} | {r.marks(CAUSAL_CASES)} | "
+                     f"{_md(_detail(r, 300))} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_docs(results: list[SweepResult], path: str = DOCS_PATH, command: str = COMMAND) -> str:
+    """Write the causal-LM part of ``path``, keeping a VLM section (:mod:`fxpp.testing.sweep_vlm`) after it."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    vlm = ""
+    if os.path.exists(path):
+        with open(path) as f:
+            old = f.read()
+        if SECTION_MARK in old:
+            vlm = "\n" + SECTION_MARK + old.split(SECTION_MARK, 1)[1]
+    with open(path, "w") as f:
+        f.write(markdown(results, command) + vlm)
+    return path
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m fxpp.sweep") -> int:
+    parser = sweep_parser(prog, __doc__, "llama,gemma", f"write {os.path.relpath(DOCS_PATH)}", 60.0)
+    args = parser.parse_args(argv)
+    return run_and_report(args, sweep_causal_lm, format_table, summary, write_docs, COMMAND)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
