@@ -28,9 +28,10 @@ def _detail(r: SweepResult, limit: int = 10_000) -> str:
     return _short(r.detail, max(limit - len(suffix), 20)) + suffix
 
 
-def summary(results: list[SweepResult]) -> str:
-    counts = {s: sum(r.status == s for r in results) for s in STATUSES}
-    return f"{len(results)} families: " + ", ".join(f"{counts[s]} {s}" for s in STATUSES)
+def summary(results: list[SweepResult], statuses: Iterable[str] = STATUSES) -> str:
+    """``N families: a pass, b mismatch, ...`` over ``statuses`` (the VLM sweep adds ``not-built``)."""
+    counts = {s: sum(r.status == s for r in results) for s in statuses}
+    return f"{len(results)} families: " + ", ".join(f"{counts[s]} {s}" for s in statuses)
 
 
 def built(results: list[SweepResult]) -> list[SweepResult]:
@@ -61,17 +62,21 @@ def case_summary(results: list[SweepResult], names: Iterable[str]) -> str:
     return "; ".join(parts)
 
 
-def format_table(results: list[SweepResult], width: int = 160, cases: Iterable[str] = ()) -> str:
-    """One row per family: status, one mark per case of ``cases``, the detail."""
+def format_table(results: list[SweepResult], width: int = 160, cases: Iterable[str] = (), *,
+                 statuses: Iterable[str] = STATUSES, kind: bool = False) -> str:
+    """One row per family: its kind (``kind=True``, the VLM sweep), status, one mark per
+    case of ``cases``, the detail."""
     cases = tuple(cases)
     fw = max([len("family")] + [len(r.family) for r in results])
-    sw = max(len(s) for s in STATUSES)
+    sw = max(len(s) for s in statuses)
     cw = max(len("cases"), 2 * len(cases) - 1)
-    rows = [f"{'family':<{fw}} | {'status':<{sw}} | {'cases':<{cw}} | detail",
-            f"{'-' * fw}-+-{'-' * sw}-+-{'-' * cw}-+-{'-' * 20}"]
+    kw = 7 if kind else 0  # "kind | "
+    rows = [f"{'family':<{fw}} | {'kind | ' if kind else ''}{'status':<{sw}} | {'cases':<{cw}} | detail",
+            f"{'-' * fw}-+-{'-----+-' if kind else ''}{'-' * sw}-+-{'-' * cw}-+-{'-' * 20}"]
     for r in results:
-        rows.append(f"{r.family:<{fw}} | {r.status:<{sw}} | {r.marks(cases):<{cw}} | "
-                    f"{_detail(r, max(width - fw - sw - cw - 9, 60))}")
+        k = f"{getattr(r, 'kind', '-'):<4} | " if kind else ""
+        rows.append(f"{r.family:<{fw}} | {k}{r.status:<{sw}} | {r.marks(cases):<{cw}} | "
+                    f"{_detail(r, max(width - fw - sw - cw - kw - 9, 60))}")
     return "\n".join(rows)
 
 

@@ -87,6 +87,8 @@ from .check import (ATOL, MARKS_LEGEND, Case, SweepResult, SweepTimeout, _deadli
                     check_pipeline, make_inputs, reference_cases, settle)
 from .report import (DOCS_PATH, SECTION_MARK, _detail, _md, built_summary, case_summary, run_and_report,
                      sweep_parser)
+from .report import format_table as _table
+from .report import summary as _summary
 from .tiny import NUM_LAYERS, SHRINK, VOCAB, shrink_kwargs
 
 STATUSES = ("pass", "mismatch", "fxpp-error", "model-error", "error", "not-built")
@@ -728,20 +730,11 @@ def sweep_vlm(families=None, timeout_s: float = 90.0, *, progress=None) -> list[
 
 
 def summary(results) -> str:
-    counts = {s: sum(r.status == s for r in results) for s in STATUSES}
-    return f"{len(results)} families: " + ", ".join(f"{counts[s]} {s}" for s in STATUSES)
+    return _summary(results, STATUSES)
 
 
 def format_table(results, width: int = 160) -> str:
-    fw = max([len("family")] + [len(r.family) for r in results])
-    sw = max(len(s) for s in STATUSES)
-    cw = 2 * len(VLM_CASES) - 1
-    rows = [f"{'family':<{fw}} | kind | {'status':<{sw}} | {'cases':<{cw}} | detail",
-            f"{'-' * fw}-+------+-{'-' * sw}-+-{'-' * cw}-+-{'-' * 20}"]
-    for r in results:
-        rows.append(f"{r.family:<{fw}} | {getattr(r, 'kind', '-'):<4} | {r.status:<{sw}} | "
-                    f"{r.marks(VLM_CASES):<{cw}} | {_detail(r, max(width - fw - sw - cw - 16, 60))}")
-    return "\n".join(rows)
+    return _table(results, width, VLM_CASES, statuses=STATUSES, kind=True)
 
 
 def markdown(results, command: str = COMMAND) -> str:

@@ -509,25 +509,21 @@ class HFTracer(Tracer):
         self.create_proxy("call_function", ops.check_guard, (proxy, value, where), {})
 
     def to_bool(self, obj: Proxy) -> bool:
-        val = self.meta_of(obj)
-        try:
-            result = bool(val)
-        except Exception as e:  # noqa: BLE001
-            raise UntraceableCode(
-                f"{type(self.model).__name__}: Python control flow depends on tensor data at {_short_stack()} "
-                f"(node {obj.node.name}); fxpp can only trace decisions on shapes"
-            ) from e
-        self._guard(obj, result)
-        return result
+        return self._concrete(obj, bool, "Python control flow depends on tensor data")
 
     def concretize(self, obj: Proxy, kind: type) -> Any:
+        return self._concrete(obj, kind, f"a tensor value is used as a Python {kind.__name__}")
+
+    def _concrete(self, obj: Proxy, kind: type, what: str) -> Any:
+        """``kind(value)`` from the node's meta value, guarded so the stage checks it at
+        run time; a value that needs tensor data is an :class:`UntraceableCode`."""
         val = self.meta_of(obj)
         try:
             result = kind(val)
         except Exception as e:  # noqa: BLE001
             raise UntraceableCode(
-                f"{type(self.model).__name__}: a tensor value is used as a Python {kind.__name__} at "
-                f"{_short_stack()} (node {obj.node.name}); fxpp can only trace decisions on shapes"
+                f"{type(self.model).__name__}: {what} at {_short_stack()} (node {obj.node.name}); "
+                "fxpp can only trace decisions on shapes"
             ) from e
         self._guard(obj, result)
         return result
