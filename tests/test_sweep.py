@@ -23,7 +23,7 @@ from fxpp.testing.check import (
     settle,
 )
 from fxpp.testing.report import built_summary, case_summary, summary
-from fxpp.testing.sweep_causal import CAUSAL_CASES, _build, causal_cases, format_table, markdown, sweep_causal_lm
+from fxpp.testing.sweep_causal import CAUSAL_CASES, INPUT_CASES, _build, causal_cases, format_table, markdown, sweep_causal_lm
 from fxpp.testing.sweep_vlm import VLM_CASES, text_ids, vlm_cases
 from fxpp.testing.sweep_vlm import format_table as format_vlm_table
 from fxpp.testing.sweep_vlm import markdown as vlm_markdown
@@ -50,7 +50,7 @@ def _llama():
 
 def test_causal_cases_cover_the_input_sets():
     cases = {c.name: c for c in causal_cases(_llama())}
-    assert tuple(cases) == CAUSAL_CASES
+    assert tuple(cases) == INPUT_CASES
     assert set(cases["ids"].inputs) == {"input_ids"}
     assert tuple(cases["ids"].inputs["input_ids"].shape) != (2, 8)  # not the build's default shape
     assert set(cases["padded"].inputs) == {"input_ids", "attention_mask"}
@@ -73,8 +73,37 @@ def test_sweep_llama_and_qwen2_every_case():
     assert not failed, "\n" + format_table(failed)
     for r in results:
         assert [c.name for c in r.cases] == list(CAUSAL_CASES)
-        assert all(c.status == "pass" for c in r.cases), r.cases
-        assert r.marks(CAUSAL_CASES) == "✓ ✓ ✓ ✓"
+        assert all(c.status == "pass" for c in r.cases if c.name != "router"), r.cases
+        assert r.case_status("router") == "skipped"  # dense models: no router logits
+        assert r.marks(CAUSAL_CASES) == "✓ ✓ ✓ ✓ –"
+
+
+def test_router_case_checks_the_load_balancing_loss(monkeypatch):
+    """MoE families get the ``router`` case: loss, aux_loss and gradients with router
+    logits on. A pipeline whose loss drops the auxiliary term is a mismatch there (the
+    default coefficient times the load-balancing loss is about 1e-3, ten times atol)."""
+    import sys
+
+    from transformers.modeling_outputs import MoeCausalLMOutputWithPast
+
+    pipeline_module = sys.modules["fxpp.pipeline"]  # fxpp.pipeline is also the function
+
+    (mixtral,) = sweep_causal_lm(["mixtral"])
+    assert mixtral.status == "pass", format_table([mixtral])
+    assert mixtral.case_status("router") == "pass"
+    assert not mixtral.build_failure
+
+    real = pipeline_module.model_loss
+
+    def without_aux(model, out, labels):
+        full = real(model, out, labels)
+        lm = full.loss - model.config.router_aux_loss_coef * full.aux_loss
+        return MoeCausalLMOutputWithPast(loss=lm, aux_loss=full.aux_loss, logits=full.logits)
+
+    monkeypatch.setattr(pipeline_module, "model_loss", without_aux)
+    (dropped,) = sweep_causal_lm(["mixtral"])
+    assert dropped.case_status("router") == "mismatch", format_table([dropped])
+    assert dropped.status == "mismatch" and dropped.case == "router"
 
 
 def test_cases_the_forward_cannot_take_are_skipped():
@@ -82,9 +111,9 @@ def test_cases_the_forward_cannot_take_are_skipped():
     [r] = sweep_causal_lm(["bloom"])
     assert r.status == "pass", format_table([r])
     status = {c.name: c.status for c in r.cases}
-    assert status == {"ids": "pass", "padded": "pass", "packed": "skipped", "padded+pos": "skipped"}
+    assert status == {"ids": "pass", "padded": "pass", "packed": "skipped", "padded+pos": "skipped", "router": "skipped"}
     assert "takes no position_ids" in next(c.detail for c in r.cases if c.name == "packed")
-    assert r.marks(CAUSAL_CASES) == "✓ ✓ – –"
+    assert r.marks(CAUSAL_CASES) == "✓ ✓ – – –"
 
 
 def test_one_pipeline_a_wrong_reference_is_a_mismatch_naming_the_case():
@@ -140,8 +169,8 @@ def test_docs_table_has_a_column_per_case():
                                          zip(CAUSAL_CASES, ("pass", "pass", "skipped", "mismatch"))])),
                SweepResult("b", "B", "model-error", detail="build: ValueError: no")]
     text = markdown(results)
-    assert "| family | class | status | ids / padded / packed / padded+pos | detail |" in text
-    assert "| `a` | `A` | mismatch | ✓ ✓ – ≠ |" in text
+    assert "| family | class | status | ids / padded / packed / padded+pos / router | detail |" in text
+    assert "| `a` | `A` | mismatch | ✓ ✓ – ≠ · |" in text  # · : the family got no router case
     assert "| `b` | `B` | model-error |  |" in text
     assert markdown(results) == text  # deterministic
     assert built_summary(results) == "1 build tiny, 0 pass every case (0.0%)"

@@ -196,6 +196,8 @@ class SweepResult:
     traceback: str | None = field(default=None, repr=False)
     case: str | None = None  # the case the status comes from (None: the build, or every case passed)
     cases: list[CaseResult] = field(default_factory=list)  # one per input case, in the sweep's order
+    # the pipeline build failed for every case (set by check_pipeline, kept by a later settle)
+    build_failure: CaseResult | None = field(default=None, repr=False)
 
     def case_status(self, name: str) -> str | None:
         """The status of case ``name``; None where the family got no case (model not built)."""
@@ -378,7 +380,7 @@ def check_pipeline(result: SweepResult, model, checks: list[tuple[str, dict, Any
     except BaseException as e:  # noqa: BLE001
         if isinstance(e, KeyboardInterrupt):
             raise
-        failure = _failure("", "pipeline", e, timeout_s)
+        failure = result.build_failure = _failure("", "pipeline", e, timeout_s)
         for name, _, _ in checks:
             _put(result, dataclasses.replace(failure, name=name, traceback=None))
         return settle(result, build_failure=failure)
@@ -415,6 +417,7 @@ def settle(result: SweepResult, build_failure: CaseResult | None = None) -> Swee
     """The family's status from its cases: ``pass`` if every case that applies passes,
     else the worst case's status (:data:`SEVERITY`; a failed pipeline build outranks
     the cases it stopped), its details, and ``case`` naming it."""
+    build_failure = build_failure or result.build_failure
     failed = [c for c in result.cases if c.status in SEVERITY]
     diffs = [c.max_diff for c in result.cases if c.max_diff is not None]
     result.max_diff = max(diffs) if diffs else None

@@ -19,6 +19,14 @@ Cases (:func:`causal_cases`)
     then finds the documents from the positions), 2x12.
 ``padded+pos``
     ids, a padding mask and ``position_ids`` that follow it, 3x10.
+``router``
+    mixture-of-experts families only (a config with ``output_router_logits``): the
+    padded inputs with ``labels``, router logits on. A second pipeline is built with
+    ``output_router_logits=True`` in the config, and ``pipe(**inputs, labels=labels)``
+    is compared with ``model(**inputs, labels=labels, use_cache=False)``: logits,
+    ``loss`` (language-model loss plus the coefficient times the load-balancing
+    loss), ``aux_loss`` and every gradient of ``loss`` (the routers' included).
+    Skipped for families without router logits.
 
 A case whose input the model's forward does not take is ``skipped``; a case where the
 unpatched model itself fails (or is not deterministic) is ``model-error`` for that case.
@@ -58,19 +66,21 @@ from typing import Any, Iterable
 
 import torch
 
-from .check import (ATOL, MARKS_LEGEND, Case, SweepResult, SweepTimeout, _deadline, _message, _needs, _perturb,
-                    check_pipeline, make_inputs, packed_positions, reference_cases, settle)
+from .check import (ATOL, MARKS_LEGEND, Case, CaseResult, SweepResult, SweepTimeout, _deadline, _failure, _left,
+                    _message, _needs, _perturb, _put, check_pipeline, compare, grads_of, make_inputs,
+                    packed_positions, reference_cases, settle)
 from .report import (DOCS_PATH, SECTION_MARK, _detail, _md, built_summary, case_summary, run_and_report, summary,
                      sweep_parser)
 from .report import format_table as _table
 from .tiny import FAMILY_SETUP, NUM_LAYERS, VOCAB, tiny_config
 
-CAUSAL_CASES = ("ids", "padded", "packed", "padded+pos")
+INPUT_CASES = ("ids", "padded", "packed", "padded+pos")  # one pipeline, built without example inputs
+CAUSAL_CASES = (*INPUT_CASES, "router")  # router: a second pipeline, router logits on
 COMMAND = "python -m fxpp.sweep --write-docs"
 
 
 def causal_cases(model: torch.nn.Module, seed: int = 0) -> list[Case]:
-    """The input cases of :data:`CAUSAL_CASES` for ``model`` (see the module docstring)."""
+    """The input cases of :data:`INPUT_CASES` for ``model`` (see the module docstring)."""
     from ..transform import forward_parameters
 
     params, name = forward_parameters(model), type(model).__name__
@@ -149,14 +159,87 @@ def check_family(
             result.traceback = "".join(traceback.format_exception(e))
             return result
         checks = reference_cases(result, model, cases, timeout_s=timeout_s, start=start)
-        if not checks:  # the model fails every case itself: nothing to compare
-            return settle(result)
-        # --- fxpp's side
-        return check_pipeline(result, model, checks, example_inputs, timeout_s=timeout_s, start=start)
+        if checks:  # else the model fails every case itself: nothing to compare
+            # --- fxpp's side
+            check_pipeline(result, model, checks, example_inputs, timeout_s=timeout_s, start=start)
+        if "router" not in {c.name for c in result.cases}:
+            _put(result, check_router_loss(model, timeout_s=timeout_s, start=start))
+        return settle(result)
     finally:
         result.seconds = time.perf_counter() - start
         if model is not None:
             model.zero_grad(set_to_none=True)
+
+
+def router_config(model: torch.nn.Module):
+    """The config that switches ``model``'s router logits on (``output_router_logits``), or None."""
+    config = model.config
+    try:
+        text = config.get_text_config()
+    except ValueError:  # several text configs: only the top-level one is unambiguous
+        text = config
+    return next((c for c in (text, config) if hasattr(c, "output_router_logits")), None)
+
+
+def _with_labels_run(call, model: torch.nn.Module, inputs: dict[str, Any], labels: torch.Tensor):
+    """Logits and every gradient of ``loss`` for ``call(**inputs, labels=labels)``; the
+    loss and aux loss join the gradients under ``(loss)`` and ``(aux_loss)``."""
+    model.zero_grad(set_to_none=True)
+    out = call(**inputs, labels=labels)
+    out.loss.backward()
+    got = grads_of(model)
+    model.zero_grad(set_to_none=True)
+    got["(loss)"] = out.loss.detach()
+    aux = getattr(out, "aux_loss", None)
+    if aux is not None:
+        got["(aux_loss)"] = aux.detach()
+    return out.logits.detach(), got
+
+
+def check_router_loss(model: torch.nn.Module, *, timeout_s: float, start: float, seed: int = 1) -> CaseResult:
+    """The ``router`` case: a pipeline built with router logits on, called with labels,
+    against the model's own loss with router logits (see the module docstring)."""
+    import fxpp
+
+    config = router_config(model)
+    if config is None:
+        return CaseResult("router", "skipped", f"{type(model.config).__name__} has no output_router_logits")
+    inputs = make_inputs(seed=seed)
+    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+    before = config.output_router_logits
+    config.output_router_logits = True
+    phase = "reference"
+    try:
+        with _deadline(_left(timeout_s, start)):
+            try:
+                ref = _with_labels_run(lambda **kw: model(**kw, use_cache=False), model, inputs, labels)
+                again = _with_labels_run(lambda **kw: model(**kw, use_cache=False), model, inputs, labels)
+            except BaseException as e:  # noqa: BLE001
+                if isinstance(e, (KeyboardInterrupt, SweepTimeout)):
+                    raise
+                return CaseResult("router", "model-error", f"reference: {type(e).__name__}: {_message(e)}",
+                                  phase="reference", exc_type=type(e).__name__,
+                                  traceback="".join(traceback.format_exception(e)))
+            if "(aux_loss)" not in ref[1]:
+                return CaseResult("router", "skipped", "the model returns no aux_loss with router logits on")
+            same, detail, _ = compare(ref, again, atol=0, rtol=0)
+            if not same:
+                return CaseResult("router", "model-error", f"reference: the model is not deterministic ({detail})",
+                                  phase="reference")
+            phase = "pipeline"
+            pipe = fxpp.pipeline(model, 2, cuts=[1])
+            phase = "run"
+            got = _with_labels_run(pipe, model, inputs, labels)
+        same, detail, diff = compare(ref, got)
+        return CaseResult("router", "pass" if same else "mismatch", detail, max_diff=diff,
+                          phase=None if same else "compare")
+    except BaseException as e:  # noqa: BLE001
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        return _failure("router", phase, e, timeout_s)
+    finally:
+        config.output_router_logits = before
+        model.zero_grad(set_to_none=True)
 
 
 def causal_lm_families() -> dict[str, str]:
@@ -217,7 +300,11 @@ def markdown(results: list[SweepResult], command: str = COMMAND) -> str:
         f"on the same inputs: logits and every parameter gradient, `atol=rtol={ATOL:g}`. Cases: **ids** — token "
         "ids only (2x12, not the build's 2x8); **padded** — ids and a left-padded `attention_mask` (2x9); "
         "**packed** — ids and `position_ids` of packed documents restarting mid-row, no mask (2x12); "
-        "**padded+pos** — ids, a padding mask and `position_ids` that follow it (3x10).",
+        "**padded+pos** — ids, a padding mask and `position_ids` that follow it (3x10); **router** — "
+        "mixture-of-experts families (a config with `output_router_logits`) only: a second pipeline built with "
+        "router logits on, `pipe(**padded, labels=labels)` against `model(**padded, labels=labels, use_cache=False)`: "
+        "logits, `loss` (with the coefficient times the load-balancing loss), `aux_loss` and every gradient of "
+        "`loss`, the routers' included.",
         "",
         "Statuses: **pass** — same logits and gradients in every case that applies; **mismatch** — fxpp ran but "
         "the numbers differ in some case (a silent wrong answer); **fxpp-error** — fxpp refused the model or a "
