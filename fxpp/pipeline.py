@@ -215,7 +215,7 @@ def model_loss(model: torch.nn.Module, out: dict, labels: torch.Tensor):
     from transformers.modeling_outputs import CausalLMOutputWithPast, MoeCausalLMOutputWithPast
 
     from .errors import StageInputError
-    from .runtime.loss import router_aux_loss_coef
+    from .runtime.loss import AUX_LOSS_COEF_NAMES, router_aux_loss_coef
 
     unknown = sorted(set(out) - {"logits", "aux_loss"})
     if unknown:
@@ -227,5 +227,9 @@ def model_loss(model: torch.nn.Module, out: dict, labels: torch.Tensor):
     if "aux_loss" not in out:
         return CausalLMOutputWithPast(loss=loss, logits=logits)
     coef = router_aux_loss_coef(model)
+    if coef is None:
+        raise StageInputError(f"{type(model).__name__}: its forward returns an aux_loss but fxpp finds no coefficient "
+                              f"for it (none of {', '.join(AUX_LOSS_COEF_NAMES)} on the model or its config); "
+                              "compute the loss from the logits and aux_loss yourself")
     loss = loss + coef * out["aux_loss"].to(loss.device)
     return MoeCausalLMOutputWithPast(loss=loss, aux_loss=out["aux_loss"], logits=logits)

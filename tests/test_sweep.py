@@ -254,3 +254,26 @@ def test_sweep_every_vlm_family():
     errors = [r for r in results if r.status in ("error", "mismatch")
               or (r.family in VLM_FAMILIES and r.status != "pass")]
     assert not errors, vlm_summary(results) + "\n\n" + format_vlm_table(errors)
+
+
+def test_router_case_for_data_dependent_routers_and_other_coefficient_names():
+    """JetMoE's gating dispatches on tensor data inside the decoder layer, and reads its
+    coefficient as ``aux_loss_coef``; Qwen4-Exp's later layer needs a real evaluation
+    that replays the recorded router logits of the earlier one. Both must pass."""
+    results = sweep_causal_lm(["jetmoe", "qwen4_exp_text"])
+    for r in results:
+        assert r.case_status("router") == "pass", format_table([r])
+
+
+def test_an_aux_loss_without_a_known_coefficient_is_refused(monkeypatch):
+    import sys
+
+    import fxpp
+    from fxpp.testing.zoo import tiny_model
+
+    model = tiny_model("mixtral", 2, output_router_logits=True)
+    ids = torch.randint(3, 100, (2, 6))
+    pipe = fxpp.pipeline(model, 2)
+    monkeypatch.setattr(sys.modules["fxpp.runtime.loss"], "AUX_LOSS_COEF_NAMES", ("no_such_coefficient",))
+    with pytest.raises(fxpp.StageInputError, match="returns an aux_loss but fxpp finds no coefficient"):
+        pipe(input_ids=ids, labels=ids)

@@ -97,18 +97,26 @@ def causal_lm_loss(labels: torch.Tensor, num_microbatches: int, *, scale_grads: 
                         ignore_index=ignore_index, aux_loss_coef=coef)
 
 
+# The names MoE forwards read their auxiliary-loss coefficient from (``self.<name>``):
+# ``router_aux_loss_coef`` (Mixtral, Qwen-MoE, OLMoE, ...), ``aux_loss_coef`` (JetMoE).
+AUX_LOSS_COEF_NAMES = ("router_aux_loss_coef", "aux_loss_coef")
+
+
 def router_aux_loss_coef(model: torch.nn.Module) -> float | None:
     """The coefficient the model's forward puts on its auxiliary router loss, or None when it computes none.
 
     Where the model's forward reads it: the model's own attribute (``self.router_aux_loss_coef``,
-    set from the config by every MoE ``*ForCausalLM``), else the text config's or the config's.
+    set from the config by every MoE ``*ForCausalLM``; JetMoE's ``self.aux_loss_coef``), else the
+    text config's or the config's. None for a model that computes an auxiliary loss under another
+    name: the callers refuse it rather than drop the term.
     """
     config = model.config
     configs = [config.get_text_config(), config]
     if not any(getattr(c, "output_router_logits", False) for c in configs):
         return None
-    for source in (model, *configs):
-        coef = getattr(source, "router_aux_loss_coef", None)
-        if coef is not None:
-            return float(coef)
+    for name in AUX_LOSS_COEF_NAMES:
+        for source in (model, *configs):
+            coef = getattr(source, name, None)
+            if isinstance(coef, (int, float)) and not isinstance(coef, bool):
+                return float(coef)
     return None

@@ -64,6 +64,14 @@ Note [data-dependent values]
     them). Python *control flow* on data is still refused. On the meta device there
     are no real values, and these models get a TraceError that says so.
 
+    A leaf whose recorded submodules (routers, see ``fxpp.trace.recording``) need
+    tensor data during the meta evaluation (JetMoE's gating) is evaluated on the real
+    inputs as a whole, with the recording hooks on, instead of getting the
+    shape-keeping stand-in of expert blocks: a stand-in would record nothing. The real
+    replay of the graph reads the values those hooks kept for the ``take_recorded``
+    nodes (Qwen4-Exp: a later layer's data-dependent indexer replays the earlier
+    layers' router logits).
+
 Note [mask closures]
     ``blockwise_overlay(ids)`` returns a closure over ``ids``. Traced through, the
     closure would capture a Proxy and become a graph constant; as a node of its own it

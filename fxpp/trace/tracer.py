@@ -119,6 +119,12 @@ class HFTracer(Tracer):
         self._pending_record: list[tuple[str, str, int]] = []
         self._captured: list[tuple[str, int, Any]] = []
         self._recorded_meta: dict[tuple, Any] = {}
+        # a leaf call that records outputs -> its (path, index) targets, for real evaluation
+        self._record_targets: dict[Node, list[tuple[str, int]]] = {}
+        self._recording_ids: set[int] = set()  # modules recorded by the leaf being meta-evaluated
+        self._pending_targets: list[tuple[str, int]] = []  # for the call_module node being created
+        self._real_recorded: dict[tuple, Any] = {}  # (path, index, occurrence) -> real value
+        self._real_record_calls: dict[Node, list[tuple[str, int, Any]]] = {}  # in call order
         self._param_names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
         self._buffer_names = {id(b): n for n, b in model.named_buffers(remove_duplicate=False)}
 
@@ -141,7 +147,10 @@ class HFTracer(Tracer):
         node = super().create_node(kind, target, args, kwargs, name, type_expr)
         if kind == "placeholder":
             node.meta["val"] = self._placeholder_vals[target]
-        elif kind != "output":
+            return node
+        if kind == "call_module" and self._pending_targets:
+            self._record_targets[node], self._pending_targets = self._pending_targets, []
+        if kind != "output":
             node.meta["val"] = self._meta_eval(node)
         return node
 
@@ -176,7 +185,10 @@ class HFTracer(Tracer):
             raise
         except Exception as e:  # noqa: BLE001 - re-raised with node context
             if _is_data_dependent(e):
-                return self._fakeify_value(self.real_value(node, why=e))
+                value = self._fakeify_value(self.real_value(node, why=e))
+                if node in self._record_targets:  # what the leaf recorded, from the real run
+                    self._captured = [(p, i, self._fakeify_value(v)) for p, i, v in self._real_record_calls[node]]
+                return value
             raise UntraceableCode(
                 f"{type(self.model).__name__}: cannot compute the output shape of node {node.name} "
                 f"({node.op} {_target_name(node.target)}) at {_node_source_line(node, e)}: {type(e).__name__}: {e}"
@@ -209,6 +221,7 @@ class HFTracer(Tracer):
         """Meta-evaluate a leaf with temporary hooks on the submodules it records (in call order)."""
         captured = []
         handles = []
+        self._recording_ids = {id(self.model.get_submodule(path)) for _, path, _ in targets}
         try:
             for _, path, index in targets:
                 def hook(mod, a, output, path=path, index=index):
@@ -219,6 +232,7 @@ class HFTracer(Tracer):
                 handles.append(self.model.get_submodule(path).register_forward_hook(hook))
             out = module(*args, **kwargs)
         finally:
+            self._recording_ids = set()
             for handle in handles:
                 handle.remove()
         self._captured = captured
@@ -323,6 +337,10 @@ class HFTracer(Tracer):
             return self._fetch_attr(node.target)
         if node.op == "call_function" and (node.target is ops.check_guard or is_check_function(node.target)):
             return None
+        if node.op == "call_function" and node.target is ops.take_recorded:
+            return self._real_recorded[tuple(node.args)]
+        if node.op == "call_module" and node in self._record_targets:
+            return self._run_real_recording(node)
         args = _thaw_all(map_arg(node.args, self._real_vals.__getitem__))
         kwargs = {k: _thaw_all(v) for k, v in map_arg(node.kwargs, self._real_vals.__getitem__).items()}
         self._evaluating += 1
@@ -340,6 +358,43 @@ class HFTracer(Tracer):
             ) from e
         finally:
             self._evaluating -= 1
+
+    def _run_real_recording(self, node: Node) -> Any:
+        """Run a recording leaf on real values with hooks on its recorded submodules,
+        keeping what they return for the ``take_recorded`` nodes after it."""
+        calls: list[tuple[str, int, Any]] = []
+        handles = []
+        try:
+            for path, index in self._record_targets[node]:
+                def hook(mod, a, output, path=path, index=index):
+                    value = output[index] if isinstance(output, tuple) else output
+                    if value is not None:
+                        calls.append((path, index, value))
+
+                handles.append(self.model.get_submodule(path).register_forward_hook(hook))
+            args = _thaw_all(map_arg(node.args, self._real_vals.__getitem__))
+            kwargs = {k: _thaw_all(v) for k, v in map_arg(node.kwargs, self._real_vals.__getitem__).items()}
+            self._evaluating += 1
+            try:
+                with torch.no_grad():
+                    out = self.model.get_submodule(node.target)(*args, **kwargs)
+            except Exception as e:  # noqa: BLE001 - re-raised with node context
+                raise TraceError(
+                    f"{type(self.model).__name__}: cannot evaluate node {node.name} (call_module {node.target}) "
+                    f"on the example inputs at {_node_source_line(node, e)}: {type(e).__name__}: {e}"
+                ) from e
+            finally:
+                self._evaluating -= 1
+        finally:
+            for handle in handles:
+                handle.remove()
+        seen: dict[str, int] = {}
+        for path, index, value in calls:
+            occurrence = seen.get(path, 0)
+            seen[path] = occurrence + 1
+            self._real_recorded[(path, index, occurrence)] = value
+        self._real_record_calls[node] = calls
+        return out
 
     def _fakeify_value(self, value: Any) -> Any:
         def fake(x):
@@ -376,6 +431,8 @@ class HFTracer(Tracer):
         before = {sid: dict(_items(obj)) for sid, (obj, _) in states.items()}
         targets = recorded_submodules(m, qualname, self._recording[-1][0]) if self._recording else []
         self._pending_record = targets
+        if targets:
+            self._pending_targets = [(path, index) for _, path, index in targets]
         out = super().call_module(m, forward, args, kwargs)
         if targets:
             self._take_recorded(out, targets)
@@ -434,6 +491,12 @@ class HFTracer(Tracer):
         try:
             return forward(*args, **kwargs)
         except Exception as e:  # noqa: BLE001
+            if isinstance(e, _RecordedNeedsData):
+                raise
+            if _is_data_dependent(e) and id(m) in self._recording_ids:
+                # a module whose output the model records (a router) must really run: a
+                # shape-keeping stand-in would record nothing (Note [data-dependent values])
+                raise _RecordedNeedsData(f"{type(m).__name__} is recorded and depends on tensor data") from e
             if _is_data_dependent(e) and not self._in_moe_fallback_scope(m):
                 raise  # the node is evaluated on the real example inputs instead
             first = next((a for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)), None)
@@ -549,11 +612,16 @@ class HFTracer(Tracer):
         return super().keys(obj)
 
 
+class _RecordedNeedsData(Exception):
+    """A recorded submodule (a router) failed its meta evaluation on tensor data: its
+    leaf is evaluated on the real example inputs (no shape-keeping stand-in)."""
+
+
 def _is_data_dependent(e: BaseException) -> bool:
     """A fake-tensor failure that only the tensor's values could answer."""
     from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
 
-    if isinstance(e, (DataDependentOutputException, DynamicOutputShapeException)):
+    if isinstance(e, (DataDependentOutputException, DynamicOutputShapeException, _RecordedNeedsData)):
         return True
     name = type(e).__name__
     return name in ("GuardOnDataDependentSymNode", "DataDependentOutputException") or "data-dependent" in str(e).lower()
