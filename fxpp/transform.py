@@ -24,6 +24,7 @@ from .passes.none_safe_masks import none_safe_masks
 from .spec import StageRole, StageSpec
 from .analysis.cuts import crossing_slots
 from .trace import reject_unconsumed_inputs
+from .trace.unused_inputs import tolerated_reason, unconsumed_inputs
 from .trace.recording import recording_hooks, recording_targets
 from .layout import TEXT_INPUTS, CutLayout, InputSignature, Slot
 from .trace import find_decoder_layers, trace_model
@@ -180,7 +181,10 @@ def trace_annotated(model: torch.nn.Module, example_inputs: dict[str, Any]) -> G
     with model_unchanged(model):
         gm = trace_model(model, inputs)
     _reject_ignored_inputs(model, gm)
-    reject_unconsumed_inputs(type(model).__name__, gm, [k for k, v in inputs.items() if v is not None])
+    given = [k for k, v in inputs.items() if v is not None]
+    ignored = ignored_by_the_model(model, inputs, [n for n in unconsumed_inputs(gm, given)
+                                                   if tolerated_reason(gm, n) is None])
+    reject_unconsumed_inputs(type(model).__name__, gm, [k for k in given if k not in ignored])
     none_safe_masks(gm)
     layers_fqn, layers = find_decoder_layers(model)
     text_config = model.config.get_text_config()
@@ -196,6 +200,48 @@ def trace_annotated(model: torch.nn.Module, example_inputs: dict[str, Any]) -> G
     gm.meta["fxpp_num_layers"] = len(layers)
     gm.meta["fxpp_model_class"] = type(model).__name__
     return gm
+
+
+def _perturbations(value: torch.Tensor) -> list[torch.Tensor]:
+    """Other values of an input, each a change any model that reads it would see: the
+    values reversed along the sequence, and a constant (zeros for ids and positions,
+    the value plus one for floats)."""
+    other = torch.zeros_like(value) if not value.is_floating_point() else value + 1
+    return [value.flip(-1), other]
+
+
+def ignored_by_the_model(model: torch.nn.Module, inputs: dict[str, Any], names: list[str]) -> set[str]:
+    """The inputs of ``names`` (unconsumed by the traced graph) that the unpatched model
+    ignores as well: its training forward gives bit-identical logits when the input is
+    changed (:func:`_perturbations`) on the example inputs.
+
+    The graph not reading an input is the tracer's fault when the model does read it
+    (a lost renaming decorator: Fuyu's ``image_patches``), and then the logits move;
+    when they do not move for two different changes, the model itself takes the input
+    and ignores it (GraniteMoeHybrid without rotary embeddings ignores ``position_ids``;
+    its masks do not read them either). Not checkable on the meta device or without
+    real example values: such inputs stay unconsumed and the build refuses them.
+    """
+    from .trace.driver import TRACE_KWARGS, select_output
+
+    candidates = [n for n in names if isinstance(inputs.get(n), torch.Tensor) and inputs[n].numel()]
+    if not candidates or any(p.is_meta for p in model.parameters()):
+        return set()
+    if any(isinstance(v, torch.Tensor) and v.is_meta for v in inputs.values()):
+        return set()
+
+    def logits(call_inputs):
+        # the same random stream for every call: dropout in train mode is not a change
+        with torch.random.fork_rng(devices=[]), torch.no_grad(), model_unchanged(model):
+            torch.manual_seed(0)
+            return select_output(model(**call_inputs, **TRACE_KWARGS))
+
+    ignored = set()
+    base = logits(inputs)
+    for name in candidates:
+        if all(torch.equal(base, logits({**inputs, name: other})) for other in _perturbations(inputs[name])):
+            ignored.add(name)
+    return ignored
 
 
 _MODALITY_PREFIXES = ("pixel_values", "image_", "video_", "audio_", "input_features")

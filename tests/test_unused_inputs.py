@@ -209,3 +209,43 @@ def test_video_llava_images_reach_the_logits(videos):
     model.config.video_token_index = 126
     inputs = _video_llava_inputs(model, videos=videos)
     _check_matches_model(model, inputs, ["pixel_values_images"])
+
+
+# -- inputs the unpatched model itself ignores -------------------------------------------
+
+
+def test_an_input_the_model_reads_is_not_declared_ignored():
+    """Llama reads position_ids (rotary embeddings): changing them moves the logits, so an
+    unconsumed position_ids would stay an error."""
+    from fxpp.transform import ignored_by_the_model
+
+    model, inputs, _ = _llama()
+    inputs["position_ids"] = torch.arange(8).expand(2, 8).clone()
+    assert ignored_by_the_model(model, inputs, ["position_ids"]) == set()
+
+
+def test_an_input_the_model_ignores_is_tolerated_and_the_pipeline_is_exact():
+    """GraniteMoeHybrid without rotary embeddings takes position_ids and ignores them
+    (its masks do not read them either): the graph does not consume them, the model's
+    logits do not move when they change, so the build accepts them, and packed
+    positions give exactly the unpatched result."""
+    from fxpp.testing.sweep_causal import _build
+    from fxpp.transform import ignored_by_the_model
+
+    model = _build("granitemoehybrid", "GraniteMoeHybridForCausalLM", 64_000_000)
+    ids = torch.randint(3, 128, (2, 8), generator=torch.Generator().manual_seed(0))
+    pos = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4], [0, 1, 2, 3, 4, 5, 0, 1]])
+    assert ignored_by_the_model(model, {"input_ids": ids, "position_ids": pos}, ["position_ids"]) == {"position_ids"}
+    pipe = fxpp.pipeline(model, 2, cuts=[1])
+    want = model(input_ids=ids, position_ids=pos, use_cache=False).logits
+    torch.testing.assert_close(pipe(input_ids=ids, position_ids=pos), want, atol=ATOL, rtol=0)
+
+
+def test_no_check_without_real_values():
+    """On the meta device nothing can be run: an unconsumed input stays an error."""
+    from fxpp.transform import ignored_by_the_model
+
+    with torch.device("meta"):
+        model = tiny_model("llama", 2)
+    ids = torch.zeros(2, 8, dtype=torch.long, device="meta")
+    assert ignored_by_the_model(model, {"input_ids": ids, "position_ids": ids}, ["position_ids"]) == set()

@@ -28,6 +28,12 @@ does, so ignoring them changes nothing:
   "vision"``). The price: a trace that wrongly dropped them elsewhere (Qwen3-VL's
   ``get_rope_index``) would not be caught here.
 
+Also accepted, by the door rather than here (``fxpp.transform.ignored_by_the_model``,
+which runs the model): an unconsumed input whose changes leave the unpatched model's
+logits bit-identical on the example inputs, so the model itself takes it and ignores it
+(GraniteMoeHybrid without rotary embeddings and ``position_ids``). A lost input that the
+model does read moves its logits and is still refused.
+
 These are pure functions of the graph: they read it and raise, nothing else.
 """
 
