@@ -277,3 +277,12 @@ def test_an_aux_loss_without_a_known_coefficient_is_refused(monkeypatch):
     monkeypatch.setattr(sys.modules["fxpp.runtime.loss"], "AUX_LOSS_COEF_NAMES", ("no_such_coefficient",))
     with pytest.raises(fxpp.StageInputError, match="returns an aux_loss but fxpp finds no coefficient"):
         pipe(input_ids=ids, labels=ids)
+
+
+def test_vlm_sweep_mllama_text_only_skips_the_layers_after_the_cut():
+    """Mllama's tiny text model: layer 1 of 2 is a cross-attention layer, which the forward
+    skips without images. A text-only call to the pipeline cut at 1 calls no layer on the
+    second stage: the hidden states of layer 0 cross to the norm and head there, and
+    logits and gradients equal the unpatched model's."""
+    (r,) = sweep_vlm(["mllama"])
+    assert [c.status for c in r.cases] == ["pass", "pass", "pass"], format_vlm_table([r])

@@ -15,6 +15,7 @@ with ``a.layers.stop == b.layers.start`` fit together.
 
 from __future__ import annotations
 
+import operator
 import weakref
 
 import torch
@@ -33,12 +34,33 @@ def stream_at(graph: Graph, k: int) -> Node:
     layers = layer_nodes(graph)
     present = sorted(i for i in layers if i >= k)
     if not present:
-        raise CutError(f"cut {k}: the traced forward calls no decoder layer at or after {k}")
+        return _stream_after_last_layer(layers, k)
     layer = layers[present[0]]
     first = layer.args[0] if layer.args else layer.kwargs.get("hidden_states")
     if not isinstance(first, Node):
         raise CutError(f"{layer.target}: first argument is not a traced value, cannot find the hidden states")
     return first
+
+
+def _stream_after_last_layer(layers: dict[int, Node], k: int) -> Node:
+    """The hidden states leaving the last layer the forward calls, for a cut after it.
+
+    A forward may skip layers for some inputs (Mllama without images skips its
+    cross-attention layers): a cut after the last layer it calls still lies between
+    that layer and the final norm, so the stages after it call no layer and pass the
+    hidden states on to the last stage's norm and head.
+    """
+    before = sorted(i for i in layers if i < k)
+    if not before:
+        raise CutError(f"cut {k}: the traced forward calls no decoder layer")
+    last = layers[before[-1]]
+    if is_tensorish(last.meta.get("val")) and isinstance(last.meta.get("val"), torch.Tensor):
+        return last
+    firsts = [u for u in last.users if u.op == "call_function" and u.target is operator.getitem and u.args[1:] == (0,)]
+    if len(firsts) == 1:
+        return firsts[0]
+    raise CutError(f"cut {k}: the traced forward calls no decoder layer at or after {k}, and the output of "
+                   f"{last.target} is not a tensor whose hidden states fxpp can find")
 
 
 def same_shape(a: Node, b: Node) -> bool:
