@@ -107,7 +107,8 @@ class Pipeline:
         return self.plan()
 
     def build_stage(self, index: int, device, group=None, *, style: str | None = None, checkpoint: str | None = None,
-                    microbatch: dict | None = None):
+                    microbatch: dict | None = None, dp_mesh=None, data_parallel: str = "fsdp",
+                    activation_checkpointing: bool = False):
         """Stage ``index`` as a ``torch.distributed.pipelining.PipelineStage``.
 
         Static input/output metadata come from the example inputs, which must have the
@@ -131,14 +132,34 @@ class Pipeline:
                 again with it (and a new schedule) changes sequence length or
                 microbatch count between steps; the stage keeps its parameters, so
                 gradients accumulated so far are kept.
+            dp_mesh: replicate the stage over data-parallel ranks: the 2-D
+                ``("pp", "dp")`` mesh of ``fxpp.runtime.parallel.pp_dp_mesh`` (its
+                ``"pp"`` group is then the pipeline group) or its ``mesh["dp"]`` with
+                ``group=mesh["pp"].get_group()``. See Note [pipeline x data parallel]
+                in ``fxpp.runtime.parallel``.
+            data_parallel: ``"fsdp"`` (FSDP2 ``fully_shard`` on each decoder layer and
+                on the stage) or ``"replicate"`` (the same with FSDP2's ``replicate``:
+                DDP-style full copies). Only with ``dp_mesh``.
+            activation_checkpointing: recompute each decoder layer's activations in
+                the backward (torch's composable ``checkpoint``; parameter names
+                unchanged, gradients identical).
+
+            A stage is wrapped once, on its first build on the rank, on this rank's
+            own copy of its modules (the user's model is untouched); building it
+            again (a new microbatch shape) reuses it, and different wrapping
+            arguments are a ``StageSpecError``.
 
         Raises:
             StageSpecError: no process group, bad index, a meta model without a
-                checkpoint, CUDA with gloo. CheckpointError: missing keys, wrong shapes.
+                checkpoint, CUDA with gloo, a mesh without dimensions ``"pp"`` and
+                ``"dp"``, a stage built again with other wrapping arguments.
+                CheckpointError: missing keys, wrong shapes.
         """
         from .runtime.stage import build_stage
 
-        return build_stage(self, index, device, group, style=style, checkpoint=checkpoint, microbatch=microbatch)
+        return build_stage(self, index, device, group, style=style, checkpoint=checkpoint, microbatch=microbatch,
+                           dp_mesh=dp_mesh, data_parallel=data_parallel,
+                           activation_checkpointing=activation_checkpointing)
 
 
 def pipeline(

@@ -32,17 +32,28 @@ class CausalLMLoss:
 
     Use :meth:`whole_batch` to turn the schedule's per-microbatch losses back into
     the loss transformers reports.
+
+    Under data parallelism over ``data_parallel`` replicas (Note [pipeline x data
+    parallel] in ``fxpp.runtime.parallel``), ``num_target_tokens`` counts the *global*
+    batch and each microbatch returns ``sum_ce / N * M * data_parallel``: the
+    replicas' gradients, averaged over dp and divided by ``M``, are the global batch's.
     """
 
     def __init__(self, num_target_tokens: int, num_microbatches: int, *, scale_grads: bool = True, ignore_index: int = -100,
-                 aux_loss_coef: float | None = None):
+                 aux_loss_coef: float | None = None, data_parallel: int = 1):
         if num_target_tokens < 1:
             raise ValueError(f"num_target_tokens={num_target_tokens}: the batch has no target tokens")
+        if data_parallel < 1:
+            raise ValueError(f"data_parallel={data_parallel} must be at least 1")
         self.num_target_tokens = num_target_tokens
         self.num_microbatches = num_microbatches
         self.scale_grads = scale_grads
         self.ignore_index = ignore_index
         self.aux_loss_coef = aux_loss_coef
+        self.data_parallel = data_parallel
+        # What the loss of a microbatch is multiplied by: undone by the schedule's
+        # division by M and the data-parallel average over the replicas.
+        self._scale = (num_microbatches if scale_grads else 1) * data_parallel
 
     def __call__(self, output, labels: torch.Tensor) -> torch.Tensor:
         """The microbatch's loss; ``output`` is the logits, or ``(logits, aux_loss)`` (Note [auxiliary loss])."""
@@ -71,12 +82,17 @@ class CausalLMLoss:
             ignore_index=self.ignore_index, reduction="sum",
         )
         loss = ce / self.num_target_tokens
-        return loss * self.num_microbatches if self.scale_grads else loss
+        return loss * self._scale if self._scale != 1 else loss
 
     def whole_batch(self, losses: list[torch.Tensor]) -> torch.Tensor:
-        """The whole batch's loss from the schedule's per-microbatch losses."""
+        """The whole batch's loss from the schedule's per-microbatch losses.
+
+        Under data parallelism, this replica's share of the global batch's loss: the
+        sum over the dp replicas is the global batch's loss (with a router auxiliary
+        loss, its term is the mean over every microbatch of the global batch).
+        """
         total = torch.stack([l.detach().float() for l in losses]).sum()
-        return total / self.num_microbatches if self.scale_grads else total
+        return total / self._scale if self._scale != 1 else total
 
 
 def count_target_tokens(labels: torch.Tensor, ignore_index: int = -100) -> int:
@@ -85,16 +101,24 @@ def count_target_tokens(labels: torch.Tensor, ignore_index: int = -100) -> int:
 
 
 def causal_lm_loss(labels: torch.Tensor, num_microbatches: int, *, scale_grads: bool = True, ignore_index: int = -100,
-                   model: torch.nn.Module | None = None) -> CausalLMLoss:
+                   model: torch.nn.Module | None = None, dp_mesh=None) -> CausalLMLoss:
     """A :class:`CausalLMLoss` for the whole batch's ``labels``.
 
     With ``model`` whose config sets ``output_router_logits``, the loss also adds the
     model's ``router_aux_loss_coef`` times the auxiliary loss the last stage returns
     (Note [auxiliary loss]).
+
+    With ``dp_mesh`` (the ``("pp", "dp")`` mesh of ``fxpp.runtime.parallel.pp_dp_mesh``
+    or its ``mesh["dp"]``), ``labels`` are this dp replica's part of the global batch;
+    the target tokens of the global batch are counted with one all-reduce over dp, so
+    every rank of the dp mesh must call this (Note [pipeline x data parallel]).
     """
+    from .parallel import dp_size, global_target_tokens
+
     coef = router_aux_loss_coef(model) if model is not None else None
-    return CausalLMLoss(count_target_tokens(labels, ignore_index), num_microbatches, scale_grads=scale_grads,
-                        ignore_index=ignore_index, aux_loss_coef=coef)
+    count = global_target_tokens(count_target_tokens(labels, ignore_index), dp_mesh)
+    return CausalLMLoss(count, num_microbatches, scale_grads=scale_grads, ignore_index=ignore_index,
+                        aux_loss_coef=coef, data_parallel=dp_size(dp_mesh))
 
 
 # The names MoE forwards read their auxiliary-loss coefficient from (``self.<name>``):

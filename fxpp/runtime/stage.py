@@ -129,11 +129,13 @@ def check_sent_shapes(stage_index: int, microbatch: int, outputs, sends: list[tu
             )
 
 
-def _runtime_submodule(pipe: "Pipeline", index: int, device: torch.device):
+def _runtime_submodule(pipe: "Pipeline", index: int, device: torch.device, *, own: bool = False):
     """The stage's GraphModule for a rank: on ``device``, last stage with its own tied copy.
 
     Modules already on ``device`` are the model's own; others are copied (never moved,
-    so the user's model is untouched); meta modules are allocated empty.
+    so the user's model is untouched); meta modules are allocated empty. With ``own``
+    every module is copied: the stage is about to be wrapped in place (data
+    parallelism, activation checkpointing), which must not reach the user's model.
     """
     from ..transform import StageModule
 
@@ -152,7 +154,7 @@ def _runtime_submodule(pipe: "Pipeline", index: int, device: torch.device):
         module = stage.get_submodule(node.target)
         tensors = list(module.parameters()) + list(module.buffers())
         own_names = {f"{node.target}.{n}" for n, _ in module.named_parameters()}
-        needs_copy = any(t.device != device for t in tensors) or bool(own_names & tied_here)
+        needs_copy = own or any(t.device != device for t in tensors) or bool(own_names & tied_here)
         if not needs_copy:
             continue
         if id(module) not in replaced:
@@ -162,6 +164,14 @@ def _runtime_submodule(pipe: "Pipeline", index: int, device: torch.device):
     if isinstance(next(n for n in stage.graph.nodes if n.op == "output").args[0], dict):
         stage.output_mode = "tuple"  # (logits, *loss terms) for the schedule's loss (Note [stage outputs])
     return stage
+
+
+def _wrapping_text(wrapping) -> str:
+    if wrapping is None:
+        return "no data parallelism and no activation checkpointing"
+    dp, ac = wrapping
+    where = "no data parallelism" if dp is None else f"data_parallel={dp[1]!r} over ranks {list(dp[0])}"
+    return f"{where}, activation_checkpointing={ac}"
 
 
 def _materialize(pipe: "Pipeline", index: int, submodule, checkpoint: str | None) -> None:
@@ -229,8 +239,11 @@ def _example_args(stage, device: torch.device, batch_seq: tuple[int, int] | None
 
 def build_stage(pipe: "Pipeline", index: int, device: torch.device | str, group=None, *, style: str | None = None,
                 checkpoint: str | None = None, microbatch: dict | None = None,
-                batch_seq: tuple[int, int] | None = None) -> FxppPipelineStage:
+                batch_seq: tuple[int, int] | None = None, dp_mesh=None, data_parallel: str = "fsdp",
+                activation_checkpointing: bool = False) -> FxppPipelineStage:
     """``pipe.build_stage``: see :meth:`fxpp.Pipeline.build_stage`."""
+    from .parallel import check_parallel_args, parallelize_stage, resolve_meshes
+
     device = torch.device(device)
     num_stages = len(pipe.stages)
     if not 0 <= index < num_stages:
@@ -240,16 +253,41 @@ def build_stage(pipe: "Pipeline", index: int, device: torch.device | str, group=
             "build_stage needs torch.distributed to be initialised (dist.init_process_group); "
             "for a single process, run the stages with pipe(**inputs)"
         )
+    check_parallel_args(dp_mesh, data_parallel, activation_checkpointing)
+    mesh_arg = dp_mesh
+    if dp_mesh is not None:
+        dp_mesh, group = resolve_meshes(dp_mesh, group)
     if device.type == "cuda" and dist.get_backend(group) == "gloo":
         raise StageSpecError(f"device={device} with the gloo backend: use NCCL for CUDA stages")
     key = (index, str(device))
     submodule = pipe._runtime_submods.get(key)
+    wrapping = None
+    if dp_mesh is not None or activation_checkpointing:
+        wrapping = (None if dp_mesh is None else (tuple(dp_mesh.mesh.flatten().tolist()), data_parallel),
+                    activation_checkpointing)
     if submodule is None:
-        submodule = _runtime_submodule(pipe, index, device)
+        submodule = _runtime_submodule(pipe, index, device, own=wrapping is not None)
         _materialize(pipe, index, submodule, checkpoint)
+        if wrapping is not None:
+            # Wrapped once, here, before any PipelineStage sees it; a rebuild for new
+            # shapes finds it in _runtime_submods and reuses it.
+            parallelize_stage(submodule, dp_mesh=dp_mesh, data_parallel=data_parallel,
+                              activation_checkpointing=activation_checkpointing)
+            object.__setattr__(submodule, "_fxpp_wrapping", wrapping)
         pipe._runtime_submods[key] = submodule
-    elif checkpoint is not None:
-        _materialize(pipe, index, submodule, checkpoint)
+    else:
+        done = getattr(submodule, "_fxpp_wrapping", None)
+        if wrapping is not None and wrapping != done:
+            raise StageSpecError(
+                f"stage {index} was built on this rank before with {_wrapping_text(done)}; building it again with "
+                f"{_wrapping_text(wrapping)} would wrap it twice. Build each stage with the same dp_mesh, "
+                "data_parallel and activation_checkpointing every time (or leave them out to reuse the stage)"
+            )
+        if checkpoint is not None:
+            if done is not None and done[0] is not None:
+                raise StageSpecError(f"stage {index}: checkpoint= on a stage already sharded over data parallel "
+                                     "ranks; pass checkpoint= to the first build_stage call of the stage")
+            _materialize(pipe, index, submodule, checkpoint)
     world = dist.get_world_size(group)
     registry = pipe._runtime_stages
     if style is None:
@@ -262,7 +300,8 @@ def build_stage(pipe: "Pipeline", index: int, device: torch.device | str, group=
         batch_seq = tuple(tokens.shape[:2])
     else:
         def rebuild(shape):
-            return build_stage(pipe, index, device, group, style=style, batch_seq=shape)
+            return build_stage(pipe, index, device, group, style=style, batch_seq=shape, dp_mesh=mesh_arg,
+                               data_parallel=data_parallel, activation_checkpointing=activation_checkpointing)
 
         if batch_seq is None:
             tokens = pipe.example_inputs.get("input_ids", pipe.example_inputs.get("inputs_embeds"))

@@ -63,22 +63,82 @@ class _TiedSync:
     without ``zero_grad`` are summed once, not again at every step.
     """
 
-    def __init__(self, param: torch.nn.Parameter, *, is_first_holder: bool, peer: int, group):
+    def __init__(self, param: torch.nn.Parameter, *, is_first_holder: bool, peer: int, group, name: str = ""):
         self.param = param
         self.is_first_holder = is_first_holder
         self.peer = peer  # global rank of the other holder
         self.group = group
+        self.name = name
+        self.checked = False  # the two holders' shards agree (data parallel; see _check_shards)
 
-    def exchange(self, stage: "FxppPipelineStage") -> None:
-        mine = stage._fxpp_increment(self.param)
-        theirs = torch.empty_like(mine)
+    def _send_recv(self, mine: torch.Tensor, theirs: torch.Tensor) -> None:
         if self.is_first_holder:
             dist.recv(theirs, src=self.peer, group=self.group)
             dist.send(mine, dst=self.peer, group=self.group)
         else:
             dist.send(mine, dst=self.peer, group=self.group)
             dist.recv(theirs, src=self.peer, group=self.group)
-        self.param.grad.add_(theirs)
+
+    def exchange(self, stage: "FxppPipelineStage") -> None:
+        with torch.no_grad():
+            mine = local_tensor(stage._fxpp_increment(self.param))
+            if not self.checked:
+                self._check_shards(stage, mine)
+            theirs = torch.empty_like(mine)
+            self._send_recv(mine.contiguous(), theirs)
+            local_tensor(self.param.grad).add_(theirs)
+
+    def _check_shards(self, stage: "FxppPipelineStage", mine: torch.Tensor) -> None:
+        """Under data parallelism both holders must hold the same part of the gradient (Note [pipeline x data parallel]).
+
+        A sharded gradient is exchanged shard for shard: the holders of one dp index
+        must shard the same shape over the same dp size the same way. Checked once,
+        on both ranks (each raises), before any gradient is exchanged.
+        """
+        grad = self.param.grad
+        described = describe_shard(grad, mine)
+        ours = torch.tensor(described, dtype=torch.int64, device=mine.device)
+        theirs = torch.empty_like(ours)
+        self._send_recv(ours, theirs)
+        if not torch.equal(ours, theirs):
+            raise FxppError(
+                f"stage {stage.stage_index}: the tied weight {self.name or 'parameter'} is held as "
+                f"{_shard_text(ours.tolist())} here but as {_shard_text(theirs.tolist())} on rank {self.peer}; the "
+                "first and last stage of one dp index must replicate it over the same dp size (build every stage "
+                "with the same data_parallel and a dp_mesh of one fxpp.runtime.parallel.pp_dp_mesh)"
+            )
+        self.checked = True
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (a view sharing its storage, under no_grad), or the tensor itself."""
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+_PLACEMENT_CODES = {"Replicate": -1, "Partial": -2}
+
+
+def describe_shard(value: torch.Tensor, local: torch.Tensor) -> list[int]:
+    """``[ndim, *global shape, *local shape, mesh size, placement]`` with placement the shard dim or a code."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(value, DTensor):
+        (placement,) = value.placements
+        code = getattr(placement, "dim", None)
+        code = _PLACEMENT_CODES.get(type(placement).__name__, -3) if code is None else code
+        size = value.device_mesh.size()
+    else:
+        code, size = -1, 1
+    return [value.dim(), *value.shape, *local.shape, size, code]
+
+
+def _shard_text(described: list[int]) -> str:
+    ndim = described[0]
+    shape, local, (size, code) = described[1:1 + ndim], described[1 + ndim:1 + 2 * ndim], described[1 + 2 * ndim:]
+    how = {-1: "replicated", -2: "partial"}.get(code, f"sharded on dim {code}")
+    return f"shape {shape}, local {local}, {how} over {size} rank(s)"
 
 
 class _LocalTie:
@@ -117,7 +177,7 @@ def tie_exchanges(pipe: "Pipeline", index: int, submodule, group, style: str) ->
                     (registry[o], registry[o].submod.get_parameter(n)) if o in registry else None)))
             continue
         peer = ranks[other] if group is None else dist.get_global_rank(group, ranks[other])
-        tied.append(_TiedSync(mine, is_first_holder=index == first, peer=peer, group=group))
+        tied.append(_TiedSync(mine, is_first_holder=index == first, peer=peer, group=group, name=owners[index]))
     return tied, local
 
 

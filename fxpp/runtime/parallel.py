@@ -1,0 +1,287 @@
+"""Pipeline x data parallel: fxpp stages replicated over the ``"dp"`` dimension of a 2-D device mesh.
+
+Terms
+-----
+mesh
+    A 2-D ``DeviceMesh`` with dimensions ``("pp", "dp")``, dp innermost (as torchtitan
+    lays it out): global rank ``p * dp + d`` holds pipeline rank ``p`` of data-parallel
+    replica ``d``. :func:`pp_dp_mesh` builds it.
+pipeline group
+    ``mesh["pp"].get_group()``: the ``pp`` ranks of one dp index. A schedule, its
+    activation and gradient messages, the shape agreement of ``fxpp.schedule`` and the
+    tied-weight exchange all run on it.
+dp mesh
+    ``mesh["dp"]``: the ``dp`` ranks that hold the same stages. Gradients are reduced
+    over it (FSDP2's reduce-scatter, or an all-reduce when replicated), nothing else.
+data_parallel
+    How a stage is replicated over the dp mesh: ``"fsdp"`` (FSDP2's ``fully_shard``
+    on every decoder layer and on the stage; parameters, gradients and optimizer state
+    are sharded over dp) or ``"replicate"`` (the same structure with
+    ``torch.distributed._composable.replicate_with_fsdp.replicate``: full parameters on
+    every dp rank, gradients all-reduced, DDP's semantics).
+
+Note [pipeline x data parallel]
+    Nothing here is a data-parallel engine: the stage's ``GraphModule`` (the model's
+    own modules, own copies on this rank) is wrapped with torch's FSDP2 before the
+    ``PipelineStage`` is built, and ``torch.distributed.pipelining`` drives it. For an
+    ``FSDPModule`` stage torch (2.13, ``pipelining/stage.py``) turns gradient sync off
+    for every backward of a step (``backward_maybe_with_nosync``:
+    ``set_requires_gradient_sync(False)``, ``set_reshard_after_backward(False)``) and
+    reduces once after the step's last backward (``perform_reduce_grad``: the
+    parameter groups' ``post_backward``, then ``scale_grads``). So within one step:
+
+    * forward and backward of every microbatch: no dp communication except FSDP's
+      all-gather of the parameters before a stage first computes (kept unsharded for
+      the step: ``reshard_after_forward=False``, torchtitan's choice under PP, which
+      would otherwise all-gather again for every microbatch's backward);
+    * after the stage's last backward: one reduce-scatter (``"fsdp"``) or all-reduce
+      (``"replicate"``) per wrapped module over the dp mesh, averaging over dp (FSDP's
+      default), then the division by the number of microbatches;
+    * after torch's ``step`` returns (``fxpp.schedule``): the tied-weight exchange of
+      Note [tied-weight sync] over the pipeline group between the first and the last
+      stage of the *same* dp index. Both hold the reduced gradient's shard of the same
+      shape over the same dp size, so the local shards line up; the first exchange
+      checks that (shapes, dp size) and refuses loudly otherwise.
+
+    The loss of each dp rank must be normalised so that the dp average is the global
+    batch's loss: ``fxpp.causal_lm_loss(local_labels, M, dp_mesh=mesh)`` counts the
+    target tokens of the whole global batch (one all-reduce over dp) and scales each
+    microbatch's loss by ``M * dp``, so gradients equal the unpatched model's on the
+    global batch whatever the padding.
+
+Note [activation checkpointing]
+    ``activation_checkpointing=True`` makes each decoder layer of the stage recompute
+    its activations in the backward: the layer instance's ``forward`` is replaced by
+    ``torch.utils.checkpoint.checkpoint(<its forward>, ..., use_reentrant=False)``
+    (:func:`checkpoint_layer`). The module tree is untouched, so parameter names, the
+    stage graph and every variant traced later stay as they are, and module hooks
+    (FSDP2's unshard/reshard) stay outside the checkpointed region, so a recompute
+    never runs them again (transformers' own ``GradientCheckpointingLayer`` checkpoints
+    ``forward`` for the same reason). Non-reentrant checkpointing with the RNG state
+    preserved replays the same float32 program: gradients are bitwise those without
+    it. Not ``checkpoint_wrapper`` (it inserts ``_checkpoint_wrapped_module`` into every
+    parameter name), and not torch's composable ``torch.distributed._composable.checkpoint``:
+    its recompute context (``_no_hook``, a generator context manager) is made once per
+    forward and can be entered once, but zero-bubble schedules recompute a layer twice
+    (its input gradients and its weight gradients are separate ``autograd.grad``
+    calls, so separate graph tasks), and the second fails in
+    ``torch/utils/checkpoint.py`` (``recompute_fn``'s ``with (...recompute_context...)``)
+    with ``AttributeError: '_GeneratorContextManager' object has no attribute 'args'``
+    (torch 2.13). ``torch.utils.checkpoint``'s default contexts are fresh each time.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+
+from ..errors import StageSpecError
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
+
+DATA_PARALLEL_MODES = ("fsdp", "replicate")
+MESH_DIMS = ("pp", "dp")
+
+
+def pp_dp_mesh(pp: int, dp: int, device_type: str | None = None) -> "DeviceMesh":
+    """The 2-D ``("pp", "dp")`` device mesh over every rank, dp innermost.
+
+    Args:
+        pp: pipeline ranks (each holds one or more stages).
+        dp: data-parallel replicas of every stage.
+        device_type: ``"cuda"`` or ``"cpu"``; default: the device type of the default
+            backend (``fxpp.runtime.placement.default_device``).
+
+    Returns:
+        ``DeviceMesh`` with ``mesh["pp"].get_group()`` the pipeline group of this rank
+        and ``mesh["dp"]`` its data-parallel mesh.
+
+    Raises:
+        StageSpecError: torch.distributed is not initialised, or ``pp * dp`` is not the
+            world size. The check is local, so every rank raises it; nothing waits.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from .placement import default_device
+
+    if not dist.is_initialized():
+        raise StageSpecError("pp_dp_mesh needs torch.distributed to be initialised (dist.init_process_group)")
+    for name, value in (("pp", pp), ("dp", dp)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise StageSpecError(f"pp_dp_mesh: {name}={value!r} must be a positive integer")
+    world = dist.get_world_size()
+    if pp * dp != world:
+        raise StageSpecError(
+            f"pp_dp_mesh(pp={pp}, dp={dp}): pp * dp = {pp * dp}, but the world has {world} ranks; "
+            f"choose pp and dp whose product is the world size"
+        )
+    device_type = device_type or default_device(dist.get_rank()).type
+    return init_device_mesh(device_type, (pp, dp), mesh_dim_names=MESH_DIMS)
+
+
+def resolve_meshes(dp_mesh, group):
+    """The dp mesh (1-D) and the pipeline group that ``build_stage(..., dp_mesh=, group=)`` mean.
+
+    ``dp_mesh`` is the 2-D ``("pp", "dp")`` mesh of :func:`pp_dp_mesh` (its ``"pp"``
+    group is the pipeline group unless ``group`` is given) or its 1-D ``mesh["dp"]``
+    (then ``group`` must be given). Every check is local: a bad mesh raises on every
+    rank, before any communication.
+
+    Raises:
+        StageSpecError: a mesh without dimensions named ``"pp"`` and ``"dp"``, a 1-D dp
+            mesh without a pipeline group, or a pipeline group and dp mesh that do not
+            meet in exactly this rank.
+    """
+    from torch.distributed.device_mesh import DeviceMesh
+
+    if not isinstance(dp_mesh, DeviceMesh):
+        raise StageSpecError(f"dp_mesh={dp_mesh!r} is not a DeviceMesh; build one with "
+                             "fxpp.runtime.parallel.pp_dp_mesh(pp, dp)")
+    names = tuple(dp_mesh.mesh_dim_names or ())
+    if dp_mesh.ndim == 2:
+        if names != MESH_DIMS:
+            raise StageSpecError(
+                f"dp_mesh has dimensions {names or '(unnamed)'}; fxpp needs a 2-D mesh with dimensions named "
+                f"{MESH_DIMS} (dp innermost), e.g. fxpp.runtime.parallel.pp_dp_mesh(pp, dp)"
+            )
+        pp_group = dp_mesh["pp"].get_group()
+        if group is None:
+            group = pp_group
+        elif sorted(dist.get_process_group_ranks(group)) != sorted(dist.get_process_group_ranks(pp_group)):
+            raise StageSpecError(
+                f"group has ranks {sorted(dist.get_process_group_ranks(group))}, but the mesh's 'pp' dimension "
+                f"gives this rank {sorted(dist.get_process_group_ranks(pp_group))}; pass group=mesh['pp'].get_group() "
+                "or leave it out"
+            )
+        dp_mesh = dp_mesh["dp"]
+    elif dp_mesh.ndim == 1:
+        if names != ("dp",):
+            raise StageSpecError(
+                f"dp_mesh has dimension {names or '(unnamed)'}; fxpp needs mesh['dp'] of a 2-D mesh with dimensions "
+                f"named {MESH_DIMS} (fxpp.runtime.parallel.pp_dp_mesh), or that 2-D mesh itself"
+            )
+        if group is None:
+            raise StageSpecError("with a 1-D dp_mesh, pass the pipeline group too: group=mesh['pp'].get_group(); "
+                                 "or pass the 2-D mesh as dp_mesh")
+    else:
+        raise StageSpecError(f"dp_mesh has {dp_mesh.ndim} dimensions {names}; fxpp needs the 2-D {MESH_DIMS} mesh")
+    me = dist.get_rank()
+    pp_ranks = set(dist.get_process_group_ranks(group)) if group is not None else set(range(dist.get_world_size()))
+    dp_ranks = set(dp_mesh.mesh.flatten().tolist())
+    if pp_ranks & dp_ranks != {me}:
+        raise StageSpecError(
+            f"rank {me}: the pipeline group {sorted(pp_ranks)} and the dp mesh {sorted(dp_ranks)} must share exactly "
+            "this rank (each pipeline rank its own dp replica); build both from one pp_dp_mesh"
+        )
+    return dp_mesh, group
+
+
+def decoder_layer_modules(submodule: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """The decoder layers a stage ``GraphModule`` calls, as ``(qualified name, module)``, in order."""
+    from ..analysis.annotate import is_decoder_layer
+
+    seen, layers = set(), []
+    for node in submodule.graph.nodes:
+        if node.op == "call_module" and "fxpp" in node.meta and is_decoder_layer(node) and node.target not in seen:
+            seen.add(node.target)
+            layers.append((node.target, submodule.get_submodule(node.target)))
+    return layers
+
+
+def parallelize_stage(submodule: torch.nn.Module, *, dp_mesh=None, data_parallel: str = "fsdp",
+                      activation_checkpointing: bool = False) -> None:
+    """Wrap a stage's ``GraphModule`` in place, once (Note [pipeline x data parallel]).
+
+    Order matters and is torchtitan's: activation checkpointing on each decoder layer,
+    then ``fully_shard`` (or ``replicate``) on each decoder layer, then on the stage
+    itself (the root: its embeddings, norm, head and anything outside the layers).
+    The stage's parameter names do not change.
+
+    Args:
+        submodule: the stage's runtime ``GraphModule``, whose modules are this rank's
+            own (not the user's model's).
+        dp_mesh: the 1-D dp mesh, or None for no data parallelism.
+        data_parallel: ``"fsdp"`` or ``"replicate"``.
+        activation_checkpointing: Note [activation checkpointing].
+    """
+    layers = decoder_layer_modules(submodule)
+    if activation_checkpointing:
+        for _, layer in layers:
+            checkpoint_layer(layer)
+    if dp_mesh is None:
+        return
+    if data_parallel == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        # reshard_after_forward=False: under PP a stage runs several microbatches'
+        # forwards before their backwards; resharding would all-gather the layer again
+        # for each backward (torchtitan turns it off when pipeline parallelism is on).
+        # The runtime schedules (Interleaved1F1B, ZBV, ...) unshard and reshard stages
+        # explicitly around their compute anyway.
+        for _, layer in layers:
+            fully_shard(layer, mesh=dp_mesh, reshard_after_forward=False)
+        fully_shard(submodule, mesh=dp_mesh, reshard_after_forward=False)
+    else:
+        from torch.distributed._composable.replicate_with_fsdp import replicate
+
+        # One all-reduce per decoder layer and one for the rest, like DDP's buckets.
+        for _, layer in layers:
+            replicate(layer, mesh=dp_mesh)
+        replicate(submodule, mesh=dp_mesh)
+
+
+def checkpoint_layer(layer: torch.nn.Module) -> None:
+    """Recompute ``layer``'s activations in the backward (Note [activation checkpointing]); names unchanged."""
+    from torch.utils.checkpoint import checkpoint
+
+    forward = layer.forward  # the bound method the module's __call__ would run
+
+    def checkpointed_forward(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    layer.forward = checkpointed_forward
+
+
+def check_parallel_args(dp_mesh, data_parallel: str, activation_checkpointing: bool) -> None:
+    if data_parallel not in DATA_PARALLEL_MODES:
+        raise StageSpecError(f"data_parallel={data_parallel!r} must be one of {DATA_PARALLEL_MODES}")
+    if not isinstance(activation_checkpointing, bool):
+        raise StageSpecError(f"activation_checkpointing={activation_checkpointing!r} must be True or False")
+
+
+def dp_size(dp_mesh) -> int:
+    """The number of data-parallel replicas of a 1-D dp mesh or a 2-D ``("pp", "dp")`` mesh (1 for None)."""
+    if dp_mesh is None:
+        return 1
+    if dp_mesh.ndim == 2:
+        return dp_mesh["dp"].size()
+    return dp_mesh.size()
+
+
+def global_target_tokens(count: int, dp_mesh) -> int:
+    """The sum over the dp mesh of each replica's target-token count (one all-reduce over dp)."""
+    if dp_mesh is None:
+        return count
+    mesh = dp_mesh["dp"] if dp_mesh.ndim == 2 else dp_mesh
+    # The backend's device: NCCL reduces CUDA tensors only.
+    device = torch.device("cuda", torch.cuda.current_device()) if mesh.device_type == "cuda" else torch.device("cpu")
+    total = torch.tensor([count], dtype=torch.int64, device=device)
+    dist.all_reduce(total, group=mesh.get_group())
+    return int(total.item())
+
+
+def local_batch(batch: dict, dp_mesh) -> dict:
+    """This dp replica's part of a global batch: every tensor split along dim 0 into dp parts, part ``d``.
+
+    The same ``torch.tensor_split`` a schedule uses for microbatches, so replica ``d``'s
+    microbatches are microbatches ``d * M ... (d + 1) * M - 1`` of the global batch split
+    into ``dp * M`` (when dp * M divides the batch).
+    """
+    mesh = dp_mesh["dp"] if dp_mesh.ndim == 2 else dp_mesh
+    d, n = mesh.get_local_rank(), mesh.size()
+    return {k: torch.tensor_split(v, n, dim=0)[d] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
