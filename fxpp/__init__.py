@@ -12,6 +12,7 @@ from .errors import (
 )
 from .runtime.loss import CausalLMLoss, causal_lm_loss, count_target_tokens
 from .runtime.microbatch import split_microbatches
+from .runtime.parallel import pp_dp_mesh
 from .runtime.schedule import step_with_microbatches
 from .pipeline import Pipeline, pipeline
 from .spec import StageRole
@@ -52,6 +53,7 @@ __all__ = [
     "causal_lm_loss",
     "count_target_tokens",
     "pipeline",
+    "pp_dp_mesh",
     "schedule",
     "split_microbatches",
     "stage_ids_of_rank",

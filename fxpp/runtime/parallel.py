@@ -118,7 +118,11 @@ def pp_dp_mesh(pp: int, dp: int, device_type: str | None = None) -> "DeviceMesh"
             f"pp_dp_mesh(pp={pp}, dp={dp}): pp * dp = {pp * dp}, but the world has {world} ranks; "
             f"choose pp and dp whose product is the world size"
         )
-    device_type = device_type or default_device(dist.get_rank()).type
+    device = default_device(dist.get_rank())
+    device_type = device_type or device.type
+    if device_type == "cuda" and device.type == "cuda":
+        # FSDP2 places a mesh's parameters on the *current* CUDA device: the rank's own.
+        torch.cuda.set_device(device)
     return init_device_mesh(device_type, (pp, dp), mesh_dim_names=MESH_DIMS)
 
 

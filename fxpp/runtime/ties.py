@@ -28,6 +28,14 @@ Note [tied-weight sync]
     parameters (a global ``register_optimizer_step_pre_hook``) or the next schedule
     step raises ``FxppError`` before any unsynchronised gradient is used;
     ``finish_step(stages)`` does the exchange by hand.
+
+    Under data parallelism (Note [pipeline x data parallel] in ``fxpp.runtime.parallel``)
+    the exchange runs after torch's step has reduced the gradients over dp, between the
+    first and last stage of the same dp index (the pipeline group is one dp index's),
+    and exchanges the local shards of the ``DTensor`` gradients. The first exchange of
+    every tied pair, with or without data parallelism, first swaps a few integers that
+    describe each holder's part (global and local shape, mesh size, placement), and both
+    raise if they differ, so a shard is never added to another part of the weight.
 """
 
 from __future__ import annotations
