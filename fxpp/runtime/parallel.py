@@ -30,10 +30,10 @@ Note [pipeline x data parallel]
     reduces once after the step's last backward (``perform_reduce_grad``: the
     parameter groups' ``post_backward``, then ``scale_grads``). So within one step:
 
-    * forward and backward of every microbatch: no dp communication except FSDP's
-      all-gather of the parameters before a stage first computes (kept unsharded for
-      the step: ``reshard_after_forward=False``, torchtitan's choice under PP, which
-      would otherwise all-gather again for every microbatch's backward);
+    * forward and backward of every microbatch: no dp communication but FSDP's
+      all-gather of the parameters before a stage first computes; they stay unsharded
+      for the step (``reshard_after_forward=False``, torchtitan's choice under PP:
+      resharding after each forward would all-gather again for every backward);
     * after the stage's last backward: one reduce-scatter (``"fsdp"``) or all-reduce
       (``"replicate"``) per wrapped module over the dp mesh, averaging over dp (FSDP's
       default), then the division by the number of microbatches;
@@ -68,6 +68,8 @@ Note [activation checkpointing]
     ``torch/utils/checkpoint.py`` (``recompute_fn``'s ``with (...recompute_context...)``)
     with ``AttributeError: '_GeneratorContextManager' object has no attribute 'args'``
     (torch 2.13). ``torch.utils.checkpoint``'s default contexts are fresh each time.
+    The cost under zero-bubble schedules is two recomputations of a layer per
+    microbatch (one per ``autograd.grad`` call), against one under 1F1B.
 """
 
 from __future__ import annotations
