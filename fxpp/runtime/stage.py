@@ -8,7 +8,6 @@ runs on CPU with gloo and on CUDA with NCCL (``fxpp.runtime.placement``).
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -17,10 +16,9 @@ from torch.distributed.pipelining import PipelineStage
 from ..errors import FxppError, StageInputError, StageSpecError
 from ..layout import HEADER, filler_shape
 from .placement import check_placement
+from .protocols import SplitModel
 from .ties import LIVE_STAGES, UNSYNCHRONISED, guard_optimizers, tie_exchanges, tied_parameters
 
-if TYPE_CHECKING:
-    from ..pipeline import Pipeline
 
 
 class FxppPipelineStage(PipelineStage):
@@ -129,7 +127,7 @@ def check_sent_shapes(stage_index: int, microbatch: int, outputs, sends: list[tu
             )
 
 
-def _runtime_submodule(pipe: "Pipeline", index: int, device: torch.device, *, own: bool = False):
+def _runtime_submodule(pipe: SplitModel, index: int, device: torch.device, *, own: bool = False):
     """The stage's GraphModule for a rank: on ``device``, last stage with its own tied copy.
 
     Modules already on ``device`` are the model's own; others are copied (never moved,
@@ -174,7 +172,7 @@ def _wrapping_text(wrapping) -> str:
     return f"{where}, activation_checkpointing={ac}"
 
 
-def _materialize(pipe: "Pipeline", index: int, submodule, checkpoint: str | None) -> None:
+def _materialize(pipe: SplitModel, index: int, submodule, checkpoint: str | None) -> None:
     """Load the stage's own keys from ``checkpoint``; refuse to train uninitialised memory."""
     if checkpoint is None:
         if any(t.is_meta for t in pipe.stages[index].parameters()):
@@ -237,7 +235,7 @@ def _example_args(stage, device: torch.device, batch_seq: tuple[int, int] | None
     return inputs, tuple(real(resized(tuple(v.shape), built) or (1,), v.dtype) for v in vals)  # scalars as [1]
 
 
-def build_stage(pipe: "Pipeline", index: int, device: torch.device | str, group=None, *, style: str | None = None,
+def build_stage(pipe: SplitModel, index: int, device: torch.device | str, group=None, *, style: str | None = None,
                 checkpoint: str | None = None, microbatch: dict | None = None,
                 batch_seq: tuple[int, int] | None = None, dp_mesh=None, data_parallel: str = "fsdp",
                 activation_checkpointing: bool = False) -> FxppPipelineStage:

@@ -41,20 +41,16 @@ Note [tied-weight sync]
 from __future__ import annotations
 
 import weakref
-from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
 from ..errors import FxppError
 from .placement import stage_ranks
-
-if TYPE_CHECKING:
-    from ..pipeline import Pipeline
-    from .stage import FxppPipelineStage
+from .protocols import SplitModel, TiedStage
 
 
-def tied_parameters(pipe: "Pipeline") -> list[dict[int, str]]:
+def tied_parameters(pipe: SplitModel) -> list[dict[int, str]]:
     """Parameters used by more than one stage: ``[{stage: name, ...}, ...]``."""
     owners: dict[int, dict[int, str]] = {}
     for i, stage in enumerate(pipe.stages):
@@ -87,7 +83,7 @@ class _TiedSync:
             dist.send(mine, dst=self.peer, group=self.group)
             dist.recv(theirs, src=self.peer, group=self.group)
 
-    def exchange(self, stage: "FxppPipelineStage") -> None:
+    def exchange(self, stage: TiedStage) -> None:
         with torch.no_grad():
             mine = local_tensor(stage._fxpp_increment(self.param))
             if not self.checked:
@@ -96,7 +92,7 @@ class _TiedSync:
             self._send_recv(mine.contiguous(), theirs)
             local_tensor(self.param.grad).add_(theirs)
 
-    def _check_shards(self, stage: "FxppPipelineStage", mine: torch.Tensor) -> None:
+    def _check_shards(self, stage: TiedStage, mine: torch.Tensor) -> None:
         """Under data parallelism both holders must hold the same part of the gradient (Note [pipeline x data parallel]).
 
         A sharded gradient is exchanged shard for shard: the holders of one dp index
@@ -156,7 +152,7 @@ class _LocalTie:
         self.param = param
         self.partner = partner  # () -> (other stage, its parameter), once that stage is built
 
-    def exchange(self, stage: "FxppPipelineStage") -> None:
+    def exchange(self, stage: TiedStage) -> None:
         found = self.partner()
         if found is None:
             return
@@ -166,7 +162,7 @@ class _LocalTie:
         other.grad.add_(mine)
 
 
-def tie_exchanges(pipe: "Pipeline", index: int, submodule, group, style: str) -> tuple[list, list]:
+def tie_exchanges(pipe: SplitModel, index: int, submodule, group, style: str) -> tuple[list, list]:
     """The tied-weight exchanges stage ``index`` takes part in under ``style`` placement."""
     ranks = stage_ranks(len(pipe.stages), dist.get_world_size(group), style)
     registry = pipe._runtime_stages
