@@ -286,3 +286,11 @@ def test_vlm_sweep_mllama_text_only_skips_the_layers_after_the_cut():
     logits and gradients equal the unpatched model's."""
     (r,) = sweep_vlm(["mllama"])
     assert [c.status for c in r.cases] == ["pass", "pass", "pass"], format_vlm_table([r])
+
+
+def test_a_layer_list_that_picks_some_layers_picks_some_tiny_ones():
+    """Flint's mlp_only_layers [0, 1] of 49 layers names its dense layers; with 2 tiny
+    layers it must keep one MoE layer, or the router case has no router to check."""
+    from fxpp.testing.tiny import tiny_config
+
+    assert tiny_config("flint").mlp_only_layers == [0]

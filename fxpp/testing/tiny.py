@@ -258,6 +258,10 @@ def shrink_kwargs(config, num_layers: int = NUM_LAYERS, extra: dict[str, Any] | 
         if isinstance(value, (list, tuple)) and value and all(_is_int(v) for v in value) and any(
                 k in name for k in ("layer", "idx", "indices", "indexes")):
             kept = [v for v in value if v < num_layers] or [num_layers - 1]
+            if old_layers and len(set(value)) < old_layers and set(kept) >= set(range(num_layers)):
+                # the list picks some layers of the real model (Flint's mlp_only_layers [0, 1] of
+                # 49: dense layers, the rest MoE); it must pick some, not all, of the tiny ones
+                kept = kept[: num_layers - 1]
             if kept != list(value):
                 out[name] = type(value)(kept) if isinstance(value, tuple) else kept
             continue
