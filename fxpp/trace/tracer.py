@@ -443,6 +443,20 @@ class HFTracer(Tracer):
                         "call_function", ops.state_entry, (state_proxy, key), {"after": out}
                     )
                     self._states[sid].entries[key] = entry
+        return self._constant_items(out)
+
+    def _constant_items(self, out: Any) -> Any:
+        """A leaf's tuple output with its ``None`` items as the constant ``None``, not a proxy.
+
+        A layer that returns ``(hidden, None)`` when a flag is off (RWKV's state without
+        a cache, XLNet's query stream without ``target_mapping``) is read by the forward
+        as ``output_g is not None`` or passed on to the next layer: as a proxy the test
+        is always true and the ``None`` would have to cross a cut. The ``None`` is fixed
+        by the flags the trace is specialized to, as the real forward's would be.
+        """
+        val = self.meta_of(out) if isinstance(out, Proxy) else None
+        if type(val) is tuple and any(v is None for v in val):
+            return tuple(None if v is None else out[i] for i, v in enumerate(val))
         return out
 
     def recording_forward(self, module, declared_forward, call, kwargs):
