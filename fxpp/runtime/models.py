@@ -52,5 +52,31 @@ def build_model(source: str, *, device: str | torch.device = "cpu", seed: int = 
     if os.path.isdir(source) and str(device) != "meta":
         from .checkpoint import load_state_dict_from
 
-        model.load_state_dict(load_state_dict_from(source), strict=False)
+        _load_whole(model, load_state_dict_from(source), source)
     return model.train()
+
+
+def _load_whole(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load ``state`` into ``model``: every key, nothing else, right shapes (never a random weight).
+
+    A tied ``lm_head.weight`` may be absent, as transformers saves it (the model ties it).
+    """
+    from ..errors import CheckpointError
+
+    own = model.state_dict()
+    tie = getattr(model.config.get_text_config(), "tie_word_embeddings", False)
+    tied = {k for k in own if k.endswith("lm_head.weight")} if tie else set()
+    missing = sorted(set(own) - set(state) - tied)
+    unexpected = sorted(set(state) - set(own))
+    if missing:
+        raise CheckpointError(f"{source}: missing {len(missing)} key(s) of the model, e.g. {missing[:3]}")
+    if unexpected:
+        raise CheckpointError(f"{source}: {len(unexpected)} unexpected key(s) for {type(model).__name__}, "
+                              f"e.g. {unexpected[:3]}")
+    for key, value in state.items():
+        if value.shape != own[key].shape or value.dtype != own[key].dtype:
+            raise CheckpointError(f"{source}: {key} is {tuple(value.shape)} {value.dtype} in the checkpoint, "
+                                  f"the model expects {tuple(own[key].shape)} {own[key].dtype}")
+    model.load_state_dict(state, strict=False)
+    if tied:
+        model.tie_weights()
