@@ -36,7 +36,8 @@ def _plan(args) -> int:
 def _run(args) -> int:
     from .runtime.train import RunConfig, launch, run_rank
 
-    cfg = RunConfig(model=args.model, ranks=args.stages, schedule=args.schedule, steps=args.steps, batch=args.batch,
+    cfg = RunConfig(model=args.model, ranks=args.stages, dp=args.dp,
+                    activation_checkpointing=args.activation_checkpointing, schedule=args.schedule, steps=args.steps, batch=args.batch,
                     seq_len=args.seq_len, microbatches=args.microbatches, lr=args.lr, seed=args.seed,
                     tokens=args.tokens, check=not args.no_check)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # under torchrun
@@ -91,6 +92,10 @@ def _parser() -> argparse.ArgumentParser:
     plan.set_defaults(func=_plan)
     run = sub.add_parser("run", help="train a few steps with a pipeline schedule and check against the model")
     common(run)
+    run.add_argument("--dp", type=int, default=1, help="data-parallel replicas of every stage (FSDP2); "
+                     "the job runs on stages' ranks x dp processes, each replica on 1/dp of every batch")
+    run.add_argument("--activation-checkpointing", action="store_true",
+                     help="recompute each decoder layer's activations in the backward pass")
     run.add_argument("--steps", type=int, default=5)
     run.add_argument("--lr", type=float, default=1e-3)
     run.add_argument("--seed", type=int, default=0)

@@ -25,7 +25,9 @@ SCHEDULES = ("GPipe", "1F1B", *MULTI_STAGE)
 @dataclass
 class RunConfig:
     model: str = "tiny-llama"
-    ranks: int = 2
+    ranks: int = 2  # pipeline ranks; the world is ranks * dp
+    dp: int = 1
+    activation_checkpointing: bool = False
     schedule: str = "1F1B"
     steps: int = 5
     batch: int = 8
@@ -40,6 +42,18 @@ class RunConfig:
     @property
     def num_stages(self) -> int:
         return self.ranks * (2 if self.schedule in MULTI_STAGE else 1)
+
+    def validate(self) -> None:
+        """Raises FxppError for settings no rank can run (checked before any process starts)."""
+        if self.ranks < 1 or self.dp < 1:
+            raise FxppError(f"--stages {self.ranks} and --dp {self.dp} must be positive")
+        if self.dp > 1 and self.batch % (self.dp * self.microbatches):
+            raise FxppError(f"--batch {self.batch} must be a multiple of --dp {self.dp} x --microbatches "
+                            f"{self.microbatches}: every dp replica runs --microbatches equal microbatches")
+
+    @property
+    def world(self) -> int:
+        return self.ranks * self.dp
 
 
 def synthetic_batches(cfg: RunConfig, vocab: int) -> list[dict[str, torch.Tensor]]:
@@ -68,28 +82,38 @@ def run_rank(rank: int, world: int, cfg: RunConfig) -> dict:
     from .placement import default_device
     from .schedule import make_schedule
 
+    from .parallel import local_batch
+
     device = default_device(rank)
+    cfg.validate()
+    mesh = fxpp.pp_dp_mesh(cfg.ranks, cfg.dp) if cfg.dp > 1 else None
+    pp_rank = mesh.get_local_rank("pp") if mesh is not None else rank
+    dp_rank = mesh.get_local_rank("dp") if mesh is not None else 0
+    local = (lambda b: local_batch(b, mesh)) if mesh is not None else (lambda b: b)
     model = build_model(cfg.model, seed=cfg.seed).to(device)
     vocab = model.config.get_text_config().vocab_size
     batches = synthetic_batches(cfg, vocab)
-    mb = {k: v[: cfg.batch // cfg.microbatches].to(device) for k, v in batches[0].items()}
+    first = local(batches[0])
+    mb = {k: v[: v.shape[0] // cfg.microbatches].to(device) for k, v in first.items()}
     pipe = fxpp.pipeline(model, cfg.num_stages, example_inputs=mb)
     style = MULTI_STAGE.get(cfg.schedule, "loop")
-    ids = fxpp.stage_ids_of_rank(rank, cfg.num_stages, world, style)
-    stages = [pipe.build_stage(i, device, style=style) for i in ids]
+    ids = fxpp.stage_ids_of_rank(pp_rank, cfg.num_stages, cfg.ranks, style)
+    stages = [pipe.build_stage(i, device, style=style, dp_mesh=mesh,
+                               activation_checkpointing=cfg.activation_checkpointing) for i in ids]
     params = list({id(p): p for st in stages for p in st.submod.parameters()}.values())
     opt = torch.optim.AdamW(params, lr=cfg.lr)
     holds_last = any(st.is_last for st in stages)
     losses_per_step, times = [], []
     bar = None
-    if holds_last and cfg.progress:
+    if holds_last and dp_rank == 0 and cfg.progress:
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.steps, desc=f"{cfg.model} {cfg.schedule} x{cfg.num_stages}", unit="step")
     for step, batch in enumerate(batches):
-        batch = {k: v.to(device) for k, v in batch.items()}
+        batch = {k: v.to(device) for k, v in local(batch).items()}
         labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-        loss_fn = fxpp.causal_lm_loss(labels, cfg.microbatches)
+        # Every dp rank calls it: the global target-token count is an all-reduce over dp.
+        loss_fn = fxpp.causal_lm_loss(labels, cfg.microbatches, dp_mesh=mesh)
         schedule = make_schedule(cfg.schedule, stages, cfg.microbatches, loss_fn)
         t0 = time.perf_counter()
         losses: list = []
@@ -100,15 +124,21 @@ def run_rank(rank: int, world: int, cfg: RunConfig) -> dict:
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t0)
         if holds_last:
-            loss = float(loss_fn.whole_batch(losses))
+            share = loss_fn.whole_batch(losses).reshape(1)
+            if mesh is not None:  # the global loss is the sum of the replicas' shares
+                import torch.distributed as dist
+
+                share = share.to(device)
+                dist.all_reduce(share, group=mesh["dp"].get_group())
+            loss = float(share[0])
             losses_per_step.append(loss)
             if bar is not None:
                 bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{cfg.batch * cfg.seq_len / times[-1]:,.0f}")
                 bar.update()
     if bar is not None:
         bar.close()
-    result = {"rank": rank, "stages": ids, "step_s": times}
-    if holds_last:
+    result = {"rank": rank, "stages": ids, "dp_rank": dp_rank, "step_s": times}
+    if holds_last and dp_rank == 0:
         result["losses"] = losses_per_step
         if cfg.check:
             result["reference_losses"] = reference_losses(cfg, batches, device)
@@ -145,9 +175,10 @@ def launch(cfg: RunConfig, workdir: str | None = None, timeout_s: float = 600) -
     """
     from .launch import run_ranks
 
-    threads = max(1, (os.cpu_count() or 1) // cfg.ranks)
+    cfg.validate()
+    threads = max(1, (os.cpu_count() or 1) // cfg.world)
     try:
-        results = run_ranks(_rank_job, cfg.ranks, asdict(cfg), workdir=workdir, timeout_s=timeout_s,
+        results = run_ranks(_rank_job, cfg.world, asdict(cfg), workdir=workdir, timeout_s=timeout_s,
                             pg_timeout_s=min(timeout_s, 300), threads=threads)
     except TimeoutError as e:
         raise FxppError(str(e)) from None
