@@ -94,7 +94,11 @@ def load_stage(stage: torch.nn.Module, path: str, *, strict: bool = True, aliase
                     tensor = f.get_tensor(key)
                     if tuple(tensor.shape) != tuple(own[target].shape):
                         raise CheckpointError(
-                            f"{path}: {key} has shape {tuple(tensor.shape)}, the stage expects {tuple(own[target].shape)}"
+                            f"{file}: {key} has shape {tuple(tensor.shape)}, the stage expects {tuple(own[target].shape)}"
+                        )
+                    if tensor.dtype != own[target].dtype:
+                        raise CheckpointError(
+                            f"{file}: {key} has dtype {tensor.dtype}, the stage expects {own[target].dtype}"
                         )
                     with torch.no_grad():
                         own[target].copy_(tensor)
