@@ -37,6 +37,22 @@ def _files_for(path: str, keys: Iterable[str] | None) -> dict[str, list[str]]:
     return {path: None}  # type: ignore[dict-item]
 
 
+def key_files(path: str) -> dict[str, str]:
+    """``{key: file}`` of every tensor of a safetensors file, directory or sharded index."""
+    from safetensors import safe_open
+
+    out: dict[str, str] = {}
+    for file, file_keys in _files_for(path, None).items():
+        if file_keys is None:
+            try:
+                with safe_open(file, framework="pt") as f:
+                    file_keys = list(f.keys())
+            except Exception as e:  # noqa: BLE001 - safetensors raises several types for bad files
+                raise CheckpointError(f"{file}: cannot read as safetensors ({type(e).__name__}: {e})") from e
+        out.update(dict.fromkeys(file_keys, file))
+    return out
+
+
 def load_state_dict_from(path: str, keys: Iterable[str] | None = None, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """Read ``keys`` (default: all) from a safetensors file, directory or sharded index."""
     from safetensors import safe_open
@@ -177,3 +193,59 @@ def load_optimizer(optimizer: torch.optim.Optimizer, stage: torch.nn.Module, pat
     for group in groups:
         group["params"] = [name_to_index[n] for n in group["params"]]
     optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def load_sharded(module: torch.nn.Module, path: str) -> None:
+    """Load ``module``'s parameters and buffers from ``path``, reading only each rank's local shard.
+
+    For a ``DTensor`` (FSDP2's ``Shard(0)`` over a dp mesh) only the rows of the local
+    shard are read, with safetensors' ``get_slice``; no full tensor and no full state dict
+    is materialised, so the peak is the rank's own tensors plus one shard being copied.
+    Non-persistent buffers (rotary ``inv_freq``) are not read: the caller recomputes them
+    (as ``build_stage`` does with the model's ``_init_weights``).
+
+    Raises:
+        CheckpointError: a key is missing, or a tensor has the wrong shape or dtype.
+    """
+    from safetensors import safe_open
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    own = dict(module.named_parameters())
+    for mod_name, sub in module.named_modules():  # persistent buffers only: rotary inv_freq is recomputed
+        for name, buf in sub.named_buffers(recurse=False):
+            if name not in sub._non_persistent_buffers_set:
+                own[f"{mod_name}.{name}" if mod_name else name] = buf
+    found: set[str] = set()
+    for file, file_keys in _files_for(path, set(own)).items():
+        try:
+            with safe_open(file, framework="pt", device="cpu") as f:
+                stored = set(f.keys()) if file_keys is None else set(file_keys)
+                for key in sorted(stored & set(own)):
+                    target = own[key]
+                    sl = f.get_slice(key)
+                    shape = tuple(sl.get_shape())
+                    if shape != tuple(target.shape):
+                        raise CheckpointError(f"{file}: {key} has shape {shape}, the stage expects {tuple(target.shape)}")
+                    if isinstance(target, DTensor):
+                        local = target.to_local()
+                        lshape, offset = compute_local_shape_and_global_offset(
+                            target.shape, target.device_mesh, target.placements)
+                        index = tuple(slice(o, o + n) for o, n in zip(offset, lshape))
+                        tensor = sl[index] if local.numel() else None
+                    else:
+                        local, tensor = target, sl[:]
+                    if tensor is not None:
+                        if tensor.dtype != local.dtype:
+                            raise CheckpointError(f"{file}: {key} has dtype {tensor.dtype}, the stage expects {local.dtype}")
+                        with torch.no_grad():
+                            local.copy_(tensor.reshape(local.shape))
+                    found.add(key)
+                    del tensor
+        except CheckpointError:
+            raise
+        except Exception as e:  # noqa: BLE001 - safetensors raises several types for bad files
+            raise CheckpointError(f"{file}: cannot read as safetensors ({type(e).__name__}: {e})") from e
+    missing = sorted(set(own) - found)
+    if missing:
+        raise CheckpointError(f"{path}: missing {len(missing)} key(s) of this stage, e.g. {missing[:3]}")
