@@ -61,3 +61,39 @@ def test_a_key_missing_from_the_sharded_index_is_a_checkpoint_error(tmp_path):
             pipe.build_stage(1, torch.device("cpu"), checkpoint=str(tmp_path), style="loop")
     finally:
         dist.destroy_process_group()
+
+
+def _shard_rank(rank, world, workdir, path):
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from fxpp.runtime.checkpoint import load_sharded
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("dp",))
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    model.to_empty(device="cpu")
+    load_sharded(model, path)
+    for sub in model.modules():  # non-persistent buffers (rotary inv_freq) are recomputed, not read
+        if sub._non_persistent_buffers_set:
+            model._init_weights(sub)
+    ref = AutoModelForCausalLM.from_pretrained(path)
+    want = dict(ref.named_parameters())
+    for name, p in model.named_parameters():
+        full = p.full_tensor()
+        assert torch.equal(full, want[name]), name
+    return sorted(n for n, p in model.named_parameters() if p.to_local().shape[0] < p.shape[0])
+
+
+@pytest.mark.timeout(120)
+def test_fsdp2_shards_read_only_their_rows(tmp_path):
+    from tests.dist import run_distributed
+
+    _tiny_dir(tmp_path / "ckpt", False)
+    out = run_distributed(_shard_rank, 2, tmp_path, str(tmp_path / "ckpt"), timeout_s=100)
+    assert out[0] and out[0] == out[1]
