@@ -39,7 +39,7 @@ def _run(args) -> int:
     cfg = RunConfig(model=args.model, ranks=args.stages, dp=args.dp,
                     activation_checkpointing=args.activation_checkpointing, schedule=args.schedule, steps=args.steps, batch=args.batch,
                     seq_len=args.seq_len, microbatches=args.microbatches, lr=args.lr, seed=args.seed,
-                    tokens=args.tokens, check=not args.no_check)
+                    tokens=args.tokens, data=args.data, check=not args.no_check)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # under torchrun
         import torch.distributed as dist
 
@@ -100,6 +100,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--lr", type=float, default=1e-3)
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--tokens", help="token ids: a .pt LongTensor or a text file of integers")
+    run.add_argument("--data", nargs="+", metavar="FILE",
+                     help="text (one document a line) or JSON-lines ({\"text\": ...}) files, tokenized with the model "
+                          "directory's tokenizer and packed into --seq-len rows with restarting position_ids")
     run.add_argument("--no-check", action="store_true", help="skip the comparison with the unpatched model")
     run.add_argument("--timeout", type=float, default=600)
     run.set_defaults(func=_run)

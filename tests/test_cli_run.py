@@ -19,3 +19,41 @@ def test_run_batch_not_divisible_by_dp_times_microbatches(capsys):
 
     assert main(["run", "tiny-llama", "--stages", "2", "--dp", "2", "--batch", "6", "--steps", "1"]) == 2
     assert "--batch 6 must be a multiple of --dp 2 x --microbatches 4" in capsys.readouterr().err
+
+
+def _checkpoint_with_tokenizer(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from fxpp.testing.zoo import tiny_model
+
+    words = "the cat sat on a mat and dog ran far away".split()
+    vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(words)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"), unk_token="[UNK]").save_pretrained(tmp_path)
+    tiny_model("llama", 4).save_pretrained(tmp_path)
+    return words
+
+
+def test_run_on_text_data_with_the_checkpoints_tokenizer(tmp_path, capsys):
+    from fxpp.cli import main
+
+    words = _checkpoint_with_tokenizer(tmp_path)
+    data = tmp_path / "docs.txt"
+    data.write_text("\n".join(" ".join(words[i % 5: i % 5 + 3 + i % 4]) for i in range(20)) + "\n")
+    rc = main(["run", str(tmp_path), "--data", str(data), "--stages", "2", "--steps", "2", "--batch", "4",
+               "--microbatches", "2", "--seq-len", "8"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    assert "MATCH" in out.out and "MISMATCH" not in out.out, out.out
+
+
+def test_data_on_a_preset_without_tokenizer_is_one_line(tmp_path, capsys):
+    from fxpp.cli import main
+
+    data = tmp_path / "docs.txt"
+    data.write_text("a b c\n")
+    assert main(["run", "tiny-llama", "--data", str(data), "--steps", "1"]) == 2
+    assert "--data needs a tokenizer" in capsys.readouterr().err

@@ -36,6 +36,7 @@ class RunConfig:
     lr: float = 1e-3
     seed: int = 0
     tokens: str | None = None
+    data: list[str] | None = None  # text / JSON-lines files, tokenized with the model directory's tokenizer
     check: bool = True
     progress: bool = True
 
@@ -50,6 +51,10 @@ class RunConfig:
         if self.dp > 1 and self.batch % (self.dp * self.microbatches):
             raise FxppError(f"--batch {self.batch} must be a multiple of --dp {self.dp} x --microbatches "
                             f"{self.microbatches}: every dp replica runs --microbatches equal microbatches")
+        if self.data:
+            from .data import load_tokenizer
+
+            load_tokenizer(self.model)  # a directory without a tokenizer fails here, before any rank starts
 
     @property
     def world(self) -> int:
@@ -57,6 +62,27 @@ class RunConfig:
 
 
 def synthetic_batches(cfg: RunConfig, vocab: int) -> list[dict[str, torch.Tensor]]:
+    """With ``cfg.data``: packed documents (``fxpp.runtime.data``), with ``labels``; else:
+    """
+    if cfg.data:
+        from .data import PackedBatches, load_tokenizer, read_documents, tokenize
+
+        packed = PackedBatches(tokenize(read_documents(list(cfg.data)), load_tokenizer(cfg.model)), cfg.batch,
+                               cfg.seq_len)
+        return [packed.next() for _ in range(cfg.steps)]
+    return _token_batches(cfg, vocab)
+
+
+def split_labels(batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The model inputs and the labels (the batch's own, else the ids with padding -100)."""
+    batch = dict(batch)
+    labels = batch.pop("labels", None)
+    if labels is None:
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    return batch, labels
+
+
+def _token_batches(cfg: RunConfig, vocab: int) -> list[dict[str, torch.Tensor]]:
     """``cfg.steps`` batches: token ids from ``cfg.tokens`` (a .pt LongTensor or a text file of ints) or random."""
     g = torch.Generator().manual_seed(cfg.seed)
     need = cfg.steps * cfg.batch * cfg.seq_len
@@ -93,7 +119,7 @@ def run_rank(rank: int, world: int, cfg: RunConfig) -> dict:
     model = build_model(cfg.model, seed=cfg.seed).to(device)
     vocab = model.config.get_text_config().vocab_size
     batches = synthetic_batches(cfg, vocab)
-    first = local(batches[0])
+    first = split_labels(local(batches[0]))[0]
     mb = {k: v[: v.shape[0] // cfg.microbatches].to(device) for k, v in first.items()}
     pipe = fxpp.pipeline(model, cfg.num_stages, example_inputs=mb)
     style = MULTI_STAGE.get(cfg.schedule, "loop")
@@ -110,8 +136,7 @@ def run_rank(rank: int, world: int, cfg: RunConfig) -> dict:
 
         bar = tqdm(total=cfg.steps, desc=f"{cfg.model} {cfg.schedule} x{cfg.num_stages}", unit="step")
     for step, batch in enumerate(batches):
-        batch = {k: v.to(device) for k, v in local(batch).items()}
-        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        batch, labels = split_labels({k: v.to(device) for k, v in local(batch).items()})
         # Every dp rank calls it: the global target-token count is an all-reduce over dp.
         loss_fn = fxpp.causal_lm_loss(labels, cfg.microbatches, dp_mesh=mesh)
         schedule = make_schedule(cfg.schedule, stages, cfg.microbatches, loss_fn)
@@ -153,10 +178,9 @@ def reference_losses(cfg: RunConfig, batches, device) -> list[float]:
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     out = []
     for batch in batches:
-        batch = {k: v.to(device) for k, v in batch.items()}
-        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        batch, labels = split_labels({k: v.to(device) for k, v in batch.items()})
         opt.zero_grad(set_to_none=True)
-        loss = model(**batch, labels=labels).loss
+        loss = model(**batch, labels=labels, use_cache=False).loss
         loss.backward()
         opt.step()
         out.append(float(loss.detach()))
