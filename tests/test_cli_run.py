@@ -37,12 +37,16 @@ def _checkpoint_with_tokenizer(tmp_path):
     return words
 
 
-def test_run_on_text_data_with_the_checkpoints_tokenizer(tmp_path, capsys):
+@pytest.mark.parametrize("fmt", ["txt", "jsonl"])
+def test_run_on_text_data_with_the_checkpoints_tokenizer(tmp_path, capsys, fmt):
+    import json
+
     from fxpp.cli import main
 
     words = _checkpoint_with_tokenizer(tmp_path)
-    data = tmp_path / "docs.txt"
-    data.write_text("\n".join(" ".join(words[i % 5: i % 5 + 3 + i % 4]) for i in range(20)) + "\n")
+    docs = [" ".join(words[i % 5: i % 5 + 3 + i % 4]) for i in range(20)]
+    data = tmp_path / f"docs.{fmt}"
+    data.write_text("\n".join(json.dumps({"text": d}) if fmt == "jsonl" else d for d in docs) + "\n")
     rc = main(["run", str(tmp_path), "--data", str(data), "--stages", "2", "--steps", "2", "--batch", "4",
                "--microbatches", "2", "--seq-len", "8"])
     out = capsys.readouterr()
