@@ -37,6 +37,11 @@ CUDA: ``torchrun --nproc-per-node N benchmarks/bench_schedules.py`` (detected fr
 RANK / WORLD_SIZE; NCCL when CUDA is present, else gloo): ranks = WORLD_SIZE, one GPU
 per rank (cuda:LOCAL_RANK); rank 0 runs the baseline on its GPU; rank 0 prints.
 
+The baseline runs the whole batch at once, so the cost of small microbatch matmuls
+counts as bubble here; ``bench_efficiency.py`` compares like for like (gradient
+accumulation over the same microbatches, and hand-written stages under the same
+schedule), ``bench_timeline.py`` measures where each rank's time goes.
+
 Run:  PYTHONPATH=. python benchmarks/bench_schedules.py [--ranks 2,4] [--schedules GPipe,1F1B,...]
           [--steps 3] [--warmup 1] [--json PATH]
 """

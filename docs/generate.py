@@ -1,9 +1,12 @@
 """Generate the docs' figures and listings: ``python docs/generate.py``.
 
 Writes docs/graphs.md (a small model's graph before and after the rewrite, for each
-stage role), docs/plots/stage_balance.png (the cost model's stage balance for an
-8B-shaped Llama) and docs/plots/schedule_1f1b.png / schedule_zbv.png (schedule
-timelines from torch's own schedule generator). Needs the ``docs`` extra (matplotlib).
+stage role) and docs/plots/stage_balance.png (the cost model's stage balance for an
+8B-shaped Llama). Needs the ``docs`` extra (matplotlib).
+
+The pipeline timelines docs/plots/timeline_1f1b.png / timeline_zbv.png are measured,
+not generated: ``python benchmarks/bench_timeline.py`` runs the schedules and draws them
+(``--plot-only`` redraws them from benchmarks/results/bench_timeline.json).
 """
 
 from __future__ import annotations
@@ -91,49 +94,11 @@ def stage_balance_png(path: str) -> None:
     plt.close(fig)
 
 
-def schedule_png(path: str, schedule: str, ranks: int, microbatches: int, stages_per_rank: int) -> None:
-    """Each rank's action order as torch's schedule generator emits it (one slot per action)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from torch.distributed.pipelining._schedule_visualizer import get_schedule_ops
-
-    ops = get_schedule_ops(schedule, ranks, microbatches, num_stages_per_rank=stages_per_rank)
-    colors = {"F": "#4c9be8", "B": "#e8834c", "I": "#e8b84c", "W": "#7bc47f", "FULL_BACKWARD": "#e8834c"}
-    fig, ax = plt.subplots(figsize=(max(len(r) for r in ops) * 0.35 + 2, ranks * 0.6 + 1))
-    for rank, actions in enumerate(ops):
-        slot = 0
-        for action in actions:
-            if action is None:
-                slot += 1
-                continue
-            kind = str(action.computation_type)
-            short = {"FORWARD": "F", "FULL_BACKWARD": "B", "BACKWARD_INPUT": "I", "BACKWARD_WEIGHT": "W"}.get(
-                getattr(action.computation_type, "name", kind), None)
-            if short is None:
-                continue
-            ax.add_patch(plt.Rectangle((slot, ranks - 1 - rank), 1, 0.9, color=colors[short]))
-            ax.text(slot + 0.5, ranks - 1 - rank + 0.45, f"{short}{action.microbatch_index}\ns{action.stage_index}",
-                    ha="center", va="center", fontsize=6)
-            slot += 1
-    ax.set_xlim(0, max(len(r) for r in ops))
-    ax.set_ylim(0, ranks)
-    ax.set_yticks([r + 0.45 for r in range(ranks)], [f"rank {ranks - 1 - r}" for r in range(ranks)])
-    ax.set_xlabel("action slot (order within each rank; F forward, B backward, I input-grad, W weight-grad)")
-    ax.set_title(f"{schedule}: {ranks} ranks, {ranks * stages_per_rank} stages, {microbatches} microbatches")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def main() -> None:
     with open(os.path.join(HERE, "graphs.md"), "w") as f:
         f.write(graphs_md() + "\n")
     os.makedirs(os.path.join(HERE, "plots"), exist_ok=True)
     stage_balance_png(os.path.join(HERE, "plots", "stage_balance.png"))
-    schedule_png(os.path.join(HERE, "plots", "schedule_1f1b.png"), "1F1B", 4, 8, 1)
-    schedule_png(os.path.join(HERE, "plots", "schedule_zbv.png"), "ZBVZeroBubble", 4, 8, 2)
     print("wrote docs/graphs.md and docs/plots/*.png")
 
 

@@ -1,0 +1,408 @@
+"""Pipeline efficiency like-for-like: fxpp's stages against gradient accumulation and hand-written stages.
+
+Terms:
+
+* **step**: forward + backward of the whole global batch (16 x 64 tokens, the Llama of
+  ``bench_schedules.py``: hidden 256, 8 layers, vocab 1000, fp32) in ``M`` = 8
+  microbatches of 2 x 64, gradients zeroed first (``set_to_none``). No optimizer step:
+  weights never change, so every step of every variant must give the same loss, and
+  that is checked. A pipeline step's time is the slowest rank's ``schedule.step``.
+* **accumulation** (baseline a): one process, the unpatched ``LlamaForCausalLM`` run on
+  the *same* 8 microbatches one after another, ``loss.backward()`` each (gradient
+  accumulation), the same loss function, gradients divided by ``M`` as the schedules do.
+  It pays the same small-microbatch matmul costs as a pipeline, so
+  ``efficiency = T(accumulation) / (ranks x T(pipeline))`` counts only bubbles and
+  communication, against the bound ``M / (M + ranks - 1)``.
+* **whole batch**: the same model on the 16 x 64 batch at once (what
+  ``bench_schedules.py`` compares with); ``T(accumulation) / T(whole batch)`` is the cost
+  of microbatching itself, which that benchmark counts as bubble.
+* **fxpp**: ``fxpp.pipeline(model, stages)`` and ``pipe.build_stage`` on every rank,
+  ``fxpp.schedule``'s wrapper of the torch schedule (as ``fxpp run`` does).
+* **hand** (baseline b): the same schedule class of ``torch.distributed.pipelining`` over
+  ``PipelineStage``s of :class:`HandLlamaStage`: the model's own modules in a plain
+  ``nn.Module`` per stage, with the same layers per stage as fxpp's split. The first
+  stage embeds, every stage builds position ids, the causal mask
+  (``transformers.masking_utils.create_causal_mask``) and the rotary embeddings the way
+  ``LlamaModel.forward`` does, the last applies the final norm and the head. A stage
+  sends the hidden states and the padding mask (fxpp sends those, the position ids and
+  its 3-integer layout header: ``fxpp.layout``).
+
+Every rank holds every variant of every schedule at once (own seeded model copies), and
+the run goes in repeats: in each repeat, rank 0 times accumulation and whole batch while
+the other ranks wait at a barrier, then each schedule runs ``--steps`` steps of fxpp and
+of hand, back to back, their order alternating between repeats. So machine noise lands
+on the pair alike; ``fxpp / hand`` is computed per repeat and reported as the median
+with its spread (min, max and the interquartile range over repeats) and a
+distribution-free 95 % confidence interval of that median (order statistics).
+
+CPU: local gloo processes, one thread each (the baseline too), 2 ranks by default.
+CUDA: ``torchrun --nproc-per-node N benchmarks/bench_efficiency.py`` (NCCL, one GPU
+per rank, rank 0 times the baselines on its GPU; not run here).
+
+Run:  PYTHONPATH=. python benchmarks/bench_efficiency.py [--ranks 2] [--schedules GPipe,1F1B,...]
+          [--repeats 30] [--steps 1] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import fxpp
+from fxpp.runtime.train import MULTI_STAGE, SCHEDULES
+from _common import default_json_path, environment, print_header, report
+from bench_schedules import BATCH, MICROBATCHES, MODEL_NAME, SEQ, build_model, make_batch
+
+DEFAULT_SCHEDULES = ("GPipe", "1F1B", "Interleaved1F1B", "ZBVZeroBubble")
+
+
+class HandLlamaStage(nn.Module):
+    """Layers ``layers`` of a ``LlamaForCausalLM`` as a hand-written pipeline stage.
+
+    first: ``forward(input_ids=..., attention_mask=...)`` -> ``(hidden, attention_mask)``;
+    middle: ``forward(hidden, attention_mask)`` -> ``(hidden, attention_mask)``;
+    last: ``forward(hidden, attention_mask)`` -> logits. Keyword inputs a schedule hands
+    to non-first stages are ignored. The modules are the model's own (not copies).
+    """
+
+    def __init__(self, model, layers: range, *, first: bool, last: bool):
+        super().__init__()
+        inner = model.model
+        self.config = model.config
+        self.first, self.last = first, last
+        self.embed_tokens = inner.embed_tokens if first else None
+        self.layers = nn.ModuleList(inner.layers[i] for i in layers)
+        self.rotary_emb = inner.rotary_emb
+        self.norm = inner.norm if last else None
+        self.lm_head = model.lm_head if last else None
+
+    def forward(self, *args, **kwargs):
+        from transformers.masking_utils import create_causal_mask
+
+        if self.first:
+            hidden = self.embed_tokens(kwargs["input_ids"])
+            attention_mask = kwargs.get("attention_mask")
+        else:
+            hidden, attention_mask = args
+        # As LlamaModel.forward: positions 0..seq-1, the model's mask function, its rotary module.
+        position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+        mask = create_causal_mask(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask,
+                                  cache=None, position_ids=position_ids)
+        position_embeddings = self.rotary_emb(hidden, position_ids=position_ids)
+        for layer in self.layers:
+            hidden = layer(hidden, attention_mask=mask, position_embeddings=position_embeddings,
+                           position_ids=position_ids, cache=None, use_cache=False)
+        if self.last:
+            return self.lm_head(self.norm(hidden))
+        return hidden, attention_mask
+
+
+def hand_stage(model, index: int, layer_ranges: list[range], device, mb: int):
+    """A torch ``PipelineStage`` of :class:`HandLlamaStage` with static shapes for microbatches of ``mb`` x SEQ."""
+    from torch.distributed.pipelining import PipelineStage
+
+    n = len(layer_ranges)
+    first, last = index == 0, index == n - 1
+    module = HandLlamaStage(model, layer_ranges[index], first=first, last=last)
+    hidden = model.config.hidden_size
+
+    def crossing():
+        return (torch.empty(mb, SEQ, hidden, device=device, requires_grad=True),
+                torch.empty(mb, SEQ, dtype=torch.int64, device=device))
+
+    inputs = () if first else crossing()
+    outputs = (torch.empty(mb, SEQ, model.config.vocab_size, device=device),) if last else crossing()
+    return PipelineStage(module, index, n, device, input_args=inputs, output_args=outputs)
+
+
+def torch_schedule(name: str, stages: list, loss_fn):
+    from torch.distributed.pipelining import schedules
+
+    cls = getattr(schedules, f"Schedule{name}")
+    if issubclass(cls, schedules.PipelineScheduleSingle):
+        (stage,) = stages
+        return cls(stage, n_microbatches=MICROBATCHES, loss_fn=loss_fn)
+    return cls(stages, n_microbatches=MICROBATCHES, loss_fn=loss_fn)
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Variant:
+    """One schedule over this rank's stages (fxpp's or hand-written), stepped and timed."""
+
+    def __init__(self, schedule: str, kind: str, rank: int, world: int, device):
+        from fxpp.runtime.schedule import make_schedule
+
+        self.schedule, self.kind, self.device = schedule, kind, device
+        self.model = build_model(device)
+        self.batch, self.labels = make_batch(self.model.config.vocab_size, device)
+        num_stages = world * (2 if schedule in MULTI_STAGE else 1)
+        style = MULTI_STAGE.get(schedule, "loop")
+        mb = BATCH // MICROBATCHES
+        # The split is fxpp's in both variants (the hand-written stages take its layer ranges).
+        pipe = fxpp.pipeline(self.model, num_stages, example_inputs={k: v[:mb] for k, v in self.batch.items()})
+        self.layer_ranges = [list(r) for r in pipe.layer_ranges]
+        self.ids = fxpp.stage_ids_of_rank(rank, num_stages, world, style)
+        self.loss_fn = fxpp.causal_lm_loss(self.labels, MICROBATCHES)
+        if kind == "fxpp":
+            stages = [pipe.build_stage(i, device, style=style) for i in self.ids]
+            self.sched = make_schedule(schedule, stages, MICROBATCHES, self.loss_fn)
+            mods = [st.submod for st in stages]
+        else:
+            model = build_model(device)  # its own weights, equal to self.model's (same seed)
+            self.model = model
+            ranges = [range(r[0], r[-1] + 1) for r in self.layer_ranges]
+            stages = [hand_stage(model, i, ranges, device, mb) for i in self.ids]
+            self.sched = torch_schedule(schedule, stages, self.loss_fn)
+            mods = [st.submod for st in stages]
+        self.params = list({id(p): p for m in mods for p in m.parameters()}.values())
+        self.holds_last = any(st.is_last for st in stages)
+        self.times: list[list[float]] = []  # per repeat, this rank's step seconds
+        self.losses: list[float] = []
+
+    def step(self) -> float:
+        dist.barrier()
+        sync(self.device)
+        t0 = time.perf_counter()
+        for p in self.params:
+            p.grad = None
+        if self.holds_last:
+            losses: list = []
+            self.sched.step(**self.batch, target=self.labels, losses=losses)
+        else:
+            self.sched.step(**self.batch)
+        sync(self.device)
+        dt = time.perf_counter() - t0
+        if self.holds_last:
+            self.losses.append(float(self.loss_fn.whole_batch(losses)))
+        return dt
+
+    def grad_sq(self) -> float:
+        return float(sum(p.grad.double().pow(2).sum() for p in self.params if p.grad is not None))
+
+
+class Baselines:
+    """One process, the unpatched model: the same microbatches with gradient accumulation, and the whole batch."""
+
+    def __init__(self, device):
+        self.device = device
+        self.model = build_model(device)
+        self.batch, self.labels = make_batch(self.model.config.vocab_size, device)
+        mb = BATCH // MICROBATCHES
+        self.mbs = [({k: v[i * mb:(i + 1) * mb] for k, v in self.batch.items()}, self.labels[i * mb:(i + 1) * mb])
+                    for i in range(MICROBATCHES)]
+        self.loss_fn = fxpp.causal_lm_loss(self.labels, MICROBATCHES)
+        self.whole_loss_fn = fxpp.causal_lm_loss(self.labels, 1)
+        self.times = {"accumulation": [], "whole batch": []}
+        self.losses = {"accumulation": [], "whole batch": []}
+        self.grad_sq = {}
+
+    def accumulation(self) -> float:
+        sync(self.device)
+        t0 = time.perf_counter()
+        self.model.zero_grad(set_to_none=True)
+        losses = []
+        for inputs, target in self.mbs:
+            loss = self.loss_fn(self.model(**inputs, use_cache=False).logits, target)
+            loss.backward()
+            losses.append(loss.detach())
+        for p in self.model.parameters():
+            p.grad.div_(MICROBATCHES)  # what the schedules' scale_grads does
+        sync(self.device)
+        dt = time.perf_counter() - t0
+        self.losses["accumulation"].append(float(self.loss_fn.whole_batch(losses)))
+        self.grad_sq["accumulation"] = self._grad_sq()
+        return dt
+
+    def whole(self) -> float:
+        sync(self.device)
+        t0 = time.perf_counter()
+        self.model.zero_grad(set_to_none=True)
+        loss = self.whole_loss_fn(self.model(**self.batch, use_cache=False).logits, self.labels)
+        loss.backward()
+        sync(self.device)
+        dt = time.perf_counter() - t0
+        self.losses["whole batch"].append(float(loss.detach()))
+        self.grad_sq["whole batch"] = self._grad_sq()
+        return dt
+
+    def _grad_sq(self) -> float:
+        return float(sum(p.grad.double().pow(2).sum() for p in self.model.parameters()))
+
+
+def run(rank: int, world: int, device, schedules: list[str], repeats: int, steps: int) -> dict:
+    """Every variant on this rank, in interleaved repeats (every rank calls this together)."""
+    base = Baselines(device) if rank == 0 else None
+    variants = {(s, k): Variant(s, k, rank, world, device) for s in schedules for k in ("fxpp", "hand")}
+    for v in variants.values():  # warm-up: lazy buffers, first-call costs
+        v.step()
+    if base is not None:
+        base.accumulation(), base.whole()
+    for r in range(repeats):
+        if base is not None:
+            for name, fn in (("accumulation", base.accumulation), ("whole batch", base.whole))[:: 1 if r % 2 == 0 else -1]:
+                base.times[name].append([fn() for _ in range(steps)])
+        dist.barrier()
+        for s in schedules:
+            for kind in ("fxpp", "hand")[:: 1 if r % 2 == 0 else -1]:
+                v = variants[(s, kind)]
+                v.times.append([v.step() for _ in range(steps)])
+    out = {"variants": {f"{s}|{k}": {"times": v.times, "losses": v.losses, "grad_sq": v.grad_sq(),
+                                     "layers": [v.layer_ranges[i] for i in v.ids], "stages": v.ids}
+                        for (s, k), v in variants.items()}}
+    if base is not None:
+        out["baselines"] = {"times": base.times, "losses": base.losses, "grad_sq": base.grad_sq}
+    return out
+
+
+def _rank_job(rank: int, world: int, workdir: str, schedules: list[str], repeats: int, steps: int) -> dict:
+    return run(rank, world, torch.device("cpu"), schedules, repeats, steps)
+
+
+def median_ci(xs: list[float], level: float = 0.95) -> tuple[float, float]:
+    """Distribution-free confidence interval of the median: order statistics from the binomial(n, 1/2)."""
+    from math import comb
+
+    xs, n = sorted(xs), len(xs)
+    k, tail = 0, 0.0  # the largest k with P(Bin(n, 1/2) < k) <= (1 - level) / 2
+    while k < n // 2 and tail + comb(n, k) / 2 ** n <= (1 - level) / 2:
+        tail += comb(n, k) / 2 ** n
+        k += 1
+    return (xs[k - 1], xs[n - k]) if k > 0 else (xs[0], xs[-1])
+
+
+def quartiles(xs: list[float]) -> tuple[float, float]:
+    if len(xs) < 2:
+        return xs[0], xs[0]
+    q = statistics.quantiles(xs, n=4, method="inclusive")
+    return q[0], q[2]
+
+
+def rows_for(world: int, per_rank: list[dict], schedules: list[str]) -> list[dict]:
+    """Per repeat: a pipeline's time is the mean over its steps of the slowest rank; medians over repeats."""
+    b = per_rank[0]["baselines"]
+    per_repeat = {name: [statistics.mean(ts) for ts in b["times"][name]] for name in b["times"]}
+    t_acc = statistics.median(per_repeat["accumulation"])
+    t_whole = statistics.median(per_repeat["whole batch"])
+    ref_loss = b["losses"]["accumulation"][-1]
+    ref_grad = b["grad_sq"]["accumulation"]
+    tokens = BATCH * SEQ
+    rows = []
+    for name, t in (("1 process, whole batch", t_whole), ("1 process, accumulation", t_acc)):
+        key = name.split(", ")[1]
+        losses = b["losses"][key]
+        rows.append({"schedule": name, "stages": "-", "ranks": 1, "variant": "unpatched", "step_ms": t * 1e3,
+                     "tokens_per_s": tokens / t, "accumulation/whole": t_acc / t_whole if key == "accumulation" else None,
+                     "loss": losses[-1], "loss_max_diff": max(abs(l - ref_loss) for l in losses),
+                     "grad_sq_rel_diff": abs(b["grad_sq"][key] - ref_grad) / ref_grad,
+                     "repeats": len(per_repeat[key])})
+    for s in schedules:
+        per = {}
+        for kind in ("fxpp", "hand"):
+            entries = [r["variants"][f"{s}|{kind}"] for r in per_rank]
+            # repeat i, step j: the slowest rank's time
+            reps = [statistics.mean(max(e["times"][i][j] for e in entries) for j in range(len(entries[0]["times"][i])))
+                    for i in range(len(entries[0]["times"]))]
+            losses = [l for e in entries for l in e["losses"]]
+            per[kind] = {"reps": reps, "losses": losses, "grad_sq": sum(e["grad_sq"] for e in entries),
+                         "layers": [e["layers"] for e in entries]}
+        ratios = [f / h for f, h in zip(per["fxpp"]["reps"], per["hand"]["reps"])]
+        q1, q3 = quartiles(ratios)
+        lo, hi = median_ci(ratios)
+        num_stages = world * (2 if s in MULTI_STAGE else 1)
+        for kind in ("fxpp", "hand"):
+            t = statistics.median(per[kind]["reps"])
+            row = {"schedule": s, "stages": num_stages, "ranks": world, "variant": kind, "step_ms": t * 1e3,
+                   "tokens_per_s": tokens / t, "speedup_vs_accumulation": t_acc / t,
+                   "efficiency": t_acc / (world * t), "ideal_bound": MICROBATCHES / (MICROBATCHES + world - 1),
+                   "loss": per[kind]["losses"][-1],
+                   "loss_max_diff": max(abs(l - ref_loss) for l in per[kind]["losses"]),
+                   "grad_sq_rel_diff": abs(per[kind]["grad_sq"] - ref_grad) / ref_grad,
+                   "repeats": len(per[kind]["reps"]), "step_ms_per_repeat": [x * 1e3 for x in per[kind]["reps"]],
+                   "layers_per_rank": per[kind]["layers"]}
+            if kind == "fxpp":
+                row.update({"fxpp/hand": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
+                            "ratio_q1": q1, "ratio_q3": q3, "ratio_median_ci95": [lo, hi], "ci95": f"{lo:.3f}-{hi:.3f}",
+                            "ratio_per_repeat": ratios})
+            rows.append(row)
+    return rows
+
+
+COLUMNS = ["schedule", "stages", "variant", "step_ms", "tokens_per_s", "accumulation/whole", "speedup_vs_accumulation",
+           "efficiency", "ideal_bound", "fxpp/hand", "ci95", "ratio_q1", "ratio_q3", "ratio_min", "ratio_max",
+           "loss_max_diff", "grad_sq_rel_diff"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ranks", type=int, default=2, help="local processes (ignored under torchrun)")
+    ap.add_argument("--schedules", default=",".join(DEFAULT_SCHEDULES), help="comma list of " + ",".join(SCHEDULES))
+    ap.add_argument("--repeats", type=int, default=30, help="interleaved repeats (ratio: median over them)")
+    ap.add_argument("--steps", type=int, default=1, help="steps of each variant per repeat")
+    ap.add_argument("--timeout", type=float, default=1200, help="seconds for the whole spawned run")
+    ap.add_argument("--json", default=default_json_path("bench_efficiency"))
+    args = ap.parse_args()
+    schedules = [s for s in args.schedules.split(",") if s]
+    unknown = [s for s in schedules if s not in SCHEDULES]
+    if unknown:
+        ap.error(f"unknown schedule(s) {unknown}; known: {', '.join(SCHEDULES)}")
+    torch.set_num_threads(1)
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        torchrun_main(args, schedules)
+        return
+    from fxpp.runtime.launch import run_ranks
+
+    env = environment("cpu")
+    env.update(threads_per_process=1, cpu_count=os.cpu_count(), loadavg_1m_at_start=round(os.getloadavg()[0], 2))
+    print_header(env)
+    print(f"# {MODEL_NAME}, global batch {BATCH}x{SEQ} = {BATCH * SEQ} tokens, {MICROBATCHES} microbatches, "
+          f"{args.ranks} gloo ranks, {args.repeats} repeats x {args.steps} steps, fwd+bwd only", flush=True)
+    if args.ranks > (os.cpu_count() or 1):
+        print(f"# WARNING: {args.ranks} ranks on {os.cpu_count()} cores: oversubscribed", flush=True)
+    t0 = time.perf_counter()
+    results = run_ranks(_rank_job, args.ranks, schedules, args.repeats, args.steps, timeout_s=args.timeout,
+                        pg_timeout_s=300, threads=1)
+    bad = [r for r in results if not r["ok"]]
+    if bad:
+        print(f"# failed: {bad[0]['error']}\n{bad[0].get('traceback', '')}", file=sys.stderr)
+        sys.exit(1)
+    env["loadavg_1m_at_end"] = round(os.getloadavg()[0], 2)
+    env["wall_s"] = round(time.perf_counter() - t0, 1)
+    report(rows_for(args.ranks, [r["value"] for r in results], schedules), COLUMNS, env, args.json)
+
+
+def torchrun_main(args, schedules: list[str]) -> None:
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank))) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo", init_method="env://",
+                            timeout=datetime.timedelta(seconds=args.timeout))
+    try:
+        env = environment(str(device))
+        env["launcher"] = f"torchrun world={world} backend={dist.get_backend()}"
+        if rank == 0:
+            print_header(env)
+        mine = run(rank, world, device, schedules, args.repeats, args.steps)
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, mine)
+        if rank == 0:
+            report(rows_for(world, gathered, schedules), COLUMNS, env, args.json)
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
