@@ -341,6 +341,10 @@ class HFTracer(Tracer):
             return self._real_recorded[tuple(node.args)]
         if node.op == "call_module" and node in self._record_targets:
             return self._run_real_recording(node)
+        return self._call_real(node)
+
+    def _call_real(self, node: Node) -> Any:
+        """Call ``node``'s target on the real values of its inputs."""
         args = _thaw_all(map_arg(node.args, self._real_vals.__getitem__))
         kwargs = {k: _thaw_all(v) for k, v in map_arg(node.kwargs, self._real_vals.__getitem__).items()}
         self._evaluating += 1
@@ -372,19 +376,7 @@ class HFTracer(Tracer):
                         calls.append((path, index, value))
 
                 handles.append(self.model.get_submodule(path).register_forward_hook(hook))
-            args = _thaw_all(map_arg(node.args, self._real_vals.__getitem__))
-            kwargs = {k: _thaw_all(v) for k, v in map_arg(node.kwargs, self._real_vals.__getitem__).items()}
-            self._evaluating += 1
-            try:
-                with torch.no_grad():
-                    out = self.model.get_submodule(node.target)(*args, **kwargs)
-            except Exception as e:  # noqa: BLE001 - re-raised with node context
-                raise TraceError(
-                    f"{type(self.model).__name__}: cannot evaluate node {node.name} (call_module {node.target}) "
-                    f"on the example inputs at {_node_source_line(node, e)}: {type(e).__name__}: {e}"
-                ) from e
-            finally:
-                self._evaluating -= 1
+            out = self._call_real(node)
         finally:
             for handle in handles:
                 handle.remove()
