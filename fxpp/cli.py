@@ -1,4 +1,4 @@
-"""The command line: ``fxpp plan`` and ``fxpp run`` (also ``python -m fxpp``)."""
+"""The command line: ``fxpp plan``, ``fxpp run`` and ``fxpp export`` (also ``python -m fxpp``)."""
 
 from __future__ import annotations
 
@@ -39,7 +39,8 @@ def _run(args) -> int:
     cfg = RunConfig(model=args.model, ranks=args.stages, dp=args.dp,
                     activation_checkpointing=args.activation_checkpointing, schedule=args.schedule, steps=args.steps, batch=args.batch,
                     seq_len=args.seq_len, microbatches=args.microbatches, lr=args.lr, seed=args.seed,
-                    tokens=args.tokens, data=args.data, check=not args.no_check)
+                    tokens=args.tokens, data=args.data, check=not args.no_check, save_dir=args.save_dir,
+                    save_every=args.save_every, resume=args.resume)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # under torchrun
         import torch.distributed as dist
 
@@ -57,17 +58,38 @@ def _run(args) -> int:
         if "losses" not in result:
             continue
         steps = result["step_s"]
+        if not steps:
+            print(f"nothing to do: the save in {cfg.save_dir} is at step {result['first_step']} = --steps")
+            continue
         tokens = cfg.batch * cfg.seq_len
         med = sorted(steps)[len(steps) // 2]
-        print(f"{cfg.steps} steps, median step {med * 1e3:.1f} ms, {tokens / med:,.0f} tokens/s, "
-              f"final loss {result['losses'][-1]:.4f}")
+        first = result["first_step"]
+        print(f"steps {first + 1}-{cfg.steps}{' (resumed)' if first else ''}, median step {med * 1e3:.1f} ms, "
+              f"{tokens / med:,.0f} tokens/s, final loss {result['losses'][-1]:.4f}")
+        kind = "allocated" if "cuda" in str(result.get("device", "")) else "resident"
+        print("peak memory per rank (" + kind + "): " +
+              ", ".join(f"r{r} {m / 2**30:.2f} GiB" for r, m in enumerate(result["memory"])))
         if "reference_losses" in result:
             diff = max(abs(a - b) for a, b in zip(result["losses"], result["reference_losses"]))
             ok = diff <= 1e-3
-            print(f"loss vs the unpatched model on one process: max |diff| {diff:.2e} over {cfg.steps} steps: "
+            print(f"loss vs the unpatched model on one process: max |diff| {diff:.2e} over {len(steps)} steps: "
                   f"{'MATCH' if ok else 'MISMATCH'}")
             if not ok:
                 return 1
+    if cfg.save_dir:
+        from .runtime.run_state import latest_step
+
+        print(f"saved: {cfg.save_dir} (latest step {latest_step(cfg.save_dir)}); "
+              f"fxpp export {cfg.save_dir} OUT_DIR writes a Hugging Face checkpoint")
+    return 0
+
+
+def _export(args) -> int:
+    from .runtime.run_state import export
+
+    step = export(args.save_dir, args.out_dir, step=args.step)
+    print(f"exported step {step} of {args.save_dir} to {args.out_dir} "
+          f"(AutoModelForCausalLM.from_pretrained({args.out_dir!r}) loads it)")
     return 0
 
 
@@ -103,9 +125,20 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--data", nargs="+", metavar="FILE",
                      help="text (one document a line) or JSON-lines ({\"text\": ...}) files, tokenized with the model "
                           "directory's tokenizer and packed into --seq-len rows with restarting position_ids")
+    run.add_argument("--save-dir", help="write per-stage (per-dp-shard) safetensors checkpoints with optimizer "
+                     "state, RNG state and the data position here")
+    run.add_argument("--save-every", type=int, default=0, metavar="K",
+                     help="save every K steps (and after the last step); default: after the last step only")
+    run.add_argument("--resume", action="store_true",
+                     help="continue from the latest save in --save-dir, exactly as an uninterrupted run")
     run.add_argument("--no-check", action="store_true", help="skip the comparison with the unpatched model")
     run.add_argument("--timeout", type=float, default=600)
     run.set_defaults(func=_run)
+    exp = sub.add_parser("export", help="write a Hugging Face checkpoint directory from a --save-dir")
+    exp.add_argument("save_dir")
+    exp.add_argument("out_dir")
+    exp.add_argument("--step", type=int, help="the saved step to export (default: the latest)")
+    exp.set_defaults(func=_export)
     return p
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 
@@ -47,9 +47,19 @@ def key_files(path: str) -> dict[str, str]:
             try:
                 with safe_open(file, framework="pt") as f:
                     file_keys = list(f.keys())
-            except Exception as e:  # noqa: BLE001 - safetensors raises several types for bad files
+            except Exception as e:
                 raise CheckpointError(f"{file}: cannot read as safetensors ({type(e).__name__}: {e})") from e
         out.update(dict.fromkeys(file_keys, file))
+    return out
+
+
+def stored_shapes(path: str) -> dict[str, tuple[tuple[int, ...], torch.dtype, str]]:
+    """``{key: (shape, dtype, file)}`` of every tensor of a checkpoint, from the file headers only."""
+    out = {}
+    for file in sorted(set(key_files(path).values())):
+        header, _, _ = safetensors_header(file)
+        for key, entry in header.items():
+            out[key] = (tuple(entry["shape"]), _DTYPES[entry["dtype"]], file)
     return out
 
 
@@ -68,85 +78,223 @@ def load_state_dict_from(path: str, keys: Iterable[str] | None = None, device: s
                         out[name] = f.get_tensor(name)
         except CheckpointError:
             raise
-        except Exception as e:  # noqa: BLE001 - safetensors raises several types for bad files
+        except Exception as e:
             raise CheckpointError(f"{file}: cannot read as safetensors ({type(e).__name__}: {e})") from e
     return out
 
 
-def load_stage(stage: torch.nn.Module, path: str, *, strict: bool = True, aliases: dict[str, list[str]] | None = None) -> None:
-    """Load exactly this stage's keys from a transformers safetensors checkpoint.
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
-    Tensors are copied into the stage one at a time, straight from each file, so the
-    peak memory is the stage's weights plus one tensor, not twice the stage.
+
+def safetensors_header(file: str) -> tuple[dict[str, dict], int, dict[str, str]]:
+    """``({key: {"dtype", "shape", "data_offsets"}}, offset of the data, metadata)`` of a safetensors file.
+
+    The format is an 8-byte little-endian header length, a JSON header, then the data
+    (https://github.com/huggingface/safetensors, "Format").
+
+    Raises:
+        CheckpointError: not a safetensors file.
+    """
+    try:
+        size = os.path.getsize(file)
+        with open(file, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if not 0 < n <= size - 8:
+                raise ValueError(f"header length {n} does not fit a {size}-byte file")
+            header = json.loads(f.read(n))
+        metadata = header.pop("__metadata__", None) or {}
+        for key, entry in header.items():
+            begin, stop = entry["data_offsets"]
+            if entry["dtype"] not in _DTYPES or stop > size - 8 - n or begin > stop:
+                raise ValueError(f"{key}: dtype {entry['dtype']} or offsets {entry['data_offsets']} out of range")
+        return header, 8 + n, metadata
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{file}: cannot read as safetensors ({type(e).__name__}: {e})") from e
+
+
+def _read_rows(f, entry: dict, data_start: int, rows: slice, out: torch.Tensor) -> None:
+    """Read rows ``rows`` of a stored tensor straight into ``out`` (contiguous CPU, the stored dtype).
+
+    Rows of a row-major tensor are one contiguous byte range: one seek and one read into
+    ``out``'s own memory, no intermediate copy, no memory-mapped pages left resident.
+    """
+    shape = entry["shape"]
+    row_bytes = out.element_size() * (int(torch.Size(shape[1:]).numel()) if shape else 1)
+    begin = data_start + entry["data_offsets"][0] + (rows.start or 0) * row_bytes
+    view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+    f.seek(begin)
+    got = 0
+    while got < len(view):
+        n = f.readinto(view[got:])
+        if not n:
+            raise CheckpointError(f"{f.name}: truncated while reading {len(view)} bytes at offset {begin}")
+        got += n
+
+
+def _local_rows(target: torch.Tensor, key: str, file: str) -> tuple[torch.Tensor, slice]:
+    """The tensor to fill and the rows of the stored (global) tensor it holds.
+
+    A ``DTensor`` (FSDP2 ``Shard(0)``, or replicated) holds a range of leading rows; any
+    other sharding would need a strided read and is refused rather than read wrongly.
+    """
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(target, DTensor):
+        return target, slice(0, target.shape[0] if target.dim() else 1)
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    local = target.to_local()
+    lshape, offset = compute_local_shape_and_global_offset(target.shape, target.device_mesh, target.placements)
+    if any(o != 0 or n != full for o, n, full in zip(offset[1:], lshape[1:], target.shape[1:])):
+        raise CheckpointError(f"{file}: {key} is sharded as {target.placements}; only leading-row shards "
+                              "(FSDP2's Shard(0)) or replicas can be read from a checkpoint")
+    return local, slice(offset[0] if lshape else 0, (offset[0] + lshape[0]) if lshape else 1)
+
+
+def load_stage(stage: torch.nn.Module, path: str, *, strict: bool = True, aliases: dict[str, list[str]] | None = None) -> None:
+    """Load exactly this stage's keys (and, for FSDP2 ``DTensor`` s, only this rank's rows).
+
+    Each tensor is read from its file straight into the stage's own memory (one read per
+    tensor, see :func:`_read_rows`), so the peak is the stage's tensors plus, on an
+    accelerator, one tensor in host memory: never the whole checkpoint, never a second
+    copy of the stage. A ``DTensor`` reads only the rows of its local shard, so an
+    FSDP2-sharded stage built on the meta device (``to_empty`` after ``fully_shard``)
+    holds only its shard at any time. Non-persistent buffers (rotary ``inv_freq``) are
+    not read: the caller recomputes them (``build_stage`` does, with ``_init_weights``).
 
     Args:
+        strict: a key of the stage that the checkpoint lacks is an error.
         aliases: other names a key may be stored under (a tied ``lm_head.weight`` is
             saved by transformers as ``model.embed_tokens.weight`` only).
 
     Raises:
-        CheckpointError: a key is missing, or a tensor has the wrong shape.
+        CheckpointError: a key is missing, a tensor has the wrong shape or a dtype that
+            is not a floating-point cast (an integer buffer stored as float), a file is
+            not safetensors.
     """
-    from safetensors import safe_open
-
-    own = stage.state_dict()
-    source_of: dict[str, str] = {}  # stored name -> stage name
-    for name in own:
-        source_of.setdefault(name, name)
+    own: dict[str, torch.Tensor] = dict(stage.named_parameters(remove_duplicate=False))
+    for mod_name, sub in stage.named_modules(remove_duplicate=False):
+        for name, buf in sub.named_buffers(recurse=False):
+            if name not in sub._non_persistent_buffers_set:
+                own[f"{mod_name}.{name}" if mod_name else name] = buf
+    names_of: dict[int, list[str]] = {}  # one tensor may have several names (weights tied within the stage)
+    for name, t in own.items():
+        names_of.setdefault(id(t), []).append(name)
+    source_of: dict[str, str] = {name: name for name in own}  # stored name -> stage name
     for name, alts in (aliases or {}).items():
         for alt in alts:
             source_of.setdefault(alt, name)
-    files = _files_for(path, set(source_of))
-    found: set[str] = set()
-    for file, file_keys in files.items():
-        try:
-            with safe_open(file, framework="pt", device="cpu") as f:
-                stored = set(f.keys()) if file_keys is None else set(file_keys)
-                for key in sorted(stored & set(source_of)):
-                    target = source_of[key]
-                    if target in found:
-                        continue  # the stage's own name wins over an alias
-                    if key != target and target in stored:
-                        continue
-                    tensor = f.get_tensor(key)
-                    if tuple(tensor.shape) != tuple(own[target].shape):
-                        raise CheckpointError(
-                            f"{file}: {key} has shape {tuple(tensor.shape)}, the stage expects {tuple(own[target].shape)}"
-                        )
-                    if tensor.dtype != own[target].dtype:
-                        raise CheckpointError(
-                            f"{file}: {key} has dtype {tensor.dtype}, the stage expects {own[target].dtype}"
-                        )
-                    with torch.no_grad():
-                        own[target].copy_(tensor)
-                    found.add(target)
-                    del tensor
-        except CheckpointError:
-            raise
-        except Exception as e:  # noqa: BLE001 - safetensors raises several types for bad files
-            raise CheckpointError(f"{file}: cannot read as safetensors ({type(e).__name__}: {e})") from e
-    missing = sorted(set(own) - found)
+    done: set[int] = set()
+    for file, file_keys in _files_for(path, set(source_of)).items():
+        header, data_start, metadata = safetensors_header(file)
+        shards = json.loads(metadata.get(SHARDS_KEY, "{}"))
+        stored = set(header) if file_keys is None else set(file_keys) & set(header)
+        if file_keys is not None and set(file_keys) - set(header):
+            missing_here = sorted(set(file_keys) - set(header))
+            raise CheckpointError(f"{file}: the index maps {missing_here[0]} to this file, which does not hold it")
+        # The stage's own names first: a stored alias is read only where the own name is absent.
+        for key in sorted(stored & set(source_of), key=lambda k: (source_of[k] != k, k)):
+            target = own[source_of[key]]
+            if id(target) in done:
+                continue
+            entry = header[key]
+            stored_shape = tuple(entry["shape"])
+            local, rows = _local_rows(target, key, file)
+            if key in shards:  # a per-shard file (save_stage of a DTensor): it holds rows [start, stop)
+                start, stop, total = shards[key]
+                if (start, stop) != (rows.start, rows.stop) or local is target:
+                    mine = (f"rows {rows.start}-{rows.stop}" if local is not target else "the whole tensor")
+                    raise CheckpointError(
+                        f"{file}: holds rows {start}-{stop} of {total} of {key}, but this stage's shard is {mine}: "
+                        "a per-shard checkpoint loads only into the same stage, dp size and dp rank "
+                        "(fxpp export writes a whole checkpoint)")
+                stored_shape = (total, *stored_shape[1:])
+                rows = slice(0, stop - start)
+            if stored_shape != tuple(target.shape):
+                raise CheckpointError(
+                    f"{file}: {key} has shape {stored_shape}, the stage expects {tuple(target.shape)}")
+            dtype = _DTYPES[entry["dtype"]]
+            if dtype != target.dtype and not (dtype.is_floating_point and target.dtype.is_floating_point):
+                raise CheckpointError(f"{file}: {key} has dtype {dtype}, the stage expects {target.dtype}")
+            if local.numel():
+                # Floating-point tensors are cast to the stage's dtype, as transformers' loading does.
+                direct = local.device.type == "cpu" and local.is_contiguous() and dtype == local.dtype
+                buffer = local if direct else torch.empty(local.shape, dtype=dtype)
+                with open(file, "rb") as f, torch.no_grad():
+                    _read_rows(f, entry, data_start, rows, buffer)
+                    if not direct:
+                        local.copy_(buffer)
+                del buffer
+            done.add(id(target))
+    missing = sorted(names_of[i][0] for i in set(names_of) - done)
     if missing and strict:
         raise CheckpointError(f"{path}: missing {len(missing)} key(s) of this stage, e.g. {missing[:3]}")
 
 
+SHARDS_KEY = "fxpp_shards"  # safetensors metadata of a per-shard file: {key: [first row, end row, rows]}
+
+
+def local_tensors(module: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, list[int]]]:
+    """``module``'s state as this rank holds it, and which rows of each sharded tensor that is.
+
+    A ``DTensor`` parameter (FSDP2) contributes its local shard; its entry in the second
+    dict, ``[first row, end row, rows of the whole tensor]``, lets a loader check that a
+    shard goes back where it came from and lets ``fxpp export`` reassemble the tensor.
+    """
+    from torch.distributed.tensor import DTensor
+
+    tensors: dict[str, torch.Tensor] = {}
+    shards: dict[str, list[int]] = {}
+    for key, value in module.state_dict().items():
+        if isinstance(value, DTensor):
+            local, rows = _local_rows(value, key, "<memory>")
+            if local.shape != value.shape:
+                shards[key] = [rows.start, rows.stop, value.shape[0]]
+            value = local
+        # clone: safetensors refuses tensors that share storage (tied weights in one stage)
+        tensors[key] = value.detach().cpu().clone().contiguous()
+    return tensors, shards
+
+
 def save_stage(stage: torch.nn.Module, path: str) -> None:
-    """Write this stage's parameters and buffers under their original names."""
-    from safetensors.torch import save_file
+    """Write this stage's parameters and buffers under their original names.
 
-    # clone: safetensors refuses tensors that share storage (tied weights in one stage)
-    tensors = {k: v.detach().cpu().clone().contiguous() for k, v in stage.state_dict().items()}
-    save_file(tensors, path, metadata={"format": "pt"})
-
-
-def save_optimizer(optimizer: torch.optim.Optimizer, stage: torch.nn.Module, path: str) -> None:
-    """The optimizer state of a stage's parameters, keyed by parameter name, as safetensors.
-
-    Tensors go in as ``state.<param name>.<key>``; hyper-parameters and non-tensor state
-    as JSON in the file's metadata. No pickle.
+    An FSDP2-sharded stage writes its local shard only (a per-shard file, the rows in
+    its metadata); :func:`load_stage` reads it back into the same shard and refuses any
+    other, and ``fxpp export`` joins the shards into whole tensors.
     """
     from safetensors.torch import save_file
 
-    names = {id(p): n for n, p in stage.named_parameters()}
+    tensors, shards = local_tensors(stage)
+    metadata = {"format": "pt"}
+    if shards:
+        metadata[SHARDS_KEY] = json.dumps(shards)
+    save_file(tensors, path, metadata=metadata)
+
+
+def _parameter_names(params: torch.nn.Module | dict[str, torch.nn.Parameter]) -> dict[int, str]:
+    items = params.named_parameters() if isinstance(params, torch.nn.Module) else params.items()
+    return {id(p): n for n, p in items}
+
+
+def save_optimizer(optimizer: torch.optim.Optimizer, params: torch.nn.Module | dict[str, torch.nn.Parameter],
+                   path: str, extra: dict[str, torch.Tensor] | None = None) -> None:
+    """The optimizer state of a stage's parameters, keyed by parameter name, as safetensors.
+
+    Tensors go in as ``state.<param name>.<key>``; hyper-parameters and non-tensor state
+    as JSON in the file's metadata; ``extra`` tensors (an RNG state) as ``extra.<name>``.
+    State of an FSDP2 parameter is its local shard. No pickle.
+
+    Args:
+        params: the stage whose parameters the optimizer holds, or ``{name: parameter}``
+            (a rank holding two stages names them apart).
+    """
+    from safetensors.torch import save_file
+    from torch.distributed.tensor import DTensor
+
+    names = _parameter_names(params)
     sd = optimizer.state_dict()
     index_to_name = {}
     flat_params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -154,38 +302,71 @@ def save_optimizer(optimizer: torch.optim.Optimizer, stage: torch.nn.Module, pat
         if id(p) not in names:
             raise CheckpointError("the optimizer holds a parameter that is not in this stage")
         index_to_name[i] = names[id(p)]
-    tensors, scalars = {}, {}
+    tensors, scalars, sharded = {}, {}, []
     for i, state in sd["state"].items():
         for key, value in state.items():
+            name = f"state.{index_to_name[i]}.{key}"
+            if isinstance(value, DTensor):
+                value = value.to_local()
+                sharded.append(name)
             if isinstance(value, torch.Tensor):
-                tensors[f"state.{index_to_name[i]}.{key}"] = value.detach().cpu().clone().contiguous()
+                tensors[name] = value.detach().cpu().clone().contiguous()
             else:
                 scalars[f"{index_to_name[i]}.{key}"] = value
+    for key, value in (extra or {}).items():
+        tensors[f"extra.{key}"] = value.detach().cpu().clone().contiguous()
     groups = [{k: v for k, v in g.items() if k != "params"} | {"params": [index_to_name[i] for i in g["params"]]}
               for g in sd["param_groups"]]
-    save_file(tensors, path, metadata={"format": "pt", "param_groups": json.dumps(groups), "scalars": json.dumps(scalars)})
+    save_file(tensors, path, metadata={"format": "pt", "param_groups": json.dumps(groups),
+                                       "scalars": json.dumps(scalars), "sharded": json.dumps(sharded)})
 
 
-def load_optimizer(optimizer: torch.optim.Optimizer, stage: torch.nn.Module, path: str) -> None:
-    """Restore what :func:`save_optimizer` wrote into an optimizer over the same stage."""
+def load_optimizer(optimizer: torch.optim.Optimizer, params: torch.nn.Module | dict[str, torch.nn.Parameter],
+                   path: str) -> dict[str, torch.Tensor]:
+    """Restore what :func:`save_optimizer` wrote into an optimizer over the same parameters.
+
+    Returns:
+        the ``extra`` tensors saved with it.
+
+    Raises:
+        CheckpointError: the file names parameters the optimizer does not hold, or holds
+            state of another shape (another dp size or rank).
+    """
     from safetensors import safe_open
+    from torch.distributed.tensor import DTensor
 
-    names = {id(p): n for n, p in stage.named_parameters()}
+    names = _parameter_names(params)
     flat_params = [p for group in optimizer.param_groups for p in group["params"]]
     name_to_index = {names[id(p)]: i for i, p in enumerate(flat_params)}
+    extra: dict[str, torch.Tensor] = {}
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
             meta = f.metadata() or {}
             groups = json.loads(meta["param_groups"])
             scalars = json.loads(meta.get("scalars", "{}"))
+            sharded = set(json.loads(meta.get("sharded", "[]")))
             state: dict[int, dict] = {}
-            for key in f.keys():
-                _, rest = key.split(".", 1)
+            for key in f.keys():  # noqa: SIM118 - safe_open is not iterable
+                kind, rest = key.split(".", 1)
+                if kind == "extra":
+                    extra[rest] = f.get_tensor(key)
+                    continue
                 pname, skey = rest.rsplit(".", 1)
-                state.setdefault(name_to_index[pname], {})[skey] = f.get_tensor(key)
+                param = flat_params[name_to_index[pname]]
+                value = f.get_tensor(key)
+                if key in sharded:
+                    if not isinstance(param, DTensor) or tuple(value.shape) != tuple(param.to_local().shape):
+                        raise CheckpointError(f"{path}: {key} is a shard of shape {tuple(value.shape)}; this rank's "
+                                              f"parameter is {type(param).__name__} {tuple(param.shape)}: a per-shard "
+                                              "optimizer state loads only on the same dp size and rank")
+                    value = DTensor.from_local(value.to(param.device), param.device_mesh, param.placements,
+                                               shape=param.shape, stride=param.stride())
+                state.setdefault(name_to_index[pname], {})[skey] = value
+    except CheckpointError:
+        raise
     except (KeyError, ValueError) as e:
         raise CheckpointError(f"{path}: not an fxpp optimizer checkpoint for this stage ({type(e).__name__}: {e})") from e
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise CheckpointError(f"{path}: cannot read as safetensors ({type(e).__name__}: {e})") from e
     for key, value in scalars.items():
         pname, skey = key.rsplit(".", 1)
@@ -193,59 +374,8 @@ def load_optimizer(optimizer: torch.optim.Optimizer, stage: torch.nn.Module, pat
     for group in groups:
         group["params"] = [name_to_index[n] for n in group["params"]]
     optimizer.load_state_dict({"state": state, "param_groups": groups})
+    return extra
 
 
-def load_sharded(module: torch.nn.Module, path: str) -> None:
-    """Load ``module``'s parameters and buffers from ``path``, reading only each rank's local shard.
-
-    For a ``DTensor`` (FSDP2's ``Shard(0)`` over a dp mesh) only the rows of the local
-    shard are read, with safetensors' ``get_slice``; no full tensor and no full state dict
-    is materialised, so the peak is the rank's own tensors plus one shard being copied.
-    Non-persistent buffers (rotary ``inv_freq``) are not read: the caller recomputes them
-    (as ``build_stage`` does with the model's ``_init_weights``).
-
-    Raises:
-        CheckpointError: a key is missing, or a tensor has the wrong shape or dtype.
-    """
-    from safetensors import safe_open
-    from torch.distributed.tensor import DTensor
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-    own = dict(module.named_parameters())
-    for mod_name, sub in module.named_modules():  # persistent buffers only: rotary inv_freq is recomputed
-        for name, buf in sub.named_buffers(recurse=False):
-            if name not in sub._non_persistent_buffers_set:
-                own[f"{mod_name}.{name}" if mod_name else name] = buf
-    found: set[str] = set()
-    for file, file_keys in _files_for(path, set(own)).items():
-        try:
-            with safe_open(file, framework="pt", device="cpu") as f:
-                stored = set(f.keys()) if file_keys is None else set(file_keys)
-                for key in sorted(stored & set(own)):
-                    target = own[key]
-                    sl = f.get_slice(key)
-                    shape = tuple(sl.get_shape())
-                    if shape != tuple(target.shape):
-                        raise CheckpointError(f"{file}: {key} has shape {shape}, the stage expects {tuple(target.shape)}")
-                    if isinstance(target, DTensor):
-                        local = target.to_local()
-                        lshape, offset = compute_local_shape_and_global_offset(
-                            target.shape, target.device_mesh, target.placements)
-                        index = tuple(slice(o, o + n) for o, n in zip(offset, lshape))
-                        tensor = sl[index] if local.numel() else None
-                    else:
-                        local, tensor = target, sl[:]
-                    if tensor is not None:
-                        if tensor.dtype != local.dtype:
-                            raise CheckpointError(f"{file}: {key} has dtype {tensor.dtype}, the stage expects {local.dtype}")
-                        with torch.no_grad():
-                            local.copy_(tensor.reshape(local.shape))
-                    found.add(key)
-                    del tensor
-        except CheckpointError:
-            raise
-        except Exception as e:  # noqa: BLE001 - safetensors raises several types for bad files
-            raise CheckpointError(f"{file}: cannot read as safetensors ({type(e).__name__}: {e})") from e
-    missing = sorted(set(own) - found)
-    if missing:
-        raise CheckpointError(f"{path}: missing {len(missing)} key(s) of this stage, e.g. {missing[:3]}")
+# The FSDP2 case is load_stage's own: a DTensor reads only its rows.
+load_sharded = load_stage

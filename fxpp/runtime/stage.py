@@ -127,13 +127,15 @@ def check_sent_shapes(stage_index: int, microbatch: int, outputs, sends: list[tu
             )
 
 
-def _runtime_submodule(pipe: SplitModel, index: int, device: torch.device, *, own: bool = False):
+def _runtime_submodule(pipe: SplitModel, index: int, device: torch.device, *, own: bool = False,
+                       keep_meta: bool = False):
     """The stage's GraphModule for a rank: on ``device``, last stage with its own tied copy.
 
     Modules already on ``device`` are the model's own; others are copied (never moved,
-    so the user's model is untouched); meta modules are allocated empty. With ``own``
-    every module is copied: the stage is about to be wrapped in place (data
-    parallelism, activation checkpointing), which must not reach the user's model.
+    so the user's model is untouched); meta modules are allocated empty, or with
+    ``keep_meta`` stay on meta (to be sharded first, then allocated: :func:`_allocate`).
+    With ``own`` every module is copied: the stage is about to be wrapped in place
+    (data parallelism, activation checkpointing), which must not reach the user's model.
     """
     from ..transform import StageModule
 
@@ -156,7 +158,7 @@ def _runtime_submodule(pipe: SplitModel, index: int, device: torch.device, *, ow
         if not needs_copy:
             continue
         if id(module) not in replaced:
-            replaced[id(module)] = _copy_to(pipe.model, module, device)
+            replaced[id(module)] = _copy_to(pipe.model, module, device, keep_meta=keep_meta)
         stage.set_submodule(node.target, replaced[id(module)])
     stage.recompile()
     if isinstance(next(n for n in stage.graph.nodes if n.op == "output").args[0], dict):
@@ -190,16 +192,24 @@ def _materialize(pipe: SplitModel, index: int, submodule, checkpoint: str | None
     load_stage(submodule, checkpoint, aliases=aliases)
 
 
-def _copy_to(model: torch.nn.Module, module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+def _copy_to(model: torch.nn.Module, module: torch.nn.Module, device: torch.device, *,
+             keep_meta: bool = False) -> torch.nn.Module:
     if any(t.is_meta for t in list(module.parameters()) + list(module.buffers())):
-        fresh = copy.deepcopy(module).to_empty(device=device)
-        # Non-persistent buffers (rotary inv_freq) are not in checkpoints: recompute them.
-        init = getattr(model, "_init_weights", None)
-        for sub in fresh.modules():
-            if sub._non_persistent_buffers_set and init is not None:
-                init(sub)
-        return fresh
+        fresh = copy.deepcopy(module)
+        return fresh if keep_meta else _allocate(model, fresh, device)
     return copy.deepcopy(module).to(device)
+
+
+def _allocate(model: torch.nn.Module, module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """Give a meta module uninitialised memory on ``device`` (after FSDP2: only the local shards)."""
+    module.to_empty(device=device)
+    # Non-persistent buffers (rotary inv_freq) are not in checkpoints: recompute them.
+    init = getattr(model, "_init_weights", None)
+    if init is not None:
+        for sub in module.modules():
+            if sub._non_persistent_buffers_set:
+                init(sub)
+    return module
 
 
 def _sends(stage) -> list[str]:
@@ -264,14 +274,19 @@ def build_stage(pipe: SplitModel, index: int, device: torch.device | str, group=
         wrapping = (None if dp_mesh is None else (tuple(dp_mesh.mesh.flatten().tolist()), data_parallel),
                     activation_checkpointing)
     if submodule is None:
-        submodule = _runtime_submodule(pipe, index, device, own=wrapping is not None)
-        _materialize(pipe, index, submodule, checkpoint)
+        # A meta stage sharded over dp is sharded on meta, then allocated: each rank
+        # only ever holds its own shards, and the checkpoint fills them (load_stage).
+        keep_meta = dp_mesh is not None and checkpoint is not None
+        submodule = _runtime_submodule(pipe, index, device, own=wrapping is not None, keep_meta=keep_meta)
         if wrapping is not None:
             # Wrapped once, here, before any PipelineStage sees it; a rebuild for new
             # shapes finds it in _runtime_submods and reuses it.
             parallelize_stage(submodule, dp_mesh=dp_mesh, data_parallel=data_parallel,
                               activation_checkpointing=activation_checkpointing)
             object.__setattr__(submodule, "_fxpp_wrapping", wrapping)
+        if keep_meta:
+            _allocate(pipe.model, submodule, device)
+        _materialize(pipe, index, submodule, checkpoint)
         pipe._runtime_submods[key] = submodule
     else:
         done = getattr(submodule, "_fxpp_wrapping", None)
@@ -282,9 +297,6 @@ def build_stage(pipe: SplitModel, index: int, device: torch.device | str, group=
                 "data_parallel and activation_checkpointing every time (or leave them out to reuse the stage)"
             )
         if checkpoint is not None:
-            if done is not None and done[0] is not None:
-                raise StageSpecError(f"stage {index}: checkpoint= on a stage already sharded over data parallel "
-                                     "ranks; pass checkpoint= to the first build_stage call of the stage")
             _materialize(pipe, index, submodule, checkpoint)
     world = dist.get_world_size(group)
     registry = pipe._runtime_stages

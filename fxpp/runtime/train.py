@@ -39,6 +39,9 @@ class RunConfig:
     data: list[str] | None = None  # text / JSON-lines files, tokenized with the model directory's tokenizer
     check: bool = True
     progress: bool = True
+    save_dir: str | None = None  # per-stage (per-shard) checkpoints with optimizer state (fxpp.runtime.run_state)
+    save_every: int = 0  # save every K steps (and after the last); 0: after the last step only
+    resume: bool = False  # continue from the latest save in save_dir
 
     @property
     def num_stages(self) -> int:
@@ -51,6 +54,10 @@ class RunConfig:
         if self.dp > 1 and self.batch % (self.dp * self.microbatches):
             raise FxppError(f"--batch {self.batch} must be a multiple of --dp {self.dp} x --microbatches "
                             f"{self.microbatches}: every dp replica runs --microbatches equal microbatches")
+        if self.resume and not self.save_dir:
+            raise FxppError("--resume needs --save-dir (the directory of the run to continue)")
+        if self.save_every < 0 or (self.save_every and not self.save_dir):
+            raise FxppError(f"--save-every {self.save_every} needs --save-dir and a positive number of steps")
         if self.data:
             from .data import load_tokenizer
 
@@ -61,16 +68,39 @@ class RunConfig:
         return self.ranks * self.dp
 
 
-def synthetic_batches(cfg: RunConfig, vocab: int) -> list[dict[str, torch.Tensor]]:
-    """With ``cfg.data``: packed documents (``fxpp.runtime.data``), with ``labels``; else:
+def batches_from(cfg: RunConfig, vocab: int, start: int = 0, position=None):
+    """``(step, batch, data position after it)`` for steps ``start`` .. ``cfg.steps - 1``.
+
+    With ``cfg.data``: packed documents (``fxpp.runtime.data``), with ``labels``, continuing
+    from ``position`` (a resumed run's saved ``DataPosition``); else token ids (random,
+    or from ``cfg.tokens``) that depend only on the step, so a resumed run sees exactly
+    the batches a straight run would.
     """
+    from .data import DataPosition
+
     if cfg.data:
         from .data import PackedBatches, load_tokenizer, read_documents, tokenize
 
         packed = PackedBatches(tokenize(read_documents(list(cfg.data)), load_tokenizer(cfg.model)), cfg.batch,
-                               cfg.seq_len)
-        return [packed.next() for _ in range(cfg.steps)]
-    return _token_batches(cfg, vocab)
+                               cfg.seq_len, position or DataPosition())
+        for step in range(start, cfg.steps):
+            batch = packed.next()
+            yield step, batch, packed.position
+        return
+    flat = _token_file(cfg.tokens) if cfg.tokens else None
+    n = cfg.batch * cfg.seq_len
+    for step in range(start, cfg.steps):
+        if flat is None:
+            ids = torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + step))
+        else:
+            ids = flat[torch.arange(step * n, (step + 1) * n) % flat.numel()] % vocab
+        ids = ids.reshape(cfg.batch, cfg.seq_len)
+        yield step, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, DataPosition(0, (step + 1) * n)
+
+
+def synthetic_batches(cfg: RunConfig, vocab: int) -> list[dict[str, torch.Tensor]]:
+    """Every batch of the run, from step 0 (:func:`batches_from`)."""
+    return [batch for _, batch, _ in batches_from(cfg, vocab)]
 
 
 def split_labels(batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -82,33 +112,56 @@ def split_labels(batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor
     return batch, labels
 
 
-def _token_batches(cfg: RunConfig, vocab: int) -> list[dict[str, torch.Tensor]]:
-    """``cfg.steps`` batches: token ids from ``cfg.tokens`` (a .pt LongTensor or a text file of ints) or random."""
-    g = torch.Generator().manual_seed(cfg.seed)
-    need = cfg.steps * cfg.batch * cfg.seq_len
-    if cfg.tokens:
-        if cfg.tokens.endswith(".pt"):
-            flat = torch.load(cfg.tokens, weights_only=True).reshape(-1).long()
-        else:
-            with open(cfg.tokens) as f:
-                flat = torch.tensor([int(t) for t in f.read().split()], dtype=torch.long)
-        if flat.numel() < need:
-            flat = flat.repeat(need // max(flat.numel(), 1) + 1)
-        flat = flat[:need] % vocab
+def _token_file(path: str) -> torch.Tensor:
+    """Token ids of a .pt LongTensor or a text file of integers, flattened."""
+    if path.endswith(".pt"):
+        flat = torch.load(path, weights_only=True).reshape(-1).long()
     else:
-        flat = torch.randint(0, vocab, (need,), generator=g)
-    ids = flat.reshape(cfg.steps, cfg.batch, cfg.seq_len)
-    return [{"input_ids": ids[s], "attention_mask": torch.ones_like(ids[s])} for s in range(cfg.steps)]
+        with open(path) as f:
+            flat = torch.tensor([int(t) for t in f.read().split()], dtype=torch.long)
+    if not flat.numel():
+        raise FxppError(f"--tokens {path}: no token ids")
+    return flat
+
+
+def rank_memory(device: torch.device) -> int:
+    """This process's peak memory in bytes: allocated on CUDA, the peak resident set on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _all_memory(device: torch.device) -> list[int]:
+    """Every rank's :func:`rank_memory` (one all-gather)."""
+    import torch.distributed as dist
+
+    mine = torch.tensor([rank_memory(device)], dtype=torch.int64, device=device)
+    out = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, mine)
+    return [int(t.item()) for t in out]
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f}G"
 
 
 def run_rank(rank: int, world: int, cfg: RunConfig) -> dict:
-    """One rank's share of the job; the process group must be initialised."""
+    """One rank's share of the job; the process group must be initialised.
+
+    A directory source is built on the meta device and every rank reads only its
+    stages' (and, with ``--dp``, its shards') tensors from the safetensors files
+    (``build_stage(checkpoint=...)``); a resumed run reads them from its save instead.
+    """
     import fxpp
-    from .models import build_model
+
+    from . import run_state
+    from .data import DataPosition
+    from .models import build_model, check_checkpoint
+    from .parallel import local_batch
     from .placement import default_device
     from .schedule import make_schedule
-
-    from .parallel import local_batch
 
     device = default_device(rank)
     cfg.validate()
@@ -116,26 +169,43 @@ def run_rank(rank: int, world: int, cfg: RunConfig) -> dict:
     pp_rank = mesh.get_local_rank("pp") if mesh is not None else rank
     dp_rank = mesh.get_local_rank("dp") if mesh is not None else 0
     local = (lambda b: local_batch(b, mesh)) if mesh is not None else (lambda b: b)
-    model = build_model(cfg.model, seed=cfg.seed).to(device)
+    state = run_state.read_state(cfg.save_dir) if cfg.resume else None
+    start = state["step"] if state else 0
+    from_directory = os.path.isdir(cfg.model)
+    if from_directory:
+        model = build_model(cfg.model, device="meta")
+        check_checkpoint(model, None, cfg.model)  # every key, nothing else, right shapes: from the headers
+    else:
+        model = build_model(cfg.model, seed=cfg.seed).to(device)
     vocab = model.config.get_text_config().vocab_size
-    batches = synthetic_batches(cfg, vocab)
-    first = split_labels(local(batches[0]))[0]
-    mb = {k: v[: v.shape[0] // cfg.microbatches].to(device) for k, v in first.items()}
+    position = DataPosition(*state["data_position"]) if state else None
+    batches = batches_from(cfg, vocab, start, position)
+    example = split_labels(local(next(batches_from(cfg, vocab, start, position))[1]))[0]
+    example_device = "meta" if from_directory else device
+    mb = {k: v[: v.shape[0] // cfg.microbatches].to(example_device) for k, v in example.items()}
     pipe = fxpp.pipeline(model, cfg.num_stages, example_inputs=mb)
+    if state:
+        run_state.check_resumable(state, cfg, pipe.layer_ranges)
+    saved = run_state.step_dir(cfg.save_dir, start) if state else None
     style = MULTI_STAGE.get(cfg.schedule, "loop")
     ids = fxpp.stage_ids_of_rank(pp_rank, cfg.num_stages, cfg.ranks, style)
-    stages = [pipe.build_stage(i, device, style=style, dp_mesh=mesh,
+    checkpoint = {i: run_state.stage_file(saved, i, dp_rank) if saved else (cfg.model if from_directory else None)
+                  for i in ids}
+    stages = [pipe.build_stage(i, device, style=style, dp_mesh=mesh, checkpoint=checkpoint[i],
                                activation_checkpointing=cfg.activation_checkpointing) for i in ids]
-    params = list({id(p): p for st in stages for p in st.submod.parameters()}.values())
+    params = list(run_state.rank_parameters(stages).values())
     opt = torch.optim.AdamW(params, lr=cfg.lr)
+    if state:
+        run_state.load(cfg, state, stages, opt, pp_rank=pp_rank, dp_rank=dp_rank, device=device)
     holds_last = any(st.is_last for st in stages)
-    losses_per_step, times = [], []
+    losses_per_step, times, memory = [], [], []
     bar = None
     if holds_last and dp_rank == 0 and cfg.progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=cfg.steps, desc=f"{cfg.model} {cfg.schedule} x{cfg.num_stages}", unit="step")
-    for step, batch in enumerate(batches):
+        bar = tqdm(total=cfg.steps, initial=start, desc=f"{os.path.basename(cfg.model.rstrip('/'))} {cfg.schedule} "
+                   f"x{cfg.num_stages}" + (f" dp{cfg.dp}" if cfg.dp > 1 else ""), unit="step")
+    for step, batch, position in batches:
         batch, labels = split_labels({k: v.to(device) for k, v in local(batch).items()})
         # Every dp rank calls it: the global target-token count is an all-reduce over dp.
         loss_fn = fxpp.causal_lm_loss(labels, cfg.microbatches, dp_mesh=mesh)
@@ -148,6 +218,7 @@ def run_rank(rank: int, world: int, cfg: RunConfig) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t0)
+        memory = _all_memory(device)  # every rank takes part: per-rank peak memory for the bar and the report
         if holds_last:
             share = loss_fn.whole_batch(losses).reshape(1)
             if mesh is not None:  # the global loss is the sum of the replicas' shares
@@ -158,15 +229,21 @@ def run_rank(rank: int, world: int, cfg: RunConfig) -> dict:
             loss = float(share[0])
             losses_per_step.append(loss)
             if bar is not None:
-                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{cfg.batch * cfg.seq_len / times[-1]:,.0f}")
+                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{cfg.batch * cfg.seq_len / times[-1]:,.0f}",
+                                mem="/".join(_gib(m) for m in memory))
                 bar.update()
+        done = step + 1
+        if cfg.save_dir and (done == cfg.steps or (cfg.save_every and done % cfg.save_every == 0)):
+            run_state.save(cfg, done, stages, opt, pp_rank=pp_rank, dp_rank=dp_rank, position=position,
+                           layer_ranges=pipe.layer_ranges, model_config=model.config, device=device)
     if bar is not None:
         bar.close()
-    result = {"rank": rank, "stages": ids, "dp_rank": dp_rank, "step_s": times}
+    result = {"rank": rank, "stages": ids, "dp_rank": dp_rank, "step_s": times, "first_step": start,
+              "memory": memory, "device": str(device)}
     if holds_last and dp_rank == 0:
         result["losses"] = losses_per_step
         if cfg.check:
-            result["reference_losses"] = reference_losses(cfg, batches, device)
+            result["reference_losses"] = reference_losses(cfg, synthetic_batches(cfg, vocab), device)[start:]
     return result
 
 

@@ -1,0 +1,273 @@
+"""A training run's state on disk: ``fxpp run --save-dir/--resume`` and ``fxpp export``.
+
+Layout of a save directory::
+
+    SAVE_DIR/
+        config.json, tokenizer files      written at the first save (``export`` needs them)
+        step-000004/                      one directory per save
+            stage-3.dp-1.safetensors      stage 3's tensors as dp rank 1 holds them (FSDP2: its shard)
+            optimizer.pp-1.dp-1.safetensors   the optimizer state of that rank, and its RNG state
+            state.json                    written last: the step, the data position, the settings
+
+A step directory without ``state.json`` is an interrupted save and is never resumed
+from. Resuming restores parameters, optimizer state, RNG state and the data position,
+so a run of 2 steps resumed to 4 ends with exactly the tensors of a 4-step run
+(``tests/test_save_resume.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+
+import torch
+
+from ..errors import CheckpointError, FxppError
+
+# Settings a resumed run must share with the saved one: each changes the numbers.
+RESUME_SETTINGS = ("model", "ranks", "dp", "schedule", "batch", "seq_len", "microbatches", "lr", "seed", "tokens",
+                   "data")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                   "vocab.json", "merges.txt", "added_tokens.json")
+_STEP = re.compile(r"^step-(\d+)$")
+
+
+def step_dir(save_dir: str, step: int) -> str:
+    return os.path.join(save_dir, f"step-{step:06d}")
+
+
+def stage_file(directory: str, stage: int, dp_rank: int) -> str:
+    return os.path.join(directory, f"stage-{stage}.dp-{dp_rank}.safetensors")
+
+
+def optimizer_file(directory: str, pp_rank: int, dp_rank: int) -> str:
+    return os.path.join(directory, f"optimizer.pp-{pp_rank}.dp-{dp_rank}.safetensors")
+
+
+def latest_step(save_dir: str) -> int | None:
+    """The newest complete save (its ``state.json`` written), or None."""
+    if not os.path.isdir(save_dir):
+        return None
+    steps = [int(m.group(1)) for name in os.listdir(save_dir) if (m := _STEP.match(name))
+             and os.path.isfile(os.path.join(save_dir, name, "state.json"))]
+    return max(steps, default=None)
+
+
+def read_state(save_dir: str, step: int | None = None) -> dict:
+    """The ``state.json`` of ``step`` (default: the latest complete save).
+
+    Raises:
+        FxppError: no complete save in ``save_dir``.
+    """
+    step = latest_step(save_dir) if step is None else step
+    if step is None:
+        raise FxppError(f"{save_dir}: no saved step to resume from (no step-*/state.json); run once with "
+                        "--save-dir first, or leave out --resume")
+    with open(os.path.join(step_dir(save_dir, step), "state.json")) as f:
+        return json.load(f)
+
+
+def settings_of(cfg) -> dict:
+    return {k: getattr(cfg, k) for k in RESUME_SETTINGS}
+
+
+def check_resumable(state: dict, cfg, layer_ranges: list[range]) -> None:
+    """Refuse to resume with any setting that would change the numbers.
+
+    Raises:
+        FxppError: naming the first setting that differs, with both values.
+    """
+    saved = state["settings"]
+    for key, value in settings_of(cfg).items():
+        if saved.get(key) != value:
+            raise FxppError(f"--resume: the run in {cfg.save_dir} was saved with {key}={saved.get(key)!r}, this run "
+                            f"has {key}={value!r}; resume with the same settings (or start a new --save-dir)")
+    ranges = [[r.start, r.stop] for r in layer_ranges]
+    if state["layer_ranges"] != ranges:
+        raise FxppError(f"--resume: the saved stages own layers {state['layer_ranges']}, this pipeline {ranges}")
+    if state["step"] > cfg.steps:
+        raise FxppError(f"--resume: the save is at step {state['step']}, past --steps {cfg.steps}")
+
+
+def rank_parameters(stages) -> dict[str, torch.nn.Parameter]:
+    """``{"stage<i>.<name>": parameter}`` of a rank's stages (a shared parameter under its first name)."""
+    out: dict[str, torch.nn.Parameter] = {}
+    seen: set[int] = set()
+    for stage in stages:
+        for name, p in stage.submod.named_parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                out[f"stage{stage.stage_index}.{name}"] = p
+    return out
+
+
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    out = {"rng_cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        out["rng_cuda"] = torch.cuda.get_rng_state(device)
+    return out
+
+
+def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state["rng_cpu"])
+    if device.type == "cuda" and "rng_cuda" in state:
+        torch.cuda.set_rng_state(state["rng_cuda"], device)
+
+
+def save(cfg, step: int, stages, optimizer, *, pp_rank: int, dp_rank: int, position, layer_ranges, model_config,
+         device: torch.device) -> None:
+    """Every rank writes its stages and optimizer; after a barrier, rank 0 writes ``state.json``."""
+    import torch.distributed as dist
+
+    from .checkpoint import save_optimizer, save_stage
+
+    directory = step_dir(cfg.save_dir, step)
+    os.makedirs(directory, exist_ok=True)
+    for stage in stages:
+        save_stage(stage.submod, stage_file(directory, stage.stage_index, dp_rank))
+    save_optimizer(optimizer, rank_parameters(stages), optimizer_file(directory, pp_rank, dp_rank),
+                   extra=rng_state(device))
+    dist.barrier()
+    if dist.get_rank() == 0:
+        _write_model_files(cfg, model_config)
+        state = {"step": step, "data_position": [position.document, position.token], "settings": settings_of(cfg),
+                 "layer_ranges": [[r.start, r.stop] for r in layer_ranges], "num_stages": len(layer_ranges)}
+        tmp = os.path.join(directory, "state.json.tmp")
+        with open(tmp, "w") as f:
+            json.dump(state, f, indent=1)
+        os.replace(tmp, os.path.join(directory, "state.json"))  # the save is complete only now
+    dist.barrier()
+
+
+def _write_model_files(cfg, model_config) -> None:
+    """config.json and the source directory's tokenizer files, for ``fxpp export``."""
+    if not os.path.isfile(os.path.join(cfg.save_dir, "config.json")):
+        model_config.to_json_file(os.path.join(cfg.save_dir, "config.json"))
+    if os.path.isdir(cfg.model):
+        for name in TOKENIZER_FILES:
+            source = os.path.join(cfg.model, name)
+            if os.path.isfile(source) and not os.path.isfile(os.path.join(cfg.save_dir, name)):
+                shutil.copyfile(source, os.path.join(cfg.save_dir, name))
+
+
+def load(cfg, state: dict, stages, optimizer, *, pp_rank: int, dp_rank: int, device: torch.device) -> None:
+    """The optimizer and RNG state of this rank (the stages were built from their step files)."""
+    from .checkpoint import load_optimizer
+
+    directory = step_dir(cfg.save_dir, state["step"])
+    extra = load_optimizer(optimizer, rank_parameters(stages), optimizer_file(directory, pp_rank, dp_rank))
+    set_rng_state(extra, device)
+
+
+def whole_tensors(directory: str) -> dict[str, torch.Tensor]:
+    """Every tensor of a step directory's stage files, dp shards joined, replicas checked equal.
+
+    Raises:
+        CheckpointError: shards that do not cover a tensor's rows exactly once, or two
+            copies of a tensor (dp replicas, a weight two stages hold) that differ.
+    """
+    from safetensors import safe_open
+
+    from .checkpoint import SHARDS_KEY
+
+    files = sorted(f for f in os.listdir(directory) if f.startswith("stage-") and f.endswith(".safetensors"))
+    if not files:
+        raise CheckpointError(f"{directory}: no stage-*.safetensors files")
+    whole: dict[str, tuple[torch.Tensor, str]] = {}
+    pieces: dict[str, list[tuple[int, int, int, torch.Tensor, str]]] = {}
+    for name in files:
+        path = os.path.join(directory, name)
+        with safe_open(path, framework="pt", device="cpu") as f:
+            shards = json.loads((f.metadata() or {}).get(SHARDS_KEY, "{}"))
+            for key in f.keys():  # noqa: SIM118 - safe_open is not iterable
+                tensor = f.get_tensor(key)
+                if key in shards:
+                    start, stop, total = shards[key]
+                    pieces.setdefault(key, []).append((start, stop, total, tensor, path))
+                elif key in whole:
+                    if not torch.equal(whole[key][0], tensor):
+                        raise CheckpointError(f"{key} differs between {whole[key][1]} and {path}: copies of one "
+                                              "tensor must be equal")
+                else:
+                    whole[key] = (tensor, path)
+    out = {k: v for k, (v, _) in whole.items()}
+    for key, parts in pieces.items():
+        parts.sort(key=lambda p: (p[0], p[1]))
+        total = parts[0][2]
+        joined, row = [], 0
+        for start, stop, _, tensor, path in parts:
+            if start < row:  # the same shard from two files (a weight two stages hold): must be equal
+                same = [t for s, e, _, t, _ in parts if (s, e) == (start, stop)]
+                if not all(torch.equal(same[0], t) for t in same):
+                    raise CheckpointError(f"{key} rows {start}-{stop} differ between copies ({path})")
+                continue
+            if start != row:
+                raise CheckpointError(f"{key}: rows {row}-{start} of {total} are in no shard file of {directory}")
+            joined.append(tensor)
+            row = stop
+        if row != total:
+            raise CheckpointError(f"{key}: rows {row}-{total} are in no shard file of {directory}")
+        if key in out:
+            raise CheckpointError(f"{key} is both whole and sharded in {directory}")
+        out[key] = torch.cat(joined)
+    return out
+
+
+def export(save_dir: str, out_dir: str, step: int | None = None, max_shard_size: str = "5GB") -> int:
+    """Write a Hugging Face checkpoint directory from a save: config, tokenizer, sharded safetensors.
+
+    The model is built on the meta device and given the saved tensors (``assign=True``),
+    so the export holds one copy of the weights. Keys are the model's own;
+    ``AutoModelForCausalLM.from_pretrained(out_dir)`` loads the trained weights.
+
+    Returns:
+        the step exported.
+
+    Raises:
+        CheckpointError: a saved tensor the model does not have, or a key of the model
+            the save lacks (besides a tied ``lm_head.weight``).
+    """
+    from transformers import AutoModelForCausalLM
+
+    from .models import load_config
+
+    state = read_state(save_dir, step)
+    tensors = whole_tensors(step_dir(save_dir, state["step"]))
+    config = load_config(save_dir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    own = model.state_dict()
+    tied = {k for k in own if k.endswith("lm_head.weight")} if getattr(
+        config.get_text_config(), "tie_word_embeddings", False) else set()
+    missing = sorted(set(own) - set(tensors) - tied)
+    unexpected = sorted(set(tensors) - set(own))
+    if missing or unexpected:
+        raise CheckpointError(f"{save_dir}: the save does not match {type(model).__name__}: missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]}")
+    for key, value in tensors.items():
+        if tuple(value.shape) != tuple(own[key].shape):
+            raise CheckpointError(f"{save_dir}: {key} is {tuple(value.shape)}, the model expects {tuple(own[key].shape)}")
+    init = getattr(model, "_init_weights", None)
+    for sub in model.modules():  # non-persistent buffers (rotary inv_freq) are not saved: compute them first
+        if sub._non_persistent_buffers_set:
+            for name in sub._non_persistent_buffers_set:
+                if sub._buffers.get(name) is not None:
+                    sub._buffers[name] = torch.empty_like(sub._buffers[name], device="cpu")
+            if init is not None:
+                init(sub)
+    if tied:  # the last stage's copy of a tied weight must have stayed equal to the first stage's
+        embedding = next(n for n, p in model.named_parameters() if p is model.get_input_embeddings().weight)
+        for key in sorted(tied & set(tensors)):
+            if not torch.equal(tensors[key], tensors[embedding]):
+                raise CheckpointError(f"{save_dir}: {key} differs from {embedding}, to which the config ties it; "
+                                      "the stages' tied copies diverged, the save cannot be exported as tied")
+    model.load_state_dict(tensors, strict=False, assign=True)  # then every saved tensor, as it was trained
+    if tied:
+        model.tie_weights()
+    model.save_pretrained(out_dir, max_shard_size=max_shard_size)
+    for name in TOKENIZER_FILES:
+        if os.path.isfile(os.path.join(save_dir, name)):
+            shutil.copyfile(os.path.join(save_dir, name), os.path.join(out_dir, name))
+    return state["step"]
