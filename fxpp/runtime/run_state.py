@@ -185,6 +185,9 @@ def whole_tensors(directory: str) -> dict[str, torch.Tensor]:
                 tensor = f.get_tensor(key)
                 if key in shards:
                     start, stop, total = shards[key]
+                    if tensor.shape[0] != stop - start:
+                        raise CheckpointError(f"{path}: {key} has {tensor.shape[0]} rows, its metadata says rows "
+                                              f"{start}-{stop}")
                     pieces.setdefault(key, []).append((start, stop, total, tensor, path))
                 elif key in whole:
                     if not torch.equal(whole[key][0], tensor):
