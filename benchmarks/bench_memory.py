@@ -44,6 +44,12 @@ Per rank it reports
 Each ``fxpp`` rank also checks that its stage's weights equal the checkpoint's
 (``weights_max_abs_diff``, after the memory was measured).
 
+Rows ``2x2`` (``fxpp_dp``): pp 2 x dp 2 on 4 ranks (``fxpp.pp_dp_mesh(2, 2)``): each
+rank's stage is sharded with FSDP2 on the meta device, allocated, and reads only its
+own rows of each tensor (``build_stage(pp_rank, "cpu", dp_mesh=mesh, checkpoint=dir)``).
+``share_MB`` is then the rank's own tensors, stage share / dp, and ``fxpp_load/share``
+the load peak over them (the issue's target: at most 1.3).
+
 Run:  PYTHONPATH=. python benchmarks/bench_memory.py [--ranks 2,4] [--json PATH]
 """
 
@@ -171,6 +177,8 @@ def rank_job(rank: int, world: int, mode: str, ckpt: str) -> dict:
     t0 = time.perf_counter()
     if mode == "fxpp":
         stage = pipe.build_stage(rank, "cpu", checkpoint=ckpt)
+    elif mode == "fxpp_dp":
+        return _dp_rank_job(rank, world, ckpt, model, example, hwm_before, rss_before, did_reset, t0)
     else:
         model = AutoModelForCausalLM.from_pretrained(ckpt).train()
         pipe = fxpp.pipeline(model, world, example_inputs=example)
@@ -212,6 +220,41 @@ def rank_job(rank: int, world: int, mode: str, ckpt: str) -> dict:
     return out
 
 
+def _dp_rank_job(rank, world, ckpt, model, example, hwm_before, rss_before, did_reset, t0) -> dict:
+    """pp (world / 2) x dp 2: the stage sharded with FSDP2 on meta, then only its rows read."""
+    import fxpp
+    from torch.distributed.tensor import DTensor
+
+    from fxpp.runtime.checkpoint import load_state_dict_from
+
+    del hwm_before
+    pp, dp = world // 2, 2
+    pipe = fxpp.pipeline(model.train(), pp, example_inputs={k: v.to("meta") for k, v in example.items()})
+    mesh = fxpp.pp_dp_mesh(pp, dp)
+    pp_rank = mesh.get_local_rank("pp")
+    rss_before = current_rss_bytes()  # the second trace above is outside the load
+    did_reset = reset_peak_rss()
+    t0 = time.perf_counter()
+    stage = pipe.build_stage(pp_rank, "cpu", dp_mesh=mesh, checkpoint=ckpt)
+    load_s = time.perf_counter() - t0
+    hwm_load = proc_status_bytes("VmHWM")
+    own = {n: p for n, p in stage.submod.named_parameters()}
+    local_bytes = sum(p.to_local().untyped_storage().nbytes() if isinstance(p, DTensor) else
+                      p.untyped_storage().nbytes() for p in own.values())
+    out = {"rank": rank, "pp_rank": pp_rank, "dp_rank": mesh.get_local_rank("dp"),
+           "layers": f"{pipe.layer_ranges[pp_rank].start}-{pipe.layer_ranges[pp_rank].stop - 1}",
+           "stage_params": pipe.stage_params()[pp_rank], "total_params": sum(p.numel() for p in model.parameters()),
+           "local_bytes": local_bytes, "rss_before": rss_before, "load_s": load_s,
+           "load_peak": (hwm_load - rss_before) if did_reset and hwm_load is not None else None}
+    ref = load_state_dict_from(ckpt, own)  # after the measurement: each shard equals its rows of the checkpoint
+    diff = 0.0
+    for name, p in own.items():
+        whole = p.full_tensor() if isinstance(p, DTensor) else p
+        diff = max(diff, float((whole.detach() - ref[name]).abs().max()))
+    out["weights_max_abs_diff"] = diff
+    return out
+
+
 def _rank_job(rank: int, world: int, workdir: str, mode: str, ckpt: str) -> dict:
     import transformers
 
@@ -234,6 +277,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ranks", default="2,4")
     ap.add_argument("--json", default=default_json_path("bench_memory"))
+    ap.add_argument("--no-dp", dest="dp", action="store_false",
+                    help="skip pp 2 x dp 2 (4 ranks; FSDP2 shards of each stage, each reading only its rows)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     env = environment("cpu")
@@ -290,6 +335,20 @@ def main() -> None:
                     "weights_max_abs_diff": f["weights_max_abs_diff"],
                 })
                 rows.append(row)
+        if args.dp:
+            t0 = time.perf_counter()
+            results = spawn(4, "fxpp_dp", ckpt)
+            print(f"# pp 2 x dp 2, fxpp_dp: {time.perf_counter() - t0:.0f}s", flush=True)
+            for r in results:
+                if not r["ok"]:
+                    rows.append({"ranks": "2x2", "rank": "?", "error": r["error"]})
+                    continue
+                own = r["stage_params"] / r["total_params"] * info["param_bytes"] / 2
+                rows.append({"ranks": "2x2", "rank": r["rank"], "layers": r["layers"],
+                             "share": r["stage_params"] / r["total_params"] / 2, "share_MB": own / MB,
+                             "fxpp_param_MB": r["local_bytes"] / MB, "fxpp_load_peak_MB": r["load_peak"] / MB,
+                             "fxpp_load/share": r["load_peak"] / own, "fxpp_load_s": r["load_s"],
+                             "weights_max_abs_diff": r["weights_max_abs_diff"]})
     report(rows, ["ranks", "rank", "layers", "share", "share_MB", "fxpp_param_MB", "whole_param_MB",
                   "param_fxpp/whole", "fxpp_ru_maxrss_MB", "whole_ru_maxrss_MB", "fxpp_peak_rss_MB",
                   "whole_peak_rss_MB", "peak_fxpp/whole", "fxpp_load_peak_MB", "whole_load_peak_MB", "load_fxpp/whole",
