@@ -62,3 +62,20 @@ def test_data_on_a_preset_without_tokenizer_is_one_line(tmp_path, capsys):
     data.write_text("a b c\n")
     assert main(["run", "tiny-llama", "--data", str(data), "--steps", "1"]) == 2
     assert "--data needs a tokenizer" in capsys.readouterr().err
+
+
+def test_run_on_a_checkpoint_missing_a_key_names_it_before_any_rank_starts(tmp_path, capsys):
+    import json
+
+    from fxpp.cli import main
+    from fxpp.testing.checkpoint_dir import write_checkpoint
+
+    write_checkpoint(str(tmp_path), max_shard_size="20KB")
+    index = tmp_path / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    del data["weight_map"]["model.layers.2.self_attn.q_proj.weight"]
+    index.write_text(json.dumps(data))
+    assert main(["run", str(tmp_path), "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "missing 1 key(s) of LlamaForCausalLM: model.layers.2.self_attn.q_proj.weight" in err, err
+    assert "rank" not in err, err  # refused in the launcher, not by a failing rank

@@ -58,6 +58,11 @@ class RunConfig:
             raise FxppError("--resume needs --save-dir (the directory of the run to continue)")
         if self.save_every < 0 or (self.save_every and not self.save_dir):
             raise FxppError(f"--save-every {self.save_every} needs --save-dir and a positive number of steps")
+        if os.path.isdir(self.model) and not self.resume:
+            from .models import build_model, check_checkpoint
+
+            # every key, nothing else, right shapes: from the file headers, before any rank starts
+            check_checkpoint(build_model(self.model, device="meta"), None, self.model)
         if self.data:
             from .data import load_tokenizer
 
@@ -158,7 +163,7 @@ def run_rank(rank: int, world: int, cfg: RunConfig) -> dict:
 
     from . import run_state
     from .data import DataPosition
-    from .models import build_model, check_checkpoint
+    from .models import build_model
     from .parallel import local_batch
     from .placement import default_device
     from .schedule import make_schedule
@@ -173,8 +178,7 @@ def run_rank(rank: int, world: int, cfg: RunConfig) -> dict:
     start = state["step"] if state else 0
     from_directory = os.path.isdir(cfg.model)
     if from_directory:
-        model = build_model(cfg.model, device="meta")
-        check_checkpoint(model, None, cfg.model)  # every key, nothing else, right shapes: from the headers
+        model = build_model(cfg.model, device="meta")  # cfg.validate() checked the checkpoint's keys
     else:
         model = build_model(cfg.model, seed=cfg.seed).to(device)
     vocab = model.config.get_text_config().vocab_size
