@@ -47,6 +47,7 @@ import torch
 from .errors import StageInputError
 
 TEXT_INPUTS = ("input_ids", "attention_mask", "position_ids")
+TOKEN_INPUTS = ("input_ids", "inputs_embeds")  # a call gives one of them
 HEADER = "fxpp header (layout id, inputs present, slots filled)"
 _WORD = 62  # bits per header word: int64, kept non-negative
 
@@ -59,10 +60,20 @@ class InputSignature:
         names: the declared inputs.
         left_out: inputs of the default set the model cannot take, with the reason,
             for error messages.
+        alternatives: the token input the example did not hold (``inputs_embeds`` for a
+            pipeline built from ``input_ids``, or the other way round), declared where
+            the forward takes it. A call gives one of the two, as the model's forward
+            requires; the stages trace a call with the alternative when it first comes.
     """
 
     names: tuple[str, ...]
     left_out: tuple[tuple[str, str], ...] = ()
+    alternatives: tuple[str, ...] = ()  # declared token inputs the canonical graph was not traced with
+
+    @property
+    def traced_bits(self) -> int:
+        """The canonical graph's present set: every name but the alternatives."""
+        return self.bits(n for n in self.names if n not in self.alternatives)
 
     def __post_init__(self) -> None:
         if len(set(self.names)) != len(self.names):

@@ -178,8 +178,8 @@ def pipeline(
         num_stages: how many stages (a multiple of the ranks for multi-stage schedules).
         example_inputs: one microbatch of model inputs by keyword; widens the input
             signature (a VLM's media inputs; ``input_ids``, ``attention_mask`` and
-            ``position_ids`` are in it anyway where the forward takes them, see
-            ``fxpp.layout``) and gives the shapes the cost model uses. Defaults to
+            ``position_ids`` are in it anyway where the forward takes them, and
+            ``inputs_embeds`` as the alternative to ``input_ids``, see ``fxpp.layout``) and gives the shapes the cost model uses. Defaults to
             ``input_ids`` of shape ``[2, 8]``. Calls may carry any subset of the
             signature that names the tokens.
         cuts: explicit cut points (``num_stages - 1`` increasing layer indices), or

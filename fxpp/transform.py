@@ -26,7 +26,7 @@ from .analysis.cuts import crossing_slots
 from .trace import reject_unconsumed_inputs
 from .trace.unused_inputs import tolerated_reason, unconsumed_inputs
 from .trace.recording import recording_hooks, recording_targets
-from .layout import TEXT_INPUTS, CutLayout, InputSignature, Slot
+from .layout import TEXT_INPUTS, TOKEN_INPUTS, CutLayout, InputSignature, Slot
 from .trace import find_decoder_layers, trace_model
 
 
@@ -86,7 +86,9 @@ def trace_canonical(model: torch.nn.Module, example_inputs: dict[str, Any] | Non
     given = {k: v for k, v in (example_inputs or default_example_inputs(model)).items() if v is not None}
     params = forward_parameters(model)
     tokens = given.get("input_ids", given.get("inputs_embeds"))
-    missing = [n for n in TEXT_INPUTS if n not in given and n in params]
+    # The other token input is an alternative to the given one, never traced together with it.
+    alternatives = [n for n in TOKEN_INPUTS if n not in given and n in params and set(TOKEN_INPUTS) & set(given)]
+    missing = [n for n in TEXT_INPUTS if n not in given and n in params and n not in alternatives]
     left_out = [(n, f"{type(model).__name__}.forward takes no {n}") for n in TEXT_INPUTS if n not in params]
     if not isinstance(tokens, torch.Tensor) or tokens.dim() < 2:
         missing = []
@@ -104,8 +106,8 @@ def trace_canonical(model: torch.nn.Module, example_inputs: dict[str, Any] | Non
         for name in sorted(set(missing) - set(added)):
             left_out.append((name, f"a trace with an example {name} failed: {str(errors[0]).splitlines()[0][:200]}"))
         break
-    names = tuple(n for n in gm.meta["fxpp_example_inputs"])
-    signature = InputSignature(names=names, left_out=tuple(left_out))
+    names = tuple(n for n in gm.meta["fxpp_example_inputs"]) + tuple(alternatives)
+    signature = InputSignature(names=names, left_out=tuple(left_out), alternatives=tuple(alternatives))
     gm.meta["fxpp_signature"] = signature
     gm.meta["fxpp_variant_graphs"] = _trace_other_present_sets(model, gm.meta["fxpp_example_inputs"], signature)
     gm.meta["fxpp_layouts"] = {}
@@ -120,15 +122,16 @@ def representative_present_sets(signature: InputSignature) -> list[tuple[str, ..
     """
     import itertools
 
-    optional = [n for n in ("attention_mask", "position_ids") if n in signature.names]
-    media = [n for n in signature.names if n not in TEXT_INPUTS and n != "inputs_embeds"]
+    names = [n for n in signature.names if n not in signature.alternatives]  # alternatives: traced on demand
+    optional = [n for n in ("attention_mask", "position_ids") if n in names]
+    media = [n for n in names if n not in TEXT_INPUTS and n != "inputs_embeds"]
     found = []
     for with_media in ((True, False) if media else (True,)):
         for r in range(len(optional), -1, -1):
             for kept in itertools.combinations(optional, r):
-                present = tuple(n for n in signature.names
+                present = tuple(n for n in names
                                 if (n not in optional and n not in media) or n in kept or (with_media and n in media))
-                if present != signature.names:
+                if present != tuple(names):
                     found.append(present)
     return found
 
@@ -300,7 +303,7 @@ def transform(
         example_inputs: keyword inputs of the model that widen the input signature
             (a VLM's ``pixel_values`` and companions); ``input_ids``,
             ``attention_mask`` and ``position_ids`` are in it anyway where the forward
-            takes them. Shapes are only an example: the stage accepts other batch and
+            takes them, and ``inputs_embeds`` as the alternative to ``input_ids``. Shapes are only an example: the stage accepts other batch and
             sequence sizes, and any call with a subset of the signature. Every stage of
             one pipeline must be built from the same example inputs.
 
@@ -449,7 +452,7 @@ class StageModule(GraphModule):
         if bits not in self._fxpp_variants and bits in self._fxpp_traced_sets:
             self._fxpp_variants[bits] = [self._variant_of(self._fxpp_traced_sets[bits], received is not None)]
         candidates = list(self._fxpp_variants.get(bits, ()))
-        if bits == self.signature.all_bits:
+        if bits == self.signature.traced_bits:
             candidates.insert(0, self)
         why = f"no variant for inputs {list(self.signature.present(bits))} yet"
         for variant in candidates:
@@ -513,7 +516,8 @@ class StageModule(GraphModule):
         except Exception as e:  # noqa: BLE001 - the caller's inputs are the likelier problem
             if inputs is not None:
                 raise
-            raise StageInputError(f"{self._where()}: {why}") from e
+            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            raise StageInputError(f"{self._where()}: {why}, and tracing the model for them failed: {first}") from e
         variant = self._variant_of(model_gm, received is not None)
         if received is not None:
             problem = _received_problem(variant, self._args_for(variant, received, bits))
@@ -542,12 +546,17 @@ class StageModule(GraphModule):
 
     def _example_for(self, present: tuple[str, ...], received: dict) -> dict[str, Any]:
         """Model inputs of this present set that produce the received values' shapes."""
-        example = {k: v for k, v in self.meta["fxpp_example_inputs"].items() if k in present}
+        built = self.meta["fxpp_example_inputs"]
+        example = {k: v for k, v in built.items() if k in present}
         stream = received["hidden states"]  # always computed, always first
-        old = next(iter(example.values()))
+        old = next(v for k, v in built.items() if k in TOKEN_INPUTS)
         b0, s0 = old.shape[0], old.shape[1] if old.dim() > 1 else None
         b, s = stream.shape[0], stream.shape[1]
         out = {}
+        for name in self.signature.alternatives:  # the other token input: only its shape matters here
+            if name in present:
+                out[name] = (torch.zeros(b, s, dtype=torch.long, device=stream.device) if name == "input_ids" else
+                             torch.zeros(b, s, stream.shape[-1], dtype=stream.dtype, device=stream.device))
         for name, value in example.items():
             if f"input {name}" in received:
                 out[name] = received[f"input {name}"]

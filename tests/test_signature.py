@@ -131,7 +131,7 @@ def test_a_tuple_of_another_layout_is_refused():
         last(*out[:-1], forged)
     # A slot the sender only filled (no mask in this call) is never read as data.
     forged = out[-1].clone()
-    forged[1] = first.signature.all_bits  # claims every input was present
+    forged[1] = first.signature.traced_bits  # claims every (traced) input was present
     with pytest.raises(fxpp.StageInputError, match=r"reads 'input attention_mask', which the previous stage did not "
                        r"compute for this call"):
         last(*out[:-1], forged)
@@ -141,8 +141,35 @@ def test_inputs_outside_the_signature_are_refused_before_anything_runs():
     model = cached_model("llama", NUM_LAYERS)
     first = fxpp.transform(model, "first", range(0, 2))
     with pytest.raises(fxpp.StageInputError, match=r"input\(s\) \['token_type_ids'\] are not in the pipeline's input "
-                       r"signature \['input_ids', 'attention_mask', 'position_ids'\]\. Declare them"):
+                       r"signature \['input_ids', 'attention_mask', 'position_ids', 'inputs_embeds'\]\. Declare them"):
         first(input_ids=make_inputs(2, 4)["input_ids"], token_type_ids=torch.zeros(2, 4, dtype=torch.long))
+
+
+@pytest.mark.parametrize("built_from", ["input_ids", "inputs_embeds"])
+def test_the_other_token_input_is_in_the_default_signature(built_from):
+    """inputs_embeds where the forward takes it (and input_ids for stages built from embeddings):
+    logits, every parameter gradient and the gradient of the given embeddings equal the unpatched model's."""
+    model = cached_model("llama", NUM_LAYERS)
+    ids = make_inputs(2, 6)["input_ids"]
+    embeds = model.get_input_embeddings()(ids).detach()
+    example = {"input_ids": ids} if built_from == "input_ids" else {"inputs_embeds": embeds}
+    pipe = fxpp.pipeline(model, 3, example_inputs=example)
+    assert pipe.signature.alternatives == (("inputs_embeds",) if built_from == "input_ids" else ("input_ids",))
+    mask = torch.ones(3, 7, dtype=torch.long)
+    mask[0, :2] = 0  # another shape than the build's, left padding
+    ids = make_inputs(3, 7)["input_ids"]
+    for inputs in ({"input_ids": ids}, {"inputs_embeds": model.get_input_embeddings()(ids).detach()},
+                   {"inputs_embeds": model.get_input_embeddings()(ids).detach(), "attention_mask": mask}):
+        assert_same(training_reference(model, inputs), through_pipeline(pipe, inputs), atol=ATOL32, rtol=RTOL32,
+                    what=f"built from {built_from}, inputs={sorted(inputs)}")
+    # The gradient reaching the embeddings given (what an outer module would train on).
+    grads = []
+    for run in (lambda e: model(inputs_embeds=e, use_cache=False).logits, lambda e: pipe(inputs_embeds=e)):
+        leaf = embeds.clone().requires_grad_(True)
+        loss_of(run(leaf)).backward()
+        grads.append(leaf.grad)
+    model.zero_grad(set_to_none=True)
+    torch.testing.assert_close(grads[1], grads[0], atol=ATOL32, rtol=RTOL32)
 
 
 @pytest.mark.parametrize("family", VLM_FAMILIES)
