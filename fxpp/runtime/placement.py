@@ -23,8 +23,12 @@ def default_backend() -> str:
 
 
 def default_device(rank: int) -> torch.device:
+    """CUDA when present: the GPU of the node-local rank (torchrun's ``LOCAL_RANK``), else ``rank``'s."""
     if torch.cuda.is_available():
-        return torch.device("cuda", rank % torch.cuda.device_count())
+        import os
+
+        local = int(os.environ.get("LOCAL_RANK", rank))
+        return torch.device("cuda", local % torch.cuda.device_count())
     return torch.device("cpu")
 
 
