@@ -84,7 +84,7 @@ def test_image_inputs_to_a_text_stage_and_unknown_inputs_are_rejected():
 def test_missing_required_input():
     model = cached_model("llama", 4)
     first = fxpp.transform(model, "first", range(0, 2))
-    with pytest.raises(fxpp.StageInputError, match=r"the call gives \['attention_mask'\] but not input_ids; the first "
+    with pytest.raises(fxpp.StageInputError, match=r"the call gives \['attention_mask'\] but not input_ids or inputs_embeds; the first "
                        "stage needs the tokens"):
         first(attention_mask=torch.ones(2, 4, dtype=torch.long))
 
