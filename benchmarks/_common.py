@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -70,3 +71,41 @@ def report(rows: list[dict], columns: list[str], env: dict, json_path: str) -> N
         for r in rows:
             f.write(json.dumps({**env, **r}) + "\n")
     print(f"# wrote {len(rows)} rows to {json_path}")
+
+
+@contextlib.contextmanager
+def torchrun_group(timeout_s: float):
+    """Under ``torchrun``: ``(rank, world, device, env)`` with the process group up, then torn down.
+
+    The one CUDA-specific place of the benchmarks' torchrun path: NCCL and the node-local
+    GPU (``LOCAL_RANK``) when CUDA is present, else gloo on CPU.
+    """
+    import datetime
+
+    import torch.distributed as dist
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    cuda = torch.cuda.is_available()
+    device = (torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count()) if cuda
+              else torch.device("cpu"))
+    if cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo", init_method="env://",
+                            timeout=datetime.timedelta(seconds=timeout_s))
+    try:
+        env = environment(str(device) if cuda else "cpu")
+        if cuda:
+            env["gpu"] = torch.cuda.get_device_name(device)
+        env["launcher"] = f"torchrun world={world} backend={dist.get_backend()}"
+        yield rank, world, device, env
+    finally:
+        dist.destroy_process_group()
+
+
+def gather(obj) -> list:
+    """Every rank's ``obj`` on every rank (``all_gather_object``)."""
+    import torch.distributed as dist
+
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

@@ -55,7 +55,6 @@ Run:  PYTHONPATH=. python benchmarks/bench_data_parallel.py [--steps 3] [--warmu
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
 import os
 import resource
@@ -66,7 +65,7 @@ import traceback
 
 import torch
 import torch.distributed as dist
-from _common import default_json_path, environment, print_header, report
+from _common import default_json_path, environment, gather, print_header, report, torchrun_group
 
 import fxpp
 
@@ -416,31 +415,16 @@ def main() -> None:
 
 
 def torchrun_main(args) -> None:
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    if world != WORLD:
-        raise SystemExit(f"bench_data_parallel needs {WORLD} ranks (torchrun --nproc-per-node {WORLD}), got {world}")
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count()) if cuda \
-        else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if cuda else "gloo", init_method="env://",
-                            timeout=datetime.timedelta(seconds=args.timeout))
-    try:
-        env = environment(str(device) if cuda else "cpu")
-        if cuda:
-            env["gpu"] = torch.cuda.get_device_name(device)
-        env["launcher"] = f"torchrun world={world} backend={dist.get_backend()}"
+    if int(os.environ["WORLD_SIZE"]) != WORLD:
+        raise SystemExit(f"bench_data_parallel needs {WORLD} ranks (torchrun --nproc-per-node {WORLD}), "
+                         f"got {os.environ['WORLD_SIZE']}")
+    with torchrun_group(args.timeout) as (rank, world, device, env):
         if rank == 0:
             print_header(env)
             print(describe(), flush=True)
-        mine = run_rank(rank, world, device, args.steps, args.warmup)
-        gathered: list = [None] * world
-        dist.all_gather_object(gathered, mine)
+        gathered = gather(run_rank(rank, world, device, args.steps, args.warmup))
         if rank == 0:
             report_all(rows_for(gathered, args.steps), env, args.json)
-    finally:
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -46,7 +46,6 @@ Run:  PYTHONPATH=. python benchmarks/bench_efficiency.py [--ranks 2] [--schedule
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import statistics
 import sys
@@ -58,7 +57,7 @@ from torch import nn
 
 import fxpp
 from fxpp.runtime.train import MULTI_STAGE, SCHEDULES
-from _common import default_json_path, environment, print_header, report
+from _common import default_json_path, environment, gather, print_header, report, torchrun_group
 from bench_schedules import BATCH, MICROBATCHES, MODEL_NAME, SEQ, build_model, make_batch
 
 DEFAULT_SCHEDULES = ("GPipe", "1F1B", "Interleaved1F1B", "ZBVZeroBubble")
@@ -383,25 +382,12 @@ def main() -> None:
 
 
 def torchrun_main(args, schedules: list[str]) -> None:
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank))) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if cuda else "gloo", init_method="env://",
-                            timeout=datetime.timedelta(seconds=args.timeout))
-    try:
-        env = environment(str(device))
-        env["launcher"] = f"torchrun world={world} backend={dist.get_backend()}"
+    with torchrun_group(args.timeout) as (rank, world, device, env):
         if rank == 0:
             print_header(env)
-        mine = run(rank, world, device, schedules, args.repeats, args.steps)
-        gathered: list = [None] * world
-        dist.all_gather_object(gathered, mine)
+        gathered = gather(run(rank, world, device, schedules, args.repeats, args.steps))
         if rank == 0:
             report(rows_for(world, gathered, schedules), COLUMNS, env, args.json)
-    finally:
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

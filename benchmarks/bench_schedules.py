@@ -49,7 +49,6 @@ Run:  PYTHONPATH=. python benchmarks/bench_schedules.py [--ranks 2,4] [--schedul
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import statistics
 import sys
@@ -61,7 +60,7 @@ import torch.distributed as dist
 
 import fxpp
 from fxpp.runtime.train import MULTI_STAGE, SCHEDULES
-from _common import default_json_path, environment, print_header, report
+from _common import default_json_path, environment, gather, print_header, report, torchrun_group
 
 BATCH, SEQ, MICROBATCHES = 16, 64, 8
 MODEL_NAME = "llama-h256-L8-v1000"
@@ -303,33 +302,16 @@ def main() -> None:
 
 
 def torchrun_main(args, schedules: list[str]) -> None:
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count()) if cuda \
-        else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if cuda else "gloo", init_method="env://",
-                            timeout=datetime.timedelta(seconds=args.timeout))
-    try:
-        env = environment(str(device) if cuda else "cpu")
-        if cuda:
-            env["gpu"] = torch.cuda.get_device_name(device)
-        env["launcher"] = f"torchrun world={world} backend={dist.get_backend()}"
+    with torchrun_group(args.timeout) as (rank, world, device, env):
         if rank == 0:
             print_header(env)
             print(f"# {MODEL_NAME}, global batch {BATCH}x{SEQ} = {BATCH * SEQ} tokens, {MICROBATCHES} microbatches",
                   flush=True)
-            if not cuda and world > (os.cpu_count() or 1):
+            if device.type == "cpu" and world > (os.cpu_count() or 1):
                 print(f"# WARNING: {world} ranks on {os.cpu_count()} cores: oversubscribed", flush=True)
-        mine = run_schedules(rank, world, device, schedules, args.steps, args.warmup)
-        gathered: list = [None] * world
-        dist.all_gather_object(gathered, mine)
+        gathered = gather(run_schedules(rank, world, device, schedules, args.steps, args.warmup))
         if rank == 0:
-            rows = rows_for(world, gathered, schedules, args.steps)
-            report(rows, COLUMNS, env, args.json)
-    finally:
-        dist.destroy_process_group()
+            report(rows_for(world, gathered, schedules, args.steps), COLUMNS, env, args.json)
 
 
 if __name__ == "__main__":
