@@ -71,3 +71,25 @@ def test_wrong_shape_is_an_error(tmp_path):
     with pytest.raises(CheckpointError, match=rf"{key} is \(63, 64\)|{key} is \(") as e:
         build_model(path)
     assert file in str(e.value)
+
+
+def test_load_stage_casts_floating_point_and_refuses_other_dtype_changes(tmp_path):
+    """The buffered read path (also CUDA's): a bfloat16 file into a float32 stage is cast, as
+    transformers does; an integer tensor stored as float is refused by name."""
+    from safetensors.torch import save_file
+
+    import fxpp
+    from fxpp.runtime.checkpoint import load_stage
+
+    layer = torch.nn.Linear(4, 3)
+    stored = {"weight": torch.randn(3, 4).to(torch.bfloat16), "bias": torch.randn(3).to(torch.bfloat16)}
+    save_file(stored, str(tmp_path / "bf16.safetensors"))
+    load_stage(layer, str(tmp_path / "bf16.safetensors"))
+    assert layer.weight.dtype == torch.float32
+    assert torch.equal(layer.weight.detach(), stored["weight"].float())
+    assert torch.equal(layer.bias.detach(), stored["bias"].float())
+    holder = torch.nn.Module()
+    holder.register_buffer("counts", torch.zeros(3, dtype=torch.int64))
+    save_file({"counts": torch.ones(3)}, str(tmp_path / "float_counts.safetensors"))
+    with pytest.raises(fxpp.CheckpointError, match=r"counts has dtype torch.float32, the stage expects torch.int64"):
+        load_stage(holder, str(tmp_path / "float_counts.safetensors"))
