@@ -294,3 +294,16 @@ def test_a_layer_list_that_picks_some_layers_picks_some_tiny_ones():
     from fxpp.testing.tiny import tiny_config
 
     assert tiny_config("flint").mlp_only_layers == [0]
+
+
+def test_mla_head_dim_keeps_the_partial_rotary_tie():
+    """MLA configs size their rotary embedding from ``head_dim * partial_rotary_factor``,
+    which must equal ``qk_rope_head_dim``: Mistral 4 (128 * 0.5 = 64) keeps the tie at the
+    tiny size; a config without a partial factor (DeepSeek-V3) gets head_dim = the rotary width."""
+    from fxpp.testing.tiny import SHRINK, tiny_config
+
+    mistral4 = tiny_config("mistral4")
+    assert mistral4.qk_rope_head_dim == SHRINK["qk_rope_head_dim"]
+    assert mistral4.head_dim * mistral4.rope_parameters["partial_rotary_factor"] == mistral4.qk_rope_head_dim
+    deepseek = tiny_config("deepseek_v3")
+    assert deepseek.head_dim == deepseek.qk_rope_head_dim == SHRINK["qk_rope_head_dim"]

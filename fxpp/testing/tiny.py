@@ -9,6 +9,7 @@ families whose defaults need a consistent pair of values.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable
 
 import torch
@@ -195,6 +196,30 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _partial_rotary_factors(config) -> set[float]:
+    """The ``partial_rotary_factor`` values of ``config``: its own, and those of its rope
+    parameters (flat, or one dict per layer type)."""
+    found = {_get(config, "partial_rotary_factor")}
+    rope = _get(config, "rope_parameters")
+    for params in [rope, *(rope.values() if isinstance(rope, dict) else ())]:
+        if isinstance(params, dict):
+            found.add(params.get("partial_rotary_factor"))
+    return {f for f in found if isinstance(f, (int, float)) and not isinstance(f, bool) and 0 < f < 1}
+
+
+def _mla_rotary_head_dim(config) -> int:
+    """The tiny ``head_dim`` of a multi-head latent attention config: its rotary
+    embedding is sized ``head_dim * partial_rotary_factor``, which must be the tiny
+    ``qk_rope_head_dim``. Where the default already ties them that way (Mistral 4:
+    128 * 0.5 = 64; Dots 3: 256 * 0.25 = 64) the tie is kept; else (no partial factor)
+    head_dim is the rotary width itself."""
+    rope, head = SHRINK["qk_rope_head_dim"], _get(config, "head_dim")
+    for factor in sorted(_partial_rotary_factors(config)):
+        if _is_int(head) and math.isclose(head * factor, _get(config, "qk_rope_head_dim")) and (rope / factor).is_integer():
+            return int(rope / factor)
+    return rope
+
+
 def shrink_kwargs(config, num_layers: int = NUM_LAYERS, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Construction keyword arguments that turn ``config``'s class into a tiny model
     (``config`` is a default instance: it tells which attributes exist and their values).
@@ -235,8 +260,8 @@ def shrink_kwargs(config, num_layers: int = NUM_LAYERS, extra: dict[str, Any] | 
             continue
         if name in AT_MOST and current is not None:
             value = min(current, value)
-        if name == "head_dim" and mla:  # rotary embeddings of MLA models use head_dim = qk_rope_head_dim
-            value = SHRINK["qk_rope_head_dim"]
+        if name == "head_dim" and mla:  # rotary embeddings of MLA models are sized from head_dim
+            value = _mla_rotary_head_dim(config)
         if name == "num_key_value_heads" and _is_int(current):
             # keep the attention kind: multi-head (also MLA) stays multi-head, multi-query stays so
             value = SHRINK["num_attention_heads"] if current == heads else 1 if current == 1 else value
