@@ -307,3 +307,21 @@ def test_mla_head_dim_keeps_the_partial_rotary_tie():
     assert mistral4.head_dim * mistral4.rope_parameters["partial_rotary_factor"] == mistral4.qk_rope_head_dim
     deepseek = tiny_config("deepseek_v3")
     assert deepseek.head_dim == deepseek.qk_rope_head_dim == SHRINK["qk_rope_head_dim"]
+
+
+def test_mrope_sections_follow_the_full_models_proportions():
+    """Tiny multimodal rotary sections add up to half the tiny rotary width, in the full
+    model's proportions with its equal sections kept equal: Ernie 4.5 VL stacks its height
+    and width sections (its code default [22, 22, 20]), so they must stay equal; an MLA
+    text model (HY-V4-VL) sizes them from qk_rope_head_dim."""
+    from transformers import AutoConfig
+
+    from fxpp.testing.sweep_vlm import _mrope_sections
+    from fxpp.testing.tiny import SHRINK
+
+    def sections(model_type):
+        return _mrope_sections(AutoConfig.for_model(model_type).get_text_config(), model_type)
+
+    assert sections("ernie4_5_vl_moe") == [3, 3, 2]
+    assert sections("qwen2_vl") == [2, 3, 3]
+    assert sum(sections("hy_v4_vl")) == SHRINK["qk_rope_head_dim"] // 2

@@ -76,6 +76,7 @@ from __future__ import annotations
 import inspect
 import math
 import os
+import re
 import sys
 import time
 import traceback
@@ -251,7 +252,7 @@ def generic_config(model_type: str):
         # multimodal rotary sections (t, h, w) must add up to half the tiny rotary width;
         # a config without them gets the modeling code's default, sized for the full model
         text = extra.setdefault("text_config", {}) if "text_config" in (getattr(cfg, "sub_configs", None) or {}) else extra
-        text["rope_parameters"] = {**rope, "mrope_section": _mrope_sections(text_cfg)}
+        text["rope_parameters"] = {**rope, "mrope_section": _mrope_sections(text_cfg, model_type)}
     try:
         return AutoConfig.for_model(model_type, **shrink_kwargs(cfg, NUM_LAYERS, extra))
     except Exception as e:  # noqa: BLE001
@@ -321,27 +322,64 @@ def _placeholder_token_attrs(config) -> list[str]:
     return []
 
 
+def _modeling_source(model_type: str) -> str:
+    """The source of the family's modeling module ('' where it cannot be read)."""
+    cls = _model_class(model_type)
+    module = sys.modules.get(getattr(cls, "__module__", ""))
+    try:
+        return inspect.getsource(module) if module is not None else ""
+    except (OSError, TypeError):
+        return ""
+
+
 def _reads_mrope_section(model_type: str) -> bool:
     """Whether the family's modeling code reads ``mrope_section`` (defaulting it when the
     config has none, to sections sized for the full model). Families that import their
     text model from another family say so in their config instead."""
-    cls = _model_class(model_type)
-    module = sys.modules.get(getattr(cls, "__module__", ""))
-    try:
-        return module is not None and "mrope_section" in inspect.getsource(module)
-    except (OSError, TypeError):
-        return False
+    return "mrope_section" in _modeling_source(model_type)
 
 
-def _mrope_sections(text_config) -> list[int]:
-    """Three rotary sections that add up to half the tiny model's rotary width."""
+def _default_mrope_sections(text_config, model_type: str) -> list[int] | None:
+    """The full model's sections: the config's, else the modeling code's default
+    (``rope_parameters.get("mrope_section", [16, 24, 24])``)."""
+    sections = (getattr(text_config, "rope_parameters", None) or {}).get("mrope_section")
+    if isinstance(sections, list) and sections:
+        return sections
+    found = re.search(r"""["']mrope_section["']\s*,\s*\[([\d,\s]+)\]""", _modeling_source(model_type))
+    return [int(v) for v in found.group(1).split(",") if v.strip()] if found else None
+
+
+def _mrope_sections(text_config, model_type: str = "") -> list[int]:
+    """Rotary sections (one per axis: time, height, width) that add up to half the tiny
+    model's rotary width (``qk_rope_head_dim`` for MLA, else ``head_dim`` times the partial
+    factor) in the proportions of the full model's, sections that are equal there kept
+    equal: Qwen2-VL's [16, 24, 24] becomes [2, 3, 3], Ernie 4.5 VL's [22, 22, 20] (its
+    height and width are stacked) [3, 3, 2]."""
     shrink = SHRINK
-    head_dim = shrink.get("head_dim") or shrink["hidden_size"] // shrink["num_attention_heads"]
-    factor = (getattr(text_config, "rope_parameters", None) or {}).get("partial_rotary_factor") or getattr(
-        text_config, "partial_rotary_factor", None) or 1.0
-    half = int(head_dim * factor) // 2
-    third = half // 3
-    return [half - 2 * third, third, third]
+    if isinstance(getattr(text_config, "qk_rope_head_dim", None), int) and text_config.qk_rope_head_dim:
+        half = shrink["qk_rope_head_dim"] // 2
+    else:
+        head_dim = shrink.get("head_dim") or shrink["hidden_size"] // shrink["num_attention_heads"]
+        factor = (getattr(text_config, "rope_parameters", None) or {}).get("partial_rotary_factor") or getattr(
+            text_config, "partial_rotary_factor", None) or 1.0
+        half = int(head_dim * factor) // 2
+    default = _default_mrope_sections(text_config, model_type) or [2, 3, 3]
+    if len(default) != 3:
+        default = [1] * len(default)
+    if half < len(default):  # too narrow for a frequency per axis: all of them on the first
+        return [half] + [0] * (len(default) - 1)
+    total = sum(default)
+    pair = next(((i, j) for i in range(3) for j in range(i + 1, 3) if default[i] == default[j]), None)
+    if pair is None or len(set(default)) == 1:  # proportional, the rest on the largest
+        out = [max(1, half * d // total) for d in default]
+        out[default.index(max(default))] += half - sum(out)
+        return out
+    odd = ({0, 1, 2} - set(pair)).pop()
+    both = min(max(1, round(half * default[pair[0]] / total)), (half - 1) // 2)
+    out = [0, 0, 0]
+    out[pair[0]] = out[pair[1]] = both
+    out[odd] = half - 2 * both
+    return out
 
 
 def _embeds_raw_patches(model) -> bool:
