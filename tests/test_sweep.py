@@ -325,3 +325,15 @@ def test_mrope_sections_follow_the_full_models_proportions():
     assert sections("ernie4_5_vl_moe") == [3, 3, 2]
     assert sections("qwen2_vl") == [2, 3, 3]
     assert sum(sections("hy_v4_vl")) == SHRINK["qk_rope_head_dim"] // 2
+
+
+def test_config_reads_the_config_does_not_declare_are_filled_from_the_family():
+    """Qwen2.5-Omni's thinker reads ``self.config.vision_start_token_id``, declared only by
+    its talker config: the generic model gets the talker's default. A family whose config
+    declares everything its code reads (LLaVA) gets nothing."""
+    from fxpp.testing.sweep_vlm import _fill_unset_config_reads, generic_model
+
+    omni = generic_model("qwen2_5_omni_thinker")
+    assert omni.config.vision_start_token_id == 151652
+    assert _fill_unset_config_reads(omni) == {}  # declared now
+    assert _fill_unset_config_reads(generic_model("llava")) == {}

@@ -654,9 +654,55 @@ def generic_model(model_type: str) -> torch.nn.Module:
         model = transformers.AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
     except Exception as e:  # noqa: BLE001
         raise NotBuilt(f"model: {type(e).__name__}: {_message(e, 200)}") from e
+    _fill_unset_config_reads(model)
     _perturb(model)
     model.eval()
     return model
+
+
+def _declares(config, name: str) -> bool:
+    cls = type(config)
+    return name in vars(config) or hasattr(cls, name) or name in (getattr(cls, "attribute_map", None) or {})
+
+
+def _fill_unset_config_reads(model) -> dict[str, Any]:
+    """Give ``model.config`` the attributes that the model's own code reads from it
+    (``self.config.NAME`` in the classes of the modules that hold that config) but that
+    it does not declare, from where the family declares them: a sub-config's value, else
+    the default of another config class of the family's configuration module.
+    Qwen2.5-Omni's thinker reads ``vision_start_token_id``, which only its talker config
+    declares (released checkpoints write it into the thinker's config too). Returns what
+    was set."""
+    from transformers import PreTrainedConfig
+
+    config = model.config
+    read: set[str] = set()
+    for cls in sorted({type(m) for m in model.modules() if getattr(m, "config", None) is config}, key=str):
+        for klass in cls.__mro__:
+            if not klass.__module__.startswith("transformers.models."):
+                continue
+            try:
+                read |= set(re.findall(r"\bself\.config\.([A-Za-z_]\w*)", inspect.getsource(klass)))
+            except (OSError, TypeError):
+                continue
+    missing = sorted(n for n in read if not _declares(config, n))
+    if not missing:
+        return {}
+    subs = [v for v in vars(config).values() if isinstance(v, PreTrainedConfig)]
+    module = sys.modules.get(type(config).__module__)
+    siblings = [v for _, v in sorted(vars(module).items()) if isinstance(v, type)
+                and issubclass(v, PreTrainedConfig) and v is not type(config)] if module else []
+    filled: dict[str, Any] = {}
+    for name in missing:
+        for holder in [*subs, *siblings]:
+            value = vars(holder).get(name) if isinstance(holder, type) else getattr(holder, name, None) \
+                if _declares(holder, name) else None
+            if isinstance(value, (int, float, str)):  # bools are ints
+                filled[name] = value
+                break
+    for name, value in filled.items():
+        setattr(config, name, value)
+    return filled
 
 
 def tiny_family(model_type: str, seed: int = 2) -> tuple[torch.nn.Module, dict[str, torch.Tensor], str]:
