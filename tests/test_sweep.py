@@ -337,3 +337,15 @@ def test_config_reads_the_config_does_not_declare_are_filled_from_the_family():
     assert omni.config.vision_start_token_id == 151652
     assert _fill_unset_config_reads(omni) == {}  # declared now
     assert _fill_unset_config_reads(generic_model("llava")) == {}
+
+
+def test_an_unset_window_of_a_model_without_sliding_layers_gets_the_tiny_window():
+    """Step 3.7 builds its sliding-window mask whatever its layer types, and refuses an
+    unset window: with no sliding layer, the tiny config sets one (no layer reads it).
+    Qwen2's window stays off (its use_sliding_window switch is off)."""
+    from fxpp.testing.sweep_vlm import generic_config
+    from fxpp.testing.tiny import SHRINK, tiny_config
+
+    text = generic_config("step3p7").get_text_config()
+    assert set(text.layer_types) == {"full_attention"} and text.sliding_window == SHRINK["sliding_window"]
+    assert tiny_config("qwen2").sliding_window is None

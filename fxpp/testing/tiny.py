@@ -266,6 +266,12 @@ def shrink_kwargs(config, num_layers: int = NUM_LAYERS, extra: dict[str, Any] | 
             # keep the attention kind: multi-head (also MLA) stays multi-head, multi-query stays so
             value = SHRINK["num_attention_heads"] if current == heads else 1 if current == 1 else value
         put(name, value)
+    layer_types = _get(config, "layer_types")
+    if (_get(config, "sliding_window", 0) is None and isinstance(layer_types, (list, tuple)) and layer_types
+            and set(layer_types) == {"full_attention"}):
+        # no sliding layer, yet some modeling code builds the sliding-window mask of its
+        # mapping unconditionally and refuses an unset window (Step 3.7); no layer reads it
+        put("sliding_window", SHRINK["sliding_window"])
     for name, value in ALSO_ZERO.items():
         if _is_int(_get(config, name)):
             out[_canonical(config, name)] = value
