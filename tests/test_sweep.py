@@ -197,8 +197,9 @@ def test_vlm_text_cases_carry_no_image_tokens():
 # kosmos-2: its causal mask is written in place (``mask.masked_fill_(...)``), a write every
 # stage must keep (before, the stages silently used a mask without the causal part).
 GENERIC_VLMS = ("blip-2", "hunyuan_vl", "qwen2_vl", "kosmos-2")
-# Their forwards need images: the text-only cases are the model's own errors.
-NEEDS_IMAGES = ("blip-2", "kosmos-2")
+# Their forwards need images: the text-only cases do not apply (skipped, the reason in the detail);
+# the others run text-only and must pass those cases, not skip them.
+NEEDS_IMAGES = {"blip-2": "pixel_values", "kosmos-2": "pixel_values"}
 
 
 def test_vlm_sweep_generic_families():
@@ -208,9 +209,43 @@ def test_vlm_sweep_generic_families():
         status = {c.name: c.status for c in r.cases}
         assert tuple(status) == VLM_CASES, format_vlm_table([r])
         assert status["images"] == "pass", format_vlm_table([r])
-        expected = "model-error" if r.family in NEEDS_IMAGES else "pass"
+        expected = "skipped" if r.family in NEEDS_IMAGES else "pass"
         assert status["text"] == status["ids"] == expected, format_vlm_table([r])
-        assert r.status == expected, format_vlm_table([r])
+        assert r.status == "pass", format_vlm_table([r])
+        if r.family in NEEDS_IMAGES:
+            assert f"text, ids skipped: the forward requires {NEEDS_IMAGES[r.family]}" in r.detail
+            assert r.marks(VLM_CASES) == "✓ – –"
+
+
+def test_only_cases_refused_for_want_of_media_are_skipped():
+    """The text and ids cases are skipped only where the unpatched model ran with images
+    and its error names a media input the images case gives; another failure stays a
+    model-error, and nothing is skipped when the images case itself failed."""
+    from fxpp.testing.sweep_vlm import skip_cases_that_need_media
+
+    images = {"input_ids": torch.ones(2, 8, dtype=torch.long), "pixel_values": torch.zeros(2, 3, 4, 4)}
+    text = {"input_ids": torch.ones(2, 10, dtype=torch.long), "attention_mask": torch.ones(2, 10, dtype=torch.long)}
+    cases = [Case("images", images), Case("text", text), Case("ids", {"input_ids": text["input_ids"]})]
+
+    def family(images_status, text_error, ids_error):
+        def refused(name, message):
+            return CaseResult(name, "model-error", f"reference: {message}", phase="reference")
+
+        return SweepResult("f", "F", "error", cases=[
+            CaseResult("images", images_status), refused("text", text_error), refused("ids", ids_error)])
+
+    missing = "TypeError: F.forward() missing 1 required positional argument: 'pixel_values'"
+    r = family("error", missing, "RuntimeError: size mismatch at dimension 3")
+    assert skip_cases_that_need_media(r, cases) == ["text"]
+    assert [c.status for c in r.cases] == ["error", "skipped", "model-error"]
+    assert r.cases[1].detail.startswith("the forward requires pixel_values (the unpatched model runs with images")
+    r = family("model-error", missing, missing)  # no evidence the model runs at all
+    assert skip_cases_that_need_media(r, cases) == []
+    assert [c.status for c in r.cases] == ["model-error", "model-error", "model-error"]
+    r = family("error", "ValueError: pixel_values_videos is not supported", missing)  # names no given input
+    assert skip_cases_that_need_media(r, cases) == ["ids"]
+    r.cases[0] = CaseResult("images", "pass", max_diff=0.0)  # the pipeline's result
+    assert settle(r).status == "model-error" and r.case == "text"  # a case that applies fails
 
 
 def test_vlm_sweep_zoo_family_images_text_and_ids():

@@ -21,7 +21,11 @@ Cases (:func:`vlm_cases`)
     token ids only, no mask and no media, 2x12.
 
 A family of kind ``text`` (no vision tower) is built without example inputs and
-skips ``images``.
+skips ``images``. A family whose forward requires images (BLIP-2, IDEFICS, Kosmos-2)
+skips ``text`` and ``ids``: they do not apply where the unpatched model runs the
+``images`` case but raises on the other one naming a media input that ``images`` gives
+(``pixel_values``, ``qformer_input_ids``); any other failure stays a model-error
+(:func:`skip_cases_that_need_media`). A family passes when every case that applies passes.
 
 Terms
 -----
@@ -84,8 +88,8 @@ from typing import Any
 
 import torch
 
-from .check import (ATOL, MARKS_LEGEND, Case, SweepResult, SweepTimeout, _deadline, _message, _needs, _perturb,
-                    check_pipeline, make_inputs, reference_cases, settle)
+from .check import (ATOL, Case, CaseResult, SweepResult, SweepTimeout, _deadline, _message, _needs,
+                    _perturb, check_pipeline, make_inputs, reference_cases, settle)
 from .report import (DOCS_PATH, SECTION_MARK, _detail, _md, built_summary, case_summary, run_and_report,
                      sweep_parser)
 from .report import format_table as _table
@@ -105,6 +109,12 @@ TEMPORAL_ATTRS = ("temporal_patch_size", "patch_temporal")
 # vision-config widths that feed the text model: they must follow the tiny text width
 VISION_TO_TEXT_WIDTH_ATTRS = ("projection_dim", "projector_output_dim", "vision_output_dim", "text_hidden_size",
                               "out_hidden_size")
+
+
+# The case marks of the VLM table: those of the causal sweep, with the VLM reasons to skip.
+VLM_MARKS_LEGEND = ("✓ pass, ≠ mismatch, ✗ fxpp-error or error, m model-error, – skipped (the forward takes no "
+                    "such input; for a VLM of kind text, images; for a VLM whose forward requires images, text and "
+                    "ids: the unpatched model runs with images and, without them, raises naming a media input)")
 
 
 class NotBuilt(Exception):
@@ -767,6 +777,7 @@ def check_vlm_family(model_type: str, class_name: str = "", *, timeout_s: float 
             return _not_built_or_model_error(result, e, phase, build_timeout_s)
         checks = reference_cases(result, model, cases, timeout_s=timeout_s, start=start)
         with_images = next((ref for name, _, ref in checks if name == "images"), None)
+        needs_media = skip_cases_that_need_media(result, cases) if with_images is not None else []
         if with_images is not None and not _encoder_gradients(model, with_images[1]):
             result.cases = []
             return _not_built_or_model_error(result, NotBuilt(
@@ -774,11 +785,42 @@ def check_vlm_family(model_type: str, class_name: str = "", *, timeout_s: float 
                 "trainable encoder (discrete image codes, or frozen towers)"), "reference", build_timeout_s)
         if not checks:  # the model fails every case itself
             return settle(result)
-        return check_pipeline(result, model, checks, example, timeout_s=timeout_s, start=start)
+        check_pipeline(result, model, checks, example, timeout_s=timeout_s, start=start)
+        if needs_media:  # say why in the family's detail too
+            why = next(c.detail for c in result.cases if c.name == needs_media[0]).split(" (")[0]
+            result.detail += f"; {', '.join(needs_media)} skipped: {why}"
+        return result
     finally:
         result.seconds = time.perf_counter() - start
         if model is not None:
             model.zero_grad(set_to_none=True)
+
+
+def skip_cases_that_need_media(result: SweepResult, cases: list[Case]) -> list[str]:
+    """Mark ``skipped`` the cases without media that the unpatched model refuses for want
+    of them (BLIP-2, IDEFICS, Kosmos-2: their forward has no text-only path).
+
+    A case is skipped when the unpatched model ran the ``images`` case, failed this
+    one, and its error names a media input that the ``images`` case gives and this one
+    does not (``missing 1 required positional argument: 'pixel_values'``, ``You have to
+    specify either `pixel_values` or `image_embeds```). Any other failure stays a
+    model-error. Returns the names of the skipped cases.
+    """
+    inputs = {c.name: c.inputs for c in cases}
+    if result.case_status("images") in (None, "model-error", "skipped") or not inputs.get("images"):
+        return []  # the unpatched model did not run with images
+    skipped = []
+    for i, c in enumerate(result.cases):
+        given = inputs.get(c.name)
+        if c.status != "model-error" or c.phase != "reference" or not given:
+            continue
+        media = [k for k in inputs["images"] if k not in given]
+        named = [k for k in media if re.search(rf"(?<!\w){re.escape(k)}(?!\w)", c.detail)]
+        if named:
+            result.cases[i] = CaseResult(c.name, "skipped", f"the forward requires {' and '.join(named)} (the "
+                                         f"unpatched model runs with images and raises without: {c.detail})")
+            skipped.append(c.name)
+    return skipped
 
 
 def _not_built_or_model_error(result: SweepResult, e: BaseException, phase: str,
@@ -844,11 +886,14 @@ def markdown(results, command: str = COMMAND) -> str:
         f"Zoo families ({', '.join(f'`{f}`' for f in VLM_FAMILIES)}) use `fxpp.testing.zoo.tiny_vlm`; the others a generic "
         "attempt (the causal sweep's tiny config, images of 4x4 patches, as many image tokens as the model's "
         "`get_image_features` returns). Kind `text`: the config has no vision tower; built without example inputs, "
-        "checked on the text cases only.",
+        "checked on the text cases only. A family whose forward requires images (the unpatched model runs the "
+        "**images** case, and raises on **text** or **ids** naming a media input it was not given, such as "
+        "`pixel_values`) skips those cases, and says so in the detail; a family passes when every case that "
+        "applies passes.",
         "",
         "Statuses as above, plus **not-built** — the generic attempt could not build the config, the model or "
         f"its image inputs (the family may work with a hand-written config; the reason is in the detail). "
-        f"Case marks: {MARKS_LEGEND}.",
+        f"Case marks: {VLM_MARKS_LEGEND}.",
         "",
         f"**Summary:** {summary(results)}; {built_summary(results)}.",
         "",
