@@ -213,9 +213,9 @@ def _mla_rotary_head_dim(config) -> int:
     ``qk_rope_head_dim``. Where the default already ties them that way (Mistral 4:
     128 * 0.5 = 64; Dots 3: 256 * 0.25 = 64) the tie is kept; else (no partial factor)
     head_dim is the rotary width itself."""
-    rope, head = SHRINK["qk_rope_head_dim"], _get(config, "head_dim")
+    rope, head, default_rope = SHRINK["qk_rope_head_dim"], _get(config, "head_dim"), _get(config, "qk_rope_head_dim")
     for factor in sorted(_partial_rotary_factors(config)):
-        if _is_int(head) and math.isclose(head * factor, _get(config, "qk_rope_head_dim")) and (rope / factor).is_integer():
+        if _is_int(head) and math.isclose(head * factor, default_rope) and (rope / factor).is_integer():
             return int(rope / factor)
     return rope
 
