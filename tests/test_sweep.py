@@ -384,3 +384,16 @@ def test_an_unset_window_of_a_model_without_sliding_layers_gets_the_tiny_window(
     text = generic_config("step3p7").get_text_config()
     assert set(text.layer_types) == {"full_attention"} and text.sliding_window == SHRINK["sliding_window"]
     assert tiny_config("qwen2").sliding_window is None
+
+
+def test_vlm_generic_configs_take_the_family_rules_written_for_their_layer_count():
+    """The causal sweep's family rules (FAMILY_KWARGS) apply to the VLM sweep's generic
+    configs too: Qwen4-Exp's indexer sizes and Cohere Compass's rope parameters (without
+    them the model does not build). Mllama's, written for 3 layers, do not: its 2 tiny
+    layers keep the default rule (the cross-attention layer last)."""
+    from fxpp.testing.sweep_vlm import generic_config
+
+    assert generic_config("qwen4_exp").text_config.indexer_n_heads == 2
+    rope = generic_config("cohere_compass").text_config.rope_parameters
+    assert rope["full_attention"]["rope_type"] == "default"
+    assert generic_config("mllama").text_config.cross_attention_layers == [1]

@@ -94,7 +94,7 @@ from .report import (DOCS_PATH, SECTION_MARK, _detail, _md, built_summary, case_
                      sweep_parser)
 from .report import format_table as _table
 from .report import summary as _summary
-from .tiny import NUM_LAYERS, SHRINK, VOCAB, shrink_kwargs
+from .tiny import FAMILY_KWARGS, FAMILY_LAYERS, NUM_LAYERS, SHRINK, VOCAB, shrink_kwargs
 
 STATUSES = ("pass", "mismatch", "fxpp-error", "model-error", "error", "not-built")
 VLM_CASES = ("images", "text", "ids")
@@ -263,10 +263,21 @@ def generic_config(model_type: str):
         # a config without them gets the modeling code's default, sized for the full model
         text = extra.setdefault("text_config", {}) if "text_config" in (getattr(cfg, "sub_configs", None) or {}) else extra
         text["rope_parameters"] = {**rope, "mrope_section": _mrope_sections(text_cfg, model_type)}
+    if model_type not in FAMILY_LAYERS:  # the causal sweep's family rules, where written for NUM_LAYERS layers
+        _merge(extra, FAMILY_KWARGS.get(model_type, {}))
     try:
         return AutoConfig.for_model(model_type, **shrink_kwargs(cfg, NUM_LAYERS, extra))
     except Exception as e:  # noqa: BLE001
         raise NotBuilt(f"tiny config: {type(e).__name__}: {_message(e, 200)}") from e
+
+
+def _merge(into: dict[str, Any], kwargs: dict[str, Any]) -> None:
+    """``into.update(kwargs)``, merging the dicts of a sub-config's arguments."""
+    for key, value in kwargs.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
 
 
 def _tiny_image_size(vision) -> dict[str, Any]:

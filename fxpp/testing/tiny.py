@@ -101,7 +101,9 @@ FAMILY_KWARGS: dict[str, dict[str, Any]] = {
     # consistent widths
     "mamba2": {"num_heads": 8},  # hidden_size * expand == num_heads * head_dim
 }
+# composite (image-text) configs of the text families above
 FAMILY_KWARGS["qwen4_exp"] = {"text_config": FAMILY_KWARGS["qwen4_exp_text"]}
+FAMILY_KWARGS["cohere_compass"] = {"text_config": FAMILY_KWARGS["cohere_compass_text"]}
 # Dots 3: the sliding layer (1 of [indexed, sliding]) overrides the MLA sizes; head_dim = nope + rope
 # and its rotary part (head_dim * 0.25) = qk_rope_head_dim.
 FAMILY_KWARGS["dots3_note_text"] = {"per_layer_config": {1: {
