@@ -397,3 +397,12 @@ def test_vlm_generic_configs_take_the_family_rules_written_for_their_layer_count
     rope = generic_config("cohere_compass").text_config.rope_parameters
     assert rope["full_attention"]["rope_type"] == "default"
     assert generic_config("mllama").text_config.cross_attention_layers == [1]
+
+
+def test_a_sparse_indexer_keeps_its_top_k_a_multiple_of_its_key_pool():
+    """GLM-5 Next pools keys in groups of index_kpool and validates index_topk % index_kpool
+    == 0: the tiny pool divides the tiny top-k, so the config builds."""
+    from fxpp.testing.sweep_vlm import generic_config
+
+    text = generic_config("glm5_next").get_text_config()
+    assert text.index_topk % text.index_kpool == 0 and text.index_kpool < 16

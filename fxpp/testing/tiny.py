@@ -45,6 +45,7 @@ SHRINK: dict[str, Any] = {
     # multi-head latent attention, sparse indexers
     "q_lora_rank": 32, "kv_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16,
     "qk_head_dim": 16, "o_lora_rank": 16, "index_head_dim": 16, "index_n_heads": 2, "index_topk": 4,
+    "index_kpool": 2,
     # vocabulary and positions
     "vocab_size": VOCAB, "decoder_vocab_size": VOCAB, "encoder_hash_byte_group_vocab": VOCAB,
     "vocab_size_per_layer_input": VOCAB,
