@@ -11,6 +11,10 @@ state container
     shared key/value states). fxpp turns these side channels into explicit graph
     values: ``make_state`` builds a fresh container for one layer call from the
     entries written so far, and ``state_entry`` reads what that call wrote.
+own cache
+    A key/value cache a model's forward creates itself even without ``use_cache``
+    (XLM), in which each layer call uses only its own slots: ``fresh_cache`` gives
+    every layer call an empty copy (Note [own caches] in ``fxpp.trace.caches``).
 guard
     A Python-level decision the trace took from a shape (``if seq_len == 1``).
     ``check_guard`` re-checks it on every call; a different outcome raises
@@ -20,6 +24,7 @@ guard
 from __future__ import annotations
 
 import contextvars
+import copy
 import functools
 import importlib
 from typing import Any
@@ -101,6 +106,24 @@ def state_entry(state: Any, key: Any, after: Any = None) -> Any:
     """``state[key]``; ``after`` is the layer call that wrote it (a dataflow edge only)."""
     del after
     return state[key]
+
+
+class CacheTemplate:
+    """The empty cache a forward creates, as it was when a layer first got it: a graph
+    constant that :func:`fresh_cache` copies (Note [own caches] in ``fxpp.trace.caches``)."""
+
+    __slots__ = ("cache",)
+
+    def __init__(self, cache: Any):
+        self.cache = cache
+
+    def __repr__(self) -> str:
+        return f"CacheTemplate({type(self.cache).__name__})"
+
+
+def fresh_cache(template: CacheTemplate) -> Any:
+    """A new empty cache for one layer call: a deep copy of ``template``'s (no tensors)."""
+    return copy.deepcopy(template.cache)
 
 
 def pack(kind: str, *leaves: Any) -> Any:

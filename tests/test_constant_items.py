@@ -15,9 +15,3 @@ def test_layers_returning_none_items_rwkv_and_xlnet_pass():
     results = sweep_causal_lm(["rwkv", "xlnet"])
     failed = [r for r in results if r.status != "pass"]
     assert not failed, "\n" + format_table(failed)
-
-
-def test_a_cache_the_forward_creates_itself_is_still_refused():
-    (result,) = sweep_causal_lm(["xlm"])
-    assert result.status == "fxpp-error"
-    assert "EncoderDecoderCache it created itself" in result.detail

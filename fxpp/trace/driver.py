@@ -112,6 +112,7 @@ def trace_model(model: torch.nn.Module, example_inputs: dict[str, Any]) -> Graph
         classes = sorted({type(m) for m in _traced_module_objects(model, tracer.traced_modules)}, key=lambda c: c.__qualname__)
         with opaque_functions_patched(tracer, module_names), constructors_patched(tracer), helper_methods_patched(tracer, classes):
             graph = tracer.trace(model)
+            tracer.finish_own_caches()
     except TraceError:
         raise
     except Exception as e:  # noqa: BLE001

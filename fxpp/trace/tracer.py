@@ -25,6 +25,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from .. import ops
 from ..errors import TraceError
+from .caches import OwnCache, is_kv_cache
 from .layers import trace_path
 from .targets import CONCRETE_TENSOR_ATTRS, is_check_function, is_inplace_method
 from .recording import recorded_submodules, recorder_specs
@@ -114,6 +115,7 @@ class HFTracer(Tracer):
         self._leaf_cache: dict = {}
         self._param_sigs: dict[int, tuple] = {}
         self._states: dict[int, _StateRecord] = {}
+        self._own_caches: dict[int, OwnCache] = {}  # Note [own caches] in fxpp.trace.caches
         # fxpp.trace.recording: the outputs each traced capture_outputs forward collects
         self._recording: list[tuple[list, dict[str, list]]] = []
         self._pending_record: list[tuple[str, str, int]] = []
@@ -208,6 +210,18 @@ class HFTracer(Tracer):
         """
         module = self.model.get_submodule(node.target)
         targets, self._pending_record = self._pending_record, []
+        caches = self._caches_of(node)
+        if caches:  # always evaluated, on the shared cache: the watch sees which slots this call uses
+            for record in caches:
+                record.current = node
+            try:
+                out = self._eval_recording(module, targets, args, kwargs) if targets else module(*args, **kwargs)
+            finally:
+                for record in caches:
+                    record.current = None
+            for record in caches:
+                record.evaluated.add(node)
+            return out
         if targets:
             return self._eval_recording(module, targets, args, kwargs)
         if any(n.target is ops.make_state for n in node.all_input_nodes):
@@ -420,12 +434,15 @@ class HFTracer(Tracer):
             call = self.recording_forward(m, type(m).forward, lambda *a, **k: inner(m, *a, **k), kwargs)
             return super().call_module(m, call, args, kwargs)
         args, kwargs, states = self._lift_states(args, kwargs)
+        args, kwargs, caches = self._lift_caches(args, kwargs)
         before = {sid: dict(_items(obj)) for sid, (obj, _) in states.items()}
         targets = recorded_submodules(m, qualname, self._recording[-1][0]) if self._recording else []
         self._pending_record = targets
         if targets:
             self._pending_targets = [(path, index) for _, path, index in targets]
         out = super().call_module(m, forward, args, kwargs)
+        for record in caches:
+            record.check(out.node, type(self.model).__name__)
         if targets:
             self._take_recorded(out, targets)
         for sid, (obj, state_proxy) in states.items():
@@ -542,6 +559,47 @@ class HFTracer(Tracer):
 
         return tuple(lift(a) for a in args), {k: lift(v) for k, v in kwargs.items()}, states
 
+    def _lift_caches(self, args, kwargs):
+        """Replace each key/value cache the forward created and passes to a leaf by a
+        ``fresh_cache`` node whose meta value is the shared, watched cache (Note [own caches])."""
+        records: dict[int, OwnCache] = {}
+        proxies: dict[int, Proxy] = {}
+        name = type(self.model).__name__
+
+        def lift(value: Any) -> Any:
+            if not is_kv_cache(value):
+                return value
+            if id(value) not in proxies:
+                record = self._own_caches.get(id(value))
+                if record is None:
+                    record = self._own_caches[id(value)] = OwnCache.adopt(value, name, _short_stack)
+                record.check(None, name)
+                proxy = self.create_proxy("call_function", ops.fresh_cache, (record.template,), {})
+                proxy.node.meta["val"] = value
+                record.nodes.append(proxy.node)
+                records[id(value)], proxies[id(value)] = record, proxy
+            return proxies[id(value)]
+
+        args, kwargs = tuple(lift(a) for a in args), {k: lift(v) for k, v in kwargs.items()}
+        return args, kwargs, list(records.values())
+
+    def _caches_of(self, node: Node) -> list[OwnCache]:
+        """The own caches whose ``fresh_cache`` nodes ``node`` reads."""
+        found = []
+        for record in self._own_caches.values():
+            if any(n in record.nodes for n in node.all_input_nodes):
+                found.append(record)
+        return found
+
+    def finish_own_caches(self) -> None:
+        """After the trace: refuse what the cache watch found since the last layer call, then stop watching."""
+        try:
+            for record in self._own_caches.values():
+                record.check(None, type(self.model).__name__)
+        finally:
+            for record in self._own_caches.values():
+                record.finish()
+
     # -- arguments -----------------------------------------------------------------
     def create_arg(self, a: Any) -> Any:
         if isinstance(a, Proxy):
@@ -552,13 +610,14 @@ class HFTracer(Tracer):
             name = self._param_names.get(id(a)) or self._buffer_names.get(id(a))
             if name is not None:
                 return self.create_node("get_attr", name, (), {})
-        if _is_kv_cache(a):
+        if is_kv_cache(a):
             # A cache object built inside the forward would become a graph constant and
-            # keep every call's keys and values: wrong from the second call on.
+            # keep every call's keys and values: wrong from the second call on. Only a
+            # layer may get one, as its own empty copy (Note [own caches]).
             raise TraceError(
-                f"{type(self.model).__name__}: its forward passes a {type(a).__name__} it created itself to a module "
-                f"at {_short_stack()} even with use_cache=False; a key/value cache cannot live inside a pipeline "
-                "stage graph"
+                f"{type(self.model).__name__}: its forward passes a {type(a).__name__} it created itself at "
+                f"{_short_stack()} even with use_cache=False, not as an argument of a layer; a key/value cache "
+                "cannot live inside a pipeline stage graph"
             )
         if isinstance(a, torch.Tensor) or _needs_constant(a):
             return self.create_node("get_attr", self._constant(a), (), {})
@@ -681,12 +740,6 @@ def _is_state_container(value: Any) -> bool:
         and not isinstance(value, dict)
         and not any(isinstance(v, Proxy) for v in value.values())
     )
-
-
-def _is_kv_cache(a: Any) -> bool:
-    from transformers.cache_utils import Cache
-
-    return isinstance(a, Cache)
 
 
 def _needs_constant(a: Any) -> bool:
