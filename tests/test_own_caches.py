@@ -110,13 +110,25 @@ def test_the_forward_using_a_slot_after_passing_the_cache_on_is_refused():
 
     cache = DynamicCache(config=tiny_config("llama"))
     record = OwnCache.adopt(cache, "Model", lambda: "modeling_x.py:1")
-    record.check(None, "Model")  # nothing used yet
+    record.check_uses("Model")  # nothing used yet
     cache.get_seq_length(0)  # the forward itself reads slot 0
     with pytest.raises(TraceError, match=r"the forward itself uses slot 0 of the cache \(DynamicCache\) at "
                                          r"modeling_x.py:1 after passing the cache to a layer"):
-        record.check(None, "Model")
+        record.check_uses("Model")
     record.finish()
     assert type(cache.layers) is list
+
+
+def test_the_forward_changing_the_cache_between_layer_calls_is_refused():
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=tiny_config("llama"))
+    record = OwnCache.adopt(cache, "Model", lambda: "modeling_x.py:2")
+    record.check_before("model.layers.0", "Model")
+    cache.layers.append(type(list.__getitem__(cache.layers, 0))())  # one more slot
+    with pytest.raises(TraceError, match=r"the forward changed the DynamicCache it created before passing it to "
+                                         r"model.layers.1 at modeling_x.py:2"):
+        record.check_before("model.layers.1", "Model")
 
 
 def test_a_cache_holding_tensors_when_a_layer_first_gets_it_is_refused():
@@ -126,3 +138,16 @@ def test_a_cache_holding_tensors_when_a_layer_first_gets_it_is_refused():
     cache.update(torch.zeros(1, 2, 3, 4), torch.zeros(1, 2, 3, 4), 0)
     with pytest.raises(TraceError, match="writes tensors into it before passing it to a layer"):
         OwnCache.adopt(cache, "Model", lambda: "modeling_x.py:1")
+
+
+def test_a_cache_the_model_keeps_between_calls_is_refused(monkeypatch):
+    from transformers import DynamicCache, EncoderDecoderCache
+    from transformers.models.xlm import modeling_xlm
+
+    model = _xlm(num_layers=2)
+    kept = EncoderDecoderCache(DynamicCache(config=model.config), DynamicCache(config=model.config))
+    model.transformer.kept_cache = kept
+    monkeypatch.setattr(modeling_xlm, "EncoderDecoderCache", lambda *caches: kept)
+    with pytest.raises(TraceError, match=r"transformer keeps the EncoderDecoderCache it passes to "
+                                         r"transformer.attentions.0 at modeling_xlm.py:\d+ between calls"):
+        fxpp.pipeline(model, 2, cuts=[1])

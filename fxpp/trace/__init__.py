@@ -6,6 +6,7 @@ Files
 ``wrappers``: which of transformers' forward decorators are peeled, which kept.
 ``layers``: finding the decoder layers and the trace path.
 ``tracer``: ``HFTracer``, its proxies and meta values.
+``caches``: key/value caches a forward creates itself, one empty copy per layer call.
 ``patching``: helpers, constructors and opaque functions patched while tracing.
 ``driver``: ``trace_model``, the entry point.
 ``unused_inputs``: every input a caller gives must reach the graph's output.
@@ -78,6 +79,10 @@ Note [mask closures]
     is rebuilt from the stage's real tensors on every call.
     * mutable containers that layers write into (``KVSharingDict``) become explicit
       ``make_state`` / ``state_entry`` nodes, so cross-layer dataflow is visible.
+    * a key/value cache the forward creates itself even without ``use_cache`` (XLM) is
+      given to each layer call as an empty copy (``fresh_cache`` nodes), once the trace
+      shows no cache slot is used by two calls; else a TraceError naming the nodes
+      (Note [own caches] in ``caches``).
 """
 
 from __future__ import annotations

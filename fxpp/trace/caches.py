@@ -222,32 +222,41 @@ class OwnCache:
                     "entries cannot get an empty cache of its own"
                 )
 
-    def check(self, node: Node | None, model_name: str, *, before: bool = False) -> None:
-        """Refuse what the watch found so far, naming the layer call ``node`` (None: the end of the trace)."""
+    def check_uses(self, model_name: str) -> None:
+        """Refuse the first slot use the watch found wrong so far."""
         if self.problems:
             raise TraceError(f"{model_name}: {self.problems[0]}")
-        if node is None:
-            return
-        what = type(self.cache).__name__
+
+    def check_before(self, target: str, model_name: str) -> None:
+        """Before a call of layer ``target`` gets the cache: it is as when the first layer got it."""
+        self.check_uses(model_name)
         if _container_state(self.cache) != self.state:
-            changed = (f"the forward changed the {what} it created before layer call {node.name} ({node.target}) at "
-                       f"{self.where()}" if before else
-                       f"layer call {node.name} ({node.target}) changed the {what} the forward created beyond its own "
-                       "slots (which slots it holds, or flags shared by all layers)")
-            raise TraceError(f"{model_name}: {changed}; fxpp can give each layer call an empty cache only when "
-                             "the layers use nothing but their own slots")
-        if before:
-            return
+            raise TraceError(
+                f"{model_name}: the forward changed the {type(self.cache).__name__} it created before passing it to "
+                f"{target} at {self.where()}; fxpp can give each layer call an empty cache only when the cache stays "
+                "as the first layer got it"
+            )
+
+    def check_after(self, node: Node, model_name: str) -> None:
+        """After layer call ``node``: it used only slots no other call used, left the rest of the cache
+        as it was, was evaluated on the shared cache and does not return it."""
+        self.check_uses(model_name)
+        what, call = type(self.cache).__name__, f"layer call {node.name} ({node.target})"
+        if _container_state(self.cache) != self.state:
+            raise TraceError(
+                f"{model_name}: {call} changed the {what} the forward created beyond its own slots (which slots it "
+                "holds, or flags shared by all layers); fxpp can give each layer call an empty cache only when the "
+                "layers use nothing but their own slots"
+            )
         if node not in self.evaluated:
             raise TraceError(
-                f"{model_name}: layer call {node.name} ({node.target}) gets the {what} the forward created, but fxpp "
-                "could not evaluate it on that cache (it needs tensor data), so it cannot check which cache entries "
-                "the call uses"
+                f"{model_name}: {call} gets the {what} the forward created, but fxpp could not evaluate it on that "
+                "cache (it needs tensor data), so it cannot check which cache entries the call uses"
             )
         if _holds_cache(node.meta.get("val")):
             raise TraceError(
-                f"{model_name}: layer call {node.name} ({node.target}) returns the {what} the forward created; "
-                "fxpp gives each layer call its own empty cache, so nothing after the call may read it"
+                f"{model_name}: {call} returns the {what} the forward created; fxpp gives each layer call its own "
+                "empty cache, so nothing after the call may read it"
             )
 
     def finish(self) -> None:

@@ -434,7 +434,7 @@ class HFTracer(Tracer):
             call = self.recording_forward(m, type(m).forward, lambda *a, **k: inner(m, *a, **k), kwargs)
             return super().call_module(m, call, args, kwargs)
         args, kwargs, states = self._lift_states(args, kwargs)
-        args, kwargs, caches = self._lift_caches(args, kwargs)
+        args, kwargs, caches = self._lift_caches(qualname, args, kwargs)
         before = {sid: dict(_items(obj)) for sid, (obj, _) in states.items()}
         targets = recorded_submodules(m, qualname, self._recording[-1][0]) if self._recording else []
         self._pending_record = targets
@@ -442,7 +442,7 @@ class HFTracer(Tracer):
             self._pending_targets = [(path, index) for _, path, index in targets]
         out = super().call_module(m, forward, args, kwargs)
         for record in caches:
-            record.check(out.node, type(self.model).__name__)
+            record.check_after(out.node, type(self.model).__name__)
         if targets:
             self._take_recorded(out, targets)
         for sid, (obj, state_proxy) in states.items():
@@ -559,7 +559,7 @@ class HFTracer(Tracer):
 
         return tuple(lift(a) for a in args), {k: lift(v) for k, v in kwargs.items()}, states
 
-    def _lift_caches(self, args, kwargs):
+    def _lift_caches(self, target: str, args, kwargs):
         """Replace each key/value cache the forward created and passes to a leaf by a
         ``fresh_cache`` node whose meta value is the shared, watched cache (Note [own caches])."""
         records: dict[int, OwnCache] = {}
@@ -572,8 +572,16 @@ class HFTracer(Tracer):
             if id(value) not in proxies:
                 record = self._own_caches.get(id(value))
                 if record is None:
+                    held = sorted(n or "the model" for n, mod in self.model.named_modules()
+                                  if any(v is value for v in vars(mod).values()))
+                    if held:  # kept between calls, not created by each forward: its state is not empty per call
+                        raise TraceError(
+                            f"{name}: {held[0]} keeps the {type(value).__name__} it passes to {target} at "
+                            f"{_short_stack()} between calls; fxpp gives a layer an empty cache only where the "
+                            "forward creates it"
+                        )
                     record = self._own_caches[id(value)] = OwnCache.adopt(value, name, _short_stack)
-                record.check(None, name)
+                record.check_before(target, name)
                 proxy = self.create_proxy("call_function", ops.fresh_cache, (record.template,), {})
                 proxy.node.meta["val"] = value
                 record.nodes.append(proxy.node)
@@ -595,7 +603,7 @@ class HFTracer(Tracer):
         """After the trace: refuse what the cache watch found since the last layer call, then stop watching."""
         try:
             for record in self._own_caches.values():
-                record.check(None, type(self.model).__name__)
+                record.check_uses(type(self.model).__name__)
         finally:
             for record in self._own_caches.values():
                 record.finish()
