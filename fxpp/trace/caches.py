@@ -29,6 +29,7 @@ Note [own caches]
 
 from __future__ import annotations
 
+import collections.abc
 import copy
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -133,14 +134,22 @@ def _holds_tensor(obj: Any, seen: set | None = None, depth: int = 0) -> bool:
     return any(_holds_tensor(v, seen, depth + 1) for v in items)
 
 
-def _plain(value: Any) -> Any:
-    """A comparable snapshot of a cache attribute: plain values by value, anything else by identity."""
+def _plain(value: Any, depth: int = 0) -> Any:
+    """A comparable snapshot of a cache attribute: plain values by value, containers and
+    plain objects item by item (a few levels deep), anything else (tensors, nested caches,
+    types) by identity."""
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
-    if type(value) is dict:
-        return ("dict", tuple((k, _plain(v)) for k, v in value.items()))
-    if type(value) in (list, tuple):
-        return (type(value).__name__, tuple(_plain(v) for v in value))
+    if depth > 3 or isinstance(value, (torch.Tensor, type)) or is_kv_cache(value) or callable(value):
+        return ("id", id(value))
+    if isinstance(value, collections.abc.Mapping):
+        return ("map", id(value), tuple((k, _plain(v, depth + 1)) for k, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return ("seq", id(value), tuple(_plain(v, depth + 1) for v in value))
+    if isinstance(value, (set, frozenset)):
+        return ("set", id(value), tuple(sorted(repr(v) for v in value)))
+    if hasattr(value, "__dict__"):
+        return ("obj", id(value), tuple((k, _plain(v, depth + 1)) for k, v in sorted(vars(value).items())))
     return ("id", id(value))
 
 
@@ -151,7 +160,7 @@ def _container_state(cache: Any) -> tuple:
     for path, c in _caches_in(cache):
         layers = vars(c).get("layers")
         layers = list.__iter__(layers) if isinstance(layers, list) else iter(())
-        rest = tuple((k, _plain(v)) for k, v in sorted(vars(c).items()) if k != "layers")
+        rest = tuple((k, _plain(v)) for k, v in sorted(vars(c).items()) if k != "layers")  # layers: slots
         state.append((path, tuple(id(x) for x in layers), rest))
     return tuple(state)
 
