@@ -46,6 +46,16 @@ def check_guard(value: Any, expected: Any, where: str) -> None:
         raise GuardFailure(where, expected, actual)
 
 
+def check_is_none(value: Any, where: str) -> None:
+    """A mask builder returned ``None`` while tracing (no padding mask given), so the traced
+    forward took its ``mask is None`` branch; a mask at run time needs another trace."""
+    if value is not None:
+        raise GuardFailure(where, None, type(value).__name__)
+
+
+GUARD_OPS = (check_guard, check_is_none)  # graph nodes that re-check a trace-time decision
+
+
 class ModuleRef:
     """A module referenced by a graph constant without registering it as a submodule.
 

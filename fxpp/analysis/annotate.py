@@ -69,7 +69,7 @@ def is_decoder_layer(node: Node) -> bool:
 
 def is_guard(node: Node) -> bool:
     """A shape guard or a model's own runtime assertion: a node kept for its check only."""
-    return node.op == "call_function" and (node.target is ops.check_guard or is_check_function(node.target))
+    return node.op == "call_function" and (node.target in ops.GUARD_OPS or is_check_function(node.target))
 
 
 def is_tensorish(value: Any) -> bool:

@@ -37,8 +37,8 @@ def none_safe_masks(gm: GraphModule) -> GraphModule:
             maybe_none.add(node)
             continue
         first = node.args[0] if node.args else None
-        if not (isinstance(first, Node) and first in maybe_none):
-            continue
+        if not (isinstance(first, Node) and first in maybe_none) or node.target in ops.GUARD_OPS:
+            continue  # a guard must see the None it checks
         if node.op == "call_function":
             name = f"{node.target.__module__}.{node.target.__name__}"
             if ops.resolve(name) is not node.target:

@@ -5,8 +5,6 @@ Each patch is a context manager that restores the original on exit.
 
 from __future__ import annotations
 
-from __future__ import annotations
-
 import contextlib
 import functools
 import inspect
@@ -18,8 +16,9 @@ import torch.fx
 from torch.fx import Proxy
 from torch.fx.node import map_aggregate
 
-from .targets import check_functions, opaque_functions
-from .tracer import HFTracer, has_proxy
+from .. import ops
+from .targets import check_functions, is_mask_builder, opaque_functions
+from .tracer import HFTracer, _short_stack, has_proxy
 
 
 
@@ -105,6 +104,13 @@ def opaque_functions_patched(tracer: HFTracer, module_names: set[str]):
                 if isinstance(tracer.meta_of(out), dict):
                     # A mapping of masks per layer type: the forward tests isinstance(..., dict).
                     return {k: out[k] for k in tracer.meta_of(out)}
+                if tracer.meta_of(out) is None and is_mask_builder(fn):
+                    # A builder that returns no mask for these inputs (no padding mask given):
+                    # the forward may test ``mask is None`` and build its own (GLM-5 Next), so
+                    # it gets None, as at run time; a guard re-checks that the builder still
+                    # returns None on each call, and the stage retraces if it does not.
+                    tracer.create_proxy("call_function", ops.check_is_none, (out, _short_stack()), {})
+                    return None
                 return out
             return fn(*args, **kwargs)
 

@@ -349,7 +349,7 @@ class HFTracer(Tracer):
             return self.real_inputs[node.target]
         if node.op == "get_attr":
             return self._fetch_attr(node.target)
-        if node.op == "call_function" and (node.target is ops.check_guard or is_check_function(node.target)):
+        if node.op == "call_function" and (node.target in ops.GUARD_OPS or is_check_function(node.target)):
             return None
         if node.op == "call_function" and node.target is ops.take_recorded:
             return self._real_recorded[tuple(node.args)]

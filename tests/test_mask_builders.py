@@ -1,0 +1,34 @@
+"""A mask builder that returns no mask for a call's inputs: the forward sees None, as at run time."""
+
+import torch
+
+import fxpp
+from fxpp.testing.check import compare, reference, run_pipeline
+
+
+def test_a_forward_that_builds_its_own_mask_when_the_builder_returns_none():
+    """GLM-5 Next: ``create_recurrent_attention_mask`` returns None without a padding mask and the
+    forward then makes an all-ones mask itself (``if attention_mask is None``); fxpp's stages
+    must take that branch too, with a guard that re-checks the builder's None on every call."""
+    from fxpp.testing.sweep_vlm import generic_model
+
+    model = generic_model("glm5_next")
+    ids = torch.randint(3, 60, (2, 10), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding
+    pipe = fxpp.pipeline(model, 2, example_inputs={"input_ids": ids[:, :8], "attention_mask": mask[:, :8]})
+    # The trace for token ids alone (no padding mask): the builder's None is a guarded constant.
+    ids_only = pipe.model_graph.meta["fxpp_variant_graphs"][pipe.signature.bits(["input_ids"])]
+    assert any(n.target is fxpp.ops.check_is_none for n in ids_only.graph.nodes), "the builder's None is not guarded"
+    for inputs in ({"input_ids": ids}, {"input_ids": ids, "attention_mask": mask}):
+        # compare: logits and every gradient, at the sweep's float32 tolerances (fxpp.testing.check)
+        ok, detail, _ = compare(reference(model, inputs), run_pipeline(pipe, model, inputs))
+        assert ok, f"{sorted(inputs)}: {detail}"
+
+
+def test_the_none_guard_fails_on_a_mask():
+    import pytest
+
+    fxpp.ops.check_is_none(None, "here")
+    with pytest.raises(fxpp.ops.GuardFailure, match="here: traced with None, called with 'Tensor'"):
+        fxpp.ops.check_is_none(torch.ones(2), "here")
