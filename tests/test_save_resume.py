@@ -21,8 +21,18 @@ def test_resume_refuses_another_setting_and_names_it(tmp_path):
         run_state.check_resumable(state, other, [range(0, 2), range(2, 4)])
     with pytest.raises(fxpp.FxppError, match=r"the saved stages own layers \[\[0, 2\], \[2, 4\]\]"):
         run_state.check_resumable(state, cfg, [range(0, 1), range(1, 4)])
-    with pytest.raises(fxpp.FxppError, match="past --steps 1"):
-        run_state.check_resumable(state, RunConfig(save_dir=str(tmp_path), steps=1), [range(0, 2), range(2, 4)])
+
+
+def test_a_save_dir_holds_one_run(tmp_path):
+    """A new run into a directory with saves is refused (export and resume would take the newest
+    step of either run); a resume past --steps is refused; at --steps there is nothing to do."""
+    (tmp_path / "step-000004").mkdir()
+    (tmp_path / "step-000004" / "state.json").write_text(json.dumps({"step": 4}))
+    with pytest.raises(fxpp.FxppError, match=r"already holds a run \(saved at step 4\); continue it with --resume"):
+        RunConfig(save_dir=str(tmp_path), steps=6).validate()
+    with pytest.raises(fxpp.FxppError, match="the save in .* is at step 4, past --steps 3"):
+        RunConfig(save_dir=str(tmp_path), steps=3, resume=True).validate()
+    assert run_state.check_start(RunConfig(save_dir=str(tmp_path), steps=4, resume=True))["step"] == 4
 
 
 def test_an_interrupted_save_is_never_resumed(tmp_path):
@@ -83,3 +93,89 @@ def test_export_refuses_shards_that_miss_rows(tmp_path):
               metadata={"format": "pt", SHARDS_KEY: json.dumps({"w": [2, 5, 5]})})
     with pytest.raises(fxpp.CheckpointError, match=r"b differs between .*stage-0.dp-1.* and .*stage-1.dp-0"):
         run_state.whole_tensors(str(step))
+
+
+def _shard_rank(rank, world, workdir):
+    """FSDP2 over 3 ranks: rows 5 (uneven: 2, 2, 1) and 1 (rank 0 holds every row, the others none)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from fxpp.runtime.checkpoint import load_stage, save_stage
+
+    torch.manual_seed(0)
+    module = torch.nn.Module()
+    module.tall = torch.nn.Parameter(torch.randn(5, 3))
+    module.row = torch.nn.Parameter(torch.randn(1, 4))
+    whole = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    fully_shard(module, mesh=init_device_mesh("cpu", (world,), mesh_dim_names=("dp",)))
+    step = f"{workdir}/step-000001"
+    if rank == 0:
+        import os
+
+        os.makedirs(step)
+    dist.barrier()
+    save_stage(module, f"{step}/stage-0.dp-{rank}.safetensors")
+    dist.barrier()
+    with torch.no_grad():
+        for p in module.parameters():
+            p.to_local().zero_()
+    load_stage(module, f"{step}/stage-0.dp-{rank}.safetensors")  # each shard back into its own rows
+    reloaded = {k: v.full_tensor() for k, v in module.state_dict().items()}
+    if rank == 1:  # a shard file of another rank is refused by name
+        try:
+            load_stage(module, f"{step}/stage-0.dp-0.safetensors")
+        except fxpp.CheckpointError as e:
+            refused = str(e)
+        else:
+            refused = ""
+    else:
+        refused = None
+    joined = run_state.whole_tensors(step) if rank == 0 else None
+    return whole, reloaded, joined, refused
+
+
+@pytest.mark.timeout(120)
+def test_per_shard_files_join_and_reload_with_uneven_and_single_row_shards(tmp_path):
+    from tests.dist import run_distributed
+
+    out = run_distributed(_shard_rank, 3, tmp_path)
+    whole, _, joined, _ = out[0]
+    for key, value in whole.items():
+        assert torch.equal(joined[key], value), key
+        for rank in range(3):
+            assert torch.equal(out[rank][1][key], value), (rank, key)
+    assert "holds rows 0-" in out[1][3] and "a per-shard checkpoint loads only into the same" in out[1][3]
+
+
+def test_a_stages_own_name_wins_over_an_alias_in_another_file(tmp_path):
+    from safetensors.torch import save_file
+
+    from fxpp.runtime.checkpoint import load_stage
+
+    save_file({"lm_head.weight": torch.full((3, 2), 7.0)}, str(tmp_path / "a.safetensors"))  # read first
+    save_file({"embed.weight": torch.full((3, 2), 1.0)}, str(tmp_path / "b.safetensors"))
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"lm_head.weight": "a.safetensors", "embed.weight": "b.safetensors"}}))
+    stage = torch.nn.Module()
+    stage.embed = torch.nn.Embedding(3, 2)
+    load_stage(stage, str(tmp_path), aliases={"embed.weight": ["lm_head.weight"]})
+    assert torch.equal(stage.embed.weight.detach(), torch.full((3, 2), 1.0))
+
+
+def test_a_header_whose_offsets_do_not_fit_the_shape_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    from fxpp.runtime.checkpoint import load_stage
+
+    path = tmp_path / "bad.safetensors"
+    save_file({"weight": torch.zeros(2, 2), "bias": torch.zeros(2)}, str(path))
+    data = bytearray(path.read_bytes())
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    header["weight"]["shape"] = [1, 2]  # 8 bytes claimed, 16 stored
+    text = json.dumps(header, separators=(",", ":")).encode().ljust(n)
+    assert len(text) == n
+    path.write_bytes(bytes(data[:8]) + text + bytes(data[8 + n:]))
+    with pytest.raises(fxpp.CheckpointError, match=r"weight: 16 bytes stored for shape \[1, 2\] F32 \(8 bytes\)"):
+        load_stage(torch.nn.Linear(2, 1), str(path))

@@ -109,6 +109,10 @@ def safetensors_header(file: str) -> tuple[dict[str, dict], int, dict[str, str]]
             begin, stop = entry["data_offsets"]
             if entry["dtype"] not in _DTYPES or stop > size - 8 - n or begin > stop:
                 raise ValueError(f"{key}: dtype {entry['dtype']} or offsets {entry['data_offsets']} out of range")
+            nbytes = int(torch.Size(entry["shape"]).numel()) * _DTYPES[entry["dtype"]].itemsize
+            if stop - begin != nbytes:
+                raise ValueError(f"{key}: {stop - begin} bytes stored for shape {entry['shape']} {entry['dtype']} "
+                                 f"({nbytes} bytes)")
         return header, 8 + n, metadata
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{file}: cannot read as safetensors ({type(e).__name__}: {e})") from e
@@ -187,47 +191,49 @@ def load_stage(stage: torch.nn.Module, path: str, *, strict: bool = True, aliase
         for alt in alts:
             source_of.setdefault(alt, name)
     done: set[int] = set()
-    for file, file_keys in _files_for(path, set(source_of)).items():
-        header, data_start, metadata = safetensors_header(file)
-        shards = json.loads(metadata.get(SHARDS_KEY, "{}"))
-        stored = set(header) if file_keys is None else set(file_keys) & set(header)
-        if file_keys is not None and set(file_keys) - set(header):
-            missing_here = sorted(set(file_keys) - set(header))
-            raise CheckpointError(f"{file}: the index maps {missing_here[0]} to this file, which does not hold it")
-        # The stage's own names first: a stored alias is read only where the own name is absent.
-        for key in sorted(stored & set(source_of), key=lambda k: (source_of[k] != k, k)):
-            target = own[source_of[key]]
-            if id(target) in done:
-                continue
-            entry = header[key]
-            stored_shape = tuple(entry["shape"])
-            local, rows = _local_rows(target, key, file)
-            if key in shards:  # a per-shard file (save_stage of a DTensor): it holds rows [start, stop)
-                start, stop, total = shards[key]
-                if (start, stop) != (rows.start, rows.stop) or local is target:
-                    mine = (f"rows {rows.start}-{rows.stop}" if local is not target else "the whole tensor")
+    files = _files_for(path, set(source_of))
+    # The stage's own names first, in every file; then an alias, only where the own name is absent.
+    for aliased in (False, True):
+        for file, file_keys in files.items():
+            header, data_start, metadata = safetensors_header(file)
+            shards = json.loads(metadata.get(SHARDS_KEY, "{}"))
+            stored = set(header) if file_keys is None else set(file_keys) & set(header)
+            if file_keys is not None and set(file_keys) - set(header):
+                missing_here = sorted(set(file_keys) - set(header))
+                raise CheckpointError(f"{file}: the index maps {missing_here[0]} to this file, which does not hold it")
+            for key in sorted(k for k in stored & set(source_of) if (source_of[k] != k) == aliased):
+                target = own[source_of[key]]
+                if id(target) in done:
+                    continue
+                entry = header[key]
+                stored_shape = tuple(entry["shape"])
+                local, rows = _local_rows(target, key, file)
+                if key in shards:  # a per-shard file (save_stage of a DTensor): it holds rows [start, stop)
+                    start, stop, total = shards[key]
+                    if (start, stop) != (rows.start, rows.stop) or local is target:
+                        mine = (f"rows {rows.start}-{rows.stop}" if local is not target else "the whole tensor")
+                        raise CheckpointError(
+                            f"{file}: holds rows {start}-{stop} of {total} of {key}, but this stage's shard is {mine}: "
+                            "a per-shard checkpoint loads only into the same stage, dp size and dp rank "
+                            "(fxpp export writes a whole checkpoint)")
+                    stored_shape = (total, *stored_shape[1:])
+                    rows = slice(0, stop - start)
+                if stored_shape != tuple(target.shape):
                     raise CheckpointError(
-                        f"{file}: holds rows {start}-{stop} of {total} of {key}, but this stage's shard is {mine}: "
-                        "a per-shard checkpoint loads only into the same stage, dp size and dp rank "
-                        "(fxpp export writes a whole checkpoint)")
-                stored_shape = (total, *stored_shape[1:])
-                rows = slice(0, stop - start)
-            if stored_shape != tuple(target.shape):
-                raise CheckpointError(
-                    f"{file}: {key} has shape {stored_shape}, the stage expects {tuple(target.shape)}")
-            dtype = _DTYPES[entry["dtype"]]
-            if dtype != target.dtype and not (dtype.is_floating_point and target.dtype.is_floating_point):
-                raise CheckpointError(f"{file}: {key} has dtype {dtype}, the stage expects {target.dtype}")
-            if local.numel():
-                # Floating-point tensors are cast to the stage's dtype, as transformers' loading does.
-                direct = local.device.type == "cpu" and local.is_contiguous() and dtype == local.dtype
-                buffer = local if direct else torch.empty(local.shape, dtype=dtype)
-                with open(file, "rb") as f, torch.no_grad():
-                    _read_rows(f, entry, data_start, rows, buffer)
-                    if not direct:
-                        local.copy_(buffer)
-                del buffer
-            done.add(id(target))
+                        f"{file}: {key} has shape {stored_shape}, the stage expects {tuple(target.shape)}")
+                dtype = _DTYPES[entry["dtype"]]
+                if dtype != target.dtype and not (dtype.is_floating_point and target.dtype.is_floating_point):
+                    raise CheckpointError(f"{file}: {key} has dtype {dtype}, the stage expects {target.dtype}")
+                if local.numel():
+                    # Floating-point tensors are cast to the stage's dtype, as transformers' loading does.
+                    direct = local.device.type == "cpu" and local.is_contiguous() and dtype == local.dtype
+                    buffer = local if direct else torch.empty(local.shape, dtype=dtype)
+                    with open(file, "rb") as f, torch.no_grad():
+                        _read_rows(f, entry, data_start, rows, buffer)
+                        if not direct:
+                            local.copy_(buffer)
+                    del buffer
+                done.add(id(target))
     missing = sorted(names_of[i][0] for i in set(names_of) - done)
     if missing and strict:
         raise CheckpointError(f"{path}: missing {len(missing)} key(s) of this stage, e.g. {missing[:3]}")
@@ -247,10 +253,12 @@ def local_tensors(module: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dic
 
     tensors: dict[str, torch.Tensor] = {}
     shards: dict[str, list[int]] = {}
+    from torch.distributed.tensor import Shard
+
     for key, value in module.state_dict().items():
         if isinstance(value, DTensor):
             local, rows = _local_rows(value, key, "<memory>")
-            if local.shape != value.shape:
+            if any(isinstance(p, Shard) for p in value.placements):  # even where this rank holds every row
                 shards[key] = [rows.start, rows.stop, value.shape[0]]
             value = local
         # clone: safetensors refuses tensors that share storage (tied weights in one stage)

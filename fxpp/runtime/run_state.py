@@ -69,6 +69,28 @@ def read_state(save_dir: str, step: int | None = None) -> dict:
         return json.load(f)
 
 
+def check_start(cfg) -> dict | None:
+    """The saved state a run continues from (``--resume``), or None for a new run.
+
+    Raises:
+        FxppError: a new run into a directory that holds another run's saves (export and
+            resume would then pick whichever step is newest, of either run), or a resume
+            whose save is past ``--steps``.
+    """
+    if not cfg.save_dir:
+        return None
+    if not cfg.resume:
+        step = latest_step(cfg.save_dir)
+        if step is not None:
+            raise FxppError(f"--save-dir {cfg.save_dir} already holds a run (saved at step {step}); continue it with "
+                            "--resume, or save this run in a new directory")
+        return None
+    state = read_state(cfg.save_dir)
+    if state["step"] > cfg.steps:
+        raise FxppError(f"--resume: the save in {cfg.save_dir} is at step {state['step']}, past --steps {cfg.steps}")
+    return state
+
+
 def settings_of(cfg) -> dict:
     return {k: getattr(cfg, k) for k in RESUME_SETTINGS}
 
@@ -87,8 +109,6 @@ def check_resumable(state: dict, cfg, layer_ranges: list[range]) -> None:
     ranges = [[r.start, r.stop] for r in layer_ranges]
     if state["layer_ranges"] != ranges:
         raise FxppError(f"--resume: the saved stages own layers {state['layer_ranges']}, this pipeline {ranges}")
-    if state["step"] > cfg.steps:
-        raise FxppError(f"--resume: the save is at step {state['step']}, past --steps {cfg.steps}")
 
 
 def rank_parameters(stages) -> dict[str, torch.nn.Parameter]:
@@ -124,7 +144,14 @@ def save(cfg, step: int, stages, optimizer, *, pp_rank: int, dp_rank: int, posit
     from .checkpoint import save_optimizer, save_stage
 
     directory = step_dir(cfg.save_dir, step)
-    os.makedirs(directory, exist_ok=True)
+    if dist.get_rank() == 0:
+        os.makedirs(directory, exist_ok=True)
+        # A step saved before (by a run that crashed after it, then resumed from an earlier
+        # step) is incomplete until its new state.json is written, never a mix of two runs.
+        stale = os.path.join(directory, "state.json")
+        if os.path.exists(stale):
+            os.remove(stale)
+    dist.barrier()
     for stage in stages:
         save_stage(stage.submod, stage_file(directory, stage.stage_index, dp_rank))
     save_optimizer(optimizer, rank_parameters(stages), optimizer_file(directory, pp_rank, dp_rank),
@@ -143,12 +170,11 @@ def save(cfg, step: int, stages, optimizer, *, pp_rank: int, dp_rank: int, posit
 
 def _write_model_files(cfg, model_config) -> None:
     """config.json and the source directory's tokenizer files, for ``fxpp export``."""
-    if not os.path.isfile(os.path.join(cfg.save_dir, "config.json")):
-        model_config.to_json_file(os.path.join(cfg.save_dir, "config.json"))
+    model_config.to_json_file(os.path.join(cfg.save_dir, "config.json"))
     if os.path.isdir(cfg.model):
         for name in TOKENIZER_FILES:
             source = os.path.join(cfg.model, name)
-            if os.path.isfile(source) and not os.path.isfile(os.path.join(cfg.save_dir, name)):
+            if os.path.isfile(source):
                 shutil.copyfile(source, os.path.join(cfg.save_dir, name))
 
 

@@ -56,6 +56,10 @@ class RunConfig:
                             f"{self.microbatches}: every dp replica runs --microbatches equal microbatches")
         if self.resume and not self.save_dir:
             raise FxppError("--resume needs --save-dir (the directory of the run to continue)")
+        if self.save_dir:
+            from .run_state import check_start
+
+            check_start(self)  # another run's saves, or a save past --steps: before any rank starts
         if self.save_every < 0 or (self.save_every and not self.save_dir):
             raise FxppError(f"--save-every {self.save_every} needs --save-dir and a positive number of steps")
         if os.path.isdir(self.model) and not self.resume:
@@ -174,8 +178,11 @@ def run_rank(rank: int, world: int, cfg: RunConfig) -> dict:
     pp_rank = mesh.get_local_rank("pp") if mesh is not None else rank
     dp_rank = mesh.get_local_rank("dp") if mesh is not None else 0
     local = (lambda b: local_batch(b, mesh)) if mesh is not None else (lambda b: b)
-    state = run_state.read_state(cfg.save_dir) if cfg.resume else None
+    state = run_state.check_start(cfg)
     start = state["step"] if state else 0
+    if start == cfg.steps:  # the save is the end of the run: nothing to train
+        return {"rank": rank, "stages": [], "dp_rank": 0, "step_s": [], "first_step": start, "memory": [],
+                "device": str(device), **({"losses": []} if rank == 0 else {})}
     from_directory = os.path.isdir(cfg.model)
     if from_directory:
         model = build_model(cfg.model, device="meta")  # cfg.validate() checked the checkpoint's keys
