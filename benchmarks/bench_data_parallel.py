@@ -66,29 +66,14 @@ import traceback
 import torch
 import torch.distributed as dist
 from _common import default_json_path, environment, gather, print_header, report, torchrun_group
+from bench_schedules import BATCH, MODEL_NAME, SEQ, build_model, make_batch
 
 import fxpp
 
 WORLD = 4
-BATCH, SEQ, MB_SIZE = 16, 64, 2
-MODEL_NAME = "llama-h256-L8-v1000"
+MB_SIZE = 2  # rows per microbatch; the model, BATCH and SEQ are bench_schedules' (one Llama, one batch)
 CONFIGS = ("pp2xdp2", "dp4", "pp4")
 MB = 1 << 20
-
-
-def build_model(device="cpu"):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=8, num_attention_heads=8,
-                         num_key_value_heads=4, vocab_size=1000, max_position_embeddings=512)
-    torch.manual_seed(0)
-    return LlamaForCausalLM(config).float().to(device).train()
-
-
-def make_batch(vocab: int, device) -> tuple[dict, torch.Tensor]:
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, vocab, (BATCH, SEQ), generator=g)
-    return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device)}, ids.to(device)
 
 
 def sync(device) -> None:

@@ -41,13 +41,6 @@ def _run(args) -> int:
                     seq_len=args.seq_len, microbatches=args.microbatches, lr=args.lr, seed=args.seed,
                     tokens=args.tokens, data=args.data, check=not args.no_check, save_dir=args.save_dir,
                     save_every=args.save_every, resume=args.resume)
-    if cfg.resume:
-        from .runtime.run_state import check_start
-
-        state = check_start(cfg)
-        if state is not None and state["step"] == cfg.steps:
-            print(f"nothing to do: the save in {cfg.save_dir} is at step {cfg.steps} = --steps")
-            return 0
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # under torchrun
         import torch.distributed as dist
 

@@ -39,24 +39,16 @@ def _files_for(path: str, keys: Iterable[str] | None) -> dict[str, list[str]]:
 
 def key_files(path: str) -> dict[str, str]:
     """``{key: file}`` of every tensor of a safetensors file, directory or sharded index."""
-    from safetensors import safe_open
-
     out: dict[str, str] = {}
     for file, file_keys in _files_for(path, None).items():
-        if file_keys is None:
-            try:
-                with safe_open(file, framework="pt") as f:
-                    file_keys = list(f.keys())
-            except Exception as e:
-                raise CheckpointError(f"{file}: cannot read as safetensors ({type(e).__name__}: {e})") from e
-        out.update(dict.fromkeys(file_keys, file))
+        out.update(dict.fromkeys(safetensors_header(file)[0] if file_keys is None else file_keys, file))
     return out
 
 
 def stored_shapes(path: str) -> dict[str, tuple[tuple[int, ...], torch.dtype, str]]:
     """``{key: (shape, dtype, file)}`` of every tensor of a checkpoint, from the file headers only."""
     out = {}
-    for file in sorted(set(key_files(path).values())):
+    for file in sorted(_files_for(path, None)):
         header, _, _ = safetensors_header(file)
         for key, entry in header.items():
             out[key] = (tuple(entry["shape"]), _DTYPES[entry["dtype"]], file)
@@ -190,53 +182,79 @@ def load_stage(stage: torch.nn.Module, path: str, *, strict: bool = True, aliase
     for name, alts in (aliases or {}).items():
         for alt in alts:
             source_of.setdefault(alt, name)
+    files = {}  # file -> (keys of the stage it holds, header, data offset, per-shard rows)
+    for file, file_keys in _files_for(path, set(source_of)).items():
+        header, data_start, metadata = safetensors_header(file)
+        if file_keys is not None and set(file_keys) - set(header):
+            missing_here = sorted(set(file_keys) - set(header))
+            raise CheckpointError(f"{file}: the index maps {missing_here[0]} to this file, which does not hold it")
+        stored = set(header) if file_keys is None else set(file_keys)
+        files[file] = (stored & set(source_of), header, data_start, json.loads(metadata.get(SHARDS_KEY, "{}")))
     done: set[int] = set()
-    files = _files_for(path, set(source_of))
     # The stage's own names first, in every file; then an alias, only where the own name is absent.
     for aliased in (False, True):
-        for file, file_keys in files.items():
-            header, data_start, metadata = safetensors_header(file)
-            shards = json.loads(metadata.get(SHARDS_KEY, "{}"))
-            stored = set(header) if file_keys is None else set(file_keys) & set(header)
-            if file_keys is not None and set(file_keys) - set(header):
-                missing_here = sorted(set(file_keys) - set(header))
-                raise CheckpointError(f"{file}: the index maps {missing_here[0]} to this file, which does not hold it")
-            for key in sorted(k for k in stored & set(source_of) if (source_of[k] != k) == aliased):
-                target = own[source_of[key]]
-                if id(target) in done:
-                    continue
-                entry = header[key]
-                stored_shape = tuple(entry["shape"])
-                local, rows = _local_rows(target, key, file)
-                if key in shards:  # a per-shard file (save_stage of a DTensor): it holds rows [start, stop)
-                    start, stop, total = shards[key]
-                    if (start, stop) != (rows.start, rows.stop) or local is target:
-                        mine = (f"rows {rows.start}-{rows.stop}" if local is not target else "the whole tensor")
-                        raise CheckpointError(
-                            f"{file}: holds rows {start}-{stop} of {total} of {key}, but this stage's shard is {mine}: "
-                            "a per-shard checkpoint loads only into the same stage, dp size and dp rank "
-                            "(fxpp export writes a whole checkpoint)")
-                    stored_shape = (total, *stored_shape[1:])
-                    rows = slice(0, stop - start)
-                if stored_shape != tuple(target.shape):
-                    raise CheckpointError(
-                        f"{file}: {key} has shape {stored_shape}, the stage expects {tuple(target.shape)}")
-                dtype = _DTYPES[entry["dtype"]]
-                if dtype != target.dtype and not (dtype.is_floating_point and target.dtype.is_floating_point):
-                    raise CheckpointError(f"{file}: {key} has dtype {dtype}, the stage expects {target.dtype}")
-                if local.numel():
-                    # Floating-point tensors are cast to the stage's dtype, as transformers' loading does.
-                    direct = local.device.type == "cpu" and local.is_contiguous() and dtype == local.dtype
-                    buffer = local if direct else torch.empty(local.shape, dtype=dtype)
-                    with open(file, "rb") as f, torch.no_grad():
-                        _read_rows(f, entry, data_start, rows, buffer)
-                        if not direct:
-                            local.copy_(buffer)
-                    del buffer
-                done.add(id(target))
+        for file, (stored, header, data_start, shards) in files.items():
+            keys = sorted(k for k in stored if (source_of[k] != k) == aliased)
+            if keys:
+                with open(file, "rb") as f:
+                    _read_keys(f, keys, header, data_start, shards, own, source_of, done)
     missing = sorted(names_of[i][0] for i in set(names_of) - done)
     if missing and strict:
         raise CheckpointError(f"{path}: missing {len(missing)} key(s) of this stage, e.g. {missing[:3]}")
+
+
+def _read_keys(f, keys: list[str], header: dict, data_start: int, shards: dict, own: dict, source_of: dict,
+               done: set[int]) -> None:
+    """Read ``keys`` of one open file into the stage's tensors (:func:`load_stage`); ``done`` grows."""
+    file = f.name
+    for key in keys:
+        target = own[source_of[key]]
+        if id(target) in done:
+            continue
+        entry = header[key]
+        stored_shape = tuple(entry["shape"])
+        local, rows = _local_rows(target, key, file)
+        if key in shards:  # a per-shard file (save_stage of a DTensor): it holds rows [start, stop)
+            start, stop, total = shards[key]
+            if (start, stop) != (rows.start, rows.stop) or local is target:
+                mine = (f"rows {rows.start}-{rows.stop}" if local is not target else "the whole tensor")
+                raise CheckpointError(
+                    f"{file}: holds rows {start}-{stop} of {total} of {key}, but this stage's shard is {mine}: "
+                    "a per-shard checkpoint loads only into the same stage, dp size and dp rank "
+                    "(fxpp export writes a whole checkpoint)")
+            stored_shape = (total, *stored_shape[1:])
+            rows = slice(0, stop - start)
+        if stored_shape != tuple(target.shape):
+            raise CheckpointError(f"{file}: {key} has shape {stored_shape}, the stage expects {tuple(target.shape)}")
+        dtype = _DTYPES[entry["dtype"]]
+        if dtype != target.dtype and not (dtype.is_floating_point and target.dtype.is_floating_point):
+            raise CheckpointError(f"{file}: {key} has dtype {dtype}, the stage expects {target.dtype}")
+        if local.numel():
+            # Floating-point tensors are cast to the stage's dtype, as transformers' loading does.
+            direct = local.device.type == "cpu" and local.is_contiguous() and dtype == local.dtype
+            buffer = local if direct else torch.empty(local.shape, dtype=dtype)
+            with torch.no_grad():
+                _read_rows(f, entry, data_start, rows, buffer)
+                if not direct:
+                    local.copy_(buffer)
+            del buffer
+        done.add(id(target))
+
+
+def recompute_non_persistent_buffers(model: torch.nn.Module, module: torch.nn.Module,
+                                     device: str | torch.device) -> None:
+    """Non-persistent buffers (rotary ``inv_freq``) are in no checkpoint: give those still on
+    meta memory on ``device``, and compute every one with the model's ``_init_weights``."""
+    init = getattr(model, "_init_weights", None)
+    for sub in module.modules():
+        if not sub._non_persistent_buffers_set:
+            continue
+        for name in sub._non_persistent_buffers_set:
+            buffer = sub._buffers.get(name)
+            if buffer is not None and buffer.is_meta:
+                sub._buffers[name] = torch.empty_like(buffer, device=device)
+        if init is not None:
+            init(sub)
 
 
 SHARDS_KEY = "fxpp_shards"  # safetensors metadata of a per-shard file: {key: [first row, end row, rows]}

@@ -255,37 +255,23 @@ def export(save_dir: str, out_dir: str, step: int | None = None, max_shard_size:
         the step exported.
 
     Raises:
-        CheckpointError: a saved tensor the model does not have, or a key of the model
-            the save lacks (besides a tied ``lm_head.weight``).
+        CheckpointError: a saved tensor the model does not have, a key of the model the
+            save lacks (besides a tied ``lm_head.weight``), a shape the model does not
+            have (``fxpp.runtime.models.check_checkpoint``), or tied copies that differ.
     """
     from transformers import AutoModelForCausalLM
 
-    from .models import load_config
+    from .checkpoint import recompute_non_persistent_buffers
+    from .models import check_checkpoint, load_config
 
     state = read_state(save_dir, step)
     tensors = whole_tensors(step_dir(save_dir, state["step"]))
     config = load_config(save_dir)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    own = model.state_dict()
-    tied = {k for k in own if k.endswith("lm_head.weight")} if getattr(
-        config.get_text_config(), "tie_word_embeddings", False) else set()
-    missing = sorted(set(own) - set(tensors) - tied)
-    unexpected = sorted(set(tensors) - set(own))
-    if missing or unexpected:
-        raise CheckpointError(f"{save_dir}: the save does not match {type(model).__name__}: missing {missing[:3]}, "
-                              f"unexpected {unexpected[:3]}")
-    for key, value in tensors.items():
-        if tuple(value.shape) != tuple(own[key].shape):
-            raise CheckpointError(f"{save_dir}: {key} is {tuple(value.shape)}, the model expects {tuple(own[key].shape)}")
-    init = getattr(model, "_init_weights", None)
-    for sub in model.modules():  # non-persistent buffers (rotary inv_freq) are not saved: compute them first
-        if sub._non_persistent_buffers_set:
-            for name in sub._non_persistent_buffers_set:
-                if sub._buffers.get(name) is not None:
-                    sub._buffers[name] = torch.empty_like(sub._buffers[name], device="cpu")
-            if init is not None:
-                init(sub)
+    # Every key of the model, nothing else, right shapes (a tied lm_head.weight may be absent).
+    tied = check_checkpoint(model, {k: (tuple(v.shape), v.dtype, save_dir) for k, v in tensors.items()}, save_dir)
+    recompute_non_persistent_buffers(model, model, "cpu")  # never saved: computed before the saved tensors go in
     if tied:  # the last stage's copy of a tied weight must have stayed equal to the first stage's
         embedding = next(n for n, p in model.named_parameters() if p is model.get_input_embeddings().weight)
         for key in sorted(tied & set(tensors)):

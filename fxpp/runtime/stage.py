@@ -202,13 +202,10 @@ def _copy_to(model: torch.nn.Module, module: torch.nn.Module, device: torch.devi
 
 def _allocate(model: torch.nn.Module, module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """Give a meta module uninitialised memory on ``device`` (after FSDP2: only the local shards)."""
+    from .checkpoint import recompute_non_persistent_buffers
+
     module.to_empty(device=device)
-    # Non-persistent buffers (rotary inv_freq) are not in checkpoints: recompute them.
-    init = getattr(model, "_init_weights", None)
-    if init is not None:
-        for sub in module.modules():
-            if sub._non_persistent_buffers_set:
-                init(sub)
+    recompute_non_persistent_buffers(model, module, device)
     return module
 
 

@@ -8,6 +8,7 @@ trains the model it was given.
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -47,8 +48,16 @@ class RunConfig:
     def num_stages(self) -> int:
         return self.ranks * (2 if self.schedule in MULTI_STAGE else 1)
 
-    def validate(self) -> None:
-        """Raises FxppError for settings no rank can run (checked before any process starts)."""
+    def validate(self, meta_model: torch.nn.Module | None = None) -> dict | None:
+        """Raises FxppError for settings no rank can run (checked before any process starts).
+
+        Args:
+            meta_model: the directory's model already built on the meta device (a rank
+                builds it anyway); else it is built here to check the checkpoint's keys.
+
+        Returns:
+            the saved state a ``--resume`` continues from, else None.
+        """
         if self.ranks < 1 or self.dp < 1:
             raise FxppError(f"--stages {self.ranks} and --dp {self.dp} must be positive")
         if self.dp > 1 and self.batch % (self.dp * self.microbatches):
@@ -56,21 +65,23 @@ class RunConfig:
                             f"{self.microbatches}: every dp replica runs --microbatches equal microbatches")
         if self.resume and not self.save_dir:
             raise FxppError("--resume needs --save-dir (the directory of the run to continue)")
+        state = None
         if self.save_dir:
             from .run_state import check_start
 
-            check_start(self)  # another run's saves, or a save past --steps: before any rank starts
+            state = check_start(self)  # another run's saves, or a save past --steps: before any rank starts
         if self.save_every < 0 or (self.save_every and not self.save_dir):
             raise FxppError(f"--save-every {self.save_every} needs --save-dir and a positive number of steps")
         if os.path.isdir(self.model) and not self.resume:
             from .models import build_model, check_checkpoint
 
             # every key, nothing else, right shapes: from the file headers, before any rank starts
-            check_checkpoint(build_model(self.model, device="meta"), None, self.model)
+            check_checkpoint(meta_model or build_model(self.model, device="meta"), None, self.model)
         if self.data:
             from .data import load_tokenizer
 
             load_tokenizer(self.model)  # a directory without a tokenizer fails here, before any rank starts
+        return state
 
     @property
     def world(self) -> int:
@@ -173,25 +184,23 @@ def run_rank(rank: int, world: int, cfg: RunConfig) -> dict:
     from .schedule import make_schedule
 
     device = default_device(rank)
-    cfg.validate()
+    from_directory = os.path.isdir(cfg.model)
+    meta = build_model(cfg.model, device="meta") if from_directory else None
+    state = cfg.validate(meta_model=meta)  # and the checkpoint's keys, on the model this rank builds from
+    start = state["step"] if state else 0
+    if start == cfg.steps:  # the save is the end of the run: nothing to train
+        return _nothing_to_do(rank, start, device)
     mesh = fxpp.pp_dp_mesh(cfg.ranks, cfg.dp) if cfg.dp > 1 else None
     pp_rank = mesh.get_local_rank("pp") if mesh is not None else rank
     dp_rank = mesh.get_local_rank("dp") if mesh is not None else 0
     local = (lambda b: local_batch(b, mesh)) if mesh is not None else (lambda b: b)
-    state = run_state.check_start(cfg)
-    start = state["step"] if state else 0
-    if start == cfg.steps:  # the save is the end of the run: nothing to train
-        return {"rank": rank, "stages": [], "dp_rank": 0, "step_s": [], "first_step": start, "memory": [],
-                "device": str(device), **({"losses": []} if rank == 0 else {})}
-    from_directory = os.path.isdir(cfg.model)
-    if from_directory:
-        model = build_model(cfg.model, device="meta")  # cfg.validate() checked the checkpoint's keys
-    else:
-        model = build_model(cfg.model, seed=cfg.seed).to(device)
+    model = meta if from_directory else build_model(cfg.model, seed=cfg.seed).to(device)
     vocab = model.config.get_text_config().vocab_size
     position = DataPosition(*state["data_position"]) if state else None
     batches = batches_from(cfg, vocab, start, position)
-    example = split_labels(local(next(batches_from(cfg, vocab, start, position))[1]))[0]
+    first_batch = next(batches)  # its shapes are the example; it is trained on first
+    batches = itertools.chain([first_batch], batches)
+    example = split_labels(local(first_batch[1]))[0]
     example_device = "meta" if from_directory else device
     mb = {k: v[: v.shape[0] // cfg.microbatches].to(example_device) for k, v in example.items()}
     pipe = fxpp.pipeline(model, cfg.num_stages, example_inputs=mb)
@@ -258,6 +267,12 @@ def run_rank(rank: int, world: int, cfg: RunConfig) -> dict:
     return result
 
 
+def _nothing_to_do(rank: int, step: int, device) -> dict:
+    """The result of a resume whose save is already at ``--steps`` (rank 0 reports it)."""
+    return {"rank": rank, "stages": [], "dp_rank": 0, "step_s": [], "first_step": step, "memory": [],
+            "device": str(device), **({"losses": []} if rank == 0 else {})}
+
+
 def reference_losses(cfg: RunConfig, batches, device) -> list[float]:
     """The unpatched model, trained in this process on the same batches."""
     from .models import build_model
@@ -287,7 +302,9 @@ def launch(cfg: RunConfig, workdir: str | None = None, timeout_s: float = 600) -
     """
     from .launch import run_ranks
 
-    cfg.validate()
+    state = cfg.validate()
+    if state is not None and state["step"] == cfg.steps:
+        return [_nothing_to_do(0, cfg.steps, "cpu")]  # no process to start
     threads = max(1, (os.cpu_count() or 1) // cfg.world)
     try:
         results = run_ranks(_rank_job, cfg.world, asdict(cfg), workdir=workdir, timeout_s=timeout_s,
