@@ -303,9 +303,10 @@ def transform(
         example_inputs: keyword inputs of the model that widen the input signature
             (a VLM's ``pixel_values`` and companions); ``input_ids``,
             ``attention_mask`` and ``position_ids`` are in it anyway where the forward
-            takes them, and ``inputs_embeds`` as the alternative to ``input_ids``. Shapes are only an example: the stage accepts other batch and
-            sequence sizes, and any call with a subset of the signature. Every stage of
-            one pipeline must be built from the same example inputs.
+            takes them, and ``inputs_embeds`` as the alternative to ``input_ids``.
+            Shapes are only an example: the stage accepts other batch and sequence
+            sizes, and any call with a subset of the signature. Every stage of one
+            pipeline must be built from the same example inputs.
 
     Returns:
         A :class:`StageModule`: FIRST/FULL take the model inputs by keyword, MIDDLE/LAST
