@@ -28,6 +28,7 @@ from .trace.unused_inputs import tolerated_reason, unconsumed_inputs
 from .trace.recording import recording_hooks, recording_targets
 from .layout import TEXT_INPUTS, TOKEN_INPUTS, CutLayout, InputSignature, Slot
 from .trace import find_decoder_layers, trace_model
+from .trace.example_media import example_media_inputs, is_media_input, media_inputs_of, vision_config_of
 
 
 def num_decoder_layers(model: torch.nn.Module) -> int:
@@ -77,17 +78,44 @@ def trace_canonical(model: torch.nn.Module, example_inputs: dict[str, Any] | Non
     """Trace the model for its whole input signature (see ``fxpp.layout``).
 
     The signature is every input of ``example_inputs`` plus ``attention_mask`` and
-    ``position_ids`` where the forward takes them; an added input the trace cannot
-    take (its example does not fit the model) is left out and the reason kept for the
-    error a call with it gets. The graph's ``meta["fxpp_signature"]`` is the
-    signature, ``meta["fxpp_example_inputs"]`` the inputs it was traced with.
+    ``position_ids`` where the forward takes them, and for a model with an image path
+    whose example inputs hold no media, the media inputs of example images fxpp makes
+    (``fxpp.trace.example_media``). An added input the trace cannot take (its example
+    does not fit the model) is left out and the reason kept for the error a call with it
+    gets. The graph's ``meta["fxpp_signature"]`` is the signature,
+    ``meta["fxpp_example_inputs"]`` the inputs it was traced with.
     """
     _check_model(model)
-    given = {k: v for k, v in (example_inputs or default_example_inputs(model)).items() if v is not None}
+    declared = example_inputs or default_example_inputs(model)
+    given = {k: v for k, v in declared.items() if v is not None}
     params = forward_parameters(model)
+    gm, left_out, media_left_out = None, [], []
+    if _wants_example_media(model, declared, params):
+        gm, left_out, media_left_out = _trace_with_example_media(model, given, params)
+    if gm is None:
+        gm, left_out = _trace_with_text_inputs(model, given, params)
+    alternatives = _alternative_token_inputs(gm.meta["fxpp_example_inputs"], params)
+    names = tuple(n for n in gm.meta["fxpp_example_inputs"]) + tuple(alternatives)
+    left_out += [(n, why) for n, why in media_left_out if n not in names]
+    signature = InputSignature(names=names, left_out=tuple(left_out), alternatives=tuple(alternatives))
+    gm.meta["fxpp_signature"] = signature
+    gm.meta["fxpp_variant_graphs"] = _trace_other_present_sets(model, gm.meta["fxpp_example_inputs"], signature)
+    gm.meta["fxpp_layouts"] = {}
+    return gm
+
+
+def _alternative_token_inputs(given: dict[str, Any], params: set[str]) -> list[str]:
+    """The other token input than the given one, where the forward takes it: declared,
+    never traced together with it."""
+    return [n for n in TOKEN_INPUTS if n not in given and n in params and set(TOKEN_INPUTS) & set(given)]
+
+
+def _trace_with_text_inputs(model, given: dict[str, Any], params: set[str]):
+    """The trace of ``given`` plus the text inputs it lacks (``attention_mask``,
+    ``position_ids``) that the forward takes; each added input that makes the trace fail
+    is dropped again, with the reason, in ``left_out``."""
     tokens = given.get("input_ids", given.get("inputs_embeds"))
-    # The other token input is an alternative to the given one, never traced together with it.
-    alternatives = [n for n in TOKEN_INPUTS if n not in given and n in params and set(TOKEN_INPUTS) & set(given)]
+    alternatives = _alternative_token_inputs(given, params)
     missing = [n for n in TEXT_INPUTS if n not in given and n in params and n not in alternatives]
     left_out = [(n, f"{type(model).__name__}.forward takes no {n}") for n in TEXT_INPUTS if n not in params]
     if not isinstance(tokens, torch.Tensor) or tokens.dim() < 2:
@@ -105,13 +133,42 @@ def trace_canonical(model: torch.nn.Module, example_inputs: dict[str, Any] | Non
             continue
         for name in sorted(set(missing) - set(added)):
             left_out.append((name, f"a trace with an example {name} failed: {str(errors[0]).splitlines()[0][:200]}"))
-        break
-    names = tuple(n for n in gm.meta["fxpp_example_inputs"]) + tuple(alternatives)
-    signature = InputSignature(names=names, left_out=tuple(left_out), alternatives=tuple(alternatives))
-    gm.meta["fxpp_signature"] = signature
-    gm.meta["fxpp_variant_graphs"] = _trace_other_present_sets(model, gm.meta["fxpp_example_inputs"], signature)
-    gm.meta["fxpp_layouts"] = {}
-    return gm
+        return gm, left_out
+    raise AssertionError("unreachable: the last attempt adds nothing and raises on failure")
+
+
+def _wants_example_media(model: torch.nn.Module, declared: dict[str, Any], params: set[str]) -> bool:
+    """Whether fxpp makes example media for the signature (``fxpp.trace.example_media``):
+    the model has an image path and the example inputs name no media input. A media
+    input given as None in ``example_inputs`` declares the text-only signature."""
+    return (vision_config_of(model) is not None and bool(media_inputs_of(params))
+            and not any(is_media_input(n) for n in declared))
+
+
+def _trace_with_example_media(model, given: dict[str, Any], params: set[str]):
+    """``(gm, left_out, media_left_out)`` of the trace with example images in place of
+    ``given``'s text inputs; ``(None, [], reasons)`` where no example fits or its trace
+    fails, with, for every media input of the forward, why it is not in the signature.
+
+    Only the token inputs' batch size is kept from ``given``: the example's sequence is
+    the image's tokens plus a few text tokens (shapes are only an example anyway).
+    """
+    tokens = given.get("input_ids")
+    media_names = media_inputs_of(params)
+    how = ("; declare them by building with example_inputs that hold one microbatch with images "
+           "(fxpp.pipeline(model, n, example_inputs=...))")
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or set(given) - set(TEXT_INPUTS):
+        why = (f"fxpp makes example images only for example inputs of token ids, a mask and positions "
+               f"(got {sorted(given)})")
+        return None, [], [(n, why + how) for n in media_names]
+    try:
+        example = example_media_inputs(model, batch=tokens.shape[0])
+        gm, left_out = _trace_with_text_inputs(model, example, params)
+    except Exception as e:  # noqa: BLE001 - any failure leaves the media out, with its reason
+        why = f"no example images fit {type(model).__name__}: {' '.join(str(e).split())[:400]}"
+        return None, [], [(n, why + how) for n in media_names]
+    unused = f"the example images fxpp made for {type(model).__name__} do not use it"
+    return gm, left_out, [(n, unused + how) for n in media_names if n not in example]
 
 
 def representative_present_sets(signature: InputSignature) -> list[tuple[str, ...]]:
@@ -247,9 +304,6 @@ def ignored_by_the_model(model: torch.nn.Module, inputs: dict[str, Any], names: 
     return ignored
 
 
-_MODALITY_PREFIXES = ("pixel_values", "image_", "video_", "audio_", "input_features")
-
-
 def _reject_ignored_inputs(model: torch.nn.Module, gm: GraphModule) -> None:
     """Image or audio inputs given to a model without that modality would only reach
     ``**kwargs`` and be dropped; that is a mistake to report, not to ignore."""
@@ -261,7 +315,7 @@ def _reject_ignored_inputs(model: torch.nn.Module, gm: GraphModule) -> None:
     config = model.config
     has_media = any(getattr(config, k, None) is not None for k in ("vision_config", "audio_config"))
     ignored = [n.target for n in gm.graph.nodes if n.op == "placeholder" and n.target not in named
-               and n.target.startswith(_MODALITY_PREFIXES)]
+               and is_media_input(n.target)]
     if ignored and not has_media:
         raise StageInputError(
             f"{type(model).__name__}.forward does not use input(s) {ignored}: it has no vision or audio path, so "
@@ -325,7 +379,13 @@ def transform(
 
 @contextlib.contextmanager
 def model_unchanged(model: torch.nn.Module):
-    """Restore every module's parameters, buffers, submodules, forward and hooks on exit."""
+    """Restore every module's parameters, buffers, submodules, forward, hooks and plain
+    attributes on exit.
+
+    Plain attributes too: transformers installs its output-capturing hooks on a first
+    call and marks the module (``_output_capturing_hooks_installed``); keeping the mark
+    while the hooks are restored away would leave the model believing it has them.
+    """
     saved = []
     for module in model.modules():
         state = {
@@ -336,6 +396,7 @@ def model_unchanged(model: torch.nn.Module):
         }
         for key in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks"):
             state[key] = dict(getattr(module, key))
+        state["attributes"] = {k: v for k, v in module.__dict__.items() if k not in _MODULE_STATE}
         saved.append((module, state, "forward" in module.__dict__, module.__dict__.get("forward")))
     try:
         yield
@@ -348,10 +409,21 @@ def model_unchanged(model: torch.nn.Module):
                     current.clear()
                     current.update(state[key])
             module.training = state["training"]
+            attributes = state["attributes"]
+            for key in [k for k in module.__dict__ if k not in _MODULE_STATE]:
+                if key not in attributes:
+                    del module.__dict__[key]
+                elif module.__dict__[key] is not attributes[key]:
+                    module.__dict__[key] = attributes[key]
             if had_forward:
                 module.__dict__["forward"] = forward
             else:
                 module.__dict__.pop("forward", None)
+
+
+# Module state that model_unchanged restores on its own terms (the dicts in place).
+_MODULE_STATE = frozenset({"_parameters", "_buffers", "_modules", "_forward_hooks", "_forward_pre_hooks",
+                           "_backward_hooks", "training", "forward"})
 
 
 def _same_entries(a: dict, b: dict) -> bool:

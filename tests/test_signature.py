@@ -1,7 +1,7 @@
 """One pipeline, any input set: the fixed crossing layout (``fxpp.layout``).
 
-Stages are built once with no example inputs (or, for VLMs, with an image example)
-and then called with every subset of the signature a user passes: token ids only, a
+Stages are built once with no example inputs (for VLMs, fxpp makes example images:
+``fxpp.trace.example_media``) and then called with every subset of the signature a user passes: token ids only, a
 padding mask, packed-document position ids (restarting mid-row), both, other batch
 and sequence sizes than the build's, and for VLMs batches with and without images.
 Each call's logits and every parameter gradient must equal the unpatched model's
@@ -172,13 +172,60 @@ def test_the_other_token_input_is_in_the_default_signature(built_from):
     torch.testing.assert_close(grads[1], grads[0], atol=ATOL32, rtol=RTOL32)
 
 
+@functools.lru_cache(maxsize=None)
+def _vlm(family: str):
+    return tiny_vlm(family, NUM_LAYERS)
+
+
+@functools.lru_cache(maxsize=None)
+def _vlm_pipeline(family: str, cuts: tuple[int, ...]):
+    """Built with no example inputs: the default signature holds the media inputs."""
+    return fxpp.pipeline(_vlm(family)[0], len(cuts) + 1, cuts=list(cuts))
+
+
+def vlm_call_inputs(family: str, make, batch: int, extra: int, images: bool, padding: bool, seed: int) -> dict:
+    seq = (40 if family == "llava_onevision" else 24) + extra  # its tiled images need more tokens
+    inputs = make(batch, seq, seed=seed)
+    if not images:  # text only: no media, and no image placeholder among the ids
+        inputs = {"input_ids": inputs["input_ids"].clamp(max=50), "attention_mask": inputs["attention_mask"]}
+    if padding:
+        inputs["attention_mask"] = inputs["attention_mask"].clone()
+        inputs["attention_mask"][0, : 1 + seed % 2] = 0  # left padding of row 0
+    else:
+        del inputs["attention_mask"]
+    return inputs
+
+
+@settings(max_examples=14, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    family=st.sampled_from(VLM_FAMILIES),
+    cut=st.integers(1, NUM_LAYERS - 1),
+    images=st.booleans(),
+    padding=st.booleans(),
+    batch=st.integers(1, 3),
+    extra=st.integers(0, 5),
+    seed=st.integers(0, 2**16),
+)
+def test_vlm_default_signature_any_input_set(family, cut, images, padding, batch, extra, seed):
+    """A VLM pipeline built with no example inputs (fxpp makes the example images), called
+    with or without images, with or without a padding mask, at other batch and sequence
+    sizes than the build's: logits and every gradient (vision tower's included) equal the
+    unpatched training forward."""
+    pipe = _vlm_pipeline(family, (cut,))
+    assert any(n.startswith("pixel_values") for n in pipe.signature.names), pipe.signature
+    model, make = _vlm(family)
+    inputs = vlm_call_inputs(family, make, batch, extra, images, padding, seed)
+    assert_same(training_reference(model, inputs), through_pipeline(pipe, inputs), atol=ATOL32, rtol=RTOL32,
+                what=f"{family} cut={cut} inputs={sorted(inputs)} shape={list(inputs['input_ids'].shape)}")
+
+
 @pytest.mark.parametrize("family", VLM_FAMILIES)
 def test_vlm_with_and_without_images_in_one_pipeline(family):
-    """Built once with an image example; called with images, text only and token ids only."""
-    model, make = tiny_vlm(family, NUM_LAYERS)
+    """Built once with no example inputs; called with images, text only and token ids only."""
+    model, make = _vlm(family)
     seq = 40 if family == "llava_onevision" else 24  # its tiled images need more tokens
     cut = 1 + zlib.crc32(family.encode()) % (NUM_LAYERS - 1)  # a cut per family, the same every run
-    pipe = fxpp.pipeline(model, 2, example_inputs=make(2, seq, seed=1, offset=2), cuts=[cut])
+    pipe = _vlm_pipeline(family, (cut,))
     with_images = make(2, seq, seed=2)
     text_only = {"input_ids": with_images["input_ids"].clamp(max=50), "attention_mask": with_images["attention_mask"]}
     for inputs in (with_images, text_only, {"input_ids": text_only["input_ids"]}, with_images):
@@ -238,7 +285,7 @@ def vlm_image_presence_rank(rank, world, workdir, family):
                  "attention_mask": torch.ones(2, 24, dtype=torch.long)}
     mbs = [text_only, with_images]
     targets = [mb["input_ids"].clamp(max=50) for mb in mbs]
-    pipe = fxpp.pipeline(model, world, example_inputs=with_images, cuts=[2])
+    pipe = fxpp.pipeline(model, world, cuts=[2])  # no example inputs: fxpp makes the example images
     stage = pipe.build_stage(rank, "cpu")
     labels = torch.cat(targets)
     loss_fn = fxpp.causal_lm_loss(labels, 2)
