@@ -2,8 +2,9 @@
 
 For every ``model_type`` in ``MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES`` the sweep
 builds a tiny model and inputs with real image tokens, builds ONE 2-stage pipeline
-(``cuts=[1]``) with an image example (another batch: media inputs are declared through
-``example_inputs``), and calls it with every case of :data:`VLM_CASES`, each compared
+(``cuts=[1]``) without example inputs (the default signature holds the media inputs:
+fxpp makes its own example images, ``fxpp.trace.example_media``), and calls it with
+every case of :data:`VLM_CASES`, each compared
 with the unpatched training forward ``model(**case, use_cache=False)`` on the same
 inputs: logits and every parameter gradient, the vision tower's included (the causal
 sweep's comparison, :func:`fxpp.testing.check.compare`; statuses per case and per family as in
@@ -12,16 +13,18 @@ sweep's comparison, :func:`fxpp.testing.check.compare`; statuses per case and pe
 Cases (:func:`vlm_cases`)
 -------------------------
 ``images``
-    the image inputs (tokens, mask, media and companions), another image offset and
-    other pixels than the example's.
+    the image inputs (tokens, mask, media and companions): other pixels than the
+    build's example images (and for zoo families, other sizes and image offsets).
 ``text``
     token ids without any image placeholder or other special token and a left-padded
     ``attention_mask``, no media inputs (the text-only path), 2x10.
 ``ids``
     token ids only, no mask and no media, 2x12.
+``packed``
+    token ids and ``position_ids`` of packed documents restarting mid-row, no mask and
+    no media (where the forward takes ``position_ids``), 2x12.
 
-A family of kind ``text`` (no vision tower) is built without example inputs and
-skips ``images``. A family whose forward requires images (BLIP-2, IDEFICS, Kosmos-2)
+A family of kind ``text`` (no vision tower) skips ``images``. A family whose forward requires images (BLIP-2, IDEFICS, Kosmos-2)
 skips ``text`` and ``ids``: they do not apply where the unpatched model runs the
 ``images`` case but raises on the other one naming a media input that ``images`` gives
 (``pixel_values``, ``qformer_input_ids``); any other failure stays a model-error
@@ -78,7 +81,6 @@ Run ``python -m fxpp.sweep --vlm [--only llava,gemma3] [--write-docs]`` (or
 from __future__ import annotations
 
 import inspect
-import math
 import os
 import re
 import sys
@@ -89,23 +91,20 @@ from typing import Any
 import torch
 
 from .check import (ATOL, Case, CaseResult, SweepResult, SweepTimeout, _deadline, _message, _needs,
-                    _perturb, check_pipeline, make_inputs, reference_cases, settle)
+                    _perturb, check_pipeline, make_inputs, packed_positions, reference_cases, settle)
 from .report import (DOCS_PATH, SECTION_MARK, _detail, _md, built_summary, case_summary, run_and_report,
                      sweep_parser)
 from .report import format_table as _table
 from .report import summary as _summary
+from ..trace.example_media import (MERGE_ATTRS, NoExampleMedia, example_media_inputs, int_attr,
+                                   is_grid_tower, patch_size, placeholder_token_attrs, text_token_ids,
+                                   vision_config_of)
 from .tiny import FAMILY_KWARGS, FAMILY_LAYERS, NUM_LAYERS, SHRINK, VOCAB, shrink_kwargs
 
 STATUSES = ("pass", "mismatch", "fxpp-error", "model-error", "error", "not-built")
-VLM_CASES = ("images", "text", "ids")
+VLM_CASES = ("images", "text", "ids", "packed")
 COMMAND = "python -m fxpp.sweep --vlm --write-docs"
-SEQ_TEXT = 6  # text tokens around the image tokens of each row
-IMAGE_TOKEN_ATTRS = ("image_token_id", "image_token_index")
-VIDEO_TOKEN_ATTRS = ("video_token_id", "video_token_index")  # placeholders of video-only models
 ZOO_SEQ = {"llava_onevision": 40}
-# merge (pixel-shuffle) factor of grid-style vision towers, under its various names
-MERGE_ATTRS = ("spatial_merge_size", "merge_size", "merge_kernel_size", "adapter_merge_size")
-TEMPORAL_ATTRS = ("temporal_patch_size", "patch_temporal")
 # vision-config widths that feed the text model: they must follow the tiny text width
 VISION_TO_TEXT_WIDTH_ATTRS = ("projection_dim", "projector_output_dim", "vision_output_dim", "text_hidden_size",
                               "out_hidden_size")
@@ -113,8 +112,8 @@ VISION_TO_TEXT_WIDTH_ATTRS = ("projection_dim", "projector_output_dim", "vision_
 
 # The case marks of the VLM table: those of the causal sweep, with the VLM reasons to skip.
 VLM_MARKS_LEGEND = ("✓ pass, ≠ mismatch, ✗ fxpp-error or error, m model-error, – skipped (the forward takes no "
-                    "such input; for a VLM of kind text, images; for a VLM whose forward requires images, text and "
-                    "ids: the unpatched model runs with images and, without them, raises naming a media input)")
+                    "such input; for a VLM of kind text, images; for a VLM whose forward requires images, the cases "
+                    "without media: the unpatched model runs with images and, without them, raises naming a media input)")
 
 
 class NotBuilt(Exception):
@@ -127,63 +126,10 @@ def vlm_families() -> dict[str, str]:
     return dict(MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
 
 
-def _patch(vision) -> int:
-    p = getattr(vision, "patch_size", None)
-    if isinstance(p, (list, tuple)):
-        p = p[0]
-    if not isinstance(p, int) or p <= 0:
-        raise NotBuilt(f"{type(vision).__name__} has no integer patch_size ({p!r})")
-    return p
-
-
-def _int_attr(holder, names, default=None):
-    for name in names:
-        value = getattr(holder, name, None)
-        if isinstance(value, (list, tuple)) and value and isinstance(value[0], int):
-            value = value[0]
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value
-    return default
-
-
 def _model_class(model_type: str):
     import transformers
 
     return getattr(transformers, vlm_families().get(model_type, ""), None)
-
-
-def _takes_grid(model_type: str) -> bool:
-    """Whether the family's ``get_image_features`` or forward takes ``image_grid_thw`` (Qwen-VL style)."""
-    cls = _model_class(model_type)
-    for fn in (getattr(cls, "get_image_features", None), getattr(cls, "forward", None)):
-        try:
-            if fn is not None and "image_grid_thw" in inspect.signature(fn).parameters:
-                return True
-        except (TypeError, ValueError):
-            continue
-    return False
-
-
-def _is_grid(vision, model_type: str | None = None) -> bool:
-    """Qwen-VL style vision towers: flattened patches plus ``image_grid_thw``."""
-    if model_type is not None and _takes_grid(model_type):
-        return True
-    return all(isinstance(getattr(vision, a, None), int) for a in ("temporal_patch_size", "spatial_merge_size"))
-
-
-def _patch_dim(model, vision) -> int:
-    """Values per flattened patch: read from the vision tower's patch embedding."""
-    tower = next((getattr(m, a) for m in (model, getattr(model, "model", None)) if m is not None
-                  for a in ("visual", "vision_tower", "vision_model", "vision_encoder") if hasattr(m, a)), model)
-    for name, mod in tower.named_modules():
-        if "patch" not in name and "embed" not in name:
-            continue
-        if isinstance(mod, torch.nn.Linear):
-            return mod.in_features
-        if isinstance(mod, (torch.nn.Conv2d, torch.nn.Conv3d)):
-            return mod.in_channels * int(torch.tensor(mod.kernel_size).prod())
-    channels = getattr(vision, "num_channels", None) or getattr(vision, "in_channels", None) or 3
-    return channels * _int_attr(vision, TEMPORAL_ATTRS, 1) * _patch(vision) ** 2
 
 
 def generic_config(model_type: str):
@@ -196,7 +142,7 @@ def generic_config(model_type: str):
         raise NotBuilt(f"default config: {type(e).__name__}: {_message(e, 200)}") from e
     extra: dict[str, Any] = {}
     vision = getattr(cfg, "vision_config", None)
-    if vision is not None and _is_grid(vision, model_type):
+    if vision is not None and is_grid_tower(vision, _model_class(model_type)):
         # Qwen-VL style: image sizes come with the inputs (image_grid_thw); the tower's
         # output width is the text width
         extra["vision_config"] = {a: SHRINK["hidden_size"] for a in VISION_TO_TEXT_WIDTH_ATTRS
@@ -214,7 +160,7 @@ def generic_config(model_type: str):
         if isinstance(getattr(cfg, "mm_tokens_per_image", None), int):  # pooled to a square number of tokens
             extra["mm_tokens_per_image"] = 4
         if isinstance(getattr(cfg, "image_grid_pinpoints", None), list):  # any-resolution: one tile of the base size
-            size = extra["vision_config"].get("image_size", 4 * _patch(vision))
+            size = extra["vision_config"].get("image_size", 4 * patch_size(vision))
             extra["image_grid_pinpoints"] = [[size, size] if isinstance(size, int) else size]
         if isinstance(getattr(cfg, "projector_patch_to_query_dict", None), dict):  # queries per patch count
             extra["projector_patch_to_query_dict"] = {n_patches: 4}
@@ -252,7 +198,7 @@ def generic_config(model_type: str):
     for name, value in vars(cfg).items():
         if name.startswith("freeze_") and isinstance(value, bool):
             extra[name] = False  # IDEFICS freezes its towers by default: nothing would be compared
-    for attr in _placeholder_token_attrs(cfg):
+    for attr in placeholder_token_attrs(cfg):
         # an int, or declared as None (BLIP-2 merges query outputs at image tokens only when set)
         extra[attr] = VOCAB - 1
     text_cfg = cfg.get_text_config()
@@ -286,7 +232,7 @@ def _tiny_image_size(vision) -> dict[str, Any]:
     convolutional tower with strides (DaViT) takes any multiple of its total stride."""
     size = getattr(vision, "image_size", None)
     if isinstance(size, (int, list, tuple)):
-        side = 4 * _patch(vision)
+        side = 4 * patch_size(vision)
         return {"image_size": [side, side] if isinstance(size, (list, tuple)) else side}
     if isinstance(getattr(vision, "num_patches", None), int) and not isinstance(vision.num_patches, bool):
         return {"num_patches": 16}
@@ -296,17 +242,6 @@ def _tiny_image_size(vision) -> dict[str, Any]:
         return {}
     raise NotBuilt(f"{type(vision).__name__} has no image_size, num_patches or patch_stride (images described by "
                    "other inputs are not generated generically)")
-
-
-def _image_side(vision) -> int | None:
-    """The side of the generic square image for ``vision``; None for patch-sequence towers."""
-    size = getattr(vision, "image_size", None)
-    if isinstance(size, (int, list, tuple)):
-        return size[0] if isinstance(size, (list, tuple)) else size
-    stride = getattr(vision, "patch_stride", None)
-    if isinstance(stride, (list, tuple)):
-        return 2 * math.prod(stride)
-    return None
 
 
 def _follow_default_widths(cfg, extra: dict[str, Any]) -> None:
@@ -320,7 +255,7 @@ def _follow_default_widths(cfg, extra: dict[str, Any]) -> None:
     vision = getattr(cfg, "vision_config", None)
     text_width = getattr(cfg.get_text_config(), "hidden_size", None)
     vision_width = getattr(vision, "hidden_size", None)
-    merge = _int_attr(vision, MERGE_ATTRS) if vision is not None else None
+    merge = int_attr(vision, MERGE_ATTRS) if vision is not None else None
     targets: dict[int, int] = {}
     if isinstance(vision_width, int) and merge:
         targets[vision_width * merge * merge] = tiny * merge * merge
@@ -331,16 +266,6 @@ def _follow_default_widths(cfg, extra: dict[str, Any]) -> None:
         if (isinstance(value, int) and not isinstance(value, bool) and value in targets and name not in extra
                 and name not in SHRINK and name.endswith(("_size", "_dim")) and "vocab" not in name):
             extra[name] = targets[value]
-
-
-def _placeholder_token_attrs(config) -> list[str]:
-    """The config attributes naming the token that image features replace: the image
-    token's, else (a video-only model) the video token's. Declared as None counts."""
-    for attrs in (IMAGE_TOKEN_ATTRS, VIDEO_TOKEN_ATTRS):
-        found = [a for a in attrs if isinstance(getattr(config, a, None), int) or a in vars(config)]
-        if found:
-            return found
-    return []
 
 
 def _modeling_source(model_type: str) -> str:
@@ -403,145 +328,16 @@ def _mrope_sections(text_config, model_type: str = "") -> list[int]:
     return out
 
 
-def _embeds_raw_patches(model) -> bool:
-    """A model without a vision tower config that embeds image patches itself (Fuyu):
-    it has ``get_image_features`` and its config an integer ``patch_size``."""
-    has_get = any(hasattr(owner, "get_image_features") for owner in (model, getattr(model, "model", None)))
-    return has_get and isinstance(getattr(model.config, "patch_size", None), int)
-
-
-def _feature_tokens(features, hidden: int) -> int:
-    """Tokens that the image features fill: the features' size over the text width."""
-    for key in ("pooler_output", "image_embeds", "last_hidden_state"):
-        value = getattr(features, key, None) if not isinstance(features, (torch.Tensor, list, tuple)) else None
-        if value is not None:
-            features = value
-            break
-    tensors = [features] if isinstance(features, torch.Tensor) else list(features) if isinstance(
-        features, (list, tuple)) else []
-    if not tensors or not all(isinstance(t, torch.Tensor) for t in tensors):
-        raise NotBuilt(f"get_image_features returned a {type(features).__name__}, not tensors")
-    total = sum(t.numel() for t in tensors)
-    if total % hidden:
-        raise NotBuilt(f"image features of {total} values do not fill whole tokens of width {hidden}")
-    return total // hidden
-
-
 def generic_inputs(model, seed: int = 0) -> tuple[dict[str, torch.Tensor], str]:
-    """Inputs with one image per row (kind ``VLM``), or text inputs (kind ``text``)."""
-    config = model.config
-    vision = getattr(config, "vision_config", None)
-    towerless = vision is None and _embeds_raw_patches(model)
-    if towerless:
-        vision = config  # patch size and channels are the model's own
-    if vision is None:
+    """Inputs with one image per row and a left-padded row 0 (kind ``VLM``: the example
+    images fxpp itself makes, ``fxpp.trace.example_media``, with another seed), or text
+    inputs (kind ``text``: no vision tower)."""
+    if vision_config_of(model) is None:
         return make_inputs(seed=seed), "text"
-    token = next((getattr(config, a) for a in _placeholder_token_attrs(config)
-                  if isinstance(getattr(config, a, None), int)), None)
-    channels = getattr(vision, "num_channels", None) or getattr(vision, "in_channels", None) or 3
-    g = torch.Generator().manual_seed(seed)
-    get = next((getattr(owner, name) for name in ("get_image_features", "get_video_features")
-                for owner in (model, getattr(model, "model", None)) if hasattr(owner, name)), None)
-    forward_params = set(inspect.signature(model.forward).parameters)
-    get_params = set(inspect.signature(get).parameters) if get is not None else set()
-    if "aspect_ratio_ids" in forward_params:
-        return _tiled_cross_attention_inputs(model, vision, token, channels, g), "VLM"
-    if towerless:
-        # no tower: a linear embedding of raw patches, [images, patches, C*p*p] (Fuyu)
-        p = _patch(config)
-        candidates = [{"pixel_values": torch.randn(2, 16, channels * p * p, generator=g)}]
-    elif _is_grid(vision, getattr(config, "model_type", None)):
-        side = 2 * _int_attr(vision, MERGE_ATTRS, 1)
-        grid = torch.tensor([[1, side, side]] * 2)
-        patch_dim = _patch_dim(model, vision)
-        flat = torch.randn(int(grid.prod(-1).sum()), patch_dim, generator=g)
-        p = _patch(vision)
-        # flattened patches [patches, values]; else patches as small images [patches, C, p, p]
-        # (the temporal patch folded into the channels), or a batch of one [1, patches, C, p, p]
-        candidates = [{"pixel_values": flat}]
-        if patch_dim % (p * p) == 0:
-            images = flat.reshape(len(flat), patch_dim // (p * p), p, p)
-            candidates += [{"pixel_values": images}, {"pixel_values": images[None]}]
-        for media in candidates:
-            media["image_grid_thw"] = grid
-            if "image_merge_sizes" in forward_params:
-                media["image_merge_sizes"] = torch.tensor([side // 2] * 2)
-    elif "flattened_patches" in forward_params:
-        # Pix2Struct-style: [images, patches, 2 + values], each row led by its patch's (row, column)
-        side = 4
-        rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
-        where = torch.stack([rows.flatten(), cols.flatten()], -1).float().expand(2, side * side, 2)
-        values = torch.randn(2, side * side, vision.patch_embed_hidden_size, generator=g)
-        candidates = [{"flattened_patches": torch.cat([where, values], -1)}]
-    elif _image_side(vision) is None:
-        # a tower that takes patch sequences (SigLIP2 naflex): [images, patches, C*p*p] with
-        # each image's patch grid and which patches are real
-        p = _patch(vision)
-        side = 4
-        candidates = [{"pixel_values": torch.randn(2, side * side, channels * p * p, generator=g),
-                       "spatial_shapes": torch.tensor([[side, side]] * 2),
-                       "pixel_attention_mask": torch.ones(2, side * side, dtype=torch.long)}]
-    else:
-        size = _image_side(vision)
-        pixels = torch.randn(2, channels, size, size, generator=g)
-        # [images, C, H, W]; else one image (or, for any-resolution models, a base view plus
-        # one tile) per row: [rows, images, C, H, W]
-        candidates = [{"pixel_values": pixels}, {"pixel_values": pixels[:, None]},
-                      {"pixel_values": torch.stack([pixels, pixels.flip(-1)], 1)}]
-        if "image_sizes" in get_params:
-            for media in candidates:
-                media["image_sizes"] = torch.tensor([[size, size]] * 2)
-        if "pixel_attention_mask" in get_params:
-            # which tiles of [rows, tiles, C, H, W] are real (Granite Docling needs it; tried last)
-            candidates += [{**media, "pixel_attention_mask": torch.ones(media["pixel_values"].shape[:2], dtype=torch.bool)}
-                           for media in candidates if media["pixel_values"].ndim == 5]
-    _add_second_towers(config, get_params, candidates, g)
-    # token ids of a second text encoder that reads the images (InstructBLIP's Q-Former
-    # instruction), one short row per image
-    params = forward_params | get_params
-    for name in sorted(p for p in params if p.endswith("_input_ids") and p not in ("input_ids", "decoder_input_ids")):
-        ids = torch.randint(3, VOCAB - 8, (2, 4), generator=g)
-        for media in candidates:
-            media[name] = ids
-            if name.replace("input_ids", "attention_mask") in params:
-                media[name.replace("input_ids", "attention_mask")] = torch.ones_like(ids)
-    if token is None:
-        # No image token: the model reads the images another way (cross-attention, or
-        # features put before the text); any text length goes with them
-        return _first_that_runs(model, forward_params, candidates, g), "VLM"
-    if get is None:
-        raise NotBuilt(f"{type(model).__name__} has an image token but no get_image_features (or get_video_features)")
-    hidden = config.get_text_config().hidden_size
-    media, n = _first_working(candidates, lambda media: _feature_tokens(get(**media), hidden),
-                              "get_image_features on {}")
-    if n % 2:
-        raise NotBuilt(f"2 images gave {n} feature tokens")
-    n //= 2
-    seq = n + SEQ_TEXT
-    if seq > 200:
-        raise NotBuilt(f"an image becomes {n} tokens; too many for the tiny model")
-    ids = torch.randint(3, VOCAB - 8, (2, seq), generator=g)
-    ids[:, 2:2 + n] = token
-    mask = torch.ones_like(ids)
-    mask[0, :1] = 0
-    inputs = {"input_ids": ids, "attention_mask": mask, **media}
-    if "mm_token_type_ids" in forward_params:
-        inputs["mm_token_type_ids"] = (ids == token).long()
+    inputs = example_media_inputs(model, batch=2, seed=seed)
+    inputs["attention_mask"] = inputs["attention_mask"].clone()
+    inputs["attention_mask"][0, :1] = 0
     return inputs, "VLM"
-
-
-def _add_second_towers(config, get_params: set[str], candidates: list[dict], g: torch.Generator) -> None:
-    """Images for a second tower (``high_res_pixel_values`` read by ``high_res_vision_config``)."""
-    for name in sorted(get_params):
-        if not name.endswith("_pixel_values"):
-            continue
-        other = getattr(config, name[: -len("pixel_values")] + "vision_config", None)
-        side = _image_side(other) if other is not None else None
-        if side is None:
-            raise NotBuilt(f"{type(config).__name__}: no vision config with an image size for {name}")
-        channels = getattr(other, "num_channels", None) or 3
-        for media in candidates:
-            media[name] = torch.randn(2, channels, side, side, generator=g)
 
 
 def _encoder_gradients(model, grads: dict) -> list[str]:
@@ -563,96 +359,15 @@ def _encoder_gradients(model, grads: dict) -> list[str]:
     return [n for n in grads if not n.startswith(layers + ".") and id(named[n]) not in text]
 
 
-def _tiled_cross_attention_inputs(model, vision, token, channels: int, g: torch.Generator) -> dict:
-    """Mllama-style inputs: one image of ``max_num_tiles`` tiles per row, read through
-    cross-attention by every token from the image token on."""
-    tiles = getattr(vision, "max_num_tiles", None) or 1
-    size = _image_side(vision)
-    seq = 2 * SEQ_TEXT
-    ids = torch.randint(3, VOCAB - 8, (2, seq), generator=g)
-    if token is not None:
-        ids[:, 1] = token
-    mask = torch.ones_like(ids)
-    mask[0, :1] = 0
-    sees = torch.zeros(2, seq, 1, tiles, dtype=torch.long)
-    sees[:, 1:] = 1
-    return {"input_ids": ids, "attention_mask": mask,
-            "pixel_values": torch.randn(2, 1, tiles, channels, size, size, generator=g),
-            "aspect_ratio_ids": torch.ones(2, 1, dtype=torch.long),  # 0 would mean a padding image
-            "aspect_ratio_mask": torch.ones(2, 1, tiles, dtype=torch.long), "cross_attention_mask": sees}
-
-
-def _first_working(candidates: list[dict], attempt, what: str):
-    """``(media, attempt(media))`` for the first candidate ``attempt`` accepts, without
-    gradients; else NotBuilt listing every failure (``what`` formats the shapes)."""
-    failures = []
-    for media in candidates:
-        try:
-            with torch.no_grad():
-                return media, attempt(media)
-        except NotBuilt:
-            raise
-        except Exception as e:  # noqa: BLE001
-            shapes = ", ".join(f"{k}{list(v.shape)}" for k, v in media.items())
-            failures.append(f"{what.format(shapes)}: {type(e).__name__}: "
-                            f"{_message(e, 200 if not failures else 100)}")
-    raise NotBuilt("; ".join(failures))
-
-
-def _first_that_runs(model, forward_params: set[str], candidates: list[dict], g: torch.Generator) -> dict:
-    """Text inputs with the first image layout the model's forward accepts."""
-    slots = getattr(model.config, "latent_query_num", None)
-    slots = slots if "image_embeds_position_mask" in forward_params else None
-    ids = torch.randint(3, VOCAB - 8, (2, (slots or 0) + 2 * SEQ_TEXT), generator=g)
-    mask = torch.ones_like(ids)
-    mask[0, :1] = 0
-    extra = {}
-    if slots:  # Kosmos-2: the positions the image's query outputs replace
-        extra["image_embeds_position_mask"] = torch.zeros_like(ids)
-        extra["image_embeds_position_mask"][:, 2:2 + slots] = 1
-
-    def inputs_with(media: dict) -> dict:
-        inputs = {"input_ids": ids, "attention_mask": mask, **extra, **media}
-        pixels = media.get("pixel_values")
-        if "image_attention_mask" in forward_params and pixels is not None and pixels.ndim == 5:
-            # IDEFICS: every token sees every image
-            inputs["image_attention_mask"] = torch.ones(*ids.shape, pixels.shape[1], dtype=torch.long)
-        return inputs
-
-    def runs(media: dict) -> dict:
-        inputs = inputs_with(media)
-        model(**inputs)
-        return inputs
-
-    return _first_working(candidates, runs, "forward with {} and no image tokens")[1]
-
-
-def _special_token_ids(config, depth: int = 3) -> set[int]:
-    """Every token id a config names (``*_token_id``, ``*_token_index``, ``*_token_ids``),
-    its sub-configs' included: what text-only ids must not contain."""
-    from transformers import PreTrainedConfig
-
-    found: set[int] = set()
-    for name, value in vars(config).items():
-        if isinstance(value, PreTrainedConfig) and depth:
-            found |= _special_token_ids(value, depth - 1)
-        elif "token" in name and name.endswith(("_id", "_index", "_ids", "_indices")):
-            values = value if isinstance(value, (list, tuple)) else [value]
-            found |= {v for v in values if isinstance(v, int) and not isinstance(v, bool)}
-    return found
-
-
 def text_ids(config, batch: int, seq: int, seed: int) -> torch.Tensor:
     """Token ids in ``[3, VOCAB - 8)`` without any special token of ``config`` (no image placeholders)."""
-    special = _special_token_ids(config)
-    allowed = torch.tensor([v for v in range(3, VOCAB - 8) if v not in special])
-    g = torch.Generator().manual_seed(seed)
-    return allowed[torch.randint(len(allowed), (batch, seq), generator=g)]
+    return text_token_ids(config, batch, seq, torch.Generator().manual_seed(seed), high=VOCAB - 8)
 
 
 def vlm_cases(model, kind: str, inputs: dict[str, torch.Tensor]) -> list[Case]:
     """The cases of :data:`VLM_CASES` for ``model``: ``inputs`` with images (kind ``VLM``),
-    text with a padding mask and no media, token ids only."""
+    text with a padding mask and no media, token ids only, token ids with packed-document
+    position ids."""
     from ..transform import forward_parameters
 
     params, name = forward_parameters(model), type(model).__name__
@@ -661,8 +376,10 @@ def vlm_cases(model, kind: str, inputs: dict[str, torch.Tensor]) -> list[Case]:
     mask = torch.ones(2, 10, dtype=torch.long)
     mask[0, :2] = 0
     text = {"input_ids": text_ids(model.config, 2, 10, seed=3), "attention_mask": mask}
+    packed = {"input_ids": text_ids(model.config, 2, 12, seed=5),
+              "position_ids": packed_positions(12, [[5], [7, 10]])}  # 2 and 3 documents
     return [images, _needs("text", text, params, name),
-            Case("ids", {"input_ids": text_ids(model.config, 2, 12, seed=4)})]
+            Case("ids", {"input_ids": text_ids(model.config, 2, 12, seed=4)}), _needs("packed", packed, params, name)]
 
 
 def generic_model(model_type: str) -> torch.nn.Module:
@@ -735,7 +452,7 @@ def tiny_family(model_type: str, seed: int = 2) -> tuple[torch.nn.Module, dict[s
     from .zoo import VLM_FAMILIES
 
     if model_type in VLM_FAMILIES:
-        model, inputs, _ = _zoo_model_and_inputs(model_type)
+        model, inputs = _zoo_model_and_inputs(model_type)
         return model, inputs, "VLM"
     model = generic_model(model_type)
     if getattr(model.config, "is_encoder_decoder", False):
@@ -748,13 +465,12 @@ def _zoo_model_and_inputs(family: str):
     from .zoo import tiny_vlm
 
     model, make_inputs = tiny_vlm(family, NUM_LAYERS)
-    seq = ZOO_SEQ.get(family, 24)
-    return model, make_inputs(2, seq, seed=2), make_inputs(2, seq, seed=1, offset=2)
+    return model, make_inputs(2, ZOO_SEQ.get(family, 24), seed=2)
 
 
 def check_vlm_family(model_type: str, class_name: str = "", *, timeout_s: float = 90.0,
                      build_timeout_s: float = 20.0) -> SweepResult:
-    """Build a tiny ``model_type`` VLM, one 2-stage pipeline from an image example, and
+    """Build a tiny ``model_type`` VLM, one 2-stage pipeline without example inputs, and
     compare it with the model on every case of :func:`vlm_cases`."""
     from .zoo import VLM_FAMILIES
 
@@ -767,7 +483,7 @@ def check_vlm_family(model_type: str, class_name: str = "", *, timeout_s: float 
         try:
             with _deadline(build_timeout_s):
                 if model_type in VLM_FAMILIES:
-                    model, inputs, example = _zoo_model_and_inputs(model_type)
+                    model, inputs = _zoo_model_and_inputs(model_type)
                 else:
                     model = generic_model(model_type)
                     if getattr(model.config, "is_encoder_decoder", False):
@@ -776,8 +492,6 @@ def check_vlm_family(model_type: str, class_name: str = "", *, timeout_s: float 
                         return check_pipeline(result, model, [], None, timeout_s=timeout_s, start=start)
                     phase = "inputs"
                     inputs, result.kind = generic_inputs(model, seed=2)  # type: ignore[attr-defined]
-                    # media inputs are declared through the example; a text-kind family takes the defaults
-                    example = generic_inputs(model, seed=1)[0] if result.kind == "VLM" else None
             result.model_class = type(model).__name__
             result.num_params = sum(p.numel() for p in model.parameters())
             phase = "cases"
@@ -796,7 +510,7 @@ def check_vlm_family(model_type: str, class_name: str = "", *, timeout_s: float 
                 "trainable encoder (discrete image codes, or frozen towers)"), "reference", build_timeout_s)
         if not checks:  # the model fails every case itself
             return settle(result)
-        check_pipeline(result, model, checks, example, timeout_s=timeout_s, start=start)
+        check_pipeline(result, model, checks, None, timeout_s=timeout_s, start=start)
         if needs_media:  # say why in the family's detail too
             why = next(c.detail for c in result.cases if c.name == needs_media[0]).split(" (")[0]
             result.detail += f"; {', '.join(needs_media)} skipped: {why}"
@@ -838,7 +552,7 @@ def _not_built_or_model_error(result: SweepResult, e: BaseException, phase: str,
                               build_timeout_s: float) -> SweepResult:
     result.phase, result.exc_type = phase, type(e).__name__
     result.traceback = "".join(traceback.format_exception(e))
-    if isinstance(e, NotBuilt):
+    if isinstance(e, (NotBuilt, NoExampleMedia)):
         result.status, result.detail = "not-built", str(e)
     elif isinstance(e, SweepTimeout) and phase == "build":
         result.status, result.detail = "not-built", f"model build took over {build_timeout_s:g}s"
@@ -887,18 +601,20 @@ def markdown(results, command: str = COMMAND) -> str:
         "",
         f"Every family of transformers {transformers.__version__}'s `MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES` "
         f"(torch {torch.__version__}), {NUM_LAYERS} decoder layers, split into 2 stages with `cuts=[1]` once, "
-        "with an image example (media inputs are declared through `example_inputs`; another batch: different "
-        "pixels, image tokens elsewhere for the zoo families). That one pipeline is called with each input case "
+        "without example inputs: the default signature holds the media inputs, traced with example images fxpp "
+        "makes itself (`fxpp.trace.example_media`). That one pipeline is called with each input case "
         "and compared with the unpatched training forward `model(**case, use_cache=False)` on the same inputs: "
         "logits and every parameter gradient (vision tower included), "
         f"`atol=rtol={ATOL:g}`. Cases: **images** — a batch of 2 rows with one image each (tokens, padding "
-        "mask, media and companions); **text** — token ids without image placeholders and a left-padded "
-        "`attention_mask`, no media inputs (2x10); **ids** — token ids only (2x12). "
+        "mask, media and companions; other pixels than fxpp's example, and for the zoo families other image "
+        "sizes and offsets); **text** — token ids without image placeholders and a left-padded "
+        "`attention_mask`, no media inputs (2x10); **ids** — token ids only (2x12); **packed** — token ids and "
+        "`position_ids` of packed documents restarting mid-row, no mask, no media (2x12). "
         f"Zoo families ({', '.join(f'`{f}`' for f in VLM_FAMILIES)}) use `fxpp.testing.zoo.tiny_vlm`; the others a generic "
-        "attempt (the causal sweep's tiny config, images of 4x4 patches, as many image tokens as the model's "
-        "`get_image_features` returns). Kind `text`: the config has no vision tower; built without example inputs, "
+        "attempt (the causal sweep's tiny config with images of 4x4 patches, and fxpp's own example images "
+        "with another seed). Kind `text`: the config has no vision tower; "
         "checked on the text cases only. A family whose forward requires images (the unpatched model runs the "
-        "**images** case, and raises on **text** or **ids** naming a media input it was not given, such as "
+        "**images** case, and raises on a case without media naming a media input it was not given, such as "
         "`pixel_values`) skips those cases, and says so in the detail; a family passes when every case that "
         "applies passes.",
         "",

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
@@ -430,7 +430,11 @@ def example_media_inputs(model: torch.nn.Module, batch: int = 2, seed: int = 0) 
         raise NoExampleMedia(f"an example image becomes {n} tokens (more than {MAX_IMAGE_TOKENS})")
     ids = text_token_ids(config, batch, n + SEQ_TEXT, g)
     ids[:, 2:2 + n] = token
-    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), **media}
+    # Row 0 left-padded by one token: mask builders then return a mask in the fake and the
+    # real evaluation alike (for an all-ones mask, some return None on real data only).
+    mask = torch.ones_like(ids)
+    mask[0, 0] = 0
+    inputs = {"input_ids": ids, "attention_mask": mask, **media}
     for name in ("token_type_ids", "mm_token_type_ids"):  # 1 on image tokens, 0 on text
         if name in forward_params:
             inputs[name] = (ids == token).long()
