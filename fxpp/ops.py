@@ -53,7 +53,16 @@ def check_is_none(value: Any, where: str) -> None:
         raise GuardFailure(where, None, type(value).__name__)
 
 
-GUARD_OPS = (check_guard, check_is_none)  # graph nodes that re-check a trace-time decision
+def check_is_not_none(value: Any, where: str) -> None:
+    """A mask builder returned a mask while tracing and the traced forward computed with it,
+    so the trace followed the forward's ``mask is not None`` branch; ``None`` at run time
+    (an all-ones padding mask) takes the other branch, which needs another trace
+    (``fxpp.passes.guard_mask_branches``)."""
+    if value is None:
+        raise GuardFailure(where, "a mask", None)
+
+
+GUARD_OPS = (check_guard, check_is_none, check_is_not_none)  # graph nodes that re-check a trace-time decision
 
 
 class ModuleRef:
@@ -147,25 +156,6 @@ def resolve(qualified_name: str) -> Any:
     module_name, _, attr = qualified_name.rpartition(".")
     obj = importlib.import_module(module_name)
     return getattr(obj, attr)
-
-
-def unless_none(fn_name: str, value: Any, *args: Any, **kwargs: Any) -> Any:
-    """``fn(value, ...)``, or ``None`` when ``value`` is ``None``.
-
-    Mask builders return ``None`` at run time when attention needs no explicit mask
-    (causal SDPA without padding), but always a tensor while tracing. Ops the forward
-    applied to a mask are rewritten to this so they pass ``None`` through, as the
-    forward's own ``if mask is not None`` did (see ``fxpp.passes.none_safe_masks``).
-    """
-    if value is None:
-        return None
-    return resolve(fn_name)(value, *args, **kwargs)
-
-
-def method_unless_none(name: str, value: Any, *args: Any, **kwargs: Any) -> Any:
-    if value is None:
-        return None
-    return getattr(value, name)(*args, **kwargs)
 
 
 # Values recorded by submodules during the current stage call (fxpp.trace.recording):

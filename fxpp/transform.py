@@ -20,7 +20,7 @@ from .errors import CutError, StageInputError, StageSpecError, UnsupportedModelE
 from .ops import GuardFailure
 from .passes.dense_masked_rows import dense_masked_rows
 from .passes.extract_stage import extract_stage
-from .passes.none_safe_masks import none_safe_masks
+from .passes.guard_mask_branches import guard_mask_branches
 from .spec import StageRole, StageSpec
 from .analysis.cuts import crossing_slots
 from .trace import reject_unconsumed_inputs
@@ -70,7 +70,13 @@ def _default_text_input(name: str, like: torch.Tensor) -> torch.Tensor:
     """An example of a text input the example inputs lack, shaped like the tokens."""
     b, s = like.shape[0], like.shape[1]
     if name == "attention_mask":
-        return torch.ones(b, s, dtype=torch.long, device=like.device)
+        # Row 0 left-padded by one token where the row is long enough: mask builders then
+        # return a mask, so the trace follows the forward's masked branch; an all-ones
+        # mask makes some return None (``fxpp.passes.guard_mask_branches``).
+        mask = torch.ones(b, s, dtype=torch.long, device=like.device)
+        if s > 1:
+            mask[0, 0] = 0
+        return mask
     return torch.arange(s, device=like.device).expand(b, s).clone()  # position_ids
 
 
@@ -92,6 +98,10 @@ def trace_canonical(model: torch.nn.Module, example_inputs: dict[str, Any] | Non
     gm, left_out, media_left_out = None, [], []
     if _wants_example_media(model, declared, params):
         gm, left_out, media_left_out = _trace_with_example_media(model, given, params)
+    declared_absent = sorted(n for n, v in declared.items() if v is None and is_media_input(n))
+    if declared_absent:
+        media_left_out = [(n, f"example_inputs gave {', '.join(f'{a}=None' for a in declared_absent)}: a text-only "
+                              "signature") for n in media_inputs_of(params)]
     if gm is None:
         gm, left_out = _trace_with_text_inputs(model, given, params)
     alternatives = _alternative_token_inputs(gm.meta["fxpp_example_inputs"], params)
@@ -245,7 +255,7 @@ def trace_annotated(model: torch.nn.Module, example_inputs: dict[str, Any]) -> G
     ignored = ignored_by_the_model(model, inputs, [n for n in unconsumed_inputs(gm, given)
                                                    if tolerated_reason(gm, n) is None])
     reject_unconsumed_inputs(type(model).__name__, gm, [k for k in given if k not in ignored])
-    none_safe_masks(gm)
+    guard_mask_branches(gm)
     layers_fqn, layers = find_decoder_layers(model)
     text_config = model.config.get_text_config()
     annotate(
@@ -518,7 +528,9 @@ class StageModule(GraphModule):
             variant, out = self._run(bits, received=received)
         if spec.returns_model_output:
             return self._final_output(out)
-        return self.out_layout.pack(_graph_facts(variant)["sent"], out, bits, where)
+        sent = _graph_facts(variant)["sent"]
+        passed = _passed_inputs(self.out_layout, sent, inputs if spec.takes_model_inputs else received)
+        return self.out_layout.pack((*sent, *passed), (*out, *passed.values()), bits, where)
 
     def _run(self, bits: int, *, inputs: dict | None = None, received: dict | None = None):
         """Run the variant for the present ``bits`` that fits the shapes, tracing one if none does."""
@@ -639,6 +651,27 @@ class StageModule(GraphModule):
             else:
                 out[name] = value
         return out
+
+
+def _passed_inputs(layout: CutLayout, sent, available: dict) -> dict[str, torch.Tensor]:
+    """Model inputs this call has (given to a first stage, or received) that the layout
+    has a slot for and the variant does not send itself.
+
+    A later stage whose variant no longer fits this call retraces from the inputs it
+    receives (``_example_for``). A variant that took another branch on data (an all-ones
+    mask whose builder returns ``None``) may not need an input any more, but the later
+    stage's retrace does, to take the same branch; so inputs travel on while a slot
+    awaits them. They are never computed, only handed on.
+    """
+    slots = {s.identity: s for s in layout.slots}
+    passed = {}
+    for name, value in available.items():
+        identity = name if name.startswith("input ") else f"input {name}"
+        slot = slots.get(identity)
+        if (slot is not None and identity not in sent and isinstance(value, torch.Tensor)
+                and value.dim() == len(slot.shape) and value.dtype == slot.dtype):
+            passed[identity] = value
+    return passed
 
 
 def _graph_facts(variant: GraphModule) -> dict:

@@ -20,10 +20,38 @@ def test_a_forward_that_builds_its_own_mask_when_the_builder_returns_none():
     # The trace for token ids alone (no padding mask): the builder's None is a guarded constant.
     ids_only = pipe.model_graph.meta["fxpp_variant_graphs"][pipe.signature.bits(["input_ids"])]
     assert any(n.target is fxpp.ops.check_is_none for n in ids_only.graph.nodes), "the builder's None is not guarded"
-    for inputs in ({"input_ids": ids}, {"input_ids": ids, "attention_mask": mask}):
+    # An all-ones mask: on real data the builder returns None, so the forward builds its own
+    # mask; the stages (traced with a padded mask, which they cast) must retrace on that branch
+    # (the check_is_not_none guard), not cast a None or pass it on.
+    ones = torch.ones_like(ids)
+    for inputs in ({"input_ids": ids}, {"input_ids": ids, "attention_mask": mask},
+                   {"input_ids": ids, "attention_mask": ones}, {"input_ids": ids, "attention_mask": mask}):
         # compare: logits and every gradient, at the sweep's float32 tolerances (fxpp.testing.check)
         ok, detail, _ = compare(reference(model, inputs), run_pipeline(pipe, model, inputs))
         assert ok, f"{sorted(inputs)}: {detail}"
+    assert any(n.target is fxpp.ops.check_is_not_none for n in pipe.stages[1].graph.nodes), \
+        "the padded trace casts the mask: its builder's mask must be guarded"
+
+
+def test_a_mask_builder_is_asked_on_real_data():
+    """Fake tensors cannot see that a mask is all ones; the trace asks the builder on the real
+    example and follows the branch the run takes: None, guarded."""
+    from fxpp.testing.sweep_vlm import generic_model
+    from fxpp.transform import trace_annotated
+
+    model = generic_model("glm5_next")
+    ids = torch.randint(3, 60, (2, 8), generator=torch.Generator().manual_seed(1))
+    gm = trace_annotated(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    guards = [n for n in gm.graph.nodes if n.target is fxpp.ops.check_is_none]
+    assert guards and all(g.args[0].meta["val"] is None for g in guards)
+
+
+def test_the_not_none_guard_fails_on_none():
+    import pytest
+
+    fxpp.ops.check_is_not_none(torch.ones(2), "here")
+    with pytest.raises(fxpp.ops.GuardFailure, match="here: traced with 'a mask', called with None"):
+        fxpp.ops.check_is_not_none(None, "here")
 
 
 def test_the_none_guard_fails_on_a_mask():

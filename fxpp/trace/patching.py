@@ -81,6 +81,24 @@ def constructors_patched(tracer: "HFTracer"):
             setattr(torch, name, fn)
 
 
+def _none_for_real(tracer: HFTracer, out: Proxy) -> bool:
+    """Whether a mask builder returns ``None`` on the real example values.
+
+    Fake tensors cannot tell that a padding mask is all ones, so a builder that returns
+    ``None`` for such a mask (no explicit mask needed) returns a mask under fake
+    evaluation; the forward would then be traced on a branch the run does not take
+    (GLM-5 Next casts the mask, where the run builds one of its own). Without real
+    example values (the meta device) the fake answer stands; a run whose builder returns
+    ``None`` then fails the ``check_is_not_none`` guard and retraces with real values.
+    """
+    if not tracer.real_inputs:
+        return False
+    try:
+        return tracer.real_value(out.node, why="a mask builder decides on data whether a mask is needed") is None
+    except Exception:  # noqa: BLE001 - the real prefix cannot run: keep the fake answer
+        return False
+
+
 @contextlib.contextmanager
 def opaque_functions_patched(tracer: HFTracer, module_names: set[str]):
     """Make mask builders single graph nodes in the modules whose forwards we trace."""
@@ -101,6 +119,8 @@ def opaque_functions_patched(tracer: HFTracer, module_names: set[str]):
             map_aggregate(kwargs, find)
             if has_proxy and not tracer._evaluating:
                 out = tracer.create_proxy("call_function", fn, args, kwargs)
+                if is_mask_builder(fn) and tracer.meta_of(out) is not None and _none_for_real(tracer, out):
+                    out.node.meta["val"] = None
                 if isinstance(tracer.meta_of(out), dict):
                     # A mapping of masks per layer type: the forward tests isinstance(..., dict).
                     return {k: out[k] for k in tracer.meta_of(out)}

@@ -9,10 +9,13 @@ placeholder must have a path to the graph output.
 
 Consumed, even where the input changes nothing for one particular call: an all-ones
 ``attention_mask`` is read by the mask builder node, which feeds every decoder layer
-whatever it returns at run time; ``inputs_embeds`` read by a mask builder only for its
-shape is an argument of that node. Not consumed: a placeholder without users, or one
-whose only readers lead nowhere, such as a ``check_guard`` node (a guard asserts the
-shapes the graph was built for; nothing reads its result).
+whatever it returns at run time, or, where the builder returned ``None`` and the
+forward took its own ``mask is None`` branch, feeds the ``check_is_none`` guard that
+re-checks that decision on every call (a mask that needs masking retraces);
+``inputs_embeds`` read by a mask builder only for its shape is an argument of that
+node. Not consumed: a placeholder without users, or one whose only readers lead
+nowhere, such as a ``check_guard`` node (a guard asserts the shapes the graph was
+built for; nothing reads its result).
 
 Tolerated (:func:`tolerated_reason`): two inputs that tokenizers and processors return
 for every model, which some models accept and ignore exactly as the unpatched model
@@ -43,12 +46,20 @@ from collections.abc import Iterable
 
 import torch.fx
 
+from .. import ops
 from ..errors import StageInputError
 
 
+# Guards whose check is a use of the value: the branch the forward took on a mask builder's
+# result (see the module docstring); shape guards (check_guard) are not.
+_DECIDING_GUARDS = (ops.check_is_none, ops.check_is_not_none)
+
+
 def consumed_nodes(graph: torch.fx.Graph) -> set[torch.fx.Node]:
-    """Every node from which some path reaches the output node (the output included)."""
-    outputs = [n for n in graph.nodes if n.op == "output"]
+    """Every node from which some path reaches the output node or a mask-branch guard
+    (those included)."""
+    outputs = [n for n in graph.nodes if n.op == "output" or (n.op == "call_function"
+                                                                and n.target in _DECIDING_GUARDS)]
     seen: set[torch.fx.Node] = set(outputs)
     stack = list(outputs)
     while stack:
