@@ -541,8 +541,9 @@ class StageModule(GraphModule):
             candidates.insert(0, self)
         why = f"no variant for inputs {list(self.signature.present(bits))} yet"
         for variant in candidates:
-            args = () if received is None else self._args_for(variant, received, bits)
-            problem = None if received is None else _received_problem(variant, args)
+            problem = None if received is None else _fit_problem(variant, received)
+            args = () if received is None or problem else self._args_for(variant, received, bits)
+            problem = problem or (None if received is None else _received_problem(variant, args))
             if problem is not None:
                 why = problem
                 continue
@@ -605,9 +606,12 @@ class StageModule(GraphModule):
             raise StageInputError(f"{self._where()}: {why}, and tracing the model for them failed: {first}") from e
         variant = self._variant_of(model_gm, received is not None)
         if received is not None:
-            problem = _received_problem(variant, self._args_for(variant, received, bits))
+            problem = _fit_problem(variant, received) or _received_problem(
+                variant, self._args_for(variant, received, bits))
             if problem is not None:
-                raise StageInputError(f"{self._where()}: {problem}")
+                raise StageInputError(
+                    f"{self._where()}: {problem}, even traced for this call ({why}). The stages disagree on what "
+                    f"crosses cut {self.spec.layers.start}; build them from the same model and example inputs")
         return variant
 
     def _variant_of(self, model_gm: GraphModule, receives: bool) -> GraphModule:
@@ -684,6 +688,26 @@ def _graph_facts(variant: GraphModule) -> dict:
                  "recorded": recording_targets(variant.graph)}
         variant.meta["fxpp_graph_facts"] = facts
     return facts
+
+
+def _fit_problem(variant: GraphModule, received: dict) -> str | None:
+    """Why ``variant`` is not the receiving half of the trace the sender ran, or None.
+
+    It must read nothing the sender did not compute, and read everything the sender
+    computed: a value sent but unread comes from a sender that took another branch
+    (a retrace on a guard: packed positions make a mask builder return a mask where the
+    example gave None), and a receiver traced without that branch would silently drop
+    it (its layers would run without the mask). Model inputs handed on unchanged
+    (``input ...``, ``_passed_inputs``) may go unread.
+    """
+    reads = [p.meta["fxpp_identity"] for p in variant.graph.nodes if p.op == "placeholder"]
+    missing = [i for i in reads if i not in received]
+    if missing:
+        return f"it reads {missing}, which the previous stage did not compute for this call"
+    unread = [i for i in received if i not in reads and not i.startswith("input ")]
+    if unread:
+        return f"the previous stage computed {unread} for this call, which this variant does not read"
+    return None
 
 
 def _received_problem(variant: GraphModule, args) -> str | None:

@@ -60,3 +60,25 @@ def test_the_none_guard_fails_on_a_mask():
     fxpp.ops.check_is_none(None, "here")
     with pytest.raises(fxpp.ops.GuardFailure, match="here: traced with None, called with 'Tensor'"):
         fxpp.ops.check_is_none(torch.ones(2), "here")
+
+
+def test_a_mask_decided_on_the_first_stage_is_rechecked_on_every_stage():
+    """GPT-BigCode has no rotary embeddings: without a padding mask, nothing after the first
+    layer needs the position ids, and for the example's plain positions the mask builder
+    returns None. Packed positions make it return a mask; the first stage retraces on its
+    guard, and the last stage must notice too (the guard and the builder's inputs cross
+    every cut), not run its layers unmasked with the variant traced for plain positions."""
+    from fxpp.testing.check import packed_positions
+    from fxpp.testing.sweep_causal import _build
+
+    model = _build("gpt_bigcode", "GPTBigCodeForCausalLM", 64_000_000)
+    pipe = fxpp.pipeline(model, 2, cuts=[1])
+    ids = torch.randint(3, 60, (2, 12), generator=torch.Generator().manual_seed(2))
+    packed = {"input_ids": ids, "position_ids": packed_positions(12, [[5], [7, 10]])}
+    for inputs in ({"input_ids": ids}, packed, {"input_ids": ids}, packed):
+        # compare: logits and every gradient, at the sweep's float32 tolerances (fxpp.testing.check)
+        ok, detail, _ = compare(reference(model, inputs), run_pipeline(pipe, model, inputs))
+        assert ok, f"{sorted(inputs)}: {detail}"
+    # The last stage's variant for token ids alone re-checks the builder's None itself.
+    last = pipe.stages[1]._fxpp_variants[pipe.signature.bits(["input_ids"])][0]
+    assert any(n.target is fxpp.ops.check_is_none for n in last.graph.nodes)

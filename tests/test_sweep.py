@@ -75,7 +75,7 @@ def test_sweep_llama_and_qwen2_every_case():
         assert [c.name for c in r.cases] == list(CAUSAL_CASES)
         assert all(c.status == "pass" for c in r.cases if c.name != "router"), r.cases
         assert r.case_status("router") == "skipped"  # dense models: no router logits
-        assert r.marks(CAUSAL_CASES) == "✓ ✓ ✓ ✓ –"
+        assert r.marks(CAUSAL_CASES) == "✓ ✓ ✓ ✓ ✓ –"
 
 
 def test_router_case_checks_the_load_balancing_loss(monkeypatch):
@@ -111,9 +111,10 @@ def test_cases_the_forward_cannot_take_are_skipped():
     [r] = sweep_causal_lm(["bloom"])
     assert r.status == "pass", format_table([r])
     status = {c.name: c.status for c in r.cases}
-    assert status == {"ids": "pass", "padded": "pass", "packed": "skipped", "padded+pos": "skipped", "router": "skipped"}
+    assert status == {"ids": "pass", "padded": "pass", "unpadded": "pass", "packed": "skipped", "padded+pos": "skipped",
+                      "router": "skipped"}
     assert "takes no position_ids" in next(c.detail for c in r.cases if c.name == "packed")
-    assert r.marks(CAUSAL_CASES) == "✓ ✓ – – –"
+    assert r.marks(CAUSAL_CASES) == "✓ ✓ ✓ – – –"
 
 
 def test_one_pipeline_a_wrong_reference_is_a_mismatch_naming_the_case():
@@ -169,7 +170,7 @@ def test_docs_table_has_a_column_per_case():
                                          zip(CAUSAL_CASES, ("pass", "pass", "skipped", "mismatch"))])),
                SweepResult("b", "B", "model-error", detail="build: ValueError: no")]
     text = markdown(results)
-    assert "| family | class | status | ids / padded / packed / padded+pos / router | detail |" in text
+    assert "| family | class | status | ids / padded / unpadded / packed / padded+pos / router | detail |" in text
     assert "| `a` | `A` | mismatch | ✓ ✓ – ≠ · |" in text  # · : the family got no router case
     assert "| `b` | `B` | model-error |  |" in text
     assert markdown(results) == text  # deterministic
@@ -211,10 +212,12 @@ def test_vlm_sweep_generic_families():
         assert status["images"] == "pass", format_vlm_table([r])
         expected = "skipped" if r.family in NEEDS_IMAGES else "pass"
         assert status["text"] == status["ids"] == expected, format_vlm_table([r])
+        # packed: skipped where the forward needs images or takes no position_ids
+        assert status["packed"] == expected or r.family in NEEDS_IMAGES, format_vlm_table([r])
         assert r.status == "pass", format_vlm_table([r])
         if r.family in NEEDS_IMAGES:
-            assert f"text, ids skipped: the forward requires {NEEDS_IMAGES[r.family]}" in r.detail
-            assert r.marks(VLM_CASES) == "✓ – –"
+            assert f"skipped: the forward requires {NEEDS_IMAGES[r.family]}" in r.detail
+            assert r.marks(VLM_CASES) == "✓ – – –"
 
 
 def test_only_cases_refused_for_want_of_media_are_skipped():
@@ -248,11 +251,11 @@ def test_only_cases_refused_for_want_of_media_are_skipped():
     assert settle(r).status == "model-error" and r.case == "text"  # a case that applies fails
 
 
-def test_vlm_sweep_zoo_family_images_text_and_ids():
+def test_vlm_sweep_zoo_family_images_text_ids_and_packed():
     [r] = sweep_vlm(["llava"])
     assert r.status == "pass", format_vlm_table([r])
-    assert r.marks(VLM_CASES) == "✓ ✓ ✓"
-    assert "| `llava` | `LlavaForConditionalGeneration` | VLM | pass | ✓ ✓ ✓ |" in vlm_markdown([r])
+    assert r.marks(VLM_CASES) == "✓ ✓ ✓ ✓"
+    assert "| `llava` | `LlavaForConditionalGeneration` | VLM | pass | ✓ ✓ ✓ ✓ |" in vlm_markdown([r])
 
 
 def test_vlm_cases_text_kind_skips_images():

@@ -14,6 +14,9 @@ Cases (:func:`causal_cases`)
     token ids only, 2x12 (not the build's 2x8).
 ``padded``
     ids and a left-padded ``attention_mask``, 2x9.
+``unpadded``
+    ids and an all-ones ``attention_mask`` (what a tokenizer returns for rows of one
+    length: mask builders return no mask for it on real data), 2x11.
 ``packed``
     ids and packed-document ``position_ids`` restarting mid-row, no mask (the model
     then finds the documents from the positions), 2x12.
@@ -74,7 +77,7 @@ from .report import (DOCS_PATH, SECTION_MARK, _detail, _md, built_summary, case_
 from .report import format_table as _table
 from .tiny import FAMILY_SETUP, NUM_LAYERS, VOCAB, tiny_config
 
-INPUT_CASES = ("ids", "padded", "packed", "padded+pos")  # one pipeline, built without example inputs
+INPUT_CASES = ("ids", "padded", "unpadded", "packed", "padded+pos")  # one pipeline, built without example inputs
 CAUSAL_CASES = (*INPUT_CASES, "router")  # router: a second pipeline, router logits on
 COMMAND = "python -m fxpp.sweep --write-docs"
 
@@ -88,11 +91,14 @@ def causal_cases(model: torch.nn.Module, seed: int = 0) -> list[Case]:
     padded = make_inputs(seed=seed + 1)  # 2x9, the first row left-padded by 3
     packed = {"input_ids": make_inputs(2, 12, seed=seed + 2)["input_ids"],
               "position_ids": packed_positions(12, [[5], [7, 10]])}  # 2 and 3 documents
+    unpadded = {"input_ids": make_inputs(2, 11, seed=seed + 4)["input_ids"],
+                "attention_mask": torch.ones(2, 11, dtype=torch.long)}
     both = make_inputs(3, 10, seed=seed + 3)
     both["attention_mask"][2, :1] = 0  # rows padded by 3, 0 and 1
     both["position_ids"] = (both["attention_mask"].cumsum(-1) - 1).clamp(min=0)
     return [_needs("ids", {"input_ids": ids}, params, name), _needs("padded", padded, params, name),
-            _needs("packed", packed, params, name), _needs("padded+pos", both, params, name)]
+            _needs("unpadded", unpadded, params, name), _needs("packed", packed, params, name),
+            _needs("padded+pos", both, params, name)]
 
 
 def _build(model_type: str, class_name: str, max_params: int):
@@ -299,6 +305,7 @@ def markdown(results: list[SweepResult], command: str = COMMAND) -> str:
         "with each input case and compared with the unpatched training forward `model(**case, use_cache=False)` "
         f"on the same inputs: logits and every parameter gradient, `atol=rtol={ATOL:g}`. Cases: **ids** — token "
         "ids only (2x12, not the build's 2x8); **padded** — ids and a left-padded `attention_mask` (2x9); "
+        "**unpadded** — ids and an all-ones `attention_mask` (2x11); "
         "**packed** — ids and `position_ids` of packed documents restarting mid-row, no mask (2x12); "
         "**padded+pos** — ids, a padding mask and `position_ids` that follow it (3x10); **router** — "
         "mixture-of-experts families (a config with `output_router_logits`) only: a second pipeline built with "
