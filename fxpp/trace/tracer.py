@@ -113,6 +113,10 @@ class HFTracer(Tracer):
         self._evaluating = 0
         self.meta_fallbacks: list[str] = []
         self._leaf_cache: dict = {}
+        self._meta_leaf: torch.nn.Module | None = None  # the leaf module being meta-evaluated
+        # the modules of the decoder-layer stack: the only place expert blocks get a stand-in
+        self._layer_stack_ids = {id(m) for m in model.get_submodule(layers_fqn).modules()}
+        self._layer_ids = {id(m) for m in model.get_submodule(layers_fqn).children()}  # the layers themselves
         self._param_sigs: dict[int, tuple] = {}
         self._states: dict[int, _StateRecord] = {}
         self._own_caches: dict[int, OwnCache] = {}  # Note [own caches] in fxpp.trace.caches
@@ -209,6 +213,16 @@ class HFTracer(Tracer):
         differ per layer.
         """
         module = self.model.get_submodule(node.target)
+        # The leaf's own forward gets no shape-keeping stand-in (``_eval_submodule``):
+        # its meta value is the stage metadata, so it is computed, or evaluated on the
+        # real example inputs, or refused, never assumed.
+        outer, self._meta_leaf = self._meta_leaf, module
+        try:
+            return self._eval_leaf_call(node, module, args, kwargs)
+        finally:
+            self._meta_leaf = outer
+
+    def _eval_leaf_call(self, node: Node, module: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
         targets, self._pending_record = self._pending_record, []
         caches = self._caches_of(node)
         if caches:  # always evaluated, on the shared cache: the watch sees which slots this call uses
@@ -510,7 +524,23 @@ class HFTracer(Tracer):
         meta functions are stricter than the CPU kernels (``grouped_mm`` in fp32). Such
         a module is assumed to map its first tensor input to an output of the same
         shape. That only feeds meta values, never the numbers a stage computes.
+
+        The stand-in is an assumption, so it is confined to expert blocks inside the
+        decoder layers (``_in_moe_fallback_scope``) that return one tensor, and the leaf
+        itself gets none (but see ``_layer_contract_applies``): any other failure
+        propagates, and the leaf is evaluated on the real example inputs (data-dependent)
+        or refused with its node named, rather than given the shape of its input
+        (Ernie 4.5 VL's resampler, "Moe" only in its family's name, merges 2x2 patches:
+        32 rows in, 8 out).
         """
+        if m is self._meta_leaf:
+            try:
+                return forward(*args, **kwargs)
+            except Exception as e:  # noqa: BLE001
+                if not self._layer_contract_applies(m, e, args):
+                    raise  # evaluated on the real example inputs (data-dependent), else refused
+                self.meta_fallbacks.append(type(m).__name__)
+                return torch.empty_like(args[0])
         try:
             return forward(*args, **kwargs)
         except Exception as e:  # noqa: BLE001
@@ -520,17 +550,43 @@ class HFTracer(Tracer):
                 # a module whose output the model records (a router) must really run: a
                 # shape-keeping stand-in would record nothing (Note [data-dependent values])
                 raise _RecordedNeedsData(f"{type(m).__name__} is recorded and depends on tensor data") from e
-            if _is_data_dependent(e) and not self._in_moe_fallback_scope(m):
-                raise  # the node is evaluated on the real example inputs instead
+            if not self._in_moe_fallback_scope(m):
+                raise  # data-dependent: the leaf is evaluated on the real example inputs; else refused
             first = next((a for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)), None)
-            if first is None:
+            if first is None or _returns_tuple(type(m)):
+                # one tensor standing for a tuple would be unpacked along its first dim by the
+                # caller (``hidden, _ = self.mlp(x)``: a wrong shape, right only by broadcasting)
                 raise
             self.meta_fallbacks.append(type(m).__name__)
             return torch.empty_like(first)
 
+    def _layer_contract_applies(self, m: torch.nn.Module, e: BaseException, args: tuple) -> bool:
+        """Whether a decoder layer whose own meta evaluation failed on tensor data may take
+        the shape of its hidden-states input.
+
+        Only without real example inputs (a meta-device model: nothing to evaluate, and
+        JetMoE's layers route their attention through data-dependent experts), only for an
+        entry of the decoder-layer stack, which maps hidden states to the next layer's
+        hidden states, of an MoE model, returning one tensor. With real inputs the layer is
+        evaluated on them instead, so its meta value is the real shape.
+        """
+        return (
+            not self.real_inputs
+            and _is_data_dependent(e)
+            and not isinstance(e, _RecordedNeedsData)
+            and id(m) in self._layer_ids
+            and self._in_moe_fallback_scope(m)
+            and not _returns_tuple(type(m))
+            and bool(args) and isinstance(args[0], torch.Tensor)
+        )
+
     def _in_moe_fallback_scope(self, m: torch.nn.Module) -> bool:
         """Whether ``m`` is an expert block, whose data-dependent dispatch keeps the shape
         of its input (see ``_eval_submodule``); other modules get real evaluation."""
+        if id(m) not in self._layer_stack_ids:
+            # expert blocks are parts of decoder layers; elsewhere "moe" in a class name is
+            # often only the family's (Ernie4_5_VLMoeVariableResolutionResamplerModel)
+            return False
         name = type(m).__name__.lower()
         if any(v in name for v in ("vision", "visual", "audio")):
             return False  # towers of MoE VLMs (Qwen3VLMoeVisionModel) are not expert blocks
@@ -698,6 +754,21 @@ def _is_data_dependent(e: BaseException) -> bool:
         return True
     name = type(e).__name__
     return name in ("GuardOnDataDependentSymNode", "DataDependentOutputException") or "data-dependent" in str(e).lower()
+
+
+@functools.lru_cache(maxsize=None)
+def _returns_tuple(cls: type) -> bool:
+    """Whether ``cls.forward`` has a ``return a, b`` (read from its source, not from its
+    return annotation, which is often wrong: Lfm2MoeSparseMoeBlock's says tuple and it
+    returns one tensor). Unknown source: ``False``."""
+    import ast
+    import textwrap
+
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(inspect.unwrap(cls.forward))))
+    except (OSError, TypeError, SyntaxError, AttributeError):
+        return False
+    return any(isinstance(n, ast.Return) and isinstance(n.value, ast.Tuple) for n in ast.walk(tree))
 
 
 def _signature(value: Any) -> Any:
