@@ -640,7 +640,11 @@ class StageModule(GraphModule):
         stream = received["hidden states"]  # always computed, always first
         old = next(v for k, v in built.items() if k in TOKEN_INPUTS)
         b0, s0 = old.shape[0], old.shape[1] if old.dim() > 1 else None
-        b, s = stream.shape[0], stream.shape[1]
+        # Batch and sequence sit where they sat in the built hidden states ([B, S, H], or
+        # Gemma 3n's stack of altup streams [4, B, S, H]).
+        built_stream = self.in_layout.slots[0].shape
+        at = next((i for i in range(len(built_stream) - 1) if tuple(built_stream[i:i + 2]) == (b0, s0)), 0)
+        b, s = stream.shape[at], stream.shape[at + 1]
         out = {}
         for name in self.signature.alternatives:  # the other token input: only its shape matters here
             if name in present:

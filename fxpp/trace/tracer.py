@@ -111,6 +111,7 @@ class HFTracer(Tracer):
         self._real_vals: dict[Node, Any] = {}
         self._opaque_helpers: set[int] = set()
         self._evaluating = 0
+        self._running_real = 0  # > 0 inside _call_real: real values, never a stand-in
         self.meta_fallbacks: list[str] = []
         self._leaf_cache: dict = {}
         self._meta_leaf: torch.nn.Module | None = None  # the leaf module being meta-evaluated
@@ -376,6 +377,7 @@ class HFTracer(Tracer):
         args = _thaw_all(map_arg(node.args, self._real_vals.__getitem__))
         kwargs = {k: _thaw_all(v) for k, v in map_arg(node.kwargs, self._real_vals.__getitem__).items()}
         self._evaluating += 1
+        self._running_real += 1
         try:
             with torch.no_grad():
                 if node.op == "call_function":
@@ -390,6 +392,7 @@ class HFTracer(Tracer):
             ) from e
         finally:
             self._evaluating -= 1
+            self._running_real -= 1
 
     def _run_real_recording(self, node: Node) -> Any:
         """Run a recording leaf on real values with hooks on its recorded submodules,
@@ -533,6 +536,10 @@ class HFTracer(Tracer):
         (Ernie 4.5 VL's resampler, "Moe" only in its family's name, merges 2x2 patches:
         32 rows in, 8 out).
         """
+        if self._running_real:
+            # Real values feed decisions (a mask builder's None, a data guard): a module that
+            # fails on them is an error, never an empty_like stand-in with made-up numbers.
+            return forward(*args, **kwargs)
         if m is self._meta_leaf:
             try:
                 return forward(*args, **kwargs)
