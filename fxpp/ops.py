@@ -62,7 +62,15 @@ def check_is_not_none(value: Any, where: str) -> None:
         raise GuardFailure(where, "a mask", None)
 
 
-GUARD_OPS = (check_guard, check_is_none, check_is_not_none)  # graph nodes that re-check a trace-time decision
+def check_data(value: Any, expected: Any, where: str) -> None:
+    """A Python decision on tensor *data* (``if mask.any():``), taken on the example's real
+    values while tracing; a call whose data decides otherwise needs another trace."""
+    actual = type(expected)(value)
+    if actual != expected:
+        raise GuardFailure(where, expected, actual)
+
+
+GUARD_OPS = (check_guard, check_is_none, check_is_not_none, check_data)  # graph nodes that re-check a decision
 
 
 class ModuleRef:

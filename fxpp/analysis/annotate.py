@@ -72,11 +72,13 @@ def is_guard(node: Node) -> bool:
     return node.op == "call_function" and (node.target in ops.GUARD_OPS or is_check_function(node.target))
 
 
-def decides_mask_branch(node: Node) -> bool:
-    """A guard on whether a mask builder returned a mask (``check_is_none`` /
-    ``check_is_not_none``). The forward branched on it before the first layer, but every
-    layer runs on that branch: every stage re-checks it, on the builder's inputs."""
-    return node.op == "call_function" and node.target in (ops.check_is_none, ops.check_is_not_none)
+def rechecked_on_every_stage(node: Node) -> bool:
+    """A guard on a decision taken on tensor data: whether a mask builder returned a mask
+    (``check_is_none`` / ``check_is_not_none``), or a Python ``if`` on data
+    (``check_data``). What follows the decision may run on any later stage (layers given
+    ``None`` for a mask), so every stage re-checks it, on the decision's own inputs."""
+    return node.op == "call_function" and node.target in (ops.check_is_none, ops.check_is_not_none,
+                                                           ops.check_data)
 
 
 def is_tensorish(value: Any) -> bool:

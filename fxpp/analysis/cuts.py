@@ -21,7 +21,7 @@ import weakref
 import torch
 from torch.fx import Graph, Node
 
-from .annotate import decides_mask_branch, info, is_guard, is_tensorish
+from .annotate import info, is_guard, is_tensorish, rechecked_on_every_stage
 from ..errors import CutError
 
 
@@ -84,11 +84,11 @@ def crossing_values(graph: Graph, k: int) -> list[Node]:
     """
     order = {n: i for i, n in enumerate(graph.nodes)}
     stream = stream_at(graph, k)
-    # Mask-branch guards are needed on every stage: a call on which a mask builder returns a
-    # mask (packed positions) where the trace saw None must retrace every stage, not only
-    # the first; so the builder's inputs cross every cut.
+    # Guards on data decisions are needed on every stage: a call on which a mask builder
+    # returns a mask (packed positions) where the trace saw None must retrace every stage,
+    # not only the first; so the decision's inputs cross every cut.
     needed = [n for n in graph.nodes if n.op == "output" or (info(n).position >= k and not is_guard(n))
-              or decides_mask_branch(n)]
+              or rechecked_on_every_stage(n)]
     seen = set(needed)
     crossing: set[Node] = set()
     while needed:

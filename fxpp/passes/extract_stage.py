@@ -134,8 +134,9 @@ def _slice(roots, received: set[Node], stream: Node | None, *, strict: bool) -> 
         for value in node.all_input_nodes:
             if value in received or value in keep:
                 continue
-            if stream is not None and not info(value).rematerialize and substitutable(node, value, stream):
-                continue
+            if (stream is not None and stream in received and not info(value).rematerialize
+                    and substitutable(node, value, stream)):
+                continue  # read for its shape: the received hidden states stand in
             if strict and stream is not None and not info(value).rematerialize and value.op != "get_attr":
                 return None
             stack.append(value)

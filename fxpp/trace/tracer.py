@@ -715,14 +715,33 @@ class HFTracer(Tracer):
 
     def _concrete(self, obj: Proxy, kind: type, what: str) -> Any:
         """``kind(value)`` from the node's meta value, guarded so the stage checks it at
-        run time; a value that needs tensor data is an :class:`UntraceableCode`."""
+        run time.
+
+        A bool or int that needs tensor data (``if mask.any():``) is taken from the real
+        example values and guarded with ``check_data``: every call re-checks it on its own
+        data and retraces where it differs, and every later stage re-checks it too (its
+        inputs cross each cut, ``fxpp.analysis.annotate.rechecked_on_every_stage``).
+        Without real values (the meta device), or for other kinds, it is an
+        :class:`UntraceableCode`.
+        """
         val = self.meta_of(obj)
         try:
             result = kind(val)
         except Exception as e:  # noqa: BLE001
+            if kind in (bool, int) and _is_data_dependent(e) and self.real_inputs:
+                try:
+                    result = kind(self.real_value(obj.node, why=e))
+                except TraceError:
+                    raise
+                except Exception as real_error:  # noqa: BLE001 - not a bool or int on real data either
+                    raise UntraceableCode(
+                        f"{type(self.model).__name__}: {what} at {_short_stack()} (node {obj.node.name}), and its "
+                        f"real value is not a {kind.__name__}: {real_error}") from e
+                self.create_proxy("call_function", ops.check_data, (obj, result, _short_stack()), {})
+                return result
             raise UntraceableCode(
                 f"{type(self.model).__name__}: {what} at {_short_stack()} (node {obj.node.name}); "
-                "fxpp can only trace decisions on shapes"
+                "fxpp traces decisions on tensor data only on real example values (not on the meta device)"
             ) from e
         self._guard(obj, result)
         return result

@@ -51,8 +51,8 @@ from ..errors import StageInputError
 
 
 # Guards whose check is a use of the value: the branch the forward took on a mask builder's
-# result (see the module docstring); shape guards (check_guard) are not.
-_DECIDING_GUARDS = (ops.check_is_none, ops.check_is_not_none)
+# result (see the module docstring) or on other tensor data; shape guards (check_guard) are not.
+_DECIDING_GUARDS = (ops.check_is_none, ops.check_is_not_none, ops.check_data)
 
 
 def consumed_nodes(graph: torch.fx.Graph) -> set[torch.fx.Node]:

@@ -1,0 +1,42 @@
+"""Python decisions on tensor data (``if mask.any():``): taken on the example's real values,
+guarded with ``check_data`` on every stage, retraced where a call's data decides otherwise."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fxpp
+from fxpp.testing.check import compare, reference, run_pipeline
+from fxpp.testing.sweep_vlm import tiny_family, vlm_cases
+
+
+def test_ovis2_visual_indicator_tokens_present_or_not():
+    """Ovis 2 writes its visual indicator features ``if mask.any()`` (data): a batch with
+    images takes that branch, a text-only batch the other; both equal the unpatched model."""
+    model, inputs, kind = tiny_family("ovis2")
+    pipe = fxpp.pipeline(model, 2, cuts=[1])
+    assert any(n.target is fxpp.ops.check_data for n in pipe.stages[0].graph.nodes), "the decision is not guarded"
+    cases = {c.name: c.inputs for c in vlm_cases(model, kind, inputs)}
+    for name in ("images", "text", "images", "ids"):
+        # compare: logits and every gradient, at the sweep's float32 tolerances (fxpp.testing.check)
+        ok, detail, _ = compare(reference(model, cases[name]), run_pipeline(pipe, model, cases[name]))
+        assert ok, f"{name}: {detail}"
+
+
+def test_a_data_guard_fails_when_the_data_decides_otherwise():
+    fxpp.ops.check_data(torch.tensor(True), True, "here")
+    with pytest.raises(fxpp.ops.GuardFailure, match="here: traced with True, called with False"):
+        fxpp.ops.check_data(torch.tensor(False), True, "here")
+
+
+def test_on_the_meta_device_a_data_decision_is_refused_by_name():
+    from fxpp.trace import UntraceableCode, trace_model
+
+    model, inputs, _ = tiny_family("ovis2")
+    meta = {k: v.to("meta") for k, v in inputs.items()}
+    with torch.device("meta"):
+        meta_model = type(model)(model.config)
+    with pytest.raises(UntraceableCode, match=r"Python control flow depends on tensor data at .*modeling_ovis2.py"
+                       r".*only on real example values \(not on the meta device\)"):
+        trace_model(meta_model, meta)
