@@ -48,7 +48,7 @@ def test_longcat_two_stage_pipeline_matches_the_model():
     result = check_family("longcat_flash", "LongcatFlashForCausalLM")
     assert result.status == "pass", (result.status, result.detail)
     assert {c.name: c.status for c in result.cases} == {
-        "ids": "pass", "padded": "pass", "packed": "pass", "padded+pos": "pass", "router": "skipped"}
+        "ids": "pass", "padded": "pass", "unpadded": "pass", "packed": "pass", "padded+pos": "pass", "router": "skipped"}
 
 
 def test_hrm_stacks_run_in_cycles_are_refused_naming_the_loop():
