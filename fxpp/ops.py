@@ -31,7 +31,8 @@ from typing import Any
 
 
 class GuardFailure(Exception):
-    """A shape decision baked into a graph does not hold for the current inputs."""
+    """A decision baked into a graph (a shape, whether a mask builder returns a mask, an
+    ``if`` on data) does not hold for the current inputs: the stage traces again."""
 
     def __init__(self, where: str, expected: Any, actual: Any):
         super().__init__(f"{where}: traced with {expected!r}, called with {actual!r}")
@@ -47,7 +48,7 @@ def check_guard(value: Any, expected: Any, where: str) -> None:
 
 
 def check_is_none(value: Any, where: str) -> None:
-    """A mask builder returned ``None`` while tracing (no padding mask given), so the traced
+    """A mask builder returned ``None`` while tracing (no padding mask, an all-ones one), so the traced
     forward took its ``mask is None`` branch; a mask at run time needs another trace."""
     if value is not None:
         raise GuardFailure(where, None, type(value).__name__)

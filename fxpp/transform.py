@@ -28,6 +28,7 @@ from .trace.unused_inputs import tolerated_reason, unconsumed_inputs
 from .trace.recording import recording_hooks, recording_targets
 from .layout import TEXT_INPUTS, TOKEN_INPUTS, CutLayout, InputSignature, Slot
 from .trace import find_decoder_layers, trace_model
+from .trace.model_state import model_device, model_unchanged
 from .trace.example_media import example_media_inputs, is_media_input, media_inputs_of, vision_config_of
 
 
@@ -42,12 +43,6 @@ def _check_model(model: Any) -> None:
             f"model={type(model).__name__!s} is not a transformers model (an nn.Module with a .config); "
             "pass e.g. a LlamaForCausalLM, LlamaModel or *ForConditionalGeneration instance"
         )
-
-
-def model_device(model: torch.nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
 
 
 def default_example_inputs(model: torch.nn.Module, batch_size: int = 2, seq_len: int = 8) -> dict[str, torch.Tensor]:
@@ -160,8 +155,9 @@ def _trace_with_example_media(model, given: dict[str, Any], params: set[str]):
     ``given``'s text inputs; ``(None, [], reasons)`` where no example fits or its trace
     fails, with, for every media input of the forward, why it is not in the signature.
 
-    Only the token inputs' batch size is kept from ``given``: the example's sequence is
-    the image's tokens plus a few text tokens (shapes are only an example anyway).
+    The caller's token ids are kept where they have room for the image's tokens (with
+    the caller's mask and positions); else only their batch size is, and the example's
+    sequence is the image's tokens plus a few text tokens.
     """
     tokens = given.get("input_ids")
     media_names = media_inputs_of(params)
@@ -172,7 +168,9 @@ def _trace_with_example_media(model, given: dict[str, Any], params: set[str]):
                f"(got {sorted(given)})")
         return None, [], [(n, why + how) for n in media_names]
     try:
-        example = example_media_inputs(model, batch=tokens.shape[0])
+        example = example_media_inputs(model, batch=tokens.shape[0], input_ids=tokens)
+        if example["input_ids"].shape == tokens.shape:  # the caller's ids, with the image's tokens
+            example.update({k: v for k, v in given.items() if k != "input_ids"})
         gm, left_out = _trace_with_text_inputs(model, example, params)
     except Exception as e:  # noqa: BLE001 - any failure leaves the media out, with its reason
         why = f"no example images fit {type(model).__name__}: {' '.join(str(e).split())[:400]}"
@@ -387,60 +385,6 @@ def transform(
     return StageModule.build(model, model_gm, spec)
 
 
-@contextlib.contextmanager
-def model_unchanged(model: torch.nn.Module):
-    """Restore every module's parameters, buffers, submodules, forward, hooks and plain
-    attributes on exit.
-
-    Plain attributes too: transformers installs its output-capturing hooks on a first
-    call and marks the module (``_output_capturing_hooks_installed``); keeping the mark
-    while the hooks are restored away would leave the model believing it has them.
-    """
-    saved = []
-    for module in model.modules():
-        state = {
-            "_parameters": dict(module._parameters),
-            "_buffers": dict(module._buffers),
-            "_modules": dict(module._modules),
-            "training": module.training,
-        }
-        for key in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks"):
-            state[key] = dict(getattr(module, key))
-        state["attributes"] = {k: v for k, v in module.__dict__.items() if k not in _MODULE_STATE}
-        saved.append((module, state, "forward" in module.__dict__, module.__dict__.get("forward")))
-    try:
-        yield
-    finally:
-        for module, state, had_forward, forward in saved:
-            for key in ("_parameters", "_buffers", "_modules", "_forward_hooks", "_forward_pre_hooks",
-                        "_backward_hooks"):
-                current = getattr(module, key)
-                if not _same_entries(current, state[key]):
-                    current.clear()
-                    current.update(state[key])
-            module.training = state["training"]
-            attributes = state["attributes"]
-            for key in [k for k in module.__dict__ if k not in _MODULE_STATE]:
-                if key not in attributes:
-                    del module.__dict__[key]
-                elif module.__dict__[key] is not attributes[key]:
-                    module.__dict__[key] = attributes[key]
-            if had_forward:
-                module.__dict__["forward"] = forward
-            else:
-                module.__dict__.pop("forward", None)
-
-
-# Module state that model_unchanged restores on its own terms (the dicts in place).
-_MODULE_STATE = frozenset({"_parameters", "_buffers", "_modules", "_forward_hooks", "_forward_pre_hooks",
-                           "_backward_hooks", "training", "forward"})
-
-
-def _same_entries(a: dict, b: dict) -> bool:
-    # By identity: a forward may have stored a traced value (a Proxy) whose == is symbolic.
-    return a.keys() == b.keys() and all(a[k] is b[k] for k in a)
-
-
 class StageModule(GraphModule):
     """A stage's GraphModule that takes any input set of its signature and checks what it receives.
 
@@ -552,9 +496,18 @@ class StageModule(GraphModule):
             except GuardFailure as e:
                 why = str(e)
         variant = self._trace_variant(bits, inputs, received, why)
-        self._fxpp_variants.setdefault(bits, []).append(variant)
         args = () if received is None else self._args_for(variant, received, bits)
-        return variant, self._call(variant, args, inputs or {})
+        try:
+            out = self._call(variant, args, inputs or {})
+        except GuardFailure as e:
+            # Kept, it would be traced again on every such call. A later stage retraces from
+            # the inputs it receives; a decision on values it cannot see takes another branch.
+            raise StageInputError(
+                f"{self._where()}: traced again for this call ({why}), and the new graph's own check fails on it "
+                f"({e}): the decision depends on values this stage does not receive. Keep the layers around it "
+                "on one stage (move the cut), or report the model") from e
+        self._fxpp_variants.setdefault(bits, []).append(variant)
+        return variant, out
 
     def _call(self, variant: GraphModule, args, inputs: dict):
         targets = _graph_facts(variant)["recorded"]
@@ -609,8 +562,9 @@ class StageModule(GraphModule):
             problem = _fit_problem(variant, received) or _received_problem(
                 variant, self._args_for(variant, received, bits))
             if problem is not None:
+                again = "" if problem == why else f" (before the retrace: {why})"
                 raise StageInputError(
-                    f"{self._where()}: {problem}, even traced for this call ({why}). The stages disagree on what "
+                    f"{self._where()}: {problem}, even traced for this call{again}. The stages disagree on what "
                     f"crosses cut {self.spec.layers.start}; build them from the same model and example inputs")
         return variant
 
@@ -676,8 +630,11 @@ def _passed_inputs(layout: CutLayout, sent, available: dict) -> dict[str, torch.
     for name, value in available.items():
         identity = name if name.startswith("input ") else f"input {name}"
         slot = slots.get(identity)
-        if (slot is not None and identity not in sent and isinstance(value, torch.Tensor)
-                and value.dim() == len(slot.shape) and value.dtype == slot.dtype):
+        if slot is None or identity in sent or not isinstance(value, torch.Tensor) or value.dim() != len(slot.shape):
+            continue
+        if value.dtype != slot.dtype and not (value.is_floating_point() or slot.dtype.is_floating_point):
+            value = value.to(slot.dtype)  # a bool or int32 mask in an int64 slot: the same mask
+        if value.dtype == slot.dtype:
             passed[identity] = value
     return passed
 

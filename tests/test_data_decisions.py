@@ -40,3 +40,38 @@ def test_on_the_meta_device_a_data_decision_is_refused_by_name():
     with pytest.raises(UntraceableCode, match=r"Python control flow depends on tensor data at .*modeling_ovis2.py"
                        r".*only on real example values \(not on the meta device\)"):
         trace_model(meta_model, meta)
+
+
+def test_a_later_stage_that_cannot_take_the_senders_branch_refuses_without_retracing_forever():
+    """A decision on computed data (the embeddings' sum) is re-checked on the last stage, which
+    can only retrace from the inputs it receives; when that retrace takes the other branch, the
+    call is refused by name and no failing graph is kept (each call would trace again)."""
+    from transformers.modeling_outputs import BaseModelOutputWithPast
+
+    from fxpp.testing.zoo import tiny_model
+
+    model = tiny_model("llama", 2).eval()
+
+    class DataDependent(type(model.model)):
+        def forward(self, input_ids=None, attention_mask=None, position_ids=None, **kwargs):
+            h = self.embed_tokens(input_ids)
+            if h.sum() > 0:
+                h = h * 2
+            for layer in self.layers:
+                h = layer(h, attention_mask=None, position_embeddings=self.rotary_emb(h, torch.arange(h.shape[1])[None]))
+            return BaseModelOutputWithPast(last_hidden_state=self.norm(h))
+
+    model.model.__class__ = DataDependent
+    rows = model.model.embed_tokens.weight.sum(-1)
+    example = torch.nonzero(rows < 0).flatten()[:6].expand(2, 6)  # the example decides False
+    flipped = torch.nonzero(rows > 0).flatten()[:6].expand(2, 6)
+    first = fxpp.transform(model, "first", range(0, 1), example_inputs={"input_ids": example})
+    last = fxpp.transform(model, "last", range(1, 2), example_inputs={"input_ids": example})
+    with torch.no_grad():
+        torch.testing.assert_close(last(*first(input_ids=example)), model(input_ids=example, use_cache=False).logits,
+                                   atol=0, rtol=0)  # the same modules on the same values
+        for _ in range(2):
+            with pytest.raises(fxpp.StageInputError, match=r"last stage layers range\(1, 2\): traced again for this "
+                               r"call .* the new graph's own check fails on it"):
+                last(*first(input_ids=flipped))
+    assert sum(len(v) for v in last._fxpp_variants.values()) <= 1, "a failing graph was kept"

@@ -51,7 +51,7 @@ def test_the_default_vlm_signature_holds_the_media_inputs_and_none_narrows_it():
 def test_media_no_example_fits_are_refused_with_the_reason(monkeypatch):
     import importlib
 
-    def no_fit(model, batch=2, seed=0):
+    def no_fit(model, batch=2, seed=0, input_ids=None):
         raise NoExampleMedia("get_image_features on pixel_values[2, 3, 16, 16]: RuntimeError: no")
 
     monkeypatch.setattr(importlib.import_module("fxpp.transform"), "example_media_inputs", no_fit)
@@ -73,3 +73,29 @@ def test_model_unchanged_restores_plain_attributes():
         module.flag = 2
         module._output_capturing_hooks_installed = True
     assert module.flag == 1 and not hasattr(module, "_output_capturing_hooks_installed")
+
+
+def test_the_callers_example_ids_are_kept_with_the_image_tokens_written_in():
+    """The cost model and build_stage's default shapes read the example: a caller's text
+    example keeps its shape, with the image's tokens written into it."""
+    model, make = tiny_vlm("llava", 2)
+    ids = torch.full((2, 64), 7)
+    pipe = fxpp.pipeline(model, 2, example_inputs={"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    assert "pixel_values" in pipe.signature.names
+    built = pipe.example_inputs["input_ids"]
+    assert built.shape == ids.shape and (built == model.config.image_token_id).sum() > 0
+    inputs = make(2, 24, seed=3)
+    with torch.no_grad():
+        torch.testing.assert_close(pipe(**inputs), model(**inputs, use_cache=False).logits,
+                                   atol=0, rtol=0)  # the same modules on the same values: bit-identical
+
+
+def test_model_unchanged_restores_buffer_contents():
+    """A real evaluation while tracing may update a buffer in place (BatchNorm in train mode)."""
+    from fxpp.transform import model_unchanged
+
+    norm = torch.nn.BatchNorm1d(3).train()
+    before = norm.running_mean.clone()
+    with model_unchanged(norm):
+        norm(torch.randn(4, 3) + 5)
+    torch.testing.assert_close(norm.running_mean, before, atol=0, rtol=0)

@@ -132,8 +132,8 @@ def test_a_tuple_of_another_layout_is_refused():
     # A slot the sender only filled (no mask in this call) is never read as data.
     forged = out[-1].clone()
     forged[1] = first.signature.traced_bits  # claims every (traced) input was present
-    with pytest.raises(fxpp.StageInputError, match=r"reads 'input attention_mask', which the previous stage did not "
-                       r"compute for this call"):
+    with pytest.raises(fxpp.StageInputError, match=r"reads \['input attention_mask', 'input position_ids'\], which "
+                       r"the previous stage did not compute for this call"):
         last(*out[:-1], forged)
 
 

@@ -171,7 +171,7 @@ def test_docs_table_has_a_column_per_case():
                SweepResult("b", "B", "model-error", detail="build: ValueError: no")]
     text = markdown(results)
     assert "| family | class | status | ids / padded / unpadded / packed / padded+pos / router | detail |" in text
-    assert "| `a` | `A` | mismatch | ✓ ✓ – ≠ · |" in text  # · : the family got no router case
+    assert "| `a` | `A` | mismatch | ✓ ✓ – ≠ · · |" in text  # · : the family got no router case
     assert "| `b` | `B` | model-error |  |" in text
     assert markdown(results) == text  # deterministic
     assert built_summary(results) == "1 build tiny, 0 pass every case (0.0%)"
@@ -323,7 +323,7 @@ def test_vlm_sweep_mllama_text_only_skips_the_layers_after_the_cut():
     second stage: the hidden states of layer 0 cross to the norm and head there, and
     logits and gradients equal the unpatched model's."""
     (r,) = sweep_vlm(["mllama"])
-    assert [c.status for c in r.cases] == ["pass", "pass", "pass"], format_vlm_table([r])
+    assert [c.status for c in r.cases] == ["pass", "pass", "pass", "pass"], format_vlm_table([r])
 
 
 def test_a_layer_list_that_picks_some_layers_picks_some_tiny_ones():

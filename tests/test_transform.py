@@ -235,21 +235,43 @@ def test_encoder_decoder_is_refused():
         fxpp.transform(model, "full")
 
 
-def test_untraceable_forward_names_model_and_line():
+def _data_dependent_llama():
+    """A tiny Llama whose base forward branches on token data before its layers."""
+    from transformers.modeling_outputs import BaseModelOutputWithPast
+
     model = tiny_model("llama", 2)
 
     class DataDependent(type(model.model)):
         def forward(self, input_ids=None, attention_mask=None, **kwargs):
             h = self.embed_tokens(input_ids)
-            if h.sum() > 0:  # control flow on tensor data
+            if (input_ids == 5).any():  # control flow on tensor data
                 h = h * 2
             for layer in self.layers:
                 h = layer(h, attention_mask=None, position_embeddings=self.rotary_emb(h, torch.arange(h.shape[1])[None]))
-            return self.norm(h)
+            return BaseModelOutputWithPast(last_hidden_state=self.norm(h))
 
     model.model.__class__ = DataDependent
-    with pytest.raises(fxpp.TraceError, match=r"LlamaForCausalLM: Python control flow depends on tensor data at test_transform.py:\d+"):
-        fxpp.transform(model, "full")
+    return model
+
+
+def test_control_flow_on_data_is_guarded_on_real_values():
+    """Decided on the example's real ids, re-checked per call: ids with and without token 5
+    take the branch the unpatched forward takes."""
+    model = _data_dependent_llama()
+    pipe = fxpp.pipeline(model, 2, cuts=[1], example_inputs={"input_ids": torch.full((2, 6), 7)})
+    assert any(n.target is fxpp.ops.check_data for n in pipe.stages[0].graph.nodes)
+    for ids in (torch.full((2, 6), 7), torch.full((2, 6), 5), torch.full((2, 6), 7)):
+        with torch.no_grad():
+            torch.testing.assert_close(pipe(input_ids=ids), model(input_ids=ids, use_cache=False).logits,
+                                       atol=0, rtol=0)  # the same modules on the same values: bit-identical
+
+
+def test_untraceable_forward_names_model_and_line():
+    """On the meta device there are no real values to decide on: refused, naming the line."""
+    model = _data_dependent_llama().to("meta")
+    with pytest.raises(fxpp.TraceError, match=r"LlamaForCausalLM: Python control flow depends on tensor data at "
+                       r"test_transform.py:\d+.*not on the meta device"):
+        fxpp.transform(model, "full", example_inputs={"input_ids": torch.ones(2, 6, dtype=torch.long, device="meta")})
 
 
 def test_wrong_tuple_to_a_middle_stage():

@@ -54,11 +54,13 @@ def guard_mask_branches(gm: GraphModule) -> GraphModule:
         if node.op == "call_function" and is_mask_builder(node.target):
             root[node] = node
             continue
-        first = node.args[0] if node.args else None
-        if isinstance(first, Node) and first in root and _computes_with(node):
-            root[node] = root[first]
-            if root[first] not in guarded:
-                guarded.append(root[first])
+        if not _computes_with(node):
+            continue
+        for value in node.all_input_nodes:  # the mask in any argument (a & mask, torch.cat([m, ...]))
+            if value in root:
+                root[node] = root[value]
+                if root[value] not in guarded:
+                    guarded.append(root[value])
     for builder in guarded:
         with gm.graph.inserting_after(builder):
             source = (builder.meta.get("stack_trace") or "").strip().splitlines()

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-from __future__ import annotations
-
 import collections.abc
 import inspect
 from typing import Any
@@ -16,6 +14,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from ..errors import TraceError
 from .layers import find_decoder_layers
+from .model_state import model_unchanged
 from .patching import constructors_patched, helper_methods_patched, opaque_functions_patched
 from .tracer import HFTracer, fakeify, user_source_line
 from .wrappers import unwrap_forward
@@ -96,12 +95,6 @@ def trace_model(model: torch.nn.Module, example_inputs: dict[str, Any]) -> Graph
 
     tracer.create_args_for_root = create_args_for_root  # type: ignore[method-assign]
     module_names = {c.__module__ for m in _traced_module_objects(model, tracer.traced_modules) for c in type(m).__mro__}
-    training = {id(m): m.training for m in model.modules()}
-    attributes = _plain_attributes(model)
-    # A forward may assign a traced value to a buffer (CTRL: self.pos_encoding =
-    # self.pos_encoding.to(...)); the graph reads the buffer itself, so put it back
-    # before the GraphModule takes its references.
-    buffers = {id(m): (m, dict(m._buffers)) for m in model.modules()}
     import logging
 
     fake_log = logging.getLogger("torch._subclasses.fake_tensor")
@@ -110,7 +103,12 @@ def trace_model(model: torch.nn.Module, example_inputs: dict[str, Any]) -> Graph
     fake_log.setLevel(logging.CRITICAL)
     try:
         classes = sorted({type(m) for m in _traced_module_objects(model, tracer.traced_modules)}, key=lambda c: c.__qualname__)
-        with opaque_functions_patched(tracer, module_names), constructors_patched(tracer), helper_methods_patched(tracer, classes):
+        # model_unchanged undoes what the traced forward did to the model before the
+        # GraphModule takes its references: a traced value assigned to a buffer (CTRL:
+        # self.pos_encoding = self.pos_encoding.to(...)) or an attribute (Qwen-VL's
+        # self.rope_deltas = ...), training flags, hooks and their marks.
+        with model_unchanged(model), opaque_functions_patched(tracer, module_names), constructors_patched(tracer), \
+                helper_methods_patched(tracer, classes):
             graph = tracer.trace(model)
             tracer.finish_own_caches()
     except TraceError:
@@ -121,42 +119,7 @@ def trace_model(model: torch.nn.Module, example_inputs: dict[str, Any]) -> Graph
         ) from e
     finally:
         fake_log.setLevel(old_level)
-        for m in model.modules():
-            m.training = training.get(id(m), m.training)
-        _restore_plain_attributes(model, attributes)
-        for m, saved in buffers.values():
-            if m._buffers.keys() != saved.keys() or any(m._buffers[k] is not v for k, v in saved.items()):
-                m._buffers.clear()
-                m._buffers.update(saved)
     return _graph_module(model, graph, tracer.constants)
-
-
-# Module state that ``fxpp.transform.model_unchanged`` restores itself.
-_MODULE_STATE = frozenset({"_parameters", "_buffers", "_modules", "_forward_hooks", "_forward_pre_hooks",
-                           "_backward_hooks", "training", "forward"})
-
-
-def _plain_attributes(model: torch.nn.Module) -> dict[int, tuple[torch.nn.Module, dict]]:
-    """Each module's own attributes (not parameters, buffers, submodules or hooks).
-
-    Restoring them also undoes flags that go with hooks the trace installed and
-    ``model_unchanged`` removes (``_output_capturing_hooks_installed``).
-    """
-    return {id(m): (m, {k: v for k, v in vars(m).items() if k not in _MODULE_STATE}) for m in model.modules()}
-
-
-def _restore_plain_attributes(model: torch.nn.Module, saved: dict) -> None:
-    """Undo attribute writes the traced forward made (Qwen-VL's ``self.rope_deltas = ...``).
-
-    Such a write is a side channel between calls; the graph does not record it, and
-    the traced value (a Proxy) must not stay on the model.
-    """
-    for m, attrs in saved.values():
-        for k in [k for k in vars(m) if k not in attrs and k not in _MODULE_STATE]:
-            del m.__dict__[k]
-        for k, v in attrs.items():
-            if m.__dict__.get(k) is not v:
-                m.__dict__[k] = v
 
 
 def _traced_module_objects(model: torch.nn.Module, names: frozenset[str]) -> list[torch.nn.Module]:

@@ -46,6 +46,8 @@ from typing import Callable
 
 import torch
 
+from .model_state import model_device, model_unchanged
+
 IMAGE_TOKEN_ATTRS = ("image_token_id", "image_token_index")
 VIDEO_TOKEN_ATTRS = ("video_token_id", "video_token_index")  # placeholders of video-only models
 # merge (pixel-shuffle) factor of grid-style vision towers, under its various names
@@ -384,9 +386,15 @@ def _first_that_runs(model, device, forward_params: set[str], candidates: list[d
     return first_working(candidates, runs, "forward with {} and no image tokens")[1]
 
 
-def example_media_inputs(model: torch.nn.Module, batch: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Inputs with one image per row: token ids with the image's tokens, an all-ones
-    ``attention_mask``, the media and their companions, on the model's device.
+def example_media_inputs(model: torch.nn.Module, batch: int = 2, seed: int = 0,
+                         input_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Inputs with one image per row: token ids with the image's tokens, an
+    ``attention_mask`` (row 0 left-padded by one token), the media and their companions,
+    on the model's device.
+
+    ``input_ids``: the caller's example token ids, kept (their shape too) where each row
+    has room for the image's tokens after its first token; the image tokens overwrite
+    ``[1, 1 + n)`` and any stray image token elsewhere becomes an ordinary one.
 
     Runs the model's own ``get_image_features`` (or, without an image token, its
     forward) without gradients to check the layout and count the image tokens; the
@@ -396,8 +404,6 @@ def example_media_inputs(model: torch.nn.Module, batch: int = 2, seed: int = 0) 
         NoExampleMedia: the model has no image path, or no layout of the module
             docstring fits it; the message says which layouts were tried and why each failed.
     """
-    from ..transform import model_device, model_unchanged
-
     config = model.config
     vision = vision_config_of(model)
     if vision is None:
@@ -428,8 +434,13 @@ def example_media_inputs(model: torch.nn.Module, batch: int = 2, seed: int = 0) 
     n //= batch
     if n > MAX_IMAGE_TOKENS:
         raise NoExampleMedia(f"an example image becomes {n} tokens (more than {MAX_IMAGE_TOKENS})")
-    ids = text_token_ids(config, batch, n + SEQ_TEXT, g)
-    ids[:, 2:2 + n] = token
+    if input_ids is not None and input_ids.dim() == 2 and input_ids.shape[1] >= n + 2:
+        ids = input_ids.detach().to("cpu").clone()
+        ids[ids == token] = int(text_token_ids(config, 1, 1, g))
+        ids[:, 1:1 + n] = token
+    else:
+        ids = text_token_ids(config, batch, n + SEQ_TEXT, g)
+        ids[:, 2:2 + n] = token
     # Row 0 left-padded by one token: mask builders then return a mask in the fake and the
     # real evaluation alike (for an all-ones mask, some return None on real data only).
     mask = torch.ones_like(ids)

@@ -125,7 +125,7 @@ def opaque_functions_patched(tracer: HFTracer, module_names: set[str]):
                     # A mapping of masks per layer type: the forward tests isinstance(..., dict).
                     return {k: out[k] for k in tracer.meta_of(out)}
                 if tracer.meta_of(out) is None and is_mask_builder(fn):
-                    # A builder that returns no mask for these inputs (no padding mask given):
+                    # A builder that returns no mask for these inputs (no padding mask, an all-ones one):
                     # the forward may test ``mask is None`` and build its own (GLM-5 Next), so
                     # it gets None, as at run time; a guard re-checks that the builder still
                     # returns None on each call, and the stage retraces if it does not.

@@ -5,8 +5,6 @@ Pure predicates over call targets, shared by the tracer, the annotation and the 
 
 from __future__ import annotations
 
-from __future__ import annotations
-
 import inspect
 from typing import Any, Callable
 
@@ -14,15 +12,10 @@ import torch
 import torch.fx
 
 
-
-
+# Tensor attributes a traced forward reads as Python values from the meta value instead of
 # becoming graph nodes: they cannot change without the graph being retraced anyway
 # (rank) or they are needed as Python values by the forward (ndim in ``if``).
 CONCRETE_TENSOR_ATTRS = frozenset({"ndim", "is_floating_point", "requires_grad", "is_meta", "is_cuda"})
-
-# Wrappers that only reshape a forward's output or record intermediates; tracing
-# through them adds nothing and some of them install hooks.
-
 
 # Keyword arguments that opaque mask builders only read for shape, dtype and device.
 MASK_SHAPE_ONLY_KWARGS = ("inputs_embeds", "input_embeds")

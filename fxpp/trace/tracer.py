@@ -5,8 +5,6 @@ See the package docstring (``fxpp.trace``) for the terms.
 
 from __future__ import annotations
 
-from __future__ import annotations
-
 import collections.abc
 import copy
 import functools
@@ -30,7 +28,6 @@ from .layers import trace_path
 from .targets import CONCRETE_TENSOR_ATTRS, is_check_function, is_inplace_method
 from .recording import recorded_submodules, recorder_specs
 from .wrappers import captures_outputs, nested_forward_kwargs, unwrap_forward
-
 
 
 @dataclass
@@ -351,12 +348,16 @@ class HFTracer(Tracer):
                 f"({type(why).__name__ if isinstance(why, BaseException) else why}); fxpp evaluates such values on the "
                 "example inputs, which needs a model with real weights (not on the meta device) and real example inputs"
             )
-        for n in self.graph.nodes:
-            if n in self._real_vals or n.op == "output":
-                continue
-            self._real_vals[n] = self._run_real(n)
-            if n is node:
-                break
+        # On the random streams' own copies: a retrace inside a training step must not move
+        # the dropout masks of the run around it.
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+        with torch.random.fork_rng(devices=devices):
+            for n in self.graph.nodes:
+                if n in self._real_vals or n.op == "output":
+                    continue
+                self._real_vals[n] = self._run_real(n)
+                if n is node:
+                    break
         return self._real_vals[node]
 
     def _run_real(self, node: Node) -> Any:

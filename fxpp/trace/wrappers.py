@@ -3,14 +3,9 @@
 
 from __future__ import annotations
 
-from __future__ import annotations
-
 import functools
 import inspect
 from typing import Any, Callable
-
-
-
 
 
 _PLUMBING_WRAPPERS = ("can_return_tuple", "capture_outputs", "auto_docstring", "check_model_inputs")
