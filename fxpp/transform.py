@@ -17,7 +17,7 @@ from torch.fx import GraphModule
 
 from .analysis.annotate import annotate, info
 from .errors import CutError, StageInputError, StageSpecError, UnsupportedModelError
-from .ops import GuardFailure
+from .ops import GUARD_OPS, GuardFailure
 from .passes.dense_masked_rows import dense_masked_rows
 from .passes.extract_stage import extract_stage
 from .passes.guard_mask_branches import guard_mask_branches
@@ -29,6 +29,7 @@ from .trace.recording import recording_hooks, recording_targets
 from .layout import TEXT_INPUTS, TOKEN_INPUTS, CutLayout, InputSignature, Slot
 from .trace import find_decoder_layers, trace_model
 from .trace.model_state import model_device, model_unchanged
+from .trace.tracer import CONSTANT_PREFIX
 from .trace.example_media import example_media_inputs, is_media_input, media_inputs_of, vision_config_of
 
 
@@ -495,6 +496,14 @@ class StageModule(GraphModule):
                 return variant, self._call(variant, args, inputs or {})
             except GuardFailure as e:
                 why = str(e)
+            except Exception as e:  # noqa: BLE001 - see below
+                # Guards run in graph order: an op may fail on this call's data before the
+                # guard that would have said the graph does not fit it (a length decided on
+                # the example, checked after its first use). A graph with guards that fails
+                # is treated as one whose guard failed; without guards, it is the call's error.
+                if not _graph_facts(variant)["guarded"]:
+                    raise
+                why = f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
         variant = self._trace_variant(bits, inputs, received, why)
         args = () if received is None else self._args_for(variant, received, bits)
         try:
@@ -646,7 +655,8 @@ def _graph_facts(variant: GraphModule) -> dict:
     if facts is None or facts["graph"] is not variant.graph:
         (out,) = [n for n in variant.graph.nodes if n.op == "output"]
         facts = {"graph": variant.graph, "sent": out.meta.get("fxpp_identities", ()),
-                 "recorded": recording_targets(variant.graph)}
+                 "recorded": recording_targets(variant.graph),
+                 "guarded": any(n.op == "call_function" and n.target in GUARD_OPS for n in variant.graph.nodes)}
         variant.meta["fxpp_graph_facts"] = facts
     return facts
 
@@ -677,7 +687,10 @@ def _received_problem(variant: GraphModule, args) -> str | None:
         expected = ph.meta.get("val")
         name = ph.meta.get("fxpp_identity", ph.target)
         if isinstance(expected, torch.Tensor):
-            if value.dim() != expected.dim() or (expected.dim() >= 3 and value.shape[-1] != expected.shape[-1]):
+            # A float tensor's last dimension is a width (hidden size); an integer one's may be
+            # the sequence (multimodal positions [3, B, S]), which follows the call.
+            width_differs = expected.is_floating_point() and expected.dim() >= 3 and value.shape[-1] != expected.shape[-1]
+            if value.dim() != expected.dim() or width_differs:
                 return f"stage input {name!r}: expected shape like {tuple(expected.shape)}, got {tuple(value.shape)}"
             if value.dtype.is_floating_point != expected.dtype.is_floating_point:
                 return f"stage input {name!r}: expected dtype like {expected.dtype}, got {value.dtype}"
@@ -701,6 +714,10 @@ def _on_modules_of(variant: GraphModule, owner: GraphModule) -> GraphModule:
     def is_model_state(root, target) -> bool:
         # Submodules, parameters and buffers are the model's; anything else under a
         # get_attr (configs, traced constants) is the variant's own, numbered per trace.
+        # A traced tensor constant is a buffer of its GraphModule too (torch.fx registers
+        # tensors so), but never the model's: by name it could be another trace's constant.
+        if target.startswith(CONSTANT_PREFIX):
+            return False
         parent_name, _, name = target.rpartition(".")
         parent = resolve(root, parent_name) if parent_name else root
         obj = getattr(parent, name, None)

@@ -317,3 +317,21 @@ def test_sliding_layers_cost_less_at_long_sequences():
     layer_costs = [c.flops for c in pipe.block_costs[1:-1]]
     assert layer_costs[0] < layer_costs[2]  # sliding (window 4) vs full attention
     assert layer_costs[0] == layer_costs[1]
+
+
+def test_a_variant_keeps_its_own_traced_constants():
+    """Traced constants are numbered per trace and torch.fx registers tensor constants as
+    buffers: a variant must never take another trace's constant of the same name."""
+    from torch.fx import Graph, GraphModule
+
+    from fxpp.transform import _on_modules_of
+
+    def holding(value):
+        graph = Graph()
+        const = graph.get_attr("_fxpp_const_0")
+        graph.output(const)
+        return GraphModule({"_fxpp_const_0": value}, graph)
+
+    variant, owner = holding(torch.ones(3)), holding(torch.zeros(3))
+    assert "_fxpp_const_0" in dict(variant.named_buffers())  # what made the names collide
+    torch.testing.assert_close(_on_modules_of(variant, owner)(), torch.ones(3), atol=0, rtol=0)  # exact: a copy

@@ -109,6 +109,7 @@ class HFTracer(Tracer):
         self._opaque_helpers: set[int] = set()
         self._evaluating = 0
         self._running_real = 0  # > 0 inside _call_real: real values, never a stand-in
+        self._helper_depth = 0  # > 0 while tracing into a helper (call_helper)
         self.meta_fallbacks: list[str] = []
         self._leaf_cache: dict = {}
         self._meta_leaf: torch.nn.Module | None = None  # the leaf module being meta-evaluated
@@ -295,6 +296,7 @@ class HFTracer(Tracer):
         meta value comes from running it on the example inputs (Note [data-dependent values]).
         """
         last = self.graph._root.prev  # the newest node
+        self._helper_depth += 1
         try:
             return fn(*args, **kwargs)
         except UntraceableCode:
@@ -303,6 +305,8 @@ class HFTracer(Tracer):
             raise  # a problem opaque evaluation has too (no real values on the meta device)
         except Exception:  # noqa: BLE001 - retried as one opaque node
             pass
+        finally:
+            self._helper_depth -= 1
         made = []
         node = self.graph._root.prev
         while node is not last:
@@ -698,7 +702,7 @@ class HFTracer(Tracer):
     def _constant(self, obj: Any) -> str:
         name = self._constant_ids.get(id(obj))
         if name is None:
-            name = f"_fxpp_const_{len(self.constants)}"
+            name = f"{CONSTANT_PREFIX}{len(self.constants)}"
             self.constants[name] = obj
             self._constant_ids[id(obj)] = name
         return name
@@ -729,7 +733,9 @@ class HFTracer(Tracer):
         try:
             result = kind(val)
         except Exception as e:  # noqa: BLE001
-            if kind in (bool, int) and _is_data_dependent(e) and self.real_inputs:
+            # Inside a helper a decision on data makes the helper one opaque node instead,
+            # recomputed whole on every call (call_helper): exact without any guard.
+            if kind in (bool, int) and _is_data_dependent(e) and self.real_inputs and not self._helper_depth:
                 try:
                     result = kind(self.real_value(obj.node, why=e))
                 except TraceError:
@@ -766,6 +772,11 @@ class HFTracer(Tracer):
         if isinstance(val, collections.abc.Mapping):
             return list(val.keys())
         return super().keys(obj)
+
+
+# get_attr names of the objects a trace holds as constants (configs, tensors it made);
+# numbered per trace, so the same name means different objects in two traces.
+CONSTANT_PREFIX = "_fxpp_const_"
 
 
 class _RecordedNeedsData(Exception):
