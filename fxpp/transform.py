@@ -415,6 +415,7 @@ class StageModule(GraphModule):
         stage.meta.update(model_gm.meta)
         stage.meta["fxpp_spec"] = spec
         object.__setattr__(stage, "_fxpp_variants", {})  # present bits -> [GraphModule]
+        object.__setattr__(stage, "_fxpp_last_ok", {})  # present bits -> the variant the last such call ran
         object.__setattr__(stage, "in_layout", None if spec.takes_model_inputs else cut_layout(model_gm, spec.layers.start))
         object.__setattr__(stage, "out_layout", None if spec.returns_model_output else cut_layout(model_gm, spec.layers.stop))
         object.__setattr__(stage, "_fxpp_traced_sets", model_gm.meta.get("fxpp_variant_graphs", {}))
@@ -484,6 +485,9 @@ class StageModule(GraphModule):
         candidates = list(self._fxpp_variants.get(bits, ()))
         if bits == self.signature.traced_bits:
             candidates.insert(0, self)
+        last_ok = self._fxpp_last_ok.get(bits)
+        if last_ok is not None:  # a repeating call pattern tries its own graph first, not every guard before it
+            candidates.sort(key=lambda v: v is not last_ok)
         why = f"no variant for inputs {list(self.signature.present(bits))} yet"
         for variant in candidates:
             problem = None if received is None else _fit_problem(variant, received)
@@ -493,7 +497,9 @@ class StageModule(GraphModule):
                 why = problem
                 continue
             try:
-                return variant, self._call(variant, args, inputs or {})
+                out = self._call(variant, args, inputs or {})
+                self._fxpp_last_ok[bits] = variant
+                return variant, out
             except GuardFailure as e:
                 why = str(e)
             except Exception as e:  # noqa: BLE001 - see below
@@ -516,6 +522,7 @@ class StageModule(GraphModule):
                 f"({e}): the decision depends on values this stage does not receive. Keep the layers around it "
                 "on one stage (move the cut), or report the model") from e
         self._fxpp_variants.setdefault(bits, []).append(variant)
+        self._fxpp_last_ok[bits] = variant
         return variant, out
 
     def _call(self, variant: GraphModule, args, inputs: dict):
