@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 
 import fxpp
 from fxpp.testing.check import grads_of, loss_of
-from fxpp.testing.zoo import VLM_FAMILIES, tiny_vlm
+from fxpp.testing.zoo import IMAGE_TOKEN, VISION_END, VISION_START, VLM_FAMILIES, tiny_vlm
 
 from .helpers import assert_same, cached_model, make_inputs
 
@@ -189,8 +189,12 @@ def vlm_call_inputs(family: str, make, batch: int, extra: int, images: bool, pad
     if not images:  # text only: no media, and no image placeholder among the ids
         inputs = {"input_ids": inputs["input_ids"].clamp(max=50), "attention_mask": inputs["attention_mask"]}
     if padding:
+        # Left padding of row 0, never over its image: a masked image token is an input the
+        # unpatched model itself refuses (Qwen-VL's rotary index counts unmasked image tokens).
+        special = torch.isin(inputs["input_ids"][0], torch.tensor([IMAGE_TOKEN, VISION_START, VISION_END])).nonzero()
+        room = int(special[0]) if len(special) else inputs["input_ids"].shape[1] - 1
         inputs["attention_mask"] = inputs["attention_mask"].clone()
-        inputs["attention_mask"][0, : 1 + seed % 2] = 0  # left padding of row 0
+        inputs["attention_mask"][0, : min(1 + seed % 2, room)] = 0
     else:
         del inputs["attention_mask"]
     return inputs
