@@ -30,6 +30,11 @@ from .recording import recorded_submodules, recorder_specs
 from .wrappers import captures_outputs, nested_forward_kwargs, unwrap_forward
 
 
+# get_attr names of the objects a trace holds as constants (configs, tensors it made);
+# numbered per trace, so the same name means different objects in two traces.
+CONSTANT_PREFIX = "_fxpp_const_"
+
+
 @dataclass
 class _StateRecord:
     """A mutable container seen during the trace and the node of each entry's writer."""
@@ -772,11 +777,6 @@ class HFTracer(Tracer):
         if isinstance(val, collections.abc.Mapping):
             return list(val.keys())
         return super().keys(obj)
-
-
-# get_attr names of the objects a trace holds as constants (configs, tensors it made);
-# numbered per trace, so the same name means different objects in two traces.
-CONSTANT_PREFIX = "_fxpp_const_"
 
 
 class _RecordedNeedsData(Exception):
