@@ -75,3 +75,36 @@ def test_a_later_stage_that_cannot_take_the_senders_branch_refuses_without_retra
                                r"call .* the new graph's own check fails on it"):
                 last(*first(input_ids=flipped))
     assert sum(len(v) for v in last._fxpp_variants.values()) <= 1, "a failing graph was kept"
+
+
+def test_a_decision_on_a_scalar_read_from_data_is_rechecked_on_the_later_stage():
+    """``k = (ids == 5).sum().item()`` before the layers, ``if k > 0:`` after them: the last
+    stage takes the decision, so it recomputes ``k`` and re-checks it (a Python int cannot
+    cross a cut; the tensor it was read from does)."""
+    from transformers.modeling_outputs import BaseModelOutputWithPast
+
+    from fxpp.testing.zoo import tiny_model
+
+    model = tiny_model("llama", 2).eval()
+
+    class DataDependent(type(model.model)):
+        def forward(self, input_ids=None, attention_mask=None, position_ids=None, **kwargs):
+            h = self.embed_tokens(input_ids)
+            k = (input_ids == 5).sum().item()
+            for layer in self.layers:
+                h = layer(h, attention_mask=None, position_embeddings=self.rotary_emb(h, torch.arange(h.shape[1])[None]))
+            h = self.norm(h)
+            if k > 0:
+                h = h * 2
+            return BaseModelOutputWithPast(last_hidden_state=h)
+
+    model.model.__class__ = DataDependent
+    with_five = torch.full((2, 8), 7)
+    with_five[0, 3] = 5
+    first = fxpp.transform(model, "first", range(0, 1), example_inputs={"input_ids": with_five})
+    last = fxpp.transform(model, "last", range(1, 2), example_inputs={"input_ids": with_five})
+    assert any(n.target is fxpp.ops.check_data for n in last.graph.nodes), "the last stage does not re-check k"
+    with torch.no_grad():
+        for ids in (torch.full((2, 8), 7), with_five):  # decides False, then True
+            torch.testing.assert_close(last(*first(input_ids=ids)), model(input_ids=ids, use_cache=False).logits,
+                                       atol=0, rtol=0)  # the same modules on the same values: bit-identical

@@ -23,6 +23,7 @@ from torch.fx import Graph, Node
 
 from .annotate import info, is_guard, is_tensorish, rechecked_on_every_stage
 from ..errors import CutError
+from ..trace.tracer import FROM_DATA
 
 
 def layer_nodes(graph: Graph) -> dict[int, Node]:
@@ -99,7 +100,9 @@ def crossing_values(graph: Graph, k: int) -> list[Node]:
             rec = info(value)
             if rec.position >= k:
                 continue
-            if rec.rematerialize:
+            if rec.rematerialize or value.meta.get(FROM_DATA):
+                # recomputed after the cut: a mask, rotary, or a scalar read from a tensor
+                # (which crosses instead: a Python value cannot)
                 seen.add(value)
                 needed.append(value)
             elif substitutable(node, value, stream):

@@ -36,6 +36,7 @@ from .. import ops
 from ..analysis.annotate import NodeInfo, info, is_guard
 from ..analysis.cuts import crossing_identity, crossing_values, leaf_identities, stream_at, substitutable
 from ..errors import CutError
+from ..trace.tracer import FROM_DATA
 from ..spec import StageRole, StageSpec
 
 
@@ -137,7 +138,8 @@ def _slice(roots, received: set[Node], stream: Node | None, *, strict: bool) -> 
             if (stream is not None and stream in received and not info(value).rematerialize
                     and substitutable(node, value, stream)):
                 continue  # read for its shape: the received hidden states stand in
-            if strict and stream is not None and not info(value).rematerialize and value.op != "get_attr":
+            if (strict and stream is not None and not info(value).rematerialize and value.op != "get_attr"
+                    and not value.meta.get(FROM_DATA)):
                 return None
             stack.append(value)
     return keep

@@ -33,6 +33,10 @@ from .wrappers import captures_outputs, nested_forward_kwargs, unwrap_forward
 # get_attr names of the objects a trace holds as constants (configs, tensors it made);
 # numbered per trace, so the same name means different objects in two traces.
 CONSTANT_PREFIX = "_fxpp_const_"
+# node.meta key: the node's value is a Python scalar (or list) read from tensor data on the
+# real example (``.item()``, ``.tolist()``), or computed from one. A later stage recomputes
+# it from the tensor it came from (fxpp.analysis.cuts), so a decision on it is re-checked there.
+FROM_DATA = "fxpp_from_data"
 
 
 @dataclass
@@ -162,6 +166,9 @@ class HFTracer(Tracer):
             self._record_targets[node], self._pending_targets = self._pending_targets, []
         if kind != "output":
             node.meta["val"] = self._meta_eval(node)
+            if not isinstance(node.meta["val"], torch.Tensor) and any(
+                    n.meta.get(FROM_DATA) for n in node.all_input_nodes):
+                node.meta[FROM_DATA] = True  # arithmetic on a scalar read from data
         return node
 
     def _meta_eval(self, node: Node) -> Any:
@@ -181,7 +188,7 @@ class HFTracer(Tracer):
         if node.op == "call_function" and node.target is ops.take_recorded:
             return self._recorded_meta[tuple(node.args)]
         if node.op == "call_function" and id(node.target) in self._opaque_helpers:
-            return self._fakeify_value(self.real_value(node, why=f"opaque helper {node.target.__name__}"))
+            return self._from_data(node, self.real_value(node, why=f"opaque helper {node.target.__name__}"))
         self._evaluating += 1
         try:
             with self.fake_mode:
@@ -195,7 +202,7 @@ class HFTracer(Tracer):
             raise
         except Exception as e:  # noqa: BLE001 - re-raised with node context
             if _is_data_dependent(e):
-                value = self._fakeify_value(self.real_value(node, why=e))
+                value = self._from_data(node, self.real_value(node, why=e))
                 if node in self._record_targets:  # what the leaf recorded, from the real run
                     self._captured = [(p, i, self._fakeify_value(v)) for p, i, v in self._real_record_calls[node]]
                 return value
@@ -428,6 +435,13 @@ class HFTracer(Tracer):
             self._real_recorded[(path, index, occurrence)] = value
         self._real_record_calls[node] = calls
         return out
+
+    def _from_data(self, node: Node, value: Any) -> Any:
+        """The meta value of ``node`` evaluated on the real example; a Python value (not a
+        tensor) read from data is marked :data:`FROM_DATA`."""
+        if not isinstance(value, torch.Tensor):
+            node.meta[FROM_DATA] = True
+        return self._fakeify_value(value)
 
     def _fakeify_value(self, value: Any) -> Any:
         def fake(x):
@@ -755,7 +769,12 @@ class HFTracer(Tracer):
                 f"{type(self.model).__name__}: {what} at {_short_stack()} (node {obj.node.name}); "
                 "fxpp traces decisions on tensor data only on real example values (not on the meta device)"
             ) from e
-        self._guard(obj, result)
+        if obj.node.meta.get(FROM_DATA):
+            # a scalar read from data (``k = x.sum().item(); if k > 0:``): a decision on data,
+            # re-checked on every stage like any other
+            self.create_proxy("call_function", ops.check_data, (obj, result, _short_stack()), {})
+        else:
+            self._guard(obj, result)
         return result
 
     def concrete_len(self, obj: Proxy) -> int:
