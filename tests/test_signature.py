@@ -17,6 +17,7 @@ wrong slot moves logits by 1e-1 or more (issue: 0.58-1.5 for packed documents).
 from __future__ import annotations
 
 import functools
+import os
 import zlib
 
 import pytest
@@ -31,6 +32,12 @@ from fxpp.testing.zoo import IMAGE_TOKEN, VISION_END, VISION_START, VLM_FAMILIES
 from .helpers import assert_same, cached_model, make_inputs
 
 ATOL32, RTOL32 = 1e-5, 1e-5  # see the module docstring
+
+
+def property_examples(default: int) -> int:
+    """Hypothesis examples per property test: the suite's default, or FXPP_PROPERTY_EXAMPLES
+    for a longer search (``FXPP_PROPERTY_EXAMPLES=500 python -m pytest tests/test_signature.py -k any_input_set``)."""
+    return int(os.environ.get("FXPP_PROPERTY_EXAMPLES", default))
 TEXT_FAMILIES = ("llama", "gemma2", "gemma3", "gemma4", "qwen3_moe", "phi3")
 NUM_LAYERS = 4
 
@@ -82,7 +89,7 @@ def _pipeline(family: str, cuts: tuple[int, ...]):
     return fxpp.pipeline(cached_model(family, NUM_LAYERS), len(cuts) + 1, cuts=list(cuts))
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=property_examples(12), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     family=st.sampled_from(TEXT_FAMILIES),
     cuts=st.lists(st.integers(1, NUM_LAYERS - 1), min_size=1, max_size=NUM_LAYERS - 1, unique=True).map(
@@ -200,7 +207,7 @@ def vlm_call_inputs(family: str, make, batch: int, extra: int, images: bool, pad
     return inputs
 
 
-@settings(max_examples=14, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=property_examples(14), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     family=st.sampled_from(VLM_FAMILIES),
     cut=st.integers(1, NUM_LAYERS - 1),
