@@ -65,10 +65,10 @@ def check_is_not_none(value: Any, where: str) -> None:
 
 def check_data(value: Any, expected: Any, where: str) -> None:
     """A Python decision on tensor *data* (``if mask.any():``), taken on the example's real
-    values while tracing; a call whose data decides otherwise needs another trace."""
-    actual = type(expected)(value)
-    if actual != expected:
-        raise GuardFailure(where, expected, actual)
+    values while tracing; a call whose data decides otherwise needs another trace. The
+    check is ``check_guard``'s; the op of its own marks a guard every stage re-checks
+    (``fxpp.analysis.annotate.rechecked_on_every_stage``)."""
+    check_guard(value, expected, where)
 
 
 GUARD_OPS = (check_guard, check_is_none, check_is_not_none, check_data)  # graph nodes that re-check a decision

@@ -247,8 +247,7 @@ def trace_annotated(model: torch.nn.Module, example_inputs: dict[str, Any]) -> G
     _check_model(model)
     device = model_device(model)
     inputs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in example_inputs.items()}
-    with model_unchanged(model):
-        gm = trace_model(model, inputs)
+    gm = trace_model(model, inputs)  # leaves the model as it was (model_unchanged inside)
     _reject_ignored_inputs(model, gm)
     given = [k for k, v in inputs.items() if v is not None]
     ignored = ignored_by_the_model(model, inputs, [n for n in unconsumed_inputs(gm, given)
@@ -490,9 +489,7 @@ class StageModule(GraphModule):
             candidates.sort(key=lambda v: v is not last_ok)
         why = f"no variant for inputs {list(self.signature.present(bits))} yet"
         for variant in candidates:
-            problem = None if received is None else _fit_problem(variant, received)
-            args = () if received is None or problem else self._args_for(variant, received, bits)
-            problem = problem or (None if received is None else _received_problem(variant, args))
+            args, problem = ((), None) if received is None else self._receiving_args(variant, received, bits)
             if problem is not None:
                 why = problem
                 continue
@@ -511,7 +508,7 @@ class StageModule(GraphModule):
                     raise
                 why = f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
         variant = self._trace_variant(bits, inputs, received, why)
-        args = () if received is None else self._args_for(variant, received, bits)
+        args = () if received is None else self._receiving_args(variant, received, bits)[0]
         try:
             out = self._call(variant, args, inputs or {})
         except GuardFailure as e:
@@ -548,6 +545,15 @@ class StageModule(GraphModule):
             return ModelOutput(out)
         return out["logits"]
 
+    def _receiving_args(self, variant: GraphModule, received: dict, bits: int) -> tuple[list, str | None]:
+        """``(args, None)`` where ``variant`` is the receiving half of the sender's trace
+        and takes the received values; else ``([], why not)``."""
+        problem = _fit_problem(variant, received)
+        if problem is not None:
+            return [], problem
+        args = self._args_for(variant, received, bits)
+        return args, _received_problem(variant, args)
+
     def _args_for(self, variant: GraphModule, received: dict, bits: int) -> list:
         """The received values a variant reads, by identity; a filler is never read."""
         args = []
@@ -575,8 +581,7 @@ class StageModule(GraphModule):
             raise StageInputError(f"{self._where()}: {why}, and tracing the model for them failed: {first}") from e
         variant = self._variant_of(model_gm, received is not None)
         if received is not None:
-            problem = _fit_problem(variant, received) or _received_problem(
-                variant, self._args_for(variant, received, bits))
+            _, problem = self._receiving_args(variant, received, bits)
             if problem is not None:
                 again = "" if problem == why else f" (before the retrace: {why})"
                 raise StageInputError(
