@@ -48,6 +48,22 @@ from .errors import StageInputError
 
 TEXT_INPUTS = ("input_ids", "attention_mask", "position_ids")
 TOKEN_INPUTS = ("input_ids", "inputs_embeds")  # a call gives one of them
+# An encoder-decoder model's decoder inputs: the decoder's tokens are the stream that the
+# cut stack carries; the encoder's inputs (input_ids, attention_mask, media) run whole in
+# the first stage, and what the decoder layers read of them crosses the cuts.
+DECODER_TOKEN_INPUTS = ("decoder_input_ids", "decoder_inputs_embeds")
+DECODER_INPUTS = (*DECODER_TOKEN_INPUTS, "decoder_attention_mask", "decoder_position_ids")
+# Inputs aligned with the tokens that go wherever the tokens go: a document-layout
+# model's box per token (UDOP's ``bbox``), not media.
+TOKEN_COMPANIONS = ("bbox",)
+
+
+def stream_tokens(inputs: dict) -> "torch.Tensor | None":
+    """The token input whose first two dimensions are the stream's batch and sequence:
+    the decoder's tokens where given (encoder-decoder models), else ``input_ids`` or
+    ``inputs_embeds``; None where the inputs hold none."""
+    return next((inputs[n] for n in (*DECODER_TOKEN_INPUTS, *TOKEN_INPUTS)
+                 if isinstance(inputs.get(n), torch.Tensor) and inputs[n].dim() >= 2), None)
 HEADER = "fxpp header (layout id, inputs present, slots filled)"
 _WORD = 62  # bits per header word: int64, kept non-negative
 
@@ -228,6 +244,26 @@ class CutLayout:
             if words[i // _WORD] >> (i % _WORD) & 1:
                 received[slot.identity] = value
         return bits, received
+
+
+def step_shape(inputs: dict) -> tuple[int, ...] | None:
+    """The sizes that fix a step's stage metadata: the stream's batch and sequence, and
+    for an encoder-decoder model's inputs (with decoder tokens) a third entry, the size
+    of the encoder's tokens and media per sample (the sum over those tensors, masks and
+    positions left out): what crosses the cuts of such a model (the encoder's output)
+    has the encoder's length, which does not follow the decoder's and may grow with the
+    images (Florence 2 puts their features before the text). None where the inputs hold
+    no tokens."""
+    tokens = stream_tokens(inputs)
+    if tokens is None:
+        return None
+    shape = (int(tokens.shape[0]), int(tokens.shape[1]))
+    if not any(isinstance(inputs.get(n), torch.Tensor) for n in DECODER_TOKEN_INPUTS):
+        return shape
+    encoder = sum(int(v[0].numel()) for k, v in inputs.items()
+                  if isinstance(v, torch.Tensor) and v.dim() > 0 and k not in DECODER_INPUTS
+                  and "mask" not in k and "position" not in k)
+    return (*shape, encoder)
 
 
 def filler_shape(shape: tuple[int, ...], built: tuple[int, ...], now: tuple[int, ...]) -> tuple[int, ...]:

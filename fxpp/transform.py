@@ -26,11 +26,13 @@ from .analysis.cuts import crossing_slots
 from .trace import reject_unconsumed_inputs
 from .trace.unused_inputs import tolerated_reason, unconsumed_inputs
 from .trace.recording import recording_hooks, recording_targets
-from .layout import TEXT_INPUTS, TOKEN_INPUTS, CutLayout, InputSignature, Slot
+from .layout import (DECODER_INPUTS, DECODER_TOKEN_INPUTS, TEXT_INPUTS, TOKEN_COMPANIONS, TOKEN_INPUTS, CutLayout,
+                     InputSignature, Slot, stream_tokens)
 from .trace import find_decoder_layers, trace_model
 from .trace.model_state import model_device, model_unchanged
 from .trace.tracer import CONSTANT_PREFIX
-from .trace.example_media import example_media_inputs, is_media_input, media_inputs_of, vision_config_of
+from .trace.example_media import (example_media_inputs, is_media_input, media_inputs_of, token_boxes,
+                                  vision_config_of)
 
 
 def num_decoder_layers(model: torch.nn.Module) -> int:
@@ -47,11 +49,30 @@ def _check_model(model: Any) -> None:
 
 
 def default_example_inputs(model: torch.nn.Module, batch_size: int = 2, seq_len: int = 8) -> dict[str, torch.Tensor]:
-    """Token ids of shape ``[batch_size, seq_len]``, on the model's device."""
+    """Token ids of shape ``[batch_size, seq_len]``, on the model's device.
+
+    An encoder-decoder model gets its decoder's tokens too, ``[batch_size, seq_len - 2]``
+    (where its forward takes ``input_ids``, the encoder's tokens beside them): two
+    lengths, so that shapes that follow the encoder's sequence and those that follow
+    the decoder's can be told apart (``fxpp.layout.filler_shape``).
+    """
     device = model_device(model)
     vocab = getattr(model.config.get_text_config(), "vocab_size", 2) or 2
     ids = torch.arange(batch_size * seq_len, device="cpu").reshape(batch_size, seq_len) % vocab
-    return {"input_ids": ids.to(device)}
+    if not is_encoder_decoder(model):
+        return {"input_ids": ids.to(device)}
+    params = forward_parameters(model)
+    out = {"input_ids": ids.to(device)} if "input_ids" in params else {}
+    if out and "bbox" in params:  # a document-layout model reads each token's box (UDOP)
+        out["bbox"] = token_boxes(ids).to(device)
+    out["decoder_input_ids"] = ids[:, : max(seq_len - 2, 1)].flip(-1).to(device)
+    return out
+
+
+def is_encoder_decoder(model: torch.nn.Module) -> bool:
+    """Whether fxpp cuts the model's decoder stack and runs its encoder whole in stage 0."""
+    return bool(getattr(model.config, "is_encoder_decoder", False)) and \
+        DECODER_TOKEN_INPUTS[0] in forward_parameters(model)
 
 
 def forward_parameters(model: torch.nn.Module) -> set[str]:
@@ -161,17 +182,23 @@ def _trace_with_example_media(model, given: dict[str, Any], params: set[str]):
     sequence is the image's tokens plus a few text tokens.
     """
     tokens = given.get("input_ids")
+    decoder = {k: v for k, v in given.items() if k in DECODER_INPUTS}
     media_names = media_inputs_of(params)
     how = ("; declare them by building with example_inputs that hold one microbatch with images "
            "(fxpp.pipeline(model, n, example_inputs=...))")
-    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or set(given) - set(TEXT_INPUTS):
+    batch = stream_tokens(given)
+    if (tokens is None and not decoder) or (tokens is not None and (not isinstance(tokens, torch.Tensor)
+                                                                     or tokens.dim() != 2)) \
+            or set(given) - set(TEXT_INPUTS) - set(decoder) - set(TOKEN_COMPANIONS):
         why = (f"fxpp makes example images only for example inputs of token ids, a mask and positions "
                f"(got {sorted(given)})")
         return None, [], [(n, why + how) for n in media_names]
     try:
-        example = example_media_inputs(model, batch=tokens.shape[0], input_ids=tokens)
-        if example["input_ids"].shape == tokens.shape:  # the caller's ids, with the image's tokens
+        example = example_media_inputs(model, batch=batch.shape[0], input_ids=tokens, decoder=decoder)
+        if tokens is not None and example["input_ids"].shape == tokens.shape:
+            # the caller's ids, with the image's tokens
             example.update({k: v for k, v in given.items() if k != "input_ids"})
+        example.update(decoder)
         gm, left_out = _trace_with_text_inputs(model, example, params)
     except Exception as e:  # noqa: BLE001 - any failure leaves the media out, with its reason
         why = f"no example images fit {type(model).__name__}: {' '.join(str(e).split())[:400]}"
@@ -190,7 +217,7 @@ def representative_present_sets(signature: InputSignature) -> list[tuple[str, ..
 
     names = [n for n in signature.names if n not in signature.alternatives]  # alternatives: traced on demand
     optional = [n for n in ("attention_mask", "position_ids") if n in names]
-    media = [n for n in names if n not in TEXT_INPUTS and n != "inputs_embeds"]
+    media = [n for n in names if n not in (*TEXT_INPUTS, *DECODER_INPUTS, *TOKEN_COMPANIONS, "inputs_embeds")]
     found = []
     for with_media in ((True, False) if media else (True,)):
         for r in range(len(optional), -1, -1):
@@ -613,13 +640,30 @@ class StageModule(GraphModule):
         built = self.meta["fxpp_example_inputs"]
         example = {k: v for k, v in built.items() if k in present}
         stream = received["hidden states"]  # always computed, always first
-        old = next(v for k, v in built.items() if k in TOKEN_INPUTS)
-        b0, s0 = old.shape[0], old.shape[1] if old.dim() > 1 else None
+        old = stream_tokens(built)
+        b0, s0 = old.shape[0], old.shape[1]
         # Batch and sequence sit where they sat in the built hidden states ([B, S, H], or
         # Gemma 3n's stack of altup streams [4, B, S, H]).
         built_stream = self.in_layout.slots[0].shape
         at = next((i for i in range(len(built_stream) - 1) if tuple(built_stream[i:i + 2]) == (b0, s0)), 0)
         b, s = stream.shape[at], stream.shape[at + 1]
+        # Other sizes that changed with the call (an encoder-decoder model's encoder
+        # sequence, which its output crossing the cut shows): built size -> received size,
+        # read against the shapes this present set's own trace sent where there is one
+        # (the encoder's sequence holds the image's patches only when images are present).
+        built_shapes = {slot.identity: slot.shape for slot in self.in_layout.slots}
+        traced = self._fxpp_traced_sets.get(self.signature.bits(present))
+        if traced is not None:
+            with contextlib.suppress(CutError):
+                found = crossing_slots(traced.graph, self.in_layout.cut, dict(traced.named_modules()))
+                built_shapes.update((identity, tuple(val.shape)) for identity, val in found)
+        resized = {s0: s}
+        for identity, shape in built_shapes.items():
+            value = received.get(identity)
+            if identity != "hidden states" and isinstance(value, torch.Tensor) and value.dim() == len(shape):
+                for d0, d in zip(shape[1:], value.shape[1:]):
+                    if d0 != d and d0 not in (b0, s0):
+                        resized.setdefault(d0, d)
         out = {}
         for name in self.signature.alternatives:  # the other token input: only its shape matters here
             if name in present:
@@ -628,8 +672,8 @@ class StageModule(GraphModule):
         for name, value in example.items():
             if f"input {name}" in received:
                 out[name] = received[f"input {name}"]
-            elif isinstance(value, torch.Tensor) and (b, s) != (b0, s0):
-                shape = [b if d == b0 and i == 0 else s if d == s0 else d for i, d in enumerate(value.shape)]
+            elif isinstance(value, torch.Tensor) and ((b, s) != (b0, s0) or len(resized) > 1):
+                shape = [b if d == b0 and i == 0 else resized.get(d, d) for i, d in enumerate(value.shape)]
                 out[name] = torch.zeros(shape, dtype=value.dtype, device=value.device)
             else:
                 out[name] = value

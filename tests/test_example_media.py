@@ -51,7 +51,7 @@ def test_the_default_vlm_signature_holds_the_media_inputs_and_none_narrows_it():
 def test_media_no_example_fits_are_refused_with_the_reason(monkeypatch):
     import importlib
 
-    def no_fit(model, batch=2, seed=0, input_ids=None):
+    def no_fit(model, batch=2, seed=0, input_ids=None, decoder=None):
         raise NoExampleMedia("get_image_features on pixel_values[2, 3, 16, 16]: RuntimeError: no")
 
     monkeypatch.setattr(importlib.import_module("fxpp.transform"), "example_media_inputs", no_fit)

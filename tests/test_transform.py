@@ -227,14 +227,6 @@ def test_not_a_transformers_model():
         fxpp.transform(torch.nn.Linear(2, 2), "full")
 
 
-def test_encoder_decoder_is_refused():
-    from transformers import T5Config, T5ForConditionalGeneration
-
-    model = T5ForConditionalGeneration(T5Config(d_model=32, d_ff=64, num_layers=2, num_heads=2, vocab_size=64, d_kv=8))
-    with pytest.raises(fxpp.UnsupportedModelError, match="T5ForConditionalGeneration is an encoder-decoder model"):
-        fxpp.transform(model, "full")
-
-
 def _data_dependent_llama():
     """A tiny Llama whose base forward branches on token data before its layers."""
     from transformers.modeling_outputs import BaseModelOutputWithPast

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import StageInputError, StageSpecError
+from ..layout import step_shape
 from .stage import FxppPipelineStage
 from .ties import finish_step
 
@@ -73,10 +74,9 @@ class PipelineSchedule:
         return self._cls(self.stages, n_microbatches=self.n_microbatches, loss_fn=self.loss_fn, **self._kwargs)
 
     def step(self, *args, target=None, losses=None, **kwargs):
-        tokens = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
-        shape = None
-        if isinstance(tokens, torch.Tensor):
-            shape = (-(-tokens.shape[0] // self.n_microbatches), tokens.shape[1])
+        shape = step_shape(kwargs)
+        if shape is not None:
+            shape = (-(-shape[0] // self.n_microbatches), *shape[1:])
         self._follow_shapes(shape)
         result = self.torch_schedule.step(*args, target=target, losses=losses, **kwargs)
         finish_step(self.stages)
@@ -86,8 +86,10 @@ class PipelineSchedule:
         """One step on microbatches split beforehand (see :func:`fxpp.step_with_microbatches`)."""
         shape = None
         if microbatches:
-            tokens = microbatches[0].get("input_ids", microbatches[0].get("inputs_embeds"))
-            shape = tuple(tokens.shape[:2])
+            shapes = {step_shape(mb) for mb in microbatches}
+            # microbatches of other sizes in one step: the metadata fits none of them all,
+            # and every rank must hear it (a refusal, below), not only this one
+            shape = shapes.pop() if len(shapes) == 1 else (-1,) * len(step_shape(microbatches[0]) or (0, 0))
         self._follow_shapes(shape)
         result = run_microbatches(self.torch_schedule, microbatches, targets, losses, return_outputs=return_outputs)
         finish_step(self.stages)
@@ -100,13 +102,37 @@ class PipelineSchedule:
         group = stage.group
         src = 0 if group is None else dist.get_global_rank(group, 0)
         holder = any(s.stage_index == 0 for s in self.stages)
+        width = len(stage._fxpp_batch_seq)
+        # Problems the rank of stage 0 sees travel as negative codes, so that every rank refuses.
         if holder and shape is None:
-            raise StageInputError("the rank of stage 0 must give the step's inputs (input_ids or inputs_embeds)")
-        agreed = torch.tensor(shape if holder else (0, 0), dtype=torch.int64, device=stage.device)
+            shape = (-2,) * width
+        elif holder and len(shape) != width:
+            shape = (-3,) * width
+        agreed = torch.tensor(shape if holder else (0,) * width, dtype=torch.int64, device=stage.device)
         dist.broadcast(agreed, src=src, group=group)
         batch_seq = tuple(int(v) for v in agreed.tolist())
         if all(s._fxpp_batch_seq == batch_seq for s in self.stages):
             return
+        if batch_seq[0] == -2:
+            raise StageInputError("the rank of stage 0 must give the step's inputs (input_ids or inputs_embeds; an "
+                                  "encoder-decoder model's decoder_input_ids)")
+        if batch_seq[0] == -3:
+            raise StageInputError(
+                f"the step's inputs and the stages' build differ in kind: the stages were built for sizes "
+                f"{list(stage._fxpp_batch_seq)}; an encoder-decoder pipeline's steps give the decoder's tokens "
+                "(decoder_input_ids) beside the encoder's inputs, as its build did, and a decoder-only one's do not")
+        if batch_seq[0] < 0:
+            raise StageInputError(
+                "the microbatches of this step differ in size (batch, sequence"
+                + (", encoder input size" if len(batch_seq) > 2 else "") + "): one step's microbatches share the "
+                "shapes the stages send; give microbatches of one shape (pad them alike)")
+        if len(batch_seq) > 2:  # every rank knows the step's sizes now: all refuse together
+            raise StageInputError(
+                f"this step's microbatches have sizes (batch, decoder length, encoder input size) {list(batch_seq)}, "
+                f"the stages were built for {list(stage._fxpp_batch_seq)}: an encoder-decoder model's stages keep "
+                "the shapes they were built for (what crosses the cuts has the encoder's length, which does not "
+                "follow the decoder's). Build the pipeline with example_inputs of one microbatch of this step "
+                "(fxpp.pipeline(model, n, example_inputs=...)) and its stages again")
         self.stages = [s._fxpp_rebuild(batch_seq) if s._fxpp_batch_seq != batch_seq else s for s in self.stages]
         self.torch_schedule = self._make()
 

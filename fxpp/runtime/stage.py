@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch.distributed.pipelining import PipelineStage
 
 from ..errors import FxppError, StageInputError, StageSpecError
-from ..layout import HEADER, filler_shape
+from ..layout import HEADER, filler_shape, step_shape, stream_tokens
 from .placement import check_placement
 from .protocols import SplitModel
 from .ties import LIVE_STAGES, UNSYNCHRONISED, guard_optimizers, tie_exchanges, tied_parameters
@@ -223,7 +223,7 @@ def _example_args(stage, device: torch.device, batch_seq: tuple[int, int] | None
         return torch.empty(shape, dtype=dtype, device=device, requires_grad=dtype.is_floating_point)
 
     def resized(shape, built):
-        return shape if batch_seq is None else filler_shape(shape, built, batch_seq)
+        return shape if batch_seq is None else filler_shape(shape, built, batch_seq[:2])
 
     def layout_args(layout):
         built = layout.slots[0].shape[:2]
@@ -237,7 +237,7 @@ def _example_args(stage, device: torch.device, batch_seq: tuple[int, int] | None
     result = out.args[0]
     vals = [n.meta["val"] for n in (result.values() if isinstance(result, dict) else [result])]
     example = stage.meta["fxpp_example_inputs"]
-    tokens = example.get("input_ids", example.get("inputs_embeds"))
+    tokens = stream_tokens(example)
     built = tuple(tokens.shape[:2]) if tokens is not None else tuple(vals[0].shape[:2])
     return inputs, tuple(real(resized(tuple(v.shape), built) or (1,), v.dtype) for v in vals)  # scalars as [1]
 
@@ -303,16 +303,21 @@ def build_stage(pipe: SplitModel, index: int, device: torch.device | str, group=
     tied, local = tie_exchanges(pipe, index, submodule, group, stage_style) if stage_style else ([], [])
     rebuild = None
     if microbatch is not None:
-        tokens = microbatch.get("input_ids", microbatch.get("inputs_embeds"))
-        batch_seq = tuple(tokens.shape[:2])
+        batch_seq = step_shape(microbatch)
+        built = step_shape(pipe.example_inputs)
+        if len(batch_seq) > 2 and batch_seq != built:
+            raise StageSpecError(
+                f"stage {index}: the microbatch has sizes (batch, decoder length, encoder input size) "
+                f"{list(batch_seq)}, the pipeline was built for {list(built)}: an encoder-decoder model's stages keep "
+                "the shapes the pipeline was built for (what crosses the cuts has the encoder's length). Build the "
+                "pipeline with example_inputs of one such microbatch (fxpp.pipeline(model, n, example_inputs=...))")
     else:
         def rebuild(shape):
             return build_stage(pipe, index, device, group, style=style, batch_seq=shape, dp_mesh=mesh_arg,
                                data_parallel=data_parallel, activation_checkpointing=activation_checkpointing)
 
         if batch_seq is None:
-            tokens = pipe.example_inputs.get("input_ids", pipe.example_inputs.get("inputs_embeds"))
-            batch_seq = tuple(tokens.shape[:2])
+            batch_seq = step_shape(pipe.example_inputs)
     inputs, outputs = _example_args(submodule, device, batch_seq)
     stage = FxppPipelineStage(
         submodule, index, num_stages, device, input_args=inputs, output_args=outputs, group=group,

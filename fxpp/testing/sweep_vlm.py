@@ -97,8 +97,8 @@ from .report import (DOCS_PATH, SECTION_MARK, _detail, _md, built_summary, case_
 from .report import format_table as _table
 from .report import summary as _summary
 from ..trace.example_media import (MERGE_ATTRS, NoExampleMedia, example_media_inputs, int_attr,
-                                   is_grid_tower, patch_size, placeholder_token_attrs, text_token_ids,
-                                   vision_config_of)
+                                   image_side, is_grid_tower, patch_size, placeholder_token_attrs, text_token_ids,
+                                   token_boxes, vision_config_of)
 from .tiny import FAMILY_KWARGS, FAMILY_LAYERS, NUM_LAYERS, SHRINK, VOCAB, shrink_kwargs
 
 STATUSES = ("pass", "mismatch", "fxpp-error", "model-error", "error", "not-built")
@@ -142,43 +142,17 @@ def generic_config(model_type: str):
         raise NotBuilt(f"default config: {type(e).__name__}: {_message(e, 200)}") from e
     extra: dict[str, Any] = {}
     vision = getattr(cfg, "vision_config", None)
-    if vision is not None and is_grid_tower(vision, _model_class(model_type)):
-        # Qwen-VL style: image sizes come with the inputs (image_grid_thw); the tower's
-        # output width is the text width
-        extra["vision_config"] = {a: SHRINK["hidden_size"] for a in VISION_TO_TEXT_WIDTH_ATTRS
-                                  if isinstance(getattr(vision, a, None), int)}
-    elif vision is not None:
-        extra["vision_config"] = _tiny_image_size(vision)
-        # a projector sized to the default text width must follow the tiny one
-        text_width = getattr(cfg.get_text_config(), "hidden_size", None)
-        if text_width and getattr(cfg, "projection_dim", None) == text_width:
-            extra["projection_dim"] = SHRINK["hidden_size"]
-        for attr in VISION_TO_TEXT_WIDTH_ATTRS:
-            if isinstance(getattr(vision, attr, None), int):
-                extra["vision_config"][attr] = SHRINK["hidden_size"]
-        n_patches = 16
-        if isinstance(getattr(cfg, "mm_tokens_per_image", None), int):  # pooled to a square number of tokens
-            extra["mm_tokens_per_image"] = 4
-        if isinstance(getattr(cfg, "image_grid_pinpoints", None), list):  # any-resolution: one tile of the base size
-            size = extra["vision_config"].get("image_size", 4 * patch_size(vision))
-            extra["image_grid_pinpoints"] = [[size, size] if isinstance(size, int) else size]
-        if isinstance(getattr(cfg, "projector_patch_to_query_dict", None), dict):  # queries per patch count
-            extra["projector_patch_to_query_dict"] = {n_patches: 4}
-        indices = getattr(vision, "intermediate_layers_indices", None)
-        if isinstance(indices, list) and isinstance(getattr(vision, "vision_output_dim", None), int):
-            # Mllama: the tower's output is its last state beside the listed intermediate ones
-            kept = [i for i in indices if i < NUM_LAYERS] or [NUM_LAYERS - 1]
-            extra["vision_config"].update(intermediate_layers_indices=kept,
-                                          vision_output_dim=SHRINK["hidden_size"] * (1 + len(kept)))
-        if isinstance(getattr(cfg, "latent_query_num", None), int):  # Kosmos-2's image query count
-            extra["latent_query_num"] = 4
-        layers = getattr(cfg, "vision_feature_layer", None)
-        if isinstance(layers, (list, tuple)):  # hidden-state indices of the tiny tower
-            extra["vision_feature_layer"] = [-1, -2][:len(layers)]
-        for name in getattr(cfg, "sub_configs", None) or {}:  # a second tower (DeepSeek-VL's high-res SAM)
-            other = getattr(cfg, name, None)
-            if name != "vision_config" and name.endswith("vision_config") and other is not None:
-                extra[name] = _tiny_image_size(other)
+    encoder = getattr(cfg, "encoder", None) if getattr(cfg, "is_encoder_decoder", False) else None
+    if vision is not None:
+        _tiny_images(cfg, model_type, extra)
+    elif encoder is not None and getattr(encoder, "vision_config", None) is not None:
+        # an encoder-decoder model whose encoder holds the tower (T5Gemma 2): the same rules, one level down
+        vision = encoder.vision_config
+        _tiny_images(encoder, model_type, extra.setdefault("encoder", {}))
+    elif encoder is not None and image_side(encoder) is not None:
+        extra["encoder"] = _tiny_image_size(encoder)  # the encoder is the tower (VisionEncoderDecoder's ViT)
+    elif getattr(cfg, "is_encoder_decoder", False) and image_side(cfg) is not None:
+        extra.update(_tiny_image_size(cfg))  # the encoder embeds image patches itself (UDOP)
     _follow_default_widths(cfg, extra)
     if vision is not None and isinstance(getattr(vision, "projector_input_dim", None), int):
         # Llama 4: the tower's output, pixel-shuffled to width / ratio^2, enters the projector's
@@ -215,6 +189,49 @@ def generic_config(model_type: str):
         return AutoConfig.for_model(model_type, **shrink_kwargs(cfg, NUM_LAYERS, extra))
     except Exception as e:  # noqa: BLE001
         raise NotBuilt(f"tiny config: {type(e).__name__}: {_message(e, 200)}") from e
+
+
+def _tiny_images(cfg, model_type: str, extra: dict[str, Any]) -> None:
+    """``extra`` for ``cfg``, the config that holds the vision tower (``cfg.vision_config``):
+    4x4-patch images and the widths and counts that follow them."""
+    vision = cfg.vision_config
+    if is_grid_tower(vision, _model_class(model_type)):
+        # Qwen-VL style: image sizes come with the inputs (image_grid_thw); the tower's
+        # output width is the text width
+        extra["vision_config"] = {a: SHRINK["hidden_size"] for a in VISION_TO_TEXT_WIDTH_ATTRS
+                                  if isinstance(getattr(vision, a, None), int)}
+    else:
+        extra["vision_config"] = _tiny_image_size(vision)
+        # a projector sized to the default text width must follow the tiny one
+        text_width = getattr(cfg.get_text_config(), "hidden_size", None)
+        if text_width and getattr(cfg, "projection_dim", None) == text_width:
+            extra["projection_dim"] = SHRINK["hidden_size"]
+        for attr in VISION_TO_TEXT_WIDTH_ATTRS:
+            if isinstance(getattr(vision, attr, None), int):
+                extra["vision_config"][attr] = SHRINK["hidden_size"]
+        n_patches = 16
+        if isinstance(getattr(cfg, "mm_tokens_per_image", None), int):  # pooled to a square number of tokens
+            extra["mm_tokens_per_image"] = 4
+        if isinstance(getattr(cfg, "image_grid_pinpoints", None), list):  # any-resolution: one tile of the base size
+            size = extra["vision_config"].get("image_size", 4 * patch_size(vision))
+            extra["image_grid_pinpoints"] = [[size, size] if isinstance(size, int) else size]
+        if isinstance(getattr(cfg, "projector_patch_to_query_dict", None), dict):  # queries per patch count
+            extra["projector_patch_to_query_dict"] = {n_patches: 4}
+        indices = getattr(vision, "intermediate_layers_indices", None)
+        if isinstance(indices, list) and isinstance(getattr(vision, "vision_output_dim", None), int):
+            # Mllama: the tower's output is its last state beside the listed intermediate ones
+            kept = [i for i in indices if i < NUM_LAYERS] or [NUM_LAYERS - 1]
+            extra["vision_config"].update(intermediate_layers_indices=kept,
+                                          vision_output_dim=SHRINK["hidden_size"] * (1 + len(kept)))
+        if isinstance(getattr(cfg, "latent_query_num", None), int):  # Kosmos-2's image query count
+            extra["latent_query_num"] = 4
+        layers = getattr(cfg, "vision_feature_layer", None)
+        if isinstance(layers, (list, tuple)):  # hidden-state indices of the tiny tower
+            extra["vision_feature_layer"] = [-1, -2][:len(layers)]
+        for name in getattr(cfg, "sub_configs", None) or {}:  # a second tower (DeepSeek-VL's high-res SAM)
+            other = getattr(cfg, name, None)
+            if name != "vision_config" and name.endswith("vision_config") and other is not None:
+                extra[name] = _tiny_image_size(other)
 
 
 def _merge(into: dict[str, Any], kwargs: dict[str, Any]) -> None:
@@ -266,6 +283,13 @@ def _follow_default_widths(cfg, extra: dict[str, Any]) -> None:
         if (isinstance(value, int) and not isinstance(value, bool) and value in targets and name not in extra
                 and name not in SHRINK and name.endswith(("_size", "_dim")) and "vocab" not in name):
             extra[name] = targets[value]
+    if vision is not None and isinstance(text_width, int) and text_width != vision_width:
+        # the tower's own width towards the text (PP-FormulaNet's decoder_hidden_size)
+        into = extra.setdefault("vision_config", {})
+        for name, value in vars(vision).items():
+            if (value == text_width and not isinstance(value, bool) and name not in into and name not in SHRINK
+                    and name.endswith(("_size", "_dim")) and ("decoder" in name or "text" in name)):
+                into[name] = tiny
 
 
 def _modeling_source(model_type: str) -> str:
@@ -333,11 +357,23 @@ def generic_inputs(model, seed: int = 0) -> tuple[dict[str, torch.Tensor], str]:
     images fxpp itself makes, ``fxpp.trace.example_media``, with another seed), or text
     inputs (kind ``text``: no vision tower)."""
     if vision_config_of(model) is None:
-        return make_inputs(seed=seed), "text"
-    inputs = example_media_inputs(model, batch=2, seed=seed)
-    inputs["attention_mask"] = inputs["attention_mask"].clone()
-    inputs["attention_mask"][0, :1] = 0
+        return {**make_inputs(seed=seed), **_decoder_inputs(model, seed)}, "text"
+    decoder = _decoder_inputs(model, seed)
+    inputs = {**example_media_inputs(model, batch=2, seed=seed, decoder=decoder), **decoder}
+    if "attention_mask" in inputs:
+        inputs["attention_mask"] = inputs["attention_mask"].clone()
+        inputs["attention_mask"][0, :1] = 0
     return inputs, "VLM"
+
+
+def _decoder_inputs(model, seed: int, batch: int = 2, seq: int = 7) -> dict[str, torch.Tensor]:
+    """An encoder-decoder model's decoder tokens (every case gives them: the decoder is
+    the stream that the pipeline cuts); nothing for a decoder-only model."""
+    from ..transform import is_encoder_decoder
+
+    if not is_encoder_decoder(model):
+        return {}
+    return {"decoder_input_ids": text_ids(model.config, batch, seq, seed=seed + 100)}
 
 
 def _encoder_gradients(model, grads: dict) -> list[str]:
@@ -348,8 +384,8 @@ def _encoder_gradients(model, grads: dict) -> list[str]:
 
     layers = find_decoder_layers(model)[0]
     parent = layers.rsplit(".", 1)[0] if "." in layers else ""
-    text = {id(p) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None
-            for p in m.parameters()}
+    text = {id(p) for m in (_embedding(model, "get_input_embeddings"), _embedding(model, "get_output_embeddings"))
+            if m is not None for p in m.parameters()}
     owner = model.get_submodule(parent) if parent else model
     for name, child in owner.named_children():
         params = list(child.parameters())
@@ -357,6 +393,14 @@ def _encoder_gradients(model, grads: dict) -> list[str]:
             text |= {id(p) for p in params}
     named = dict(model.named_parameters())
     return [n for n in grads if not n.startswith(layers + ".") and id(named[n]) not in text]
+
+
+def _embedding(model, getter: str):
+    """``model.<getter>()``, or None where the model does not say (PP-FormulaNet raises)."""
+    try:
+        return getattr(model, getter)()
+    except NotImplementedError:
+        return None
 
 
 def text_ids(config, batch: int, seq: int, seed: int) -> torch.Tensor:
@@ -375,11 +419,19 @@ def vlm_cases(model, kind: str, inputs: dict[str, torch.Tensor]) -> list[Case]:
         "images", None, "the config has no vision tower (kind text)")
     mask = torch.ones(2, 10, dtype=torch.long)
     mask[0, :2] = 0
+    # an encoder-decoder model's decoder tokens, of another length than the encoder's
+    decoder = _decoder_inputs(model, seed=6, seq=5)
     text = {"input_ids": text_ids(model.config, 2, 10, seed=3), "attention_mask": mask}
+    ids = {"input_ids": text_ids(model.config, 2, 12, seed=4)}
     packed = {"input_ids": text_ids(model.config, 2, 12, seed=5),
               "position_ids": packed_positions(12, [[5], [7, 10]])}  # 2 and 3 documents
-    return [images, _needs("text", text, params, name),
-            Case("ids", {"input_ids": text_ids(model.config, 2, 12, seed=4)}), _needs("packed", packed, params, name)]
+    if "input_ids" not in params:  # the encoder reads only images (VisionEncoderDecoder, Pix2Struct)
+        text, ids = {}, {}
+    for case in (text, ids, packed):
+        if "bbox" in params and "input_ids" in case:  # a document-layout model reads each token's box (UDOP)
+            case["bbox"] = token_boxes(case["input_ids"])
+        case.update(decoder)
+    return [images, _needs("text", text, params, name), Case("ids", ids), _needs("packed", packed, params, name)]
 
 
 def generic_model(model_type: str) -> torch.nn.Module:
@@ -446,8 +498,7 @@ def _fill_unset_config_reads(model) -> dict[str, Any]:
 def tiny_family(model_type: str, seed: int = 2) -> tuple[torch.nn.Module, dict[str, torch.Tensor], str]:
     """The model, inputs and kind (``VLM`` or ``text``) the sweep checks ``model_type`` with.
 
-    Raises NotBuilt where the sweep reports ``not-built``; an encoder-decoder family
-    comes with no inputs (the sweep only checks that fxpp refuses it).
+    Raises NotBuilt where the sweep reports ``not-built``.
     """
     from .zoo import VLM_FAMILIES
 
@@ -455,8 +506,6 @@ def tiny_family(model_type: str, seed: int = 2) -> tuple[torch.nn.Module, dict[s
         model, inputs = _zoo_model_and_inputs(model_type)
         return model, inputs, "VLM"
     model = generic_model(model_type)
-    if getattr(model.config, "is_encoder_decoder", False):
-        return model, {}, "VLM"
     inputs, kind = generic_inputs(model, seed=seed)
     return model, inputs, kind
 
@@ -486,10 +535,6 @@ def check_vlm_family(model_type: str, class_name: str = "", *, timeout_s: float 
                     model, inputs = _zoo_model_and_inputs(model_type)
                 else:
                     model = generic_model(model_type)
-                    if getattr(model.config, "is_encoder_decoder", False):
-                        # fxpp refuses encoder-decoder models whatever the inputs: check the refusal
-                        result.model_class = type(model).__name__
-                        return check_pipeline(result, model, [], None, timeout_s=timeout_s, start=start)
                     phase = "inputs"
                     inputs, result.kind = generic_inputs(model, seed=2)  # type: ignore[attr-defined]
             result.model_class = type(model).__name__

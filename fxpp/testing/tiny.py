@@ -41,7 +41,7 @@ SHRINK: dict[str, Any] = {
     "num_key_value_heads": 2, "num_kv_heads": 2, "multi_query_group_num": 2, "num_query_groups": 2,
     "swa_num_key_value_heads": 2,
     "head_dim": 16, "swa_head_dim": 16, "kv_channels": 16, "d_head": 16, "dim_head": 16,
-    "attention_head_size": 16, "rotary_dim": 8,
+    "attention_head_size": 16, "rotary_dim": 8, "d_kv": 16,
     # multi-head latent attention, sparse indexers
     "q_lora_rank": 32, "kv_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16,
     "qk_head_dim": 16, "o_lora_rank": 16, "index_head_dim": 16, "index_n_heads": 2, "index_topk": 4,

@@ -53,7 +53,7 @@ VIDEO_TOKEN_ATTRS = ("video_token_id", "video_token_index")  # placeholders of v
 # merge (pixel-shuffle) factor of grid-style vision towers, under its various names
 MERGE_ATTRS = ("spatial_merge_size", "merge_size", "merge_kernel_size", "adapter_merge_size")
 TEMPORAL_ATTRS = ("temporal_patch_size", "patch_temporal")
-MEDIA_PREFIXES = ("pixel_values", "image_", "video_", "audio_", "input_features")
+MEDIA_PREFIXES = ("pixel_values", "image_", "video_", "audio_", "input_features", "flattened_patches")
 SEQ_TEXT = 6  # text tokens around the image tokens of each row
 MAX_IMAGE_TOKENS = 4096  # an example image that becomes more tokens than this is not a useful example
 
@@ -167,12 +167,31 @@ def embeds_raw_patches(model) -> bool:
     return has_get and isinstance(getattr(model.config, "patch_size", None), int)
 
 
+def token_boxes(ids: torch.Tensor) -> torch.Tensor:
+    """``bbox`` for token ids ``[B, S]`` of a document-layout model (UDOP): each token's
+    box ``(x0, y0, x1, y1)`` in ``[0, 1]``, left to right along a line, ``[B, S, 4]``."""
+    b, s = ids.shape
+    x0 = torch.arange(s, dtype=torch.float32).expand(b, s) / (s + 1)
+    y0 = torch.linspace(0.1, 0.5, b)[:, None].expand(b, s)
+    return torch.stack([x0, y0, x0 + 1 / (s + 1), y0 + 0.1], -1).to(ids.device)
+
+
 def vision_config_of(model):
     """The config that describes the model's images (its vision tower's, or the model's
     own for a model that embeds raw patches), or None for a model without images."""
-    vision = getattr(model.config, "vision_config", None)
+    config = model.config
+    vision = getattr(config, "vision_config", None)
+    if vision is None and getattr(config, "is_encoder_decoder", False):
+        # an encoder-decoder model's images go to its encoder: a vision tower in the
+        # encoder's config (T5Gemma 2), or an encoder that is one (VisionEncoderDecoder's ViT)
+        encoder = getattr(config, "encoder", None)
+        vision = getattr(encoder, "vision_config", None)
+        if vision is None and encoder is not None and image_side(encoder) is not None:
+            vision = encoder
+        if vision is None and image_side(config) is not None and "pixel_values" in _signature_params(model.forward):
+            vision = config  # the encoder embeds image patches itself (UDOP)
     if vision is None and embeds_raw_patches(model):
-        return model.config
+        return config
     return vision
 
 
@@ -230,7 +249,7 @@ def media_candidates(model, batch: int, g: torch.Generator) -> list[dict[str, to
     """Media layouts to try for ``batch`` images, most likely first (module docstring)."""
     config = model.config
     vision = vision_config_of(model)
-    towerless = vision is config
+    towerless = vision is config and embeds_raw_patches(model)
     channels = getattr(vision, "num_channels", None) or getattr(vision, "in_channels", None) or 3
     forward_params = _signature_params(model.forward)
     get_params = _signature_params(_image_feature_getter(model))
@@ -358,9 +377,14 @@ def _tiled_cross_attention_inputs(model, vision, token, channels: int, batch: in
 
 
 def _first_that_runs(model, device, forward_params: set[str], candidates: list[dict], batch: int,
-                     g: torch.Generator) -> dict:
-    """Text inputs with the first image layout the model's whole forward accepts."""
+                     g: torch.Generator, decoder: dict[str, torch.Tensor] | None = None) -> dict:
+    """Text inputs (where the forward takes ``input_ids``; an encoder-decoder model's
+    decoder tokens where it takes them) with the first image layout the model's whole
+    forward accepts."""
     from .driver import TRACE_KWARGS
+
+    if not decoder and "decoder_input_ids" in forward_params and getattr(model.config, "is_encoder_decoder", False):
+        decoder = {"decoder_input_ids": text_token_ids(model.config, batch, SEQ_TEXT, g)}
 
     slots = getattr(model.config, "latent_query_num", None)
     slots = slots if "image_embeds_position_mask" in forward_params else None
@@ -371,7 +395,10 @@ def _first_that_runs(model, device, forward_params: set[str], candidates: list[d
         extra["image_embeds_position_mask"][:, 2:2 + slots] = 1
 
     def inputs_with(media: dict) -> dict:
-        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), **extra, **media}
+        text = {"input_ids": ids, "attention_mask": torch.ones_like(ids)} if "input_ids" in forward_params else {}
+        if text and "bbox" in forward_params:
+            text["bbox"] = token_boxes(ids)
+        inputs = {**text, **extra, **media, **(decoder or {})}
         pixels = media.get("pixel_values")
         if "image_attention_mask" in forward_params and pixels is not None and pixels.ndim == 5:
             # IDEFICS: every token sees every image
@@ -387,7 +414,8 @@ def _first_that_runs(model, device, forward_params: set[str], candidates: list[d
 
 
 def example_media_inputs(model: torch.nn.Module, batch: int = 2, seed: int = 0,
-                         input_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                         input_ids: torch.Tensor | None = None,
+                         decoder: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Inputs with one image per row: token ids with the image's tokens, an
     ``attention_mask`` (row 0 left-padded by one token), the media and their companions,
     on the model's device.
@@ -395,6 +423,10 @@ def example_media_inputs(model: torch.nn.Module, batch: int = 2, seed: int = 0,
     ``input_ids``: the caller's example token ids, kept (their shape too) where each row
     has room for the image's tokens after its first token; the image tokens overwrite
     ``[1, 1 + n)`` and any stray image token elsewhere becomes an ordinary one.
+
+    ``decoder``: an encoder-decoder model's decoder inputs, for the runs of its whole
+    forward (a few decoder tokens where not given); the result holds them where the
+    forward ran.
 
     Runs the model's own ``get_image_features`` (or, without an image token, its
     forward) without gradients to check the layout and count the image tokens; the
@@ -421,7 +453,7 @@ def example_media_inputs(model: torch.nn.Module, batch: int = 2, seed: int = 0,
         if token is None:
             # No image token: the model reads the images another way (cross-attention, or
             # features put before the text); any text length goes with them
-            return _on(device, _first_that_runs(model, device, forward_params, candidates, batch, g))
+            return _on(device, _first_that_runs(model, device, forward_params, candidates, batch, g, decoder))
         get = _image_feature_getter(model)
         if get is None:
             raise NoExampleMedia(f"{type(model).__name__} has an image token but no get_image_features "
@@ -449,4 +481,6 @@ def example_media_inputs(model: torch.nn.Module, batch: int = 2, seed: int = 0,
     for name in ("token_type_ids", "mm_token_type_ids"):  # 1 on image tokens, 0 on text
         if name in forward_params:
             inputs[name] = (ids == token).long()
+    if "bbox" in forward_params:
+        inputs["bbox"] = token_boxes(ids)
     return _on(device, inputs)

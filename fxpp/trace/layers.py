@@ -52,12 +52,9 @@ def find_decoder_layers(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleLis
     config = getattr(model, "config", None)
     if config is None:
         raise UnsupportedModelError(f"{type(model).__name__} has no .config; fxpp needs a transformers model")
-    if getattr(config, "is_encoder_decoder", False):
-        raise UnsupportedModelError(
-            f"{type(model).__name__} is an encoder-decoder model; fxpp splits decoder-only models "
-            "(causal LMs, their base models and vision-language models)"
-        )
     stacks = layer_stacks(model)
+    if getattr(config, "is_encoder_decoder", False):
+        stacks = _outside_encoder(model, stacks)
     if not stacks:
         raise UnsupportedModelError(
             f"{type(model).__name__}: found no nn.ModuleList of layer blocks outside its media towers; "
@@ -75,6 +72,21 @@ def find_decoder_layers(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleLis
     text_path = _token_embedding_path(model)
     counted.sort(key=lambda c: (-_shared_parts(c[0], text_path), c[0].count("."), c[0]))
     return counted[0]
+
+
+def _outside_encoder(model: torch.nn.Module, stacks):
+    """The stacks of an encoder-decoder model outside its encoder (``get_encoder()``):
+    the encoder runs whole in the first stage, the decoder's stack is cut."""
+    try:
+        encoder = model.get_encoder()
+    except Exception as e:  # noqa: BLE001
+        raise UnsupportedModelError(
+            f"{type(model).__name__} is an encoder-decoder model whose get_encoder() fails "
+            f"({type(e).__name__}: {e}); fxpp cuts the decoder's layer stack and needs to know the encoder") from e
+    path = next((n for n, m in model.named_modules() if m is encoder), None)
+    if not path:
+        return stacks
+    return [(n, s) for n, s in stacks if not n.startswith(path + ".")]
 
 
 def layer_stacks(model: torch.nn.Module) -> list[tuple[str, torch.nn.ModuleList]]:

@@ -810,7 +810,10 @@ def _is_data_dependent(e: BaseException) -> bool:
     if isinstance(e, (DataDependentOutputException, DynamicOutputShapeException, _RecordedNeedsData)):
         return True
     name = type(e).__name__
-    return name in ("GuardOnDataDependentSymNode", "DataDependentOutputException") or "data-dependent" in str(e).lower()
+    # "... its data is not allocated yet": Python iterating a fake tensor's elements
+    # (UDOP's ``rows, cols = zip(*ind)``)
+    return (name in ("GuardOnDataDependentSymNode", "DataDependentOutputException") or "data-dependent" in str(e).lower()
+            or "data is not allocated" in str(e))
 
 
 @functools.lru_cache(maxsize=None)
