@@ -58,7 +58,7 @@ DECODER_INPUTS = (*DECODER_TOKEN_INPUTS, "decoder_attention_mask", "decoder_posi
 TOKEN_COMPANIONS = ("bbox",)
 
 
-def stream_tokens(inputs: dict) -> "torch.Tensor | None":
+def stream_tokens(inputs: dict) -> torch.Tensor | None:
     """The token input whose first two dimensions are the stream's batch and sequence:
     the decoder's tokens where given (encoder-decoder models), else ``input_ids`` or
     ``inputs_embeds``; None where the inputs hold none."""

@@ -26,9 +26,10 @@ from .analysis.cuts import crossing_slots
 from .trace import reject_unconsumed_inputs
 from .trace.unused_inputs import tolerated_reason, unconsumed_inputs
 from .trace.recording import recording_hooks, recording_targets
-from .layout import (DECODER_INPUTS, DECODER_TOKEN_INPUTS, TEXT_INPUTS, TOKEN_COMPANIONS, TOKEN_INPUTS, CutLayout,
+from .layout import (DECODER_INPUTS, TEXT_INPUTS, TOKEN_COMPANIONS, TOKEN_INPUTS, CutLayout,
                      InputSignature, Slot, stream_tokens)
 from .trace import find_decoder_layers, trace_model
+from .trace.layers import is_encoder_decoder
 from .trace.model_state import model_device, model_unchanged
 from .trace.tracer import CONSTANT_PREFIX
 from .trace.example_media import (example_media_inputs, is_media_input, media_inputs_of, token_boxes,
@@ -69,10 +70,6 @@ def default_example_inputs(model: torch.nn.Module, batch_size: int = 2, seq_len:
     return out
 
 
-def is_encoder_decoder(model: torch.nn.Module) -> bool:
-    """Whether fxpp cuts the model's decoder stack and runs its encoder whole in stage 0."""
-    return bool(getattr(model.config, "is_encoder_decoder", False)) and \
-        DECODER_TOKEN_INPUTS[0] in forward_parameters(model)
 
 
 def forward_parameters(model: torch.nn.Module) -> set[str]:

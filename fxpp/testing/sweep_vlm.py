@@ -369,7 +369,7 @@ def generic_inputs(model, seed: int = 0) -> tuple[dict[str, torch.Tensor], str]:
 def _decoder_inputs(model, seed: int, batch: int = 2, seq: int = 7) -> dict[str, torch.Tensor]:
     """An encoder-decoder model's decoder tokens (every case gives them: the decoder is
     the stream that the pipeline cuts); nothing for a decoder-only model."""
-    from ..transform import is_encoder_decoder
+    from ..trace.layers import is_encoder_decoder
 
     if not is_encoder_decoder(model):
         return {}

@@ -53,7 +53,7 @@ def find_decoder_layers(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleLis
     if config is None:
         raise UnsupportedModelError(f"{type(model).__name__} has no .config; fxpp needs a transformers model")
     stacks = layer_stacks(model)
-    if getattr(config, "is_encoder_decoder", False):
+    if is_encoder_decoder(model):
         stacks = _outside_encoder(model, stacks)
     if not stacks:
         raise UnsupportedModelError(
@@ -72,6 +72,17 @@ def find_decoder_layers(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleLis
     text_path = _token_embedding_path(model)
     counted.sort(key=lambda c: (-_shared_parts(c[0], text_path), c[0].count("."), c[0]))
     return counted[0]
+
+
+def is_encoder_decoder(model: torch.nn.Module) -> bool:
+    """Whether fxpp cuts the model's decoder stack and runs its encoder whole in stage 0:
+    an encoder-decoder config and a forward that takes the decoder's tokens."""
+    if not getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return False
+    try:
+        return "decoder_input_ids" in inspect.signature(inspect.unwrap(type(model).forward)).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _outside_encoder(model: torch.nn.Module, stacks):
