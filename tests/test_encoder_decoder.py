@@ -122,7 +122,7 @@ def encoder_decoder_rank(rank, world, workdir):
     inputs (so for the build's shapes), then two steps every rank must refuse."""
     from fxpp.runtime.schedule import make_schedule
 
-    from .test_signature import _grad_report
+    from .test_signature import microbatch_report
 
     model = generic_model("t5gemma2").eval()  # as _model: no dropout draws
     ref = generic_model("t5gemma2").eval()
@@ -138,14 +138,7 @@ def encoder_decoder_rank(rank, world, workdir):
     schedule = make_schedule("1F1B", [stage], 2, loss_fn)
     losses = []
     fxpp.step_with_microbatches(schedule, mbs if rank == 0 else None, targets, losses)
-    ref_losses = []
-    for mb, target in zip(mbs, targets):
-        loss = loss_fn(ref(**mb, use_cache=False).logits, target)
-        (loss / 2).backward()
-        ref_losses.append(loss.detach())
-    report = {"loss_diff": None, "grads": _grad_report(stage, ref)}
-    if stage.is_last:
-        report["loss_diff"] = float((loss_fn.whole_batch(losses) - loss_fn.whole_batch(ref_losses)).abs())
+    report = microbatch_report(stage, ref, mbs, targets, loss_fn, losses)
     # Steps the build's shapes do not fit are refused on every rank, before anything runs:
     # longer encoder inputs, and one microbatch without its images.
     longer = [{**mb, "input_ids": torch.cat([mb["input_ids"], mb["input_ids"][:, -3:]], 1)} for mb in mbs]

@@ -303,10 +303,16 @@ def vlm_image_presence_rank(rank, world, workdir, family):
     schedule = make_schedule("1F1B", [stage], 2, loss_fn)
     losses = []
     fxpp.step_with_microbatches(schedule, mbs if rank == 0 else None, targets, losses)
+    return microbatch_report(stage, ref, mbs, targets, loss_fn, losses)
+
+
+def microbatch_report(stage, ref, mbs, targets, loss_fn, losses) -> dict:
+    """The step's loss and this rank's gradients against the unpatched model ``ref`` run
+    on the same microbatches (each loss over their count, as the schedule scales them)."""
     ref_losses = []
     for mb, target in zip(mbs, targets):
         loss = loss_fn(ref(**mb, use_cache=False).logits, target)
-        (loss / 2).backward()
+        (loss / len(mbs)).backward()
         ref_losses.append(loss.detach())
     report = {"loss_diff": None, "grads": _grad_report(stage, ref)}
     if stage.is_last:

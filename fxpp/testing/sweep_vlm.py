@@ -64,7 +64,10 @@ generic attempt
     ``image_embeds_position_mask``, ``image_attention_mask``, and Mllama's tiles and
     aspect ratios. A family counts as built only when some parameter outside the text
     stack gets a gradient, so a frozen or discrete-code image path is not reported as a
-    pass. Encoder-decoder families are checked for fxpp's refusal. A family whose
+    pass. An encoder-decoder family (its decoder stack is cut) gets ``decoder_input_ids``
+    in every case, of another length than the encoder's; the images go where its
+    config says (a tower in the encoder's config, an encoder that is a tower, or patches
+    the encoder embeds itself with ``bbox`` per token, UDOP). A family whose
     config has no vision tower but an integer ``patch_size`` and ``get_image_features``
     embeds raw patches itself (Fuyu): its images are ``[images, 16, C*p*p]``. Any
     other family whose config has no vision tower is checked on text inputs (kind
