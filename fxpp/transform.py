@@ -32,7 +32,7 @@ from .trace import find_decoder_layers, trace_model
 from .trace.layers import is_encoder_decoder
 from .trace.model_state import model_device, model_unchanged
 from .trace.tracer import CONSTANT_PREFIX
-from .trace.example_media import (example_media_inputs, is_media_input, media_inputs_of, token_boxes,
+from .trace.example_media import (example_media_inputs, is_media_input, media_inputs_of, token_companions,
                                   vision_config_of)
 
 
@@ -63,13 +63,9 @@ def default_example_inputs(model: torch.nn.Module, batch_size: int = 2, seq_len:
     if not is_encoder_decoder(model):
         return {"input_ids": ids.to(device)}
     params = forward_parameters(model)
-    out = {"input_ids": ids.to(device)} if "input_ids" in params else {}
-    if out and "bbox" in params:  # a document-layout model reads each token's box (UDOP)
-        out["bbox"] = token_boxes(ids).to(device)
-    out["decoder_input_ids"] = ids[:, : max(seq_len - 2, 1)].flip(-1).to(device)
-    return out
-
-
+    out = {"input_ids": ids, **token_companions(ids, params)} if "input_ids" in params else {}
+    out["decoder_input_ids"] = ids[:, : max(seq_len - 2, 1)].flip(-1)
+    return {k: v.to(device) for k, v in out.items()}
 
 
 def forward_parameters(model: torch.nn.Module) -> set[str]:
@@ -183,9 +179,8 @@ def _trace_with_example_media(model, given: dict[str, Any], params: set[str]):
     media_names = media_inputs_of(params)
     how = ("; declare them by building with example_inputs that hold one microbatch with images "
            "(fxpp.pipeline(model, n, example_inputs=...))")
-    batch = stream_tokens(given)
-    if (tokens is None and not decoder) or (tokens is not None and (not isinstance(tokens, torch.Tensor)
-                                                                     or tokens.dim() != 2)) \
+    batch = stream_tokens(given)  # the decoder's tokens, else input_ids
+    if batch is None or (tokens is not None and (not isinstance(tokens, torch.Tensor) or tokens.dim() != 2)) \
             or set(given) - set(TEXT_INPUTS) - set(decoder) - set(TOKEN_COMPANIONS):
         why = (f"fxpp makes example images only for example inputs of token ids, a mask and positions "
                f"(got {sorted(given)})")

@@ -19,6 +19,10 @@ from ..layout import step_shape
 from .stage import FxppPipelineStage
 from .ties import finish_step
 
+# What the rank of stage 0 broadcasts in place of a step's sizes where it must refuse the
+# step, so that every rank refuses it (PipelineSchedule._follow_shapes).
+_MIXED_SIZES, _NO_TOKENS, _OTHER_KIND = -1, -2, -3
+
 
 def schedule_class(name_or_class):
     """A ``torch.distributed.pipelining`` schedule class from its name (``"1F1B"``) or itself."""
@@ -89,7 +93,7 @@ class PipelineSchedule:
             shapes = {step_shape(mb) for mb in microbatches}
             # microbatches of other sizes in one step: the metadata fits none of them all,
             # and every rank must hear it (a refusal, below), not only this one
-            shape = shapes.pop() if len(shapes) == 1 else (-1,) * len(step_shape(microbatches[0]) or (0, 0))
+            shape = shapes.pop() if len(shapes) == 1 else (_MIXED_SIZES,) * len(step_shape(microbatches[0]) or (0, 0))
         self._follow_shapes(shape)
         result = run_microbatches(self.torch_schedule, microbatches, targets, losses, return_outputs=return_outputs)
         finish_step(self.stages)
@@ -105,23 +109,23 @@ class PipelineSchedule:
         width = len(stage._fxpp_batch_seq)
         # Problems the rank of stage 0 sees travel as negative codes, so that every rank refuses.
         if holder and shape is None:
-            shape = (-2,) * width
+            shape = (_NO_TOKENS,) * width
         elif holder and len(shape) != width:
-            shape = (-3,) * width
+            shape = (_OTHER_KIND,) * width
         agreed = torch.tensor(shape if holder else (0,) * width, dtype=torch.int64, device=stage.device)
         dist.broadcast(agreed, src=src, group=group)
         batch_seq = tuple(int(v) for v in agreed.tolist())
         if all(s._fxpp_batch_seq == batch_seq for s in self.stages):
             return
-        if batch_seq[0] == -2:
+        if batch_seq[0] == _NO_TOKENS:
             raise StageInputError("the rank of stage 0 must give the step's inputs (input_ids or inputs_embeds; an "
                                   "encoder-decoder model's decoder_input_ids)")
-        if batch_seq[0] == -3:
+        if batch_seq[0] == _OTHER_KIND:
             raise StageInputError(
                 f"the step's inputs and the stages' build differ in kind: the stages were built for sizes "
                 f"{list(stage._fxpp_batch_seq)}; an encoder-decoder pipeline's steps give the decoder's tokens "
                 "(decoder_input_ids) beside the encoder's inputs, as its build did, and a decoder-only one's do not")
-        if batch_seq[0] < 0:
+        if batch_seq[0] == _MIXED_SIZES:
             raise StageInputError(
                 "the microbatches of this step differ in size (batch, sequence"
                 + (", encoder input size" if len(batch_seq) > 2 else "") + "): one step's microbatches share the "

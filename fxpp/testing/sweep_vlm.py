@@ -101,7 +101,7 @@ from .report import format_table as _table
 from .report import summary as _summary
 from ..trace.example_media import (MERGE_ATTRS, NoExampleMedia, example_media_inputs, int_attr,
                                    image_side, is_grid_tower, patch_size, placeholder_token_attrs, text_token_ids,
-                                   token_boxes, vision_config_of)
+                                   token_companions, vision_config_of)
 from .tiny import FAMILY_KWARGS, FAMILY_LAYERS, NUM_LAYERS, SHRINK, VOCAB, shrink_kwargs
 
 STATUSES = ("pass", "mismatch", "fxpp-error", "model-error", "error", "not-built")
@@ -431,8 +431,8 @@ def vlm_cases(model, kind: str, inputs: dict[str, torch.Tensor]) -> list[Case]:
     if "input_ids" not in params:  # the encoder reads only images (VisionEncoderDecoder, Pix2Struct)
         text, ids = {}, {}
     for case in (text, ids, packed):
-        if "bbox" in params and "input_ids" in case:  # a document-layout model reads each token's box (UDOP)
-            case["bbox"] = token_boxes(case["input_ids"])
+        if "input_ids" in case:  # a document-layout model reads each token's box (UDOP)
+            case.update(token_companions(case["input_ids"], params))
         case.update(decoder)
     return [images, _needs("text", text, params, name), Case("ids", ids), _needs("packed", packed, params, name)]
 

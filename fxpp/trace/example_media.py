@@ -46,6 +46,7 @@ from typing import Callable
 
 import torch
 
+from .layers import is_encoder_decoder
 from .model_state import model_device, model_unchanged
 
 IMAGE_TOKEN_ATTRS = ("image_token_id", "image_token_index")
@@ -167,13 +168,17 @@ def embeds_raw_patches(model) -> bool:
     return has_get and isinstance(getattr(model.config, "patch_size", None), int)
 
 
-def token_boxes(ids: torch.Tensor) -> torch.Tensor:
-    """``bbox`` for token ids ``[B, S]`` of a document-layout model (UDOP): each token's
-    box ``(x0, y0, x1, y1)`` in ``[0, 1]``, left to right along a line, ``[B, S, 4]``."""
+def token_companions(ids: torch.Tensor, forward_params: set[str]) -> dict[str, torch.Tensor]:
+    """Example inputs aligned with token ids ``[B, S]`` that the forward reads beside
+    them (``fxpp.layout.TOKEN_COMPANIONS``): a document-layout model's ``bbox`` (UDOP),
+    each token's box ``(x0, y0, x1, y1)`` in ``[0, 1]``, left to right along a line,
+    ``[B, S, 4]``. Empty for other models."""
+    if "bbox" not in forward_params:
+        return {}
     b, s = ids.shape
     x0 = torch.arange(s, dtype=torch.float32).expand(b, s) / (s + 1)
     y0 = torch.linspace(0.1, 0.5, b)[:, None].expand(b, s)
-    return torch.stack([x0, y0, x0 + 1 / (s + 1), y0 + 0.1], -1).to(ids.device)
+    return {"bbox": torch.stack([x0, y0, x0 + 1 / (s + 1), y0 + 0.1], -1).to(ids.device)}
 
 
 def vision_config_of(model):
@@ -383,7 +388,7 @@ def _first_that_runs(model, device, forward_params: set[str], candidates: list[d
     forward accepts."""
     from .driver import TRACE_KWARGS
 
-    if not decoder and "decoder_input_ids" in forward_params and getattr(model.config, "is_encoder_decoder", False):
+    if not decoder and is_encoder_decoder(model):
         decoder = {"decoder_input_ids": text_token_ids(model.config, batch, SEQ_TEXT, g)}
 
     slots = getattr(model.config, "latent_query_num", None)
@@ -395,9 +400,8 @@ def _first_that_runs(model, device, forward_params: set[str], candidates: list[d
         extra["image_embeds_position_mask"][:, 2:2 + slots] = 1
 
     def inputs_with(media: dict) -> dict:
-        text = {"input_ids": ids, "attention_mask": torch.ones_like(ids)} if "input_ids" in forward_params else {}
-        if text and "bbox" in forward_params:
-            text["bbox"] = token_boxes(ids)
+        text = {"input_ids": ids, "attention_mask": torch.ones_like(ids), **token_companions(ids, forward_params)} \
+            if "input_ids" in forward_params else {}
         inputs = {**text, **extra, **media, **(decoder or {})}
         pixels = media.get("pixel_values")
         if "image_attention_mask" in forward_params and pixels is not None and pixels.ndim == 5:
@@ -481,6 +485,5 @@ def example_media_inputs(model: torch.nn.Module, batch: int = 2, seed: int = 0,
     for name in ("token_type_ids", "mm_token_type_ids"):  # 1 on image tokens, 0 on text
         if name in forward_params:
             inputs[name] = (ids == token).long()
-    if "bbox" in forward_params:
-        inputs["bbox"] = token_boxes(ids)
+    inputs.update(token_companions(ids, forward_params))
     return _on(device, inputs)
