@@ -12,7 +12,7 @@ import os
 import torch
 
 from ..errors import FxppError
-from ..testing.zoo import PRESETS, tiny_config
+from ..presets import PRESETS, tiny_config, tiny_model
 
 
 def load_config(source: str):
@@ -42,8 +42,6 @@ def build_model(source: str, *, device: str | torch.device = "cpu", seed: int = 
     from transformers import AutoModelForCausalLM
 
     if source in PRESETS and str(device) != "meta":
-        from ..testing.zoo import tiny_model
-
         return tiny_model(source[len("tiny-"):], seed=seed).train()
     config = load_config(source)
     torch.manual_seed(seed)

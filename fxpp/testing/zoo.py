@@ -1,7 +1,10 @@
-"""Tiny built-in model presets: the test zoo and the CLI's offline models.
+"""Tiny built-in model presets: the test zoo.
 
-Each preset builds a transformers model from a config with random weights on the CPU
-in well under a second (hidden 64, 2-8 layers, vocabulary 128). No model hub.
+The text presets (``FAMILIES``, ``PRESETS``, ``tiny_config``, ``tiny_model``) live in
+:mod:`fxpp.presets`, where the ``fxpp run`` trainer takes them too; they are re-exported
+here. This module adds the vision-language and audio presets. Each builds a transformers
+model from a config with random weights on the CPU in well under a second (hidden 64,
+2-8 layers, vocabulary 128). No model hub.
 """
 
 from __future__ import annotations
@@ -9,117 +12,10 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
+import transformers as tf
 
-VOCAB = 128
-
-_COMMON = dict(
-    vocab_size=VOCAB,
-    hidden_size=64,
-    intermediate_size=96,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=256,
-    pad_token_id=0,
-    bos_token_id=1,
-    eos_token_id=2,
-)
-
-
-def _layer_types(num_layers: int, pattern: str) -> list[str]:
-    """``pattern`` like ``"ssf"``: s = sliding_attention, f = full_attention, repeated."""
-    kinds = {"s": "sliding_attention", "f": "full_attention"}
-    return [kinds[pattern[i % len(pattern)]] for i in range(num_layers)]
-
-
-def _config(family: str, num_layers: int, **over: Any):
-    import transformers as tf
-
-    if family == "llama":
-        return tf.LlamaConfig(**_COMMON, num_hidden_layers=num_layers, **over)
-    if family == "mistral":
-        return tf.MistralConfig(**_COMMON, num_hidden_layers=num_layers, sliding_window=over.pop("sliding_window", 4), **over)
-    if family == "qwen2":
-        return tf.Qwen2Config(**_COMMON, num_hidden_layers=num_layers, **over)
-    if family == "qwen3":
-        return tf.Qwen3Config(**_COMMON, num_hidden_layers=num_layers, head_dim=16, **over)
-    if family == "phi3":
-        return tf.Phi3Config(**_COMMON, num_hidden_layers=num_layers, **over)
-    if family == "gemma":
-        return tf.GemmaConfig(**_COMMON, num_hidden_layers=num_layers, head_dim=16, **over)
-    if family == "gemma2":
-        return tf.Gemma2Config(
-            **_COMMON, num_hidden_layers=num_layers, head_dim=16, sliding_window=over.pop("sliding_window", 4),
-            final_logit_softcapping=30.0, attn_logit_softcapping=50.0, **over,
-        )
-    if family == "gemma3":
-        pattern = over.pop("pattern", "ssf")
-        return tf.Gemma3TextConfig(
-            **_COMMON, num_hidden_layers=num_layers, head_dim=16, sliding_window=over.pop("sliding_window", 4),
-            layer_types=_layer_types(num_layers, pattern), final_logit_softcapping=30.0, **over,
-        )
-    if family == "gemma4":
-        pattern = over.pop("pattern", "sf")
-        common = {k: v for k, v in _COMMON.items() if k != "max_position_embeddings"}
-        return tf.Gemma4TextConfig(
-            **common, num_hidden_layers=num_layers, head_dim=16, sliding_window=over.pop("sliding_window", 4),
-            layer_types=_layer_types(num_layers, pattern), final_logit_softcapping=30.0,
-            hidden_size_per_layer_input=over.pop("hidden_size_per_layer_input", 8),
-            vocab_size_per_layer_input=VOCAB, num_kv_shared_layers=over.pop("num_kv_shared_layers", num_layers // 2 if num_layers >= 3 else 0),
-            max_position_embeddings=256, **over,
-        )
-    if family == "qwen3_moe":
-        return tf.Qwen3MoeConfig(
-            **_COMMON, num_hidden_layers=num_layers, head_dim=16, num_experts=4, num_experts_per_tok=2,
-            moe_intermediate_size=32, decoder_sparse_step=1, **over,
-        )
-    if family == "mixtral":
-        return tf.MixtralConfig(**_COMMON, num_hidden_layers=num_layers, num_local_experts=4, num_experts_per_tok=2, **over)
-    if family == "olmo2":
-        return tf.Olmo2Config(**_COMMON, num_hidden_layers=num_layers, **over)
-    if family == "olmoe":
-        return tf.OlmoeConfig(**_COMMON, num_hidden_layers=num_layers, num_experts=4, num_experts_per_tok=2, **over)
-    if family == "qwen2_moe":  # dense and sparse layers mixed: mlp_only_layers are dense
-        return tf.Qwen2MoeConfig(
-            **_COMMON, num_hidden_layers=num_layers, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-            shared_expert_intermediate_size=32, mlp_only_layers=over.pop("mlp_only_layers", [0, 2]), **over,
-        )
-    raise KeyError(family)
-
-
-FAMILIES = (
-    "llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3", "gemma4",
-    "qwen3_moe", "mixtral", "olmo2", "olmoe", "qwen2_moe",
-)
-
-
-def tiny_config(family: str, num_layers: int = 4, **overrides: Any):
-    """The config of a tiny ``family`` model (see ``FAMILIES``)."""
-    if family not in FAMILIES:
-        raise KeyError(f"unknown preset {family!r}; known: {', '.join(FAMILIES)}")
-    config = _config(family, num_layers, **overrides)
-    # Gemma 2 supports eager attention only (softcapped attention logits).
-    config._attn_implementation = "eager" if family == "gemma2" else "sdpa"
-    return config
-
-
-def tiny_model(family: str, num_layers: int = 4, *, seed: int = 0, dtype: torch.dtype = torch.float32, base: bool = False, **overrides: Any) -> torch.nn.Module:
-    """A tiny causal LM (or its base model with ``base=True``) with seeded random weights."""
-    import transformers as tf
-
-    config = tiny_config(family, num_layers, **overrides)
-    torch.manual_seed(seed)
-    cls = tf.AutoModel if base else tf.AutoModelForCausalLM
-    model = cls.from_config(config, dtype=dtype)
-    # Random init leaves many norms at exactly 1 and biases at 0; perturb every
-    # parameter so gradients through every path are distinguishable.
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    return model.eval()
-
-
-PRESETS: dict[str, Callable[[], torch.nn.Module]] = {f"tiny-{f}": (lambda f=f: tiny_model(f)) for f in FAMILIES}
-
+# FAMILIES, PRESETS, tiny_config and tiny_model are re-exported: tests and the README import them from here.
+from ..presets import COMMON, FAMILIES, PRESETS, VOCAB, layer_types_of, tiny_config, tiny_model  # noqa: F401
 
 # -- vision-language models ------------------------------------------------------------
 # Token ids reserved for multimodal placeholders at the top of the tiny vocabulary.
@@ -138,14 +34,12 @@ VLM_FAMILIES = ("gemma3", "llava", "llava_onevision", "mistral3", "gemma4", "qwe
 
 
 def _text(num_layers: int, **over: Any) -> dict:
-    return {**_COMMON, "num_hidden_layers": num_layers, "head_dim": 16, **over}
+    return {**COMMON, "num_hidden_layers": num_layers, "head_dim": 16, **over}
 
 
 def _vlm_config(family: str, num_layers: int):
-    import transformers as tf
-
     if family == "gemma3":
-        text = _text(num_layers, sliding_window=4, layer_types=_layer_types(num_layers, "sf"), final_logit_softcapping=30.0)
+        text = _text(num_layers, sliding_window=4, layer_types=layer_types_of(num_layers, "sf"), final_logit_softcapping=30.0)
         return tf.Gemma3Config(
             text_config=text, vision_config={**_TINY_VISION, "image_size": 32, "patch_size": 8},
             mm_tokens_per_image=4, image_token_index=IMAGE_TOKEN, boi_token_index=VISION_START, eoi_token_index=VISION_END,
@@ -192,12 +86,10 @@ def _vlm_config(family: str, num_layers: int):
 
 def _gemma4_config(num_layers: int, *, audio: bool = False):
     """Gemma 4 with a vision tower and, with ``audio=True``, an audio tower (like E2B/E4B)."""
-    import transformers as tf
-
-    common = {k: v for k, v in _COMMON.items() if k != "max_position_embeddings"}
+    common = {k: v for k, v in COMMON.items() if k != "max_position_embeddings"}
     text = dict(
         **common, num_hidden_layers=num_layers, head_dim=16, sliding_window=4,
-        layer_types=_layer_types(num_layers, "sf"), final_logit_softcapping=30.0,
+        layer_types=layer_types_of(num_layers, "sf"), final_logit_softcapping=30.0,
         hidden_size_per_layer_input=8, vocab_size_per_layer_input=VOCAB, num_kv_shared_layers=0,
         max_position_embeddings=256,
     )
@@ -302,8 +194,6 @@ def tiny_vlm(family: str, num_layers: int = 4, *, seed: int = 0) -> tuple[torch.
 
 
 def _conditional_generation(config, seed: int) -> torch.nn.Module:
-    import transformers as tf
-
     torch.manual_seed(seed)
     model = tf.AutoModelForImageTextToText.from_config(config)
     with torch.no_grad():
