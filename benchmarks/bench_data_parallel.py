@@ -40,7 +40,7 @@ Memory (measured on each rank after the last step):
   out). On CUDA it also reports the allocator's peak during that forward above the
   bytes allocated before.
 
-CPU (default): 4 local processes spawned here (``fxpp.runtime.launch.run_ranks``), gloo,
+CPU (default): 4 local processes spawned here (``fxpp.trainer.launch.run_ranks``), gloo,
 file rendezvous, ``torch.set_num_threads(1)`` in each. On a machine with fewer cores than
 ranks the ranks time-slice (a warning is printed).
 
@@ -380,7 +380,7 @@ def main() -> None:
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         torchrun_main(args)
         return
-    from fxpp.runtime.launch import run_ranks
+    from fxpp.trainer.launch import run_ranks
 
     env = environment("cpu")
     env.update({"world_size": WORLD, "backend": "gloo", "threads_per_process": 1, "cpu_count": os.cpu_count(),

@@ -56,7 +56,7 @@ import torch.distributed as dist
 from torch import nn
 
 import fxpp
-from fxpp.runtime.train import MULTI_STAGE, SCHEDULES
+from fxpp.runtime.placement import MULTI_STAGE, SCHEDULES
 from _common import default_json_path, environment, gather, print_header, report, torchrun_group
 from bench_schedules import BATCH, MICROBATCHES, MODEL_NAME, SEQ, build_model, make_batch
 
@@ -360,7 +360,7 @@ def main() -> None:
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         torchrun_main(args, schedules)
         return
-    from fxpp.runtime.launch import run_ranks
+    from fxpp.trainer.launch import run_ranks
 
     env = environment("cpu")
     env.update(threads_per_process=1, cpu_count=os.cpu_count(), loadavg_1m_at_start=round(os.getloadavg()[0], 2))

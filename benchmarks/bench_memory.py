@@ -266,7 +266,7 @@ def _rank_job(rank: int, world: int, workdir: str, mode: str, ckpt: str) -> dict
 
 def spawn(world: int, mode: str, ckpt: str, timeout_s: float = 300) -> list[dict]:
     """Local gloo ranks through fxpp's own launcher; every rank measures before any exits."""
-    from fxpp.runtime.launch import run_ranks
+    from fxpp.trainer.launch import run_ranks
 
     results = run_ranks(_rank_job, world, mode, ckpt, timeout_s=timeout_s, pg_timeout_s=120, threads=1,
                         barrier_at_end=True)

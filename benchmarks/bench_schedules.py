@@ -10,9 +10,9 @@ fp32, seeded random weights), global batch 16 x seq 64 (1024 tokens), 8 microbat
   machine noise; each N-rank block of the table has its own baseline row. Every
   pipeline's last-step loss is checked against the baseline's after as many steps
   (``loss_diff_vs_1proc``).
-* each schedule of ``fxpp.runtime.train.SCHEDULES`` on 2 and 4 ranks: ``fxpp.pipeline(model,
+* each schedule of ``fxpp.runtime.placement.SCHEDULES`` on 2 and 4 ranks: ``fxpp.pipeline(model,
   stages)`` with the cost model's balanced split (stages = ranks, or 2 x ranks for the
-  schedules whose ranks hold two stages; placement as in ``fxpp.runtime.train``), one
+  schedules whose ranks hold two stages; placement as in ``fxpp.runtime.placement.MULTI_STAGE``), one
   ``PipelineStage`` per stage, ``fxpp.causal_lm_loss``, AdamW over the rank's own
   parameters. Ranks start every step together (barrier, untimed); a step's time is the
   slowest rank's ``schedule.step + opt.step``.
@@ -59,7 +59,7 @@ import torch
 import torch.distributed as dist
 
 import fxpp
-from fxpp.runtime.train import MULTI_STAGE, SCHEDULES
+from fxpp.runtime.placement import MULTI_STAGE, SCHEDULES
 from _common import default_json_path, environment, gather, print_header, report, torchrun_group
 
 BATCH, SEQ, MICROBATCHES = 16, 64, 8
@@ -190,7 +190,7 @@ def _rank_job(rank: int, world: int, workdir: str, schedules: list[str], steps: 
 
 def spawn(world: int, schedules: list[str], steps: int, warmup: int, timeout_s: float) -> list[dict]:
     """Local gloo ranks through fxpp's own launcher (one thread each)."""
-    from fxpp.runtime.launch import run_ranks
+    from fxpp.trainer.launch import run_ranks
 
     results = run_ranks(_rank_job, world, schedules, steps, warmup, timeout_s=timeout_s, pg_timeout_s=120, threads=1)
     return [r["value"] if r["ok"] else {"_fatal": {"error": r["error"], "traceback": r.get("traceback", "")}}

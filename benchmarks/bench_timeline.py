@@ -54,7 +54,7 @@ import torch
 import torch.distributed as dist
 
 import fxpp
-from fxpp.runtime.train import MULTI_STAGE
+from fxpp.runtime.placement import MULTI_STAGE
 from _common import ROOT, default_json_path, environment, print_header
 from bench_schedules import BATCH, MODEL_NAME, SEQ, build_model, make_batch
 
@@ -284,7 +284,7 @@ def draw(entry: dict, path: str) -> None:
 
 
 def main() -> None:
-    from fxpp.runtime.launch import run_ranks
+    from fxpp.trainer.launch import run_ranks
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--schedules", default="1F1B,ZBVZeroBubble")

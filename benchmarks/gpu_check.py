@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=os.path.join(os.environ["OUT"], "gpu_check.json") if os.environ.get("OUT") else None)
     args = ap.parse_args(argv)
 
-    from fxpp.runtime.launch import run_ranks
+    from fxpp.trainer.launch import run_ranks
 
     [res] = run_ranks(_rank, 1, vars(args), timeout_s=420, pg_timeout_s=300)
     if not res["ok"]:

@@ -40,3 +40,39 @@ class CheckpointError(FxppError, ValueError):
 
 class VerificationError(FxppError):
     """The composed stages disagree with the original model."""
+
+
+class TiedWeightError(FxppError):
+    """A tied weight's gradients are used before its stages exchanged them, or its holders shard it differently."""
+
+
+class LossConfigError(FxppError, ValueError):
+    """A loss function does not fit the batch or what the last stage returns (no target tokens, an
+    auxiliary loss it was not built to add)."""
+
+
+class ScheduleUsageError(FxppError, RuntimeError):
+    """A schedule is stepped in a way it cannot run (a training schedule with gradients disabled)."""
+
+
+class RunConfigError(FxppError, ValueError):
+    """``fxpp run`` settings that no rank can run (a count that is not positive, a batch that does not
+    split over the replicas, a flag that needs another)."""
+
+
+class ModelSourceError(FxppError, ValueError):
+    """The model argument of ``fxpp run`` / ``fxpp plan`` is no preset, no directory with a
+    ``config.json`` and no transformers ``config.json`` file."""
+
+
+class DataError(FxppError, ValueError):
+    """The training data cannot be used: a missing file, a record without text, no tokenizer, no tokens."""
+
+
+class SaveDirError(FxppError, ValueError):
+    """A ``--save-dir`` does not hold what the run needs: no save to resume, another run's saves, a save
+    past ``--steps`` or one made with other settings."""
+
+
+class RunFailedError(FxppError):
+    """A rank of a local run failed, or the run did not finish in time."""

@@ -1,6 +1,6 @@
 """Run a rank function in ``world_size`` CPU processes with gloo, bounded in time.
 
-A thin layer over :func:`fxpp.runtime.launch.run_ranks`: rank functions live at module level
+A thin layer over :func:`fxpp.trainer.launch.run_ranks`: rank functions live at module level
 (they are pickled into spawned processes) and get ``(rank, world_size, workdir, *args)``
 with the process group initialised and destroyed afterwards. By default any failing
 rank fails the test with its traceback.
@@ -8,7 +8,7 @@ rank fails the test with its traceback.
 
 from __future__ import annotations
 
-from fxpp.runtime.launch import run_ranks
+from fxpp.trainer.launch import run_ranks
 
 
 def run_distributed(fn, world_size: int, workdir, *args, timeout_s: float = 180, pg_timeout_s: float = 60,

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fxpp.errors import CheckpointError
-from fxpp.runtime.models import build_model
+from fxpp.trainer.models import build_model
 
 
 def _save(tmp_path, tie, edit=None):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fxpp.errors import CheckpointError
-from fxpp.runtime.models import build_model
+from fxpp.trainer.models import build_model
 
 
 def _save(tmp_path, tie: bool):

@@ -8,7 +8,7 @@ import pytest
 
 
 def test_run_batch_not_divisible_by_dp_times_microbatches(capsys):
-    from fxpp.cli import main
+    from fxpp.trainer.cli import main
 
     assert main(["run", "tiny-llama", "--stages", "2", "--dp", "2", "--batch", "6", "--steps", "1"]) == 2
     assert "--batch 6 must be a multiple of --dp 2 x --microbatches 4" in capsys.readouterr().err
@@ -34,7 +34,7 @@ def _checkpoint_with_tokenizer(tmp_path):
 def test_run_on_text_data_with_the_checkpoints_tokenizer(tmp_path, capsys, fmt):
     import json
 
-    from fxpp.cli import main
+    from fxpp.trainer.cli import main
 
     words = _checkpoint_with_tokenizer(tmp_path)
     docs = [" ".join(words[i % 5: i % 5 + 3 + i % 4]) for i in range(20)]
@@ -48,7 +48,7 @@ def test_run_on_text_data_with_the_checkpoints_tokenizer(tmp_path, capsys, fmt):
 
 
 def test_data_on_a_preset_without_tokenizer_is_one_line(tmp_path, capsys):
-    from fxpp.cli import main
+    from fxpp.trainer.cli import main
 
     data = tmp_path / "docs.txt"
     data.write_text("a b c\n")
@@ -59,7 +59,7 @@ def test_data_on_a_preset_without_tokenizer_is_one_line(tmp_path, capsys):
 def test_run_on_a_checkpoint_missing_a_key_names_it_before_any_rank_starts(tmp_path, capsys):
     import json
 
-    from fxpp.cli import main
+    from fxpp.trainer.cli import main
     from fxpp.testing.checkpoint_dir import write_checkpoint
 
     write_checkpoint(str(tmp_path), max_shard_size="20KB")

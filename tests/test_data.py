@@ -1,4 +1,4 @@
-"""fxpp.runtime.data: packing with restarting positions, labels, resume position, tokenizer errors."""
+"""fxpp.trainer.data: packing with restarting positions, labels, resume position, tokenizer errors."""
 
 import json
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fxpp.errors import FxppError
-from fxpp.runtime.data import DataPosition, PackedBatches, load_tokenizer, read_documents, tokenize
+from fxpp.trainer.data import DataPosition, PackedBatches, load_tokenizer, read_documents, tokenize
 
 
 def _tokenizer_dir(tmp_path, words):

@@ -21,7 +21,7 @@ def test_meta_stages_from_a_sharded_directory_equal_from_pretrained(tmp_path, ti
     from transformers import AutoModelForCausalLM
 
     import fxpp
-    from fxpp.runtime.models import build_model
+    from fxpp.trainer.models import build_model
 
     _tiny_dir(tmp_path, tie)
     assert (tmp_path / "model.safetensors.index.json").is_file()
@@ -46,7 +46,7 @@ def test_a_key_missing_from_the_sharded_index_is_a_checkpoint_error(tmp_path):
     import torch.distributed as dist
 
     import fxpp
-    from fxpp.runtime.models import build_model
+    from fxpp.trainer.models import build_model
 
     _tiny_dir(tmp_path, False)
     index = tmp_path / "model.safetensors.index.json"

@@ -100,7 +100,7 @@ def test_wrong_dtype_to_a_later_stage():
 
 
 def test_cli_errors_are_one_line_with_a_hint(capsys):
-    from fxpp.cli import main
+    from fxpp.trainer.cli import main
 
     assert main(["plan", "no-such-model", "--stages", "2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

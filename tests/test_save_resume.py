@@ -1,4 +1,4 @@
-"""The save directory's guards (fxpp.runtime.run_state): no silent resume or export of the wrong thing.
+"""The save directory's guards (fxpp.trainer.run_state): no silent resume or export of the wrong thing.
 
 The end-to-end save / resume / export run is tests/test_walkthrough.py."""
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import fxpp
-from fxpp.runtime import run_state
-from fxpp.runtime.train import RunConfig
+from fxpp.trainer import run_state
+from fxpp.trainer.train import RunConfig
 
 
 def test_resume_refuses_another_setting_and_names_it(tmp_path):

@@ -55,6 +55,47 @@ def stored_shapes(path: str) -> dict[str, tuple[tuple[int, ...], torch.dtype, st
     return out
 
 
+def check_checkpoint(model: torch.nn.Module, stored: dict[str, tuple[tuple, torch.dtype, str]] | None,
+                     source: str) -> set[str]:
+    """Check that a checkpoint holds every key of ``model``, nothing else, in the right shapes.
+
+    A tied ``lm_head.weight`` may be absent, as transformers saves it (the model ties it).
+    Non-persistent buffers (rotary ``inv_freq``) are not in ``state_dict`` nor in checkpoints.
+    Floating-point dtypes may differ (they are cast to the model's, as transformers does).
+    Works on a meta model: ``stored`` defaults to the file headers (:func:`stored_shapes`).
+
+    Returns:
+        the tied keys the checkpoint may lack.
+
+    Raises:
+        CheckpointError: naming the first missing, unexpected or misshapen key and its file.
+    """
+    if stored is None:
+        stored = stored_shapes(source)
+    own = model.state_dict()
+    tie = getattr(model.config.get_text_config(), "tie_word_embeddings", False)
+    tied = {k for k in own if k.endswith("lm_head.weight")} if tie else set()
+    missing = sorted(set(own) - set(stored) - tied)
+    unexpected = sorted(set(stored) - set(own))
+    where = sorted({file for _, _, file in stored.values()}) or [source]
+    if missing:
+        raise CheckpointError(f"{where[0] if len(where) == 1 else source}: missing {len(missing)} key(s) of "
+                              f"{type(model).__name__}: {', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}; "
+                              f"the checkpoint does not match its config.json")
+    if unexpected:
+        raise CheckpointError(f"{stored[unexpected[0]][2]}: {len(unexpected)} unexpected key(s), "
+                              f"not a parameter or buffer of {type(model).__name__}: unexpected key {unexpected[0]}"
+                              f"{', ' + ', '.join(unexpected[1:3]) if len(unexpected) > 1 else ''}")
+    for key, (shape, dtype, file) in stored.items():
+        if tuple(shape) != tuple(own[key].shape):
+            raise CheckpointError(f"{file}: {key} is {tuple(shape)} {dtype} in the "
+                                  f"checkpoint, the model expects {tuple(own[key].shape)}")
+        if dtype != own[key].dtype and not (dtype.is_floating_point and own[key].is_floating_point()):
+            raise CheckpointError(f"{file}: {key} is {dtype} in the checkpoint, "
+                                  f"the model expects {own[key].dtype}")
+    return tied
+
+
 def load_state_dict_from(path: str, keys: Iterable[str] | None = None, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """Read ``keys`` (default: all) from a safetensors file, directory or sharded index."""
     from safetensors import safe_open

@@ -13,9 +13,16 @@ NCCL and CUDA when CUDA is present, gloo and CPU otherwise.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from ..errors import StageSpecError
+
+# Schedules whose ranks hold two stages, and their placement.
+MULTI_STAGE = {"Interleaved1F1B": "loop", "LoopedBFS": "loop", "InterleavedZeroBubble": "loop",
+               "ZBVZeroBubble": "v", "DualPipeV": "v"}
+SCHEDULES = ("GPipe", "1F1B", *MULTI_STAGE)  # every schedule `fxpp run` and the benchmarks offer
 
 
 def default_backend() -> str:
@@ -25,8 +32,6 @@ def default_backend() -> str:
 def default_device(rank: int) -> torch.device:
     """CUDA when present: the GPU of the node-local rank (torchrun's ``LOCAL_RANK``), else ``rank``'s."""
     if torch.cuda.is_available():
-        import os
-
         local = int(os.environ.get("LOCAL_RANK", rank))
         return torch.device("cuda", local % torch.cuda.device_count())
     return torch.device("cpu")

@@ -10,17 +10,25 @@ from __future__ import annotations
 
 import itertools
 import os
+import resource
 import time
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.distributed as dist
+from tqdm import tqdm
 
-from ..errors import FxppError
-
-# Schedules whose ranks hold two stages, and their placement.
-MULTI_STAGE = {"Interleaved1F1B": "loop", "LoopedBFS": "loop", "InterleavedZeroBubble": "loop",
-               "ZBVZeroBubble": "v", "DualPipeV": "v"}
-SCHEDULES = ("GPipe", "1F1B", *MULTI_STAGE)
+from ..errors import DataError, RunConfigError, RunFailedError
+from ..pipeline import pipeline
+from ..runtime.checkpoint import check_checkpoint
+from ..runtime.loss import causal_lm_loss
+from ..runtime.parallel import local_batch, pp_dp_mesh
+from ..runtime.placement import MULTI_STAGE, default_device, stage_ids_of_rank
+from ..runtime.schedule import make_schedule
+from . import run_state
+from .data import DataPosition, PackedBatches, load_tokenizer, read_documents, tokenize
+from .launch import run_ranks
+from .models import build_model
 
 
 @dataclass
@@ -40,7 +48,7 @@ class RunConfig:
     data: list[str] | None = None  # text / JSON-lines files, tokenized with the model directory's tokenizer
     check: bool = True
     progress: bool = True
-    save_dir: str | None = None  # per-stage (per-shard) checkpoints with optimizer state (fxpp.runtime.run_state)
+    save_dir: str | None = None  # per-stage (per-shard) checkpoints with optimizer state (fxpp.trainer.run_state)
     save_every: int = 0  # save every K steps (and after the last); 0: after the last step only
     resume: bool = False  # continue from the latest save in save_dir
 
@@ -49,7 +57,7 @@ class RunConfig:
         return self.ranks * (2 if self.schedule in MULTI_STAGE else 1)
 
     def validate(self, meta_model: torch.nn.Module | None = None) -> dict | None:
-        """Raises FxppError for settings no rank can run (checked before any process starts).
+        """Raises RunConfigError for settings no rank can run (checked before any process starts).
 
         Args:
             meta_model: the directory's model already built on the meta device (a rank
@@ -59,27 +67,21 @@ class RunConfig:
             the saved state a ``--resume`` continues from, else None.
         """
         if self.ranks < 1 or self.dp < 1:
-            raise FxppError(f"--stages {self.ranks} and --dp {self.dp} must be positive")
+            raise RunConfigError(f"--stages {self.ranks} and --dp {self.dp} must be positive")
         if self.dp > 1 and self.batch % (self.dp * self.microbatches):
-            raise FxppError(f"--batch {self.batch} must be a multiple of --dp {self.dp} x --microbatches "
+            raise RunConfigError(f"--batch {self.batch} must be a multiple of --dp {self.dp} x --microbatches "
                             f"{self.microbatches}: every dp replica runs --microbatches equal microbatches")
         if self.resume and not self.save_dir:
-            raise FxppError("--resume needs --save-dir (the directory of the run to continue)")
+            raise RunConfigError("--resume needs --save-dir (the directory of the run to continue)")
         state = None
         if self.save_dir:
-            from .run_state import check_start
-
-            state = check_start(self)  # another run's saves, or a save past --steps: before any rank starts
+            state = run_state.check_start(self)  # another run's saves, or a save past --steps: before any rank starts
         if self.save_every < 0 or (self.save_every and not self.save_dir):
-            raise FxppError(f"--save-every {self.save_every} needs --save-dir and a positive number of steps")
+            raise RunConfigError(f"--save-every {self.save_every} needs --save-dir and a positive number of steps")
         if os.path.isdir(self.model) and not self.resume:
-            from .models import build_model, check_checkpoint
-
             # every key, nothing else, right shapes: from the file headers, before any rank starts
             check_checkpoint(meta_model or build_model(self.model, device="meta"), None, self.model)
         if self.data:
-            from .data import load_tokenizer
-
             load_tokenizer(self.model)  # a directory without a tokenizer fails here, before any rank starts
         return state
 
@@ -91,16 +93,12 @@ class RunConfig:
 def batches_from(cfg: RunConfig, vocab: int, start: int = 0, position=None):
     """``(step, batch, data position after it)`` for steps ``start`` .. ``cfg.steps - 1``.
 
-    With ``cfg.data``: packed documents (``fxpp.runtime.data``), with ``labels``, continuing
+    With ``cfg.data``: packed documents (``fxpp.trainer.data``), with ``labels``, continuing
     from ``position`` (a resumed run's saved ``DataPosition``); else token ids (random,
     or from ``cfg.tokens``) that depend only on the step, so a resumed run sees exactly
     the batches a straight run would.
     """
-    from .data import DataPosition
-
     if cfg.data:
-        from .data import PackedBatches, load_tokenizer, read_documents, tokenize
-
         packed = PackedBatches(tokenize(read_documents(list(cfg.data)), load_tokenizer(cfg.model)), cfg.batch,
                                cfg.seq_len, position or DataPosition())
         for step in range(start, cfg.steps):
@@ -140,7 +138,7 @@ def _token_file(path: str) -> torch.Tensor:
         with open(path) as f:
             flat = torch.tensor([int(t) for t in f.read().split()], dtype=torch.long)
     if not flat.numel():
-        raise FxppError(f"--tokens {path}: no token ids")
+        raise DataError(f"--tokens {path}: no token ids")
     return flat
 
 
@@ -148,15 +146,11 @@ def rank_memory(device: torch.device) -> int:
     """This process's peak memory in bytes: allocated on CUDA, the peak resident set on CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
-    import resource
-
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def _all_memory(device: torch.device) -> list[int]:
     """Every rank's :func:`rank_memory` (one all-gather)."""
-    import torch.distributed as dist
-
     mine = torch.tensor([rank_memory(device)], dtype=torch.int64, device=device)
     out = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
     dist.all_gather(out, mine)
@@ -174,15 +168,6 @@ def run_rank(rank: int, world: int, cfg: RunConfig) -> dict:
     stages' (and, with ``--dp``, its shards') tensors from the safetensors files
     (``build_stage(checkpoint=...)``); a resumed run reads them from its save instead.
     """
-    import fxpp
-
-    from . import run_state
-    from .data import DataPosition
-    from .models import build_model
-    from .parallel import local_batch
-    from .placement import default_device
-    from .schedule import make_schedule
-
     device = default_device(rank)
     from_directory = os.path.isdir(cfg.model)
     meta = build_model(cfg.model, device="meta") if from_directory else None
@@ -190,7 +175,7 @@ def run_rank(rank: int, world: int, cfg: RunConfig) -> dict:
     start = state["step"] if state else 0
     if start == cfg.steps:  # the save is the end of the run: nothing to train
         return _nothing_to_do(rank, start, device)
-    mesh = fxpp.pp_dp_mesh(cfg.ranks, cfg.dp) if cfg.dp > 1 else None
+    mesh = pp_dp_mesh(cfg.ranks, cfg.dp) if cfg.dp > 1 else None
     pp_rank = mesh.get_local_rank("pp") if mesh is not None else rank
     dp_rank = mesh.get_local_rank("dp") if mesh is not None else 0
     local = (lambda b: local_batch(b, mesh)) if mesh is not None else (lambda b: b)
@@ -203,12 +188,12 @@ def run_rank(rank: int, world: int, cfg: RunConfig) -> dict:
     example = split_labels(local(first_batch[1]))[0]
     example_device = "meta" if from_directory else device
     mb = {k: v[: v.shape[0] // cfg.microbatches].to(example_device) for k, v in example.items()}
-    pipe = fxpp.pipeline(model, cfg.num_stages, example_inputs=mb)
+    pipe = pipeline(model, cfg.num_stages, example_inputs=mb)
     if state:
         run_state.check_resumable(state, cfg, pipe.layer_ranges)
     saved = run_state.step_dir(cfg.save_dir, start) if state else None
     style = MULTI_STAGE.get(cfg.schedule, "loop")
-    ids = fxpp.stage_ids_of_rank(pp_rank, cfg.num_stages, cfg.ranks, style)
+    ids = stage_ids_of_rank(pp_rank, cfg.num_stages, cfg.ranks, style)
     checkpoint = {i: run_state.stage_file(saved, i, dp_rank) if saved else (cfg.model if from_directory else None)
                   for i in ids}
     stages = [pipe.build_stage(i, device, style=style, dp_mesh=mesh, checkpoint=checkpoint[i],
@@ -221,14 +206,12 @@ def run_rank(rank: int, world: int, cfg: RunConfig) -> dict:
     losses_per_step, times, memory = [], [], []
     bar = None
     if holds_last and dp_rank == 0 and cfg.progress:
-        from tqdm import tqdm
-
         bar = tqdm(total=cfg.steps, initial=start, desc=f"{os.path.basename(cfg.model.rstrip('/'))} {cfg.schedule} "
                    f"x{cfg.num_stages}" + (f" dp{cfg.dp}" if cfg.dp > 1 else ""), unit="step")
     for step, batch, position in batches:
         batch, labels = split_labels({k: v.to(device) for k, v in local(batch).items()})
         # Every dp rank calls it: the global target-token count is an all-reduce over dp.
-        loss_fn = fxpp.causal_lm_loss(labels, cfg.microbatches, dp_mesh=mesh)
+        loss_fn = causal_lm_loss(labels, cfg.microbatches, dp_mesh=mesh)
         schedule = make_schedule(cfg.schedule, stages, cfg.microbatches, loss_fn)
         t0 = time.perf_counter()
         losses: list = []
@@ -242,8 +225,6 @@ def run_rank(rank: int, world: int, cfg: RunConfig) -> dict:
         if holds_last:
             share = loss_fn.whole_batch(losses).reshape(1)
             if mesh is not None:  # the global loss is the sum of the replicas' shares
-                import torch.distributed as dist
-
                 share = share.to(device)
                 dist.all_reduce(share, group=mesh["dp"].get_group())
             loss = float(share[0])
@@ -275,8 +256,6 @@ def _nothing_to_do(rank: int, step: int, device) -> dict:
 
 def reference_losses(cfg: RunConfig, batches, device) -> list[float]:
     """The unpatched model, trained in this process on the same batches."""
-    from .models import build_model
-
     model = build_model(cfg.model, seed=cfg.seed).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     out = []
@@ -298,10 +277,8 @@ def launch(cfg: RunConfig, workdir: str | None = None, timeout_s: float = 600) -
     """Run the job on ``cfg.ranks`` local processes; return their results.
 
     Raises:
-        FxppError: naming the first rank that failed and its error.
+        RunFailedError: naming the first rank that failed and its error, or the run's timeout.
     """
-    from .launch import run_ranks
-
     state = cfg.validate()
     if state is not None and state["step"] == cfg.steps:
         return [_nothing_to_do(0, cfg.steps, "cpu")]  # no process to start
@@ -310,10 +287,10 @@ def launch(cfg: RunConfig, workdir: str | None = None, timeout_s: float = 600) -
         results = run_ranks(_rank_job, cfg.world, asdict(cfg), workdir=workdir, timeout_s=timeout_s,
                             pg_timeout_s=min(timeout_s, 300), threads=threads)
     except TimeoutError as e:
-        raise FxppError(str(e)) from None
+        raise RunFailedError(str(e)) from None
     failed = [(r, res) for r, res in enumerate(results) if not res["ok"]]
     if failed:
         # The first rank to fail is the likeliest cause; its peers then fail on the broken connection.
         rank, res = min(failed, key=lambda f: "Connection" in f[1]["error"] or "peer" in f[1]["error"])
-        raise FxppError(f"rank {rank} failed: {res['error']}")
+        raise RunFailedError(f"rank {rank} failed: {res['error']}")
     return [res["value"] for res in results]

@@ -19,16 +19,14 @@ import uuid
 from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
-
-def default_backend() -> str:
-    return "nccl" if torch.cuda.is_available() else "gloo"
+from ..runtime.placement import default_backend
 
 
 def _entry(rank: int, world_size: int, workdir: str, fn: Callable, args: tuple, pg_timeout_s: float,
            rendezvous: str, threads: int | None, barrier_at_end: bool) -> None:
-    import torch.distributed as dist
-
     if threads:
         torch.set_num_threads(threads)
     result: dict[str, Any] = {"ok": False}
@@ -62,8 +60,6 @@ def run_ranks(fn: Callable, world_size: int, *args: Any, workdir: str | None = N
     Raises:
         TimeoutError: the run did not finish in ``timeout_s`` (every process is killed).
     """
-    import torch.multiprocessing as mp
-
     with tempfile.TemporaryDirectory(prefix="fxpp_run_") as tmp:
         workdir = str(workdir or tmp)
         rendezvous = os.path.join(tmp, f"rendezvous-{uuid.uuid4().hex}")

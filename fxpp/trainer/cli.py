@@ -6,22 +6,25 @@ import argparse
 import os
 import sys
 
+import torch
+import torch.distributed as dist
+
+from ..errors import FxppError
+from ..pipeline import pipeline
+from ..runtime.placement import MULTI_STAGE, SCHEDULES, default_backend
+from .models import build_model
+from .run_state import export, latest_step
+from .train import RunConfig, launch, run_rank
+
 
 def _plan(args) -> int:
-    import torch
-
-    import fxpp
-
-    from .runtime.models import build_model
-    from .runtime.train import MULTI_STAGE
-
     model = build_model(args.model, device="meta")
     micro = max(1, args.batch // args.microbatches)  # the cost model works on one microbatch
     example = {
         "input_ids": torch.zeros(micro, args.seq_len, dtype=torch.long, device="meta"),
         "attention_mask": torch.ones(micro, args.seq_len, dtype=torch.long, device="meta"),
     }
-    pipe = fxpp.pipeline(model, args.stages, example_inputs=example)
+    pipe = pipeline(model, args.stages, example_inputs=example)
     print(pipe.plan())
     costs = pipe.stage_costs()
     m = args.microbatches
@@ -34,18 +37,12 @@ def _plan(args) -> int:
 
 
 def _run(args) -> int:
-    from .runtime.train import RunConfig, launch, run_rank
-
     cfg = RunConfig(model=args.model, ranks=args.stages, dp=args.dp,
                     activation_checkpointing=args.activation_checkpointing, schedule=args.schedule, steps=args.steps, batch=args.batch,
                     seq_len=args.seq_len, microbatches=args.microbatches, lr=args.lr, seed=args.seed,
                     tokens=args.tokens, data=args.data, check=not args.no_check, save_dir=args.save_dir,
                     save_every=args.save_every, resume=args.resume)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # under torchrun
-        import torch.distributed as dist
-
-        from .runtime.placement import default_backend
-
         dist.init_process_group(default_backend())
         try:
             result = run_rank(dist.get_rank(), dist.get_world_size(), cfg)
@@ -77,16 +74,12 @@ def _run(args) -> int:
             if not ok:
                 return 1
     if cfg.save_dir:
-        from .runtime.run_state import latest_step
-
         print(f"saved: {cfg.save_dir} (latest step {latest_step(cfg.save_dir)}); "
               f"fxpp export {cfg.save_dir} OUT_DIR writes a Hugging Face checkpoint")
     return 0
 
 
 def _export(args) -> int:
-    from .runtime.run_state import export
-
     step = export(args.save_dir, args.out_dir, step=args.step)
     print(f"exported step {step} of {args.save_dir} to {args.out_dir} "
           f"(AutoModelForCausalLM.from_pretrained({args.out_dir!r}) loads it)")
@@ -94,8 +87,6 @@ def _export(args) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from .runtime.train import SCHEDULES
-
     p = argparse.ArgumentParser(prog="fxpp", description="Pipeline parallelism for Hugging Face models.")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = p.add_subparsers(dest="command", required=True)
@@ -149,8 +140,6 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - one readable line unless --debug
         if args.debug:
             raise
-        from .errors import FxppError
-
         kind = "error" if isinstance(e, FxppError) else f"error ({type(e).__name__})"
         print(f"fxpp: {kind}: {e}", file=sys.stderr)
         print("hint: rerun with --debug for the traceback", file=sys.stderr)

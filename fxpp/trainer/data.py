@@ -21,8 +21,9 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import torch
+from transformers import AutoTokenizer
 
-from ..errors import FxppError
+from ..errors import DataError
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,7 @@ def read_documents(paths: list[str]) -> list[str]:
     docs: list[str] = []
     for path in paths:
         if not os.path.isfile(path):
-            raise FxppError(f"--data {path!r}: no such file")
+            raise DataError(f"--data {path!r}: no such file")
         with open(path, encoding="utf-8") as f:
             for n, line in enumerate(f, 1):
                 line = line.rstrip("\n")
@@ -48,12 +49,12 @@ def read_documents(paths: list[str]) -> list[str]:
                     try:
                         text = json.loads(line)["text"]
                     except (ValueError, KeyError, TypeError) as e:
-                        raise FxppError(f"--data {path}:{n}: not a JSON record with a \"text\" field ({e})") from e
+                        raise DataError(f"--data {path}:{n}: not a JSON record with a \"text\" field ({e})") from e
                     docs.append(str(text))
                 else:
                     docs.append(line)
     if not docs:
-        raise FxppError(f"--data {' '.join(paths)}: no documents")
+        raise DataError(f"--data {' '.join(paths)}: no documents")
     return docs
 
 
@@ -62,15 +63,13 @@ def load_tokenizer(directory: str):
     if not os.path.isdir(directory) or not any(
         os.path.isfile(os.path.join(directory, f)) for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
     ):
-        raise FxppError(f"--data needs a tokenizer, and {directory!r} has none (no tokenizer.json, "
+        raise DataError(f"--data needs a tokenizer, and {directory!r} has none (no tokenizer.json, "
                         "tokenizer_config.json or tokenizer.model); save one next to the weights "
                         "or run without --data (random token ids)")
-    from transformers import AutoTokenizer
-
     try:
         return AutoTokenizer.from_pretrained(directory, local_files_only=True)
     except Exception as e:  # noqa: BLE001 - transformers raises many types here
-        raise FxppError(f"{directory}: cannot load its tokenizer ({type(e).__name__}: {e})") from e
+        raise DataError(f"{directory}: cannot load its tokenizer ({type(e).__name__}: {e})") from e
 
 
 def tokenize(documents: list[str], tokenizer) -> list[list[int]]:
@@ -97,7 +96,7 @@ class PackedBatches:
 
     def __init__(self, docs: list[list[int]], batch: int, seq_len: int, position: DataPosition = DataPosition()):
         if not docs:
-            raise FxppError("no tokens to train on")
+            raise DataError("no tokens to train on")
         self.docs, self.batch, self.seq_len = docs, batch, seq_len
         self.position = DataPosition(position.document % len(docs), position.token)
 

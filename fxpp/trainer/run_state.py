@@ -23,8 +23,20 @@ import re
 import shutil
 
 import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
 
-from ..errors import CheckpointError, FxppError
+from ..errors import CheckpointError, SaveDirError
+from ..runtime.checkpoint import (
+    SHARDS_KEY,
+    check_checkpoint,
+    load_optimizer,
+    recompute_non_persistent_buffers,
+    save_optimizer,
+    save_stage,
+)
+from .models import load_config
 
 # Settings a resumed run must share with the saved one: each changes the numbers.
 RESUME_SETTINGS = ("model", "ranks", "dp", "schedule", "batch", "seq_len", "microbatches", "lr", "seed", "tokens",
@@ -59,11 +71,11 @@ def read_state(save_dir: str, step: int | None = None) -> dict:
     """The ``state.json`` of ``step`` (default: the latest complete save).
 
     Raises:
-        FxppError: no complete save in ``save_dir``.
+        SaveDirError: no complete save in ``save_dir``.
     """
     step = latest_step(save_dir) if step is None else step
     if step is None:
-        raise FxppError(f"{save_dir}: no saved step to resume from (no step-*/state.json); run once with "
+        raise SaveDirError(f"{save_dir}: no saved step to resume from (no step-*/state.json); run once with "
                         "--save-dir first, or leave out --resume")
     with open(os.path.join(step_dir(save_dir, step), "state.json")) as f:
         return json.load(f)
@@ -73,7 +85,7 @@ def check_start(cfg) -> dict | None:
     """The saved state a run continues from (``--resume``), or None for a new run.
 
     Raises:
-        FxppError: a new run into a directory that holds another run's saves (export and
+        SaveDirError: a new run into a directory that holds another run's saves (export and
             resume would then pick whichever step is newest, of either run), or a resume
             whose save is past ``--steps``.
     """
@@ -82,12 +94,12 @@ def check_start(cfg) -> dict | None:
     if not cfg.resume:
         step = latest_step(cfg.save_dir)
         if step is not None:
-            raise FxppError(f"--save-dir {cfg.save_dir} already holds a run (saved at step {step}); continue it with "
+            raise SaveDirError(f"--save-dir {cfg.save_dir} already holds a run (saved at step {step}); continue it with "
                             "--resume, or save this run in a new directory")
         return None
     state = read_state(cfg.save_dir)
     if state["step"] > cfg.steps:
-        raise FxppError(f"--resume: the save in {cfg.save_dir} is at step {state['step']}, past --steps {cfg.steps}")
+        raise SaveDirError(f"--resume: the save in {cfg.save_dir} is at step {state['step']}, past --steps {cfg.steps}")
     return state
 
 
@@ -99,16 +111,16 @@ def check_resumable(state: dict, cfg, layer_ranges: list[range]) -> None:
     """Refuse to resume with any setting that would change the numbers.
 
     Raises:
-        FxppError: naming the first setting that differs, with both values.
+        SaveDirError: naming the first setting that differs, with both values.
     """
     saved = state["settings"]
     for key, value in settings_of(cfg).items():
         if saved.get(key) != value:
-            raise FxppError(f"--resume: the run in {cfg.save_dir} was saved with {key}={saved.get(key)!r}, this run "
+            raise SaveDirError(f"--resume: the run in {cfg.save_dir} was saved with {key}={saved.get(key)!r}, this run "
                             f"has {key}={value!r}; resume with the same settings (or start a new --save-dir)")
     ranges = [[r.start, r.stop] for r in layer_ranges]
     if state["layer_ranges"] != ranges:
-        raise FxppError(f"--resume: the saved stages own layers {state['layer_ranges']}, this pipeline {ranges}")
+        raise SaveDirError(f"--resume: the saved stages own layers {state['layer_ranges']}, this pipeline {ranges}")
 
 
 def rank_parameters(stages) -> dict[str, torch.nn.Parameter]:
@@ -139,10 +151,6 @@ def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
 def save(cfg, step: int, stages, optimizer, *, pp_rank: int, dp_rank: int, position, layer_ranges, model_config,
          device: torch.device) -> None:
     """Every rank writes its stages and optimizer; after a barrier, rank 0 writes ``state.json``."""
-    import torch.distributed as dist
-
-    from .checkpoint import save_optimizer, save_stage
-
     directory = step_dir(cfg.save_dir, step)
     if dist.get_rank() == 0:
         os.makedirs(directory, exist_ok=True)
@@ -180,8 +188,6 @@ def _write_model_files(cfg, model_config) -> None:
 
 def load(cfg, state: dict, stages, optimizer, *, pp_rank: int, dp_rank: int, device: torch.device) -> None:
     """The optimizer and RNG state of this rank (the stages were built from their step files)."""
-    from .checkpoint import load_optimizer
-
     directory = step_dir(cfg.save_dir, state["step"])
     extra = load_optimizer(optimizer, rank_parameters(stages), optimizer_file(directory, pp_rank, dp_rank))
     set_rng_state(extra, device)
@@ -194,10 +200,6 @@ def whole_tensors(directory: str) -> dict[str, torch.Tensor]:
         CheckpointError: shards that do not cover a tensor's rows exactly once, or two
             copies of a tensor (dp replicas, a weight two stages hold) that differ.
     """
-    from safetensors import safe_open
-
-    from .checkpoint import SHARDS_KEY
-
     files = sorted(f for f in os.listdir(directory) if f.startswith("stage-") and f.endswith(".safetensors"))
     if not files:
         raise CheckpointError(f"{directory}: no stage-*.safetensors files")
@@ -257,13 +259,8 @@ def export(save_dir: str, out_dir: str, step: int | None = None, max_shard_size:
     Raises:
         CheckpointError: a saved tensor the model does not have, a key of the model the
             save lacks (besides a tied ``lm_head.weight``), a shape the model does not
-            have (``fxpp.runtime.models.check_checkpoint``), or tied copies that differ.
+            have (``fxpp.runtime.checkpoint.check_checkpoint``), or tied copies that differ.
     """
-    from transformers import AutoModelForCausalLM
-
-    from .checkpoint import recompute_non_persistent_buffers
-    from .models import check_checkpoint, load_config
-
     state = read_state(save_dir, step)
     tensors = whole_tensors(step_dir(save_dir, state["step"]))
     config = load_config(save_dir)
