@@ -7,6 +7,10 @@ import os
 from collections.abc import Iterable
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from ..errors import CheckpointError
 
@@ -98,8 +102,6 @@ def check_checkpoint(model: torch.nn.Module, stored: dict[str, tuple[tuple, torc
 
 def load_state_dict_from(path: str, keys: Iterable[str] | None = None, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """Read ``keys`` (default: all) from a safetensors file, directory or sharded index."""
-    from safetensors import safe_open
-
     wanted = None if keys is None else set(keys)
     out: dict[str, torch.Tensor] = {}
     for file, file_keys in _files_for(path, wanted).items():
@@ -176,12 +178,8 @@ def _local_rows(target: torch.Tensor, key: str, file: str) -> tuple[torch.Tensor
     A ``DTensor`` (FSDP2 ``Shard(0)``, or replicated) holds a range of leading rows; any
     other sharding would need a strided read and is refused rather than read wrongly.
     """
-    from torch.distributed.tensor import DTensor
-
     if not isinstance(target, DTensor):
         return target, slice(0, target.shape[0] if target.dim() else 1)
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
     local = target.to_local()
     lshape, offset = compute_local_shape_and_global_offset(target.shape, target.device_mesh, target.placements)
     if any(o != 0 or n != full for o, n, full in zip(offset[1:], lshape[1:], target.shape[1:])):
@@ -308,12 +306,8 @@ def local_tensors(module: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dic
     dict, ``[first row, end row, rows of the whole tensor]``, lets a loader check that a
     shard goes back where it came from and lets ``fxpp export`` reassemble the tensor.
     """
-    from torch.distributed.tensor import DTensor
-
     tensors: dict[str, torch.Tensor] = {}
     shards: dict[str, list[int]] = {}
-    from torch.distributed.tensor import Shard
-
     for key, value in module.state_dict().items():
         if isinstance(value, DTensor):
             local, rows = _local_rows(value, key, "<memory>")
@@ -332,8 +326,6 @@ def save_stage(stage: torch.nn.Module, path: str) -> None:
     its metadata); :func:`load_stage` reads it back into the same shard and refuses any
     other, and ``fxpp export`` joins the shards into whole tensors.
     """
-    from safetensors.torch import save_file
-
     tensors, shards = local_tensors(stage)
     metadata = {"format": "pt"}
     if shards:
@@ -358,9 +350,6 @@ def save_optimizer(optimizer: torch.optim.Optimizer, params: torch.nn.Module | d
         params: the stage whose parameters the optimizer holds, or ``{name: parameter}``
             (a rank holding two stages names them apart).
     """
-    from safetensors.torch import save_file
-    from torch.distributed.tensor import DTensor
-
     names = _parameter_names(params)
     sd = optimizer.state_dict()
     index_to_name = {}
@@ -399,9 +388,6 @@ def load_optimizer(optimizer: torch.optim.Optimizer, params: torch.nn.Module | d
         CheckpointError: the file names parameters the optimizer does not hold, or holds
             state of another shape (another dp size or rank).
     """
-    from safetensors import safe_open
-    from torch.distributed.tensor import DTensor
-
     names = _parameter_names(params)
     flat_params = [p for group in optimizer.param_groups for p in group["params"]]
     name_to_index = {names[id(p)]: i for i, p in enumerate(flat_params)}

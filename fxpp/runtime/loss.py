@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import LossConfigError
+from .parallel import dp_size, global_target_tokens
 
 
 class CausalLMLoss:
@@ -113,8 +114,6 @@ def causal_lm_loss(labels: torch.Tensor, num_microbatches: int, *, scale_grads: 
     the target tokens of the global batch are counted with one all-reduce over dp, so
     every rank of the dp mesh must call this (Note [pipeline x data parallel]).
     """
-    from .parallel import dp_size, global_target_tokens
-
     coef = router_aux_loss_coef(model) if model is not None else None
     count = global_target_tokens(count_target_tokens(labels, ignore_index), dp_mesh)
     return CausalLMLoss(count, num_microbatches, scale_grads=scale_grads, ignore_index=ignore_index,

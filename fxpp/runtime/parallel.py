@@ -74,15 +74,16 @@ Note [activation checkpointing]
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.distributed as dist
+from torch.distributed._composable.replicate_with_fsdp import replicate
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.utils.checkpoint import checkpoint
 
+from ..analysis.annotate import is_decoder_layer
 from ..errors import StageSpecError
-
-if TYPE_CHECKING:
-    from torch.distributed.device_mesh import DeviceMesh
+from .placement import default_device
 
 DATA_PARALLEL_MODES = ("fsdp", "replicate")
 MESH_DIMS = ("pp", "dp")
@@ -105,10 +106,6 @@ def pp_dp_mesh(pp: int, dp: int, device_type: str | None = None) -> "DeviceMesh"
         StageSpecError: torch.distributed is not initialised, or ``pp * dp`` is not the
             world size. The check is local, so every rank raises it; nothing waits.
     """
-    from torch.distributed.device_mesh import init_device_mesh
-
-    from .placement import default_device
-
     if not dist.is_initialized():
         raise StageSpecError("pp_dp_mesh needs torch.distributed to be initialised (dist.init_process_group)")
     for name, value in (("pp", pp), ("dp", dp)):
@@ -141,8 +138,6 @@ def resolve_meshes(dp_mesh, group):
             mesh without a pipeline group, or a pipeline group and dp mesh that do not
             meet in exactly this rank.
     """
-    from torch.distributed.device_mesh import DeviceMesh
-
     if not isinstance(dp_mesh, DeviceMesh):
         raise StageSpecError(f"dp_mesh={dp_mesh!r} is not a DeviceMesh; build one with "
                              "fxpp.runtime.parallel.pp_dp_mesh(pp, dp)")
@@ -187,8 +182,6 @@ def resolve_meshes(dp_mesh, group):
 
 def decoder_layer_modules(submodule: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     """The decoder layers a stage ``GraphModule`` calls, as ``(qualified name, module)``, in order."""
-    from ..analysis.annotate import is_decoder_layer
-
     seen, layers = set(), []
     for node in submodule.graph.nodes:
         if node.op == "call_module" and "fxpp" in node.meta and is_decoder_layer(node) and node.target not in seen:
@@ -220,8 +213,6 @@ def parallelize_stage(submodule: torch.nn.Module, *, dp_mesh=None, data_parallel
     if dp_mesh is None:
         return
     if data_parallel == "fsdp":
-        from torch.distributed.fsdp import fully_shard
-
         # reshard_after_forward=False: under PP a stage runs several microbatches'
         # forwards before their backwards; resharding would all-gather the layer again
         # for each backward (torchtitan turns it off when pipeline parallelism is on).
@@ -231,8 +222,6 @@ def parallelize_stage(submodule: torch.nn.Module, *, dp_mesh=None, data_parallel
             fully_shard(layer, mesh=dp_mesh, reshard_after_forward=False)
         fully_shard(submodule, mesh=dp_mesh, reshard_after_forward=False)
     else:
-        from torch.distributed._composable.replicate_with_fsdp import replicate
-
         # One all-reduce per decoder layer and one for the rest, like DDP's buckets.
         for _, layer in layers:
             replicate(layer, mesh=dp_mesh)
@@ -241,8 +230,6 @@ def parallelize_stage(submodule: torch.nn.Module, *, dp_mesh=None, data_parallel
 
 def checkpoint_layer(layer: torch.nn.Module) -> None:
     """Recompute ``layer``'s activations in the backward (Note [activation checkpointing]); names unchanged."""
-    from torch.utils.checkpoint import checkpoint
-
     forward = layer.forward  # the bound method the module's __call__ would run
 
     def checkpointed_forward(*args, **kwargs):

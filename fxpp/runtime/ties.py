@@ -44,6 +44,8 @@ import weakref
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from ..errors import TiedWeightError
 from .placement import stage_ranks
@@ -116,8 +118,6 @@ class _TiedSync:
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
     """A DTensor's local shard (a view sharing its storage, under no_grad), or the tensor itself."""
-    from torch.distributed.tensor import DTensor
-
     return t.to_local() if isinstance(t, DTensor) else t
 
 
@@ -126,8 +126,6 @@ _PLACEMENT_CODES = {"Replicate": -1, "Partial": -2}
 
 def describe_shard(value: torch.Tensor, local: torch.Tensor) -> list[int]:
     """``[ndim, *global shape, *local shape, mesh size, placement]`` with placement the shard dim or a code."""
-    from torch.distributed.tensor import DTensor
-
     if isinstance(value, DTensor):
         (placement,) = value.placements
         code = getattr(placement, "dim", None)
@@ -208,8 +206,6 @@ def guard_optimizers() -> None:
         for stage in list(LIVE_STAGES):
             if stage._fxpp_owed and any(id(p) in params for p in stage.submod.parameters()):
                 raise TiedWeightError(UNSYNCHRONISED.format(stage=stage.stage_index, when="an optimizer step"))
-
-    from torch.optim.optimizer import register_optimizer_step_pre_hook
 
     _OPTIMIZER_GUARD.append(register_optimizer_step_pre_hook(check))
 

@@ -15,18 +15,17 @@ import copy
 from typing import Any
 
 import torch
+from torch.distributed.pipelining import pipe_split
+from torch.distributed.pipelining import pipeline as torch_pipeline
 
+from ..analysis.annotate import info
 from ..errors import UnsupportedModelError
+from ..spec import StageRole, StageSpec
+from ..transform import StageModule
 
 
 def with_split_markers(pipe) -> torch.fx.GraphModule:
     """The whole-model graph of ``pipe`` with ``pipe_split()`` before each cut's first layer."""
-    from torch.distributed.pipelining import pipe_split
-
-    from ..analysis.annotate import info
-    from ..transform import StageModule
-    from ..spec import StageRole, StageSpec
-
     n = pipe.layer_ranges[-1].stop
     full = StageModule.build(pipe.model, pipe.model_graph, StageSpec(StageRole.FULL, range(n), n))
     graph = copy.deepcopy(full.graph)
@@ -45,8 +44,6 @@ def split_with_torch_pipeline(pipe, microbatch: dict[str, Any]):
     Raises:
         UnsupportedModelError: torch's splitter cannot handle the graph (the reason quoted).
     """
-    from torch.distributed.pipelining import pipeline as torch_pipeline
-
     gm = with_split_markers(pipe)
     try:
         return torch_pipeline(gm, mb_args=(), mb_kwargs=microbatch)
