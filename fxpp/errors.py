@@ -40,3 +40,17 @@ class CheckpointError(FxppError, ValueError):
 
 class VerificationError(FxppError):
     """The composed stages disagree with the original model."""
+
+
+class TiedWeightError(FxppError):
+    """A weight tied across stages cannot get its whole gradient: its holders keep it
+    differently, or a step ended without the tied-weight exchange."""
+
+
+class LossSetupError(FxppError, ValueError):
+    """The loss function does not fit the batch or the last stage's output (no target
+    tokens, an auxiliary loss it was not told to add, ...)."""
+
+
+class ScheduleStepError(FxppError, RuntimeError):
+    """A schedule was stepped in a state it cannot run in (a training step with gradients off, ...)."""

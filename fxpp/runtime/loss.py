@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..errors import FxppError
+from ..errors import LossSetupError
 
 
 class CausalLMLoss:
@@ -42,9 +42,9 @@ class CausalLMLoss:
     def __init__(self, num_target_tokens: int, num_microbatches: int, *, scale_grads: bool = True, ignore_index: int = -100,
                  aux_loss_coef: float | None = None, data_parallel: int = 1):
         if num_target_tokens < 1:
-            raise ValueError(f"num_target_tokens={num_target_tokens}: the batch has no target tokens")
+            raise LossSetupError(f"num_target_tokens={num_target_tokens}: the batch has no target tokens")
         if data_parallel < 1:
-            raise ValueError(f"data_parallel={data_parallel} must be at least 1")
+            raise LossSetupError(f"data_parallel={data_parallel} must be at least 1")
         self.num_target_tokens = num_target_tokens
         self.num_microbatches = num_microbatches
         self.scale_grads = scale_grads
@@ -61,7 +61,7 @@ class CausalLMLoss:
         if isinstance(output, (tuple, list)):
             logits, aux = output
             if self.aux_loss_coef is None:
-                raise FxppError(
+                raise LossSetupError(
                     "the last stage returns an auxiliary loss (the model's config sets output_router_logits); build "
                     "the loss with fxpp.causal_lm_loss(labels, num_microbatches, model=model) so it adds "
                     "router_aux_loss_coef times it, as the model's forward does"

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..errors import StageInputError, StageSpecError
+from ..errors import ScheduleStepError, StageInputError, StageSpecError
 from ..layout import step_shape
 from .stage import FxppPipelineStage
 from .ties import finish_step
@@ -180,7 +180,7 @@ def step_with_microbatches(schedule, microbatches: list[dict[str, Any]] | None, 
     Raises:
         StageInputError: the number of microbatches or targets is not the schedule's
             ``n_microbatches``, or ``targets`` is a tensor rather than a list.
-        RuntimeError: a training schedule stepped under ``torch.no_grad()``.
+        ScheduleStepError: a training schedule stepped under ``torch.no_grad()``.
     """
     if isinstance(schedule, PipelineSchedule):
         return schedule.step_microbatches(microbatches, targets, losses, return_outputs=return_outputs)
@@ -201,8 +201,8 @@ def run_microbatches(schedule, microbatches, targets=None, losses=None, *, retur
     if targets is not None and len(targets) != n:
         raise StageInputError(f"targets: got {len(targets)}, the schedule was built for n_microbatches={n}")
     if schedule._has_backward and not torch.is_grad_enabled():
-        raise RuntimeError("step_with_microbatches() needs gradients enabled for a training schedule; "
-                           "it must not run under torch.no_grad()")
+        raise ScheduleStepError("step_with_microbatches() needs gradients enabled for a training schedule; "
+                                "it must not run under torch.no_grad()")
     for stage in stages:
         stage.has_backward = schedule._has_backward
     for stage in stages:

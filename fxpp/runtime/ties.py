@@ -26,7 +26,7 @@ Note [tied-weight sync]
     ``PipelineStage``), and the exchange is owed from then on. A torch schedule stepped
     directly, without the exchange, leaves it owed: the next optimizer step over those
     parameters (a global ``register_optimizer_step_pre_hook``) or the next schedule
-    step raises ``FxppError`` before any unsynchronised gradient is used;
+    step raises ``TiedWeightError`` before any unsynchronised gradient is used;
     ``finish_step(stages)`` does the exchange by hand.
 
     Under data parallelism (Note [pipeline x data parallel] in ``fxpp.runtime.parallel``)
@@ -45,7 +45,7 @@ import weakref
 import torch
 import torch.distributed as dist
 
-from ..errors import FxppError
+from ..errors import TiedWeightError
 from .placement import stage_ranks
 from .protocols import SplitModel, TiedStage
 
@@ -105,7 +105,7 @@ class _TiedSync:
         theirs = torch.empty_like(ours)
         self._send_recv(ours, theirs)
         if not torch.equal(ours, theirs):
-            raise FxppError(
+            raise TiedWeightError(
                 f"stage {stage.stage_index}: the tied weight {self.name or 'parameter'} is held as "
                 f"{_shard_text(ours.tolist())} here but as {_shard_text(theirs.tolist())} on rank {self.peer}; the "
                 "first and last stage of one dp index must replicate it over the same dp size (build every stage "
@@ -207,7 +207,7 @@ def guard_optimizers() -> None:
         params = {id(p) for group in optimizer.param_groups for p in group["params"]}
         for stage in list(LIVE_STAGES):
             if stage._fxpp_owed and any(id(p) in params for p in stage.submod.parameters()):
-                raise FxppError(UNSYNCHRONISED.format(stage=stage.stage_index, when="an optimizer step"))
+                raise TiedWeightError(UNSYNCHRONISED.format(stage=stage.stage_index, when="an optimizer step"))
 
     from torch.optim.optimizer import register_optimizer_step_pre_hook
 
