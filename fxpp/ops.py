@@ -19,6 +19,32 @@ guard
     A Python-level decision the trace took from a shape (``if seq_len == 1``).
     ``check_guard`` re-checks it on every call; a different outcome raises
     :class:`GuardFailure`, and the stage retraces for the new shapes.
+
+Note [guards]
+-------------
+A trace follows one path through the model's Python: every ``if`` on a shape, on
+whether a mask builder returned a mask, or on tensor data is decided once, on the
+example inputs, and the graph holds only the branch taken. Each such decision is
+recorded as a node calling one of ``GUARD_OPS`` with the value the trace saw:
+
+- ``check_guard``: a shape or other Python value read from a proxy (``if seq_len == 1``);
+- ``check_is_none`` / ``check_is_not_none``: a mask builder returned ``None`` / a mask,
+  and the forward took its ``mask is None`` / ``mask is not None`` branch
+  (``fxpp.trace.patching``, ``fxpp.passes.guard_mask_branches``);
+- ``check_data``: a ``bool`` or ``int`` taken from the example's real values
+  (``if mask.any():``).
+
+A guard produces no value; it is kept for its check. Stage extraction keeps every
+guard a stage can evaluate that sits before its last output
+(``fxpp.passes.extract_stage``), so a stage notices a decision that no longer holds
+even when an earlier stage took it; the guards on data and on mask builders are
+re-checked on every stage on their own inputs, which therefore cross each cut
+(``fxpp.analysis.annotate.rechecked_on_every_stage``). A call that fails a guard
+raises :class:`GuardFailure`, never a wrong number: the stage tries the other
+variants it keeps for the same present inputs, then traces a new one for this call
+and keeps it (``StageModule``). A guard that fails again on the graph
+traced for the very call is a decision on values the stage does not receive, and is
+refused with a :class:`~fxpp.errors.StageInputError`.
 """
 
 from __future__ import annotations

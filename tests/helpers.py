@@ -1,4 +1,9 @@
-"""Shared test helpers: inputs, reference runs and comparisons."""
+"""Shared test helpers: cached models and inputs.
+
+The reference runs and comparisons (``reference``, ``run_stages``, ``assert_same``)
+have one home, ``fxpp.testing.check``, shared with the sweeps; they are imported
+here for the tests that take them from this module.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,7 @@ import functools
 
 import torch
 
-from fxpp.testing.check import grads_of, loss_of  # one definition, shared with the sweep
+from fxpp.testing.check import assert_same, reference, run_stages  # noqa: F401 - one definition, shared with the sweeps
 from fxpp.testing.zoo import VOCAB, tiny_model
 
 
@@ -33,32 +38,3 @@ def make_inputs(batch: int, seq: int, *, padding: str = "none", position_ids: bo
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         inputs["position_ids"] = pos
     return inputs
-
-
-def reference(model, inputs):
-    model.zero_grad(set_to_none=True)
-    logits = model(**inputs).logits
-    loss_of(logits).backward()
-    grads = grads_of(model)
-    model.zero_grad(set_to_none=True)
-    return logits.detach(), grads
-
-
-def run_stages(stages, inputs, model):
-    model.zero_grad(set_to_none=True)
-    out = stages[0](**inputs)
-    for stage in stages[1:]:
-        out = stage(*out)
-    loss_of(out).backward()
-    grads = grads_of(model)
-    model.zero_grad(set_to_none=True)
-    return out.detach(), grads
-
-
-def assert_same(ref, got, *, atol: float, rtol: float, what: str = ""):
-    ref_logits, ref_grads = ref
-    logits, grads = got
-    torch.testing.assert_close(logits, ref_logits, atol=atol, rtol=rtol, msg=lambda m: f"{what} logits: {m}")
-    assert set(grads) == set(ref_grads), f"{what}: parameters with gradients differ: {set(grads) ^ set(ref_grads)}"
-    for name in ref_grads:
-        torch.testing.assert_close(grads[name], ref_grads[name], atol=atol, rtol=rtol, msg=lambda m: f"{what} grad {name}: {m}")

@@ -24,9 +24,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fxpp
+from fxpp.testing.check import reference, run_pipeline
 from fxpp.testing.sweep_vlm import generic_inputs, generic_model, text_ids
 
-from .test_signature import property_examples, through_pipeline, training_reference
+from .test_signature import property_examples
 
 ATOL32, RTOL32 = 1e-5, 1e-5  # see the module docstring
 # T5Gemma 2 (a SigLIP tower in its encoder, image tokens among the encoder's text),
@@ -77,7 +78,7 @@ def test_t5_text_to_text():
 def assert_same_run(model, pipe, inputs, what):
     from .helpers import assert_same
 
-    assert_same(training_reference(model, inputs), through_pipeline(pipe, inputs), atol=ATOL32, rtol=RTOL32,
+    assert_same(reference(model, inputs), run_pipeline(pipe, model, inputs), atol=ATOL32, rtol=RTOL32,
                 what=f"{what}, inputs={ {k: list(v.shape) for k, v in inputs.items()} }")
 
 

@@ -26,10 +26,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fxpp
-from fxpp.testing.check import grads_of, loss_of
-from fxpp.testing.zoo import IMAGE_TOKEN, VISION_END, VISION_START, VLM_FAMILIES, tiny_vlm
+from fxpp.runtime.schedule import make_schedule
+from fxpp.testing.check import assert_same, loss_of, reference, run_pipeline
+from fxpp.testing.zoo import IMAGE_TOKEN, VISION_END, VISION_START, VLM_FAMILIES, tiny_model, tiny_vlm
 
-from .helpers import assert_same, cached_model, make_inputs
+from .dist import run_distributed
+from .helpers import cached_model, make_inputs
 
 ATOL32, RTOL32 = 1e-5, 1e-5  # see the module docstring
 
@@ -40,26 +42,6 @@ def property_examples(default: int) -> int:
     return int(os.environ.get("FXPP_PROPERTY_EXAMPLES", default))
 TEXT_FAMILIES = ("llama", "gemma2", "gemma3", "gemma4", "qwen3_moe", "phi3")
 NUM_LAYERS = 4
-
-
-def training_reference(model, inputs):
-    """Logits and gradients of the unpatched training forward (``use_cache=False``)."""
-    model.zero_grad(set_to_none=True)
-    logits = model(**inputs, use_cache=False).logits
-    loss_of(logits).backward()
-    grads = grads_of(model)
-    model.zero_grad(set_to_none=True)
-    return logits.detach(), grads
-
-
-def through_pipeline(pipe, inputs):
-    model = pipe.model
-    model.zero_grad(set_to_none=True)
-    logits = pipe(**inputs)
-    loss_of(logits).backward()
-    grads = grads_of(model)
-    model.zero_grad(set_to_none=True)
-    return logits.detach(), grads
 
 
 def packed_positions(batch: int, seq: int, seed: int) -> torch.Tensor:
@@ -103,7 +85,7 @@ def test_any_input_set_equals_the_training_forward(family, cuts, kinds, batch, s
     pipe = _pipeline(family, cuts)
     model = pipe.model
     inputs = call_inputs(batch, seq, kinds, seed)
-    assert_same(training_reference(model, inputs), through_pipeline(pipe, inputs), atol=ATOL32, rtol=RTOL32,
+    assert_same(reference(model, inputs), run_pipeline(pipe, pipe.model, inputs), atol=ATOL32, rtol=RTOL32,
                 what=f"{family} cuts={list(cuts)} inputs={sorted(inputs)} shape={batch}x{seq}")
 
 
@@ -167,7 +149,7 @@ def test_the_other_token_input_is_in_the_default_signature(built_from):
     ids = make_inputs(3, 7)["input_ids"]
     for inputs in ({"input_ids": ids}, {"inputs_embeds": model.get_input_embeddings()(ids).detach()},
                    {"inputs_embeds": model.get_input_embeddings()(ids).detach(), "attention_mask": mask}):
-        assert_same(training_reference(model, inputs), through_pipeline(pipe, inputs), atol=ATOL32, rtol=RTOL32,
+        assert_same(reference(model, inputs), run_pipeline(pipe, pipe.model, inputs), atol=ATOL32, rtol=RTOL32,
                     what=f"built from {built_from}, inputs={sorted(inputs)}")
     # The gradient reaching the embeddings given (what an outer module would train on).
     grads = []
@@ -226,7 +208,7 @@ def test_vlm_default_signature_any_input_set(family, cut, images, padding, batch
     assert any(n.startswith("pixel_values") for n in pipe.signature.names), pipe.signature
     model, make = _vlm(family)
     inputs = vlm_call_inputs(family, make, batch, extra, images, padding, seed)
-    assert_same(training_reference(model, inputs), through_pipeline(pipe, inputs), atol=ATOL32, rtol=RTOL32,
+    assert_same(reference(model, inputs), run_pipeline(pipe, pipe.model, inputs), atol=ATOL32, rtol=RTOL32,
                 what=f"{family} cut={cut} inputs={sorted(inputs)} shape={list(inputs['input_ids'].shape)}")
 
 
@@ -240,7 +222,7 @@ def test_vlm_with_and_without_images_in_one_pipeline(family):
     with_images = make(2, seq, seed=2)
     text_only = {"input_ids": with_images["input_ids"].clamp(max=50), "attention_mask": with_images["attention_mask"]}
     for inputs in (with_images, text_only, {"input_ids": text_only["input_ids"]}, with_images):
-        assert_same(training_reference(model, inputs), through_pipeline(pipe, inputs), atol=ATOL32, rtol=RTOL32,
+        assert_same(reference(model, inputs), run_pipeline(pipe, pipe.model, inputs), atol=ATOL32, rtol=RTOL32,
                     what=f"{family} inputs={sorted(inputs)}")
 
 
@@ -257,11 +239,7 @@ def _grad_report(stage, ref) -> dict:
 
 def token_ids_only_rank(rank, world, workdir):
     """Plain pretraining: a pipeline built with no example inputs, stepped on token ids alone."""
-    from fxpp.runtime.schedule import make_schedule
-
-    from .helpers import cached_model as build
-
-    model = build("llama", NUM_LAYERS).train()
+    model = cached_model("llama", NUM_LAYERS).train()
     pipe = fxpp.pipeline(model, world)
     stage = pipe.build_stage(rank, "cpu")
     ids = make_inputs(4, 8, seed=11)["input_ids"]
@@ -272,7 +250,7 @@ def token_ids_only_rank(rank, world, workdir):
         schedule.step(input_ids=ids)
     else:
         schedule.step(target=ids, losses=losses)
-    ref = build("llama", NUM_LAYERS)
+    ref = cached_model("llama", NUM_LAYERS)
     ref.zero_grad(set_to_none=True)
     # The same microbatches, losses and scaling as the schedule (see tests/test_runtime.py).
     for chunk in ids.chunk(2):
@@ -286,8 +264,6 @@ def token_ids_only_rank(rank, world, workdir):
 
 def vlm_image_presence_rank(rank, world, workdir, family):
     """One step whose microbatch 0 holds no image and microbatch 1 two."""
-    from fxpp.runtime.schedule import make_schedule
-
     model, make = tiny_vlm(family, NUM_LAYERS)
     model.train()
     ref = tiny_vlm(family, NUM_LAYERS)[0].train()
@@ -332,23 +308,16 @@ def _check_reports(reports):
 
 @pytest.mark.timeout(300)
 def test_two_ranks_1f1b_on_token_ids_only(tmp_path):
-    from .dist import run_distributed
-
     _check_reports(run_distributed(token_ids_only_rank, 2, tmp_path, timeout_s=240))
 
 
 @pytest.mark.timeout(300)
 def test_two_ranks_1f1b_microbatches_with_and_without_images(tmp_path):
-    from .dist import run_distributed
-
     _check_reports(run_distributed(vlm_image_presence_rank, 2, tmp_path, "qwen2_5_vl", timeout_s=240))
 
 
 def v_placement_without_style_rank(rank, world, workdir):
     """ZBVZeroBubble with tied embeddings, stages built as API.md spells it: no placement argument."""
-    from fxpp.runtime.schedule import make_schedule
-    from fxpp.testing.zoo import tiny_model
-
     model = tiny_model("qwen2", NUM_LAYERS, tie_word_embeddings=True).train()
     ref = tiny_model("qwen2", NUM_LAYERS, tie_word_embeddings=True).train()
     pipe = fxpp.pipeline(model, 2 * world, cuts=[1, 2, 3])
@@ -370,8 +339,6 @@ def v_placement_without_style_rank(rank, world, workdir):
 
 @pytest.mark.timeout(300)
 def test_v_placement_is_inferred_from_the_stages_a_rank_builds(tmp_path):
-    from .dist import run_distributed
-
     reports = run_distributed(v_placement_without_style_rank, 2, tmp_path, timeout_s=240)
     assert reports[0]["tied"], "rank 0 holds stages 0 and 3: both copies of the tied embedding"
     for rank, r in enumerate(reports):

@@ -354,7 +354,7 @@ def test_mrope_sections_follow_the_full_models_proportions():
     text model (HY-V4-VL) sizes them from qk_rope_head_dim."""
     from transformers import AutoConfig
 
-    from fxpp.testing.sweep_vlm import _mrope_sections
+    from fxpp.testing.generic_vlm import _mrope_sections
     from fxpp.testing.tiny import SHRINK
 
     def sections(model_type):
@@ -369,7 +369,7 @@ def test_config_reads_the_config_does_not_declare_are_filled_from_the_family():
     """Qwen2.5-Omni's thinker reads ``self.config.vision_start_token_id``, declared only by
     its talker config: the generic model gets the talker's default. A family whose config
     declares everything its code reads (LLaVA) gets nothing."""
-    from fxpp.testing.sweep_vlm import _fill_unset_config_reads, generic_model
+    from fxpp.testing.generic_vlm import _fill_unset_config_reads, generic_model
 
     omni = generic_model("qwen2_5_omni_thinker")
     assert omni.config.vision_start_token_id == 151652
@@ -381,7 +381,7 @@ def test_an_unset_window_of_a_model_without_sliding_layers_gets_the_tiny_window(
     """Step 3.7 builds its sliding-window mask whatever its layer types, and refuses an
     unset window: with no sliding layer, the tiny config sets one (no layer reads it).
     Qwen2's window stays off (its use_sliding_window switch is off)."""
-    from fxpp.testing.sweep_vlm import generic_config
+    from fxpp.testing.generic_vlm import generic_config
     from fxpp.testing.tiny import SHRINK, tiny_config
 
     text = generic_config("step3p7").get_text_config()
@@ -394,7 +394,7 @@ def test_vlm_generic_configs_take_the_family_rules_written_for_their_layer_count
     configs too: Qwen4-Exp's indexer sizes and Cohere Compass's rope parameters (without
     them the model does not build). Mllama's, written for 3 layers, do not: its 2 tiny
     layers keep the default rule (the cross-attention layer last)."""
-    from fxpp.testing.sweep_vlm import generic_config
+    from fxpp.testing.generic_vlm import generic_config
 
     assert generic_config("qwen4_exp").text_config.indexer_n_heads == 2
     rope = generic_config("cohere_compass").text_config.rope_parameters
@@ -405,7 +405,7 @@ def test_vlm_generic_configs_take_the_family_rules_written_for_their_layer_count
 def test_a_sparse_indexer_keeps_its_top_k_a_multiple_of_its_key_pool():
     """GLM-5 Next pools keys in groups of index_kpool and validates index_topk % index_kpool
     == 0: the tiny pool divides the tiny top-k, so the config builds."""
-    from fxpp.testing.sweep_vlm import generic_config
+    from fxpp.testing.generic_vlm import generic_config
 
     text = generic_config("glm5_next").get_text_config()
     assert text.index_topk % text.index_kpool == 0 and text.index_kpool < 16

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.pipelining import PipelineStage
 
-from ..errors import FxppError, StageInputError, StageSpecError
+from ..errors import StageInputError, StageSpecError, TiedWeightError
 from ..layout import HEADER, filler_shape, step_shape, stream_tokens
 from .placement import check_placement
 from .protocols import SplitModel
@@ -98,7 +98,7 @@ class FxppPipelineStage(PipelineStage):
             self._fxpp_ties = tied + local
             self._fxpp_pending_ties = None
         if self._fxpp_owed:
-            raise FxppError(UNSYNCHRONISED.format(stage=self.stage_index, when="a new step started"))
+            raise TiedWeightError(UNSYNCHRONISED.format(stage=self.stage_index, when="a new step started"))
         # Gradients already accumulated before this step (see scale_grads and the
         # tied-weight exchange); kept until the next step starts.
         self._fxpp_grad_before = {p: p.grad.detach().clone() for p in self.submod.parameters() if p.grad is not None}

@@ -1,8 +1,10 @@
-"""Checking a pipeline against the unpatched model, case by case: the comparison both sweeps share.
+"""Checking a pipeline against the unpatched model, case by case: the comparison both sweeps
+and the tests share.
 
 Inputs (:func:`make_inputs`, :func:`packed_positions`), the unpatched training forward
-(:func:`reference`), one pipeline run (:func:`run_pipeline`), the comparison of logits
-and every gradient (:func:`compare`), per-case and per-family results
+(:func:`reference`), one pipeline run (:func:`run_pipeline`, or stages composed by hand:
+:func:`run_stages`), the comparison of logits and every gradient (:func:`compare`, and
+the test assertion :func:`assert_same`), per-case and per-family results
 (:class:`CaseResult`, :class:`SweepResult`, :func:`settle`) and the time budget
 (:func:`_deadline`).
 """
@@ -11,9 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import math
 import os
 import signal
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -22,6 +26,8 @@ from typing import Any, Iterable
 import torch
 
 from ..errors import FxppError
+from ..pipeline import pipeline
+from ..trace import unwrap_forward
 from .tiny import VOCAB
 
 STATUSES = ("pass", "mismatch", "fxpp-error", "model-error", "error")
@@ -107,34 +113,42 @@ def _logits(out: Any) -> torch.Tensor:
 def training_kwargs(model: torch.nn.Module) -> dict[str, Any]:
     """``use_cache=False`` where the forward takes it, by name or through ``**kwargs``
     that it hands to the inner model: the training forward a pipeline must equal."""
-    import inspect
-
-    from ..trace import unwrap_forward
-
     params = inspect.signature(unwrap_forward(type(model).forward)).parameters
     takes = "use_cache" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
     return {"use_cache": False} if takes else {}
 
 
-def reference(model: torch.nn.Module, inputs: dict[str, Any]):
-    """Logits and gradients of the unpatched training forward ``model(**inputs, use_cache=False)``."""
+def _logits_and_grads(model: torch.nn.Module, forward) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The logits of ``forward()`` and the gradients :func:`loss_of` them leaves on ``model``'s
+    parameters (cleared before and after)."""
     model.zero_grad(set_to_none=True)
-    logits = _logits(model(**inputs, **training_kwargs(model)))
+    logits = _logits(forward())
     loss_of(logits).backward()
     grads = grads_of(model)
     model.zero_grad(set_to_none=True)
     return logits.detach(), grads
 
 
+def reference(model: torch.nn.Module, inputs: dict[str, Any]):
+    """Logits and gradients of the unpatched training forward ``model(**inputs, use_cache=False)``."""
+    return _logits_and_grads(model, lambda: model(**inputs, **training_kwargs(model)))
+
+
 def run_pipeline(pipe, model: torch.nn.Module, inputs: dict[str, Any]):
-    model.zero_grad(set_to_none=True)
-    out = pipe(**inputs)
-    if not isinstance(out, torch.Tensor):
-        out = _logits(out)
-    loss_of(out).backward()
-    grads = grads_of(model)
-    model.zero_grad(set_to_none=True)
-    return out.detach(), grads
+    """Logits and gradients of ``pipe(**inputs)``, a pipeline of ``model``."""
+    return _logits_and_grads(model, lambda: pipe(**inputs))
+
+
+def run_stages(stages, inputs: dict[str, Any], model: torch.nn.Module):
+    """Logits and gradients of ``stages`` composed by hand: the first called with ``inputs``
+    by keyword, each later one with the tuple the one before returned."""
+    def forward():
+        out = stages[0](**inputs)
+        for stage in stages[1:]:
+            out = stage(*out)
+        return out
+
+    return _logits_and_grads(model, forward)
 
 
 def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -179,6 +193,18 @@ def compare(ref, got, *, atol: float = ATOL, rtol: float = RTOL) -> tuple[bool, 
     return False, detail, worst
 
 
+def assert_same(ref, got, *, atol: float, rtol: float, what: str = "") -> None:
+    """Assert (as a test does) that ``got`` has ``ref``'s logits and gradients, each within
+    ``atol``/``rtol`` (``torch.testing.assert_close``); ``what`` starts each message."""
+    ref_logits, ref_grads = ref
+    logits, grads = got
+    torch.testing.assert_close(logits, ref_logits, atol=atol, rtol=rtol, msg=lambda m: f"{what} logits: {m}")
+    assert set(grads) == set(ref_grads), f"{what}: parameters with gradients differ: {set(grads) ^ set(ref_grads)}"
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], atol=atol, rtol=rtol,
+                                   msg=lambda m: f"{what} grad {name}: {m}")
+
+
 @dataclass
 class SweepResult:
     family: str  # the model_type
@@ -198,6 +224,7 @@ class SweepResult:
     cases: list[CaseResult] = field(default_factory=list)  # one per input case, in the sweep's order
     # the pipeline build failed for every case (set by check_pipeline, kept by a later settle)
     build_failure: CaseResult | None = field(default=None, repr=False)
+    kind: str = "-"  # the VLM sweep's kind of family: VLM, or text (the config has no vision tower)
 
     def case_status(self, name: str) -> str | None:
         """The status of case ``name``; None where the family got no case (model not built)."""
@@ -234,8 +261,6 @@ def _deadline(seconds: float | None):
     """Raise :class:`SweepTimeout` after ``seconds`` (SIGALRM; main thread only, else a
     no-op). An interval timer already running (pytest-timeout's) is suspended and
     resumed with its remaining time."""
-    import threading
-
     if not seconds or threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
         yield
         return
@@ -372,11 +397,9 @@ def check_pipeline(result: SweepResult, model, checks: list[tuple[str, dict, Any
     (``cuts=[1]``, built from ``example_inputs``) run on every ``(case, inputs,
     reference)`` of ``checks`` and compared with the unpatched reference; fills the
     cases of ``result`` and settles its status (:func:`settle`)."""
-    import fxpp
-
     try:
         with _deadline(_left(timeout_s, start)):
-            pipe = fxpp.pipeline(model, 2, example_inputs=example_inputs, cuts=[1])
+            pipe = pipeline(model, 2, example_inputs=example_inputs, cuts=[1])
     except BaseException as e:  # noqa: BLE001
         if isinstance(e, KeyboardInterrupt):
             raise
@@ -403,6 +426,25 @@ def check_pipeline(result: SweepResult, model, checks: list[tuple[str, dict, Any
             timed_out = isinstance(e, SweepTimeout)
             _put(result, _failure(name, phase, e, timeout_s))
     return settle(result)
+
+
+def sweep_families(mapping: dict[str, str], families: Iterable[str] | None, check, *, mapping_name: str,
+                   progress: Any = None) -> list[SweepResult]:
+    """The loop both sweeps share: ``check(model_type, class_name)`` for every family of
+    ``mapping`` (model type -> class name), in its order, or for each of ``families``; a
+    name not in ``mapping`` (called ``mapping_name``) is a ``model-error``. ``progress`` is
+    called with each :class:`SweepResult` as it is done."""
+    names = list(mapping) if families is None else list(families)
+    results = []
+    for name in names:
+        if name not in mapping:
+            r = SweepResult(family=name, class_name="", status="model-error", detail=f"not in {mapping_name}")
+        else:
+            r = check(name, mapping[name])
+        results.append(r)
+        if progress is not None:
+            progress(r)
+    return results
 
 
 def _put(result: SweepResult, case: CaseResult) -> None:

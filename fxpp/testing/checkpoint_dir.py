@@ -11,7 +11,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import sys
+
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from .zoo import tiny_model
 
 WORDS = ("the cat sat on a mat and dog ran far away while birds sang in tall green trees near "
          "old stone walls by quiet rivers under grey skies").split()
@@ -19,9 +25,6 @@ WORDS = ("the cat sat on a mat and dog ran far away while birds sang in tall gre
 
 def write_tokenizer(path: str) -> int:
     """A word-level tokenizer of :data:`WORDS` (plus ``[UNK]``) saved as transformers files; its size."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(WORDS)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -33,8 +36,6 @@ def write_tokenizer(path: str) -> int:
 
 def write_documents(path: str, count: int = 60, seed: int = 0) -> None:
     """``count`` lines of 3-12 words of :data:`WORDS` (one document a line)."""
-    import random
-
     rng = random.Random(seed)
     with open(path, "w") as f:
         for _ in range(count):
@@ -44,8 +45,6 @@ def write_documents(path: str, count: int = 60, seed: int = 0) -> None:
 def write_checkpoint(path: str, family: str = "llama", num_layers: int = 4, *, tie: bool = True,
                      max_shard_size: str = "40KB", seed: int = 0) -> None:
     """A tiny ``family`` model (fxpp.testing.zoo) saved as sharded safetensors, with a tokenizer."""
-    from .zoo import tiny_model
-
     size = write_tokenizer(path)
     model = tiny_model(family, num_layers, seed=seed, tie_word_embeddings=tie)
     if model.config.get_text_config().vocab_size < size:

@@ -6,9 +6,11 @@ import argparse
 import os
 import sys
 import time
+import warnings
 from typing import Iterable
 
 import torch
+import transformers
 
 from .check import CASE_STATUSES, MARKS, STATUSES, SweepResult, _short
 
@@ -74,7 +76,7 @@ def format_table(results: list[SweepResult], width: int = 160, cases: Iterable[s
     rows = [f"{'family':<{fw}} | {'kind | ' if kind else ''}{'status':<{sw}} | {'cases':<{cw}} | detail",
             f"{'-' * fw}-+-{'-----+-' if kind else ''}{'-' * sw}-+-{'-' * cw}-+-{'-' * 20}"]
     for r in results:
-        k = f"{getattr(r, 'kind', '-'):<4} | " if kind else ""
+        k = f"{r.kind:<4} | " if kind else ""
         rows.append(f"{r.family:<{fw}} | {k}{r.status:<{sw}} | {r.marks(cases):<{cw}} | "
                     f"{_detail(r, max(width - fw - sw - cw - kw - 9, 60))}")
     return "\n".join(rows)
@@ -114,10 +116,6 @@ def write_tracebacks(results: list[SweepResult], path: str) -> str:
 
 def run_and_report(args, sweep_fn, format_table_fn, summary_fn, write_docs_fn, command: str) -> int:
     """The part of a sweep command that both sweeps share: run, print, optionally write docs."""
-    import warnings
-
-    import transformers
-
     transformers.logging.set_verbosity_error()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)

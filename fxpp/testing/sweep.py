@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import sys
 
+from .sweep_causal import main as causal_main
+from .sweep_vlm import main as vlm_main
+
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if "--vlm" in argv:
-        from .sweep_vlm import main as vlm_main
-
         return vlm_main(argv, prog="python -m fxpp.sweep --vlm")
-    from .sweep_causal import main as causal_main
-
     return causal_main(argv)
 
 

@@ -68,10 +68,14 @@ import traceback
 from typing import Any, Iterable
 
 import torch
+import transformers
+from transformers import AutoModelForCausalLM
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+from ..pipeline import pipeline
 from .check import (ATOL, MARKS_LEGEND, Case, CaseResult, SweepResult, SweepTimeout, _deadline, _failure, _left,
                     _message, _needs, _perturb, _put, check_pipeline, compare, grads_of, make_inputs,
-                    packed_positions, reference_cases, settle)
+                    packed_positions, reference_cases, settle, sweep_families)
 from .report import (DOCS_PATH, SECTION_MARK, _detail, _md, built_summary, case_summary, run_and_report, summary,
                      sweep_parser)
 from .report import format_table as _table
@@ -102,9 +106,6 @@ def causal_cases(model: torch.nn.Module, seed: int = 0) -> list[Case]:
 
 
 def _build(model_type: str, class_name: str, max_params: int):
-    import transformers
-    from transformers import AutoModelForCausalLM
-
     config = tiny_config(model_type)
     torch.manual_seed(0)
     with torch.device("meta"):
@@ -205,8 +206,6 @@ def _with_labels_run(call, model: torch.nn.Module, inputs: dict[str, Any], label
 def check_router_loss(model: torch.nn.Module, *, timeout_s: float, start: float, seed: int = 1) -> CaseResult:
     """The ``router`` case: a pipeline built with router logits on, called with labels,
     against the model's own loss with router logits (see the module docstring)."""
-    import fxpp
-
     config = router_config(model)
     if config is None:
         return CaseResult("router", "skipped", f"{type(model.config).__name__} has no output_router_logits")
@@ -233,7 +232,7 @@ def check_router_loss(model: torch.nn.Module, *, timeout_s: float, start: float,
                 return CaseResult("router", "model-error", f"reference: the model is not deterministic ({detail})",
                                   phase="reference")
             phase = "pipeline"
-            pipe = fxpp.pipeline(model, 2, cuts=[1])
+            pipe = pipeline(model, 2, cuts=[1])
             phase = "run"
             got = _with_labels_run(pipe, model, inputs, labels)
         same, detail, diff = compare(ref, got)
@@ -249,8 +248,6 @@ def check_router_loss(model: torch.nn.Module, *, timeout_s: float, start: float,
 
 
 def causal_lm_families() -> dict[str, str]:
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
     return dict(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
 
 
@@ -271,19 +268,10 @@ def sweep_causal_lm(
             (``model-error``).
         progress: called with each :class:`SweepResult` as it is done.
     """
-    mapping = causal_lm_families()
-    names = list(mapping) if families is None else list(families)
-    results = []
-    for name in names:
-        if name not in mapping:
-            r = SweepResult(family=name, class_name="", status="model-error",
-                            detail="not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES")
-        else:
-            r = check_family(name, mapping[name], timeout_s=timeout_s, build_timeout_s=min(build_timeout_s, timeout_s))
-        results.append(r)
-        if progress is not None:
-            progress(r)
-    return results
+    return sweep_families(causal_lm_families(), families,
+                          lambda name, cls: check_family(name, cls, timeout_s=timeout_s,
+                                                         build_timeout_s=min(build_timeout_s, timeout_s)),
+                          mapping_name="MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", progress=progress)
 
 
 def format_table(results: list[SweepResult], width: int = 160) -> str:
@@ -291,8 +279,6 @@ def format_table(results: list[SweepResult], width: int = 160) -> str:
 
 
 def markdown(results: list[SweepResult], command: str = COMMAND) -> str:
-    import transformers
-
     lines = [
         "# Supported models",
         "",

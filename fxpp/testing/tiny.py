@@ -9,10 +9,12 @@ families whose defaults need a consistent pair of values.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 from typing import Any, Callable
 
 import torch
+from transformers import AutoConfig, PreTrainedConfig
 
 VOCAB = 128
 
@@ -143,8 +145,6 @@ def _get(config, name: str, default: Any = None) -> Any:
 
 
 def _init_names(cls) -> set[str]:
-    import inspect
-
     names: set[str] = set()
     if dataclasses.is_dataclass(cls):
         names |= {f.name for f in dataclasses.fields(cls)}
@@ -161,8 +161,6 @@ def _canonical(config, name: str) -> str:
 
 
 def _sub_configs(config) -> dict[str, Any]:
-    from transformers import PreTrainedConfig
-
     subs = {}
     for name in dict.fromkeys([*(getattr(config, "sub_configs", None) or {}), "text_config"]):
         value = _get(config, name)
@@ -351,8 +349,6 @@ def tiny_config(model_type: str, num_layers: int | None = None):
     """A tiny config of ``model_type`` (see :data:`SHRINK`): the class rebuilt from
     shrunk construction arguments, so derived attributes (layer types, per-layer
     overrides, head dims) are recomputed for the tiny sizes."""
-    from transformers import AutoConfig
-
     n = num_layers or FAMILY_LAYERS.get(model_type, NUM_LAYERS)
     extra = FAMILY_KWARGS.get(model_type, {})
     model_type = FAMILY_CONFIG_TYPE.get(model_type, model_type)
