@@ -40,3 +40,7 @@ class CheckpointError(FxppError, ValueError):
 
 class VerificationError(FxppError):
     """The composed stages disagree with the original model."""
+
+
+class OptimizerSettingsError(FxppError, ValueError):
+    """An optimizer-step setting is invalid (clipping norm, weight decay, learning-rate schedule)."""
