@@ -4,6 +4,7 @@ from .errors import (
     CheckpointError,
     CutError,
     FxppError,
+    OptimizerSettingsError,
     StageInputError,
     StageSpecError,
     TraceError,
@@ -12,6 +13,7 @@ from .errors import (
 )
 from .runtime.loss import CausalLMLoss, causal_lm_loss, count_target_tokens
 from .runtime.microbatch import split_microbatches
+from .runtime.optim import clip_grad_norm_, lr_scheduler
 from .runtime.parallel import pp_dp_mesh
 from .runtime.schedule import step_with_microbatches
 from .pipeline import Pipeline, pipeline
@@ -42,6 +44,7 @@ __all__ = [
     "CheckpointError",
     "CutError",
     "FxppError",
+    "OptimizerSettingsError",
     "Pipeline",
     "StageInputError",
     "StageModule",
@@ -51,7 +54,9 @@ __all__ = [
     "UnsupportedModelError",
     "VerificationError",
     "causal_lm_loss",
+    "clip_grad_norm_",
     "count_target_tokens",
+    "lr_scheduler",
     "pipeline",
     "pp_dp_mesh",
     "schedule",

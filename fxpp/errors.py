@@ -76,3 +76,7 @@ class SaveDirError(FxppError, ValueError):
 
 class RunFailedError(FxppError):
     """A rank of a local run failed, or the run did not finish in time."""
+
+
+class OptimizerSettingsError(FxppError, ValueError):
+    """An optimizer-step setting is invalid (clipping norm, weight decay, learning-rate schedule)."""

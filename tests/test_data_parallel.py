@@ -143,6 +143,9 @@ def _run_config(mesh, config: Config) -> dict:
             for name, p in params.items():
                 report["grad"][name] = (_diff(_full(p.grad), ref.get_parameter(name).grad) if p.grad is not None
                                         else "missing")
+            ref_grads = [p.grad for p in ref.parameters() if p.grad is not None]
+            report["norm"] = (float(fxpp.clip_grad_norm_(stages, float("inf"))),  # measures only
+                              float(torch.nn.utils.get_total_norm(ref_grads)), sum(g.numel() for g in ref_grads))
         opt.step()
         ref_opt.step()
     for name, p in params.items():
@@ -252,6 +255,14 @@ def test_pipeline_times_data_parallel_matches_unpatched_model(runs, config):
         if config.reshape:
             assert all(r["rebuilt"]), "a new sequence length rebuilds the stages"
         assert r["same_modules"], "a rebuilt stage must reuse the wrapped module"
+    # fxpp.clip_grad_norm_'s global norm: FSDP shards reduced over dp, the pipeline's
+    # ranks summed, a tied weight once. The same on every rank; against the reference,
+    # the bound of test_optim (gradient differences of 2 * DP * M ulps of each tensor's
+    # max, plus the norm's own float32 sum in another order).
+    assert len({r["norm"][0] for r in per_rank}) == 1, [r["norm"] for r in per_rank]
+    got, ref, n = per_rank[0]["norm"]
+    rtol = (2 * DP * M + 1) * torch.finfo(torch.float32).eps * n ** 0.5
+    assert abs(got - ref) <= rtol * ref, f"global grad norm {got} against the unpatched model's {ref}"
     names = set().union(*(r["names"] for r in per_rank))
     if config.tie:
         assert {"lm_head.weight", "model.embed_tokens.weight"} <= names

@@ -25,8 +25,9 @@ class FxppPipelineStage(PipelineStage):
     """A PipelineStage that knows its tied weights (Note [tied-weight sync]) and can be rebuilt for new shapes."""
 
     def __init__(self, *args, tied: list = (), local_partners: list = (), sends: list = (), rebuild=None,
-                 batch_seq: tuple[int, int] | None = None, **kwargs):
+                 batch_seq: tuple[int, int] | None = None, tie_copies: frozenset = frozenset(), **kwargs):
         super().__init__(*args, **kwargs)
+        self.tie_copies = frozenset(tie_copies)  # names of this stage's copies of weights an earlier stage owns
         self._fxpp_ties = list(tied) + list(local_partners or [])
         self._fxpp_pending_ties = None  # resolved at the first step when the placement was inferred
         self._fxpp_owed = False  # a backward ran this step, exchange not yet done
@@ -323,6 +324,7 @@ def build_stage(pipe: SplitModel, index: int, device: torch.device | str, group=
         submodule, index, num_stages, device, input_args=inputs, output_args=outputs, group=group,
         tied=tied, local_partners=local, sends=list(zip(_sends(submodule), (tuple(o.shape) for o in outputs))),
         rebuild=rebuild, batch_seq=batch_seq,
+        tie_copies=frozenset(o[index] for o in tied_parameters(pipe) if index in o and index != min(o)),
     )
     if stage_style is None and any(index in owners for owners in tied_parameters(pipe)):
         # Placement is known once the rank has built all its stages: at the first step.

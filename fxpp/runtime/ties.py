@@ -172,6 +172,8 @@ def tie_exchanges(pipe: SplitModel, index: int, submodule, group, style: str) ->
         if index not in (first, last):
             continue
         mine = submodule.get_parameter(owners[index])
+        if not mine.requires_grad:  # frozen (LoRA's base weights): no gradient, nothing to exchange
+            continue
         other = first if index == last else last
         if ranks[other] == ranks[index]:
             if index == first:  # the first holder finishes last: it sums for both
