@@ -23,6 +23,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from .. import ops
 from ..errors import TraceError
+from ..meta import is_from_data, mark_from_data
 from .caches import OwnCache, is_kv_cache
 from .layers import trace_path
 from .targets import CONCRETE_TENSOR_ATTRS, is_check_function, is_inplace_method
@@ -33,10 +34,6 @@ from .wrappers import captures_outputs, nested_forward_kwargs, unwrap_forward
 # get_attr names of the objects a trace holds as constants (configs, tensors it made);
 # numbered per trace, so the same name means different objects in two traces.
 CONSTANT_PREFIX = "_fxpp_const_"
-# node.meta key: the node's value is a Python scalar (or list) read from tensor data on the
-# real example (``.item()``, ``.tolist()``), or computed from one. A later stage recomputes
-# it from the tensor it came from (fxpp.analysis.cuts), so a decision on it is re-checked there.
-FROM_DATA = "fxpp_from_data"
 
 
 @dataclass
@@ -167,8 +164,8 @@ class HFTracer(Tracer):
         if kind != "output":
             node.meta["val"] = self._meta_eval(node)
             if not isinstance(node.meta["val"], torch.Tensor) and any(
-                    n.meta.get(FROM_DATA) for n in node.all_input_nodes):
-                node.meta[FROM_DATA] = True  # arithmetic on a scalar read from data
+                    is_from_data(n) for n in node.all_input_nodes):
+                mark_from_data(node)  # arithmetic on a scalar read from data
         return node
 
     def _meta_eval(self, node: Node) -> Any:
@@ -438,9 +435,9 @@ class HFTracer(Tracer):
 
     def _from_data(self, node: Node, value: Any) -> Any:
         """The meta value of ``node`` evaluated on the real example; a Python value (not a
-        tensor) read from data is marked :data:`FROM_DATA`."""
+        tensor) read from data is marked ``from_data`` (``fxpp.meta.NodeFacts``)."""
         if not isinstance(value, torch.Tensor):
-            node.meta[FROM_DATA] = True
+            mark_from_data(node)
         return self._fakeify_value(value)
 
     def _fakeify_value(self, value: Any) -> Any:
@@ -769,7 +766,7 @@ class HFTracer(Tracer):
                 f"{type(self.model).__name__}: {what} at {_short_stack()} (node {obj.node.name}); "
                 "fxpp traces decisions on tensor data only on real example values (not on the meta device)"
             ) from e
-        if obj.node.meta.get(FROM_DATA):
+        if is_from_data(obj.node):
             # a scalar read from data (``k = x.sum().item(); if k > 0:``): a decision on data,
             # re-checked on every stage like any other
             self.create_proxy("call_function", ops.check_data, (obj, result, _short_stack()), {})
