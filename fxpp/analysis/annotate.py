@@ -31,35 +31,20 @@ shape-only input
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch.fx import Graph, GraphModule, Node
 
 from .. import ops
+from ..meta import NodeInfo, node_info as info, set_node_info
 from ..trace import MASK_SHAPE_ONLY_KWARGS, is_check_function, is_mask_builder
 
 _SHAPE_ATTRS = frozenset({"shape", "dtype", "device", "ndim", "is_cuda"})
 _SHAPE_METHODS = frozenset({"size", "dim", "get_device"})
 
-
-@dataclass(frozen=True)
-class NodeInfo:
-    """fxpp's record of one node; see the module docstring for the terms."""
-
-    role: str
-    position: int
-    rematerialize: bool
-    module: str | None = None
-    layer: int | None = None
-    layer_type: str | None = None
-    layer_types: tuple[str, ...] = ()
-    shape_only_inputs: tuple[str, ...] = ()
-
-
-def info(node: Node) -> NodeInfo:
-    return node.meta["fxpp"]
+__all__ = ["NodeInfo", "annotate", "info", "is_decoder_layer", "is_guard", "is_rotary_module", "is_tensorish",
+           "rechecked_on_every_stage", "shape_only_inputs"]
 
 
 # -- predicates --------------------------------------------------------------------
@@ -172,7 +157,7 @@ def annotate(gm: GraphModule, *, layers_fqn: str, layer_types: list[str] | None,
     for node in graph.nodes:
         if records[node]["role"] in ("mask", "rotary"):
             records[node]["layer_types"] = tuple(sorted(_consumer_layer_types(node, records)))
-        node.meta["fxpp"] = NodeInfo(**records[node])
+        set_node_info(node, NodeInfo(**records[node]))
     return gm
 
 

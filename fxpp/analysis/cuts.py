@@ -15,15 +15,18 @@ with ``a.layers.stop == b.layers.start`` fit together.
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import operator
 import weakref
 
 import torch
 from torch.fx import Graph, Node
 
-from .annotate import info, is_guard, is_tensorish, rechecked_on_every_stage
+from .. import ops
 from ..errors import CutError
-from ..trace.tracer import FROM_DATA
+from ..meta import is_from_data
+from .annotate import info, is_guard, is_tensorish, rechecked_on_every_stage
 
 
 def layer_nodes(graph: Graph) -> dict[int, Node]:
@@ -100,7 +103,7 @@ def crossing_values(graph: Graph, k: int) -> list[Node]:
             rec = info(value)
             if rec.position >= k:
                 continue
-            if rec.rematerialize or value.meta.get(FROM_DATA):
+            if rec.rematerialize or is_from_data(value):
                 # recomputed after the cut: a mask, rotary, or a scalar read from a tensor
                 # (which crosses instead: a Python value cannot)
                 seen.add(value)
@@ -130,8 +133,6 @@ def crossing_identity(graph: Graph, node: Node, k: int, modules: dict | None = N
     that reads it); elsewhere the consuming modules, never a node name that a
     retrace may number differently.
     """
-    from .. import ops
-
     if node.op == "call_function" and node.target is ops.scatter_rows:
         return "dense " + crossing_identity(graph, node.args[0], k, modules)
     if node.op == "call_function" and node.target is ops.take_recorded:
@@ -165,10 +166,6 @@ _STRUCTURAL_KEYS: "weakref.WeakKeyDictionary[Graph, dict[Node, str]]" = weakref.
 
 
 def _structural_keys(graph: Graph) -> dict[Node, str]:
-    import hashlib
-
-    from .. import ops
-
     keys: dict[Node, str] = {}
     seen: dict[str, int] = {}
     module_calls: dict[str, int] = {}
@@ -218,10 +215,6 @@ def describe_crossing(graph: Graph, node: Node, k: int, modules: dict | None = N
     parameter of the first later layer that reads it (``per_layer_input of
     model.layers.3``), named from that layer's forward signature.
     """
-    import inspect
-
-    from .. import ops
-
     if node is stream_at(graph, k):
         return "hidden states"
     if node.op == "placeholder":

@@ -17,6 +17,7 @@ import torch
 from torch.fx import Interpreter
 
 from ..errors import VerificationError
+from ..meta import source_of
 
 
 def _tensors(value: Any) -> list[torch.Tensor]:
@@ -102,7 +103,7 @@ def verify_pipeline(pipe, inputs: dict[str, Any], *, atol: float = 1e-4, rtol: f
 
         def run_node(self, n):
             out = super().run_node(n)
-            source = n.meta.get("fxpp_source")
+            source = source_of(n)
             if source is None or source not in whole.values:
                 return out  # plumbing fxpp added (receive, send), not a model value
             d = _max_diff(out, whole.values[source], atol, rtol)

@@ -1,7 +1,8 @@
 """Send values that are added into masked rows of a tensor as dense ``[B, S, ...]`` tensors.
 
 Reads ``node.meta["fxpp"]`` (positions, from ``fxpp.analysis.annotate``) and ``node.meta["val"]``;
-writes both on the nodes it creates.
+writes both on the nodes it creates, with the ``stack_trace`` and ``nn_module_stack`` of the
+model node each one is made for (``fxpp.meta.source_meta``).
 
 A pipeline stage's receive buffers have one static shape for every microbatch. Most
 values that cross a cut are shaped by the text (``[B, S, H]``), but some are shaped
@@ -43,7 +44,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from .. import ops
-from ..analysis.annotate import NodeInfo, info
+from ..meta import NodeInfo, node_info as info, set_node_info, source_meta
 
 _COMBINE_FUNCTIONS = frozenset({operator.add, operator.sub, operator.mul, torch.add, torch.sub, torch.mul})
 _COMBINE_METHODS = frozenset({"add", "sub", "mul"})
@@ -160,6 +161,6 @@ def _dense_val(value: Node, mask: Node) -> torch.Tensor:
 
 def _new_node(graph, target, args, like: Node, val, *, rematerialize: bool) -> Node:
     node = graph.call_function(target, args)
-    node.meta = {"val": val, "stack_trace": like.meta.get("stack_trace"),
-                 "fxpp": NodeInfo(role="compute", position=info(like).position, rematerialize=rematerialize)}
+    node.meta = {**source_meta(like), "val": val}
+    set_node_info(node, NodeInfo(role="compute", position=info(like).position, rematerialize=rematerialize))
     return node

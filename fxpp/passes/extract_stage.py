@@ -1,12 +1,13 @@
 """The rewrite pass: the graph of one pipeline stage from the annotated model graph.
 
-Reads ``node.meta["fxpp"]`` (``fxpp.analysis.annotate``) and ``node.meta["val"]``; copies both
-onto every node it keeps, writes ``node.meta["fxpp_source"]`` (the name of the model
-node a kept node computes), ``node.meta["fxpp_crossing"]`` and
-``node.meta["fxpp_identity"]`` on the stage's input placeholders (the original node
-name a placeholder stands for, and what that value is: ``fxpp.analysis.cuts.crossing_identity``),
-and ``node.meta["fxpp_identities"]`` on the output of a FIRST or MIDDLE stage (the
-identity of each tensor it returns).
+Reads the node info (``fxpp.meta.node_info``, from ``fxpp.analysis.annotate``) and
+``node.meta["val"]``; copies both onto every node it keeps, and the model node's
+``stack_trace`` and ``nn_module_stack`` onto every node it creates (``fxpp.meta.source_meta``).
+Writes the node facts (``fxpp.meta.NodeFacts``): ``source`` on every kept node (the
+name of the model node it computes), ``crossing`` and ``identity`` on the stage's input
+placeholders (the original node name a placeholder stands for, and what that value is:
+``fxpp.analysis.cuts.crossing_identity``), and ``identities`` on the output of a FIRST
+or MIDDLE stage (the identity of each tensor it returns).
 
 Before (whole model, cuts at 1 and 2)::
 
@@ -33,11 +34,12 @@ import torch
 from torch.fx import Graph, GraphModule, Node
 
 from .. import ops
-from ..analysis.annotate import NodeInfo, info, is_guard
+from ..analysis.annotate import is_guard
 from ..analysis.cuts import crossing_identity, crossing_values, leaf_identities, stream_at, substitutable
 from ..errors import CutError
-from ..trace.tracer import FROM_DATA
+from ..meta import NodeInfo, is_from_data, node_info as info, set_node_info, source_meta, update_facts
 from ..spec import StageRole, StageSpec
+from ..trace import is_inplace_method
 
 
 def extract_stage(model_gm: GraphModule, *, spec: StageSpec) -> GraphModule:
@@ -80,7 +82,7 @@ def extract_stage(model_gm: GraphModule, *, spec: StageSpec) -> GraphModule:
             continue
         if node in keep:
             env[node] = new.node_copy(node, lookup(node))
-            env[node].meta["fxpp_source"] = node.name  # for verify: the model node it computes
+            update_facts(env[node], source=node.name)  # for verify: the model node it computes
 
     if outputs is None:
         (result,) = [n for n in graph.nodes if n.op == "output"]
@@ -89,9 +91,10 @@ def extract_stage(model_gm: GraphModule, *, spec: StageSpec) -> GraphModule:
     else:
         sent = [(crossing_identity(graph, value, b, modules), _send(new, env[value])) for value in outputs]
         out = new.output(tuple(leaf for _, leaves in sent for leaf in leaves))
-        out.meta["fxpp"] = NodeInfo(role="output", position=b - 1, rematerialize=False)
-        out.meta["fxpp_identities"] = tuple(
-            name for identity, leaves in sent for name in leaf_identities(identity, len(leaves)))
+        set_node_info(out, NodeInfo(role="output", position=b - 1, rematerialize=False))
+        identities = tuple(name for identity, leaves in sent for name in leaf_identities(identity, len(leaves)))
+        update_facts(out, identities=identities)
+        out.meta["fxpp_identities"] = identities  # Note [old stage keys]
 
     new.lint()
     stage = GraphModule(model_gm, new, class_name=f"Stage{spec.role.value.capitalize()}")
@@ -139,7 +142,7 @@ def _slice(roots, received: set[Node], stream: Node | None, *, strict: bool) -> 
                     and substitutable(node, value, stream)):
                 continue  # read for its shape: the received hidden states stand in
             if (strict and stream is not None and not info(value).rematerialize and value.op != "get_attr"
-                    and not value.meta.get(FROM_DATA)):
+                    and not is_from_data(value)):
                 return None
             stack.append(value)
     return keep
@@ -153,7 +156,9 @@ def _receive(graph: Graph, value: Node, identity: str) -> Node:
         names = leaf_identities(identity, len(val))
         for i, leaf in enumerate(val):
             ph = graph.placeholder(f"{value.name}_{i}")
-            ph.meta = {"val": leaf, "fxpp": info(value), "fxpp_crossing": value.name, "fxpp_identity": names[i]}
+            ph.meta = {**source_meta(value), "val": leaf}
+            set_node_info(ph, info(value))
+            _mark_received(ph, value.name, names[i])
             leaves.append(ph)
         kind = "list" if isinstance(val, list) else "tuple"
         packed = graph.call_function(ops.pack, (kind, *leaves))
@@ -161,8 +166,7 @@ def _receive(graph: Graph, value: Node, identity: str) -> Node:
         return packed
     ph = graph.placeholder(value.name)
     ph.meta = dict(value.meta)
-    ph.meta["fxpp_crossing"] = value.name
-    ph.meta["fxpp_identity"] = identity
+    _mark_received(ph, value.name, identity)
     if _written_in_place(value):
         # A received tensor is a leaf of this stage's autograd graph (and a schedule's
         # receive buffer): write into a copy, as the forward wrote into its own tensor.
@@ -172,10 +176,23 @@ def _receive(graph: Graph, value: Node, identity: str) -> Node:
     return ph
 
 
+def _mark_received(ph: Node, crossing: str, identity: str) -> None:
+    """A stage input placeholder's facts: the model node it stands for and what it receives.
+
+    Note [old stage keys]
+        The raw keys ``fxpp_crossing``, ``fxpp_identity`` (placeholders) and
+        ``fxpp_identities`` (a stage's output) are written as well as the facts until their
+        readers outside ``fxpp.passes`` (``StageModule`` in ``fxpp.transform``,
+        ``tests/test_vlm.py``, ``docs/generate.py``) read ``fxpp.meta.crossing_of``,
+        ``identity_of`` and ``identities_of``; then they go.
+    """
+    update_facts(ph, crossing=crossing, identity=identity, source=None)
+    ph.meta["fxpp_crossing"] = crossing  # Note [old stage keys]
+    ph.meta["fxpp_identity"] = identity
+
+
 def _written_in_place(value: Node) -> bool:
     """Some user of ``value`` writes into it (``t.scatter_add_(...)``, ``t[mask] = v``)."""
-    from ..trace import is_inplace_method
-
     return any((u.op == "call_method" and is_inplace_method(u.target) and u.args and u.args[0] is value)
                or (u.op == "call_function" and u.target is ops.setitem and u.args and u.args[0] is value)
                for u in value.users)
@@ -193,7 +210,8 @@ def _send(graph: Graph, node: Node) -> list[Node]:
     if isinstance(val, (tuple, list)):
         for i, leaf in enumerate(val):
             g = graph.call_function(operator.getitem, (node, i))
-            g.meta = {"val": leaf, "fxpp": info(node)}
+            g.meta = {**source_meta(node), "val": leaf}
+            set_node_info(g, info(node))
             leaves.append(g)
     else:
         leaves = [node]
@@ -204,14 +222,16 @@ def _send(graph: Graph, node: Node) -> list[Node]:
             # Zero-bubble schedules detach stage outputs in place, which views (and a
             # received tensor passed straight on) do not allow: send a fresh copy.
             copy = graph.call_method("clone", (leaf,), {"memory_format": torch.contiguous_format})
-            copy.meta = {"val": val.contiguous(), "fxpp": info(node)}
+            copy.meta = {**source_meta(node), "val": val.contiguous()}
+            set_node_info(copy, info(node))
             out.append(copy)
             continue
         if val.is_contiguous():
             out.append(leaf)
             continue
         c = graph.call_method("contiguous", (leaf,))
-        c.meta = {"val": val.contiguous(), "fxpp": info(node)}
+        c.meta = {**source_meta(node), "val": val.contiguous()}
+        set_node_info(c, info(node))
         out.append(c)
     return out
 

@@ -5,8 +5,22 @@ Files
 ``targets``: what the tracer recognises by identity (mask builders, shape checks).
 ``wrappers``: which of transformers' forward decorators are peeled, which kept.
 ``layers``: finding the decoder layers and the trace path.
-``tracer``: ``HFTracer``, its proxies and meta values.
+``tracer``: ``HFTracer``, which builds the graph and hands each concern to a collaborator
+that receives it:
+
+    ``proxies``: the proxies, each carrying its node's meta value;
+    ``meta_eval``: meta (fake) evaluation of each new node, the leaf cache;
+    ``real_values``: the second interpreter, the graph so far on the real example inputs;
+    ``recording``: outputs that capturing forwards collect (router logits);
+    ``standins``: shape-keeping stand-ins for MoE expert blocks;
+    ``state``: state containers and own caches given to leaf calls, as graph nodes;
+    ``helpers``: modeling-file helpers, traced or called as one opaque node;
+    ``guards``: concrete answers to Python control flow, recorded as guards;
+    ``constants``: objects the graph holds by reference.
+
 ``caches``: key/value caches a forward creates itself, one empty copy per layer call.
+``values``, ``source_lines``: small functions on traced values and source lines.
+``model_state``: the user's model, left as it was.
 ``patching``: helpers, constructors and opaque functions patched while tracing.
 ``driver``: ``trace_model``, the entry point.
 ``unused_inputs``: every input a caller gives must reach the graph's output.

@@ -36,6 +36,7 @@ from typing import Any, Callable
 
 import torch
 from torch.fx import Node, Proxy
+from transformers.cache_utils import Cache
 
 from .. import ops
 from ..errors import TraceError
@@ -43,8 +44,6 @@ from ..errors import TraceError
 
 def is_kv_cache(a: Any) -> bool:
     """A transformers ``Cache`` (``DynamicCache``, ``EncoderDecoderCache``, ...)."""
-    from transformers.cache_utils import Cache
-
     return isinstance(a, Cache)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections.abc
 import inspect
+import logging
 from typing import Any
 
 import torch
@@ -16,9 +17,10 @@ from ..errors import TraceError
 from .layers import find_decoder_layers
 from .model_state import model_unchanged
 from .patching import constructors_patched, helper_methods_patched, opaque_functions_patched
-from .tracer import HFTracer, fakeify, user_source_line
+from .source_lines import user_source_line
+from .tracer import HFTracer
+from .values import fakeify
 from .wrappers import unwrap_forward
-
 
 
 def select_output(out: Any) -> Any:
@@ -74,9 +76,9 @@ def trace_model(model: torch.nn.Module, example_inputs: dict[str, Any]) -> Graph
             raise TraceError(f"{type(model).__name__}.forward has no argument {name!r}")
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     tracer = HFTracer(model, layers_fqn, fake_mode)
-    tracer._placeholder_vals = {k: fakeify(fake_mode, v) for k, v in inputs.items()}
+    tracer.placeholder_vals = {k: fakeify(fake_mode, v) for k, v in inputs.items()}
     if not any(isinstance(v, torch.Tensor) and v.is_meta for v in list(inputs.values()) + list(model.parameters())[:1]):
-        tracer.real_inputs = dict(inputs)
+        tracer.real.inputs = dict(inputs)
     names = list(inputs)
     forward = unwrap_forward(type(model).forward)
 
@@ -95,11 +97,9 @@ def trace_model(model: torch.nn.Module, example_inputs: dict[str, Any]) -> Graph
 
     tracer.create_args_for_root = create_args_for_root  # type: ignore[method-assign]
     module_names = {c.__module__ for m in _traced_module_objects(model, tracer.traced_modules) for c in type(m).__mro__}
-    import logging
-
     fake_log = logging.getLogger("torch._subclasses.fake_tensor")
     old_level = fake_log.level
-    # Failing meta kernels inside MoE experts are expected (see HFTracer._eval_submodule).
+    # Failing meta kernels inside MoE experts are expected (see fxpp.trace.standins).
     fake_log.setLevel(logging.CRITICAL)
     try:
         classes = sorted({type(m) for m in _traced_module_objects(model, tracer.traced_modules)}, key=lambda c: c.__qualname__)
@@ -119,7 +119,7 @@ def trace_model(model: torch.nn.Module, example_inputs: dict[str, Any]) -> Graph
         ) from e
     finally:
         fake_log.setLevel(old_level)
-    return _graph_module(model, graph, tracer.constants)
+    return _graph_module(model, graph, tracer.constants.objects)
 
 
 def _traced_module_objects(model: torch.nn.Module, names: frozenset[str]) -> list[torch.nn.Module]:

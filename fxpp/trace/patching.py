@@ -18,8 +18,9 @@ from torch.fx.node import map_aggregate
 
 from .. import ops
 from .targets import check_functions, is_mask_builder, opaque_functions
-from .tracer import HFTracer, _short_stack, has_proxy
-
+from .source_lines import short_stack
+from .tracer import HFTracer
+from .values import has_proxy
 
 
 @contextlib.contextmanager
@@ -29,7 +30,7 @@ def helper_methods_patched(tracer: "HFTracer", classes: list[type]):
 
     def wrap(name, fn):
         def wrapper(self, *args, **kwargs):
-            if tracer._evaluating or not has_proxy((args, kwargs)):
+            if tracer.evaluating or not has_proxy((args, kwargs)):
                 return fn(self, *args, **kwargs)
             return tracer.call_helper(fn, (self, *args), kwargs, method=name)
 
@@ -64,7 +65,7 @@ def constructors_patched(tracer: "HFTracer"):
     def wrap(fn):
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
-            if not tracer._evaluating and has_proxy((args, kwargs)):
+            if not tracer.evaluating and has_proxy((args, kwargs)):
                 return tracer.create_proxy("call_function", fn, args, kwargs)
             return fn(*args, **kwargs)
 
@@ -91,7 +92,7 @@ def _none_for_real(tracer: HFTracer, out: Proxy) -> bool:
     example values (the meta device) the fake answer stands; a run whose builder returns
     ``None`` then fails the ``check_is_not_none`` guard and retraces with real values.
     """
-    if not tracer.real_inputs:
+    if not tracer.real.inputs:
         return False
     try:
         return tracer.real_value(out.node, why="a mask builder decides on data whether a mask is needed") is None
@@ -107,17 +108,17 @@ def opaque_functions_patched(tracer: HFTracer, module_names: set[str]):
 
     def wrap(fn):
         def wrapper(*args, **kwargs):
-            has_proxy = False
+            traced = False
 
             def find(x):
-                nonlocal has_proxy
+                nonlocal traced
                 if isinstance(x, Proxy):
-                    has_proxy = True
+                    traced = True
                 return x
 
             map_aggregate(args, find)
             map_aggregate(kwargs, find)
-            if has_proxy and not tracer._evaluating:
+            if traced and not tracer.evaluating:
                 out = tracer.create_proxy("call_function", fn, args, kwargs)
                 if is_mask_builder(fn) and tracer.meta_of(out) is not None and _none_for_real(tracer, out):
                     out.node.meta["val"] = None
@@ -129,7 +130,7 @@ def opaque_functions_patched(tracer: HFTracer, module_names: set[str]):
                     # the forward may test ``mask is None`` and build its own (GLM-5 Next), so
                     # it gets None, as at run time; a guard re-checks that the builder still
                     # returns None on each call, and the stage retraces if it does not.
-                    tracer.create_proxy("call_function", ops.check_is_none, (out, _short_stack()), {})
+                    tracer.create_proxy("call_function", ops.check_is_none, (out, short_stack()), {})
                     return None
                 return out
             return fn(*args, **kwargs)
@@ -139,7 +140,7 @@ def opaque_functions_patched(tracer: HFTracer, module_names: set[str]):
 
     def wrap_helper(fn):
         def wrapper(*args, **kwargs):
-            if tracer._evaluating or not has_proxy((args, kwargs)):
+            if tracer.evaluating or not has_proxy((args, kwargs)):
                 return fn(*args, **kwargs)
             return tracer.call_helper(fn, args, kwargs)
 

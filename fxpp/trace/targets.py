@@ -10,7 +10,8 @@ from typing import Any, Callable
 
 import torch
 import torch.fx
-
+from transformers import masking_utils
+from transformers.utils import import_utils
 
 # Tensor attributes a traced forward reads as Python values from the meta value instead of
 # becoming graph nodes: they cannot change without the graph being retraced anyway
@@ -23,8 +24,6 @@ MASK_SHAPE_ONLY_KWARGS = ("inputs_embeds", "input_embeds")
 
 def opaque_functions() -> dict[int, Callable]:
     """Functions traced as single ``call_function`` nodes, by ``id``."""
-    from transformers import masking_utils
-
     found = {}
     for name, fn in vars(masking_utils).items():
         if callable(fn) and inspect.isfunction(fn) and name.startswith("create_") and name.endswith("mask"):
@@ -53,8 +52,6 @@ def check_functions() -> dict[int, Callable]:
     condition depends on data (``n_image_tokens == n_image_features``) so it cannot be
     answered while tracing, but every stage that computes its inputs re-checks it.
     """
-    from transformers.utils import import_utils
-
     fn = getattr(import_utils, "torch_compilable_check", None)
     return {id(fn): fn} if fn is not None else {}
 

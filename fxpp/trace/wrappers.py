@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import functools
+import importlib
 import inspect
+import types
 from typing import Any, Callable
 
 
@@ -60,8 +62,6 @@ def _plumbing_codes(names: tuple[str, ...] = _PLUMBING_WRAPPERS) -> frozenset:
     Compared by identity: ``functools.wraps`` gives a wrapper the forward's own
     ``__name__`` and ``__qualname__``, so names cannot tell the wrappers apart.
     """
-    import importlib
-
     codes: set = set()
 
     def walk(code: Any) -> None:
@@ -94,8 +94,6 @@ def _rewrap(wrapper: Callable, inner: Callable) -> Callable | None:
     copy gets a fresh cell holding ``inner`` and shares every other cell (the
     decorator's arguments). None when no cell holds the wrapped function.
     """
-    import types
-
     wrapped = wrapper.__wrapped__
     cells = getattr(wrapper, "__closure__", None) or ()
 

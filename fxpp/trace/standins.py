@@ -1,0 +1,134 @@
+"""Stand-ins for expert blocks: a shape-keeping output where MoE dispatch cannot run on fake tensors.
+
+Terms
+-----
+expert block
+    A module inside the decoder-layer stack whose class name says ``expert`` or
+    ``moe`` (and not ``vision``, ``visual`` or ``audio``): the routed experts of an MoE
+    layer. Their dispatch is data-dependent (``nonzero``, loops over the experts hit)
+    or uses kernels whose meta functions are stricter than the CPU kernels
+    (``grouped_mm`` in fp32).
+stand-in
+    ``torch.empty_like`` of the block's first tensor input, as its meta value during
+    the meta evaluation of the leaf that holds it: the block is assumed to keep the
+    shape of its input. That only feeds meta values, never the numbers a stage
+    computes. Each use is listed in :attr:`StandIns.used` (class names).
+layer contract
+    On the meta device only (no real example inputs), a whole decoder layer of an MoE
+    model whose own evaluation fails on data may take the shape of its hidden-states
+    input (:meth:`StandIns.layer_contract_applies`).
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import inspect
+import textwrap
+from typing import TYPE_CHECKING
+
+import torch
+
+from .values import RecordedNeedsData, is_data_dependent
+
+if TYPE_CHECKING:  # the tracer passes itself in; only its type is named here
+    from .tracer import HFTracer
+
+
+@functools.lru_cache(maxsize=None)
+def returns_tuple(cls: type) -> bool:
+    """Whether ``cls.forward`` has a ``return a, b`` (read from its source, not from its
+    return annotation, which is often wrong: Lfm2MoeSparseMoeBlock's says tuple and it
+    returns one tensor). Unknown source: ``False``."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(inspect.unwrap(cls.forward))))
+    except (OSError, TypeError, SyntaxError, AttributeError):
+        return False
+    return any(isinstance(n, ast.Return) and isinstance(n.value, ast.Tuple) for n in ast.walk(tree))
+
+
+class StandIns:
+    """Where ``tracer``'s meta evaluation may give an expert block a stand-in."""
+
+    def __init__(self, tracer: "HFTracer", layers_fqn: str):
+        self.tracer = tracer
+        self.used: list[str] = []  # class names of the modules given a stand-in
+        stack = tracer.model.get_submodule(layers_fqn)
+        # the modules of the decoder-layer stack: the only place expert blocks get a stand-in
+        self._layer_stack_ids = {id(m) for m in stack.modules()}
+        self._layer_ids = {id(m) for m in stack.children()}  # the layers themselves
+
+    def eval_submodule(self, m, forward, args, kwargs):
+        """Run a module nested inside a leaf, during the leaf's meta evaluation.
+
+        The stand-in is an assumption, so it is confined to expert blocks inside the
+        decoder layers (:meth:`is_expert_block`) that return one tensor, and the leaf
+        itself gets none (but see :meth:`layer_contract_applies`): any other failure
+        propagates, and the leaf is evaluated on the real example inputs (data-dependent)
+        or refused with its node named, rather than given the shape of its input
+        (Ernie 4.5 VL's resampler, "Moe" only in its family's name, merges 2x2 patches:
+        32 rows in, 8 out).
+        """
+        tracer = self.tracer
+        if tracer.real.running:
+            # Real values feed decisions (a mask builder's None, a data guard): a module that
+            # fails on them is an error, never an empty_like stand-in with made-up numbers.
+            return forward(*args, **kwargs)
+        if m is tracer.meta.leaf:
+            try:
+                return forward(*args, **kwargs)
+            except Exception as e:  # noqa: BLE001
+                if not self.layer_contract_applies(m, e, args):
+                    raise  # evaluated on the real example inputs (data-dependent), else refused
+                self.used.append(type(m).__name__)
+                return torch.empty_like(args[0])
+        try:
+            return forward(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001
+            if isinstance(e, RecordedNeedsData):
+                raise
+            if is_data_dependent(e) and tracer.recording.is_recorded(m):
+                # a module whose output the model records (a router) must really run: a
+                # shape-keeping stand-in would record nothing (Note [data-dependent values])
+                raise RecordedNeedsData(f"{type(m).__name__} is recorded and depends on tensor data") from e
+            if not self.is_expert_block(m):
+                raise  # data-dependent: the leaf is evaluated on the real example inputs; else refused
+            first = next((a for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)), None)
+            if first is None or returns_tuple(type(m)):
+                # one tensor standing for a tuple would be unpacked along its first dim by the
+                # caller (``hidden, _ = self.mlp(x)``: a wrong shape, right only by broadcasting)
+                raise
+            self.used.append(type(m).__name__)
+            return torch.empty_like(first)
+
+    def layer_contract_applies(self, m: torch.nn.Module, e: BaseException, args: tuple) -> bool:
+        """Whether a decoder layer whose own meta evaluation failed on tensor data may take
+        the shape of its hidden-states input.
+
+        Only without real example inputs (a meta-device model: nothing to evaluate, and
+        JetMoE's layers route their attention through data-dependent experts), only for an
+        entry of the decoder-layer stack, which maps hidden states to the next layer's
+        hidden states, of an MoE model, returning one tensor. With real inputs the layer is
+        evaluated on them instead, so its meta value is the real shape.
+        """
+        return (
+            not self.tracer.real.inputs
+            and is_data_dependent(e)
+            and not isinstance(e, RecordedNeedsData)
+            and id(m) in self._layer_ids
+            and self.is_expert_block(m)
+            and not returns_tuple(type(m))
+            and bool(args) and isinstance(args[0], torch.Tensor)
+        )
+
+    def is_expert_block(self, m: torch.nn.Module) -> bool:
+        """Whether ``m`` is an expert block, whose data-dependent dispatch keeps the shape
+        of its input (see :meth:`eval_submodule`); other modules get real evaluation."""
+        if id(m) not in self._layer_stack_ids:
+            # expert blocks are parts of decoder layers; elsewhere "moe" in a class name is
+            # often only the family's (Ernie4_5_VLMoeVariableResolutionResamplerModel)
+            return False
+        name = type(m).__name__.lower()
+        if any(v in name for v in ("vision", "visual", "audio")):
+            return False  # towers of MoE VLMs (Qwen3VLMoeVisionModel) are not expert blocks
+        return "expert" in name or "moe" in name
