@@ -50,7 +50,7 @@ def _entry(rank: int, world_size: int, workdir: str, fn: Callable, args: tuple, 
                 pass
 
 
-def run_ranks(fn: Callable, world_size: int, *args: Any, workdir: str | None = None, timeout_s: float = 600,
+def run_ranks(fn: Callable, world_size: int, *args: Any, workdir: str | None = None, timeout_s: float | None = 600,
               pg_timeout_s: float = 120, threads: int | None = None, barrier_at_end: bool = False) -> list[dict]:
     """Spawn ``world_size`` processes running ``fn``; return one result dict per rank.
 
@@ -71,7 +71,7 @@ def run_ranks(fn: Callable, world_size: int, *args: Any, workdir: str | None = N
             _entry, args=(world_size, workdir, fn, args, pg_timeout_s, rendezvous, threads, barrier_at_end),
             nprocs=world_size, join=False, start_method="spawn",
         )
-        deadline = time.monotonic() + timeout_s
+        deadline = time.monotonic() + (float("inf") if timeout_s is None else timeout_s)
         try:
             while any(p.is_alive() for p in ctx.processes):
                 if time.monotonic() > deadline:

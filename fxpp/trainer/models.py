@@ -41,14 +41,22 @@ def load_config(source: str):
     return AutoConfig.for_model(model_type, **data)
 
 
-def build_model(source: str, *, device: str | torch.device = "cpu", seed: int = 0) -> torch.nn.Module:
-    """A causal LM for ``source``; on ``meta`` only the structure is built."""
+def build_model(source: str, *, device: str | torch.device = "cpu", seed: int = 0,
+                dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """A causal LM for ``source`` with parameters in ``dtype``; on ``meta`` only the structure is built.
+
+    ``dtype`` is the training's master dtype, not the checkpoint's: a bf16 checkpoint is
+    loaded into fp32 parameters by default (floating tensors are cast on load). The
+    config keeps the checkpoint's own ``dtype``, which ``fxpp export`` writes.
+    """
     if source in PRESETS and str(device) != "meta":
-        return tiny_model(source[len("tiny-"):], seed=seed).train()
+        return tiny_model(source[len("tiny-"):], seed=seed).to(dtype).train()
     config = load_config(source)
+    saved_dtype = getattr(config, "dtype", None)
     torch.manual_seed(seed)
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.config.dtype = saved_dtype
     if os.path.isdir(source) and str(device) != "meta":
         _load_whole(model, load_state_dict_from(source), source)
     return model.train()

@@ -40,7 +40,8 @@ from .models import load_config
 
 # Settings a resumed run must share with the saved one: each changes the numbers.
 RESUME_SETTINGS = ("model", "ranks", "dp", "schedule", "batch", "seq_len", "microbatches", "lr", "seed", "tokens",
-                   "data")
+                   "data", "lr_schedule", "warmup_steps", "min_lr_ratio", "weight_decay", "max_grad_norm",
+                   "mixed_precision", "param_dtype", "lora_rank", "lora_alpha", "lora_targets")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                    "vocab.json", "merges.txt", "added_tokens.json")
 _STEP = re.compile(r"^step-(\d+)$")
@@ -149,7 +150,7 @@ def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
 
 
 def save(cfg, step: int, stages, optimizer, *, pp_rank: int, dp_rank: int, position, layer_ranges, model_config,
-         device: torch.device) -> None:
+         device: torch.device, lr_scheduler: dict | None = None) -> None:
     """Every rank writes its stages and optimizer; after a barrier, rank 0 writes ``state.json``."""
     directory = step_dir(cfg.save_dir, step)
     if dist.get_rank() == 0:
@@ -168,7 +169,8 @@ def save(cfg, step: int, stages, optimizer, *, pp_rank: int, dp_rank: int, posit
     if dist.get_rank() == 0:
         _write_model_files(cfg, model_config)
         state = {"step": step, "data_position": [position.document, position.token], "settings": settings_of(cfg),
-                 "layer_ranges": [[r.start, r.stop] for r in layer_ranges], "num_stages": len(layer_ranges)}
+                 "layer_ranges": [[r.start, r.stop] for r in layer_ranges], "num_stages": len(layer_ranges),
+                 "lr_scheduler": lr_scheduler}
         tmp = os.path.join(directory, "state.json.tmp")
         with open(tmp, "w") as f:
             json.dump(state, f, indent=1)

@@ -1,16 +1,20 @@
-"""The main job: train a model for a few steps with a pipeline schedule, then check it.
+"""The main job: train a model with a pipeline schedule, and (for presets, or with ``--check``) check it.
 
 Runs in every rank's process (spawned by ``fxpp run`` or started by ``torchrun``).
-The last stage's rank also trains the unpatched model for the same steps on the same
-data in-process and compares the losses: the end-to-end proof that the pipeline
-trains the model it was given.
+A step is: the schedule's forward and backward over the microbatches (gradients of
+tied weights exchanged), the global gradient norm and clipping
+(``fxpp.clip_grad_norm_``), AdamW and the LR schedule. Metrics are read from the
+device on logged steps only (``fxpp.trainer.metrics``). With the parity check, the
+last stage's rank also trains the unpatched model for the same steps on the same data
+in-process, the same way (clipping, decay groups, schedule, LoRA), and compares the
+losses: the end-to-end proof that the pipeline trains the model it was given.
 """
 
 from __future__ import annotations
 
+import copy
 import itertools
 import os
-import resource
 import time
 from dataclasses import asdict, dataclass
 
@@ -24,8 +28,11 @@ from ..runtime.checkpoint import check_checkpoint
 from ..runtime.loss import causal_lm_loss
 from ..runtime.parallel import local_batch, pp_dp_mesh
 from ..runtime.placement import MULTI_STAGE, default_device, stage_ids_of_rank
+from ..runtime.optim import LR_SCHEDULES, clip_grad_norm_
 from ..runtime.schedule import make_schedule
 from . import run_state
+from .metrics import MetricsLog, all_rank_memory, is_logged
+from .optimizer import make_optimizer, with_lora
 from .data import DataPosition, PackedBatches, load_tokenizer, read_documents, tokenize
 from .launch import run_ranks
 from .models import build_model
@@ -43,10 +50,24 @@ class RunConfig:
     seq_len: int = 32
     microbatches: int = 4
     lr: float = 1e-3
+    lr_schedule: str = "constant"  # constant | linear | cosine, after --warmup-steps of linear warm-up
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0  # where linear and cosine end, as a fraction of --lr
+    weight_decay: float = 0.0  # AdamW's decoupled decay; never on biases and normalization weights
+    max_grad_norm: float = 1.0  # clip the global gradient norm to it; 0 disables
+    mixed_precision: str | None = None  # fp32 | bf16; None: bf16 on CUDA, fp32 on CPU
+    param_dtype: str = "fp32"  # the master parameters' dtype; bf16: pure bf16 training
+    lora_rank: int = 0  # > 0: train PEFT LoRA adapters of this rank, base weights frozen
+    lora_alpha: float | None = None
+    lora_targets: list[str] | None = None  # module names (q_proj, v_proj, ...); None: PEFT's default for the model
+    log_every: int = 0  # a metrics line every K steps (and the last); 0: the last step only
+    metrics: str | None = None  # the JSON-lines file; default SAVE_DIR/metrics.jsonl
+    val_data: list[str] | None = None  # text / JSON-lines files for the validation loss
+    val_every: int = 0
     seed: int = 0
     tokens: str | None = None
     data: list[str] | None = None  # text / JSON-lines files, tokenized with the model directory's tokenizer
-    check: bool = True
+    check: bool | None = None  # None: on for built-in presets, off for checkpoint directories (--check)
     progress: bool = True
     save_dir: str | None = None  # per-stage (per-shard) checkpoints with optimizer state (fxpp.trainer.run_state)
     save_every: int = 0  # save every K steps (and after the last); 0: after the last step only
@@ -73,6 +94,7 @@ class RunConfig:
                             f"{self.microbatches}: every dp replica runs --microbatches equal microbatches")
         if self.resume and not self.save_dir:
             raise RunConfigError("--resume needs --save-dir (the directory of the run to continue)")
+        self._validate_training()
         state = None
         if self.save_dir:
             state = run_state.check_start(self)  # another run's saves, or a save past --steps: before any rank starts
@@ -81,13 +103,50 @@ class RunConfig:
         if os.path.isdir(self.model) and not self.resume:
             # every key, nothing else, right shapes: from the file headers, before any rank starts
             check_checkpoint(meta_model or build_model(self.model, device="meta"), None, self.model)
-        if self.data:
+        if self.data or self.val_data:
             load_tokenizer(self.model)  # a directory without a tokenizer fails here, before any rank starts
         return state
+
+    def _validate_training(self) -> None:
+        """The optimizer, precision, LoRA, metrics and validation settings (before any rank starts)."""
+        if self.steps < 1:
+            raise RunConfigError(f"--steps {self.steps} must be at least 1")
+        if not self.max_grad_norm >= 0:
+            raise RunConfigError(f"--max-grad-norm {self.max_grad_norm} must be >= 0 (0 disables clipping)")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise RunConfigError(f"--lr-schedule {self.lr_schedule!r}: expected one of {', '.join(LR_SCHEDULES)}")
+        if self.warmup_steps < 0 or not 0.0 <= self.min_lr_ratio <= 1.0 or not self.weight_decay >= 0:
+            raise RunConfigError(f"--warmup-steps {self.warmup_steps}, --min-lr-ratio {self.min_lr_ratio}, "
+                                 f"--weight-decay {self.weight_decay}: need warm-up >= 0, a ratio in [0, 1] and "
+                                 "decay >= 0")
+        if self.mixed_precision not in (None, "fp32", "bf16") or self.param_dtype not in ("fp32", "bf16"):
+            raise RunConfigError(f"--mixed-precision {self.mixed_precision!r} / --param-dtype {self.param_dtype!r}: "
+                                 "each is fp32 or bf16")
+        if self.lora_rank < 0 or (self.lora_rank == 0 and (self.lora_alpha is not None or self.lora_targets)):
+            raise RunConfigError(f"--lora-rank {self.lora_rank}: must be >= 0, and --lora-alpha / --lora-targets "
+                                 "need a positive --lora-rank")
+        if self.log_every < 0 or self.val_every < 0:
+            raise RunConfigError(f"--log-every {self.log_every} and --val-every {self.val_every} must be >= 0")
+        if bool(self.val_data) != bool(self.val_every):
+            raise RunConfigError("--val-data and --val-every go together (the files, and how often to evaluate)")
 
     @property
     def world(self) -> int:
         return self.ranks * self.dp
+
+    @property
+    def metrics_path(self) -> str | None:
+        if self.metrics:
+            return self.metrics
+        return os.path.join(self.save_dir, "metrics.jsonl") if self.save_dir else None
+
+    def compute_dtype(self, device: torch.device) -> str:
+        """``--mixed-precision``, or its default: bf16 on CUDA, fp32 on CPU."""
+        return self.mixed_precision or ("bf16" if device.type == "cuda" else "fp32")
+
+    def checks(self) -> bool:
+        """Whether the parity check runs: ``--check``/``--no-check``, else for built-in presets only."""
+        return self.check if self.check is not None else not os.path.isdir(self.model)
 
 
 def batches_from(cfg: RunConfig, vocab: int, start: int = 0, position=None):
@@ -142,23 +201,26 @@ def _token_file(path: str) -> torch.Tensor:
     return flat
 
 
-def rank_memory(device: torch.device) -> int:
-    """This process's peak memory in bytes: allocated on CUDA, the peak resident set on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+class _StepLoss:
+    """The loss a schedule calls, set anew each step (the schedule object is kept while shapes hold)."""
+
+    def __init__(self):
+        self.current = None
+
+    def __call__(self, output, target):
+        return self.current(output, target)
 
 
-def _all_memory(device: torch.device) -> list[int]:
-    """Every rank's :func:`rank_memory` (one all-gather)."""
-    mine = torch.tensor([rank_memory(device)], dtype=torch.int64, device=device)
-    out = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, mine)
-    return [int(t.item()) for t in out]
+def validation_batches(cfg: RunConfig) -> list[dict[str, torch.Tensor]]:
+    """One pass over ``--val-data``, packed as the training data: ``ceil(tokens / (batch * seq_len))`` batches."""
+    docs = tokenize(read_documents(list(cfg.val_data)), load_tokenizer(cfg.model))
+    packed = PackedBatches(docs, cfg.batch, cfg.seq_len)
+    total = sum(len(d) for d in docs)
+    return [packed.next() for _ in range(max(1, -(-total // (cfg.batch * cfg.seq_len))))]
 
 
-def _gib(n: int) -> str:
-    return f"{n / 2**30:.2f}G"
+def _is_val_step(cfg: RunConfig, done: int) -> bool:
+    return bool(cfg.val_every) and (done % cfg.val_every == 0 or done == cfg.steps)
 
 
 def run_rank(rank: int, world: int, cfg: RunConfig) -> dict:
@@ -167,10 +229,14 @@ def run_rank(rank: int, world: int, cfg: RunConfig) -> dict:
     A directory source is built on the meta device and every rank reads only its
     stages' (and, with ``--dp``, its shards') tensors from the safetensors files
     (``build_stage(checkpoint=...)``); a resumed run reads them from its save instead.
+    A LoRA run builds the whole model with its weights on every rank (the adapters are
+    created on real modules) and trains the adapters only.
     """
     device = default_device(rank)
+    dtype = torch.bfloat16 if cfg.param_dtype == "bf16" else torch.float32
     from_directory = os.path.isdir(cfg.model)
-    meta = build_model(cfg.model, device="meta") if from_directory else None
+    on_meta = from_directory and not cfg.lora_rank
+    meta = build_model(cfg.model, device="meta", dtype=dtype) if from_directory else None
     state = cfg.validate(meta_model=meta)  # and the checkpoint's keys, on the model this rank builds from
     start = state["step"] if state else 0
     if start == cfg.steps:  # the save is the end of the run: nothing to train
@@ -179,14 +245,15 @@ def run_rank(rank: int, world: int, cfg: RunConfig) -> dict:
     pp_rank = mesh.get_local_rank("pp") if mesh is not None else rank
     dp_rank = mesh.get_local_rank("dp") if mesh is not None else 0
     local = (lambda b: local_batch(b, mesh)) if mesh is not None else (lambda b: b)
-    model = meta if from_directory else build_model(cfg.model, seed=cfg.seed).to(device)
+    model = meta if on_meta else build_model(cfg.model, seed=cfg.seed, dtype=dtype).to(device)
+    model = with_lora(cfg, model)
     vocab = model.config.get_text_config().vocab_size
     position = DataPosition(*state["data_position"]) if state else None
     batches = batches_from(cfg, vocab, start, position)
     first_batch = next(batches)  # its shapes are the example; it is trained on first
     batches = itertools.chain([first_batch], batches)
     example = split_labels(local(first_batch[1]))[0]
-    example_device = "meta" if from_directory else device
+    example_device = "meta" if on_meta else device
     mb = {k: v[: v.shape[0] // cfg.microbatches].to(example_device) for k, v in example.items()}
     pipe = pipeline(model, cfg.num_stages, example_inputs=mb)
     if state:
@@ -194,86 +261,199 @@ def run_rank(rank: int, world: int, cfg: RunConfig) -> dict:
     saved = run_state.step_dir(cfg.save_dir, start) if state else None
     style = MULTI_STAGE.get(cfg.schedule, "loop")
     ids = stage_ids_of_rank(pp_rank, cfg.num_stages, cfg.ranks, style)
-    checkpoint = {i: run_state.stage_file(saved, i, dp_rank) if saved else (cfg.model if from_directory else None)
+    checkpoint = {i: run_state.stage_file(saved, i, dp_rank) if saved else (cfg.model if on_meta else None)
                   for i in ids}
     stages = [pipe.build_stage(i, device, style=style, dp_mesh=mesh, checkpoint=checkpoint[i],
-                               activation_checkpointing=cfg.activation_checkpointing) for i in ids]
-    params = list(run_state.rank_parameters(stages).values())
-    opt = torch.optim.AdamW(params, lr=cfg.lr)
+                               activation_checkpointing=cfg.activation_checkpointing,
+                               mixed_precision=cfg.compute_dtype(device)) for i in ids]
+    named = list(run_state.rank_parameters(stages).items())
+    opt, lr_sched = make_optimizer(cfg, [(n.split(".", 1)[1], p) for n, p in named], [st.submod for st in stages])
     if state:
         run_state.load(cfg, state, stages, opt, pp_rank=pp_rank, dp_rank=dp_rank, device=device)
+        lr_sched.load_state_dict(state["lr_scheduler"])
     holds_last = any(st.is_last for st in stages)
-    losses_per_step, times, memory = [], [], []
+    writes = holds_last and dp_rank == 0
+    metrics = MetricsLog(cfg.metrics_path if writes else None)
+    val = validation_batches(cfg) if cfg.val_data else []
+    step_loss, shares, times, memory, val_losses = _StepLoss(), [], [], [], []
+    schedule = make_schedule(cfg.schedule, stages, cfg.microbatches, step_loss)
     bar = None
-    if holds_last and dp_rank == 0 and cfg.progress:
+    if writes and cfg.progress:
         bar = tqdm(total=cfg.steps, initial=start, desc=f"{os.path.basename(cfg.model.rstrip('/'))} {cfg.schedule} "
                    f"x{cfg.num_stages}" + (f" dp{cfg.dp}" if cfg.dp > 1 else ""), unit="step")
+    t_log, tokens_since = time.perf_counter(), 0
     for step, batch, position in batches:
         batch, labels = split_labels({k: v.to(device) for k, v in local(batch).items()})
         # Every dp rank calls it: the global target-token count is an all-reduce over dp.
-        loss_fn = causal_lm_loss(labels, cfg.microbatches, dp_mesh=mesh)
-        schedule = make_schedule(cfg.schedule, stages, cfg.microbatches, loss_fn)
+        step_loss.current = loss_fn = causal_lm_loss(labels, cfg.microbatches, dp_mesh=mesh)
         t0 = time.perf_counter()
         losses: list = []
         opt.zero_grad(set_to_none=True)
         schedule.step(**batch, target=labels, losses=losses)
+        grad_norm = clip_grad_norm_(schedule.stages, cfg.max_grad_norm or float("inf"))
+        lr = lr_sched.get_last_lr()[0]
         opt.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t0)
-        memory = _all_memory(device)  # every rank takes part: per-rank peak memory for the bar and the report
+        lr_sched.step()
+        times.append(time.perf_counter() - t0)  # the host's time: on CUDA, queued work may still run
+        tokens_since += cfg.batch * cfg.seq_len
         if holds_last:
-            share = loss_fn.whole_batch(losses).reshape(1)
-            if mesh is not None:  # the global loss is the sum of the replicas' shares
-                share = share.to(device)
-                dist.all_reduce(share, group=mesh["dp"].get_group())
-            loss = float(share[0])
-            losses_per_step.append(loss)
-            if bar is not None:
-                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{cfg.batch * cfg.seq_len / times[-1]:,.0f}",
-                                mem="/".join(_gib(m) for m in memory))
-                bar.update()
+            shares.append(loss_fn.whole_batch(losses).reshape(1).to(device))  # a device value: read when logged
         done = step + 1
+        if _is_val_step(cfg, done):
+            val_losses.append((done, _validation_loss(cfg, schedule, stages, val, local, mesh, device, holds_last)))
+        if is_logged(done, cfg.log_every, cfg.steps):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            elapsed, t_log = time.perf_counter() - t_log, time.perf_counter()
+            memory = all_rank_memory(device)  # every rank takes part, on logged steps only
+            loss = _global_share(shares[-1], mesh) if holds_last else None
+            record = {"step": done, "loss": loss, "grad_norm": float(grad_norm), "lr": lr,
+                      "tokens_per_s": tokens_since / elapsed, "peak_memory_bytes": memory}
+            if val_losses and val_losses[-1][0] == done:
+                record["val_loss"] = val_losses[-1][1]
+            tokens_since = 0
+            metrics.write(record)
+            if bar is not None:
+                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:,.0f}",
+                                mem="/".join(_gib(m) for m in memory))
+        if bar is not None:
+            bar.update()
         if cfg.save_dir and (done == cfg.steps or (cfg.save_every and done % cfg.save_every == 0)):
             run_state.save(cfg, done, stages, opt, pp_rank=pp_rank, dp_rank=dp_rank, position=position,
-                           layer_ranges=pipe.layer_ranges, model_config=model.config, device=device)
+                           layer_ranges=pipe.layer_ranges, model_config=model.config, device=device,
+                           lr_scheduler=lr_sched.state_dict())
     if bar is not None:
         bar.close()
+    losses_per_step = _global_losses(shares, mesh) if holds_last else []
     result = {"rank": rank, "stages": ids, "dp_rank": dp_rank, "step_s": times, "first_step": start,
               "memory": memory, "device": str(device)}
-    if holds_last and dp_rank == 0:
+    if writes:
         result["losses"] = losses_per_step
-        if cfg.check:
-            result["reference_losses"] = reference_losses(cfg, synthetic_batches(cfg, vocab), device)[start:]
+        result["val_losses"] = val_losses
+        if cfg.checks():
+            reference = reference_run(cfg, synthetic_batches(cfg, vocab), device, val)
+            result["reference_losses"] = reference["losses"][start:]
+            result["reference_val_losses"] = [v for v in reference["val_losses"] if v[0] > start]
     return result
+
+
+def _global_share(share: torch.Tensor, mesh) -> float:
+    """The global batch's loss from this replica's share (a sum over dp)."""
+    if mesh is not None:
+        share = share.clone()
+        dist.all_reduce(share, group=mesh["dp"].get_group())
+    return float(share[0])
+
+
+def _global_losses(shares: list[torch.Tensor], mesh) -> list[float]:
+    """Every step's global loss, read once at the end (one sum over dp for all steps)."""
+    if not shares:
+        return []
+    stacked = torch.cat(shares)
+    if mesh is not None:
+        dist.all_reduce(stacked, group=mesh["dp"].get_group())
+    return [float(v) for v in stacked.tolist()]
+
+
+def _validation_loss(cfg, schedule, stages, val, local, mesh, device, holds_last) -> float | None:
+    """The token-weighted loss over the validation batches, forward only (the global batch's on every dp rank)."""
+    for st in stages:
+        st.submod.eval()
+    total = torch.zeros(1, dtype=torch.float64, device=device)
+    tokens = 0
+    try:
+        for batch in val:
+            batch, labels = split_labels({k: v.to(device) for k, v in local(batch).items()})
+            loss_fn = causal_lm_loss(labels, cfg.microbatches, dp_mesh=mesh)
+            losses: list = []
+            schedule.eval(**batch, target=labels, losses=losses)
+            if holds_last:
+                total += loss_fn.whole_batch(losses).double().reshape(1).to(device) * loss_fn.num_target_tokens
+            tokens += loss_fn.num_target_tokens
+    finally:
+        for st in stages:
+            st.submod.train()
+    return _global_share(total, mesh) / tokens if holds_last else None
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f}G"
 
 
 def _nothing_to_do(rank: int, step: int, device) -> dict:
     """The result of a resume whose save is already at ``--steps`` (rank 0 reports it)."""
     return {"rank": rank, "stages": [], "dp_rank": 0, "step_s": [], "first_step": step, "memory": [],
-            "device": str(device), **({"losses": []} if rank == 0 else {})}
+            "device": str(device), **({"losses": [], "val_losses": []} if rank == 0 else {})}
 
 
-def reference_losses(cfg: RunConfig, batches, device) -> list[float]:
-    """The unpatched model, trained in this process on the same batches."""
-    model = build_model(cfg.model, seed=cfg.seed).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
-    out = []
-    for batch in batches:
+def reference_run(cfg: RunConfig, batches, device, val=()) -> dict:
+    """The unpatched model, trained in this process on the same batches the same way.
+
+    Same optimizer construction (decay groups, LR schedule), ``torch.nn.utils.clip_grad_norm_``
+    where the pipeline clips, the same LoRA adapters, the same validation batches. Under bf16
+    mixed precision the parameters are cast to bf16 for each step's compute and the
+    gradients accumulated into the fp32 masters, as FSDP2's policy does on the stages.
+    """
+    dtype = torch.bfloat16 if cfg.param_dtype == "bf16" else torch.float32
+    model = with_lora(cfg, build_model(cfg.model, seed=cfg.seed, dtype=dtype).to(device))
+    opt, sched = make_optimizer(cfg, list(model.named_parameters()), [model])
+    mixed = cfg.compute_dtype(device) == "bf16" and dtype == torch.float32
+    compute = _bf16_copy(model) if mixed else model
+    out = {"losses": [], "val_losses": []}
+    for step, batch in enumerate(batches):
         batch, labels = split_labels({k: v.to(device) for k, v in batch.items()})
         opt.zero_grad(set_to_none=True)
-        loss = model(**batch, labels=labels, use_cache=False).loss
+        if mixed:
+            _copy_params(model, compute)
+        loss = compute(**batch, labels=labels, use_cache=False).loss
         loss.backward()
+        if mixed:
+            for p, c in zip(model.parameters(), compute.parameters()):
+                p.grad = None if c.grad is None else c.grad.float()
+                c.grad = None
+        if cfg.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], cfg.max_grad_norm)
         opt.step()
-        out.append(float(loss.detach()))
+        sched.step()
+        out["losses"].append(float(loss.detach()))
+        if _is_val_step(cfg, step + 1):
+            out["val_losses"].append((step + 1, _reference_val_loss(model if not mixed else _copy_params(model, compute),
+                                                                    val, device)))
     return out
+
+
+def _bf16_copy(model: torch.nn.Module) -> torch.nn.Module:
+    compute = copy.deepcopy(model)
+    for p in compute.parameters():
+        p.data = p.data.to(torch.bfloat16)
+    return compute
+
+
+def _copy_params(model: torch.nn.Module, compute: torch.nn.Module) -> torch.nn.Module:
+    with torch.no_grad():
+        for p, c in zip(model.parameters(), compute.parameters()):
+            c.copy_(p)
+    return compute
+
+
+def _reference_val_loss(model: torch.nn.Module, val, device) -> float:
+    model.eval()
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for batch in val:
+            batch, labels = split_labels({k: v.to(device) for k, v in batch.items()})
+            n = int((labels[:, 1:] != -100).sum())
+            total += float(model(**batch, labels=labels, use_cache=False).loss.double()) * n
+            tokens += n
+    model.train()
+    return total / tokens
 
 
 def _rank_job(rank: int, world: int, workdir: str, cfg_dict: dict) -> dict:
     return run_rank(rank, world, RunConfig(**cfg_dict))
 
 
-def launch(cfg: RunConfig, workdir: str | None = None, timeout_s: float = 600) -> list[dict]:
+def launch(cfg: RunConfig, workdir: str | None = None, timeout_s: float | None = None) -> list[dict]:
     """Run the job on ``cfg.ranks`` local processes; return their results.
 
     Raises:
@@ -284,8 +464,10 @@ def launch(cfg: RunConfig, workdir: str | None = None, timeout_s: float = 600) -
         return [_nothing_to_do(0, cfg.steps, "cpu")]  # no process to start
     threads = max(1, (os.cpu_count() or 1) // cfg.world)
     try:
+        # No default time limit: the run lives as long as its ranks. A collective waits up
+        # to 30 minutes for a peer (a slow save, a first compile) before the group fails.
         results = run_ranks(_rank_job, cfg.world, asdict(cfg), workdir=workdir, timeout_s=timeout_s,
-                            pg_timeout_s=min(timeout_s, 300), threads=threads)
+                            pg_timeout_s=1800 if timeout_s is None else min(timeout_s, 1800), threads=threads)
     except TimeoutError as e:
         raise RunFailedError(str(e)) from None
     failed = [(r, res) for r, res in enumerate(results) if not res["ok"]]
