@@ -24,11 +24,11 @@ def with_split_markers(pipe) -> torch.fx.GraphModule:
     from torch.distributed.pipelining import pipe_split
 
     from ..analysis.annotate import info
-    from ..transform import StageModule
+    from ..compile import build_stage_module
     from ..spec import StageRole, StageSpec
 
     n = pipe.layer_ranges[-1].stop
-    full = StageModule.build(pipe.model, pipe.model_graph, StageSpec(StageRole.FULL, range(n), n))
+    full = build_stage_module(pipe.model, pipe.model_graph, StageSpec(StageRole.FULL, range(n), n))
     graph = copy.deepcopy(full.graph)
     starts = {r.start for r in pipe.layer_ranges[1:]}
     for node in list(graph.nodes):

@@ -3,7 +3,7 @@
 For every ``model_type`` in ``MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES`` the sweep
 builds a tiny model and inputs with real image tokens, builds ONE 2-stage pipeline
 (``cuts=[1]``) without example inputs (the default signature holds the media inputs:
-fxpp makes its own example images, ``fxpp.trace.example_media``), and calls it with
+fxpp makes its own example images, ``fxpp.inputs.example_media``), and calls it with
 every case of :data:`VLM_CASES`, each compared
 with the unpatched training forward ``model(**case, use_cache=False)`` on the same
 inputs: logits and every parameter gradient, the vision tower's included (the causal
@@ -99,7 +99,7 @@ from .report import (DOCS_PATH, SECTION_MARK, _detail, _md, built_summary, case_
                      sweep_parser)
 from .report import format_table as _table
 from .report import summary as _summary
-from ..trace.example_media import (MERGE_ATTRS, NoExampleMedia, example_media_inputs, int_attr,
+from ..inputs.example_media import (MERGE_ATTRS, NoExampleMedia, example_media_inputs, int_attr,
                                    image_side, is_grid_tower, patch_size, placeholder_token_attrs, text_token_ids,
                                    token_companions, vision_config_of)
 from .tiny import FAMILY_KWARGS, FAMILY_LAYERS, NUM_LAYERS, SHRINK, VOCAB, shrink_kwargs
@@ -357,7 +357,7 @@ def _mrope_sections(text_config, model_type: str = "") -> list[int]:
 
 def generic_inputs(model, seed: int = 0) -> tuple[dict[str, torch.Tensor], str]:
     """Inputs with one image per row and a left-padded row 0 (kind ``VLM``: the example
-    images fxpp itself makes, ``fxpp.trace.example_media``, with another seed), or text
+    images fxpp itself makes, ``fxpp.inputs.example_media``, with another seed), or text
     inputs (kind ``text``: no vision tower)."""
     if vision_config_of(model) is None:
         return {**make_inputs(seed=seed), **_decoder_inputs(model, seed)}, "text"
@@ -415,7 +415,7 @@ def vlm_cases(model, kind: str, inputs: dict[str, torch.Tensor]) -> list[Case]:
     """The cases of :data:`VLM_CASES` for ``model``: ``inputs`` with images (kind ``VLM``),
     text with a padding mask and no media, token ids only, token ids with packed-document
     position ids."""
-    from ..transform import forward_parameters
+    from ..inputs import forward_parameters
 
     params, name = forward_parameters(model), type(model).__name__
     images = Case("images", inputs) if kind == "VLM" else Case(
@@ -650,7 +650,7 @@ def markdown(results, command: str = COMMAND) -> str:
         f"Every family of transformers {transformers.__version__}'s `MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES` "
         f"(torch {torch.__version__}), {NUM_LAYERS} decoder layers, split into 2 stages with `cuts=[1]` once, "
         "without example inputs: the default signature holds the media inputs, traced with example images fxpp "
-        "makes itself (`fxpp.trace.example_media`). That one pipeline is called with each input case "
+        "makes itself (`fxpp.inputs.example_media`). That one pipeline is called with each input case "
         "and compared with the unpatched training forward `model(**case, use_cache=False)` on the same inputs: "
         "logits and every parameter gradient (vision tower included), "
         f"`atol=rtol={ATOL:g}`. Cases: **images** — a batch of 2 rows with one image each (tokens, padding "
