@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.pipelining import schedules
 
 from ..errors import StageInputError, StageSpecError
 from ..layout import step_shape
@@ -26,8 +27,6 @@ _MIXED_SIZES, _NO_TOKENS, _OTHER_KIND = -1, -2, -3
 
 def schedule_class(name_or_class):
     """A ``torch.distributed.pipelining`` schedule class from its name (``"1F1B"``) or itself."""
-    from torch.distributed.pipelining import schedules
-
     if isinstance(name_or_class, type):
         if not issubclass(name_or_class, (schedules.PipelineScheduleSingle, schedules.PipelineScheduleMulti)):
             raise StageSpecError(f"schedule={name_or_class.__name__} is not a torch.distributed.pipelining schedule")
@@ -68,8 +67,6 @@ class PipelineSchedule:
         self.torch_schedule = self._make()
 
     def _make(self):
-        from torch.distributed.pipelining import schedules
-
         if issubclass(self._cls, schedules.PipelineScheduleSingle):
             if len(self.stages) != 1:
                 raise StageSpecError(
