@@ -18,6 +18,7 @@ import torch
 
 import fxpp
 from fxpp.analysis.annotate import info
+from fxpp.meta import crossing_of
 from fxpp.split import even_split
 from fxpp.testing.zoo import tiny_model
 
@@ -31,7 +32,7 @@ def _listing(graph) -> list[str]:
         if rec.role in ("compute", "constant", "guard") and n.op != "placeholder":
             continue
         what = rec.role + (f" {rec.layer_type}" if rec.layer_type else "")
-        if n.op == "placeholder" and "fxpp_crossing" in n.meta:
+        if n.op == "placeholder" and crossing_of(n) is not None:
             what = f"received: {what}"
         if rec.layer_types:
             what += f" (for {', '.join(rec.layer_types)})"

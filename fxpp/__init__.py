@@ -11,14 +11,16 @@ from .errors import (
     UnsupportedModelError,
     VerificationError,
 )
+from .compile import transform
+from .pipeline import Pipeline, pipeline
 from .runtime.loss import CausalLMLoss, causal_lm_loss, count_target_tokens
 from .runtime.microbatch import split_microbatches
 from .runtime.optim import clip_grad_norm_, lr_scheduler
 from .runtime.parallel import pp_dp_mesh
-from .runtime.schedule import step_with_microbatches
-from .pipeline import Pipeline, pipeline
+from .runtime.placement import stage_ids_of_rank as _stage_ids_of_rank
+from .runtime.schedule import PipelineSchedule, step_with_microbatches
 from .spec import StageRole
-from .transform import StageModule, transform
+from .stage_module import StageModule
 
 
 def schedule(schedule, stages, n_microbatches: int, loss_fn, **kwargs):
@@ -28,16 +30,12 @@ def schedule(schedule, stages, n_microbatches: int, loss_fn, **kwargs):
     ``step`` is torch's, preceded by agreeing on the step's shapes and followed by the
     tied-weight exchange.
     """
-    from .runtime.schedule import PipelineSchedule
-
     return PipelineSchedule(schedule, stages, n_microbatches, loss_fn, **kwargs)
 
 
 def stage_ids_of_rank(rank: int, num_stages: int, world_size: int, style: str = "loop") -> list[int]:
     """The stage ids a rank holds under ``style`` placement (``"loop"`` or ``"v"``)."""
-    from .runtime.placement import stage_ids_of_rank as _ids
-
-    return _ids(rank, num_stages, world_size, style)
+    return _stage_ids_of_rank(rank, num_stages, world_size, style)
 
 __all__ = [
     "CausalLMLoss",

@@ -43,94 +43,16 @@ from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import torch
+from torch.fx import GraphModule
 
-from .errors import StageInputError
+from .analysis.cuts import crossing_slots
+from .errors import CutError, StageInputError
+from .inputs.names import DECODER_INPUTS, DECODER_TOKEN_INPUTS, stream_tokens
+from .inputs.signature import InputSignature
+from .meta import signature_record
 
-TEXT_INPUTS = ("input_ids", "attention_mask", "position_ids")
-TOKEN_INPUTS = ("input_ids", "inputs_embeds")  # a call gives one of them
-# An encoder-decoder model's decoder inputs: the decoder's tokens are the stream that the
-# cut stack carries; the encoder's inputs (input_ids, attention_mask, media) run whole in
-# the first stage, and what the decoder layers read of them crosses the cuts.
-DECODER_TOKEN_INPUTS = ("decoder_input_ids", "decoder_inputs_embeds")
-DECODER_INPUTS = (*DECODER_TOKEN_INPUTS, "decoder_attention_mask", "decoder_position_ids")
-# Inputs aligned with the tokens that go wherever the tokens go: a document-layout
-# model's box per token (UDOP's ``bbox``), not media.
-TOKEN_COMPANIONS = ("bbox",)
-
-
-def stream_tokens(inputs: dict) -> torch.Tensor | None:
-    """The token input whose first two dimensions are the stream's batch and sequence:
-    the decoder's tokens where given (encoder-decoder models), else ``input_ids`` or
-    ``inputs_embeds``; None where the inputs hold none."""
-    return next((inputs[n] for n in (*DECODER_TOKEN_INPUTS, *TOKEN_INPUTS)
-                 if isinstance(inputs.get(n), torch.Tensor) and inputs[n].dim() >= 2), None)
 HEADER = "fxpp header (layout id, inputs present, slots filled)"
 _WORD = 62  # bits per header word: int64, kept non-negative
-
-
-@dataclass(frozen=True)
-class InputSignature:
-    """The inputs a pipeline accepts, in a fixed order (the header's bit order).
-
-    Attributes:
-        names: the declared inputs.
-        left_out: inputs of the default set the model cannot take, with the reason,
-            for error messages.
-        alternatives: the token input the example did not hold (``inputs_embeds`` for a
-            pipeline built from ``input_ids``, or the other way round), declared where
-            the forward takes it. A call gives one of the two, as the model's forward
-            requires; the stages trace a call with the alternative when it first comes.
-    """
-
-    names: tuple[str, ...]
-    left_out: tuple[tuple[str, str], ...] = ()
-    alternatives: tuple[str, ...] = ()  # declared token inputs the canonical graph was not traced with
-
-    @property
-    def traced_bits(self) -> int:
-        """The canonical graph's present set: every name but the alternatives."""
-        return self.bits(n for n in self.names if n not in self.alternatives)
-
-    def __post_init__(self) -> None:
-        if len(set(self.names)) != len(self.names):
-            raise ValueError(f"input signature {self.names} names an input twice")
-        if len(self.names) > 62:
-            raise ValueError(f"input signature {self.names} has more than 62 inputs")
-
-    @property
-    def all_bits(self) -> int:
-        return (1 << len(self.names)) - 1
-
-    def bits(self, present: Iterable[str]) -> int:
-        present = set(present)
-        return sum(1 << i for i, name in enumerate(self.names) if name in present)
-
-    def present(self, bits: int) -> tuple[str, ...]:
-        return tuple(name for i, name in enumerate(self.names) if bits >> i & 1)
-
-    def check_call(self, given: Iterable[str], where: str) -> None:
-        """Refuse inputs outside the signature, naming them and how to declare them.
-
-        Raises:
-            StageInputError: an input the stages were not built for, or no token input.
-        """
-        given = sorted(given)
-        outside = [name for name in given if name not in self.names]
-        if outside:
-            reasons = dict(self.left_out)
-            why = "; ".join(f"{name}: {reasons[name]}" for name in outside if name in reasons)
-            raise StageInputError(
-                f"{where}: input(s) {outside} are not in the pipeline's input signature {list(self.names)}"
-                + (f" ({why})" if why else "")
-                + ". Declare them by building the stages with example_inputs that contain them "
-                "(fxpp.pipeline(model, n, example_inputs=...) or fxpp.transform(..., example_inputs=...))"
-            )
-        token_inputs = [name for name in ("input_ids", "inputs_embeds") if name in self.names]
-        if token_inputs and not set(token_inputs) & set(given):
-            raise StageInputError(
-                f"{where}: the call gives {given or 'no inputs'} but not {' or '.join(token_inputs)}; "
-                "the first stage needs the tokens"
-            )
 
 
 @dataclass(frozen=True)
@@ -244,6 +166,31 @@ class CutLayout:
             if words[i // _WORD] >> (i % _WORD) & 1:
                 received[slot.identity] = value
         return bits, received
+
+
+def cut_layout(model_gm: GraphModule, k: int) -> CutLayout:
+    """The fixed layout of cut ``k``: the canonical slots, then those only other present sets send.
+
+    ``model_gm``: the canonical whole-model graph (``fxpp.compile.trace_canonical``); the
+    layout is kept in its :class:`~fxpp.meta.SignatureRecord`.
+    """
+    record = signature_record(model_gm)
+    if k not in record.layouts:
+        slots: dict[str, Slot] = {}
+        for gm in [model_gm, *record.variant_graphs.values()]:
+            modules = dict(gm.named_modules())
+            try:
+                found = crossing_slots(gm.graph, k, modules)
+            except CutError:
+                if gm is model_gm:
+                    raise
+                # This input set calls no layer after the cut (Mllama without images skips
+                # its cross-attention layers): a call with it gets the CutError itself.
+                continue
+            for identity, val in found:
+                slots.setdefault(identity, Slot(identity, tuple(val.shape), val.dtype))
+        record.layouts[k] = CutLayout(k, record.signature, tuple(slots.values()))
+    return record.layouts[k]
 
 
 def step_shape(inputs: dict) -> tuple[int, ...] | None:

@@ -1,24 +1,35 @@
-"""``fxpp.pipeline``: all stages of a model, cut once, traced once."""
+"""``fxpp.pipeline``: all stages of a model, cut once, traced once.
+
+The top door: it imports the compile driver (``fxpp.compile``) to build the stages and
+the runtime (``fxpp.runtime``) to place them on ranks. Neither imports it back; the
+runtime reads a :class:`Pipeline` through ``fxpp.runtime.protocols.SplitModel``.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 import torch
+from transformers.modeling_outputs import CausalLMOutputWithPast, MoeCausalLMOutputWithPast
 
 from .analysis.costs import BlockCost, estimate_block_costs
 from .analysis.cuts import crossing_values, describe_crossing
-from .errors import StageSpecError
-from .split import balanced_split, ranges_from_counts, ranges_from_cuts, roles_for
+from .analysis.verify import verify_pipeline
+from .compile import build_stage_module, check_model, num_decoder_layers, trace_canonical
+from .errors import StageInputError, StageSpecError
+from .meta import signature_record, trace_record
+from .runtime.loss import AUX_LOSS_COEF_NAMES, router_aux_loss_coef
+from .runtime.stage import build_stage
+from .split import balanced_split, check_counts, ranges_from_counts, ranges_from_cuts, roles_for
 from .spec import StageRole, StageSpec
-from .transform import StageModule, _check_model, num_decoder_layers, trace_canonical
+from .stage_module import StageModule
 
 
 class Pipeline:
     """The stages of one model.
 
     Attributes:
-        stages: one :class:`~fxpp.transform.StageModule` per stage, in order.
+        stages: one :class:`~fxpp.stage_module.StageModule` per stage, in order.
         layer_ranges: the decoder layers of each stage.
         crossing: for each cut, the names of the values that cross it.
         block_costs: the cost model's ``[prelude, layer 0, ..., head]`` estimates.
@@ -35,16 +46,14 @@ class Pipeline:
         self.stages: list[StageModule] = []
         for role, layers in zip(roles_for(len(layer_ranges)), layer_ranges):
             spec = StageSpec(role=StageRole.parse(role), layers=layers, num_layers=n)
-            self.stages.append(StageModule.build(model, model_graph, spec))
+            self.stages.append(build_stage_module(model, model_graph, spec))
         graph, modules = model_graph.graph, dict(model_graph.named_modules())
         cut_values = [(r.start, crossing_values(graph, r.start)) for r in layer_ranges[1:]]
         self.crossing = [[v.name for v in values] for _, values in cut_values]
-        self.signature = model_graph.meta["fxpp_signature"]
+        self.signature = signature_record(model_graph).signature
         self.crossing_described = [
             [f"{v.name} ({describe_crossing(graph, v, k, modules)})" for v in values] for k, values in cut_values
         ]
-        self._runtime_stages: dict = {}  # built by build_stage on this rank, by index
-        self._runtime_submods: dict = {}  # (index, device) -> the stage's runtime GraphModule
 
     @property
     def num_stages(self) -> int:
@@ -62,17 +71,12 @@ class Pipeline:
             labels = inputs.pop("labels", None)
         out = self.stages[0](**inputs)
         last = self.stages[-1]
-        mode = getattr(last, "output_mode", "logits")
-        object.__setattr__(last, "output_mode", "dict")
-        try:
-            for stage in self.stages[1:]:
-                out = stage(*out)
-        finally:
-            object.__setattr__(last, "output_mode", mode)
+        for stage in self.stages[1:]:
+            out = stage.call_returning_dict(*out)
         if not isinstance(out, dict):
             out = {"logits": out}
         if labels is None:
-            return last._final_output(out) if len(out) > 1 else out["logits"]
+            return last.final_output(out) if len(out) > 1 else out["logits"]
         return model_loss(self.model, out, labels)
 
     def stage_costs(self) -> list[float]:
@@ -155,8 +159,6 @@ class Pipeline:
                 ``"dp"``, a stage built again with other wrapping arguments.
                 CheckpointError: missing keys, wrong shapes.
         """
-        from .runtime.stage import build_stage
-
         return build_stage(self, index, device, group, style=style, checkpoint=checkpoint, microbatch=microbatch,
                            dp_mesh=dp_mesh, data_parallel=data_parallel,
                            activation_checkpointing=activation_checkpointing)
@@ -192,7 +194,7 @@ def pipeline(
         VerificationError: with ``verify=True``, the first stage and node whose output
             differs from the model's.
     """
-    _check_model(model)
+    check_model(model)
     n = num_decoder_layers(model)
     if cuts is not None and layers_per_stage is not None:
         raise StageSpecError("give cuts or layers_per_stage, not both")
@@ -206,20 +208,17 @@ def pipeline(
         raise StageSpecError(f"{'cuts' if cuts is not None else 'layers_per_stage'} gives {len(ranges)} stages, "
                              f"not num_stages={num_stages}")
     if ranges is None:
-        from .split import _check_counts
-
-        _check_counts(n, num_stages)
+        check_counts(n, num_stages)
     model_graph = trace_canonical(model, example_inputs)
-    costs = estimate_block_costs(model_graph, model, model_graph.meta["fxpp_example_inputs"])
+    example = trace_record(model_graph).example_inputs
+    costs = estimate_block_costs(model_graph, model, example)
     if ranges is None:
         ranges = balanced_split(
             [c.flops for c in costs[1:-1]], num_stages, first_extra=costs[0].flops, last_extra=costs[-1].flops,
             layer_params=[c.params for c in costs[1:-1]],
         )
-    pipe = Pipeline(model, model_graph, ranges, model_graph.meta["fxpp_example_inputs"], costs)
+    pipe = Pipeline(model, model_graph, ranges, example, costs)
     if verify:
-        from .analysis.verify import verify_pipeline
-
         verify_pipeline(pipe, pipe.example_inputs)
     return pipe
 
@@ -233,11 +232,6 @@ def model_loss(model: torch.nn.Module, out: dict, labels: torch.Tensor):
     Raises:
         StageInputError: the forward computes a loss term fxpp does not know how to add.
     """
-    from transformers.modeling_outputs import CausalLMOutputWithPast, MoeCausalLMOutputWithPast
-
-    from .errors import StageInputError
-    from .runtime.loss import AUX_LOSS_COEF_NAMES, router_aux_loss_coef
-
     unknown = sorted(set(out) - {"logits", "aux_loss"})
     if unknown:
         raise StageInputError(f"{type(model).__name__}: its forward computes {unknown}, which fxpp does not add to the "

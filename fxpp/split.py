@@ -15,7 +15,7 @@ from .errors import StageSpecError
 
 def even_split(num_layers: int, num_stages: int) -> list[range]:
     """Consecutive ranges of as equal a layer count as possible, larger ones first."""
-    _check_counts(num_layers, num_stages)
+    check_counts(num_layers, num_stages)
     base, extra = divmod(num_layers, num_stages)
     ranges, start = [], 0
     for i in range(num_stages):
@@ -25,7 +25,7 @@ def even_split(num_layers: int, num_stages: int) -> list[range]:
     return ranges
 
 
-def _check_counts(num_layers: int, num_stages: int) -> None:
+def check_counts(num_layers: int, num_stages: int) -> None:
     if not isinstance(num_stages, int) or isinstance(num_stages, bool) or num_stages < 1:
         raise StageSpecError(f"num_stages={num_stages!r} must be a positive integer")
     if num_stages > num_layers:
@@ -61,7 +61,7 @@ def balanced_split(layer_costs: list[float], num_stages: int, *, first_extra: fl
                    layer_params: list[int] | None = None) -> list[range]:
     """The split minimising the slowest stage (see the module docstring)."""
     n = len(layer_costs)
-    _check_counts(n, num_stages)
+    check_counts(n, num_stages)
     params = layer_params or [0] * n
     prefix = [0.0]
     pprefix = [0]

@@ -1,6 +1,6 @@
 """Trace tiny models and report every given input the traced graph does not consume.
 
-The rule of :mod:`fxpp.trace.unused_inputs` (every input the caller gives must reach the
+The rule of :mod:`fxpp.inputs.unused` (every input the caller gives must reach the
 graph output) must not fire on models fxpp handles correctly. This script traces, with
 their example inputs:
 
@@ -31,7 +31,7 @@ import torch
 def _scan(name: str, build) -> tuple[str, str]:
     from fxpp.testing import check as base
     from fxpp.trace import trace_model
-    from fxpp.trace.unused_inputs import tolerated_reason, unconsumed_inputs
+    from fxpp.inputs.unused import tolerated_reason, unconsumed_inputs
 
     start = time.perf_counter()
     try:

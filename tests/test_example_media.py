@@ -1,4 +1,4 @@
-"""Example media: the default signature of a VLM holds its media inputs (``fxpp.trace.example_media``)."""
+"""Example media: the default signature of a VLM holds its media inputs (``fxpp.inputs.example_media``)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 
 import fxpp
 from fxpp.testing.zoo import tiny_vlm
-from fxpp.trace.example_media import NoExampleMedia, example_media_inputs
+from fxpp.inputs.example_media import NoExampleMedia, example_media_inputs
 
 from .helpers import cached_model
 
@@ -54,7 +54,7 @@ def test_media_no_example_fits_are_refused_with_the_reason(monkeypatch):
     def no_fit(model, batch=2, seed=0, input_ids=None, decoder=None):
         raise NoExampleMedia("get_image_features on pixel_values[2, 3, 16, 16]: RuntimeError: no")
 
-    monkeypatch.setattr(importlib.import_module("fxpp.transform"), "example_media_inputs", no_fit)
+    monkeypatch.setattr(importlib.import_module("fxpp.inputs.signature"), "example_media_inputs", no_fit)
     model, make = tiny_vlm("llava", 2)
     pipe = fxpp.pipeline(model, 2)
     with pytest.raises(fxpp.StageInputError, match=r"pixel_values: no example images fit LlavaForConditionalGeneration"
@@ -65,7 +65,7 @@ def test_media_no_example_fits_are_refused_with_the_reason(monkeypatch):
 def test_model_unchanged_restores_plain_attributes():
     """transformers marks a module once it installed its output-capturing hooks; the mark must
     go with the hooks, or the model believes it has hooks it lost."""
-    from fxpp.transform import model_unchanged
+    from fxpp.trace.model_state import model_unchanged
 
     module = torch.nn.Linear(2, 2)
     module.flag = 1
@@ -92,7 +92,7 @@ def test_the_callers_example_ids_are_kept_with_the_image_tokens_written_in():
 
 def test_model_unchanged_restores_buffer_contents():
     """A real evaluation while tracing may update a buffer in place (BatchNorm in train mode)."""
-    from fxpp.transform import model_unchanged
+    from fxpp.trace.model_state import model_unchanged
 
     norm = torch.nn.BatchNorm1d(3).train()
     before = norm.running_mean.clone()

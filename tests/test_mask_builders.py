@@ -3,6 +3,7 @@
 import torch
 
 import fxpp
+from fxpp.meta import signature_record
 from fxpp.testing.check import compare, reference, run_pipeline
 
 
@@ -18,7 +19,7 @@ def test_a_forward_that_builds_its_own_mask_when_the_builder_returns_none():
     mask[0, :3] = 0  # left padding
     pipe = fxpp.pipeline(model, 2, example_inputs={"input_ids": ids[:, :8], "attention_mask": mask[:, :8]})
     # The trace for token ids alone (no padding mask): the builder's None is a guarded constant.
-    ids_only = pipe.model_graph.meta["fxpp_variant_graphs"][pipe.signature.bits(["input_ids"])]
+    ids_only = signature_record(pipe.model_graph).variant_graphs[pipe.signature.bits(["input_ids"])]
     assert any(n.target is fxpp.ops.check_is_none for n in ids_only.graph.nodes), "the builder's None is not guarded"
     # An all-ones mask: on real data the builder returns None, so the forward builds its own
     # mask; the stages (traced with a padded mask, which they cast) must retrace on that branch
@@ -37,7 +38,7 @@ def test_a_mask_builder_is_asked_on_real_data():
     """Fake tensors cannot see that a mask is all ones; the trace asks the builder on the real
     example and follows the branch the run takes: None, guarded."""
     from fxpp.testing.sweep_vlm import generic_model
-    from fxpp.transform import trace_annotated
+    from fxpp.compile import compile_example as trace_annotated
 
     model = generic_model("glm5_next")
     ids = torch.randint(3, 60, (2, 8), generator=torch.Generator().manual_seed(1))

@@ -1,7 +1,7 @@
 """One pipeline, any input set: the fixed crossing layout (``fxpp.layout``).
 
 Stages are built once with no example inputs (for VLMs, fxpp makes example images:
-``fxpp.trace.example_media``) and then called with every subset of the signature a user passes: token ids only, a
+``fxpp.inputs.example_media``) and then called with every subset of the signature a user passes: token ids only, a
 padding mask, packed-document position ids (restarting mid-row), both, other batch
 and sequence sizes than the build's, and for VLMs batches with and without images.
 Each call's logits and every parameter gradient must equal the unpatched model's

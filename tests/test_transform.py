@@ -316,7 +316,7 @@ def test_a_variant_keeps_its_own_traced_constants():
     buffers: a variant must never take another trace's constant of the same name."""
     from torch.fx import Graph, GraphModule
 
-    from fxpp.transform import _on_modules_of
+    from fxpp.stage_module import _on_modules_of
 
     def holding(value):
         graph = Graph()

@@ -1,4 +1,4 @@
-"""No input the caller gives may vanish from the graph (``fxpp.trace.unused_inputs``).
+"""No input the caller gives may vanish from the graph (``fxpp.inputs.unused``).
 
 The rule found two tracer bugs, both an old argument name that the forward's
 ``deprecate_kwarg`` decorator renames (``image_patches`` and ``pixel_values_images`` to
@@ -21,7 +21,7 @@ import fxpp
 from fxpp import ops
 from fxpp.errors import StageInputError
 from fxpp.trace import select_output, trace_model, unwrap_forward
-from fxpp.trace.unused_inputs import reject_unconsumed_inputs, tolerated_reason, unconsumed_inputs
+from fxpp.inputs.unused import reject_unconsumed_inputs, tolerated_reason, unconsumed_inputs
 from fxpp.testing.zoo import tiny_model, tiny_vlm
 
 # The traced graph calls the model's own modules with the same kernels in the same
@@ -217,7 +217,7 @@ def test_video_llava_images_reach_the_logits(videos):
 def test_an_input_the_model_reads_is_not_declared_ignored():
     """Llama reads position_ids (rotary embeddings): changing them moves the logits, so an
     unconsumed position_ids would stay an error."""
-    from fxpp.transform import ignored_by_the_model
+    from fxpp.inputs.unused import ignored_by_the_model
 
     model, inputs, _ = _llama()
     inputs["position_ids"] = torch.arange(8).expand(2, 8).clone()
@@ -230,7 +230,7 @@ def test_an_input_the_model_ignores_is_tolerated_and_the_pipeline_is_exact():
     logits do not move when they change, so the build accepts them, and packed
     positions give exactly the unpatched result."""
     from fxpp.testing.sweep_causal import _build
-    from fxpp.transform import ignored_by_the_model
+    from fxpp.inputs.unused import ignored_by_the_model
 
     model = _build("granitemoehybrid", "GraniteMoeHybridForCausalLM", 64_000_000)
     ids = torch.randint(3, 128, (2, 8), generator=torch.Generator().manual_seed(0))
@@ -243,7 +243,7 @@ def test_an_input_the_model_ignores_is_tolerated_and_the_pipeline_is_exact():
 
 def test_no_check_without_real_values():
     """On the meta device nothing can be run: an unconsumed input stays an error."""
-    from fxpp.transform import ignored_by_the_model
+    from fxpp.inputs.unused import ignored_by_the_model
 
     with torch.device("meta"):
         model = tiny_model("llama", 2)

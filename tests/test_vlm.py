@@ -20,6 +20,7 @@ import torch
 
 import fxpp
 from fxpp.analysis.annotate import info
+from fxpp.meta import crossing_of
 from fxpp.testing.zoo import AUDIO_TOKEN, VLM_FAMILIES, tiny_audio_lm, tiny_vlm
 
 from .helpers import assert_same, reference, run_stages
@@ -80,7 +81,7 @@ def test_qwen3_vl_deepstack_features_cross_cuts_densely():
     model, make_inputs = _vlm("qwen3_vl")
     example = make_inputs(2, 24, seed=1)
     pipe = fxpp.pipeline(model, 2, example_inputs=example, cuts=[1])
-    received = {n.meta["fxpp_crossing"]: tuple(n.meta["val"].shape)
+    received = {crossing_of(n): tuple(n.meta["val"].shape)
                 for n in pipe.stages[1].graph.nodes if n.op == "placeholder"}
     batch, seq = example["input_ids"].shape
     hidden = model.config.text_config.hidden_size

@@ -94,7 +94,6 @@ def extract_stage(model_gm: GraphModule, *, spec: StageSpec) -> GraphModule:
         set_node_info(out, NodeInfo(role="output", position=b - 1, rematerialize=False))
         identities = tuple(name for identity, leaves in sent for name in leaf_identities(identity, len(leaves)))
         update_facts(out, identities=identities)
-        out.meta["fxpp_identities"] = identities  # Note [old stage keys]
 
     new.lint()
     stage = GraphModule(model_gm, new, class_name=f"Stage{spec.role.value.capitalize()}")
@@ -177,18 +176,8 @@ def _receive(graph: Graph, value: Node, identity: str) -> Node:
 
 
 def _mark_received(ph: Node, crossing: str, identity: str) -> None:
-    """A stage input placeholder's facts: the model node it stands for and what it receives.
-
-    Note [old stage keys]
-        The raw keys ``fxpp_crossing``, ``fxpp_identity`` (placeholders) and
-        ``fxpp_identities`` (a stage's output) are written as well as the facts until their
-        readers outside ``fxpp.passes`` (``StageModule`` in ``fxpp.transform``,
-        ``tests/test_vlm.py``, ``docs/generate.py``) read ``fxpp.meta.crossing_of``,
-        ``identity_of`` and ``identities_of``; then they go.
-    """
+    """A stage input placeholder's facts: the model node it stands for and what it receives."""
     update_facts(ph, crossing=crossing, identity=identity, source=None)
-    ph.meta["fxpp_crossing"] = crossing  # Note [old stage keys]
-    ph.meta["fxpp_identity"] = identity
 
 
 def _written_in_place(value: Node) -> bool:

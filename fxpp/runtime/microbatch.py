@@ -45,40 +45,13 @@ Note [items per sample]
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 
 from ..errors import StageInputError
+from ..inputs.names import IMAGE, MODALITIES, Modality
 
-
-@dataclass(frozen=True)
-class Modality:
-    """A kind of media item and the inputs that carry it.
-
-    Attributes:
-        name: ``"image"`` or ``"video"``, for messages.
-        token_attrs: config attributes that may hold the placeholder token id.
-        inputs: input names that are per-item or flattened-patch tensors.
-        grid: the input holding each item's ``(t, h, w)`` patch grid, if any.
-    """
-
-    name: str
-    token_attrs: tuple[str, ...]
-    inputs: tuple[str, ...]
-    grid: str | None = None
-
-
-IMAGE = Modality(
-    "image", ("image_token_id", "image_token_index"),
-    ("pixel_values", "image_sizes", "image_grid_thw", "image_position_ids"), grid="image_grid_thw",
-)
-VIDEO = Modality(
-    "video", ("video_token_id", "video_token_index"),
-    ("pixel_values_videos", "video_grid_thw", "video_position_ids"), grid="video_grid_thw",
-)
-MODALITIES = (IMAGE, VIDEO)
 
 # Batch-aligned inputs whose batch is not dim 0: name -> {ndim: batch dim}.
 BATCH_DIM: dict[str, dict[int, int]] = {"position_ids": {3: 1}}

@@ -15,14 +15,13 @@ from torch.fx import GraphModule
 
 
 class SplitModel(Protocol):
-    """An ``fxpp.Pipeline``: the model, its traced graph and its stage modules."""
+    """An ``fxpp.Pipeline``: the model, its traced graph and its stage modules (no rank
+    state: what a rank built is in ``fxpp.runtime.rank_state``)."""
 
     model: torch.nn.Module
     model_graph: GraphModule
     stages: list
     example_inputs: dict[str, Any] | None
-    _runtime_submods: dict  # (index, device) -> the stage's runtime GraphModule
-    _runtime_stages: dict  # built by build_stage on this rank, by index
 
     def build_stage(self, index: int, device, group=None, **kwargs) -> Any: ...
 

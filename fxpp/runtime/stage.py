@@ -8,17 +8,22 @@ runs on CPU with gloo and on CUDA with NCCL (``fxpp.runtime.placement``).
 from __future__ import annotations
 
 import copy
+import weakref
 
 import torch
 import torch.distributed as dist
 from torch.distributed.pipelining import PipelineStage
 
 from ..errors import StageInputError, StageSpecError, TiedWeightError
-from ..layout import HEADER, filler_shape, step_shape, stream_tokens
+from ..inputs.names import stream_tokens
+from ..layout import HEADER, filler_shape, step_shape
+from ..meta import trace_record
+from .checkpoint import load_stage, recompute_non_persistent_buffers
+from .parallel import check_parallel_args, parallelize_stage, resolve_meshes
 from .placement import check_placement
 from .protocols import SplitModel
+from .rank_state import rank_state
 from .ties import LIVE_STAGES, UNSYNCHRONISED, guard_optimizers, tie_exchanges, tied_parameters
-
 
 
 class FxppPipelineStage(PipelineStage):
@@ -137,12 +142,17 @@ def _runtime_submodule(pipe: SplitModel, index: int, device: torch.device, *, ow
     ``keep_meta`` stay on meta (to be sharded first, then allocated: :func:`_allocate`).
     With ``own`` every module is copied: the stage is about to be wrapped in place
     (data parallelism, activation checkpointing), which must not reach the user's model.
-    """
-    from ..transform import StageModule
 
+    The stage is ``pipe.stages[index]`` again over the same graph (not extracted a second
+    time), with its own module tree so that the swaps below leave the user's stage alone:
+    a last stage whose graph returns loss terms returns ``(logits, *loss terms)`` for the
+    schedule's loss (Note [stage outputs]), and a stage that is not the first drops the
+    model inputs a schedule passes to every stage of a rank.
+    """
     source = pipe.stages[index]
-    stage = StageModule.build(pipe.model, pipe.model_graph, source.spec)
-    object.__setattr__(stage, "_fxpp_ignore_model_kwargs", not source.spec.takes_model_inputs)
+    returns_terms = isinstance(next(n for n in source.graph.nodes if n.op == "output").args[0], dict)
+    stage = source.with_fields(output_mode="tuple" if returns_terms else source.output_mode,
+                               ignore_model_kwargs=not source.spec.takes_model_inputs)
     tied_here = set()
     if index == len(pipe.stages) - 1:
         for owners in tied_parameters(pipe):
@@ -162,8 +172,6 @@ def _runtime_submodule(pipe: SplitModel, index: int, device: torch.device, *, ow
             replaced[id(module)] = _copy_to(pipe.model, module, device, keep_meta=keep_meta)
         stage.set_submodule(node.target, replaced[id(module)])
     stage.recompile()
-    if isinstance(next(n for n in stage.graph.nodes if n.op == "output").args[0], dict):
-        stage.output_mode = "tuple"  # (logits, *loss terms) for the schedule's loss (Note [stage outputs])
     return stage
 
 
@@ -184,8 +192,6 @@ def _materialize(pipe: SplitModel, index: int, submodule, checkpoint: str | None
                 "or directory> so the stage loads its own weights"
             )
         return
-    from .checkpoint import load_stage
-
     aliases = {}
     for owners in tied_parameters(pipe):
         if index in owners:
@@ -203,8 +209,6 @@ def _copy_to(model: torch.nn.Module, module: torch.nn.Module, device: torch.devi
 
 def _allocate(model: torch.nn.Module, module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """Give a meta module uninitialised memory on ``device`` (after FSDP2: only the local shards)."""
-    from .checkpoint import recompute_non_persistent_buffers
-
     module.to_empty(device=device)
     recompute_non_persistent_buffers(model, module, device)
     return module
@@ -237,7 +241,7 @@ def _example_args(stage, device: torch.device, batch_seq: tuple[int, int] | None
     (out,) = [n for n in stage.graph.nodes if n.op == "output"]
     result = out.args[0]
     vals = [n.meta["val"] for n in (result.values() if isinstance(result, dict) else [result])]
-    example = stage.meta["fxpp_example_inputs"]
+    example = trace_record(stage).example_inputs
     tokens = stream_tokens(example)
     built = tuple(tokens.shape[:2]) if tokens is not None else tuple(vals[0].shape[:2])
     return inputs, tuple(real(resized(tuple(v.shape), built) or (1,), v.dtype) for v in vals)  # scalars as [1]
@@ -247,9 +251,10 @@ def build_stage(pipe: SplitModel, index: int, device: torch.device | str, group=
                 checkpoint: str | None = None, microbatch: dict | None = None,
                 batch_seq: tuple[int, int] | None = None, dp_mesh=None, data_parallel: str = "fsdp",
                 activation_checkpointing: bool = False) -> FxppPipelineStage:
-    """``pipe.build_stage``: see :meth:`fxpp.Pipeline.build_stage`."""
-    from .parallel import check_parallel_args, parallelize_stage, resolve_meshes
+    """``pipe.build_stage``: see :meth:`fxpp.Pipeline.build_stage`.
 
+    What the rank built is kept in ``fxpp.runtime.rank_state``, not on the pipeline.
+    """
     device = torch.device(device)
     num_stages = len(pipe.stages)
     if not 0 <= index < num_stages:
@@ -266,7 +271,8 @@ def build_stage(pipe: SplitModel, index: int, device: torch.device | str, group=
     if device.type == "cuda" and dist.get_backend(group) == "gloo":
         raise StageSpecError(f"device={device} with the gloo backend: use NCCL for CUDA stages")
     key = (index, str(device))
-    submodule = pipe._runtime_submods.get(key)
+    state = rank_state(pipe)
+    submodule = state.submodules.get(key)
     wrapping = None
     if dp_mesh is not None or activation_checkpointing:
         wrapping = (None if dp_mesh is None else (tuple(dp_mesh.mesh.flatten().tolist()), data_parallel),
@@ -278,14 +284,14 @@ def build_stage(pipe: SplitModel, index: int, device: torch.device | str, group=
         submodule = _runtime_submodule(pipe, index, device, own=wrapping is not None, keep_meta=keep_meta)
         if wrapping is not None:
             # Wrapped once, here, before any PipelineStage sees it; a rebuild for new
-            # shapes finds it in _runtime_submods and reuses it.
+            # shapes finds it in the rank state and reuses it.
             parallelize_stage(submodule, dp_mesh=dp_mesh, data_parallel=data_parallel,
                               activation_checkpointing=activation_checkpointing)
             object.__setattr__(submodule, "_fxpp_wrapping", wrapping)
         if keep_meta:
             _allocate(pipe.model, submodule, device)
         _materialize(pipe, index, submodule, checkpoint)
-        pipe._runtime_submods[key] = submodule
+        state.submodules[key] = submodule
     else:
         done = getattr(submodule, "_fxpp_wrapping", None)
         if wrapping is not None and wrapping != done:
@@ -297,7 +303,7 @@ def build_stage(pipe: SplitModel, index: int, device: torch.device | str, group=
         if checkpoint is not None:
             _materialize(pipe, index, submodule, checkpoint)
     world = dist.get_world_size(group)
-    registry = pipe._runtime_stages
+    registry = state.stages
     if style is None:
         check_placement(set(registry) | {index}, dist.get_rank(group), num_stages, world)
     stage_style = style or ("loop" if num_stages == world else None)
@@ -313,8 +319,13 @@ def build_stage(pipe: SplitModel, index: int, device: torch.device | str, group=
                 "the shapes the pipeline was built for (what crosses the cuts has the encoder's length). Build the "
                 "pipeline with example_inputs of one such microbatch (fxpp.pipeline(model, n, example_inputs=...))")
     else:
+        # The rank state holds this stage and is held for the pipeline's lifetime (a weak
+        # key), so the stage refers to the pipeline weakly: a strong reference would keep
+        # every pipeline that ever built a stage alive.
+        pipe_ref = weakref.ref(pipe)
+
         def rebuild(shape):
-            return build_stage(pipe, index, device, group, style=style, batch_seq=shape, dp_mesh=mesh_arg,
+            return build_stage(_alive(pipe_ref, index), index, device, group, style=style, batch_seq=shape, dp_mesh=mesh_arg,
                                data_parallel=data_parallel, activation_checkpointing=activation_checkpointing)
 
         if batch_seq is None:
@@ -328,7 +339,18 @@ def build_stage(pipe: SplitModel, index: int, device: torch.device | str, group=
     )
     if stage_style is None and any(index in owners for owners in tied_parameters(pipe)):
         # Placement is known once the rank has built all its stages: at the first step.
-        stage._fxpp_pending_ties = lambda: tie_exchanges(pipe, index, submodule, group, check_placement(
-            set(registry), dist.get_rank(group), num_stages, world, complete=True))
+        pipe_ref = weakref.ref(pipe)
+        stage._fxpp_pending_ties = lambda: tie_exchanges(_alive(pipe_ref, index), index, submodule, group,
+                                                         check_placement(set(registry), dist.get_rank(group),
+                                                                         num_stages, world, complete=True))
     registry[index] = stage
     return stage
+
+
+def _alive(pipe_ref: "weakref.ref", index: int) -> SplitModel:
+    """The pipeline a stage was built from; it must outlive the stage's schedule."""
+    pipe = pipe_ref()
+    if pipe is None:
+        raise StageSpecError(f"stage {index}: the fxpp.Pipeline it was built from no longer exists; keep the "
+                             "pipeline (pipe = fxpp.pipeline(...)) alive while its stages run")
+    return pipe

@@ -50,6 +50,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from ..errors import TiedWeightError
 from .placement import stage_ranks
 from .protocols import SplitModel, TiedStage
+from .rank_state import rank_state
 
 
 def tied_parameters(pipe: SplitModel) -> list[dict[int, str]]:
@@ -163,7 +164,7 @@ class _LocalTie:
 def tie_exchanges(pipe: SplitModel, index: int, submodule, group, style: str) -> tuple[list, list]:
     """The tied-weight exchanges stage ``index`` takes part in under ``style`` placement."""
     ranks = stage_ranks(len(pipe.stages), dist.get_world_size(group), style)
-    registry = pipe._runtime_stages
+    registry = rank_state(pipe).stages
     tied, local = [], []
     for owners in tied_parameters(pipe):
         if index not in owners:

@@ -21,13 +21,13 @@ from torch.distributed.pipelining import pipeline as torch_pipeline
 from ..analysis.annotate import info
 from ..errors import UnsupportedModelError
 from ..spec import StageRole, StageSpec
-from ..transform import StageModule
+from ..compile import build_stage_module
 
 
 def with_split_markers(pipe) -> torch.fx.GraphModule:
     """The whole-model graph of ``pipe`` with ``pipe_split()`` before each cut's first layer."""
     n = pipe.layer_ranges[-1].stop
-    full = StageModule.build(pipe.model, pipe.model_graph, StageSpec(StageRole.FULL, range(n), n))
+    full = build_stage_module(pipe.model, pipe.model_graph, StageSpec(StageRole.FULL, range(n), n))
     graph = copy.deepcopy(full.graph)
     starts = {r.start for r in pipe.layer_ranges[1:]}
     for node in list(graph.nodes):

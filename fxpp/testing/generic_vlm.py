@@ -53,8 +53,8 @@ import transformers
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
-from ..trace.example_media import (MERGE_ATTRS, example_media_inputs, int_attr, image_side, is_grid_tower,
-                                   patch_size, placeholder_token_attrs, text_token_ids, vision_config_of)
+from ..inputs.example_media import (MERGE_ATTRS, example_media_inputs, int_attr, image_side, is_grid_tower,
+                                    patch_size, placeholder_token_attrs, text_token_ids, vision_config_of)
 from ..trace.layers import is_encoder_decoder
 from .check import _message, _perturb, make_inputs
 from .tiny import FAMILY_KWARGS, FAMILY_LAYERS, NUM_LAYERS, SHRINK, VOCAB, shrink_kwargs
@@ -296,7 +296,7 @@ def _mrope_sections(text_config, model_type: str = "") -> list[int]:
 
 def generic_inputs(model, seed: int = 0) -> tuple[dict[str, torch.Tensor], str]:
     """Inputs with one image per row and a left-padded row 0 (kind ``VLM``: the example
-    images fxpp itself makes, ``fxpp.trace.example_media``, with another seed), or text
+    images fxpp itself makes, ``fxpp.inputs.example_media``, with another seed), or text
     inputs (kind ``text``: no vision tower)."""
     if vision_config_of(model) is None:
         return {**make_inputs(seed=seed), **decoder_inputs(model, seed)}, "text"

@@ -88,7 +88,7 @@ COMMAND = "python -m fxpp.sweep --write-docs"
 
 def causal_cases(model: torch.nn.Module, seed: int = 0) -> list[Case]:
     """The input cases of :data:`INPUT_CASES` for ``model`` (see the module docstring)."""
-    from ..transform import forward_parameters
+    from ..inputs import forward_parameters
 
     params, name = forward_parameters(model), type(model).__name__
     ids = make_inputs(2, 12, seed=seed)["input_ids"]

@@ -3,7 +3,7 @@
 For every ``model_type`` in ``MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES`` the sweep
 builds a tiny model and inputs with real image tokens, builds ONE 2-stage pipeline
 (``cuts=[1]``) without example inputs (the default signature holds the media inputs:
-fxpp makes its own example images, ``fxpp.trace.example_media``), and calls it with
+fxpp makes its own example images, ``fxpp.inputs.example_media``), and calls it with
 every case of :data:`VLM_CASES`, each compared
 with the unpatched training forward ``model(**case, use_cache=False)`` on the same
 inputs: logits and every parameter gradient, the vision tower's included (the causal
@@ -58,7 +58,7 @@ import torch
 import transformers
 
 from ..trace import find_decoder_layers
-from ..trace.example_media import NoExampleMedia, token_companions
+from ..inputs.example_media import NoExampleMedia, token_companions
 from .check import (ATOL, Case, CaseResult, SweepResult, SweepTimeout, _deadline, _message, _needs,
                     check_pipeline, packed_positions, reference_cases, settle, sweep_families)
 from .generic_vlm import NotBuilt, decoder_inputs, generic_inputs, generic_model, text_ids, vlm_families
@@ -110,7 +110,7 @@ def vlm_cases(model, kind: str, inputs: dict[str, torch.Tensor]) -> list[Case]:
     """The cases of :data:`VLM_CASES` for ``model``: ``inputs`` with images (kind ``VLM``),
     text with a padding mask and no media, token ids only, token ids with packed-document
     position ids."""
-    from ..transform import forward_parameters
+    from ..inputs import forward_parameters
 
     params, name = forward_parameters(model), type(model).__name__
     images = Case("images", inputs) if kind == "VLM" else Case(
@@ -264,7 +264,7 @@ def markdown(results, command: str = COMMAND) -> str:
         f"Every family of transformers {transformers.__version__}'s `MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES` "
         f"(torch {torch.__version__}), {NUM_LAYERS} decoder layers, split into 2 stages with `cuts=[1]` once, "
         "without example inputs: the default signature holds the media inputs, traced with example images fxpp "
-        "makes itself (`fxpp.trace.example_media`). That one pipeline is called with each input case "
+        "makes itself (`fxpp.inputs.example_media`). That one pipeline is called with each input case "
         "and compared with the unpatched training forward `model(**case, use_cache=False)` on the same inputs: "
         "logits and every parameter gradient (vision tower included), "
         f"`atol=rtol={ATOL:g}`. Cases: **images** — a batch of 2 rows with one image each (tokens, padding "

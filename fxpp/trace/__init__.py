@@ -23,7 +23,6 @@ that receives it:
 ``model_state``: the user's model, left as it was.
 ``patching``: helpers, constructors and opaque functions patched while tracing.
 ``driver``: ``trace_model``, the entry point.
-``unused_inputs``: every input a caller gives must reach the graph's output.
 
 transformers 5 dropped ``transformers.utils.fx``; this is fxpp's replacement. It
 traces a model's forward (and the forward of every module on the path from the root
@@ -105,7 +104,6 @@ from .driver import TRACE_KWARGS, select_output, trace_model
 from .layers import find_decoder_layers, trace_path
 from .targets import MASK_SHAPE_ONLY_KWARGS, is_check_function, is_inplace_method, is_mask_builder
 from .tracer import HFTracer, UntraceableCode
-from .unused_inputs import reject_unconsumed_inputs, unconsumed_inputs
 from .wrappers import unwrap_forward
 
 __all__ = [
@@ -117,10 +115,8 @@ __all__ = [
     "is_check_function",
     "is_inplace_method",
     "is_mask_builder",
-    "reject_unconsumed_inputs",
     "select_output",
     "trace_model",
     "trace_path",
-    "unconsumed_inputs",
     "unwrap_forward",
 ]

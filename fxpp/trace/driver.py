@@ -28,7 +28,7 @@ def select_output(out: Any) -> Any:
 
     Where the forward also computes losses (an auxiliary ``aux_loss`` of router logits,
     or ``loss`` when labels are inputs), a dict ``{"logits": ..., <loss terms>}`` in the
-    output's order; ``fxpp.transform.StageModule`` decides what a call returns.
+    output's order; ``fxpp.stage_module.StageModule`` decides what a call returns.
     """
     if isinstance(out, collections.abc.Mapping):
         terms = {k: v for k, v in out.items() if is_loss_term(k) and v is not None}

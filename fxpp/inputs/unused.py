@@ -31,23 +31,33 @@ does, so ignoring them changes nothing:
   "vision"``). The price: a trace that wrongly dropped them elsewhere (Qwen3-VL's
   ``get_rope_index``) would not be caught here.
 
-Also accepted, by the door rather than here (``fxpp.transform.ignored_by_the_model``,
-which runs the model): an unconsumed input whose changes leave the unpatched model's
+Also accepted, after running the model (:func:`ignored_by_the_model`): an unconsumed input whose changes leave the unpatched model's
 logits bit-identical on the example inputs, so the model itself takes it and ignores it
 (GraniteMoeHybrid without rotary embeddings and ``position_ids``). A lost input that the
 model does read moves its logits and is still refused.
 
-These are pure functions of the graph: they read it and raise, nothing else.
+Media inputs given to a model without a vision or audio path would only reach
+``**kwargs``: :func:`reject_media_without_path` refuses them by name.
+
+All but :func:`ignored_by_the_model` (which runs the model, never the tracer) are pure
+functions of the graph: they read it and raise, nothing else.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
+import torch
 import torch.fx
 
 from .. import ops
 from ..errors import StageInputError
+# The model's training forward, run as the tracer runs it (Note [inputs below trace] in fxpp.inputs).
+from ..trace.driver import TRACE_KWARGS, select_output
+from ..trace.model_state import model_unchanged
+from .names import is_media_input
+from .signature import forward_parameters
 
 
 # Guards whose check is a use of the value: the branch the forward took on a mask builder's
@@ -118,3 +128,62 @@ def reject_unconsumed_inputs(model_class_name: str, gm: torch.fx.GraphModule, gi
         f"{model_class_name}.forward: an argument it accepts but never reads, or one that only reaches **kwargs); "
         "if the unpatched model does use it, the trace lost it, which is a bug in fxpp to report"
     )
+
+
+def _perturbations(value: torch.Tensor) -> list[torch.Tensor]:
+    """Other values of an input, each a change any model that reads it would see: the
+    values reversed along the sequence, and a constant (zeros for ids and positions,
+    the value plus one for floats)."""
+    other = torch.zeros_like(value) if not value.is_floating_point() else value + 1
+    return [value.flip(-1), other]
+
+
+def ignored_by_the_model(model: torch.nn.Module, inputs: dict[str, Any], names: list[str]) -> set[str]:
+    """The inputs of ``names`` (unconsumed by the traced graph) that the unpatched model
+    ignores as well: its training forward gives bit-identical logits when the input is
+    changed (:func:`_perturbations`) on the example inputs.
+
+    The graph not reading an input is the tracer's fault when the model does read it
+    (a lost renaming decorator: Fuyu's ``image_patches``), and then the logits move;
+    when they do not move for two different changes, the model itself takes the input
+    and ignores it (GraniteMoeHybrid without rotary embeddings ignores ``position_ids``;
+    its masks do not read them either). Not checkable on the meta device or without
+    real example values: such inputs stay unconsumed and the build refuses them.
+    """
+    candidates = [n for n in names if isinstance(inputs.get(n), torch.Tensor) and inputs[n].numel()]
+    if not candidates or any(p.is_meta for p in model.parameters()):
+        return set()
+    if any(isinstance(v, torch.Tensor) and v.is_meta for v in inputs.values()):
+        return set()
+
+    def logits(call_inputs):
+        # the same random stream for every call: dropout in train mode is not a change
+        with torch.random.fork_rng(devices=[]), torch.no_grad(), model_unchanged(model):
+            torch.manual_seed(0)
+            return select_output(model(**call_inputs, **TRACE_KWARGS))
+
+    ignored = set()
+    base = logits(inputs)
+    for name in candidates:
+        if all(torch.equal(base, logits({**inputs, name: other})) for other in _perturbations(inputs[name])):
+            ignored.add(name)
+    return ignored
+
+
+def reject_media_without_path(model: torch.nn.Module, gm: torch.fx.GraphModule) -> None:
+    """Image or audio inputs given to a model without that modality would only reach
+    ``**kwargs`` and be dropped; that is a mistake to report, not to ignore.
+
+    Raises:
+        StageInputError: a media input reached the graph of a model without a vision or audio path.
+    """
+    named = forward_parameters(model)
+    config = model.config
+    has_media = any(getattr(config, k, None) is not None for k in ("vision_config", "audio_config"))
+    ignored = [n.target for n in gm.graph.nodes if n.op == "placeholder" and n.target not in named
+               and is_media_input(n.target)]
+    if ignored and not has_media:
+        raise StageInputError(
+            f"{type(model).__name__}.forward does not use input(s) {ignored}: it has no vision or audio path, so "
+            "they would only reach **kwargs. Image and audio inputs go to vision-language models"
+        )

@@ -45,32 +45,24 @@ import math
 from typing import Callable
 
 import torch
+from transformers import PreTrainedConfig
 
-from .layers import is_encoder_decoder
-from .model_state import model_device, model_unchanged
+# The model's own code is run here (get_image_features, its forward), never the tracer;
+# these are the trace room's model helpers (Note [inputs below trace] in fxpp.inputs).
+from ..trace.driver import TRACE_KWARGS
+from ..trace.layers import is_encoder_decoder
+from ..trace.model_state import model_device, model_unchanged
+from .names import IMAGE_TOKEN_ATTRS, VIDEO_TOKEN_ATTRS
 
-IMAGE_TOKEN_ATTRS = ("image_token_id", "image_token_index")
-VIDEO_TOKEN_ATTRS = ("video_token_id", "video_token_index")  # placeholders of video-only models
 # merge (pixel-shuffle) factor of grid-style vision towers, under its various names
 MERGE_ATTRS = ("spatial_merge_size", "merge_size", "merge_kernel_size", "adapter_merge_size")
 TEMPORAL_ATTRS = ("temporal_patch_size", "patch_temporal")
-MEDIA_PREFIXES = ("pixel_values", "image_", "video_", "audio_", "input_features", "flattened_patches")
 SEQ_TEXT = 6  # text tokens around the image tokens of each row
 MAX_IMAGE_TOKENS = 4096  # an example image that becomes more tokens than this is not a useful example
 
 
 class NoExampleMedia(Exception):
     """No example media could be made for the model; the message says why."""
-
-
-def is_media_input(name: str) -> bool:
-    """Whether an input name is an image, video or audio input (or one of their companions)."""
-    return name.startswith(MEDIA_PREFIXES)
-
-
-def media_inputs_of(params: set[str] | list[str]) -> list[str]:
-    """The forward parameters that carry media, in a fixed order."""
-    return sorted(p for p in params if is_media_input(p))
 
 
 def patch_size(vision) -> int:
@@ -136,8 +128,6 @@ def placeholder_token_attrs(config) -> list[str]:
 def special_token_ids(config, depth: int = 3) -> set[int]:
     """Every token id a config names (``*_token_id``, ``*_token_index``, ``*_token_ids``),
     its sub-configs' included: what text tokens of an example must not be."""
-    from transformers import PreTrainedConfig
-
     found: set[int] = set()
     for name, value in vars(config).items():
         if isinstance(value, PreTrainedConfig) and depth:
@@ -170,7 +160,7 @@ def embeds_raw_patches(model) -> bool:
 
 def token_companions(ids: torch.Tensor, forward_params: set[str]) -> dict[str, torch.Tensor]:
     """Example inputs aligned with token ids ``[B, S]`` that the forward reads beside
-    them (``fxpp.layout.TOKEN_COMPANIONS``): a document-layout model's ``bbox`` (UDOP),
+    them (``fxpp.inputs.names.TOKEN_COMPANIONS``): a document-layout model's ``bbox`` (UDOP),
     each token's box ``(x0, y0, x1, y1)`` in ``[0, 1]``, left to right along a line,
     ``[B, S, 4]``. Empty for other models."""
     if "bbox" not in forward_params:
@@ -386,8 +376,6 @@ def _first_that_runs(model, device, forward_params: set[str], candidates: list[d
     """Text inputs (where the forward takes ``input_ids``; an encoder-decoder model's
     decoder tokens where it takes them) with the first image layout the model's whole
     forward accepts."""
-    from .driver import TRACE_KWARGS
-
     if not decoder and is_encoder_decoder(model):
         decoder = {"decoder_input_ids": text_token_ids(model.config, batch, SEQ_TEXT, g)}
 
