@@ -89,6 +89,11 @@ def _run(args) -> int:
                   f"{'MATCH' if ok else 'MISMATCH'}")
             if not ok:
                 return 1
+        if result.get("reference_grad_norms"):
+            pairs = list(zip(result["grad_norms"], result["reference_grad_norms"]))
+            diff = max(abs(a - b) / max(b, 1e-12) for a, b in pairs)
+            print(f"gradient norm vs the unpatched model: max relative diff {diff:.2e}: "
+                  f"{'MATCH' if diff <= 1e-3 else 'MISMATCH'}")
         if result.get("reference_val_losses"):
             diff = max(abs(a[1] - b[1]) for a, b in zip(result["val_losses"], result["reference_val_losses"]))
             print(f"validation loss vs the unpatched model: max |diff| {diff:.2e}: {'MATCH' if diff <= 1e-3 else 'MISMATCH'}")

@@ -25,6 +25,7 @@ import shutil
 import torch
 import torch.distributed as dist
 from safetensors import safe_open
+from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
 from ..errors import CheckpointError, SaveDirError
@@ -248,6 +249,29 @@ def whole_tensors(directory: str) -> dict[str, torch.Tensor]:
     return out
 
 
+def export_adapter(state: dict, tensors: dict[str, torch.Tensor], out_dir: str) -> None:
+    """A LoRA run's adapters as a PEFT adapter folder (``PeftModel.from_pretrained(base, out_dir)``).
+
+    The stage tensors carry PEFT's module names (``...q_proj.lora_A.default.weight``); an
+    adapter file names them without the adapter (``...q_proj.lora_A.weight``), as
+    ``peft.get_peft_model_state_dict`` writes them. The target modules are the ones the
+    saved adapters sit on.
+    """
+    from peft import LoraConfig  # optional extra: only a LoRA run's export needs it
+
+    settings = state["settings"]
+    adapter = {k.replace(".default.", "."): v.contiguous() for k, v in tensors.items() if ".lora_" in k}
+    if not adapter:
+        raise CheckpointError(f"the save of step {state['step']} holds no LoRA adapter tensors (lora_A / lora_B)")
+    targets = sorted({k.split(".lora_A")[0].rsplit(".", 1)[-1] for k in adapter if ".lora_A" in k})
+    kwargs = {"lora_alpha": settings["lora_alpha"]} if settings.get("lora_alpha") is not None else {}
+    config = LoraConfig(r=settings["lora_rank"], target_modules=targets, task_type="CAUSAL_LM", **kwargs)
+    config.base_model_name_or_path = settings["model"]
+    os.makedirs(out_dir, exist_ok=True)
+    save_file(adapter, os.path.join(out_dir, "adapter_model.safetensors"), metadata={"format": "pt"})
+    config.save_pretrained(out_dir)
+
+
 def export(save_dir: str, out_dir: str, step: int | None = None, max_shard_size: str = "5GB") -> int:
     """Write a Hugging Face checkpoint directory from a save: config, tokenizer, sharded safetensors.
 
@@ -265,7 +289,14 @@ def export(save_dir: str, out_dir: str, step: int | None = None, max_shard_size:
     """
     state = read_state(save_dir, step)
     tensors = whole_tensors(step_dir(save_dir, state["step"]))
+    if state["settings"].get("lora_rank"):
+        export_adapter(state, tensors, out_dir)
+        return state["step"]
     config = load_config(save_dir)
+    dtype = getattr(config, "dtype", None)
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    if isinstance(dtype, torch.dtype):  # the checkpoint's own dtype; the save holds the master dtype
+        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     # Every key of the model, nothing else, right shapes (a tied lm_head.weight may be absent).

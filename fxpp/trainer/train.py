@@ -275,7 +275,7 @@ def run_rank(rank: int, world: int, cfg: RunConfig) -> dict:
     writes = holds_last and dp_rank == 0
     metrics = MetricsLog(cfg.metrics_path if writes else None)
     val = validation_batches(cfg) if cfg.val_data else []
-    step_loss, shares, times, memory, val_losses = _StepLoss(), [], [], [], []
+    step_loss, shares, norms, times, memory, val_losses = _StepLoss(), [], [], [], [], []
     schedule = make_schedule(cfg.schedule, stages, cfg.microbatches, step_loss)
     bar = None
     if writes and cfg.progress:
@@ -291,6 +291,7 @@ def run_rank(rank: int, world: int, cfg: RunConfig) -> dict:
         opt.zero_grad(set_to_none=True)
         schedule.step(**batch, target=labels, losses=losses)
         grad_norm = clip_grad_norm_(schedule.stages, cfg.max_grad_norm or float("inf"))
+        norms.append(grad_norm.reshape(1))  # a device value: read when logged and at the end
         lr = lr_sched.get_last_lr()[0]
         opt.step()
         lr_sched.step()
@@ -329,10 +330,12 @@ def run_rank(rank: int, world: int, cfg: RunConfig) -> dict:
               "memory": memory, "device": str(device)}
     if writes:
         result["losses"] = losses_per_step
+        result["grad_norms"] = [float(v) for v in torch.cat(norms).tolist()]
         result["val_losses"] = val_losses
         if cfg.checks():
             reference = reference_run(cfg, synthetic_batches(cfg, vocab), device, val)
             result["reference_losses"] = reference["losses"][start:]
+            result["reference_grad_norms"] = reference["grad_norms"][start:]
             result["reference_val_losses"] = [v for v in reference["val_losses"] if v[0] > start]
     return result
 
@@ -399,7 +402,7 @@ def reference_run(cfg: RunConfig, batches, device, val=()) -> dict:
     opt, sched = make_optimizer(cfg, list(model.named_parameters()), [model])
     mixed = cfg.compute_dtype(device) == "bf16" and dtype == torch.float32
     compute = _bf16_copy(model) if mixed else model
-    out = {"losses": [], "val_losses": []}
+    out = {"losses": [], "grad_norms": [], "val_losses": []}
     for step, batch in enumerate(batches):
         batch, labels = split_labels({k: v.to(device) for k, v in batch.items()})
         opt.zero_grad(set_to_none=True)
@@ -411,8 +414,8 @@ def reference_run(cfg: RunConfig, batches, device, val=()) -> dict:
             for p, c in zip(model.parameters(), compute.parameters()):
                 p.grad = None if c.grad is None else c.grad.float()
                 c.grad = None
-        if cfg.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], cfg.max_grad_norm)
+        grads = [p for p in model.parameters() if p.grad is not None]
+        out["grad_norms"].append(float(torch.nn.utils.clip_grad_norm_(grads, cfg.max_grad_norm or float("inf"))))
         opt.step()
         sched.step()
         out["losses"].append(float(loss.detach()))
