@@ -16,7 +16,7 @@ from .pipeline import Pipeline, pipeline
 from .runtime.loss import CausalLMLoss, causal_lm_loss, count_target_tokens
 from .runtime.microbatch import split_microbatches
 from .runtime.optim import clip_grad_norm_, lr_scheduler
-from .runtime.parallel import pp_dp_mesh
+from .runtime.parallel import local_batch, pp_dp_mesh
 from .runtime.placement import stage_ids_of_rank as _stage_ids_of_rank
 from .runtime.schedule import PipelineSchedule, step_with_microbatches
 from .spec import StageRole
@@ -56,6 +56,7 @@ __all__ = [
     "count_target_tokens",
     "lr_scheduler",
     "pipeline",
+    "local_batch",
     "pp_dp_mesh",
     "schedule",
     "split_microbatches",

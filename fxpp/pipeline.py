@@ -112,6 +112,7 @@ class Pipeline:
 
     def build_stage(self, index: int, device, group=None, *, style: str | None = None, checkpoint: str | None = None,
                     microbatch: dict | None = None, dp_mesh=None, data_parallel: str = "fsdp",
+                    mesh=None, mixed_precision: str | None = None, mp_policy=None,
                     activation_checkpointing: bool = False):
         """Stage ``index`` as a ``torch.distributed.pipelining.PipelineStage``.
 
@@ -144,6 +145,13 @@ class Pipeline:
             data_parallel: ``"fsdp"`` (FSDP2 ``fully_shard`` on each decoder layer and
                 on the stage) or ``"replicate"`` (the same with FSDP2's ``replicate``:
                 DDP-style full copies). Only with ``dp_mesh``.
+            mesh: the ``("pp", "dp")`` device mesh (``fxpp.pp_dp_mesh``); the same as
+                ``dp_mesh=`` (its older spelling).
+            mixed_precision: ``"bf16"``: fp32 master parameters and optimizer state,
+                bf16 compute and cut messages, fp32 gradient reduction (FSDP2's
+                ``MixedPrecisionPolicy``; Note [mixed precision] in
+                ``fxpp.runtime.parallel``); ``None`` or ``"fp32"``: no casting.
+            mp_policy: a full ``MixedPrecisionPolicy`` instead of ``mixed_precision``.
             activation_checkpointing: recompute each decoder layer's activations in
                 the backward (torch's composable ``checkpoint``; parameter names
                 unchanged, gradients identical).
@@ -161,7 +169,8 @@ class Pipeline:
         """
         return build_stage(self, index, device, group, style=style, checkpoint=checkpoint, microbatch=microbatch,
                            dp_mesh=dp_mesh, data_parallel=data_parallel,
-                           activation_checkpointing=activation_checkpointing)
+                           activation_checkpointing=activation_checkpointing, mesh=mesh,
+                           mixed_precision=mixed_precision, mp_policy=mp_policy)
 
 
 def pipeline(

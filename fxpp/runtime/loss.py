@@ -102,7 +102,7 @@ def count_target_tokens(labels: torch.Tensor, ignore_index: int = -100) -> int:
 
 
 def causal_lm_loss(labels: torch.Tensor, num_microbatches: int, *, scale_grads: bool = True, ignore_index: int = -100,
-                   model: torch.nn.Module | None = None, dp_mesh=None) -> CausalLMLoss:
+                   model: torch.nn.Module | None = None, dp_mesh=None, mesh=None) -> CausalLMLoss:
     """A :class:`CausalLMLoss` for the whole batch's ``labels``.
 
     With ``model`` whose config sets ``output_router_logits``, the loss also adds the
@@ -113,7 +113,12 @@ def causal_lm_loss(labels: torch.Tensor, num_microbatches: int, *, scale_grads: 
     or its ``mesh["dp"]``), ``labels`` are this dp replica's part of the global batch;
     the target tokens of the global batch are counted with one all-reduce over dp, so
     every rank of the dp mesh must call this (Note [pipeline x data parallel]).
+    ``mesh`` is the same as ``dp_mesh`` (the spelling ``build_stage`` takes).
     """
+    if mesh is not None:
+        if dp_mesh is not None:
+            raise LossConfigError("pass mesh= or dp_mesh=, not both")
+        dp_mesh = mesh
     coef = router_aux_loss_coef(model) if model is not None else None
     count = global_target_tokens(count_target_tokens(labels, ignore_index), dp_mesh)
     return CausalLMLoss(count, num_microbatches, scale_grads=scale_grads, ignore_index=ignore_index,

@@ -49,6 +49,22 @@ Note [pipeline x data parallel]
     microbatch's loss by ``M * dp``, so gradients equal the unpatched model's on the
     global batch whatever the padding.
 
+Note [mixed precision]
+    ``mixed_precision="bf16"`` is FSDP2's ``MixedPrecisionPolicy(param_dtype=bf16,
+    reduce_dtype=fp32)`` on every wrapped module of the stage (torchtitan's default): the
+    parameters and the optimizer state stay fp32 (the sharded masters), FSDP2 casts them
+    to bf16 when it all-gathers them for compute, each backward's bf16 gradients are
+    upcast and accumulated in fp32 over the step's microbatches
+    (``unsharded_accumulated_grad``), and reduced over dp in fp32. Without a dp mesh the
+    stage is wrapped over a mesh of its own rank alone (:func:`single_rank_mesh`), as
+    torchtitan does, so the same policy applies; nothing is cast by hand. Buffers keep
+    their dtype (rotary ``inv_freq`` stays fp32, as in the model). What crosses a cut is
+    computed in bf16, so its floating slots are bf16 (``_example_args``): half the
+    bytes per message. A value the model computes in another dtype than its parameters'
+    would not fit its slot; the sender names it (``check_sent_shapes``), and the
+    schedule's first step refuses stages built with different compute dtypes on every
+    rank (``fxpp.runtime.schedule``).
+
 Note [activation checkpointing]
     ``activation_checkpointing=True`` makes each decoder layer of the stage recompute
     its activations in the backward: the layer instance's ``forward`` is replaced by
@@ -78,7 +94,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed._composable.replicate_with_fsdp import replicate
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint
 
 from ..analysis.annotate import is_decoder_layer
@@ -190,8 +206,46 @@ def decoder_layer_modules(submodule: torch.nn.Module) -> list[tuple[str, torch.n
     return layers
 
 
+MIXED_PRECISION = ("fp32", "bf16")
+
+
+def mixed_precision_policy(mixed_precision: str | None, mp_policy: MixedPrecisionPolicy | None = None):
+    """FSDP2's ``MixedPrecisionPolicy`` for ``mixed_precision`` (Note [mixed precision]), or None for fp32.
+
+    Raises:
+        StageSpecError: an unknown name, or both a name and a policy.
+    """
+    if mp_policy is not None:
+        if mixed_precision is not None:
+            raise StageSpecError("pass mixed_precision= or mp_policy=, not both")
+        if not isinstance(mp_policy, MixedPrecisionPolicy):
+            raise StageSpecError(f"mp_policy={mp_policy!r} must be a torch.distributed.fsdp.MixedPrecisionPolicy")
+        return mp_policy
+    if mixed_precision not in (None, *MIXED_PRECISION):
+        raise StageSpecError(f"mixed_precision={mixed_precision!r} must be one of {MIXED_PRECISION} (or None: fp32)")
+    if mixed_precision == "bf16":
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return None
+
+
+_SINGLE_RANK_MESHES: dict = {}
+
+
+def single_rank_mesh(device: torch.device) -> DeviceMesh:
+    """A 1-D ``("dp",)`` mesh of this rank alone: FSDP2 then applies a mixed-precision policy without data parallelism.
+
+    Made once per process and device type, with a process group only this rank joins
+    (``use_local_synchronization``: no other rank takes part in creating it).
+    """
+    key = (dist.get_rank(), device.type)
+    if key not in _SINGLE_RANK_MESHES:
+        group = dist.new_group([dist.get_rank()], use_local_synchronization=True)
+        _SINGLE_RANK_MESHES[key] = DeviceMesh.from_group(group, device.type, mesh_dim_names=("dp",))
+    return _SINGLE_RANK_MESHES[key]
+
+
 def parallelize_stage(submodule: torch.nn.Module, *, dp_mesh=None, data_parallel: str = "fsdp",
-                      activation_checkpointing: bool = False) -> None:
+                      activation_checkpointing: bool = False, mp_policy: MixedPrecisionPolicy | None = None) -> None:
     """Wrap a stage's ``GraphModule`` in place, once (Note [pipeline x data parallel]).
 
     Order matters and is torchtitan's: activation checkpointing on each decoder layer,
@@ -218,14 +272,16 @@ def parallelize_stage(submodule: torch.nn.Module, *, dp_mesh=None, data_parallel
         # for each backward (torchtitan turns it off when pipeline parallelism is on).
         # The runtime schedules (Interleaved1F1B, ZBV, ...) unshard and reshard stages
         # explicitly around their compute anyway.
+        policy = {} if mp_policy is None else {"mp_policy": mp_policy}
         for _, layer in layers:
-            fully_shard(layer, mesh=dp_mesh, reshard_after_forward=False)
-        fully_shard(submodule, mesh=dp_mesh, reshard_after_forward=False)
+            fully_shard(layer, mesh=dp_mesh, reshard_after_forward=False, **policy)
+        fully_shard(submodule, mesh=dp_mesh, reshard_after_forward=False, **policy)
     else:
         # One all-reduce per decoder layer and one for the rest, like DDP's buckets.
+        policy = {} if mp_policy is None else {"mp_policy": mp_policy}
         for _, layer in layers:
-            replicate(layer, mesh=dp_mesh)
-        replicate(submodule, mesh=dp_mesh)
+            replicate(layer, mesh=dp_mesh, **policy)
+        replicate(submodule, mesh=dp_mesh, **policy)
 
 
 def checkpoint_layer(layer: torch.nn.Module) -> None:

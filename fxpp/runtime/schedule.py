@@ -37,6 +37,9 @@ def schedule_class(name_or_class):
     return cls
 
 
+_DTYPE_CODES = {None: 0, torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}
+
+
 class PipelineSchedule:
     """A ``torch.distributed.pipelining`` schedule over this rank's fxpp stages.
 
@@ -64,6 +67,7 @@ class PipelineSchedule:
         self.n_microbatches = n_microbatches
         self.loss_fn = loss_fn
         self._kwargs = kwargs
+        self._dtype_agreed = False
         self.torch_schedule = self._make()
 
     def _make(self):
@@ -75,13 +79,45 @@ class PipelineSchedule:
         return self._cls(self.stages, n_microbatches=self.n_microbatches, loss_fn=self.loss_fn, **self._kwargs)
 
     def step(self, *args, target=None, losses=None, **kwargs):
-        shape = step_shape(kwargs)
-        if shape is not None:
-            shape = (-(-shape[0] // self.n_microbatches), *shape[1:])
-        self._follow_shapes(shape)
+        self._before_step(kwargs)
         result = self.torch_schedule.step(*args, target=target, losses=losses, **kwargs)
         finish_step(self.stages)
         return result
+
+    def eval(self, *args, target=None, losses=None, **kwargs):
+        """Forward only over the microbatches (torch's ``eval``), the losses in ``losses``; no gradients."""
+        self._before_step(kwargs)
+        with torch.no_grad():
+            return self.torch_schedule.eval(*args, target=target, losses=losses, **kwargs)
+
+    def _before_step(self, kwargs: dict) -> None:
+        shape = step_shape(kwargs)
+        if shape is not None:
+            shape = (-(-shape[0] // self.n_microbatches), *shape[1:])
+        if not self._dtype_agreed:
+            self._agree_compute_dtype()
+        self._follow_shapes(shape)
+
+    def _agree_compute_dtype(self) -> None:
+        """Every rank of the pipeline computes in one dtype (the cut slots' dtype), or every rank refuses.
+
+        Once, at the first step: one all-reduce of ``[code, -code]`` (MAX) over the
+        pipeline group tells every rank the largest and smallest code of any rank.
+        """
+        codes = {getattr(s, "compute_dtype", None) for s in self.stages}
+        mine = _DTYPE_CODES.get(codes.pop(), 0) if len(codes) == 1 else -1
+        stage = self.stages[0]
+        both = torch.tensor([mine, -mine], dtype=torch.int64, device=stage.device)
+        if dist.get_world_size(stage.group) > 1:
+            dist.all_reduce(both, op=dist.ReduceOp.MAX, group=stage.group)
+        high, low = int(both[0]), -int(both[1])
+        if high != low:
+            names = {code: str(dtype) for dtype, code in _DTYPE_CODES.items()}
+            raise StageInputError(
+                f"the stages of this pipeline compute in different dtypes ({names.get(low, 'mixed')} and "
+                f"{names.get(high, 'mixed')}): what crosses a cut is sent in the sender's compute dtype and received "
+                "in the receiver's. Build every stage with the same mixed_precision (or mp_policy)")
+        self._dtype_agreed = True
 
     def step_microbatches(self, microbatches, targets=None, losses=None, *, return_outputs: bool = False):
         """One step on microbatches split beforehand (see :func:`fxpp.step_with_microbatches`)."""
@@ -91,6 +127,8 @@ class PipelineSchedule:
             # microbatches of other sizes in one step: the metadata fits none of them all,
             # and every rank must hear it (a refusal, below), not only this one
             shape = shapes.pop() if len(shapes) == 1 else (_MIXED_SIZES,) * len(step_shape(microbatches[0]) or (0, 0))
+        if not self._dtype_agreed:
+            self._agree_compute_dtype()
         self._follow_shapes(shape)
         result = run_microbatches(self.torch_schedule, microbatches, targets, losses, return_outputs=return_outputs)
         finish_step(self.stages)

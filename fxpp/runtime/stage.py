@@ -19,7 +19,8 @@ from ..inputs.names import stream_tokens
 from ..layout import HEADER, filler_shape, step_shape
 from ..meta import trace_record
 from .checkpoint import load_stage, recompute_non_persistent_buffers
-from .parallel import check_parallel_args, parallelize_stage, resolve_meshes
+from .parallel import (check_parallel_args, mixed_precision_policy, parallelize_stage, resolve_meshes,
+                       single_rank_mesh)
 from .placement import check_placement
 from .protocols import SplitModel
 from .rank_state import rank_state
@@ -30,14 +31,16 @@ class FxppPipelineStage(PipelineStage):
     """A PipelineStage that knows its tied weights (Note [tied-weight sync]) and can be rebuilt for new shapes."""
 
     def __init__(self, *args, tied: list = (), local_partners: list = (), sends: list = (), rebuild=None,
-                 batch_seq: tuple[int, int] | None = None, tie_copies: frozenset = frozenset(), **kwargs):
+                 batch_seq: tuple[int, int] | None = None, tie_copies: frozenset = frozenset(),
+                 compute_dtype: torch.dtype | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.compute_dtype = compute_dtype  # the dtype floating values cross the cuts in (None: as traced)
         self.tie_copies = frozenset(tie_copies)  # names of this stage's copies of weights an earlier stage owns
         self._fxpp_ties = list(tied) + list(local_partners or [])
         self._fxpp_pending_ties = None  # resolved at the first step when the placement was inferred
         self._fxpp_owed = False  # a backward ran this step, exchange not yet done
         self._fxpp_grad_before: dict = {}
-        self._fxpp_sends = list(sends)  # (what, shape) of each tensor sent to the next stage
+        self._fxpp_sends = list(sends)  # (what, shape, dtype) of each tensor sent to the next stage
         self._fxpp_rebuild = rebuild  # (batch, seq) -> a stage with those static shapes; None: shapes fixed
         self._fxpp_batch_seq = batch_seq
         LIVE_STAGES.add(self)
@@ -111,18 +114,25 @@ class FxppPipelineStage(PipelineStage):
         super().clear_runtime_states()
 
 
-def check_sent_shapes(stage_index: int, microbatch: int, outputs, sends: list[tuple[str, tuple]]) -> None:
-    """Every tensor a stage sends must have the shape the receive buffers were made for.
+def check_sent_shapes(stage_index: int, microbatch: int, outputs, sends: list[tuple[str, tuple, torch.dtype]]) -> None:
+    """Every tensor a stage sends must have the shape and dtype the receive buffers were made for.
 
-    A point-to-point receive into a buffer of another size fails far from the cause,
-    on the other rank, or reads a wrong value; so the sender checks (shapes only, no
-    communication) and names the value.
+    A point-to-point receive into a buffer of another size or dtype fails far from the
+    cause, on the other rank, or reads a wrong value (bf16 bits read as half of an fp32
+    buffer); so the sender checks (no communication) and names the value.
 
     Raises:
-        StageInputError: a sent tensor's shape differs from the example microbatch's.
+        StageInputError: a sent tensor's shape differs from the example microbatch's, or
+            its dtype from the slot's (the compute dtype for floating values).
     """
     outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
-    for (what, expected), tensor in zip(sends, outputs):
+    for (what, expected, dtype), tensor in zip(sends, outputs):
+        if tensor.dtype != dtype:
+            raise StageInputError(
+                f"stage {stage_index}, microbatch {microbatch}: sends {what} as {tensor.dtype}, but its slot is "
+                f"{dtype} (floating values cross the cuts in the stage's compute dtype, mixed_precision). A value "
+                "the model computes in another dtype than its parameters' cannot cross this cut: build the stages "
+                "without mixed_precision, or cut elsewhere (fxpp.pipeline(..., cuts=[...]))")
         if tuple(tensor.shape) != tuple(expected):
             raise StageInputError(
                 f"stage {stage_index}, microbatch {microbatch}: sends {what} with shape {list(tensor.shape)}, but the "
@@ -178,9 +188,9 @@ def _runtime_submodule(pipe: SplitModel, index: int, device: torch.device, *, ow
 def _wrapping_text(wrapping) -> str:
     if wrapping is None:
         return "no data parallelism and no activation checkpointing"
-    dp, ac = wrapping
+    dp, ac, policy = wrapping
     where = "no data parallelism" if dp is None else f"data_parallel={dp[1]!r} over ranks {list(dp[0])}"
-    return f"{where}, activation_checkpointing={ac}"
+    return f"{where}, activation_checkpointing={ac}, mixed precision {policy or 'none'}"
 
 
 def _materialize(pipe: SplitModel, index: int, submodule, checkpoint: str | None) -> None:
@@ -220,10 +230,17 @@ def _sends(stage) -> list[str]:
     return [] if layout is None else [*layout.identities, HEADER]
 
 
-def _example_args(stage, device: torch.device, batch_seq: tuple[int, int] | None):
-    """Static input/output metadata of a stage: its cuts' layouts at the microbatch's batch and sequence size."""
+def _example_args(stage, device: torch.device, batch_seq: tuple[int, int] | None,
+                  compute_dtype: torch.dtype | None = None):
+    """Static input/output metadata of a stage: its cuts' layouts at the microbatch's batch and sequence size.
+
+    Floating slots take ``compute_dtype`` where the stage computes in another dtype than
+    it was traced in (mixed precision: the hidden states cross in bf16).
+    """
 
     def real(shape, dtype):
+        if compute_dtype is not None and dtype.is_floating_point:
+            dtype = compute_dtype
         # Floating tensors carry gradients across the cut; integer ones (masks, ids, the header) do not.
         return torch.empty(shape, dtype=dtype, device=device, requires_grad=dtype.is_floating_point)
 
@@ -250,12 +267,18 @@ def _example_args(stage, device: torch.device, batch_seq: tuple[int, int] | None
 def build_stage(pipe: SplitModel, index: int, device: torch.device | str, group=None, *, style: str | None = None,
                 checkpoint: str | None = None, microbatch: dict | None = None,
                 batch_seq: tuple[int, int] | None = None, dp_mesh=None, data_parallel: str = "fsdp",
-                activation_checkpointing: bool = False) -> FxppPipelineStage:
+                activation_checkpointing: bool = False, mesh=None, mixed_precision: str | None = None,
+                mp_policy=None) -> FxppPipelineStage:
     """``pipe.build_stage``: see :meth:`fxpp.Pipeline.build_stage`.
 
     What the rank built is kept in ``fxpp.runtime.rank_state``, not on the pipeline.
     """
     device = torch.device(device)
+    if mesh is not None:
+        if dp_mesh is not None:
+            raise StageSpecError("pass mesh= or dp_mesh=, not both (dp_mesh= is the older spelling of mesh=)")
+        dp_mesh = mesh
+    policy = mixed_precision_policy(mixed_precision, mp_policy)
     num_stages = len(pipe.stages)
     if not 0 <= index < num_stages:
         raise StageSpecError(f"stage index {index} is out of range for a {num_stages}-stage pipeline")
@@ -268,6 +291,8 @@ def build_stage(pipe: SplitModel, index: int, device: torch.device | str, group=
     mesh_arg = dp_mesh
     if dp_mesh is not None:
         dp_mesh, group = resolve_meshes(dp_mesh, group)
+    elif policy is not None:
+        dp_mesh = single_rank_mesh(device)  # FSDP2 carries the policy; over one rank it shards nothing
     if device.type == "cuda" and dist.get_backend(group) == "gloo":
         raise StageSpecError(f"device={device} with the gloo backend: use NCCL for CUDA stages")
     key = (index, str(device))
@@ -276,7 +301,7 @@ def build_stage(pipe: SplitModel, index: int, device: torch.device | str, group=
     wrapping = None
     if dp_mesh is not None or activation_checkpointing:
         wrapping = (None if dp_mesh is None else (tuple(dp_mesh.mesh.flatten().tolist()), data_parallel),
-                    activation_checkpointing)
+                    activation_checkpointing, None if policy is None else str(policy))
     if submodule is None:
         # A meta stage sharded over dp is sharded on meta, then allocated: each rank
         # only ever holds its own shards, and the checkpoint fills them (load_stage).
@@ -286,7 +311,7 @@ def build_stage(pipe: SplitModel, index: int, device: torch.device | str, group=
             # Wrapped once, here, before any PipelineStage sees it; a rebuild for new
             # shapes finds it in the rank state and reuses it.
             parallelize_stage(submodule, dp_mesh=dp_mesh, data_parallel=data_parallel,
-                              activation_checkpointing=activation_checkpointing)
+                              activation_checkpointing=activation_checkpointing, mp_policy=policy)
             object.__setattr__(submodule, "_fxpp_wrapping", wrapping)
         if keep_meta:
             _allocate(pipe.model, submodule, device)
@@ -298,7 +323,8 @@ def build_stage(pipe: SplitModel, index: int, device: torch.device | str, group=
             raise StageSpecError(
                 f"stage {index} was built on this rank before with {_wrapping_text(done)}; building it again with "
                 f"{_wrapping_text(wrapping)} would wrap it twice. Build each stage with the same dp_mesh, "
-                "data_parallel and activation_checkpointing every time (or leave them out to reuse the stage)"
+                "data_parallel, activation_checkpointing and mixed_precision every time (or leave them out to reuse "
+                "the stage)"
             )
         if checkpoint is not None:
             _materialize(pipe, index, submodule, checkpoint)
@@ -325,16 +351,19 @@ def build_stage(pipe: SplitModel, index: int, device: torch.device | str, group=
         pipe_ref = weakref.ref(pipe)
 
         def rebuild(shape):
-            return build_stage(_alive(pipe_ref, index), index, device, group, style=style, batch_seq=shape, dp_mesh=mesh_arg,
-                               data_parallel=data_parallel, activation_checkpointing=activation_checkpointing)
+            return build_stage(_alive(pipe_ref, index), index, device, group, style=style, batch_seq=shape,
+                               dp_mesh=mesh_arg, data_parallel=data_parallel,
+                               activation_checkpointing=activation_checkpointing, mp_policy=policy)
 
         if batch_seq is None:
             batch_seq = step_shape(pipe.example_inputs)
-    inputs, outputs = _example_args(submodule, device, batch_seq)
+    compute_dtype = None if policy is None else policy.param_dtype
+    inputs, outputs = _example_args(submodule, device, batch_seq, compute_dtype)
     stage = FxppPipelineStage(
         submodule, index, num_stages, device, input_args=inputs, output_args=outputs, group=group,
-        tied=tied, local_partners=local, sends=list(zip(_sends(submodule), (tuple(o.shape) for o in outputs))),
-        rebuild=rebuild, batch_seq=batch_seq,
+        tied=tied, local_partners=local,
+        sends=[(what, tuple(o.shape), o.dtype) for what, o in zip(_sends(submodule), outputs)],
+        rebuild=rebuild, batch_seq=batch_seq, compute_dtype=compute_dtype,
         tie_copies=frozenset(o[index] for o in tied_parameters(pipe) if index in o and index != min(o)),
     )
     if stage_style is None and any(index in owners for owners in tied_parameters(pipe)):
