@@ -53,6 +53,7 @@ from .meta import signature_record
 
 HEADER = "fxpp header (layout id, inputs present, slots filled)"
 _WORD = 62  # bits per header word: int64, kept non-negative
+_HEADERS: dict = {}  # (layout id, cut, bits, filled, device) -> the header tensor (few: one per call pattern)
 
 
 @dataclass(frozen=True)
@@ -92,11 +93,18 @@ class CutLayout:
         return 2 + (len(self.slots) + _WORD - 1) // _WORD
 
     def header(self, bits: int, filled: Sequence[bool], device) -> torch.Tensor:
-        words = [0] * (self.header_size - 2)
-        for i, f in enumerate(filled):
-            if f:
-                words[i // _WORD] |= 1 << (i % _WORD)
-        return torch.tensor([self.id, bits, *words], dtype=torch.int64, device=device)
+        """The header tensor, made once per (inputs present, slots filled, device) and reused:
+        a new tensor from Python ints is a host-to-device copy, which on CUDA waits for the device."""
+        key = (self.id, self.cut, bits, tuple(filled), str(device))
+        cached = _HEADERS.get(key)
+        if cached is None:
+            words = [0] * (self.header_size - 2)
+            for i, f in enumerate(filled):
+                if f:
+                    words[i // _WORD] |= 1 << (i % _WORD)
+            cached = torch.tensor([self.id, bits, *words], dtype=torch.int64, device=device)
+            _HEADERS[key] = cached
+        return cached
 
     def pack(self, identities: Sequence[str], values: Sequence[torch.Tensor], bits: int, where: str) -> tuple:
         """A variant's outputs in the layout's slots, fillers for the rest, then the header.
@@ -130,9 +138,30 @@ class CutLayout:
     def unpack(self, args: Sequence, where: str) -> tuple[int, dict[str, torch.Tensor]]:
         """The present bits and the received tensors by identity (fillers left out).
 
+        Reads the header on the host (``tolist``); see :meth:`unpack_as` for the reads a
+        schedule step saves.
+
         Raises:
             StageInputError: not a tuple of this layout (count, header, dtype or rank).
         """
+        header = self._check_structure(args, where)
+        layout_id, bits, *words = (int(v) for v in header.tolist())
+        return bits, self._received(args, layout_id, bits, words, where)
+
+    def unpack_as(self, args: Sequence, where: str, known: "KnownHeader") -> dict[str, torch.Tensor]:
+        """The received tensors, read as ``known`` says (the step's first microbatch's header), without a host read.
+
+        The header itself is compared with ``known.header`` on the device and the
+        result kept in ``known.differs``; the stage's step end reads it once (Note
+        [one header read per step]).
+        """
+        header = self._check_structure(args, where)
+        differs = (header != known.header).any()
+        known.differs = differs if known.differs is None else known.differs | differs
+        return {slot.identity: value for slot, value in zip(self.slots, args) if slot.identity in known.received}
+
+    def _check_structure(self, args: Sequence, where: str) -> torch.Tensor:
+        """The header, after checking count, header dtype and shape, and each value's rank and kind (no data read)."""
         expected = len(self.slots) + 1
         if len(args) != expected:
             raise StageInputError(
@@ -145,7 +174,16 @@ class CutLayout:
                 or tuple(header.shape) != (self.header_size,)):
             raise StageInputError(f"{where}: the last value crossing cut {self.cut} must be the {HEADER}; got "
                                   f"{_describe(header)}")
-        layout_id, bits, *words = (int(v) for v in header.tolist())
+        for slot, value in zip(self.slots, args):
+            if not isinstance(value, torch.Tensor):
+                raise StageInputError(f"{where}: {slot.identity!r} must be a tensor, got {_describe(value)}")
+            if value.dim() != len(slot.shape) or value.is_floating_point() != slot.dtype.is_floating_point:
+                raise StageInputError(
+                    f"{where}: {slot.identity!r} should be like {slot.dtype}{list(slot.shape)}, got {_describe(value)}"
+                )
+        return header
+
+    def _received(self, args: Sequence, layout_id: int, bits: int, words: list[int], where: str) -> dict:
         if layout_id != self.id:
             raise StageInputError(
                 f"{where}: the tuple crossing cut {self.cut} comes from stages built for another input signature or "
@@ -155,17 +193,35 @@ class CutLayout:
             )
         if bits & ~self.signature.all_bits:
             raise StageInputError(f"{where}: the {HEADER} names inputs outside the signature (bits {bits:#x})")
-        received = {}
-        for i, (slot, value) in enumerate(zip(self.slots, args)):
-            if not isinstance(value, torch.Tensor):
-                raise StageInputError(f"{where}: {slot.identity!r} must be a tensor, got {_describe(value)}")
-            if value.dim() != len(slot.shape) or value.is_floating_point() != slot.dtype.is_floating_point:
-                raise StageInputError(
-                    f"{where}: {slot.identity!r} should be like {slot.dtype}{list(slot.shape)}, got {_describe(value)}"
-                )
-            if words[i // _WORD] >> (i % _WORD) & 1:
-                received[slot.identity] = value
-        return bits, received
+        return {slot.identity: value for i, (slot, value) in enumerate(zip(self.slots, args))
+                if words[i // _WORD] >> (i % _WORD) & 1}
+
+
+@dataclass
+class KnownHeader:
+    """The header of a schedule step's first microbatch at one cut, as its receiving stage read it.
+
+    Note [one header read per step]
+        A receiving stage must know, on the host, which inputs a call carries (to choose
+        its graph variant) and which slots are filled (to read values by identity). A
+        host read of the header per microbatch would make the CPU wait for each
+        microbatch's receive, so it could not queue kernels ahead. Within one schedule
+        step every microbatch is a slice of the same inputs, and the sender fills its
+        slots the same way for all of them, so a stage inside a step reads the header of
+        the first microbatch only (``CutLayout.unpack``), reads the later ones as that
+        one said (``CutLayout.unpack_as``), and compares each later header with the
+        first on the device, accumulating the result. After torch's step the schedule
+        reads that flag, once per stage (``fxpp.runtime.schedule``): a microbatch whose
+        header differed (another variant on the sender, filling other slots) was read
+        wrongly, and the step is refused by name on every rank before any optimizer
+        step uses its gradients. Outside a schedule (``pipe(**inputs)``, a stage called
+        directly) every call reads its own header.
+    """
+
+    header: torch.Tensor
+    bits: int
+    received: frozenset
+    differs: torch.Tensor | None = None
 
 
 def cut_layout(model_gm: GraphModule, k: int) -> CutLayout:

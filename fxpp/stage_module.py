@@ -35,7 +35,7 @@ from .analysis.cuts import crossing_slots
 from .errors import CutError, StageInputError
 from .inputs.names import stream_tokens
 from .inputs.signature import InputSignature
-from .layout import CutLayout, cut_layout
+from .layout import CutLayout, KnownHeader, cut_layout
 from .meta import (GRAPH_FACTS_KEY, STAGE_KEY, GraphFacts, StageRecord, identities_of, identity_of, signature_record,
                    stage_record, trace_record)
 from .ops import GUARD_OPS, GuardFailure
@@ -127,6 +127,7 @@ class StageModule(GraphModule):
         stage.meta.update(meta)
         object.__setattr__(stage, "_fxpp_fields", fields)
         object.__setattr__(stage, "_fxpp_variants", {})  # present bits -> [GraphModule]
+        object.__setattr__(stage, "_fxpp_step", None)  # inside a schedule step: the step's KnownHeader (or False)
         object.__setattr__(stage, "_fxpp_last_ok", {})  # present bits -> the variant the last such call ran
         return stage
 
@@ -209,13 +210,41 @@ class StageModule(GraphModule):
             if kwargs:
                 raise StageInputError(f"{where} takes the tuple the previous stage returned, positionally; got "
                                       f"keyword input(s) {sorted(kwargs)} (model inputs go to the first stage only)")
-            bits, received = self.in_layout.unpack(args, where)
+            bits, received = self._unpack(args, where)
             variant, out = self._run(bits, received=received)
         if spec.returns_model_output:
             return self.final_output(out, output_mode)
         sent = _graph_facts(variant).sent
         passed = _passed_inputs(self.out_layout, sent, inputs if spec.takes_model_inputs else received)
         return self.out_layout.pack((*sent, *passed), (*out, *passed.values()), bits, where)
+
+    def begin_step(self) -> None:
+        """A schedule step starts: read the first microbatch's header only (Note [one header read per step])."""
+        object.__setattr__(self, "_fxpp_step", False)
+
+    def end_step(self) -> str | None:
+        """A schedule step ended: why a microbatch was read wrongly (its header differed), else None.
+
+        One host read per step (the accumulated device comparison).
+        """
+        known, problem = self._fxpp_step, None
+        object.__setattr__(self, "_fxpp_step", None)
+        if known and known.differs is not None and bool(known.differs):
+            problem = (f"{self._where()}: a microbatch of this step crossed cut {self.in_layout.cut} with another "
+                       f"header than the step's first (inputs {list(self.signature.present(known.bits))}, slots "
+                       f"{sorted(known.received)}): the previous stage ran another graph variant for it. Within one "
+                       "step every microbatch must carry the same inputs; call such microbatches in separate steps")
+        return problem
+
+    def _unpack(self, args, where: str) -> tuple[int, dict]:
+        known = self._fxpp_step
+        if known is None or self.in_layout is None:
+            return self.in_layout.unpack(args, where)  # outside a schedule step: read every header
+        if known is False:  # the step's first microbatch: read its header, once
+            bits, received = self.in_layout.unpack(args, where)
+            object.__setattr__(self, "_fxpp_step", KnownHeader(args[-1].clone(), bits, frozenset(received)))
+            return bits, received
+        return known.bits, self.in_layout.unpack_as(args, where, known)
 
     def _run(self, bits: int, *, inputs: dict | None = None, received: dict | None = None):
         """Run the variant for the present ``bits`` that fits the shapes, tracing one if none does."""

@@ -82,13 +82,32 @@ class PipelineSchedule:
         self._before_step(kwargs)
         result = self.torch_schedule.step(*args, target=target, losses=losses, **kwargs)
         finish_step(self.stages)
+        self._check_headers()
         return result
 
     def eval(self, *args, target=None, losses=None, **kwargs):
         """Forward only over the microbatches (torch's ``eval``), the losses in ``losses``; no gradients."""
         self._before_step(kwargs)
         with torch.no_grad():
-            return self.torch_schedule.eval(*args, target=target, losses=losses, **kwargs)
+            result = self.torch_schedule.eval(*args, target=target, losses=losses, **kwargs)
+        self._check_headers()
+        return result
+
+    def _check_headers(self) -> None:
+        """Refuse, on every rank of the pipeline, a step whose microbatches were read wrongly.
+
+        Note [one header read per step] in ``fxpp.layout``: one host read per stage and
+        one all-reduce over the pipeline group per step, so every rank refuses together.
+        """
+        problems = [p for p in (s.end_step() for s in self.stages) if p]
+        stage = self.stages[0]
+        flag = torch.tensor([1 if problems else 0], dtype=torch.int64, device=stage.device)
+        if dist.get_world_size(stage.group) > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=stage.group)
+        if int(flag[0]):
+            raise StageInputError(problems[0] if problems else
+                                  "a stage on another rank of this pipeline received a microbatch with another header "
+                                  "than its step's first (see that rank's error); the step's gradients are not usable")
 
     def _before_step(self, kwargs: dict) -> None:
         shape = step_shape(kwargs)
@@ -97,6 +116,8 @@ class PipelineSchedule:
         if not self._dtype_agreed:
             self._agree_compute_dtype()
         self._follow_shapes(shape)
+        for stage in self.stages:
+            stage.begin_step()
 
     def _agree_compute_dtype(self) -> None:
         """Every rank of the pipeline computes in one dtype (the cut slots' dtype), or every rank refuses.
@@ -130,8 +151,11 @@ class PipelineSchedule:
         if not self._dtype_agreed:
             self._agree_compute_dtype()
         self._follow_shapes(shape)
+        for stage in self.stages:
+            stage.begin_step()
         result = run_microbatches(self.torch_schedule, microbatches, targets, losses, return_outputs=return_outputs)
         finish_step(self.stages)
+        self._check_headers()
         return result
 
     def _follow_shapes(self, shape: tuple[int, int] | None) -> None:

@@ -113,6 +113,15 @@ class FxppPipelineStage(PipelineStage):
         self._fxpp_grad_before = {p: p.grad.detach().clone() for p in self.submod.parameters() if p.grad is not None}
         super().clear_runtime_states()
 
+    def begin_step(self) -> None:
+        """``fxpp.schedule`` starts a step: one header read per step (Note [one header read per step])."""
+        if hasattr(self.submod, "begin_step"):
+            self.submod.begin_step()
+
+    def end_step(self) -> str | None:
+        """Why this step's microbatches were read wrongly (Note [one header read per step]), else None."""
+        return self.submod.end_step() if hasattr(self.submod, "end_step") else None
+
 
 def check_sent_shapes(stage_index: int, microbatch: int, outputs, sends: list[tuple[str, tuple, torch.dtype]]) -> None:
     """Every tensor a stage sends must have the shape and dtype the receive buffers were made for.

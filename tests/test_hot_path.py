@@ -1,0 +1,75 @@
+"""No host read per microbatch in a steady-state step.
+
+On CUDA every ``Tensor.item`` / ``Tensor.tolist`` (and every ``bool``/``int`` of a
+tensor) waits for the device: a read per microbatch stalls the CPU that should be
+queueing the next microbatch's kernels. Counted here on CPU, on 2 gloo ranks, in the
+second step of a schedule (the first traces and builds): the count with 8 microbatches
+equals the count with 2, on every rank.
+
+Only reads made by fxpp's own code are counted (the caller's file is in the ``fxpp``
+package). The model's own code reads as the unpatched model does: transformers' SDPA
+mask builder asks ``padding_mask.all()`` on every call (``_ignore_causal_mask_sdpa``),
+and every stage builds the masks of its layers (they never cross a cut).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+
+import pytest
+import torch
+
+import fxpp
+from fxpp.testing.zoo import tiny_model
+
+from .dist import run_distributed
+from .test_runtime import _batch
+
+HOST_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__")
+FXPP_DIR = os.path.dirname(fxpp.__file__) + os.sep
+
+
+@contextlib.contextmanager
+def counting_host_reads(counts: dict):
+    originals = {name: getattr(torch.Tensor, name) for name in HOST_READS}
+
+    def counted(name):
+        def read(self, *args, **kwargs):
+            if sys._getframe(1).f_code.co_filename.startswith(FXPP_DIR):
+                counts[name] = counts.get(name, 0) + 1
+            return originals[name](self, *args, **kwargs)
+        return read
+
+    try:
+        for name in HOST_READS:
+            setattr(torch.Tensor, name, counted(name))
+        yield counts
+    finally:
+        for name, fn in originals.items():
+            setattr(torch.Tensor, name, fn)
+
+
+def reads_rank(rank, world, workdir, schedule, num_stages, style):
+    out = {}
+    for m in (2, 8):
+        torch.manual_seed(0)
+        model = tiny_model("llama", 4, tie_word_embeddings=True).train()
+        inputs, labels = _batch(batch=2 * m, seq=8)
+        pipe = fxpp.pipeline(model, num_stages, example_inputs={k: v[:2] for k, v in inputs.items()})
+        stages = [pipe.build_stage(i, "cpu", style=style) for i in fxpp.stage_ids_of_rank(rank, num_stages, world, style)]
+        sched = fxpp.schedule(schedule, stages, m, fxpp.causal_lm_loss(labels, m))
+        sched.step(**inputs, target=labels)  # the first step traces the variants and builds
+        with counting_host_reads({}) as counts:
+            sched.step(**inputs, target=labels)
+        out[m] = counts
+    return out
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("schedule,num_stages,style", [("1F1B", 2, "loop"), ("ZBVZeroBubble", 4, "v")])
+def test_host_reads_do_not_grow_with_microbatches(schedule, num_stages, style, tmp_path):
+    reports = run_distributed(reads_rank, 2, tmp_path, schedule, num_stages, style, timeout_s=240)
+    for rank, r in enumerate(reports):
+        assert r[8] == r[2], f"rank {rank}: host reads per step with 2 microbatches {r[2]}, with 8 {r[8]}"
