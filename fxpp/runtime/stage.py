@@ -59,7 +59,8 @@ class FxppPipelineStage(PipelineStage):
         return super().backward_weight_one_chunk(*args, **kwargs)
 
     def _fxpp_backward_ran(self) -> None:
-        if self.has_ties:
+        # torch's 1F1B calls backward_one_chunk under eval() too, which then computes nothing
+        if self.has_ties and self.has_backward:
             self._fxpp_owed = True
 
     def forward_one_chunk(self, fwd_chunk_id: int, *args, **kwargs):

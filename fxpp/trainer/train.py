@@ -301,7 +301,7 @@ def run_rank(rank: int, world: int, cfg: RunConfig) -> dict:
             shares.append(loss_fn.whole_batch(losses).reshape(1).to(device))  # a device value: read when logged
         done = step + 1
         if _is_val_step(cfg, done):
-            val_losses.append((done, _validation_loss(cfg, schedule, stages, val, local, mesh, device, holds_last)))
+            val_losses.append((done, _validation_loss(cfg, schedule, step_loss, stages, val, local, mesh, device, holds_last)))
         if is_logged(done, cfg.log_every, cfg.steps):
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
@@ -358,7 +358,7 @@ def _global_losses(shares: list[torch.Tensor], mesh) -> list[float]:
     return [float(v) for v in stacked.tolist()]
 
 
-def _validation_loss(cfg, schedule, stages, val, local, mesh, device, holds_last) -> float | None:
+def _validation_loss(cfg, schedule, step_loss, stages, val, local, mesh, device, holds_last) -> float | None:
     """The token-weighted loss over the validation batches, forward only (the global batch's on every dp rank)."""
     for st in stages:
         st.submod.eval()
@@ -367,7 +367,7 @@ def _validation_loss(cfg, schedule, stages, val, local, mesh, device, holds_last
     try:
         for batch in val:
             batch, labels = split_labels({k: v.to(device) for k, v in local(batch).items()})
-            loss_fn = causal_lm_loss(labels, cfg.microbatches, dp_mesh=mesh)
+            step_loss.current = loss_fn = causal_lm_loss(labels, cfg.microbatches, dp_mesh=mesh)
             losses: list = []
             schedule.eval(**batch, target=labels, losses=losses)
             if holds_last:
