@@ -17,6 +17,14 @@ CUDA is available, else the CPU with gloo, so the script is dry-run on CPU machi
    interleaved (eager, fxpp, eager, ...), median of ``--iters``; peak memory of each
    (``torch.cuda.max_memory_allocated``; on CPU not measured).
 
+4. **A bf16 mixed-precision training step and its host synchronisations.** fp32 master
+   parameters, ``build_stage(..., mixed_precision="bf16")`` (FSDP2's policy over a 1-rank
+   mesh), Interleaved1F1B, ``fxpp.clip_grad_norm_`` and AdamW; after two warm-up steps one
+   step runs under ``torch.cuda.set_sync_debug_mode("warn")`` and the synchronising calls
+   are counted (each is a warning); the count is printed per step, with 4 and with 8
+   microbatches (a count that grows with the microbatches is a host read per microbatch).
+   On CPU there is nothing to count (printed as n/a).
+
 Run: ``bash benchmarks/gpu_check.sh`` (writes ``$OUT/gpu_check.json`` when ``OUT`` is set).
 """
 
@@ -140,6 +148,46 @@ def _overhead(device: torch.device, args) -> dict:
             "peak_ratio": peaks["fxpp"] / peaks["eager"] if peaks["eager"] else None}
 
 
+def _syncs_per_step(device: torch.device, args, microbatches: int) -> dict:
+    """One steady-state bf16 mixed-precision step; the synchronising calls in it (CUDA only)."""
+    import warnings
+
+    import fxpp
+
+    model = _model(torch.float32, device, args.hidden, args.layers, args.vocab)
+    batch = 2 * microbatches
+    ids = torch.randint(0, args.vocab, (batch, args.seq), generator=torch.Generator().manual_seed(3)).to(device)
+    labels = ids.clone()
+    pipe = fxpp.pipeline(model, STAGES, example_inputs={"input_ids": ids[:2]})
+    stages = [pipe.build_stage(i, device, mixed_precision="bf16") for i in range(STAGES)]
+    schedule = fxpp.schedule("Interleaved1F1B", stages, microbatches, fxpp.causal_lm_loss(labels, microbatches))
+    params = {id(p): p for st in stages for p in st.submod.parameters()}
+    opt = torch.optim.AdamW(list(params.values()), lr=1e-4)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        schedule.step(input_ids=ids, target=labels)
+        fxpp.clip_grad_norm_(schedule.stages, 1.0)
+        opt.step()
+
+    for _ in range(2):
+        step()
+    _sync(device)
+    if device.type != "cuda":
+        step()
+        return {"microbatches": microbatches, "syncs": None}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message).lower()]
+    return {"microbatches": microbatches, "syncs": len(syncs), "first": syncs[:5],
+            "param_dtypes": sorted({str(p.dtype) for p in params.values()})}
+
+
 def _rank(rank: int, world: int, workdir: str, args_dict: dict) -> dict:
     import torch.distributed as dist
 
@@ -152,6 +200,7 @@ def _rank(rank: int, world: int, workdir: str, args_dict: dict) -> dict:
            "torch": torch.__version__}
     out["equality"] = [_equality(dt, device, args) for dt in (torch.float32, torch.bfloat16)]
     out["overhead"] = _overhead(device, args)
+    out["mixed_precision_syncs"] = [_syncs_per_step(device, args, m) for m in (4, 8)]
     return out
 
 
@@ -183,6 +232,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"fwd+bwd bf16 batch {args.batch}x{args.seq}: eager {ov['eager_ms']:.2f} ms, fxpp 4 stages "
           f"{ov['fxpp_ms']:.2f} ms, ratio {ov['ratio']:.3f}; peak memory eager {ov['eager_peak_mib']:.0f} MiB, "
           f"fxpp {ov['fxpp_peak_mib']:.0f} MiB")
+    for mp in out["mixed_precision_syncs"]:
+        count = "n/a (no CUDA)" if mp["syncs"] is None else mp["syncs"]
+        print(f"bf16 mixed precision step, {mp['microbatches']} microbatches: host synchronisations per step {count}"
+              + (f" (first: {mp['first']})" if mp.get("first") else ""))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)
