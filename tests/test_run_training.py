@@ -116,3 +116,20 @@ def test_torchrun_is_the_multi_node_path(tmp_path):
                            cwd=tmp_path)
     assert wrong.returncode != 0
     assert "torchrun started 3 processes, but --stages 2 x --dp 2 = 4" in wrong.stderr
+
+
+@pytest.mark.timeout(300)
+def test_a_bf16_checkpoint_trains_fp32_masters_and_exports_bf16(tmp_path, capsys):
+    from safetensors import safe_open
+
+    from fxpp.testing.zoo import tiny_model
+
+    ckpt = tmp_path / "ckpt"
+    tiny_model("llama", 4).to(torch.bfloat16).save_pretrained(ckpt)  # config.json says bfloat16
+    save = tmp_path / "run"
+    _run(["run", str(ckpt), "--stages", "2", "--steps", "1", "--save-dir", str(save)], capsys)
+    saved = whole_tensors(step_dir(str(save), 1))
+    assert {v.dtype for v in saved.values()} == {torch.float32}, "the save holds the fp32 masters"
+    _run(["export", str(save), str(tmp_path / "out")], capsys)
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}, "the export has the checkpoint's dtype"

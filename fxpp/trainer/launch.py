@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from ..runtime.placement import default_backend
+from ..runtime.placement import default_backend, default_device
 
 
 def _entry(rank: int, world_size: int, workdir: str, fn: Callable, args: tuple, pg_timeout_s: float,
@@ -31,9 +31,12 @@ def _entry(rank: int, world_size: int, workdir: str, fn: Callable, args: tuple, 
         torch.set_num_threads(threads)
     result: dict[str, Any] = {"ok": False}
     try:
+        device = default_device(rank)
+        if device.type == "cuda":  # each rank's own GPU, bound to its process group (NCCL)
+            torch.cuda.set_device(device)
         dist.init_process_group(
             default_backend(), init_method=f"file://{rendezvous}", rank=rank, world_size=world_size,
-            timeout=datetime.timedelta(seconds=pg_timeout_s),
+            timeout=datetime.timedelta(seconds=pg_timeout_s), device_id=device if device.type == "cuda" else None,
         )
         result = {"ok": True, "value": fn(rank, world_size, workdir, *args)}
     except BaseException as e:  # noqa: BLE001 - reported to the caller
