@@ -80,3 +80,7 @@ class RunFailedError(FxppError):
 
 class OptimizerSettingsError(FxppError, ValueError):
     """An optimizer-step setting is invalid (clipping norm, weight decay, learning-rate schedule)."""
+
+
+class NonFiniteError(FxppError, FloatingPointError):
+    """Training produced a non-finite loss or gradient; the run stopped before the optimizer step."""

@@ -133,3 +133,31 @@ def test_a_bf16_checkpoint_trains_fp32_masters_and_exports_bf16(tmp_path, capsys
     _run(["export", str(save), str(tmp_path / "out")], capsys)
     with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}, "the export has the checkpoint's dtype"
+
+
+@pytest.mark.timeout(300)
+def test_a_non_finite_step_stops_the_run_before_the_optimizer_step(tmp_path, capsys):
+    rc = main(["run", "tiny-llama", "--stages", "2", "--steps", "3", "--lr", "inf", "--save-dir", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "NonFiniteError: step 2: the global gradient norm is nan" in err, err
+    assert not (tmp_path / "r" / "step-000003").exists(), "nothing of a non-finite run is saved"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--batch", "6"], "--batch 6 must be a multiple of --dp 1 x --microbatches 4"),
+    (["--seq-len", "100000"], "--seq-len 100000 is above the model's max_position_embeddings"),
+    (["--steps", "0"], "--steps 0 must be at least 1"),
+    (["--lr-schedule", "cosine", "--min-lr-ratio", "2"], "--min-lr-ratio 2.0"),
+])
+def test_bad_settings_are_one_line_before_any_rank_starts(argv, message, capsys):
+    assert main(["run", "tiny-llama", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_data_file_that_is_not_utf8_is_named(tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    write_checkpoint(str(ckpt))
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"the cat\nsat \xff\xfe on\n")
+    assert main(["run", str(ckpt), "--data", str(bad), "--steps", "1"]) == 2
+    assert f"--data {bad}: not UTF-8 text (byte 12" in capsys.readouterr().err

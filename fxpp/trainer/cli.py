@@ -81,10 +81,12 @@ def _run(args) -> int:
         print("peak memory per rank (" + kind + "): " +
               ", ".join(f"r{r} {m / 2**30:.2f} GiB" for r, m in enumerate(result["memory"])))
         if "reference_losses" in result:
-            diff = max(abs(a - b) for a, b in zip(result["losses"], result["reference_losses"]))
+            # NaN compares as a mismatch (max over NaN differences would hide it)
+            diffs = [abs(a - b) for a, b in zip(result["losses"], result["reference_losses"])]
+            diff = float("nan") if any(d != d for d in diffs) else max(diffs)
             # fp32: the same float32 program up to summation order (measured ~1e-6); bf16
             # compute: losses from bf16 logits (bf16 eps 7.8e-3 relative, ~0.03 at loss ~5).
-            ok = diff <= (1e-3 if cfg.compute_dtype(torch.device(result.get("device", "cpu"))) == "fp32" else 5e-2)
+            ok = diff == diff and diff <= (1e-3 if cfg.compute_dtype(torch.device(result.get("device", "cpu"))) == "fp32" else 5e-2)
             print(f"loss vs the unpatched model on one process: max |diff| {diff:.2e} over {len(steps)} steps: "
                   f"{'MATCH' if ok else 'MISMATCH'}")
             if not ok:

@@ -40,19 +40,24 @@ def read_documents(paths: list[str]) -> list[str]:
     for path in paths:
         if not os.path.isfile(path):
             raise DataError(f"--data {path!r}: no such file")
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                line = line.rstrip("\n")
-                if not line.strip():
-                    continue
-                if path.endswith((".jsonl", ".json")):
-                    try:
-                        text = json.loads(line)["text"]
-                    except (ValueError, KeyError, TypeError) as e:
-                        raise DataError(f"--data {path}:{n}: not a JSON record with a \"text\" field ({e})") from e
-                    docs.append(str(text))
-                else:
-                    docs.append(line)
+        with open(path, "rb") as f:
+            raw = f.read()
+        try:
+            content = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"--data {path}: not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 4]!r})") from None
+        # universal newlines, as text-mode reading splits (not str.splitlines' other separators)
+        for n, line in enumerate(content.replace("\r\n", "\n").replace("\r", "\n").split("\n"), 1):
+            if not line.strip():
+                continue
+            if path.endswith((".jsonl", ".json")):
+                try:
+                    record = json.loads(line)["text"]
+                except (ValueError, KeyError, TypeError) as e:
+                    raise DataError(f"--data {path}:{n}: not a JSON record with a \"text\" field ({e})") from e
+                docs.append(str(record))
+            else:
+                docs.append(line)
     if not docs:
         raise DataError(f"--data {' '.join(paths)}: no documents")
     return docs
@@ -67,7 +72,8 @@ def load_tokenizer(directory: str):
                         "tokenizer_config.json or tokenizer.model); save one next to the weights "
                         "or run without --data (random token ids)")
     try:
-        return AutoTokenizer.from_pretrained(directory, local_files_only=True)
+        # trust_remote_code=False: never import code from the checkpoint folder, never prompt on stdin
+        return AutoTokenizer.from_pretrained(directory, local_files_only=True, trust_remote_code=False)
     except Exception as e:  # noqa: BLE001 - transformers raises many types here
         raise DataError(f"{directory}: cannot load its tokenizer ({type(e).__name__}: {e})") from e
 

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from ..errors import DataError, RunConfigError, RunFailedError
+from ..errors import DataError, NonFiniteError, RunConfigError, RunFailedError
 from ..pipeline import pipeline
 from ..runtime.checkpoint import check_checkpoint
 from ..runtime.loss import causal_lm_loss
@@ -35,7 +35,7 @@ from .metrics import MetricsLog, all_rank_memory, is_logged
 from .optimizer import make_optimizer, with_lora
 from .data import DataPosition, PackedBatches, load_tokenizer, read_documents, tokenize
 from .launch import run_ranks
-from .models import build_model
+from .models import build_model, load_config
 
 
 @dataclass
@@ -89,7 +89,7 @@ class RunConfig:
         """
         if self.ranks < 1 or self.dp < 1:
             raise RunConfigError(f"--stages {self.ranks} and --dp {self.dp} must be positive")
-        if self.dp > 1 and self.batch % (self.dp * self.microbatches):
+        if self.batch % (self.dp * self.microbatches):
             raise RunConfigError(f"--batch {self.batch} must be a multiple of --dp {self.dp} x --microbatches "
                             f"{self.microbatches}: every dp replica runs --microbatches equal microbatches")
         if self.resume and not self.save_dir:
@@ -104,7 +104,14 @@ class RunConfig:
             # every key, nothing else, right shapes: from the file headers, before any rank starts
             check_checkpoint(meta_model or build_model(self.model, device="meta"), None, self.model)
         if self.data or self.val_data:
-            load_tokenizer(self.model)  # a directory without a tokenizer fails here, before any rank starts
+            tokenizer = load_tokenizer(self.model)  # a directory without a tokenizer fails here, before any rank starts
+            rows = (meta_model or build_model(self.model, device="meta")).get_input_embeddings().weight.shape[0]
+            if len(tokenizer) > rows:
+                raise RunConfigError(f"the tokenizer of {self.model} has {len(tokenizer)} tokens, but the model's "
+                                     f"embedding has {rows} rows: ids beyond them would index out of range")
+        positions = getattr(load_config(self.model).get_text_config(), "max_position_embeddings", None)
+        if isinstance(positions, int) and self.seq_len > positions:
+            raise RunConfigError(f"--seq-len {self.seq_len} is above the model's max_position_embeddings {positions}")
         return state
 
     def _validate_training(self) -> None:
@@ -291,7 +298,13 @@ def run_rank(rank: int, world: int, cfg: RunConfig) -> dict:
         opt.zero_grad(set_to_none=True)
         schedule.step(**batch, target=labels, losses=losses)
         grad_norm = clip_grad_norm_(schedule.stages, cfg.max_grad_norm or float("inf"))
-        norms.append(grad_norm.reshape(1))  # a device value: read when logged and at the end
+        norms.append(grad_norm.reshape(1))
+        # The global norm is the same on every rank, so every rank stops at the same step,
+        # before the optimizer uses the gradients (one host read per step, not per microbatch).
+        # A non-finite loss makes the gradients, hence the norm, non-finite too.
+        if not bool(torch.isfinite(grad_norm)):
+            raise NonFiniteError(f"step {step + 1}: the global gradient norm is {float(grad_norm)} (a non-finite "
+                                 "loss or gradient); stopped before the optimizer step, nothing of this step saved")
         lr = lr_sched.get_last_lr()[0]
         opt.step()
         lr_sched.step()
