@@ -49,6 +49,7 @@ def test_optimizer_step_and_metrics_match_unpatched_model(tmp_path, capsys):
         assert r["tokens_per_s"] > 0 and r["loss"] > 0
 
 
+@pytest.mark.heavy  # several full runs: the README's second test command
 @pytest.mark.timeout(300)
 def test_resume_inside_warmup_is_bit_exact(tmp_path, capsys):
     flags = ["--stages", "2", "--lr", "1e-2", "--lr-schedule", "cosine", "--warmup-steps", "3", "--weight-decay",
@@ -61,6 +62,7 @@ def test_resume_inside_warmup_is_bit_exact(tmp_path, capsys):
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
 
 
+@pytest.mark.heavy  # several full runs: the README's second test command
 @pytest.mark.timeout(300)
 def test_validation_loss_equals_unpatched_eval_loss(tmp_path, capsys):
     ckpt = tmp_path / "ckpt"
@@ -82,6 +84,7 @@ def test_the_check_is_opt_in_for_a_checkpoint_directory(tmp_path, capsys):
     assert "unpatched" not in out, out  # the whole model would be trained again on one rank
 
 
+@pytest.mark.heavy  # several full runs: the README's second test command
 @pytest.mark.timeout(300)
 def test_lora_run_trains_adapters_and_exports_a_peft_adapter(tmp_path, capsys):
     peft = pytest.importorskip("peft")
@@ -102,6 +105,7 @@ def test_lora_run_trains_adapters_and_exports_a_peft_adapter(tmp_path, capsys):
     assert lora and all(torch.equal(p, saved[n]) for n, p in lora.items())
 
 
+@pytest.mark.heavy  # several full runs: the README's second test command
 @pytest.mark.timeout(300)
 def test_torchrun_is_the_multi_node_path(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -118,6 +122,7 @@ def test_torchrun_is_the_multi_node_path(tmp_path):
     assert "torchrun started 3 processes, but --stages 2 x --dp 2 = 4" in wrong.stderr
 
 
+@pytest.mark.heavy  # several full runs: the README's second test command
 @pytest.mark.timeout(300)
 def test_a_bf16_checkpoint_trains_fp32_masters_and_exports_bf16(tmp_path, capsys):
     from safetensors import safe_open
@@ -135,6 +140,7 @@ def test_a_bf16_checkpoint_trains_fp32_masters_and_exports_bf16(tmp_path, capsys
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}, "the export has the checkpoint's dtype"
 
 
+@pytest.mark.heavy  # several full runs: the README's second test command
 @pytest.mark.timeout(300)
 def test_a_non_finite_step_stops_the_run_before_the_optimizer_step(tmp_path, capsys):
     rc = main(["run", "tiny-llama", "--stages", "2", "--steps", "3", "--lr", "inf", "--save-dir", str(tmp_path / "r")])
