@@ -72,6 +72,7 @@ import transformers
 from transformers import AutoModelForCausalLM
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+from ..model_facts import forward_parameters
 from ..pipeline import pipeline
 from .check import (ATOL, MARKS_LEGEND, Case, CaseResult, SweepResult, SweepTimeout, _deadline, _failure, _left,
                     _message, _needs, _perturb, _put, check_pipeline, compare, grads_of, make_inputs,
@@ -88,8 +89,6 @@ COMMAND = "python -m fxpp.sweep --write-docs"
 
 def causal_cases(model: torch.nn.Module, seed: int = 0) -> list[Case]:
     """The input cases of :data:`INPUT_CASES` for ``model`` (see the module docstring)."""
-    from ..inputs import forward_parameters
-
     params, name = forward_parameters(model), type(model).__name__
     ids = make_inputs(2, 12, seed=seed)["input_ids"]
     padded = make_inputs(seed=seed + 1)  # 2x9, the first row left-padded by 3

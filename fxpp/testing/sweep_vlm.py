@@ -57,8 +57,9 @@ import traceback
 import torch
 import transformers
 
-from ..trace import find_decoder_layers
 from ..inputs.example_media import NoExampleMedia, token_companions
+from ..model_facts import forward_parameters
+from ..trace import find_decoder_layers
 from .check import (ATOL, Case, CaseResult, SweepResult, SweepTimeout, _deadline, _message, _needs,
                     check_pipeline, packed_positions, reference_cases, settle, sweep_families)
 from .generic_vlm import NotBuilt, decoder_inputs, generic_inputs, generic_model, text_ids, vlm_families
@@ -110,8 +111,6 @@ def vlm_cases(model, kind: str, inputs: dict[str, torch.Tensor]) -> list[Case]:
     """The cases of :data:`VLM_CASES` for ``model``: ``inputs`` with images (kind ``VLM``),
     text with a padding mask and no media, token ids only, token ids with packed-document
     position ids."""
-    from ..inputs import forward_parameters
-
     params, name = forward_parameters(model), type(model).__name__
     images = Case("images", inputs) if kind == "VLM" else Case(
         "images", None, "the config has no vision tower (kind text)")
