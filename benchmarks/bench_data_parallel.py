@@ -65,7 +65,7 @@ import traceback
 
 import torch
 import torch.distributed as dist
-from _common import default_json_path, environment, gather, print_header, report, torchrun_group
+from _common import default_json_path, gather, print_header, report, start, torchrun_group, under_torchrun
 from bench_schedules import BATCH, MODEL_NAME, SEQ, build_model, make_batch
 
 import fxpp
@@ -377,15 +377,12 @@ def main() -> None:
     ap.add_argument("--json", default=default_json_path("bench_data_parallel"))
     args = ap.parse_args()
     torch.set_num_threads(1)
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+    if under_torchrun():
         torchrun_main(args)
         return
     from fxpp.trainer.launch import run_ranks
 
-    env = environment("cpu")
-    env.update({"world_size": WORLD, "backend": "gloo", "threads_per_process": 1, "cpu_count": os.cpu_count(),
-                "loadavg_1m_at_start": round(os.getloadavg()[0], 2)})
-    print_header(env)
+    env = start(threads=1, spawned=True, world_size=WORLD, backend="gloo")
     print(describe(), flush=True)
     if WORLD > (os.cpu_count() or 1):
         print(f"# WARNING: {WORLD} ranks on {os.cpu_count()} cores: ranks time-slice (oversubscribed); step times "
