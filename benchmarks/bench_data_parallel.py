@@ -66,7 +66,7 @@ import traceback
 import torch
 import torch.distributed as dist
 from _common import default_json_path, gather, print_header, report, start, torchrun_group, under_torchrun
-from bench_schedules import BATCH, MODEL_NAME, SEQ, build_model, make_batch
+from bench_schedules import BATCH, MODEL_NAME, SEQ, build_model, make_batch, schedule_step
 
 import fxpp
 
@@ -130,12 +130,9 @@ class PipeDp:
 
     def step(self) -> None:
         self.opt.zero_grad(set_to_none=True)
+        losses = schedule_step(self.sched, self.batch, self.labels, self.stage.is_last)
         if self.stage.is_last:
-            losses: list = []
-            self.sched.step(**self.batch, target=self.labels, losses=losses)
             share = self.loss_fn.whole_batch(losses).detach().reshape(1)
-        else:
-            self.sched.step(**self.batch)
         self.opt.step()
         if self.stage.is_last:  # the replicas' shares add up to the global batch's loss
             dist.all_reduce(share, group=self.mesh["dp"].get_group())
@@ -194,12 +191,9 @@ class Pipe4:
 
     def step(self) -> None:
         self.opt.zero_grad(set_to_none=True)
+        losses = schedule_step(self.sched, self.batch, self.labels, self.stage.is_last)
         if self.stage.is_last:
-            losses: list = []
-            self.sched.step(**self.batch, target=self.labels, losses=losses)
             self.loss = float(self.loss_fn.whole_batch(losses))
-        else:
-            self.sched.step(**self.batch)
         self.opt.step()
 
 

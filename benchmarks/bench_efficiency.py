@@ -58,7 +58,8 @@ import fxpp
 from fxpp.runtime.placement import MULTI_STAGE, SCHEDULES
 from _common import (default_json_path, gather, print_header, report, schedules_arg, start, torchrun_group,
                      under_torchrun, values_or_exit)
-from bench_schedules import BATCH, MICROBATCHES, MODEL_NAME, SEQ, build_model, make_batch, rank_pipeline
+from bench_schedules import (BATCH, MICROBATCHES, MODEL_NAME, SEQ, build_model, make_batch, rank_pipeline,
+                             schedule_step)
 
 DEFAULT_SCHEDULES = ("GPipe", "1F1B", "Interleaved1F1B", "ZBVZeroBubble")
 
@@ -170,11 +171,7 @@ class Variant:
         t0 = time.perf_counter()
         for p in self.params:
             p.grad = None
-        if self.holds_last:
-            losses: list = []
-            self.sched.step(**self.batch, target=self.labels, losses=losses)
-        else:
-            self.sched.step(**self.batch)
+        losses = schedule_step(self.sched, self.batch, self.labels, self.holds_last)
         sync(self.device)
         dt = time.perf_counter() - t0
         if self.holds_last:

@@ -114,6 +114,17 @@ class RankPipeline:
         return stages, sched, loss_fn, params, any(st.is_last for st in stages)
 
 
+def schedule_step(sched, batch: dict, labels: torch.Tensor, holds_last: bool) -> list:
+    """One step of ``sched`` over ``batch``; the rank holding the last stage passes the
+    labels and gets the microbatch losses back (an empty list on the other ranks)."""
+    losses: list = []
+    if holds_last:
+        sched.step(**batch, target=labels, losses=losses)
+    else:
+        sched.step(**batch)
+    return losses
+
+
 def rank_pipeline(rank: int, world: int, device, schedule: str, microbatches: int = MICROBATCHES) -> RankPipeline:
     """The pipeline every rank builds for ``schedule`` (two stages a rank for multi-stage
     schedules), traced for one microbatch of the global batch."""
@@ -168,11 +179,7 @@ def pipeline_step_times(rank: int, world: int, schedule: str, device, steps: int
         sync(device)
         t0, c0 = time.perf_counter(), time.process_time()
         opt.zero_grad(set_to_none=True)
-        losses: list = []
-        if holds_last:
-            sched.step(**batch, target=labels, losses=losses)
-        else:
-            sched.step(**batch)
+        losses = schedule_step(sched, batch, labels, holds_last)
         opt.step()
         sync(device)
         if i >= warmup:

@@ -53,7 +53,7 @@ import torch.distributed as dist
 
 from fxpp.runtime.placement import MULTI_STAGE
 from _common import ROOT, default_json_path, start, values_or_exit
-from bench_schedules import BATCH, MODEL_NAME, SEQ, rank_pipeline
+from bench_schedules import BATCH, MODEL_NAME, SEQ, rank_pipeline, schedule_step
 
 PLOT_NAMES = {"1F1B": "timeline_1f1b.png", "ZBVZeroBubble": "timeline_zbv.png"}
 
@@ -162,11 +162,7 @@ def record(rank: int, world: int, device, schedule: str, microbatches: int, step
         rec.active = i >= warmup
         for p in params:
             p.grad = None
-        losses: list = []
-        if holds_last:
-            sched.step(**batch, target=labels, losses=losses)
-        else:
-            sched.step(**batch)
+        losses = schedule_step(sched, batch, labels, holds_last)
         end = time.perf_counter_ns() - rec.origin
         rec.active = False
         if i >= warmup:
