@@ -1,12 +1,15 @@
-"""Shared helpers for the fxpp benchmark scripts: environment header, table, JSON rows."""
+"""Shared helpers for the fxpp benchmark scripts: the prologue (threads, environment header),
+the schedules argument, table and JSON rows, the torchrun path."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
 import platform
 import subprocess
+import sys
 
 import torch
 import transformers
@@ -37,6 +40,50 @@ def environment(device: str) -> dict:
 
 def print_header(env: dict) -> None:
     print("# " + "  ".join(f"{k}={v}" for k, v in env.items()), flush=True)
+
+
+def start(device: str = "cpu", *, threads: int | None = None, spawned: bool = False, **extra) -> dict:
+    """Every benchmark's prologue: pin torch's threads (where ``threads`` is given), read the
+    environment, print it as the header line; returns it for the JSON rows.
+
+    ``extra`` entries join the environment. ``spawned``: the run spawns local processes of
+    ``threads`` threads each, so the header also gives ``threads_per_process``, the
+    machine's cores and its 1-minute load at the start (other users of the machine).
+    """
+    if threads:
+        torch.set_num_threads(threads)
+    env = environment(device)
+    env.update(extra)
+    if spawned:
+        env.update(threads_per_process=threads, cpu_count=os.cpu_count(),
+                   loadavg_1m_at_start=round(os.getloadavg()[0], 2))
+    print_header(env)
+    return env
+
+
+def schedules_arg(ap: argparse.ArgumentParser, text: str, known) -> list[str]:
+    """The schedules of a ``--schedules`` comma list; an unknown one is a usage error."""
+    schedules = [s for s in text.split(",") if s]
+    unknown = [s for s in schedules if s not in known]
+    if unknown:
+        ap.error(f"unknown schedule(s) {unknown}; known: {', '.join(known)}")
+    return schedules
+
+
+def under_torchrun() -> bool:
+    """Whether this process was started by ``torchrun`` (one rank of its group)."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def values_or_exit(results: list[dict], what: str = "") -> list:
+    """The ranks' values of a ``run_ranks`` run; on a failed rank, its error and traceback
+    on stderr and exit status 1."""
+    bad = [r for r in results if not r["ok"]]
+    if bad:
+        print(f"# {what + ' ' if what else ''}failed: {bad[0]['error']}\n{bad[0].get('traceback', '')}",
+              file=sys.stderr)
+        sys.exit(1)
+    return [r["value"] for r in results]
 
 
 def default_json_path(name: str) -> str:

@@ -65,8 +65,8 @@ import traceback
 
 import torch
 import torch.distributed as dist
-from _common import default_json_path, environment, gather, print_header, report, torchrun_group
-from bench_schedules import BATCH, MODEL_NAME, SEQ, build_model, make_batch
+from _common import default_json_path, gather, print_header, report, start, torchrun_group, under_torchrun
+from bench_schedules import BATCH, MODEL_NAME, SEQ, build_model, make_batch, schedule_step
 
 import fxpp
 
@@ -130,12 +130,9 @@ class PipeDp:
 
     def step(self) -> None:
         self.opt.zero_grad(set_to_none=True)
+        losses = schedule_step(self.sched, self.batch, self.labels, self.stage.is_last)
         if self.stage.is_last:
-            losses: list = []
-            self.sched.step(**self.batch, target=self.labels, losses=losses)
             share = self.loss_fn.whole_batch(losses).detach().reshape(1)
-        else:
-            self.sched.step(**self.batch)
         self.opt.step()
         if self.stage.is_last:  # the replicas' shares add up to the global batch's loss
             dist.all_reduce(share, group=self.mesh["dp"].get_group())
@@ -194,12 +191,9 @@ class Pipe4:
 
     def step(self) -> None:
         self.opt.zero_grad(set_to_none=True)
+        losses = schedule_step(self.sched, self.batch, self.labels, self.stage.is_last)
         if self.stage.is_last:
-            losses: list = []
-            self.sched.step(**self.batch, target=self.labels, losses=losses)
             self.loss = float(self.loss_fn.whole_batch(losses))
-        else:
-            self.sched.step(**self.batch)
         self.opt.step()
 
 
@@ -377,15 +371,12 @@ def main() -> None:
     ap.add_argument("--json", default=default_json_path("bench_data_parallel"))
     args = ap.parse_args()
     torch.set_num_threads(1)
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+    if under_torchrun():
         torchrun_main(args)
         return
     from fxpp.trainer.launch import run_ranks
 
-    env = environment("cpu")
-    env.update({"world_size": WORLD, "backend": "gloo", "threads_per_process": 1, "cpu_count": os.cpu_count(),
-                "loadavg_1m_at_start": round(os.getloadavg()[0], 2)})
-    print_header(env)
+    env = start(threads=1, spawned=True, world_size=WORLD, backend="gloo")
     print(describe(), flush=True)
     if WORLD > (os.cpu_count() or 1):
         print(f"# WARNING: {WORLD} ranks on {os.cpu_count()} cores: ranks time-slice (oversubscribed); step times "

@@ -48,7 +48,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 
 import torch
@@ -57,8 +56,10 @@ from torch import nn
 
 import fxpp
 from fxpp.runtime.placement import MULTI_STAGE, SCHEDULES
-from _common import default_json_path, environment, gather, print_header, report, torchrun_group
-from bench_schedules import BATCH, MICROBATCHES, MODEL_NAME, SEQ, build_model, make_batch
+from _common import (default_json_path, gather, print_header, report, schedules_arg, start, torchrun_group,
+                     under_torchrun, values_or_exit)
+from bench_schedules import (BATCH, MICROBATCHES, MODEL_NAME, SEQ, build_model, make_batch, rank_pipeline,
+                             schedule_step)
 
 DEFAULT_SCHEDULES = ("GPipe", "1F1B", "Interleaved1F1B", "ZBVZeroBubble")
 
@@ -141,24 +142,18 @@ class Variant:
     """One schedule over this rank's stages (fxpp's or hand-written), stepped and timed."""
 
     def __init__(self, schedule: str, kind: str, rank: int, world: int, device):
-        from fxpp.runtime.schedule import make_schedule
-
         self.schedule, self.kind, self.device = schedule, kind, device
-        self.model = build_model(device)
-        self.batch, self.labels = make_batch(self.model.config.vocab_size, device)
-        num_stages = world * (2 if schedule in MULTI_STAGE else 1)
-        style = MULTI_STAGE.get(schedule, "loop")
         mb = BATCH // MICROBATCHES
         # The split is fxpp's in both variants (the hand-written stages take its layer ranges).
-        pipe = fxpp.pipeline(self.model, num_stages, example_inputs={k: v[:mb] for k, v in self.batch.items()})
-        self.layer_ranges = [list(r) for r in pipe.layer_ranges]
-        self.ids = fxpp.stage_ids_of_rank(rank, num_stages, world, style)
-        self.loss_fn = fxpp.causal_lm_loss(self.labels, MICROBATCHES)
+        rp = rank_pipeline(rank, world, device, schedule)
+        self.model, self.batch, self.labels = rp.model, rp.batch, rp.labels
+        self.layer_ranges = [list(r) for r in rp.pipe.layer_ranges]
+        self.ids = rp.ids
         if kind == "fxpp":
-            stages = [pipe.build_stage(i, device, style=style) for i in self.ids]
-            self.sched = make_schedule(schedule, stages, MICROBATCHES, self.loss_fn)
+            stages, self.sched, self.loss_fn, _, _ = rp.schedule(schedule, device)
             mods = [st.submod for st in stages]
         else:
+            self.loss_fn = fxpp.causal_lm_loss(self.labels, MICROBATCHES)
             model = build_model(device)  # its own weights, equal to self.model's (same seed)
             self.model = model
             ranges = [range(r[0], r[-1] + 1) for r in self.layer_ranges]
@@ -176,11 +171,7 @@ class Variant:
         t0 = time.perf_counter()
         for p in self.params:
             p.grad = None
-        if self.holds_last:
-            losses: list = []
-            self.sched.step(**self.batch, target=self.labels, losses=losses)
-        else:
-            self.sched.step(**self.batch)
+        losses = schedule_step(self.sched, self.batch, self.labels, self.holds_last)
         sync(self.device)
         dt = time.perf_counter() - t0
         if self.holds_last:
@@ -352,19 +343,14 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=1200, help="seconds for the whole spawned run")
     ap.add_argument("--json", default=default_json_path("bench_efficiency"))
     args = ap.parse_args()
-    schedules = [s for s in args.schedules.split(",") if s]
-    unknown = [s for s in schedules if s not in SCHEDULES]
-    if unknown:
-        ap.error(f"unknown schedule(s) {unknown}; known: {', '.join(SCHEDULES)}")
+    schedules = schedules_arg(ap, args.schedules, SCHEDULES)
     torch.set_num_threads(1)
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+    if under_torchrun():
         torchrun_main(args, schedules)
         return
     from fxpp.trainer.launch import run_ranks
 
-    env = environment("cpu")
-    env.update(threads_per_process=1, cpu_count=os.cpu_count(), loadavg_1m_at_start=round(os.getloadavg()[0], 2))
-    print_header(env)
+    env = start(threads=1, spawned=True)
     print(f"# {MODEL_NAME}, global batch {BATCH}x{SEQ} = {BATCH * SEQ} tokens, {MICROBATCHES} microbatches, "
           f"{args.ranks} gloo ranks, {args.repeats} repeats x {args.steps} steps, fwd+bwd only", flush=True)
     if args.ranks > (os.cpu_count() or 1):
@@ -372,13 +358,10 @@ def main() -> None:
     t0 = time.perf_counter()
     results = run_ranks(_rank_job, args.ranks, schedules, args.repeats, args.steps, timeout_s=args.timeout,
                         pg_timeout_s=300, threads=1)
-    bad = [r for r in results if not r["ok"]]
-    if bad:
-        print(f"# failed: {bad[0]['error']}\n{bad[0].get('traceback', '')}", file=sys.stderr)
-        sys.exit(1)
+    values = values_or_exit(results)
     env["loadavg_1m_at_end"] = round(os.getloadavg()[0], 2)
     env["wall_s"] = round(time.perf_counter() - t0, 1)
-    report(rows_for(args.ranks, [r["value"] for r in results], schedules), COLUMNS, env, args.json)
+    report(rows_for(args.ranks, values, schedules), COLUMNS, env, args.json)
 
 
 def torchrun_main(args, schedules: list[str]) -> None:

@@ -65,7 +65,7 @@ import time
 
 import torch
 
-from _common import default_json_path, environment, print_header, report
+from _common import default_json_path, report, start
 
 MB = 1024 * 1024
 MODEL_NAME = "llama-h512-L8-v32000"
@@ -280,10 +280,7 @@ def main() -> None:
     ap.add_argument("--no-dp", dest="dp", action="store_false",
                     help="skip pp 2 x dp 2 (4 ranks; FSDP2 shards of each stage, each reading only its rows)")
     args = ap.parse_args()
-    torch.set_num_threads(1)
-    env = environment("cpu")
-    env["threads_per_process"] = 1
-    print_header(env)
+    env = start(threads=1, threads_per_process=1)
     rows = []
     with tempfile.TemporaryDirectory(prefix="fxpp_bench_ckpt_") as ckpt:
         info = write_checkpoint(ckpt)

@@ -24,7 +24,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import fxpp
-from _common import default_json_path, environment, print_header, report
+from _common import default_json_path, report, start
 
 BATCH, SEQ = 4, 128
 
@@ -43,11 +43,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (e.g. 1 for steadier numbers)")
     ap.add_argument("--json", default=default_json_path("bench_overhead"))
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    env = environment("cpu")
-    print_header(env)
+    env = start(threads=args.threads)
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
                          num_key_value_heads=4, vocab_size=1000, max_position_embeddings=512)

@@ -47,7 +47,7 @@ from torch import fx
 
 import fxpp
 from fxpp.analysis.annotate import info
-from _common import default_json_path, environment, print_header, report
+from _common import default_json_path, report, start
 
 BATCH = 2
 LAYERS = 12
@@ -240,10 +240,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (0: torch's default)")
     ap.add_argument("--json", default=default_json_path("bench_recompute"))
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    env = environment("cpu")
-    print_header(env)
+    env = start(threads=args.threads)
     print("# cached_bound_ms = stage_ms - recompute_ms: the upper bound a cache of masks/rotary for fixed shapes "
           "could reach (fxpp has none); cached_ms measures it", flush=True)
     rows = []

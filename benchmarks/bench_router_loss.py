@@ -24,7 +24,7 @@ from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 import fxpp
 from fxpp.layout import filler_shape
-from _common import default_json_path, environment, print_header, report
+from _common import default_json_path, report, start
 
 
 def crossing_bytes(router_logits: bool, batch: int, seq: int) -> list[int]:
@@ -73,8 +73,7 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--json", default=default_json_path("bench_router_loss"))
     args = ap.parse_args()
-    env = environment("cpu")
-    print_header(env)
+    env = start()
     rows = []
     off, on = crossing_bytes(False, 1, 4096), crossing_bytes(True, 1, 4096)
     for cut, (a, b) in enumerate(zip(off, on), start=1):

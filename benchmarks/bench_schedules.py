@@ -54,13 +54,15 @@ import statistics
 import sys
 import time
 import traceback
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 import fxpp
 from fxpp.runtime.placement import MULTI_STAGE, SCHEDULES
-from _common import default_json_path, environment, gather, print_header, report, torchrun_group
+from _common import (default_json_path, gather, print_header, report, schedules_arg, start, torchrun_group,
+                     under_torchrun)
 
 BATCH, SEQ, MICROBATCHES = 16, 64, 8
 MODEL_NAME = "llama-h256-L8-v1000"
@@ -85,6 +87,55 @@ def make_batch(vocab: int, device) -> tuple[dict, torch.Tensor]:
 def sync(device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+@dataclass
+class RankPipeline:
+    """The benchmark model, its batch, fxpp's pipeline of it for one schedule and the ids of
+    this rank's stages (:func:`rank_pipeline`)."""
+
+    model: torch.nn.Module
+    batch: dict
+    labels: torch.Tensor
+    pipe: "fxpp.Pipeline"
+    ids: list[int]
+    style: str
+    microbatches: int
+
+    def schedule(self, schedule: str, device):
+        """This rank's stages, a schedule over them with the causal-LM loss, the loss, the
+        stages' parameters (a tied weight once), and whether the rank holds the last stage."""
+        from fxpp.runtime.schedule import make_schedule
+
+        stages = [self.pipe.build_stage(i, device, style=self.style) for i in self.ids]
+        loss_fn = fxpp.causal_lm_loss(self.labels, self.microbatches)
+        sched = make_schedule(schedule, stages, self.microbatches, loss_fn)
+        params = list({id(p): p for st in stages for p in st.submod.parameters()}.values())
+        return stages, sched, loss_fn, params, any(st.is_last for st in stages)
+
+
+def schedule_step(sched, batch: dict, labels: torch.Tensor, holds_last: bool) -> list:
+    """One step of ``sched`` over ``batch``; the rank holding the last stage passes the
+    labels and gets the microbatch losses back (an empty list on the other ranks)."""
+    losses: list = []
+    if holds_last:
+        sched.step(**batch, target=labels, losses=losses)
+    else:
+        sched.step(**batch)
+    return losses
+
+
+def rank_pipeline(rank: int, world: int, device, schedule: str, microbatches: int = MICROBATCHES) -> RankPipeline:
+    """The pipeline every rank builds for ``schedule`` (two stages a rank for multi-stage
+    schedules), traced for one microbatch of the global batch."""
+    model = build_model(device)
+    batch, labels = make_batch(model.config.vocab_size, device)
+    num_stages = world * (2 if schedule in MULTI_STAGE else 1)
+    style = MULTI_STAGE.get(schedule, "loop")
+    mb = BATCH // microbatches
+    pipe = fxpp.pipeline(model, num_stages, example_inputs={k: v[:mb] for k, v in batch.items()})
+    ids = fxpp.stage_ids_of_rank(rank, num_stages, world, style)
+    return RankPipeline(model, batch, labels, pipe, ids, style, microbatches)
 
 
 class Baseline:
@@ -116,22 +167,11 @@ class Baseline:
 
 def pipeline_step_times(rank: int, world: int, schedule: str, device, steps: int, warmup: int) -> dict:
     """This rank's step times for ``schedule`` (every rank calls this together)."""
-    from fxpp.runtime.schedule import make_schedule
-
     t_setup = time.perf_counter()
-    model = build_model(device)
-    batch, labels = make_batch(model.config.vocab_size, device)
-    num_stages = world * (2 if schedule in MULTI_STAGE else 1)
-    style = MULTI_STAGE.get(schedule, "loop")
-    mb = {k: v[: BATCH // MICROBATCHES] for k, v in batch.items()}
-    pipe = fxpp.pipeline(model, num_stages, example_inputs=mb)
-    ids = fxpp.stage_ids_of_rank(rank, num_stages, world, style)
-    stages = [pipe.build_stage(i, device, style=style) for i in ids]
-    loss_fn = fxpp.causal_lm_loss(labels, MICROBATCHES)
-    sched = make_schedule(schedule, stages, MICROBATCHES, loss_fn)
-    params = list({id(p): p for st in stages for p in st.submod.parameters()}.values())
+    rp = rank_pipeline(rank, world, device, schedule)
+    pipe, ids, batch, labels = rp.pipe, rp.ids, rp.batch, rp.labels
+    stages, sched, loss_fn, params, holds_last = rp.schedule(schedule, device)
     opt = torch.optim.AdamW(params, lr=1e-3)
-    holds_last = any(st.is_last for st in stages)
     setup_s = time.perf_counter() - t_setup
     times, cpu, last_loss = [], [], None
     for i in range(warmup + steps):
@@ -139,11 +179,7 @@ def pipeline_step_times(rank: int, world: int, schedule: str, device, steps: int
         sync(device)
         t0, c0 = time.perf_counter(), time.process_time()
         opt.zero_grad(set_to_none=True)
-        losses: list = []
-        if holds_last:
-            sched.step(**batch, target=labels, losses=losses)
-        else:
-            sched.step(**batch)
+        losses = schedule_step(sched, batch, labels, holds_last)
         opt.step()
         sync(device)
         if i >= warmup:
@@ -269,21 +305,14 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=600, help="seconds for one spawned run of all schedules")
     ap.add_argument("--json", default=default_json_path("bench_schedules"))
     args = ap.parse_args()
-    schedules = [s for s in args.schedules.split(",") if s]
-    unknown = [s for s in schedules if s not in SCHEDULES]
-    if unknown:
-        ap.error(f"unknown schedule(s) {unknown}; known: {', '.join(SCHEDULES)}")
+    schedules = schedules_arg(ap, args.schedules, SCHEDULES)
     torch.set_num_threads(1)
 
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+    if under_torchrun():
         torchrun_main(args, schedules)
         return
 
-    env = environment("cpu")
-    env["threads_per_process"] = 1
-    env["cpu_count"] = os.cpu_count()
-    env["loadavg_1m_at_start"] = round(os.getloadavg()[0], 2)  # other users of the machine
-    print_header(env)
+    env = start(threads=1, spawned=True)
     print(f"# {MODEL_NAME}, global batch {BATCH}x{SEQ} = {BATCH * SEQ} tokens, {MICROBATCHES} microbatches; "
           f"gloo, spawned local processes, torch.set_num_threads(1) in every process (baseline included)", flush=True)
     rows = []

@@ -46,17 +46,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import sys
 import time
 
 import torch
 import torch.distributed as dist
 
-import fxpp
 from fxpp.runtime.placement import MULTI_STAGE
-from _common import ROOT, default_json_path, environment, print_header
-from bench_schedules import BATCH, MODEL_NAME, SEQ, build_model, make_batch
+from _common import ROOT, default_json_path, start, values_or_exit
+from bench_schedules import BATCH, MODEL_NAME, SEQ, rank_pipeline, schedule_step
 
 PLOT_NAMES = {"1F1B": "timeline_1f1b.png", "ZBVZeroBubble": "timeline_zbv.png"}
 
@@ -149,20 +146,9 @@ def instrument_waits(rec: Recorder) -> bool:
 
 def record(rank: int, world: int, device, schedule: str, microbatches: int, steps: int, warmup: int) -> dict:
     """This rank's events for ``warmup + steps`` steps of ``schedule`` over fxpp stages (every rank calls this)."""
-    from fxpp.runtime.schedule import make_schedule
-
-    model = build_model(device)
-    batch, labels = make_batch(model.config.vocab_size, device)
-    num_stages = world * (2 if schedule in MULTI_STAGE else 1)
-    style = MULTI_STAGE.get(schedule, "loop")
-    mb = BATCH // microbatches
-    pipe = fxpp.pipeline(model, num_stages, example_inputs={k: v[:mb] for k, v in batch.items()})
-    ids = fxpp.stage_ids_of_rank(rank, num_stages, world, style)
-    stages = [pipe.build_stage(i, device, style=style) for i in ids]
-    loss_fn = fxpp.causal_lm_loss(labels, microbatches)
-    sched = make_schedule(schedule, stages, microbatches, loss_fn)
-    params = list({id(p): p for st in stages for p in st.submod.parameters()}.values())
-    holds_last = any(st.is_last for st in stages)
+    rp = rank_pipeline(rank, world, device, schedule, microbatches)
+    pipe, ids, batch, labels = rp.pipe, rp.ids, rp.batch, rp.labels
+    stages, sched, loss_fn, params, holds_last = rp.schedule(schedule, device)
     rec = Recorder()
     for st in stages:
         instrument_stage(st, rec)
@@ -176,11 +162,7 @@ def record(rank: int, world: int, device, schedule: str, microbatches: int, step
         rec.active = i >= warmup
         for p in params:
             p.grad = None
-        losses: list = []
-        if holds_last:
-            sched.step(**batch, target=labels, losses=losses)
-        else:
-            sched.step(**batch)
+        losses = schedule_step(sched, batch, labels, holds_last)
         end = time.perf_counter_ns() - rec.origin
         rec.active = False
         if i >= warmup:
@@ -306,21 +288,14 @@ def main() -> None:
         return
     if BATCH % args.microbatches:
         ap.error(f"--microbatches {args.microbatches} must divide the batch {BATCH}")
-    torch.set_num_threads(1)
-    env = environment("cpu")
-    env.update(threads_per_process=1, cpu_count=os.cpu_count(), loadavg_1m_at_start=round(os.getloadavg()[0], 2))
-    print_header(env)
+    env = start(threads=1, spawned=True)
     print(f"# {MODEL_NAME}, global batch {BATCH}x{SEQ}, {args.microbatches} microbatches, {args.ranks} gloo ranks, "
           f"forward+backward only", flush=True)
     entries = []
     for schedule in [s for s in args.schedules.split(",") if s]:
         results = run_ranks(_rank_job, args.ranks, schedule, args.microbatches, args.steps, args.warmup,
                             timeout_s=600, pg_timeout_s=120, threads=1)
-        bad = [r for r in results if not r["ok"]]
-        if bad:
-            print(f"# {schedule} failed: {bad[0]['error']}\n{bad[0].get('traceback', '')}", file=sys.stderr)
-            sys.exit(1)
-        per_rank = [r["value"] for r in results]
+        per_rank = values_or_exit(results, schedule)
         step = median_step(per_rank)
         summary = summarize(per_rank, step)
         kinds = {e[0] for r in per_rank for s in r["steps"] for e in s["events"]}

@@ -28,7 +28,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import fxpp
-from _common import default_json_path, environment, print_header, report
+from _common import default_json_path, report, start
 
 SHAPES = {
     "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32),
@@ -97,8 +97,7 @@ def main() -> None:
     ap.add_argument("--json", default=default_json_path("bench_transform"))
     args = ap.parse_args()
 
-    env = environment("meta (trace/rewrite runs on CPU)")
-    print_header(env)
+    env = start("meta (trace/rewrite runs on CPU)")
     rows = []
     for name in args.models.split(","):
         model, inputs = build(name)

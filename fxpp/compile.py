@@ -34,12 +34,12 @@ from .inputs.signature import (InputSignature, alternative_token_inputs, declare
 from .inputs.unused import (ignored_by_the_model, reject_media_without_path, reject_unconsumed_inputs,
                             tolerated_reason, unconsumed_inputs)
 from .meta import SIGNATURE_KEY, TRACE_KEY, SignatureRecord, TraceRecord, trace_record
+from .model_facts import model_device
 from .passes.dense_masked_rows import dense_masked_rows
 from .passes.guard_mask_branches import guard_mask_branches
 from .spec import StageRole, StageSpec
 from .stage_module import StageModule
 from .trace import find_decoder_layers, trace_model
-from .trace.model_state import model_device
 
 log = logging.getLogger("fxpp.compile")
 

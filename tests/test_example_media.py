@@ -65,7 +65,7 @@ def test_media_no_example_fits_are_refused_with_the_reason(monkeypatch):
 def test_model_unchanged_restores_plain_attributes():
     """transformers marks a module once it installed its output-capturing hooks; the mark must
     go with the hooks, or the model believes it has hooks it lost."""
-    from fxpp.trace.model_state import model_unchanged
+    from fxpp.model_facts import model_unchanged
 
     module = torch.nn.Linear(2, 2)
     module.flag = 1
@@ -92,7 +92,7 @@ def test_the_callers_example_ids_are_kept_with_the_image_tokens_written_in():
 
 def test_model_unchanged_restores_buffer_contents():
     """A real evaluation while tracing may update a buffer in place (BatchNorm in train mode)."""
-    from fxpp.trace.model_state import model_unchanged
+    from fxpp.model_facts import model_unchanged
 
     norm = torch.nn.BatchNorm1d(3).train()
     before = norm.running_mean.clone()

@@ -20,7 +20,8 @@ from torch.fx import Graph, GraphModule
 import fxpp
 from fxpp import ops
 from fxpp.errors import StageInputError
-from fxpp.trace import select_output, trace_model, unwrap_forward
+from fxpp.model_facts import select_output, unwrap_forward
+from fxpp.trace import trace_model
 from fxpp.inputs.unused import reject_unconsumed_inputs, tolerated_reason, unconsumed_inputs
 from fxpp.testing.zoo import tiny_model, tiny_vlm
 

@@ -11,14 +11,9 @@ traces).
 ``unused``: every input a caller gives must reach the graph's output; inputs the model
 itself ignores, media given to a model without a media path.
 
-Note [inputs below trace]
-    This room sits below ``fxpp.trace``: nothing here traces. It still reads four
-    model helpers that live in the trace room (``unwrap_forward``, which peels the
-    forward's decorators as the tracer does; ``is_encoder_decoder``;
-    ``model_device`` / ``model_unchanged``; ``TRACE_KWARGS`` / ``select_output``, the
-    training forward's keywords and output), because the signature must be the one
-    the tracer traces and example media are checked by running the model's own code.
-    Nothing in ``fxpp.trace`` imports this room, so this is no circle.
+This room sits below ``fxpp.trace``: nothing here traces. What it needs to know about
+the model's forward (its parameters with decorators peeled as the tracer peels them,
+the training keywords and output) comes from ``fxpp.model_facts``, below both.
 """
 
 from __future__ import annotations
@@ -27,8 +22,7 @@ from .example_media import NoExampleMedia, example_media_inputs
 from .names import (DECODER_INPUTS, DECODER_TOKEN_INPUTS, IMAGE, MODALITIES, TEXT_INPUTS, TOKEN_COMPANIONS,
                     TOKEN_INPUTS, VIDEO, Modality, is_media_input, is_text_input, media_inputs_of, stream_tokens,
                     travels_with_media)
-from .signature import (InputSignature, default_example_inputs, forward_parameters, forward_signature,
-                        representative_present_sets)
+from .signature import InputSignature, default_example_inputs, representative_present_sets
 from .unused import (ignored_by_the_model, reject_media_without_path, reject_unconsumed_inputs, tolerated_reason,
                      unconsumed_inputs)
 
@@ -46,8 +40,6 @@ __all__ = [
     "VIDEO",
     "default_example_inputs",
     "example_media_inputs",
-    "forward_parameters",
-    "forward_signature",
     "ignored_by_the_model",
     "is_media_input",
     "is_text_input",

@@ -40,18 +40,13 @@ call with images is refused with that reason (and how to declare them).
 
 from __future__ import annotations
 
-import inspect
 import math
 from typing import Callable
 
 import torch
 from transformers import PreTrainedConfig
 
-# The model's own code is run here (get_image_features, its forward), never the tracer;
-# these are the trace room's model helpers (Note [inputs below trace] in fxpp.inputs).
-from ..trace.driver import TRACE_KWARGS
-from ..trace.layers import is_encoder_decoder
-from ..trace.model_state import model_device, model_unchanged
+from ..model_facts import TRACE_KWARGS, is_encoder_decoder, model_device, model_unchanged, parameter_names
 from .names import IMAGE_TOKEN_ATTRS, VIDEO_TOKEN_ATTRS
 
 # merge (pixel-shuffle) factor of grid-style vision towers, under its various names
@@ -88,13 +83,7 @@ def int_attr(holder, names, default=None):
 def takes_input(cls_or_model, name: str) -> bool:
     """Whether the class's ``get_image_features`` or ``forward`` takes ``name``."""
     cls = cls_or_model if isinstance(cls_or_model, type) else type(cls_or_model)
-    for fn in (getattr(cls, "get_image_features", None), getattr(cls, "forward", None)):
-        try:
-            if fn is not None and name in inspect.signature(fn).parameters:
-                return True
-        except (TypeError, ValueError):
-            continue
-    return False
+    return any(name in parameter_names(getattr(cls, attr, None)) for attr in ("get_image_features", "forward"))
 
 
 def is_grid_tower(vision, cls=None) -> bool:
@@ -183,7 +172,7 @@ def vision_config_of(model):
         vision = getattr(encoder, "vision_config", None)
         if vision is None and encoder is not None and image_side(encoder) is not None:
             vision = encoder
-        if vision is None and image_side(config) is not None and "pixel_values" in _signature_params(model.forward):
+        if vision is None and image_side(config) is not None and "pixel_values" in parameter_names(model.forward):
             vision = config  # the encoder embeds image patches itself (UDOP)
     if vision is None and embeds_raw_patches(model):
         return config
@@ -233,21 +222,14 @@ def _image_feature_getter(model) -> Callable | None:
                 None)
 
 
-def _signature_params(fn) -> set[str]:
-    try:
-        return set(inspect.signature(fn).parameters) if fn is not None else set()
-    except (TypeError, ValueError):
-        return set()
-
-
 def media_candidates(model, batch: int, g: torch.Generator) -> list[dict[str, torch.Tensor]]:
     """Media layouts to try for ``batch`` images, most likely first (module docstring)."""
     config = model.config
     vision = vision_config_of(model)
     towerless = vision is config and embeds_raw_patches(model)
     channels = getattr(vision, "num_channels", None) or getattr(vision, "in_channels", None) or 3
-    forward_params = _signature_params(model.forward)
-    get_params = _signature_params(_image_feature_getter(model))
+    forward_params = parameter_names(model.forward)
+    get_params = parameter_names(_image_feature_getter(model))
     if towerless:
         # no tower: a linear embedding of raw patches, [images, patches, C*p*p] (Fuyu)
         p = patch_size(config)
@@ -437,7 +419,7 @@ def example_media_inputs(model: torch.nn.Module, batch: int = 2, seed: int = 0,
                   if isinstance(getattr(config, a, None), int)), None)
     channels = getattr(vision, "num_channels", None) or getattr(vision, "in_channels", None) or 3
     g = torch.Generator().manual_seed(seed)
-    forward_params = _signature_params(model.forward)
+    forward_params = parameter_names(model.forward)
     with model_unchanged(model), torch.random.fork_rng(devices=[]):
         if "aspect_ratio_ids" in forward_params:
             return _on(device, _tiled_cross_attention_inputs(model, vision, token, channels, batch, g))

@@ -19,7 +19,6 @@ candidate example
 
 from __future__ import annotations
 
-import inspect
 import itertools
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
@@ -27,11 +26,7 @@ from typing import Any, Iterable, Iterator
 import torch
 
 from ..errors import StageInputError
-# The forward's own signature, decorators peeled as the tracer peels them (Note [inputs
-# below trace] in fxpp.inputs).
-from ..trace.layers import is_encoder_decoder
-from ..trace.model_state import model_device
-from ..trace.wrappers import unwrap_forward
+from ..model_facts import forward_parameters, is_encoder_decoder, model_device
 from .example_media import example_media_inputs, token_companions, vision_config_of
 from .names import (DECODER_INPUTS, TEXT_INPUTS, TOKEN_COMPANIONS, TOKEN_INPUTS, is_media_input, media_inputs_of,
                     stream_tokens, travels_with_media)
@@ -39,16 +34,6 @@ from .names import (DECODER_INPUTS, TEXT_INPUTS, TOKEN_COMPANIONS, TOKEN_INPUTS,
 # How a user declares media inputs fxpp could not make examples of.
 DECLARE_MEDIA = ("; declare them by building with example_inputs that hold one microbatch with images "
                  "(fxpp.pipeline(model, n, example_inputs=...))")
-
-
-def forward_signature(model: torch.nn.Module) -> inspect.Signature:
-    """The signature of the model's forward as the tracer traces it (decorators peeled)."""
-    return inspect.signature(unwrap_forward(type(model).forward))
-
-
-def forward_parameters(model: torch.nn.Module) -> set[str]:
-    """The names of the forward's parameters (:func:`forward_signature`)."""
-    return set(forward_signature(model).parameters)
 
 
 def default_example_inputs(model: torch.nn.Module, batch_size: int = 2, seq_len: int = 8) -> dict[str, torch.Tensor]:

@@ -53,11 +53,8 @@ import torch.fx
 
 from .. import ops
 from ..errors import StageInputError
-# The model's training forward, run as the tracer runs it (Note [inputs below trace] in fxpp.inputs).
-from ..trace.driver import TRACE_KWARGS, select_output
-from ..trace.model_state import model_unchanged
+from ..model_facts import TRACE_KWARGS, forward_parameters, model_unchanged, select_output
 from .names import is_media_input
-from .signature import forward_parameters
 
 
 # Guards whose check is a use of the value: the branch the forward took on a mask builder's

@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from torch.optim.lr_scheduler import LambdaLR
+from transformers.trainer_pt_utils import get_parameter_names
 
 from ..errors import OptimizerSettingsError
 
@@ -126,9 +127,6 @@ def clip_grad_norm_(stages, max_norm: float, norm_type: float = 2.0, *, foreach:
 
 def decay_parameter_names(module: torch.nn.Module) -> set[str]:
     """Names of the parameters weight decay applies to: not biases, not normalization weights (as transformers' Trainer)."""
-    # Imported here: `import fxpp` does not load transformers (start-up time of the library).
-    from transformers.trainer_pt_utils import get_parameter_names
-
     return set(get_parameter_names(module, [torch.nn.LayerNorm], NO_DECAY_PATTERNS))
 
 

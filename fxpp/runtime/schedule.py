@@ -113,6 +113,10 @@ class PipelineSchedule:
         shape = step_shape(kwargs)
         if shape is not None:
             shape = (-(-shape[0] // self.n_microbatches), *shape[1:])
+        self._start_step(shape)
+
+    def _start_step(self, shape: tuple[int, ...] | None) -> None:
+        """Agree on the compute dtype (first step), follow the microbatch ``shape``, start each stage's step."""
         if not self._dtype_agreed:
             self._agree_compute_dtype()
         self._follow_shapes(shape)
@@ -148,11 +152,7 @@ class PipelineSchedule:
             # microbatches of other sizes in one step: the metadata fits none of them all,
             # and every rank must hear it (a refusal, below), not only this one
             shape = shapes.pop() if len(shapes) == 1 else (_MIXED_SIZES,) * len(step_shape(microbatches[0]) or (0, 0))
-        if not self._dtype_agreed:
-            self._agree_compute_dtype()
-        self._follow_shapes(shape)
-        for stage in self.stages:
-            stage.begin_step()
+        self._start_step(shape)
         result = run_microbatches(self.torch_schedule, microbatches, targets, losses, return_outputs=return_outputs)
         finish_step(self.stages)
         self._check_headers()

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import inspect
 import math
 import os
 import signal
@@ -26,8 +25,8 @@ from typing import Any, Iterable
 import torch
 
 from ..errors import FxppError
+from ..model_facts import forward_signature
 from ..pipeline import pipeline
-from ..trace import unwrap_forward
 from .tiny import VOCAB
 
 STATUSES = ("pass", "mismatch", "fxpp-error", "model-error", "error")
@@ -113,7 +112,7 @@ def _logits(out: Any) -> torch.Tensor:
 def training_kwargs(model: torch.nn.Module) -> dict[str, Any]:
     """``use_cache=False`` where the forward takes it, by name or through ``**kwargs``
     that it hands to the inner model: the training forward a pipeline must equal."""
-    params = inspect.signature(unwrap_forward(type(model).forward)).parameters
+    params = forward_signature(model).parameters
     takes = "use_cache" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
     return {"use_cache": False} if takes else {}
 

@@ -55,7 +55,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_
 
 from ..inputs.example_media import (MERGE_ATTRS, example_media_inputs, int_attr, image_side, is_grid_tower,
                                     patch_size, placeholder_token_attrs, text_token_ids, vision_config_of)
-from ..trace.layers import is_encoder_decoder
+from ..model_facts import is_encoder_decoder
 from .check import _message, _perturb, make_inputs
 from .tiny import FAMILY_KWARGS, FAMILY_LAYERS, NUM_LAYERS, SHRINK, VOCAB, shrink_kwargs
 

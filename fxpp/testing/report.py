@@ -86,6 +86,25 @@ def _md(text: str) -> str:
     return " ".join(text.split()).replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
 
 
+def markdown_results(results: list[SweepResult], cases: Iterable[str], *, statuses: Iterable[str] = STATUSES,
+                     kind: bool = False) -> list[str]:
+    """A sweep's docs section below its prose: the summaries (family counts of ``statuses``)
+    and one table row per family (``kind``: with the VLM sweep's kind column)."""
+    cases = tuple(cases)
+    lines = [
+        f"**Summary:** {summary(results, statuses)}; {built_summary(results)}.",
+        "",
+        f"**Per case:** {case_summary(results, cases)}.",
+        "",
+        f"| family | class | {'kind | ' if kind else ''}status | {' / '.join(cases)} | detail |",
+        "|---" * (6 if kind else 5) + "|",
+    ]
+    for r in results:
+        lines.append(f"| `{r.family}` | `{r.class_name}` | {f'{r.kind} | ' if kind else ''}{r.status} | "
+                     f"{r.marks(cases)} | {_md(_detail(r, 300))} |")
+    return lines
+
+
 def sweep_parser(prog: str, doc: str, example: str, docs_help: str, timeout: float) -> argparse.ArgumentParser:
     """The flags both sweep commands take."""
     parser = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0])

@@ -72,12 +72,12 @@ import transformers
 from transformers import AutoModelForCausalLM
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+from ..model_facts import forward_parameters
 from ..pipeline import pipeline
 from .check import (ATOL, MARKS_LEGEND, Case, CaseResult, SweepResult, SweepTimeout, _deadline, _failure, _left,
                     _message, _needs, _perturb, _put, check_pipeline, compare, grads_of, make_inputs,
                     packed_positions, reference_cases, settle, sweep_families)
-from .report import (DOCS_PATH, SECTION_MARK, _detail, _md, built_summary, case_summary, run_and_report, summary,
-                     sweep_parser)
+from .report import DOCS_PATH, SECTION_MARK, markdown_results, run_and_report, summary, sweep_parser
 from .report import format_table as _table
 from .tiny import FAMILY_SETUP, NUM_LAYERS, VOCAB, tiny_config
 
@@ -88,8 +88,6 @@ COMMAND = "python -m fxpp.sweep --write-docs"
 
 def causal_cases(model: torch.nn.Module, seed: int = 0) -> list[Case]:
     """The input cases of :data:`INPUT_CASES` for ``model`` (see the module docstring)."""
-    from ..inputs import forward_parameters
-
     params, name = forward_parameters(model), type(model).__name__
     ids = make_inputs(2, 12, seed=seed)["input_ids"]
     padded = make_inputs(seed=seed + 1)  # 2x9, the first row left-padded by 3
@@ -305,16 +303,8 @@ def markdown(results: list[SweepResult], command: str = COMMAND) -> str:
         "(not fxpp's fault); **error** — any other exception inside fxpp. A family's status is its worst case's "
         f"(in that order: mismatch, error, fxpp-error, model-error), named in the detail. Case marks: {MARKS_LEGEND}.",
         "",
-        f"**Summary:** {summary(results)}; {built_summary(results)}.",
-        "",
-        f"**Per case:** {case_summary(results, CAUSAL_CASES)}.",
-        "",
-        f"| family | class | status | {' / '.join(CAUSAL_CASES)} | detail |",
-        "|---|---|---|---|---|",
+        *markdown_results(results, CAUSAL_CASES),
     ]
-    for r in results:
-        lines.append(f"| `{r.family}` | `{r.class_name}` | {r.status} | {r.marks(CAUSAL_CASES)} | "
-                     f"{_md(_detail(r, 300))} |")
     return "\n".join(lines) + "\n"
 
 

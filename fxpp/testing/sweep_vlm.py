@@ -57,13 +57,13 @@ import traceback
 import torch
 import transformers
 
-from ..trace import find_decoder_layers
 from ..inputs.example_media import NoExampleMedia, token_companions
+from ..model_facts import forward_parameters
+from ..trace import find_decoder_layers
 from .check import (ATOL, Case, CaseResult, SweepResult, SweepTimeout, _deadline, _message, _needs,
                     check_pipeline, packed_positions, reference_cases, settle, sweep_families)
 from .generic_vlm import NotBuilt, decoder_inputs, generic_inputs, generic_model, text_ids, vlm_families
-from .report import (DOCS_PATH, SECTION_MARK, _detail, _md, built_summary, case_summary, run_and_report,
-                     sweep_parser)
+from .report import DOCS_PATH, SECTION_MARK, markdown_results, run_and_report, sweep_parser
 from .report import format_table as _table
 from .report import summary as _summary
 from .tiny import NUM_LAYERS
@@ -110,8 +110,6 @@ def vlm_cases(model, kind: str, inputs: dict[str, torch.Tensor]) -> list[Case]:
     """The cases of :data:`VLM_CASES` for ``model``: ``inputs`` with images (kind ``VLM``),
     text with a padding mask and no media, token ids only, token ids with packed-document
     position ids."""
-    from ..inputs import forward_parameters
-
     params, name = forward_parameters(model), type(model).__name__
     images = Case("images", inputs) if kind == "VLM" else Case(
         "images", None, "the config has no vision tower (kind text)")
@@ -284,16 +282,8 @@ def markdown(results, command: str = COMMAND) -> str:
         f"its image inputs (the family may work with a hand-written config; the reason is in the detail). "
         f"Case marks: {VLM_MARKS_LEGEND}.",
         "",
-        f"**Summary:** {summary(results)}; {built_summary(results)}.",
-        "",
-        f"**Per case:** {case_summary(results, VLM_CASES)}.",
-        "",
-        f"| family | class | kind | status | {' / '.join(VLM_CASES)} | detail |",
-        "|---|---|---|---|---|---|",
+        *markdown_results(results, VLM_CASES, statuses=STATUSES, kind=True),
     ]
-    for r in results:
-        lines.append(f"| `{r.family}` | `{r.class_name}` | {r.kind} | {r.status} | "
-                     f"{r.marks(VLM_CASES)} | {_md(_detail(r, 300))} |")
     return "\n".join(lines) + "\n"
 
 

@@ -3,7 +3,8 @@
 Files
 -----
 ``targets``: what the tracer recognises by identity (mask builders, shape checks).
-``wrappers``: which of transformers' forward decorators are peeled, which kept.
+``wrappers``: the keywords a nested traced forward receives once its decorators are
+peeled (which are peeled, which kept: ``fxpp.model_facts``, below this room).
 ``layers``: finding the decoder layers and the trace path.
 ``tracer``: ``HFTracer``, which builds the graph and hands each concern to a collaborator
 that receives it:
@@ -20,7 +21,6 @@ that receives it:
 
 ``caches``: key/value caches a forward creates itself, one empty copy per layer call.
 ``values``, ``source_lines``: small functions on traced values and source lines.
-``model_state``: the user's model, left as it was.
 ``patching``: helpers, constructors and opaque functions patched while tracing.
 ``driver``: ``trace_model``, the entry point.
 
@@ -100,23 +100,19 @@ Note [mask closures]
 
 from __future__ import annotations
 
-from .driver import TRACE_KWARGS, select_output, trace_model
+from .driver import trace_model
 from .layers import find_decoder_layers, trace_path
 from .targets import MASK_SHAPE_ONLY_KWARGS, is_check_function, is_inplace_method, is_mask_builder
 from .tracer import HFTracer, UntraceableCode
-from .wrappers import unwrap_forward
 
 __all__ = [
     "HFTracer",
     "MASK_SHAPE_ONLY_KWARGS",
-    "TRACE_KWARGS",
     "UntraceableCode",
     "find_decoder_layers",
     "is_check_function",
     "is_inplace_method",
     "is_mask_builder",
-    "select_output",
     "trace_model",
     "trace_path",
-    "unwrap_forward",
 ]

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import collections.abc
-import inspect
 import logging
 from typing import Any
 
@@ -14,45 +12,12 @@ from torch.fx import Graph, GraphModule
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from ..errors import TraceError
+from ..model_facts import TRACE_KWARGS, forward_signature, model_unchanged, select_output, unwrap_forward
 from .layers import find_decoder_layers
-from .model_state import model_unchanged
 from .patching import constructors_patched, helper_methods_patched, opaque_functions_patched
 from .source_lines import user_source_line
 from .tracer import HFTracer
 from .values import fakeify
-from .wrappers import unwrap_forward
-
-
-def select_output(out: Any) -> Any:
-    """What a model graph returns: logits if the model has a head, else hidden states.
-
-    Where the forward also computes losses (an auxiliary ``aux_loss`` of router logits,
-    or ``loss`` when labels are inputs), a dict ``{"logits": ..., <loss terms>}`` in the
-    output's order; ``fxpp.stage_module.StageModule`` decides what a call returns.
-    """
-    if isinstance(out, collections.abc.Mapping):
-        terms = {k: v for k, v in out.items() if is_loss_term(k) and v is not None}
-        if terms and out.get("logits") is not None:
-            return {"logits": out["logits"], **terms}
-        for key in ("logits", "last_hidden_state"):
-            if key in out.keys() and out[key] is not None:
-                return out[key]
-        for value in out.values():
-            if value is not None:
-                return value
-    if isinstance(out, (tuple, list)):
-        return out[0]
-    return out
-
-
-def is_loss_term(key: str) -> bool:
-    """An output field that is a loss (``loss``, ``aux_loss``, ``z_loss``, ...)."""
-    return key == "loss" or key.endswith("_loss")
-
-
-# Keyword arguments every trace passes: a training forward with no KV cache that
-# returns a ModelOutput.
-TRACE_KWARGS = {"use_cache": False, "return_dict": True}
 
 
 def trace_model(model: torch.nn.Module, example_inputs: dict[str, Any]) -> GraphModule:
@@ -68,7 +33,7 @@ def trace_model(model: torch.nn.Module, example_inputs: dict[str, Any]) -> Graph
         TraceError: the forward does something the tracer cannot record.
     """
     layers_fqn, _ = find_decoder_layers(model)
-    signature = inspect.signature(unwrap_forward(type(model).forward))
+    signature = forward_signature(model)
     accepts_var_kwargs = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
     inputs = {k: v for k, v in example_inputs.items() if v is not None}
     for name in inputs:

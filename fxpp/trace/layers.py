@@ -23,6 +23,7 @@ import torch
 import torch.fx
 
 from ..errors import UnsupportedModelError
+from ..model_facts import is_encoder_decoder
 
 # Note [Which stack is the decoder's]
 # ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
@@ -72,17 +73,6 @@ def find_decoder_layers(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleLis
     text_path = _token_embedding_path(model)
     counted.sort(key=lambda c: (-_shared_parts(c[0], text_path), c[0].count("."), c[0]))
     return counted[0]
-
-
-def is_encoder_decoder(model: torch.nn.Module) -> bool:
-    """Whether fxpp cuts the model's decoder stack and runs its encoder whole in stage 0:
-    an encoder-decoder config and a forward that takes the decoder's tokens."""
-    if not getattr(getattr(model, "config", None), "is_encoder_decoder", False):
-        return False
-    try:
-        return "decoder_input_ids" in inspect.signature(inspect.unwrap(type(model).forward)).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 def _outside_encoder(model: torch.nn.Module, stacks):

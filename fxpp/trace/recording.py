@@ -34,7 +34,7 @@ import torch
 from torch.fx import Node, Proxy
 
 from .. import ops
-from .wrappers import captures_outputs
+from ..model_facts import captures_outputs
 
 if TYPE_CHECKING:  # the tracer passes itself in; only its type is named here
     from .tracer import HFTracer

@@ -29,6 +29,7 @@ from torch.fx import Node, Proxy, Tracer
 
 from ..errors import TraceError
 from ..meta import is_from_data, mark_from_data
+from ..model_facts import unwrap_forward
 from .caches import is_kv_cache
 from .constants import CONSTANT_PREFIX, Constants, needs_constant
 from .guards import Guards
@@ -43,7 +44,7 @@ from .standins import StandIns, returns_tuple as _returns_tuple
 from .state import StateLifting
 from .targets import is_inplace_method
 from .values import fakeify, has_proxy
-from .wrappers import nested_forward_kwargs, unwrap_forward
+from .wrappers import nested_forward_kwargs
 
 # Names other rooms import from here.
 __all__ = ["CONSTANT_PREFIX", "HFTracer", "MetaAttribute", "MetaProxy", "UntraceableCode", "fakeify", "has_proxy",
