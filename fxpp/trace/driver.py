@@ -18,6 +18,7 @@ from .layers import find_decoder_layers
 from .model_state import model_unchanged
 from .patching import constructors_patched, helper_methods_patched, opaque_functions_patched
 from .source_lines import user_source_line
+from .meta_eval import LeafValues
 from .tracer import HFTracer
 from .values import fakeify
 from .wrappers import unwrap_forward
@@ -55,7 +56,8 @@ def is_loss_term(key: str) -> bool:
 TRACE_KWARGS = {"use_cache": False, "return_dict": True}
 
 
-def trace_model(model: torch.nn.Module, example_inputs: dict[str, Any]) -> GraphModule:
+def trace_model(model: torch.nn.Module, example_inputs: dict[str, Any],
+                leaf_values: LeafValues | None = None) -> GraphModule:
     """Trace ``model`` for inputs shaped like ``example_inputs`` (keyword arguments).
 
     Inputs that are ``None`` or absent are not graph inputs (the forward sees
@@ -74,8 +76,8 @@ def trace_model(model: torch.nn.Module, example_inputs: dict[str, Any]) -> Graph
     for name in inputs:
         if name not in signature.parameters and not accepts_var_kwargs:
             raise TraceError(f"{type(model).__name__}.forward has no argument {name!r}")
-    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
-    tracer = HFTracer(model, layers_fqn, fake_mode)
+    fake_mode = leaf_values.fake_mode if leaf_values is not None else FakeTensorMode(allow_non_fake_inputs=True)
+    tracer = HFTracer(model, layers_fqn, fake_mode, leaf_values)
     tracer.placeholder_vals = {k: fakeify(fake_mode, v) for k, v in inputs.items()}
     if not any(isinstance(v, torch.Tensor) and v.is_meta for v in list(inputs.values()) + list(model.parameters())[:1]):
         tracer.real.inputs = dict(inputs)
