@@ -40,6 +40,7 @@ from .passes.guard_mask_branches import guard_mask_branches
 from .spec import StageRole, StageSpec
 from .stage_module import StageModule
 from .trace import find_decoder_layers, trace_model
+from .trace.meta_eval import LeafValues
 
 log = logging.getLogger("fxpp.compile")
 
@@ -120,14 +121,15 @@ PASSES: tuple[tuple[str, Callable[[CompileContext, GraphModule], None]], ...] = 
 )
 
 
-def compile_example(model: torch.nn.Module, example_inputs: dict[str, Any]) -> GraphModule:
+def compile_example(model: torch.nn.Module, example_inputs: dict[str, Any],
+                    leaf_values: LeafValues | None = None) -> GraphModule:
     """Trace and annotate the whole model for inputs shaped like ``example_inputs``:
     check the model, trace, then each pass of :data:`PASSES` in order."""
     check_model(model)
     device = model_device(model)
     inputs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in example_inputs.items()}
     ctx = CompileContext(model, inputs)
-    gm = trace_model(model, inputs)  # leaves the model as it was (model_unchanged inside)
+    gm = trace_model(model, inputs, leaf_values)  # leaves the model as it was (model_unchanged inside)
     _log_graph("trace", gm)
     for name, run in PASSES:
         run(ctx, gm)
@@ -164,32 +166,33 @@ def trace_canonical(model: torch.nn.Module, example_inputs: dict[str, Any] | Non
     inputs it was traced with.
     """
     check_model(model)
+    leaf_values = LeafValues()
     declared = example_inputs or default_example_inputs(model)
     given = {k: v for k, v in declared.items() if v is not None}
     params = forward_parameters(model)
     gm, left_out, media_reasons = None, [], []
     if wants_example_media(model, declared, params):
-        gm, left_out, media_reasons = _trace_with_example_media(model, given, params)
+        gm, left_out, media_reasons = _trace_with_example_media(model, given, params, leaf_values)
     media_reasons = declared_text_only(declared, params) or media_reasons
     if gm is None:
-        gm, left_out = _trace_with_text_inputs(model, given, params)
+        gm, left_out = _trace_with_text_inputs(model, given, params, leaf_values)
     traced = trace_record(gm).example_inputs
     alternatives = alternative_token_inputs(traced, params)
     names = tuple(n for n in traced) + tuple(alternatives)
     left_out += [(n, why) for n, why in media_reasons if n not in names]
     signature = InputSignature(names=names, left_out=tuple(left_out), alternatives=tuple(alternatives))
-    gm.meta[SIGNATURE_KEY] = SignatureRecord(signature, _trace_other_present_sets(model, traced, signature))
+    gm.meta[SIGNATURE_KEY] = SignatureRecord(signature, _trace_other_present_sets(model, traced, signature, leaf_values))
     return gm
 
 
-def _trace_with_text_inputs(model, given: dict[str, Any], params: set[str]):
+def _trace_with_text_inputs(model, given: dict[str, Any], params: set[str], leaf_values: LeafValues):
     """The trace of the first text candidate (``fxpp.inputs.signature.text_input_candidates``)
     that traces; each added input left out, with the reason, in ``left_out``."""
     left_out = text_inputs_not_taken(model, params)
     errors = []
     for candidate in text_input_candidates(given, params):
         try:
-            gm = compile_example(model, candidate.example)
+            gm = compile_example(model, candidate.example, leaf_values)
         except Exception as e:  # noqa: BLE001 - the example fxpp added may not fit; try without it
             if not candidate.added:
                 raise
@@ -201,7 +204,7 @@ def _trace_with_text_inputs(model, given: dict[str, Any], params: set[str]):
     raise AssertionError("unreachable: the last candidate adds nothing and raises on failure")
 
 
-def _trace_with_example_media(model, given: dict[str, Any], params: set[str]):
+def _trace_with_example_media(model, given: dict[str, Any], params: set[str], leaf_values: LeafValues):
     """``(gm, left_out, media_left_out)`` of the trace with example images in place of
     ``given``'s text inputs; ``(None, [], reasons)`` where no example fits or its trace
     fails, with, for every media input of the forward, why it is not in the signature."""
@@ -210,7 +213,7 @@ def _trace_with_example_media(model, given: dict[str, Any], params: set[str]):
         return None, [], media_left_out(params, refusal)
     try:
         example = media_example(model, given)
-        gm, left_out = _trace_with_text_inputs(model, example, params)
+        gm, left_out = _trace_with_text_inputs(model, example, params, leaf_values)
     except Exception as e:  # noqa: BLE001 - any failure leaves the media out, with its reason
         return None, [], media_left_out(params, f"no example images fit {type(model).__name__}: "
                                                 f"{' '.join(str(e).split())[:400]}")
@@ -218,7 +221,8 @@ def _trace_with_example_media(model, given: dict[str, Any], params: set[str]):
     return gm, left_out, [(n, why) for n, why in media_left_out(params, unused) if n not in example]
 
 
-def _trace_other_present_sets(model, example: dict, signature: InputSignature) -> dict[int, GraphModule]:
+def _trace_other_present_sets(model, example: dict, signature: InputSignature,
+                              leaf_values: LeafValues) -> dict[int, GraphModule]:
     """Note [layout union]: what crosses a cut when a call leaves inputs out.
 
     A call without ``position_ids`` may send what the forward computes from the other
@@ -231,7 +235,7 @@ def _trace_other_present_sets(model, example: dict, signature: InputSignature) -
     graphs = {}
     for present in representative_present_sets(signature):
         try:
-            graphs[signature.bits(present)] = compile_example(model, {k: example[k] for k in present})
+            graphs[signature.bits(present)] = compile_example(model, {k: example[k] for k in present}, leaf_values)
         except Exception:  # noqa: BLE001 - see the docstring
             continue
     return graphs

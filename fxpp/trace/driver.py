@@ -16,11 +16,13 @@ from ..model_facts import TRACE_KWARGS, forward_signature, model_unchanged, sele
 from .layers import find_decoder_layers
 from .patching import constructors_patched, helper_methods_patched, opaque_functions_patched
 from .source_lines import user_source_line
+from .meta_eval import LeafValues
 from .tracer import HFTracer
 from .values import fakeify
 
 
-def trace_model(model: torch.nn.Module, example_inputs: dict[str, Any]) -> GraphModule:
+def trace_model(model: torch.nn.Module, example_inputs: dict[str, Any],
+                leaf_values: LeafValues | None = None) -> GraphModule:
     """Trace ``model`` for inputs shaped like ``example_inputs`` (keyword arguments).
 
     Inputs that are ``None`` or absent are not graph inputs (the forward sees
@@ -39,8 +41,8 @@ def trace_model(model: torch.nn.Module, example_inputs: dict[str, Any]) -> Graph
     for name in inputs:
         if name not in signature.parameters and not accepts_var_kwargs:
             raise TraceError(f"{type(model).__name__}.forward has no argument {name!r}")
-    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
-    tracer = HFTracer(model, layers_fqn, fake_mode)
+    fake_mode = leaf_values.fake_mode if leaf_values is not None else FakeTensorMode(allow_non_fake_inputs=True)
+    tracer = HFTracer(model, layers_fqn, fake_mode, leaf_values)
     tracer.placeholder_vals = {k: fakeify(fake_mode, v) for k, v in inputs.items()}
     if not any(isinstance(v, torch.Tensor) and v.is_meta for v in list(inputs.values()) + list(model.parameters())[:1]):
         tracer.real.inputs = dict(inputs)

@@ -12,7 +12,12 @@ leaf cache
     modules of one class, with parameters of the same shapes and inputs of the same
     shapes, give outputs of the same shapes, so a leaf call's meta value is reused for
     an identical later call (:meth:`MetaEvaluation.leaf_value`); only the meta value,
-    never a number.
+    never a number. The traces of one build (the whole signature and each
+    representative present set, ``fxpp.compile.trace_canonical``) share one cache
+    (:class:`LeafValues`): what differs between them is mostly the forward's own code
+    around the layers (masks, positions), so a pipeline's layers are meta-evaluated
+    once, not once per trace. An entry is reused only while its value keeps the shapes
+    it was computed with (a later node may change it in place).
 data-dependent node
     A node whose fake evaluation fails on tensor data (``fxpp.trace.values``): its meta
     value comes from the real example inputs instead (``fxpp.trace.real_values``).
@@ -23,6 +28,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx import Node
 from torch.fx.node import map_arg
 
@@ -49,13 +55,29 @@ def _load(n: Node) -> Any:
     return n.meta["val"]
 
 
+class LeafValues:
+    """The leaf cache of the traces of one build (**leaf cache* above).
+
+    One ``FakeTensorMode`` for all of them, so that a value one trace computed is a
+    fake tensor of the mode the next trace runs in. Each entry keeps the call's
+    arguments (a key names non-tensor arguments by ``id``, and no other object may take
+    that ``id`` while the key lives) and the call signature of the value it holds.
+    """
+
+    def __init__(self):
+        self.fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+        self.entries: dict[tuple, tuple[Any, Any, tuple]] = {}  # key -> (value, its call signature, the call)
+
+
 class MetaEvaluation:
     """The meta value of each node of ``tracer``'s graph."""
 
-    def __init__(self, tracer: "HFTracer"):
+    def __init__(self, tracer: "HFTracer", leaf_values: LeafValues | None = None):
         self.tracer = tracer
         self.leaf: torch.nn.Module | None = None  # the leaf module being meta-evaluated
-        self._leaf_cache: dict = {}
+        self._leaf_cache = (leaf_values or LeafValues()).entries
+        # Per trace, not per build: a module's plain attributes are read when the trace
+        # first calls it, and a forward may set them differently for other inputs.
         self._param_sigs: dict[int, tuple] = {}
 
     def value(self, node: Node) -> Any:
@@ -135,9 +157,13 @@ class MetaEvaluation:
         if any(n.target is ops.make_state for n in node.all_input_nodes):
             return module(*args, **kwargs)
         key = (type(module), self._param_signature(module), call_signature((args, kwargs)))
-        if key not in self._leaf_cache:
-            self._leaf_cache[key] = module(*args, **kwargs)
-        return self._leaf_cache[key]
+        entry = self._leaf_cache.get(key)
+        if entry is None or call_signature(entry[0]) != entry[1]:
+            # new, or a later node changed the kept value in place (a shape-changing
+            # in-place method, a key written into a ModelOutput): evaluated again
+            value = module(*args, **kwargs)
+            entry = self._leaf_cache[key] = (value, call_signature(value), (module, args, kwargs))
+        return entry[0]
 
     def _param_signature(self, module: torch.nn.Module) -> tuple:
         sig = self._param_sigs.get(id(module))

@@ -35,7 +35,7 @@ from .constants import CONSTANT_PREFIX, Constants, needs_constant
 from .guards import Guards
 from .helpers import Helpers
 from .layers import trace_path
-from .meta_eval import MetaEvaluation, UntraceableCode
+from .meta_eval import LeafValues, MetaEvaluation, UntraceableCode
 from .proxies import MetaAttribute, MetaProxy
 from .real_values import RealValues
 from .recording import Recording
@@ -54,7 +54,8 @@ __all__ = ["CONSTANT_PREFIX", "HFTracer", "MetaAttribute", "MetaProxy", "Untrace
 class HFTracer(Tracer):
     """The tracer; use :func:`trace_model` rather than this class directly."""
 
-    def __init__(self, model: torch.nn.Module, layers_fqn: str, fake_mode: FakeTensorMode):
+    def __init__(self, model: torch.nn.Module, layers_fqn: str, fake_mode: FakeTensorMode,
+                 leaf_values: LeafValues | None = None):
         super().__init__(autowrap_functions=(), param_shapes_constant=False)
         # Buffers a traced forward reads (BERT's token_type_ids) become get_attr nodes, so
         # tensor methods called on them with traced sizes are recorded, not executed.
@@ -66,7 +67,7 @@ class HFTracer(Tracer):
         self.placeholder_vals: dict[str, Any] = {}  # input name -> its meta value
         self.evaluating = 0  # > 0 while a node is evaluated (meta or real): plain calls, no proxies
         self.constants = Constants()
-        self.meta = MetaEvaluation(self)
+        self.meta = MetaEvaluation(self, leaf_values)
         self.real = RealValues(self)
         self.recording = Recording(self)
         self.standins = StandIns(self, layers_fqn)
