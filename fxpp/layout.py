@@ -211,11 +211,15 @@ class KnownHeader:
         the first microbatch only (``CutLayout.unpack``), reads the later ones as that
         one said (``CutLayout.unpack_as``), and compares each later header with the
         first on the device, accumulating the result. After torch's step the schedule
-        reads that flag, once per stage (``fxpp.runtime.schedule``): a microbatch whose
-        header differed (another variant on the sender, filling other slots) was read
-        wrongly, and the step is refused by name on every rank before any optimizer
-        step uses its gradients. Outside a schedule (``pipe(**inputs)``, a stage called
-        directly) every call reads its own header.
+        reads that flag, once per stage, and agrees on it over the pipeline group
+        (``fxpp.runtime.schedule.PipelineSchedule._headers_differed``). Where a
+        microbatch's header differed (the sender ran another graph variant for it, a
+        decision on its data, and filled other slots), the step was read wrongly: every
+        rank puts the gradients, the RNG state and the losses back as they were when the
+        step started and runs the step again reading every header, and the schedule reads
+        every header from then on. Microbatches split beforehand
+        (``step_with_microbatches``: they may carry different inputs) and calls outside a
+        schedule (``pipe(**inputs)``, a stage called directly) read every header.
     """
 
     header: torch.Tensor

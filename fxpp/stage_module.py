@@ -218,23 +218,16 @@ class StageModule(GraphModule):
         passed = _passed_inputs(self.out_layout, sent, inputs if spec.takes_model_inputs else received)
         return self.out_layout.pack((*sent, *passed), (*out, *passed.values()), bits, where)
 
-    def begin_step(self) -> None:
-        """A schedule step starts: read the first microbatch's header only (Note [one header read per step])."""
-        object.__setattr__(self, "_fxpp_step", False)
+    def begin_step(self, one_header_read: bool = True) -> None:
+        """A schedule step starts; with ``one_header_read`` only the first microbatch's header is read
+        on the host (Note [one header read per step]), else every one."""
+        object.__setattr__(self, "_fxpp_step", False if one_header_read else None)
 
-    def end_step(self) -> str | None:
-        """A schedule step ended: why a microbatch was read wrongly (its header differed), else None.
-
-        One host read per step (the accumulated device comparison).
-        """
-        known, problem = self._fxpp_step, None
+    def end_step(self) -> bool:
+        """A schedule step ended: whether a later microbatch's header differed from the first's (one host read)."""
+        known = self._fxpp_step
         object.__setattr__(self, "_fxpp_step", None)
-        if known and known.differs is not None and bool(known.differs):
-            problem = (f"{self._where()}: a microbatch of this step crossed cut {self.in_layout.cut} with another "
-                       f"header than the step's first (inputs {list(self.signature.present(known.bits))}, slots "
-                       f"{sorted(known.received)}): the previous stage ran another graph variant for it. Within one "
-                       "step every microbatch must carry the same inputs; call such microbatches in separate steps")
-        return problem
+        return bool(known and known.differs is not None and bool(known.differs))
 
     def _unpack(self, args, where: str) -> tuple[int, dict]:
         known = self._fxpp_step

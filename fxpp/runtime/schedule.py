@@ -37,6 +37,16 @@ def schedule_class(name_or_class):
     return cls
 
 
+def _rng_state(device: torch.device) -> tuple:
+    return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+
+def _set_rng_state(state: tuple, device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
 _DTYPE_CODES = {None: 0, torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}
 
 
@@ -68,6 +78,7 @@ class PipelineSchedule:
         self.loss_fn = loss_fn
         self._kwargs = kwargs
         self._dtype_agreed = False
+        self._reads_every_header = False  # set once a step's microbatches ran different variants
         self.torch_schedule = self._make()
 
     def _make(self):
@@ -79,49 +90,82 @@ class PipelineSchedule:
         return self._cls(self.stages, n_microbatches=self.n_microbatches, loss_fn=self.loss_fn, **self._kwargs)
 
     def step(self, *args, target=None, losses=None, **kwargs):
-        self._before_step(kwargs)
-        result = self.torch_schedule.step(*args, target=target, losses=losses, **kwargs)
-        finish_step(self.stages)
-        self._check_headers()
-        return result
+        return self._run_step(lambda: self.torch_schedule.step(*args, target=target, losses=losses, **kwargs),
+                              self._split_shape(kwargs), losses, train=True)
 
     def eval(self, *args, target=None, losses=None, **kwargs):
         """Forward only over the microbatches (torch's ``eval``), the losses in ``losses``; no gradients."""
-        self._before_step(kwargs)
-        with torch.no_grad():
-            result = self.torch_schedule.eval(*args, target=target, losses=losses, **kwargs)
-        self._check_headers()
+        def call():
+            with torch.no_grad():
+                return self.torch_schedule.eval(*args, target=target, losses=losses, **kwargs)
+
+        return self._run_step(call, self._split_shape(kwargs), losses, train=False)
+
+    def step_microbatches(self, microbatches, targets=None, losses=None, *, return_outputs: bool = False):
+        """One step on microbatches split beforehand (see :func:`fxpp.step_with_microbatches`).
+
+        Such microbatches may carry different inputs (with and without images): every
+        receiving stage reads every microbatch's header (Note [one header read per step]).
+        """
+        shape = None
+        if microbatches:
+            shapes = {step_shape(mb) for mb in microbatches}
+            # microbatches of other sizes in one step: the metadata fits none of them all,
+            # and every rank must hear it (a refusal, below), not only this one
+            shape = shapes.pop() if len(shapes) == 1 else (_MIXED_SIZES,) * len(step_shape(microbatches[0]) or (0, 0))
+        self._start_step(shape, one_header_read=False)
+        result = run_microbatches(self.torch_schedule, microbatches, targets, losses, return_outputs=return_outputs)
+        finish_step(self.stages)
+        self._headers_differed()
         return result
 
-    def _check_headers(self) -> None:
-        """Refuse, on every rank of the pipeline, a step whose microbatches were read wrongly.
+    def _split_shape(self, kwargs: dict) -> tuple[int, ...] | None:
+        shape = step_shape(kwargs)
+        return None if shape is None else (-(-shape[0] // self.n_microbatches), *shape[1:])
 
-        Note [one header read per step] in ``fxpp.layout``: one host read per stage and
-        one all-reduce over the pipeline group per step, so every rank refuses together.
-        """
-        problems = [p for p in (s.end_step() for s in self.stages) if p]
+    def _run_step(self, call, shape, losses, *, train: bool):
+        """One step with one header read per stage (Note [one header read per step]); redone, reading
+        every header, on every rank, where a microbatch's header differed from its step's first."""
+        self._start_step(shape, one_header_read=not self._reads_every_header)
+        rng = _rng_state(self.stages[0].device)
+        kept = len(losses) if losses is not None else 0
+        result = call()
+        if train:
+            finish_step(self.stages)
+        if self._headers_differed():
+            # The step's microbatches ran different graph variants (data decisions) and were
+            # read as the first one said: undo the step (gradients, RNG, losses) and run it
+            # again reading every header; this schedule reads every header from now on.
+            self._reads_every_header = True
+            for stage in self.stages:
+                stage.restore_step_start_grads()
+            _set_rng_state(rng, self.stages[0].device)
+            if losses is not None:
+                del losses[kept:]
+            self._start_step(shape, one_header_read=False)
+            result = call()
+            if train:
+                finish_step(self.stages)
+            self._headers_differed()
+        return result
+
+    def _headers_differed(self) -> bool:
+        """Whether a stage of any rank of the pipeline read a microbatch as its step's first said while its header
+        differed (one host read per stage and one all-reduce over the pipeline group per step)."""
+        differed = any(s.end_step() for s in self.stages)
         stage = self.stages[0]
-        flag = torch.tensor([1 if problems else 0], dtype=torch.int64, device=stage.device)
+        flag = torch.tensor([int(differed)], dtype=torch.int64, device=stage.device)
         if dist.get_world_size(stage.group) > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=stage.group)
-        if int(flag[0]):
-            raise StageInputError(problems[0] if problems else
-                                  "a stage on another rank of this pipeline received a microbatch with another header "
-                                  "than its step's first (see that rank's error); the step's gradients are not usable")
+        return bool(int(flag[0]))
 
-    def _before_step(self, kwargs: dict) -> None:
-        shape = step_shape(kwargs)
-        if shape is not None:
-            shape = (-(-shape[0] // self.n_microbatches), *shape[1:])
-        self._start_step(shape)
-
-    def _start_step(self, shape: tuple[int, ...] | None) -> None:
+    def _start_step(self, shape: tuple[int, ...] | None, *, one_header_read: bool) -> None:
         """Agree on the compute dtype (first step), follow the microbatch ``shape``, start each stage's step."""
         if not self._dtype_agreed:
             self._agree_compute_dtype()
         self._follow_shapes(shape)
         for stage in self.stages:
-            stage.begin_step()
+            stage.begin_step(one_header_read)
 
     def _agree_compute_dtype(self) -> None:
         """Every rank of the pipeline computes in one dtype (the cut slots' dtype), or every rank refuses.
@@ -143,20 +187,6 @@ class PipelineSchedule:
                 f"{names.get(high, 'mixed')}): what crosses a cut is sent in the sender's compute dtype and received "
                 "in the receiver's. Build every stage with the same mixed_precision (or mp_policy)")
         self._dtype_agreed = True
-
-    def step_microbatches(self, microbatches, targets=None, losses=None, *, return_outputs: bool = False):
-        """One step on microbatches split beforehand (see :func:`fxpp.step_with_microbatches`)."""
-        shape = None
-        if microbatches:
-            shapes = {step_shape(mb) for mb in microbatches}
-            # microbatches of other sizes in one step: the metadata fits none of them all,
-            # and every rank must hear it (a refusal, below), not only this one
-            shape = shapes.pop() if len(shapes) == 1 else (_MIXED_SIZES,) * len(step_shape(microbatches[0]) or (0, 0))
-        self._start_step(shape)
-        result = run_microbatches(self.torch_schedule, microbatches, targets, losses, return_outputs=return_outputs)
-        finish_step(self.stages)
-        self._check_headers()
-        return result
 
     def _follow_shapes(self, shape: tuple[int, int] | None) -> None:
         if not any(s._fxpp_rebuild is not None for s in self.stages):

@@ -114,14 +114,20 @@ class FxppPipelineStage(PipelineStage):
         self._fxpp_grad_before = {p: p.grad.detach().clone() for p in self.submod.parameters() if p.grad is not None}
         super().clear_runtime_states()
 
-    def begin_step(self) -> None:
-        """``fxpp.schedule`` starts a step: one header read per step (Note [one header read per step])."""
+    def begin_step(self, one_header_read: bool = True) -> None:
+        """``fxpp.schedule`` starts a step (Note [one header read per step])."""
         if hasattr(self.submod, "begin_step"):
-            self.submod.begin_step()
+            self.submod.begin_step(one_header_read)
 
-    def end_step(self) -> str | None:
-        """Why this step's microbatches were read wrongly (Note [one header read per step]), else None."""
-        return self.submod.end_step() if hasattr(self.submod, "end_step") else None
+    def restore_step_start_grads(self) -> None:
+        """Every gradient as it was when the step started (the step is about to be run again)."""
+        for p in self.submod.parameters():
+            p.grad = self._fxpp_grad_before.get(p)
+        self._fxpp_owed = False
+
+    def end_step(self) -> bool:
+        """Whether a microbatch of this step was read as the step's first said while its header differed."""
+        return self.submod.end_step() if hasattr(self.submod, "end_step") else False
 
 
 def check_sent_shapes(stage_index: int, microbatch: int, outputs, sends: list[tuple[str, tuple, torch.dtype]]) -> None:
