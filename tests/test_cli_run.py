@@ -41,7 +41,7 @@ def test_run_on_text_data_with_the_checkpoints_tokenizer(tmp_path, capsys, fmt):
     data = tmp_path / f"docs.{fmt}"
     data.write_text("\n".join(json.dumps({"text": d}) if fmt == "jsonl" else d for d in docs) + "\n")
     rc = main(["run", str(tmp_path), "--data", str(data), "--stages", "2", "--steps", "2", "--batch", "4",
-               "--microbatches", "2", "--seq-len", "8"])
+               "--microbatches", "2", "--seq-len", "8", "--check"])
     out = capsys.readouterr()
     assert rc == 0, out.err
     assert "MATCH" in out.out and "MISMATCH" not in out.out, out.out
