@@ -65,10 +65,13 @@ def num_decoder_layers(model: torch.nn.Module) -> int:
 
 @dataclass(frozen=True)
 class CompileContext:
-    """What the passes of one example read: the model and the inputs it is traced with."""
+    """What the passes of one example read: the model, the inputs it is traced with, and
+    its decoder-layer stack (``fxpp.trace.find_decoder_layers``, found once per example)."""
 
     model: torch.nn.Module
     inputs: dict[str, Any]
+    layers_fqn: str
+    num_layers: int
 
 
 def _reject_media_without_path(ctx: CompileContext, gm: GraphModule) -> None:
@@ -88,10 +91,9 @@ def _guard_mask_branches(ctx: CompileContext, gm: GraphModule) -> None:
 
 def _annotate(ctx: CompileContext, gm: GraphModule) -> None:
     model = ctx.model
-    layers_fqn, _ = find_decoder_layers(model)
     annotate(
         gm,
-        layers_fqn=layers_fqn,
+        layers_fqn=ctx.layers_fqn,
         layer_types=getattr(model.config.get_text_config(), "layer_types", None),
         input_embeddings=_safe_call(model, "get_input_embeddings"),
         output_embeddings=_safe_call(model, "get_output_embeddings"),
@@ -105,7 +107,7 @@ def _dense_masked_rows(ctx: CompileContext, gm: GraphModule) -> None:
 def _record_trace(ctx: CompileContext, gm: GraphModule) -> None:
     gm.meta[TRACE_KEY] = TraceRecord(
         model_class=type(ctx.model).__name__,
-        num_layers=len(find_decoder_layers(ctx.model)[1]),
+        num_layers=ctx.num_layers,
         example_inputs={k: v for k, v in ctx.inputs.items() if v is not None},
     )
 
@@ -128,7 +130,8 @@ def compile_example(model: torch.nn.Module, example_inputs: dict[str, Any],
     check_model(model)
     device = model_device(model)
     inputs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in example_inputs.items()}
-    ctx = CompileContext(model, inputs)
+    layers_fqn, layers = find_decoder_layers(model)
+    ctx = CompileContext(model, inputs, layers_fqn, len(layers))
     gm = trace_model(model, inputs, leaf_values)  # leaves the model as it was (model_unchanged inside)
     _log_graph("trace", gm)
     for name, run in PASSES:
