@@ -65,10 +65,13 @@ def num_decoder_layers(model: torch.nn.Module) -> int:
 
 @dataclass(frozen=True)
 class CompileContext:
-    """What the passes of one example read: the model and the inputs it is traced with."""
+    """What the passes of one example read: the model, the inputs it is traced with, and
+    its decoder-layer stack (``fxpp.trace.find_decoder_layers``, found once per example)."""
 
     model: torch.nn.Module
     inputs: dict[str, Any]
+    layers_fqn: str
+    num_layers: int
 
 
 def _reject_media_without_path(ctx: CompileContext, gm: GraphModule) -> None:
@@ -88,10 +91,9 @@ def _guard_mask_branches(ctx: CompileContext, gm: GraphModule) -> None:
 
 def _annotate(ctx: CompileContext, gm: GraphModule) -> None:
     model = ctx.model
-    layers_fqn, _ = find_decoder_layers(model)
     annotate(
         gm,
-        layers_fqn=layers_fqn,
+        layers_fqn=ctx.layers_fqn,
         layer_types=getattr(model.config.get_text_config(), "layer_types", None),
         input_embeddings=_safe_call(model, "get_input_embeddings"),
         output_embeddings=_safe_call(model, "get_output_embeddings"),
@@ -105,7 +107,7 @@ def _dense_masked_rows(ctx: CompileContext, gm: GraphModule) -> None:
 def _record_trace(ctx: CompileContext, gm: GraphModule) -> None:
     gm.meta[TRACE_KEY] = TraceRecord(
         model_class=type(ctx.model).__name__,
-        num_layers=len(find_decoder_layers(ctx.model)[1]),
+        num_layers=ctx.num_layers,
         example_inputs={k: v for k, v in ctx.inputs.items() if v is not None},
     )
 
@@ -124,16 +126,23 @@ PASSES: tuple[tuple[str, Callable[[CompileContext, GraphModule], None]], ...] = 
 def compile_example(model: torch.nn.Module, example_inputs: dict[str, Any],
                     leaf_values: LeafValues | None = None) -> GraphModule:
     """Trace and annotate the whole model for inputs shaped like ``example_inputs``:
-    check the model, trace, then each pass of :data:`PASSES` in order."""
+    check the model, trace, then each pass of :data:`PASSES` in order.
+
+    ``leaf_values``: the leaf cache shared by the traces of one build (*shared leaf
+    values* in ``fxpp.trace.meta_eval``); None: a cache of this trace's own.
+    """
     check_model(model)
     device = model_device(model)
     inputs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in example_inputs.items()}
-    ctx = CompileContext(model, inputs)
+    layers_fqn, layers = find_decoder_layers(model)
+    ctx = CompileContext(model, inputs, layers_fqn, len(layers))
     gm = trace_model(model, inputs, leaf_values)  # leaves the model as it was (model_unchanged inside)
     _log_graph("trace", gm)
     for name, run in PASSES:
         run(ctx, gm)
         _log_graph(name, gm)
+    if leaf_values is not None:
+        leaf_values.keep(gm)
     return gm
 
 
@@ -167,6 +176,17 @@ def trace_canonical(model: torch.nn.Module, example_inputs: dict[str, Any] | Non
     """
     check_model(model)
     leaf_values = LeafValues()
+    gm = _trace_signature(model, example_inputs, leaf_values)
+    if not leaf_values.intact():
+        # a later trace changed in place a meta value an earlier graph holds: each trace
+        # alone, as every graph must be the graph a trace of its own gives
+        gm = _trace_signature(model, example_inputs, None)
+    return gm
+
+
+def _trace_signature(model: torch.nn.Module, example_inputs: dict[str, Any] | None,
+                     leaf_values: LeafValues | None) -> GraphModule:
+    """:func:`trace_canonical`, its traces sharing ``leaf_values`` (None: none shared)."""
     declared = example_inputs or default_example_inputs(model)
     given = {k: v for k, v in declared.items() if v is not None}
     params = forward_parameters(model)
@@ -185,7 +205,7 @@ def trace_canonical(model: torch.nn.Module, example_inputs: dict[str, Any] | Non
     return gm
 
 
-def _trace_with_text_inputs(model, given: dict[str, Any], params: set[str], leaf_values: LeafValues):
+def _trace_with_text_inputs(model, given: dict[str, Any], params: set[str], leaf_values: LeafValues | None):
     """The trace of the first text candidate (``fxpp.inputs.signature.text_input_candidates``)
     that traces; each added input left out, with the reason, in ``left_out``."""
     left_out = text_inputs_not_taken(model, params)
@@ -204,7 +224,7 @@ def _trace_with_text_inputs(model, given: dict[str, Any], params: set[str], leaf
     raise AssertionError("unreachable: the last candidate adds nothing and raises on failure")
 
 
-def _trace_with_example_media(model, given: dict[str, Any], params: set[str], leaf_values: LeafValues):
+def _trace_with_example_media(model, given: dict[str, Any], params: set[str], leaf_values: LeafValues | None):
     """``(gm, left_out, media_left_out)`` of the trace with example images in place of
     ``given``'s text inputs; ``(None, [], reasons)`` where no example fits or its trace
     fails, with, for every media input of the forward, why it is not in the signature."""
@@ -222,7 +242,7 @@ def _trace_with_example_media(model, given: dict[str, Any], params: set[str], le
 
 
 def _trace_other_present_sets(model, example: dict, signature: InputSignature,
-                              leaf_values: LeafValues) -> dict[int, GraphModule]:
+                              leaf_values: LeafValues | None) -> dict[int, GraphModule]:
     """Note [layout union]: what crosses a cut when a call leaves inputs out.
 
     A call without ``position_ids`` may send what the forward computes from the other

@@ -122,7 +122,8 @@ def dense_masked_rows(gm: GraphModule) -> GraphModule:
             order = {n: i for i, n in enumerate(graph.nodes)}
             break
     graph.lint()
-    gm.recompile()
+    if dense_of:  # else the code is the graph's already
+        gm.recompile()
     return gm
 
 

@@ -69,5 +69,6 @@ def guard_mask_branches(gm: GraphModule) -> GraphModule:
             guard.meta = dict(builder.meta)
             guard.meta["val"] = None
     gm.graph.lint()
-    gm.recompile()
+    if guarded:  # else the code is the graph's already
+        gm.recompile()
     return gm

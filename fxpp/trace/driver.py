@@ -63,13 +63,14 @@ def trace_model(model: torch.nn.Module, example_inputs: dict[str, Any],
         return root_fn, proxies
 
     tracer.create_args_for_root = create_args_for_root  # type: ignore[method-assign]
-    module_names = {c.__module__ for m in _traced_module_objects(model, tracer.traced_modules) for c in type(m).__mro__}
+    traced_objects = _traced_module_objects(model, tracer.traced_modules)
+    module_names = {c.__module__ for m in traced_objects for c in type(m).__mro__}
     fake_log = logging.getLogger("torch._subclasses.fake_tensor")
     old_level = fake_log.level
     # Failing meta kernels inside MoE experts are expected (see fxpp.trace.standins).
     fake_log.setLevel(logging.CRITICAL)
     try:
-        classes = sorted({type(m) for m in _traced_module_objects(model, tracer.traced_modules)}, key=lambda c: c.__qualname__)
+        classes = sorted({type(m) for m in traced_objects}, key=lambda c: c.__qualname__)
         # model_unchanged undoes what the traced forward did to the model before the
         # GraphModule takes its references: a traced value assigned to a buffer (CTRL:
         # self.pos_encoding = self.pos_encoding.to(...)) or an attribute (Qwen-VL's

@@ -12,12 +12,17 @@ leaf cache
     modules of one class, with parameters of the same shapes and inputs of the same
     shapes, give outputs of the same shapes, so a leaf call's meta value is reused for
     an identical later call (:meth:`MetaEvaluation.leaf_value`); only the meta value,
-    never a number. The traces of one build (the whole signature and each
-    representative present set, ``fxpp.compile.trace_canonical``) share one cache
-    (:class:`LeafValues`): what differs between them is mostly the forward's own code
-    around the layers (masks, positions), so a pipeline's layers are meta-evaluated
-    once, not once per trace. An entry is reused only while its value keeps the shapes
-    it was computed with (a later node may change it in place).
+    never a number.
+shared leaf values
+    The traces of one build (the whole signature and each representative present set,
+    ``fxpp.compile.trace_canonical``) differ mostly in the forward's own code around
+    the layers (masks, positions), so they share one leaf cache and one
+    ``FakeTensorMode`` (:class:`LeafValues`): a pipeline's layers are meta-evaluated
+    once, not once per trace. Within a trace the cache is as above. A value another
+    trace computed is taken only while its :func:`value_state` is as when it was
+    computed; and where a later trace changes, in place, a value an earlier trace's
+    graph holds, the build traces again without sharing
+    (:meth:`LeafValues.intact`): every graph is the graph a trace of its own gives.
 data-dependent node
     A node whose fake evaluation fails on tensor data (``fxpp.trace.values``): its meta
     value comes from the real example inputs instead (``fxpp.trace.real_values``).
@@ -25,11 +30,12 @@ data-dependent node
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.fx import Node
+from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 
 from .. import ops
@@ -55,18 +61,56 @@ def _load(n: Node) -> Any:
     return n.meta["val"]
 
 
-class LeafValues:
-    """The leaf cache of the traces of one build (**leaf cache* above).
+def value_state(value: Any) -> Any:
+    """What an in-place method may change in a meta value: per tensor its shape, strides,
+    dtype, device, view-ness and ``requires_grad``, through tuples, lists and dicts;
+    any other object by identity."""
+    if isinstance(value, torch.Tensor):
+        strides = tuple(value.stride()) if value.layout == torch.strided else None
+        return ("T", tuple(value.shape), strides, value.dtype, str(value.device), value._is_view(),
+                value.requires_grad)
+    if isinstance(value, (tuple, list)):
+        return (type(value).__name__, tuple(value_state(v) for v in value))
+    if isinstance(value, dict):
+        return ("dict", tuple((k, value_state(v)) for k, v in value.items()))
+    return ("id", id(value))
 
-    One ``FakeTensorMode`` for all of them, so that a value one trace computed is a
-    fake tensor of the mode the next trace runs in. Each entry keeps the call's
-    arguments (a key names non-tensor arguments by ``id``, and no other object may take
-    that ``id`` while the key lives) and the call signature of the value it holds.
-    """
+
+def _graph_state(gm: GraphModule) -> list:
+    return [value_state(n.meta.get("val")) for n in gm.graph.nodes]
+
+
+@dataclass
+class LeafEntry:
+    """One kept leaf meta value: its :func:`value_state` when computed, the trace that
+    uses it now (a :class:`MetaEvaluation`), and the call (kept alive: a key names
+    non-tensor arguments by ``id``, and no other object may take that ``id`` meanwhile)."""
+
+    value: Any
+    state: Any
+    trace: Any
+    call: tuple
+
+
+class LeafValues:
+    """The leaf cache of the traces of one build (*shared leaf values* above), with the
+    ``FakeTensorMode`` they all run in, so that a value one trace computed is a fake
+    tensor of the next trace's mode."""
 
     def __init__(self):
         self.fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
-        self.entries: dict[tuple, tuple[Any, Any, tuple]] = {}  # key -> (value, its call signature, the call)
+        self.entries: dict[tuple, LeafEntry] = {}
+        self._graphs: list[tuple[GraphModule, list]] = []
+
+    def keep(self, gm: GraphModule) -> None:
+        """Note the state of ``gm``'s meta values, its trace (and passes) done."""
+        self._graphs.append((gm, _graph_state(gm)))
+
+    def intact(self) -> bool:
+        """Whether every kept graph's meta values are as when it was kept: no later trace
+        changed in place a value it shares with them (shape-changing in-place methods on
+        a layer's output or a memoized input would)."""
+        return all(_graph_state(gm) == state for gm, state in self._graphs)
 
 
 class MetaEvaluation:
@@ -75,7 +119,7 @@ class MetaEvaluation:
     def __init__(self, tracer: "HFTracer", leaf_values: LeafValues | None = None):
         self.tracer = tracer
         self.leaf: torch.nn.Module | None = None  # the leaf module being meta-evaluated
-        self._leaf_cache = (leaf_values or LeafValues()).entries
+        self._leaf_cache = (leaf_values or LeafValues()).entries  # key -> LeafEntry
         # Per trace, not per build: a module's plain attributes are read when the trace
         # first calls it, and a forward may set them differently for other inputs.
         self._param_sigs: dict[int, tuple] = {}
@@ -158,12 +202,16 @@ class MetaEvaluation:
             return module(*args, **kwargs)
         key = (type(module), self._param_signature(module), call_signature((args, kwargs)))
         entry = self._leaf_cache.get(key)
-        if entry is None or call_signature(entry[0]) != entry[1]:
-            # new, or a later node changed the kept value in place (a shape-changing
-            # in-place method, a key written into a ModelOutput): evaluated again
+        if entry is not None and entry.trace is not self:
+            # another trace's value (*shared leaf values*): taken only as it was computed
+            if value_state(entry.value) != entry.state:
+                entry = None
+            else:
+                entry.trace = self
+        if entry is None:
             value = module(*args, **kwargs)
-            entry = self._leaf_cache[key] = (value, call_signature(value), (module, args, kwargs))
-        return entry[0]
+            entry = self._leaf_cache[key] = LeafEntry(value, value_state(value), self, (module, args, kwargs))
+        return entry.value
 
     def _param_signature(self, module: torch.nn.Module) -> tuple:
         sig = self._param_sigs.get(id(module))
