@@ -38,6 +38,7 @@ refused with the value's name.
 
 from __future__ import annotations
 
+import functools
 import zlib
 from dataclasses import dataclass
 from typing import Iterable, Sequence
@@ -79,12 +80,12 @@ class CutLayout:
         if twice:
             raise StageInputError(f"cut {self.cut}: two crossing values share the identity {twice}")
 
-    @property
+    @functools.cached_property  # per call of a stage otherwise: a crc over every slot's name
     def id(self) -> int:
         text = "\n".join([*self.signature.names, "|", *(f"{s.identity}:{s.dtype}" for s in self.slots)])
         return zlib.crc32(text.encode()) & 0x7FFFFFFF
 
-    @property
+    @functools.cached_property
     def identities(self) -> tuple[str, ...]:
         return tuple(s.identity for s in self.slots)
 
@@ -133,7 +134,10 @@ class CutLayout:
         # Never read (the header marks it unfilled); its shape only keeps the schedule's
         # static metadata, which the sender checks (fxpp.runtime.stage.check_sent_shapes).
         shape = filler_shape(slot.shape, self.slots[0].shape[:2], tuple(stream.shape[:2]))
-        return torch.zeros(shape, dtype=slot.dtype, device=stream.device)
+        # a floating slot takes the compute dtype, as the hidden states do (mixed precision:
+        # the receive buffers are bf16, Note [mixed precision] in fxpp.runtime.parallel)
+        dtype = stream.dtype if slot.dtype.is_floating_point and stream.is_floating_point() else slot.dtype
+        return torch.zeros(shape, dtype=dtype, device=stream.device)
 
     def unpack(self, args: Sequence, where: str) -> tuple[int, dict[str, torch.Tensor]]:
         """The present bits and the received tensors by identity (fillers left out).
