@@ -62,27 +62,20 @@ def _counted_and_clipped(stages) -> tuple[list[torch.Tensor], list[torch.nn.Para
 
 def _local_norm(grads: list[torch.Tensor], norm_type: float, device) -> torch.Tensor:
     """The norm of this rank's counted gradients, each DTensor group reduced over its own mesh."""
-    plain = [g for g in grads if not isinstance(g, DTensor)]
-    by_mesh: dict = {}
+    by_mesh: dict = {}  # None: plain tensors
     for g in grads:
-        if isinstance(g, DTensor):
-            by_mesh.setdefault(g.device_mesh, []).append(g)
-    norms = [torch.nn.utils.get_total_norm(plain, norm_type).to(device, torch.float32)] if plain else []
-    for mesh_grads in by_mesh.values():
-        total = torch.nn.utils.get_total_norm(mesh_grads, norm_type)
+        by_mesh.setdefault(g.device_mesh if isinstance(g, DTensor) else None, []).append(g)
+    norms = []
+    for group in by_mesh.values():
+        total = torch.nn.utils.get_total_norm(group, norm_type)
         norms.append((total.full_tensor() if isinstance(total, DTensor) else total).to(device, torch.float32))
     if not norms:
         return torch.zeros((), device=device, dtype=torch.float32)
     return torch.nn.utils.get_total_norm(norms, norm_type)
 
 
-def global_grad_norm(stages, norm_type: float = 2.0) -> torch.Tensor:
-    """The gradient norm of the whole pipeline (Note [global gradient norm]), the same on every rank."""
-    stages = list(stages)
-    if not stages:
-        raise OptimizerSettingsError("clip_grad_norm_ needs this rank's stages (the list given to fxpp.schedule)")
-    norm_type = float(norm_type)
-    counted, _ = _counted_and_clipped(stages)
+def _pipeline_norm(counted: list[torch.Tensor], stages: list, norm_type: float) -> torch.Tensor:
+    """The local norm of ``counted``, combined over the stages' pipeline group (Note [global gradient norm])."""
     local = _local_norm(counted, norm_type, stages[0].device)
     group = stages[0].group
     if dist.is_initialized() and dist.get_world_size(group) > 1:
@@ -93,6 +86,20 @@ def global_grad_norm(stages, norm_type: float = 2.0) -> torch.Tensor:
             dist.all_reduce(local, op=dist.ReduceOp.SUM, group=group)
             local = local ** (1.0 / norm_type)
     return local
+
+
+def _checked_stages(stages) -> list:
+    stages = list(stages)
+    if not stages:
+        raise OptimizerSettingsError("clip_grad_norm_ needs this rank's stages (the list given to fxpp.schedule)")
+    return stages
+
+
+def global_grad_norm(stages, norm_type: float = 2.0) -> torch.Tensor:
+    """The gradient norm of the whole pipeline (Note [global gradient norm]), the same on every rank."""
+    stages = _checked_stages(stages)
+    counted, _ = _counted_and_clipped(stages)
+    return _pipeline_norm(counted, stages, float(norm_type))
 
 
 def clip_grad_norm_(stages, max_norm: float, norm_type: float = 2.0, *, foreach: bool | None = None) -> torch.Tensor:
@@ -117,9 +124,9 @@ def clip_grad_norm_(stages, max_norm: float, norm_type: float = 2.0, *, foreach:
     """
     if not max_norm >= 0:
         raise OptimizerSettingsError(f"max_norm={max_norm!r}: the norm to clip to must be >= 0")
-    stages = list(stages)
-    total = global_grad_norm(stages, norm_type)
-    _, clipped = _counted_and_clipped(stages)
+    stages = _checked_stages(stages)
+    counted, clipped = _counted_and_clipped(stages)  # one walk over the parameters
+    total = _pipeline_norm(counted, stages, float(norm_type))
     if clipped and not math.isinf(max_norm):
         torch.nn.utils.clip_grads_with_norm_(clipped, max_norm, total, foreach=foreach)
     return total

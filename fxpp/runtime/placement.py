@@ -37,6 +37,21 @@ def default_device(rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """This process's RNG state: the CPU generator's, and on CUDA the device's (saved with a run, or put
+    back when a schedule step is run again)."""
+    out = {"rng_cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        out["rng_cuda"] = torch.cuda.get_rng_state(device)
+    return out
+
+
+def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state["rng_cpu"])
+    if device.type == "cuda" and "rng_cuda" in state:
+        torch.cuda.set_rng_state(state["rng_cuda"], device)
+
+
 def stage_ranks(num_stages: int, world_size: int, style: str = "loop") -> list[int]:
     """The rank of each stage under ``style`` placement (see the module glossary)."""
     if world_size < 1 or num_stages % world_size:

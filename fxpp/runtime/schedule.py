@@ -17,6 +17,7 @@ from torch.distributed.pipelining import schedules
 
 from ..errors import ScheduleUsageError, StageInputError, StageSpecError
 from ..layout import step_shape
+from .placement import rng_state, set_rng_state
 from .stage import FxppPipelineStage
 from .ties import finish_step
 
@@ -35,16 +36,6 @@ def schedule_class(name_or_class):
     if cls is None:
         raise StageSpecError(f"schedule={name_or_class!r} is not a schedule of torch.distributed.pipelining")
     return cls
-
-
-def _rng_state(device: torch.device) -> tuple:
-    return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
-
-
-def _set_rng_state(state: tuple, device: torch.device) -> None:
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state(state[1], device)
 
 
 _DTYPE_CODES = {None: 0, torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}
@@ -116,7 +107,6 @@ class PipelineSchedule:
         self._start_step(shape, one_header_read=False)
         result = run_microbatches(self.torch_schedule, microbatches, targets, losses, return_outputs=return_outputs)
         finish_step(self.stages)
-        self._headers_differed()
         return result
 
     def _split_shape(self, kwargs: dict) -> tuple[int, ...] | None:
@@ -126,27 +116,28 @@ class PipelineSchedule:
     def _run_step(self, call, shape, losses, *, train: bool):
         """One step with one header read per stage (Note [one header read per step]); redone, reading
         every header, on every rank, where a microbatch's header differed from its step's first."""
-        self._start_step(shape, one_header_read=not self._reads_every_header)
-        rng = _rng_state(self.stages[0].device)
+        one_header_read = not self._reads_every_header  # the same on every rank: set on all together
+        self._start_step(shape, one_header_read=one_header_read)
+        rng = rng_state(self.stages[0].device)
         kept = len(losses) if losses is not None else 0
         result = call()
         if train:
             finish_step(self.stages)
-        if self._headers_differed():
+        # A step that read every header has nothing to check (no collective, no host read).
+        if one_header_read and self._headers_differed():
             # The step's microbatches ran different graph variants (data decisions) and were
             # read as the first one said: undo the step (gradients, RNG, losses) and run it
             # again reading every header; this schedule reads every header from now on.
             self._reads_every_header = True
             for stage in self.stages:
                 stage.restore_step_start_grads()
-            _set_rng_state(rng, self.stages[0].device)
+            set_rng_state(rng, self.stages[0].device)
             if losses is not None:
                 del losses[kept:]
             self._start_step(shape, one_header_read=False)
             result = call()
             if train:
                 finish_step(self.stages)
-            self._headers_differed()
         return result
 
     def _headers_differed(self) -> bool:

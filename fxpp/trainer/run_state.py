@@ -37,6 +37,7 @@ from ..runtime.checkpoint import (
     save_optimizer,
     save_stage,
 )
+from ..runtime.placement import rng_state, set_rng_state
 from .models import load_config
 
 # Settings a resumed run must share with the saved one: each changes the numbers.
@@ -135,19 +136,6 @@ def rank_parameters(stages) -> dict[str, torch.nn.Parameter]:
                 seen.add(id(p))
                 out[f"stage{stage.stage_index}.{name}"] = p
     return out
-
-
-def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
-    out = {"rng_cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        out["rng_cuda"] = torch.cuda.get_rng_state(device)
-    return out
-
-
-def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
-    torch.set_rng_state(state["rng_cpu"])
-    if device.type == "cuda" and "rng_cuda" in state:
-        torch.cuda.set_rng_state(state["rng_cuda"], device)
 
 
 def save(cfg, step: int, stages, optimizer, *, pp_rank: int, dp_rank: int, position, layer_ranges, model_config,
