@@ -96,7 +96,7 @@ class CutLayout:
     def header(self, bits: int, filled: Sequence[bool], device) -> torch.Tensor:
         """The header tensor, made once per (inputs present, slots filled, device) and reused:
         a new tensor from Python ints is a host-to-device copy, which on CUDA waits for the device."""
-        key = (self.id, self.cut, bits, tuple(filled), str(device))
+        key = (self.id, self.cut, bits, tuple(filled), device)
         cached = _HEADERS.get(key)
         if cached is None:
             words = [0] * (self.header_size - 2)
@@ -113,24 +113,27 @@ class CutLayout:
         Raises:
             StageInputError: the variant sends a value the layout has no slot for.
         """
-        by_identity = dict(zip(identities, values))
-        unknown = [i for i in identities if i not in self.identities]
-        if unknown:
-            raise StageInputError(
-                f"{where}: with inputs {list(self.signature.present(bits))} the stage must send {unknown} across "
-                f"cut {self.cut}, but the stages were built to send {list(self.identities)} (with every input of "
-                f"{list(self.signature.names)}). Build the stages with example inputs like this call's"
-            )
+        plan = self._pack_plans.get(identities)
+        if plan is None:
+            unknown = [i for i in identities if i not in self.identities]
+            if unknown:
+                raise StageInputError(
+                    f"{where}: with inputs {list(self.signature.present(bits))} the stage must send {unknown} across "
+                    f"cut {self.cut}, but the stages were built to send {list(self.identities)} (with every input of "
+                    f"{list(self.signature.names)}). Build the stages with example inputs like this call's"
+                )
+            position = {identity: i for i, identity in enumerate(identities)}
+            plan = self._pack_plans[identities] = tuple(position.get(slot.identity) for slot in self.slots)
         stream = values[0]
-        out, filled = [], []
-        for slot in self.slots:
-            value = by_identity.get(slot.identity)
-            filled.append(value is not None)
-            out.append(value if value is not None else self._filler(slot, stream, bits, where))
-        out.append(self.header(bits, filled, stream.device))
+        out = [values[i] if i is not None else self._filler(slot, stream) for slot, i in zip(self.slots, plan)]
+        out.append(self.header(bits, tuple(i is not None for i in plan), stream.device))
         return tuple(out)
 
-    def _filler(self, slot: Slot, stream: torch.Tensor, bits: int, where: str) -> torch.Tensor:
+    @functools.cached_property  # per call otherwise: which value goes to which slot, for each tuple of identities
+    def _pack_plans(self) -> dict[tuple[str, ...], tuple[int | None, ...]]:
+        return {}
+
+    def _filler(self, slot: Slot, stream: torch.Tensor) -> torch.Tensor:
         # Never read (the header marks it unfilled); its shape only keeps the schedule's
         # static metadata, which the sender checks (fxpp.runtime.stage.check_sent_shapes).
         shape = filler_shape(slot.shape, self.slots[0].shape[:2], tuple(stream.shape[:2]))

@@ -180,8 +180,13 @@ class StageModule(GraphModule):
         return result
 
     def _where(self) -> str:
-        spec = self.spec
-        return f"{trace_record(self).model_class} {spec.role.value} stage layers {spec.layers}"
+        # Every call names the stage for its errors: made once (spec and trace never change).
+        where = self.__dict__.get("_fxpp_where")
+        if where is None:
+            spec = self.spec
+            where = f"{trace_record(self).model_class} {spec.role.value} stage layers {spec.layers}"
+            self.__dict__["_fxpp_where"] = where
+        return where
 
     def call_returning_dict(self, *args, **kwargs):
         """Call the stage; a LAST or FULL stage returns its outputs as a dict
