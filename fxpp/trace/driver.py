@@ -44,7 +44,8 @@ def trace_model(model: torch.nn.Module, example_inputs: dict[str, Any],
     fake_mode = leaf_values.fake_mode if leaf_values is not None else FakeTensorMode(allow_non_fake_inputs=True)
     tracer = HFTracer(model, layers_fqn, fake_mode, leaf_values)
     tracer.placeholder_vals = {k: fakeify(fake_mode, v) for k, v in inputs.items()}
-    if not any(isinstance(v, torch.Tensor) and v.is_meta for v in list(inputs.values()) + list(model.parameters())[:1]):
+    first_param = next(model.parameters(), None)  # not list(...)[:1]: that walks every parameter
+    if not any(isinstance(v, torch.Tensor) and v.is_meta for v in [*inputs.values(), first_param]):
         tracer.real.inputs = dict(inputs)
     names = list(inputs)
     forward = unwrap_forward(type(model).forward)

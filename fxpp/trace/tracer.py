@@ -20,6 +20,7 @@ constructor argument; none imports it.
 from __future__ import annotations
 
 import collections.abc
+import functools
 from typing import Any, Callable, Iterator
 
 import torch
@@ -74,8 +75,16 @@ class HFTracer(Tracer):
         self.state = StateLifting(self)
         self.helpers = Helpers(self)
         self.guards = Guards(self)
-        self._param_names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
-        self._buffer_names = {id(b): n for n, b in model.named_buffers(remove_duplicate=False)}
+
+    # Made on first use: most traces never meet a parameter or buffer as a plain argument,
+    # and walking a large model's parameters per trace costs more than the rest of it.
+    @functools.cached_property
+    def _param_names(self) -> dict[int, str]:
+        return {id(p): n for n, p in self.model.named_parameters(remove_duplicate=False)}
+
+    @functools.cached_property
+    def _buffer_names(self) -> dict[int, str]:
+        return {id(b): n for n, b in self.model.named_buffers(remove_duplicate=False)}
 
     # -- proxies and nodes ---------------------------------------------------------------
     def proxy(self, node: Node) -> Proxy:
