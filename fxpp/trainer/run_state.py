@@ -95,7 +95,7 @@ def step_stage_files(directory: str, state: dict) -> list[str]:
     return [os.path.join(directory, n) for n in names]
 
 
-def _candidates(cfg) -> tuple[list[dict], list[str]]:
+def _candidates(cfg) -> tuple[list[dict], list[tuple[int, str]]]:
     """The steps a resume may take, newest first, with every listed file there at its listed size
     (no checksums: those are each rank's, :func:`choose_resume`); and why others were skipped.
 
@@ -103,11 +103,11 @@ def _candidates(cfg) -> tuple[list[dict], list[str]]:
         SaveDirError: ``--resume-step`` names no saved step; no step to resume from.
         DamagedSaveError: the ``--resume-step`` step is damaged, naming the file.
     """
-    steps = complete_steps(cfg.save_dir)
+    steps = list(reversed(steps_in(cfg.save_dir)))  # an incomplete one is skipped, and named
     if cfg.resume_step is not None:
         if cfg.resume_step not in steps_in(cfg.save_dir):
             raise SaveDirError(f"--resume-step {cfg.resume_step}: {step_dir(cfg.save_dir, cfg.resume_step)} does not "
-                               f"exist; saved steps: {sorted(steps) or 'none'}")
+                               f"exist; saved steps: {sorted(complete_steps(cfg.save_dir)) or 'none'}")
         steps = [cfg.resume_step]
     states, skipped = [], []
     for step in steps:
@@ -124,13 +124,17 @@ def _candidates(cfg) -> tuple[list[dict], list[str]]:
         elif cfg.resume_step is not None:
             raise DamagedSaveError(f"--resume-step {step}: {reason}")
         else:
-            skipped.append(f"step {step}: {reason}")
+            skipped.append((step, reason))
     if skipped and not states:
-        raise DamagedSaveError(f"--resume: no saved step of {cfg.save_dir} is whole: " + "; ".join(skipped))
+        raise DamagedSaveError(f"--resume: no saved step of {cfg.save_dir} is whole: " + _reasons(skipped))
     if not states:
         raise SaveDirError(f"{cfg.save_dir}: no saved step to resume from (no step-*/state.json); run once with "
                            "--save-dir first, or leave out --resume")
     return states, skipped
+
+
+def _reasons(skipped: list[tuple[int, str]]) -> str:
+    return "; ".join(f"step {step}: {reason}" for step, reason in skipped)
 
 
 def check_start(cfg) -> dict | None:
@@ -198,14 +202,15 @@ def choose_resume(cfg, own: list[str], prints: dict[str, dict] | None) -> dict:
             break
         if cfg.resume_step is not None:
             raise DamagedSaveError(f"--resume-step {cfg.resume_step}: {reason}")
-        skipped.append(f"step {state['step']}: {reason}")
+        skipped.append((state["step"], reason))
     decision = [chosen, skipped]
     dist.broadcast_object_list(decision, src=0)  # every rank resumes rank 0's choice
     chosen, skipped = decision
     if chosen is None:
-        raise DamagedSaveError(f"--resume: no step of {cfg.save_dir} verifies: " + "; ".join(skipped))
+        raise DamagedSaveError(f"--resume: no step of {cfg.save_dir} verifies: " + _reasons(skipped))
+    newer = sorted((s for s in skipped if s[0] > chosen), reverse=True)
     if rank == 0:
-        print(f"resuming from step {chosen} of {cfg.save_dir}" + ("; skipped " + "; ".join(skipped) if skipped else ""),
+        print(f"resuming from step {chosen} of {cfg.save_dir}" + (f"; skipped {_reasons(newer)}" if newer else ""),
               flush=True)
     return next(s for s in states if s["step"] == chosen)
 
