@@ -352,7 +352,7 @@ def test_fxpp_run_resumes_from_the_step_before_a_damaged_one_and_exports(tmp_pat
     assert "saves to " in out and "keep-last 2, resuming the newest step that verifies" in out, out
     assert f"resuming from step 1 of {save}; skipped step 2: {save / 'step-000002' / 'stage-1.dp-0.safetensors'}: " \
            "its sha256 differs" in out, out
-    assert "steps 2-3 (saves)" in out, out
+    assert "steps 2-3 (resumed)" in out, out
     assert sorted(p.name for p in save.glob("step-*")) == ["step-000002", "step-000003"]
     shutil.copy(save / "step-000003" / "stage-0.dp-0.safetensors", save / "step-000003" / "stage-0.dp-1.safetensors")
     _flip_a_byte(save / "step-000003" / "stage-0.dp-1.safetensors")  # unlisted; read, it would clash
