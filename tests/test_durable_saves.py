@@ -300,7 +300,8 @@ def test_an_edited_data_or_tokenizer_file_is_refused_before_any_rank_starts(tmp_
     save = tmp_path / "run"
     cfg = RunConfig(model=str(model), data=[str(docs)], save_dir=str(save), steps=3)
     (save / "step-000002").mkdir(parents=True)
-    state = {"step": 2, "files": {}, "settings": run_state.settings_of(cfg), "fingerprints": run_state.fingerprints(cfg)}
+    state = {"step": 2, "files": {}, "settings": run_state.settings_of(cfg),
+             "fingerprints": run_state.fingerprints(cfg)}
     (save / "step-000002" / "state.json").write_text(json.dumps(state))
     argv = ["run", str(model), "--data", str(docs), "--save-dir", str(save), "--steps", "3", "--resume"]
     with open(docs, "a") as f:

@@ -53,7 +53,8 @@ def steps_in(save_dir: str) -> list[int]:
 
 def complete_steps(save_dir: str) -> list[int]:
     """The steps whose ``state.json`` is written, newest first."""
-    return [s for s in reversed(steps_in(save_dir)) if os.path.isfile(os.path.join(step_dir(save_dir, s), "state.json"))]
+    return [s for s in reversed(steps_in(save_dir))
+            if os.path.isfile(os.path.join(step_dir(save_dir, s), "state.json"))]
 
 
 def latest_step(save_dir: str) -> int | None:
