@@ -84,3 +84,18 @@ class OptimizerSettingsError(FxppError, ValueError):
 
 class NonFiniteError(FxppError, FloatingPointError):
     """Training produced a non-finite loss or gradient; the run stopped before the optimizer step."""
+
+
+class DamagedSaveError(SaveDirError):
+    """A saved step cannot be trusted: its ``state.json`` is unreadable or lists no files, or a file it
+    lists is missing or has another size or checksum than the list says."""
+
+
+class SaveIOError(FxppError):
+    """A file of a run's save cannot be written or read: an unwritable or full ``--save-dir``, a path
+    taken by a directory."""
+
+
+class PeerFailedError(FxppError):
+    """Another rank failed while the ranks saved, loaded or chose a step; this rank stops as well,
+    naming that rank and its error, instead of waiting for the process group's timeout."""

@@ -27,7 +27,8 @@ def test_a_save_dir_holds_one_run(tmp_path):
     """A new run into a directory with saves is refused (export and resume would take the newest
     step of either run); a resume past --steps is refused; at --steps there is nothing to do."""
     (tmp_path / "step-000004").mkdir()
-    (tmp_path / "step-000004" / "state.json").write_text(json.dumps({"step": 4}))
+    state = {"step": 4, "files": {}, "settings": run_state.settings_of(RunConfig())}  # a step that lists no file
+    (tmp_path / "step-000004" / "state.json").write_text(json.dumps(state))
     with pytest.raises(fxpp.FxppError, match=r"already holds a run \(saved at step 4\); continue it with --resume"):
         RunConfig(save_dir=str(tmp_path), steps=6).validate()
     with pytest.raises(fxpp.FxppError, match="the save in .* is at step 4, past --steps 3"):
@@ -82,17 +83,18 @@ def test_export_refuses_shards_that_miss_rows(tmp_path):
               metadata={"format": "pt", SHARDS_KEY: json.dumps({"w": [0, 2, 5]})})
     save_file({"w": torch.ones(2, 3)}, str(step / "stage-0.dp-1.safetensors"),
               metadata={"format": "pt", SHARDS_KEY: json.dumps({"w": [3, 5, 5]})})
+    files = [str(step / "stage-0.dp-0.safetensors"), str(step / "stage-0.dp-1.safetensors")]
     with pytest.raises(fxpp.CheckpointError, match=r"w: rows 2-3 of 5 are in no shard file"):
-        run_state.whole_tensors(str(step))
+        run_state.whole_tensors(str(step), files)
     save_file({"w": torch.ones(2, 3), "b": torch.zeros(1)}, str(step / "stage-0.dp-1.safetensors"),
               metadata={"format": "pt", SHARDS_KEY: json.dumps({"w": [2, 5, 5]})})
     with pytest.raises(fxpp.CheckpointError, match=r"stage-0.dp-1.safetensors: w has 2 rows, its metadata says rows 2-5"):
-        run_state.whole_tensors(str(step))
+        run_state.whole_tensors(str(step), files)
     save_file({"b": torch.ones(1)}, str(step / "stage-1.dp-0.safetensors"))
     save_file({"w": torch.ones(3, 3), "b": torch.zeros(1)}, str(step / "stage-0.dp-1.safetensors"),
               metadata={"format": "pt", SHARDS_KEY: json.dumps({"w": [2, 5, 5]})})
     with pytest.raises(fxpp.CheckpointError, match=r"b differs between .*stage-0.dp-1.* and .*stage-1.dp-0"):
-        run_state.whole_tensors(str(step))
+        run_state.whole_tensors(str(step), [*files, str(step / "stage-1.dp-0.safetensors")])
 
 
 def _shard_rank(rank, world, workdir):
@@ -131,7 +133,8 @@ def _shard_rank(rank, world, workdir):
             refused = ""
     else:
         refused = None
-    joined = run_state.whole_tensors(step) if rank == 0 else None
+    files = [f"{step}/stage-0.dp-{r}.safetensors" for r in range(world)]
+    joined = run_state.whole_tensors(step, files) if rank == 0 else None
     return whole, reloaded, joined, refused
 
 

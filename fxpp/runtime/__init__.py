@@ -10,6 +10,8 @@ The only room that imports ``torch.distributed.pipelining``.
 ``parallel``: pipeline x data parallel on a ("pp", "dp") mesh (FSDP2 or replication).
 ``loss``: losses that reproduce transformers' whole-batch loss.
 ``checkpoint``: per-stage safetensors checkpoints. ``torch_ir``: torch's own splitter.
+``durable``: files written whole or not at all (temporary name, fsync, rename), their
+checksums, and ranks agreeing on a save's or load's outcome before anything waits on them.
 ``protocols``: what the runtime reads from a ``Pipeline``, without importing it back.
 
 No training loop and no command line: the ``fxpp run`` application lives in ``fxpp.trainer``,

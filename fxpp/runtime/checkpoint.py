@@ -13,6 +13,7 @@ from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from ..errors import CheckpointError
+from .durable import durable_write
 
 
 def _files_for(path: str, keys: Iterable[str] | None) -> dict[str, list[str]]:
@@ -319,18 +320,26 @@ def local_tensors(module: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dic
     return tensors, shards
 
 
-def save_stage(stage: torch.nn.Module, path: str) -> None:
-    """Write this stage's parameters and buffers under their original names.
+def save_stage(stage: torch.nn.Module, path: str) -> dict:
+    """Write this stage's parameters and buffers under their original names, durably.
 
     An FSDP2-sharded stage writes its local shard only (a per-shard file, the rows in
     its metadata); :func:`load_stage` reads it back into the same shard and refuses any
-    other, and ``fxpp export`` joins the shards into whole tensors.
+    other, and ``fxpp export`` joins the shards into whole tensors. The file is written
+    under a temporary name, fsync'ed and renamed (``fxpp.runtime.durable``): ``path``
+    holds a whole file or none.
+
+    Returns:
+        the file's size and sha256 (``fxpp.runtime.durable.file_record``).
+
+    Raises:
+        SaveIOError: the file cannot be written, naming it.
     """
     tensors, shards = local_tensors(stage)
     metadata = {"format": "pt"}
     if shards:
         metadata[SHARDS_KEY] = json.dumps(shards)
-    save_file(tensors, path, metadata=metadata)
+    return durable_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def _parameter_names(params: torch.nn.Module | dict[str, torch.nn.Parameter]) -> dict[int, str]:
@@ -339,16 +348,24 @@ def _parameter_names(params: torch.nn.Module | dict[str, torch.nn.Parameter]) ->
 
 
 def save_optimizer(optimizer: torch.optim.Optimizer, params: torch.nn.Module | dict[str, torch.nn.Parameter],
-                   path: str, extra: dict[str, torch.Tensor] | None = None) -> None:
+                   path: str, extra: dict[str, torch.Tensor] | None = None) -> dict:
     """The optimizer state of a stage's parameters, keyed by parameter name, as safetensors.
 
     Tensors go in as ``state.<param name>.<key>``; hyper-parameters and non-tensor state
     as JSON in the file's metadata; ``extra`` tensors (an RNG state) as ``extra.<name>``.
-    State of an FSDP2 parameter is its local shard. No pickle.
+    State of an FSDP2 parameter is its local shard. No pickle. Written durably, as
+    :func:`save_stage` writes.
 
     Args:
         params: the stage whose parameters the optimizer holds, or ``{name: parameter}``
             (a rank holding two stages names them apart).
+
+    Returns:
+        the file's size and sha256.
+
+    Raises:
+        CheckpointError: the optimizer holds a parameter ``params`` does not name.
+        SaveIOError: the file cannot be written, naming it.
     """
     names = _parameter_names(params)
     sd = optimizer.state_dict()
@@ -373,8 +390,9 @@ def save_optimizer(optimizer: torch.optim.Optimizer, params: torch.nn.Module | d
         tensors[f"extra.{key}"] = value.detach().cpu().clone().contiguous()
     groups = [{k: v for k, v in g.items() if k != "params"} | {"params": [index_to_name[i] for i in g["params"]]}
               for g in sd["param_groups"]]
-    save_file(tensors, path, metadata={"format": "pt", "param_groups": json.dumps(groups),
-                                       "scalars": json.dumps(scalars), "sharded": json.dumps(sharded)})
+    metadata = {"format": "pt", "param_groups": json.dumps(groups), "scalars": json.dumps(scalars),
+                "sharded": json.dumps(sharded)}
+    return durable_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def load_optimizer(optimizer: torch.optim.Optimizer, params: torch.nn.Module | dict[str, torch.nn.Parameter],

@@ -48,7 +48,10 @@ def _run(args) -> int:
                     lora_targets=args.lora_targets.split(",") if args.lora_targets else None,
                     log_every=args.log_every, metrics=args.metrics, val_data=args.val_data, val_every=args.val_every,
                     seed=args.seed, tokens=args.tokens, data=args.data, check=args.check, save_dir=args.save_dir,
-                    save_every=args.save_every, resume=args.resume)
+                    save_every=args.save_every, resume=args.resume, resume_step=args.resume_step,
+                    keep_last=args.keep_last)
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(header(cfg), flush=True)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # under torchrun
         world = int(os.environ["WORLD_SIZE"])
         if world != cfg.world:
@@ -105,6 +108,20 @@ def _run(args) -> int:
         print(f"saved: {cfg.save_dir} (latest step {latest_step(cfg.save_dir)}); "
               f"fxpp export {cfg.save_dir} OUT_DIR writes a Hugging Face checkpoint")
     return 0
+
+
+def header(cfg: RunConfig) -> str:
+    """The line ``fxpp run`` starts with: the job's shape, and where and when it saves."""
+    ranks = f"{cfg.ranks} pipeline ranks" + (f" x dp {cfg.dp}" if cfg.dp > 1 else "")
+    line = (f"fxpp run {cfg.model}: {ranks}, {cfg.num_stages} stages, {cfg.schedule}, {cfg.steps} steps of "
+            f"batch {cfg.batch} x seq-len {cfg.seq_len}; ")
+    if not cfg.save_dir:
+        return line + "no saves (no --save-dir)"
+    when = (f"save-every {cfg.save_every} and at the end" if cfg.save_every else "save-every 0 (only at the end)")
+    keep = f", keep-last {cfg.keep_last}" if cfg.keep_last else ""
+    resume = (f", resuming step {cfg.resume_step}" if cfg.resume_step is not None
+              else ", resuming the newest step that verifies" if cfg.resume else "")
+    return line + f"saves to {cfg.save_dir}: {when}{keep}{resume}"
 
 
 def _export(args) -> int:
@@ -170,7 +187,14 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--save-every", type=int, default=0, metavar="K",
                      help="save every K steps (and after the last step); default: after the last step only")
     run.add_argument("--resume", action="store_true",
-                     help="continue from the latest save in --save-dir, exactly as an uninterrupted run")
+                     help="continue from the newest save in --save-dir whose files all verify (sizes and sha256 "
+                          "listed in its state.json), exactly as an uninterrupted run; says which newer step it "
+                          "skipped and why")
+    run.add_argument("--resume-step", type=int, metavar="K",
+                     help="continue from saved step K (an error if it does not exist or does not verify)")
+    run.add_argument("--keep-last", type=int, default=0, metavar="K",
+                     help="keep only the K newest complete saves, removing older ones once a newer one is written "
+                          "(default: keep every save)")
     check = run.add_mutually_exclusive_group()
     check.add_argument("--check", dest="check", action="store_true", default=None,
                        help="train the unpatched model in one process on the same batches and compare the losses "

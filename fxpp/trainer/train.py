@@ -71,7 +71,13 @@ class RunConfig:
     progress: bool = True
     save_dir: str | None = None  # per-stage (per-shard) checkpoints with optimizer state (fxpp.trainer.run_state)
     save_every: int = 0  # save every K steps (and after the last); 0: after the last step only
-    resume: bool = False  # continue from the latest save in save_dir
+    resume: bool = False  # continue from the newest save in save_dir whose files all verify
+    resume_step: int | None = None  # continue from this saved step (it must verify); implies resume
+    keep_last: int = 0  # keep the K newest complete saves, removing older ones; 0: keep every save
+
+    @property
+    def resuming(self) -> bool:
+        return self.resume or self.resume_step is not None
 
     @property
     def num_stages(self) -> int:
@@ -92,15 +98,20 @@ class RunConfig:
         if self.batch % (self.dp * self.microbatches):
             raise RunConfigError(f"--batch {self.batch} must be a multiple of --dp {self.dp} x --microbatches "
                             f"{self.microbatches}: every dp replica runs --microbatches equal microbatches")
-        if self.resume and not self.save_dir:
+        if self.resuming and not self.save_dir:
             raise RunConfigError("--resume needs --save-dir (the directory of the run to continue)")
+        if self.keep_last < 0 or (self.keep_last and not self.save_dir):
+            raise RunConfigError(f"--keep-last {self.keep_last} needs --save-dir and a positive number of saves")
+        if self.resume_step is not None and self.resume_step < 1:
+            raise RunConfigError(f"--resume-step {self.resume_step}: a saved step is at least 1")
         self._validate_training()
         state = None
         if self.save_dir:
-            state = run_state.check_start(self)  # another run's saves, or a save past --steps: before any rank starts
+            # a folder that cannot be written, another run's saves, a save past --steps: before any rank starts
+            state = run_state.check_start(self)
         if self.save_every < 0 or (self.save_every and not self.save_dir):
             raise RunConfigError(f"--save-every {self.save_every} needs --save-dir and a positive number of steps")
-        if os.path.isdir(self.model) and not self.resume:
+        if os.path.isdir(self.model) and not self.resuming:
             # every key, nothing else, right shapes: from the file headers, before any rank starts
             check_checkpoint(meta_model or build_model(self.model, device="meta"), None, self.model)
         if self.data or self.val_data:
@@ -245,12 +256,17 @@ def run_rank(rank: int, world: int, cfg: RunConfig) -> dict:
     on_meta = from_directory and not cfg.lora_rank
     meta = build_model(cfg.model, device="meta", dtype=dtype) if from_directory else None
     state = cfg.validate(meta_model=meta)  # and the checkpoint's keys, on the model this rank builds from
-    start = state["step"] if state else 0
-    if start == cfg.steps:  # the save is the end of the run: nothing to train
-        return _nothing_to_do(rank, start, device)
     mesh = pp_dp_mesh(cfg.ranks, cfg.dp) if cfg.dp > 1 else None
     pp_rank = mesh.get_local_rank("pp") if mesh is not None else rank
     dp_rank = mesh.get_local_rank("dp") if mesh is not None else 0
+    style = MULTI_STAGE.get(cfg.schedule, "loop")
+    ids = stage_ids_of_rank(pp_rank, cfg.num_stages, cfg.ranks, style)
+    prints = run_state.fingerprints(cfg) if cfg.save_dir and rank == 0 else None  # saved with every step
+    if state is not None:  # every rank verifies its files of the step; rank 0's choice is every rank's
+        state = run_state.choose_resume(cfg, run_state.own_files(ids, pp_rank, dp_rank), prints)
+    start = state["step"] if state else 0
+    if start == cfg.steps:  # the save is the end of the run: nothing to train
+        return _nothing_to_do(rank, start, device)
     local = (lambda b: local_batch(b, mesh)) if mesh is not None else (lambda b: b)
     model = meta if on_meta else build_model(cfg.model, seed=cfg.seed, dtype=dtype).to(device)
     model = with_lora(cfg, model)
@@ -266,8 +282,6 @@ def run_rank(rank: int, world: int, cfg: RunConfig) -> dict:
     if state:
         run_state.check_resumable(state, cfg, pipe.layer_ranges)
     saved = run_state.step_dir(cfg.save_dir, start) if state else None
-    style = MULTI_STAGE.get(cfg.schedule, "loop")
-    ids = stage_ids_of_rank(pp_rank, cfg.num_stages, cfg.ranks, style)
     checkpoint = {i: run_state.stage_file(saved, i, dp_rank) if saved else (cfg.model if on_meta else None)
                   for i in ids}
     stages = [pipe.build_stage(i, device, style=style, dp_mesh=mesh, checkpoint=checkpoint[i],
@@ -335,7 +349,7 @@ def run_rank(rank: int, world: int, cfg: RunConfig) -> dict:
         if cfg.save_dir and (done == cfg.steps or (cfg.save_every and done % cfg.save_every == 0)):
             run_state.save(cfg, done, stages, opt, pp_rank=pp_rank, dp_rank=dp_rank, position=position,
                            layer_ranges=pipe.layer_ranges, model_config=model.config, device=device,
-                           lr_scheduler=lr_sched.state_dict())
+                           lr_scheduler=lr_sched.state_dict(), prints=prints)
     if bar is not None:
         bar.close()
     losses_per_step = _global_losses(shares, mesh) if holds_last else []
@@ -476,8 +490,12 @@ def launch(cfg: RunConfig, workdir: str | None = None, timeout_s: float | None =
         RunFailedError: naming the first rank that failed and its error, or the run's timeout.
     """
     state = cfg.validate()
-    if state is not None and state["step"] == cfg.steps:
-        return [_nothing_to_do(0, cfg.steps, "cpu")]  # no process to start
+    if state is not None:
+        run_state.check_fingerprints(cfg, state)  # data, tokenizer, config changed since the save
+        # At --steps with every checksum right there is nothing to do (and no process to start);
+        # a damaged last step is the ranks' to skip (run_state.choose_resume).
+        if state["step"] == cfg.steps and run_state.damage(run_state.step_dir(cfg.save_dir, cfg.steps), state) is None:
+            return [_nothing_to_do(0, cfg.steps, "cpu")]
     threads = max(1, (os.cpu_count() or 1) // cfg.world)
     try:
         # No default time limit: the run lives as long as its ranks. A collective waits up
@@ -488,7 +506,9 @@ def launch(cfg: RunConfig, workdir: str | None = None, timeout_s: float | None =
         raise RunFailedError(str(e)) from None
     failed = [(r, res) for r, res in enumerate(results) if not res["ok"]]
     if failed:
-        # The first rank to fail is the likeliest cause; its peers then fail on the broken connection.
-        rank, res = min(failed, key=lambda f: "Connection" in f[1]["error"] or "peer" in f[1]["error"])
+        # The first rank to fail is the likeliest cause; its peers then fail on the broken connection,
+        # or (saves, loads) with a PeerFailedError that names it.
+        rank, res = min(failed, key=lambda f: (f[1]["error"].startswith("PeerFailedError"),
+                                               "Connection" in f[1]["error"] or "peer" in f[1]["error"]))
         raise RunFailedError(f"rank {rank} failed: {res['error']}")
     return [res["value"] for res in results]
