@@ -3,7 +3,9 @@
 Layout of a save directory::
 
     SAVE_DIR/
-        config.json, tokenizer files      written at the first save (``export`` needs them)
+        config.json, tokenizer files      written at every save (``export`` needs them): config.json
+                                          and the model folder's other files (:func:`model_folder_files`)
+        model_files.json                  the names of those files, which ``export`` copies
         step-000004/                      one directory per save
             stage-3.dp-1.safetensors      stage 3's tensors as dp rank 1 holds them (FSDP2: its shard)
             optimizer.pp-1.dp-1.safetensors   the optimizer state of that rank, and its RNG state
@@ -13,29 +15,38 @@ A step directory without ``state.json`` is an interrupted save and is never resu
 from. Resuming restores parameters, optimizer state, RNG state and the data position,
 so a run of 2 steps resumed to 4 ends with exactly the tensors of a 4-step run
 (``tests/test_save_resume.py``).
+
+``fxpp export`` reads a save tensor by tensor (Note [export streams]).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
+from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
 from ..errors import CheckpointError, SaveDirError
 from ..runtime.checkpoint import (
+    DTYPES,
     SHARDS_KEY,
     check_checkpoint,
     load_optimizer,
-    recompute_non_persistent_buffers,
+    read_rows,
+    resolve_inside,
+    safetensors_header,
     save_optimizer,
     save_stage,
+    write_safetensors,
 )
 from ..runtime.placement import rng_state, set_rng_state
 from .models import load_config
@@ -44,8 +55,12 @@ from .models import load_config
 RESUME_SETTINGS = ("model", "ranks", "dp", "schedule", "batch", "seq_len", "microbatches", "lr", "seed", "tokens",
                    "data", "lr_schedule", "warmup_steps", "min_lr_ratio", "weight_decay", "max_grad_norm",
                    "mixed_precision", "param_dtype", "lora_rank", "lora_alpha", "lora_targets")
+# What a save made before model_files.json holds besides config.json (export's fallback for it).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                    "vocab.json", "merges.txt", "added_tokens.json")
+MODEL_FILES = "model_files.json"  # SAVE_DIR: the names copied from the model folder, which export copies
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".pkl")
+_RESERVED = (MODEL_FILES, "metrics.jsonl", "config.json")  # SAVE_DIR's own files: never overwritten by a copy
 _STEP = re.compile(r"^step-(\d+)$")
 
 
@@ -167,14 +182,65 @@ def save(cfg, step: int, stages, optimizer, *, pp_rank: int, dp_rank: int, posit
     dist.barrier()
 
 
+def model_folder_files(folder: str) -> list[str]:
+    """The files of a model folder that go with its weights: tokenizer, chat template, generation and
+    processor settings. The run copies them into SAVE_DIR, ``fxpp export`` into its output.
+
+    The rule: every regular file directly in ``folder`` except its weights (``*.safetensors``,
+    ``*.bin``, ``*.pt``, ``*.pth``, ``*.ckpt``, ``*.h5``, ``*.msgpack``, ``*.gguf``, ``*.onnx``,
+    ``*.pkl``), their indexes (``*.index.json``), ``config.json`` (fxpp writes its own), hidden
+    files (``.gitattributes``) and the names SAVE_DIR keeps for itself (``model_files.json``,
+    ``metrics.jsonl``). So ``tokenizer*.json``, ``*.model``, ``vocab.*``, ``merges.txt``,
+    ``special_tokens_map.json``, ``added_tokens.json``, ``chat_template.jinja``,
+    ``generation_config.json``, ``preprocessor_config.json``, ``processor_config.json``, a
+    README or a LICENSE all go. Subfolders do not, nor anything that is not a regular file
+    inside the folder (a fifo, a device, a symlink out of it; Note [files inside the folder]
+    in fxpp/runtime/checkpoint.py): those are skipped without being opened.
+    """
+    names = []
+    for name in sorted(os.listdir(folder)):
+        if (name.startswith(".") or name in _RESERVED or name.endswith(".index.json")
+                or name.lower().endswith(_WEIGHT_SUFFIXES)):
+            continue
+        try:
+            resolve_inside(folder, name, folder)
+        except CheckpointError:
+            continue
+        names.append(name)
+    return names
+
+
 def _write_model_files(cfg, model_config) -> None:
-    """config.json and the source directory's tokenizer files, for ``fxpp export``."""
+    """config.json, the model folder's other files (:func:`model_folder_files`) and their list, for ``fxpp export``."""
     model_config.to_json_file(os.path.join(cfg.save_dir, "config.json"))
-    if os.path.isdir(cfg.model):
-        for name in TOKENIZER_FILES:
-            source = os.path.join(cfg.model, name)
-            if os.path.isfile(source):
-                shutil.copyfile(source, os.path.join(cfg.save_dir, name))
+    names = model_folder_files(cfg.model) if os.path.isdir(cfg.model) else []
+    for name in names:
+        shutil.copyfile(os.path.join(cfg.model, name), os.path.join(cfg.save_dir, name))
+    tmp = os.path.join(cfg.save_dir, MODEL_FILES + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(names, f, indent=1)
+    os.replace(tmp, os.path.join(cfg.save_dir, MODEL_FILES))
+
+
+def _saved_model_files(save_dir: str) -> list[str]:
+    """The paths of the model folder's files a save holds (its ``model_files.json``; a save made
+    before that file: the tokenizer files of :data:`TOKENIZER_FILES` it has).
+
+    Raises:
+        CheckpointError: ``model_files.json`` is no list of names, or names a file that is not a
+            regular file inside ``save_dir``.
+    """
+    listing = os.path.join(save_dir, MODEL_FILES)
+    if not os.path.isfile(listing):
+        return [os.path.join(save_dir, n) for n in TOKENIZER_FILES if os.path.isfile(os.path.join(save_dir, n))]
+    try:
+        with open(listing) as f:
+            names = json.load(f)
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise ValueError("not a list of file names")
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{listing}: cannot read the list of model files ({e})") from e
+    return [resolve_inside(save_dir, name, listing) for name in names]
 
 
 def load(cfg, state: dict, stages, optimizer, *, pp_rank: int, dp_rank: int, device: torch.device) -> None:
@@ -184,57 +250,183 @@ def load(cfg, state: dict, stages, optimizer, *, pp_rank: int, dp_rank: int, dev
     set_rng_state(extra, device)
 
 
-def whole_tensors(directory: str) -> dict[str, torch.Tensor]:
-    """Every tensor of a step directory's stage files, dp shards joined, replicas checked equal.
+def _stage_files(directory: str, state: dict | None) -> list[str]:
+    """The stage files of a step directory: every ``stage-*.safetensors`` in it.
 
     Raises:
-        CheckpointError: shards that do not cover a tensor's rows exactly once, or two
-            copies of a tensor (dp replicas, a weight two stages hold) that differ.
+        CheckpointError: there is none.
     """
+    del state  # the save's own listing of its files will come from state.json
     files = sorted(f for f in os.listdir(directory) if f.startswith("stage-") and f.endswith(".safetensors"))
     if not files:
         raise CheckpointError(f"{directory}: no stage-*.safetensors files")
-    whole: dict[str, tuple[torch.Tensor, str]] = {}
-    pieces: dict[str, list[tuple[int, int, int, torch.Tensor, str]]] = {}
-    for name in files:
-        path = os.path.join(directory, name)
-        with safe_open(path, framework="pt", device="cpu") as f:
-            shards = json.loads((f.metadata() or {}).get(SHARDS_KEY, "{}"))
-            for key in f.keys():  # noqa: SIM118 - safe_open is not iterable
-                tensor = f.get_tensor(key)
-                if key in shards:
-                    start, stop, total = shards[key]
-                    if tensor.shape[0] != stop - start:
-                        raise CheckpointError(f"{path}: {key} has {tensor.shape[0]} rows, its metadata says rows "
-                                              f"{start}-{stop}")
-                    pieces.setdefault(key, []).append((start, stop, total, tensor, path))
-                elif key in whole:
-                    if not torch.equal(whole[key][0], tensor):
-                        raise CheckpointError(f"{key} differs between {whole[key][1]} and {path}: copies of one "
-                                              "tensor must be equal")
-                else:
-                    whole[key] = (tensor, path)
-    out = {k: v for k, (v, _) in whole.items()}
-    for key, parts in pieces.items():
-        parts.sort(key=lambda p: (p[0], p[1]))
-        total = parts[0][2]
-        joined, row = [], 0
-        for start, stop, _, tensor, path in parts:
-            if start < row:  # the same shard from two files (a weight two stages hold): must be equal
-                same = [t for s, e, _, t, _ in parts if (s, e) == (start, stop)]
-                if not all(torch.equal(same[0], t) for t in same):
-                    raise CheckpointError(f"{key} rows {start}-{stop} differ between copies ({path})")
-                continue
-            if start != row:
-                raise CheckpointError(f"{key}: rows {row}-{start} of {total} are in no shard file of {directory}")
-            joined.append(tensor)
-            row = stop
-        if row != total:
-            raise CheckpointError(f"{key}: rows {row}-{total} are in no shard file of {directory}")
-        if key in out:
+    return [os.path.join(directory, f) for f in files]
+
+
+@dataclass(frozen=True)
+class _Piece:
+    """Rows ``[start, stop)`` of a saved tensor, as one stage file holds them (a 0-d tensor: row 0)."""
+
+    file: str
+    entry: dict = field(compare=False)  # the file's header entry: dtype, shape, data_offsets
+    data_start: int
+    start: int
+    stop: int
+
+
+@dataclass(frozen=True)
+class SavedTensor:
+    """A tensor of a save, from the stage files' headers: its whole shape, its stored dtype, the
+    pieces holding each row once (in row order) and other copies of some rows (dp replicas, a
+    weight two stages hold), which must equal them."""
+
+    key: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    sharded: bool
+    pieces: tuple[_Piece, ...]
+    copies: tuple[_Piece, ...]
+
+    @property
+    def rows(self) -> int:
+        return self.shape[0] if self.shape else 1
+
+
+def saved_tensors(directory: str, state: dict | None = None) -> dict[str, SavedTensor]:
+    """Every tensor of a step directory's stage files, planned from the headers alone (no tensor read).
+
+    Raises:
+        CheckpointError: a shard whose rows disagree with its metadata, shards that do not cover
+            a tensor's rows exactly once, copies of a tensor of other shapes or dtypes, a tensor
+            both whole and sharded.
+    """
+    found: dict[str, list[tuple[_Piece, tuple[int, ...], torch.dtype, bool]]] = {}
+    for path in _stage_files(directory, state):
+        header, data_start, metadata = safetensors_header(path)
+        try:
+            shards = json.loads(metadata.get(SHARDS_KEY, "{}"))
+        except ValueError as e:
+            raise CheckpointError(f"{path}: its {SHARDS_KEY} metadata is not JSON ({e})") from e
+        for key, entry in header.items():
+            shape = tuple(entry["shape"])
+            if key in shards:
+                start, stop, total = shards[key]
+                if not shape or shape[0] != stop - start:
+                    raise CheckpointError(f"{path}: {key} has {shape[0] if shape else 'no'} rows, its metadata says "
+                                          f"rows {start}-{stop}")
+                whole = (total, *shape[1:])
+            else:
+                start, stop, whole = 0, shape[0] if shape else 1, shape
+            found.setdefault(key, []).append((_Piece(path, entry, data_start, start, stop), whole,
+                                              DTYPES[entry["dtype"]], key in shards))
+    return {key: _join(key, found[key], directory) for key in sorted(found)}
+
+
+def _join(key: str, found: list, directory: str) -> SavedTensor:
+    """The pieces of ``key`` as one tensor: each row once, the rest copies (:func:`saved_tensors`)."""
+    first, shape, dtype, sharded = found[0]
+    for piece, other_shape, other_dtype, other_sharded in found[1:]:
+        if other_sharded != sharded:
             raise CheckpointError(f"{key} is both whole and sharded in {directory}")
-        out[key] = torch.cat(joined)
+        if (other_shape, other_dtype) != (shape, dtype):
+            raise CheckpointError(f"{key} is {other_shape} {other_dtype} in {piece.file}, {shape} {dtype} in "
+                                  f"{first.file}: copies of one tensor must agree")
+    total = shape[0] if shape else 1
+    pieces: list[_Piece] = []
+    copies: list[_Piece] = []
+    row = 0
+    for piece in sorted((f[0] for f in found), key=lambda p: (p.start, p.stop)):  # stable: files in order
+        if piece.start < row:  # the same rows from another file (a weight two stages hold): must be equal
+            if not any((p.start, p.stop) == (piece.start, piece.stop) for p in pieces):
+                raise CheckpointError(f"{piece.file}: rows {piece.start}-{piece.stop} of {key} overlap other "
+                                      "shards' rows without matching one")
+            copies.append(piece)
+            continue
+        if piece.start != row:
+            raise CheckpointError(f"{key}: rows {row}-{piece.start} of {total} are in no shard file of {directory}")
+        pieces.append(piece)
+        row = piece.stop
+    if row != total:
+        raise CheckpointError(f"{key}: rows {row}-{total} are in no shard file of {directory}")
+    return SavedTensor(key, shape, dtype, sharded, tuple(pieces), tuple(copies))
+
+
+# Note [export streams]: ``fxpp export`` never holds the model. It plans the output from the
+# stage files' headers (saved_tensors), checks the keys and shapes against the model built on
+# the meta device, then writes each output file header first and each tensor as consecutive
+# row chunks of at most CHUNK_BYTES, read from the stage files straight into a buffer, cast to
+# the checkpoint's dtype and written (fxpp.runtime.checkpoint.write_safetensors). Copies that
+# must be equal (dp replicas, a weight two stages hold, a tied lm_head) are compared chunk by
+# chunk before anything is written. So the peak is a few chunks, whatever the model's size and
+# its largest tensor (benchmarks/bench_memory.py --export measures it).
+CHUNK_BYTES = 32 * 2**20
+
+
+class _Files:
+    """The stage files an export reads, each opened once."""
+
+    def __init__(self):
+        self.handles: dict = {}
+
+    def __call__(self, path: str):
+        if path not in self.handles:
+            self.handles[path] = open(path, "rb")  # noqa: SIM115 - closed by __exit__
+        return self.handles[path]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self.handles.values():
+            handle.close()
+
+
+def _chunks(saved: SavedTensor, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, int]]:
+    """Row ranges of at most :data:`CHUNK_BYTES` (at least one row) covering rows ``[start, stop)``."""
+    stop = saved.rows if stop is None else stop
+    row_bytes = saved.dtype.itemsize * math.prod(saved.shape[1:])
+    step = max(1, CHUNK_BYTES // max(row_bytes, 1))
+    for begin in range(start, stop, step):
+        yield begin, min(stop, begin + step)
+
+
+def _read(files: _Files, saved: SavedTensor, start: int, stop: int, pieces=None) -> torch.Tensor:
+    """Rows ``[start, stop)`` of ``saved`` (a 0-d tensor: itself), in its stored dtype, from ``pieces``
+    (default: the pieces holding each row once)."""
+    out = torch.empty((stop - start, *saved.shape[1:]) if saved.shape else (), dtype=saved.dtype)
+    for p in saved.pieces if pieces is None else pieces:
+        lo, hi = max(start, p.start), min(stop, p.stop)
+        if lo < hi:
+            read_rows(files(p.file), p.entry, p.data_start, slice(lo - p.start, hi - p.start),
+                      out[lo - start:hi - start] if saved.shape else out)
     return out
+
+
+def _check_copies(files: _Files, saved: SavedTensor) -> None:
+    """Every copy of ``saved``'s rows equals the piece it repeats, compared chunk by chunk."""
+    for copy in saved.copies:
+        for start, stop in _chunks(saved, copy.start, copy.stop):
+            if not torch.equal(_read(files, saved, start, stop, [copy]), _read(files, saved, start, stop)):
+                primary = next(p for p in saved.pieces if (p.start, p.stop) == (copy.start, copy.stop))
+                rows = f" rows {copy.start}-{copy.stop}" if saved.sharded else ""
+                raise CheckpointError(f"{saved.key}{rows} differs between {primary.file} and {copy.file}: copies of "
+                                      "one tensor must be equal")
+
+
+def whole_tensors(directory: str, state: dict | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor of a step directory's stage files, dp shards joined, replicas checked equal.
+
+    Holds the whole model in memory (tests, a LoRA run's adapters); ``export`` streams instead.
+
+    Raises:
+        CheckpointError: see :func:`saved_tensors`; or two copies of a tensor (dp replicas, a
+            weight two stages hold) that differ.
+    """
+    saved = saved_tensors(directory, state)
+    with _Files() as files:
+        for tensor in saved.values():
+            _check_copies(files, tensor)
+        return {key: _read(files, tensor, 0, tensor.rows) for key, tensor in saved.items()}
 
 
 def export_adapter(state: dict, tensors: dict[str, torch.Tensor], out_dir: str) -> None:
@@ -261,11 +453,18 @@ def export_adapter(state: dict, tensors: dict[str, torch.Tensor], out_dir: str) 
 
 
 def export(save_dir: str, out_dir: str, step: int | None = None, max_shard_size: str = "5GB") -> int:
-    """Write a Hugging Face checkpoint directory from a save: config, tokenizer, sharded safetensors.
+    """Write a Hugging Face checkpoint directory from a save: weights, config.json, the model folder's files.
 
-    The model is built on the meta device and given the saved tensors (``assign=True``),
-    so the export holds one copy of the weights. Keys are the model's own;
-    ``AutoModelForCausalLM.from_pretrained(out_dir)`` loads the trained weights.
+    The weights are written tensor by tensor (Note [export streams]): the keys are the model's
+    own state-dict keys, checked against the model built on the meta device; dp shards are
+    joined, copies checked equal, floating tensors cast to the checkpoint's dtype (config.json's
+    ``dtype``; the save holds the training's master dtype). Files of at most ``max_shard_size``
+    as ``save_pretrained`` splits them, with ``model.safetensors.index.json`` when there are
+    several; a tied ``lm_head.weight`` is left out, as ``save_pretrained`` leaves it. Then
+    config.json (with that dtype), generation_config.json, and every file of the model folder
+    that the run copied into the save (:func:`model_folder_files`), which replace fxpp's own.
+    ``AutoModelForCausalLM.from_pretrained(out_dir)`` loads the trained weights. A LoRA run
+    writes a PEFT adapter folder instead (:func:`export_adapter`).
 
     Returns:
         the step exported.
@@ -273,34 +472,70 @@ def export(save_dir: str, out_dir: str, step: int | None = None, max_shard_size:
     Raises:
         CheckpointError: a saved tensor the model does not have, a key of the model the
             save lacks (besides a tied ``lm_head.weight``), a shape the model does not
-            have (``fxpp.runtime.checkpoint.check_checkpoint``), or tied copies that differ.
+            have (``fxpp.runtime.checkpoint.check_checkpoint``), copies that differ, or
+            stage files that do not join (:func:`saved_tensors`).
     """
     state = read_state(save_dir, step)
-    tensors = whole_tensors(step_dir(save_dir, state["step"]))
+    directory = step_dir(save_dir, state["step"])
     if state["settings"].get("lora_rank"):
-        export_adapter(state, tensors, out_dir)
+        export_adapter(state, whole_tensors(directory, state), out_dir)
         return state["step"]
+    saved = saved_tensors(directory, state)
+    model_files = _saved_model_files(save_dir)
     config = load_config(save_dir)
     dtype = getattr(config, "dtype", None)
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    if isinstance(dtype, torch.dtype):  # the checkpoint's own dtype; the save holds the master dtype
-        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
     # Every key of the model, nothing else, right shapes (a tied lm_head.weight may be absent).
-    tied = check_checkpoint(model, {k: (tuple(v.shape), v.dtype, save_dir) for k, v in tensors.items()}, save_dir)
-    recompute_non_persistent_buffers(model, model, "cpu")  # never saved: computed before the saved tensors go in
-    if tied:  # the last stage's copy of a tied weight must have stayed equal to the first stage's
-        embedding = next(n for n, p in model.named_parameters() if p is model.get_input_embeddings().weight)
-        for key in sorted(tied & set(tensors)):
-            if not torch.equal(tensors[key], tensors[embedding]):
-                raise CheckpointError(f"{save_dir}: {key} differs from {embedding}, to which the config ties it; "
-                                      "the stages' tied copies diverged, the save cannot be exported as tied")
-    model.load_state_dict(tensors, strict=False, assign=True)  # then every saved tensor, as it was trained
-    if tied:
-        model.tie_weights()
-    model.save_pretrained(out_dir, max_shard_size=max_shard_size)
-    for name in TOKENIZER_FILES:
-        if os.path.isfile(os.path.join(save_dir, name)):
-            shutil.copyfile(os.path.join(save_dir, name), os.path.join(out_dir, name))
+    tied = check_checkpoint(model, {k: (t.shape, t.dtype, t.pieces[0].file) for k, t in saved.items()}, save_dir)
+    layout = {k: (dtype if isinstance(dtype, torch.dtype) and saved[k].dtype.is_floating_point else saved[k].dtype,
+                  saved[k].shape) for k in model.state_dict() if k in saved and k not in tied}
+    split = split_torch_state_dict_into_shards({k: torch.empty(shape, dtype=d, device="meta")
+                                                for k, (d, shape) in layout.items()}, max_shard_size=max_shard_size)
+    with _Files() as files:
+        for tensor in saved.values():
+            _check_copies(files, tensor)
+        for key in sorted(tied & set(saved)):  # the last stage's copy of a tied weight must equal the first's
+            embedding = next(n for n, p in model.named_parameters() if p is model.get_input_embeddings().weight)
+            for start, stop in _chunks(saved[embedding]):
+                if not torch.equal(_read(files, saved[key], start, stop), _read(files, saved[embedding], start, stop)):
+                    raise CheckpointError(f"{save_dir}: {key} differs from {embedding}, to which the config ties it; "
+                                          "the stages' tied copies diverged, the save cannot be exported as tied")
+
+        def pieces(key: str) -> Iterator[torch.Tensor]:
+            for start, stop in _chunks(saved[key]):
+                yield _read(files, saved[key], start, stop).to(layout[key][0])
+
+        os.makedirs(out_dir, exist_ok=True)
+        _remove_stale_weights(out_dir, set(split.filename_to_tensors))
+        for name, keys in split.filename_to_tensors.items():
+            write_safetensors(os.path.join(out_dir, name), {k: layout[k] for k in keys}, pieces, {"format": "pt"})
+    if split.is_sharded:
+        index = {"metadata": {"total_parameters": model.num_parameters(), **split.metadata},
+                 "weight_map": split.tensor_to_filename}
+        with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+            f.write(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    # config.json as save_pretrained writes it: the weights' dtype and the model class.
+    written = next((layout[n][0] for n, p in model.named_parameters() if p.is_floating_point() and n in layout), None)
+    if written is not None:
+        model.config.dtype = str(written).split(".")[1]
+    model.config.architectures = [type(model).__name__]
+    model.config.save_pretrained(out_dir)
+    if model.can_generate():
+        model.generation_config.save_pretrained(out_dir)
+    for path in model_files:  # the model folder's own files, generation_config.json included
+        shutil.copyfile(path, os.path.join(out_dir, os.path.basename(path)))
     return state["step"]
+
+
+_WEIGHT_FILE = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?$")
+
+
+def _remove_stale_weights(out_dir: str, names: set[str]) -> None:
+    """An earlier export's weight files that this one does not rewrite (``save_pretrained`` removes
+    its stale shards too): a leftover index or shard would be loaded in place of the new weights."""
+    keep = names | ({"model.safetensors.index.json"} if len(names) > 1 else set())
+    for name in os.listdir(out_dir):
+        if _WEIGHT_FILE.match(name) and name not in keep:
+            os.remove(os.path.join(out_dir, name))
