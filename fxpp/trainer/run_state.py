@@ -1,4 +1,4 @@
-"""A training run's state on disk: ``fxpp run --save-dir/--resume`` and ``fxpp export``.
+"""A training run's state on disk: ``fxpp run --save-dir/--resume``, and what ``fxpp export`` reads.
 
 Layout of a save directory::
 
@@ -16,7 +16,9 @@ from. Resuming restores parameters, optimizer state, RNG state and the data posi
 so a run of 2 steps resumed to 4 ends with exactly the tensors of a 4-step run
 (``tests/test_save_resume.py``).
 
-``fxpp export`` reads a save tensor by tensor (Note [export streams]).
+A save's tensors are planned from the stage files' headers (:func:`saved_tensors`: dp shards
+joined, copies found) and read by rows (:class:`SaveReader`), so ``fxpp export``
+(fxpp/trainer/export.py) never holds the model.
 """
 
 from __future__ import annotations
@@ -31,25 +33,19 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-from huggingface_hub import split_torch_state_dict_into_shards
-from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM
 
 from ..errors import CheckpointError, SaveDirError
 from ..runtime.checkpoint import (
     DTYPES,
     SHARDS_KEY,
-    check_checkpoint,
     load_optimizer,
     read_rows,
     resolve_inside,
     safetensors_header,
     save_optimizer,
     save_stage,
-    write_safetensors,
 )
 from ..runtime.placement import rng_state, set_rng_state
-from .models import load_config
 
 # Settings a resumed run must share with the saved one: each changes the numbers.
 RESUME_SETTINGS = ("model", "ranks", "dp", "schedule", "batch", "seq_len", "microbatches", "lr", "seed", "tokens",
@@ -222,27 +218,6 @@ def _write_model_files(cfg, model_config) -> None:
     os.replace(tmp, os.path.join(cfg.save_dir, MODEL_FILES))
 
 
-def _saved_model_files(save_dir: str) -> list[str]:
-    """The paths of the model folder's files a save holds (its ``model_files.json``; a save made
-    before that file: the tokenizer files of :data:`TOKENIZER_FILES` it has).
-
-    Raises:
-        CheckpointError: ``model_files.json`` is no list of names, or names a file that is not a
-            regular file inside ``save_dir``.
-    """
-    listing = os.path.join(save_dir, MODEL_FILES)
-    if not os.path.isfile(listing):
-        return [os.path.join(save_dir, n) for n in TOKENIZER_FILES if os.path.isfile(os.path.join(save_dir, n))]
-    try:
-        with open(listing) as f:
-            names = json.load(f)
-        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-            raise ValueError("not a list of file names")
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{listing}: cannot read the list of model files ({e})") from e
-    return [resolve_inside(save_dir, name, listing) for name in names]
-
-
 def load(cfg, state: dict, stages, optimizer, *, pp_rank: int, dp_rank: int, device: torch.device) -> None:
     """The optimizer and RNG state of this rank (the stages were built from their step files)."""
     directory = step_dir(cfg.save_dir, state["step"])
@@ -351,37 +326,10 @@ def _join(key: str, found: list, directory: str) -> SavedTensor:
     return SavedTensor(key, shape, dtype, sharded, tuple(pieces), tuple(copies))
 
 
-# Note [export streams]: ``fxpp export`` never holds the model. It plans the output from the
-# stage files' headers (saved_tensors), checks the keys and shapes against the model built on
-# the meta device, then writes each output file header first and each tensor as consecutive
-# row chunks of at most CHUNK_BYTES, read from the stage files straight into a buffer, cast to
-# the checkpoint's dtype and written (fxpp.runtime.checkpoint.write_safetensors). Copies that
-# must be equal (dp replicas, a weight two stages hold, a tied lm_head) are compared chunk by
-# chunk before anything is written. So the peak is a few chunks, whatever the model's size and
-# its largest tensor (benchmarks/bench_memory.py --export measures it).
-CHUNK_BYTES = 32 * 2**20
+CHUNK_BYTES = 32 * 2**20  # the most bytes of one tensor a SaveReader reads at once
 
 
-class _Files:
-    """The stage files an export reads, each opened once."""
-
-    def __init__(self):
-        self.handles: dict = {}
-
-    def __call__(self, path: str):
-        if path not in self.handles:
-            self.handles[path] = open(path, "rb")  # noqa: SIM115 - closed by __exit__
-        return self.handles[path]
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        for handle in self.handles.values():
-            handle.close()
-
-
-def _chunks(saved: SavedTensor, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, int]]:
+def row_chunks(saved: SavedTensor, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, int]]:
     """Row ranges of at most :data:`CHUNK_BYTES` (at least one row) covering rows ``[start, stop)``."""
     stop = saved.rows if stop is None else stop
     row_bytes = saved.dtype.itemsize * math.prod(saved.shape[1:])
@@ -390,152 +338,72 @@ def _chunks(saved: SavedTensor, start: int = 0, stop: int | None = None) -> Iter
         yield begin, min(stop, begin + step)
 
 
-def _read(files: _Files, saved: SavedTensor, start: int, stop: int, pieces=None) -> torch.Tensor:
-    """Rows ``[start, stop)`` of ``saved`` (a 0-d tensor: itself), in its stored dtype, from ``pieces``
-    (default: the pieces holding each row once)."""
-    out = torch.empty((stop - start, *saved.shape[1:]) if saved.shape else (), dtype=saved.dtype)
-    for p in saved.pieces if pieces is None else pieces:
-        lo, hi = max(start, p.start), min(stop, p.stop)
-        if lo < hi:
-            read_rows(files(p.file), p.entry, p.data_start, slice(lo - p.start, hi - p.start),
-                      out[lo - start:hi - start] if saved.shape else out)
-    return out
+class SaveReader:
+    """Reads rows of a save's tensors (:func:`saved_tensors`) from the stage files, each opened once.
 
+    Nothing is memory-mapped: each read fills a fresh buffer of just the rows asked for, so a
+    caller that reads :func:`row_chunks` holds one chunk at a time.
+    """
 
-def _check_copies(files: _Files, saved: SavedTensor) -> None:
-    """Every copy of ``saved``'s rows equals the piece it repeats, compared chunk by chunk."""
-    for copy in saved.copies:
-        for start, stop in _chunks(saved, copy.start, copy.stop):
-            if not torch.equal(_read(files, saved, start, stop, [copy]), _read(files, saved, start, stop)):
-                primary = next(p for p in saved.pieces if (p.start, p.stop) == (copy.start, copy.stop))
-                rows = f" rows {copy.start}-{copy.stop}" if saved.sharded else ""
-                raise CheckpointError(f"{saved.key}{rows} differs between {primary.file} and {copy.file}: copies of "
-                                      "one tensor must be equal")
+    def __init__(self):
+        self._handles: dict = {}
+
+    def __enter__(self) -> SaveReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles.values():
+            handle.close()
+        self._handles.clear()
+
+    def _file(self, path: str):
+        if path not in self._handles:
+            self._handles[path] = open(path, "rb")  # noqa: SIM115 - closed by __exit__
+        return self._handles[path]
+
+    def rows(self, saved: SavedTensor, start: int, stop: int, pieces=None) -> torch.Tensor:
+        """Rows ``[start, stop)`` of ``saved`` (a 0-d tensor: itself) in its stored dtype, from
+        ``pieces`` (default: the pieces holding each row once)."""
+        out = torch.empty((stop - start, *saved.shape[1:]) if saved.shape else (), dtype=saved.dtype)
+        for p in saved.pieces if pieces is None else pieces:
+            lo, hi = max(start, p.start), min(stop, p.stop)
+            if lo < hi:
+                read_rows(self._file(p.file), p.entry, p.data_start, slice(lo - p.start, hi - p.start),
+                          out[lo - start:hi - start] if saved.shape else out)
+        return out
+
+    def check_copies(self, saved: SavedTensor) -> None:
+        """Every copy of ``saved``'s rows equals the piece it repeats, compared chunk by chunk.
+
+        Raises:
+            CheckpointError: naming the key and both files.
+        """
+        for copy in saved.copies:
+            for start, stop in row_chunks(saved, copy.start, copy.stop):
+                if not torch.equal(self.rows(saved, start, stop, [copy]), self.rows(saved, start, stop)):
+                    primary = next(p for p in saved.pieces if (p.start, p.stop) == (copy.start, copy.stop))
+                    rows = f" rows {copy.start}-{copy.stop}" if saved.sharded else ""
+                    raise CheckpointError(f"{saved.key}{rows} differs between {primary.file} and {copy.file}: "
+                                          "copies of one tensor must be equal")
+
+    def equal(self, a: SavedTensor, b: SavedTensor) -> bool:
+        """Whether two saved tensors (a tied weight's two keys) hold the same values, chunk by chunk."""
+        return a.shape == b.shape and all(torch.equal(self.rows(a, start, stop), self.rows(b, start, stop))
+                                          for start, stop in row_chunks(a))
 
 
 def whole_tensors(directory: str, state: dict | None = None) -> dict[str, torch.Tensor]:
     """Every tensor of a step directory's stage files, dp shards joined, replicas checked equal.
 
-    Holds the whole model in memory (tests, a LoRA run's adapters); ``export`` streams instead.
+    Holds the whole model in memory (tests, a LoRA run's adapters); ``fxpp export`` streams
+    instead (fxpp/trainer/export.py).
 
     Raises:
         CheckpointError: see :func:`saved_tensors`; or two copies of a tensor (dp replicas, a
             weight two stages hold) that differ.
     """
     saved = saved_tensors(directory, state)
-    with _Files() as files:
+    with SaveReader() as reader:
         for tensor in saved.values():
-            _check_copies(files, tensor)
-        return {key: _read(files, tensor, 0, tensor.rows) for key, tensor in saved.items()}
-
-
-def export_adapter(state: dict, tensors: dict[str, torch.Tensor], out_dir: str) -> None:
-    """A LoRA run's adapters as a PEFT adapter folder (``PeftModel.from_pretrained(base, out_dir)``).
-
-    The stage tensors carry PEFT's module names (``...q_proj.lora_A.default.weight``); an
-    adapter file names them without the adapter (``...q_proj.lora_A.weight``), as
-    ``peft.get_peft_model_state_dict`` writes them. The target modules are the ones the
-    saved adapters sit on.
-    """
-    from peft import LoraConfig  # optional extra: only a LoRA run's export needs it
-
-    settings = state["settings"]
-    adapter = {k.replace(".default.", "."): v.contiguous() for k, v in tensors.items() if ".lora_" in k}
-    if not adapter:
-        raise CheckpointError(f"the save of step {state['step']} holds no LoRA adapter tensors (lora_A / lora_B)")
-    targets = sorted({k.split(".lora_A")[0].rsplit(".", 1)[-1] for k in adapter if ".lora_A" in k})
-    kwargs = {"lora_alpha": settings["lora_alpha"]} if settings.get("lora_alpha") is not None else {}
-    config = LoraConfig(r=settings["lora_rank"], target_modules=targets, task_type="CAUSAL_LM", **kwargs)
-    config.base_model_name_or_path = settings["model"]
-    os.makedirs(out_dir, exist_ok=True)
-    save_file(adapter, os.path.join(out_dir, "adapter_model.safetensors"), metadata={"format": "pt"})
-    config.save_pretrained(out_dir)
-
-
-def export(save_dir: str, out_dir: str, step: int | None = None, max_shard_size: str = "5GB") -> int:
-    """Write a Hugging Face checkpoint directory from a save: weights, config.json, the model folder's files.
-
-    The weights are written tensor by tensor (Note [export streams]): the keys are the model's
-    own state-dict keys, checked against the model built on the meta device; dp shards are
-    joined, copies checked equal, floating tensors cast to the checkpoint's dtype (config.json's
-    ``dtype``; the save holds the training's master dtype). Files of at most ``max_shard_size``
-    as ``save_pretrained`` splits them, with ``model.safetensors.index.json`` when there are
-    several; a tied ``lm_head.weight`` is left out, as ``save_pretrained`` leaves it. Then
-    config.json (with that dtype), generation_config.json, and every file of the model folder
-    that the run copied into the save (:func:`model_folder_files`), which replace fxpp's own.
-    ``AutoModelForCausalLM.from_pretrained(out_dir)`` loads the trained weights. A LoRA run
-    writes a PEFT adapter folder instead (:func:`export_adapter`).
-
-    Returns:
-        the step exported.
-
-    Raises:
-        CheckpointError: a saved tensor the model does not have, a key of the model the
-            save lacks (besides a tied ``lm_head.weight``), a shape the model does not
-            have (``fxpp.runtime.checkpoint.check_checkpoint``), copies that differ, or
-            stage files that do not join (:func:`saved_tensors`).
-    """
-    state = read_state(save_dir, step)
-    directory = step_dir(save_dir, state["step"])
-    if state["settings"].get("lora_rank"):
-        export_adapter(state, whole_tensors(directory, state), out_dir)
-        return state["step"]
-    saved = saved_tensors(directory, state)
-    model_files = _saved_model_files(save_dir)
-    config = load_config(save_dir)
-    dtype = getattr(config, "dtype", None)
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
-    # Every key of the model, nothing else, right shapes (a tied lm_head.weight may be absent).
-    tied = check_checkpoint(model, {k: (t.shape, t.dtype, t.pieces[0].file) for k, t in saved.items()}, save_dir)
-    layout = {k: (dtype if isinstance(dtype, torch.dtype) and saved[k].dtype.is_floating_point else saved[k].dtype,
-                  saved[k].shape) for k in model.state_dict() if k in saved and k not in tied}
-    split = split_torch_state_dict_into_shards({k: torch.empty(shape, dtype=d, device="meta")
-                                                for k, (d, shape) in layout.items()}, max_shard_size=max_shard_size)
-    with _Files() as files:
-        for tensor in saved.values():
-            _check_copies(files, tensor)
-        for key in sorted(tied & set(saved)):  # the last stage's copy of a tied weight must equal the first's
-            embedding = next(n for n, p in model.named_parameters() if p is model.get_input_embeddings().weight)
-            for start, stop in _chunks(saved[embedding]):
-                if not torch.equal(_read(files, saved[key], start, stop), _read(files, saved[embedding], start, stop)):
-                    raise CheckpointError(f"{save_dir}: {key} differs from {embedding}, to which the config ties it; "
-                                          "the stages' tied copies diverged, the save cannot be exported as tied")
-
-        def pieces(key: str) -> Iterator[torch.Tensor]:
-            for start, stop in _chunks(saved[key]):
-                yield _read(files, saved[key], start, stop).to(layout[key][0])
-
-        os.makedirs(out_dir, exist_ok=True)
-        _remove_stale_weights(out_dir, set(split.filename_to_tensors))
-        for name, keys in split.filename_to_tensors.items():
-            write_safetensors(os.path.join(out_dir, name), {k: layout[k] for k in keys}, pieces, {"format": "pt"})
-    if split.is_sharded:
-        index = {"metadata": {"total_parameters": model.num_parameters(), **split.metadata},
-                 "weight_map": split.tensor_to_filename}
-        with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
-            f.write(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    # config.json as save_pretrained writes it: the weights' dtype and the model class.
-    written = next((layout[n][0] for n, p in model.named_parameters() if p.is_floating_point() and n in layout), None)
-    if written is not None:
-        model.config.dtype = str(written).split(".")[1]
-    model.config.architectures = [type(model).__name__]
-    model.config.save_pretrained(out_dir)
-    if model.can_generate():
-        model.generation_config.save_pretrained(out_dir)
-    for path in model_files:  # the model folder's own files, generation_config.json included
-        shutil.copyfile(path, os.path.join(out_dir, os.path.basename(path)))
-    return state["step"]
-
-
-_WEIGHT_FILE = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?$")
-
-
-def _remove_stale_weights(out_dir: str, names: set[str]) -> None:
-    """An earlier export's weight files that this one does not rewrite (``save_pretrained`` removes
-    its stale shards too): a leftover index or shard would be loaded in place of the new weights."""
-    keep = names | ({"model.safetensors.index.json"} if len(names) > 1 else set())
-    for name in os.listdir(out_dir):
-        if _WEIGHT_FILE.match(name) and name not in keep:
-            os.remove(os.path.join(out_dir, name))
+            reader.check_copies(tensor)
+        return {key: reader.rows(tensor, 0, tensor.rows) for key, tensor in saved.items()}
