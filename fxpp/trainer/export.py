@@ -30,7 +30,7 @@ from collections import Counter
 from collections.abc import Iterator
 
 import torch
-from huggingface_hub import split_torch_state_dict_into_shards  # a dependency of transformers
+from huggingface_hub.serialization import split_state_dict_into_shards_factory  # transformers needs it
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 from transformers.core_model_loading import revert_weight_conversion
@@ -94,7 +94,12 @@ def export(save_dir: str, out_dir: str, step: int | None = None, max_shard_size:
                           else saved[k].dtype)
            for k in model.state_dict() if k in saved and k not in tied}
     written, source = _output_keys(model, own)
-    split = split_torch_state_dict_into_shards(written, max_shard_size=max_shard_size)
+    # save_pretrained's split of the same tensors: pieces of one tensor (views) share its storage,
+    # counted once and kept in one file. Meta tensors have no storage id of their own: their base's.
+    split = split_state_dict_into_shards_factory(
+        written, max_shard_size=max_shard_size, filename_pattern="model{suffix}.safetensors",
+        get_storage_size=lambda t: t.untyped_storage().nbytes(),
+        get_storage_id=lambda t: id(t if t._base is None else t._base))
     with SaveReader() as reader:
         for tensor in saved.values():
             reader.check_copies(tensor)
@@ -129,7 +134,8 @@ def export(save_dir: str, out_dir: str, step: int | None = None, max_shard_size:
 
 
 def _output_keys(model: torch.nn.Module, own: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The output keys as meta tensors (in save_pretrained's order), and the own key each is made from.
+    """The output keys as meta tensors (in save_pretrained's order; the pieces of a converted tensor
+    are views of it), and the own key each is made from.
 
     ``save_pretrained`` reverts transformers' load-time conversions on the whole state dict;
     export does it key by key (a fused tensor is its own group), which gives the same keys for
@@ -144,7 +150,7 @@ def _output_keys(model: torch.nn.Module, own: dict[str, torch.Tensor]) -> tuple[
             source[name], shapes[name] = key, (tuple(out.shape), out.dtype)
     if shapes != {name: (tuple(t.shape), t.dtype) for name, t in whole.items()}:
         return dict(own), {k: k for k in own}
-    return {name: torch.empty(t.shape, dtype=t.dtype, device="meta") for name, t in whole.items()}, source
+    return whole, source
 
 
 class _Pieces:
