@@ -58,7 +58,8 @@ with pp 2 x dp 2 (FSDP2) writes it (``fxpp.testing.saves.write_save``: per-stage
 row shards), then exports it in fresh processes two ways:
 
 * ``stream``: ``fxpp export`` (fxpp/trainer/export.py): tensor by tensor, in row chunks of
-  ``run_state.CHUNK_BYTES`` (32 MiB);
+  ``run_state.CHUNK_BYTES`` (32 MiB); ``stream-8MiB``, ``stream-128MiB`` with other chunk
+  sizes (``--export-chunks-mb``): the peak follows the chunk, not the model;
 * ``whole``: the export fxpp did before (``fxpp.testing.saves.whole_model_export``): every
   tensor joined in memory, loaded into the model, ``save_pretrained``.
 
@@ -318,7 +319,7 @@ def _write_save(directory: str) -> None:
         json.dump(info, f)
 
 
-def _export_job(mode: str, save: str, out: str, conn) -> None:
+def _export_job(mode: str, save: str, out: str, chunk_bytes: int | None, conn) -> None:
     """One export in a fresh process: the rise of its peak RSS while exporting."""
     import transformers
 
@@ -328,6 +329,8 @@ def _export_job(mode: str, save: str, out: str, conn) -> None:
 
     transformers.utils.logging.disable_progress_bar()
     torch.set_num_threads(1)
+    if chunk_bytes:
+        run_state.CHUNK_BYTES = chunk_bytes
     with torch.device("meta"):  # modelling code imported and run once before the measurement
         transformers.AutoModelForCausalLM.from_config(make_export_config())
     rss_before = current_rss_bytes()
@@ -379,7 +382,7 @@ def _in_child(target, *args):
     return value
 
 
-def export_main(json_path: str) -> None:
+def export_main(json_path: str, chunks_mb: list[int]) -> None:
     env = start(threads=1)
     rows = []
     with tempfile.TemporaryDirectory(prefix="fxpp_bench_export_") as work:
@@ -395,22 +398,24 @@ def export_main(json_path: str) -> None:
         print(f"# {EXPORT_MODEL_NAME}: {info['params']:,} parameters, {info['model_bytes'] / MB:.1f} MB fp32; largest "
               f"tensor {info['largest']} {info['largest_bytes'] / MB:.1f} MB; a save of pp 2 x dp 2 row shards",
               flush=True)
-        results = {}
-        for mode in ("stream", "whole"):
-            results[mode] = _in_child(_export_job, mode, os.path.join(work, "run"), os.path.join(work, mode))
+        results, same = {}, {}
+        for mode, chunk in [("stream", None), *((f"stream-{c}MiB", c * MB) for c in chunks_mb), ("whole", None)]:
+            results[mode] = _in_child(_export_job, mode.split("-")[0], os.path.join(work, "run"),
+                                      os.path.join(work, mode), chunk)
             print(f"# {mode}: {results[mode]['seconds']:.1f}s", flush=True)
-        same = _in_child(_same_exports, os.path.join(work, "stream"), os.path.join(work, "whole"))
+        for mode in results:
+            same[mode] = _in_child(_same_exports, os.path.join(work, mode), os.path.join(work, "whole"))
     for mode, r in results.items():
         rows.append({"model": EXPORT_MODEL_NAME, "export": mode, "model_MB": info["model_bytes"] / MB,
                      "largest_tensor_MB": info["largest_bytes"] / MB,
-                     "chunk_MB": r["chunk_bytes"] / MB if mode == "stream" else None,
+                     "chunk_MB": r["chunk_bytes"] / MB if mode.startswith("stream") else None,
                      "export_peak_MB": r["export_peak"] / MB, "peak/model": r["export_peak"] / info["model_bytes"],
                      "peak/largest": r["export_peak"] / info["largest_bytes"],
-                     "peak_stream/whole": results["stream"]["export_peak"] / results["whole"]["export_peak"],
+                     "peak/whole": r["export_peak"] / results["whole"]["export_peak"],
                      "peak_rss_MB": r["peak_rss"] / MB, "rss_before_MB": r["rss_before"] / MB,
-                     "seconds": r["seconds"], "same_as_whole": same})
+                     "seconds": r["seconds"], "same_as_whole": same[mode]})
     report(rows, ["model", "export", "model_MB", "largest_tensor_MB", "chunk_MB", "export_peak_MB", "peak/model",
-                  "peak/largest", "peak_stream/whole", "peak_rss_MB", "seconds", "same_as_whole"], env, json_path)
+                  "peak/largest", "peak/whole", "peak_rss_MB", "seconds", "same_as_whole"], env, json_path)
 
 
 def main() -> None:
@@ -422,9 +427,12 @@ def main() -> None:
                     help="skip pp 2 x dp 2 (4 ranks; FSDP2 shards of each stage, each reading only its rows)")
     ap.add_argument("--export", action="store_true",
                     help="measure fxpp export's peak memory against the whole-model export instead")
+    ap.add_argument("--export-chunks-mb", default="8,128",
+                    help="with --export: also stream with these chunk sizes (MiB), besides fxpp's own")
     args = ap.parse_args()
     if args.export:
-        export_main(args.json or default_json_path("bench_memory_export"))
+        export_main(args.json or default_json_path("bench_memory_export"),
+                    [int(c) for c in args.export_chunks_mb.split(",") if c])
         return
     args.json = args.json or default_json_path("bench_memory")
     env = start(threads=1, threads_per_process=1)

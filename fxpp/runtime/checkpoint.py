@@ -272,6 +272,7 @@ def write_safetensors(path: str, tensors: dict[str, tuple[torch.dtype, tuple[int
                 if piece.dtype != dtype:
                     raise CheckpointError(f"{path}: a piece of {key} is {piece.dtype}, the header says {dtype}")
                 f.write(memoryview(piece.detach().contiguous().reshape(-1).view(torch.uint8).numpy()))
+                del piece  # before the next piece is made: one piece in memory, not two
             if f.tell() != 8 + len(text) + stop:
                 raise CheckpointError(f"{path}: {key} wrote {f.tell() - 8 - len(text) - begin} bytes, its shape and "
                                       f"dtype are {stop - begin}")

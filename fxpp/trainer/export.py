@@ -12,11 +12,12 @@ Note [export streams]: export never holds the model. It plans the output from th
 files' headers (``run_state.saved_tensors``), checks the keys and shapes against the model
 built on the meta device, compares the copies that must be equal (dp replicas, a weight two
 stages hold, a tied ``lm_head``) chunk by chunk, then writes each output file header first
-and each tensor as consecutive row chunks of at most ``run_state.CHUNK_BYTES``, read from
-the stage files into a fresh buffer, cast to the checkpoint's dtype and written
-(``fxpp.runtime.checkpoint.write_safetensors``). So the peak is a few chunks, whatever the
-model's size and its largest tensor. Only a tensor written in another layout (an MoE's
-fused experts) is read whole, with its per-expert pieces, until its last piece is written.
+and each tensor as consecutive row chunks of at most ``run_state.CHUNK_BYTES`` (32 MiB),
+read from the stage files into one kept buffer, cast into a second one where the
+checkpoint's dtype differs, and written (``fxpp.runtime.checkpoint.write_safetensors``). So
+the peak is a chunk (two when casting), whatever the model's size and its largest tensor.
+Only a tensor written in another layout (an MoE's fused experts) is read whole and kept,
+with its per-expert pieces, until its last piece is written.
 ``benchmarks/bench_memory.py --export`` measures the peak.
 """
 
@@ -111,10 +112,10 @@ def export(save_dir: str, out_dir: str, step: int | None = None, max_shard_size:
                                           "the stages' tied copies diverged, the save cannot be exported as tied")
         os.makedirs(out_dir, exist_ok=True)
         _remove_stale_weights(out_dir, set(split.filename_to_tensors))
+        pieces = _Pieces(model, reader, saved, own, source)
         for name, keys in split.filename_to_tensors.items():
             layout = {k: (written[k].dtype, tuple(written[k].shape)) for k in keys}
-            write_safetensors(os.path.join(out_dir, name), layout, _Pieces(model, reader, saved, own, source, keys),
-                              {"format": "pt"})
+            write_safetensors(os.path.join(out_dir, name), layout, pieces.file(keys), {"format": "pt"})
     if split.is_sharded:
         index = {"metadata": {"total_parameters": model.num_parameters(), **split.metadata},
                  "weight_map": split.tensor_to_filename}
@@ -154,25 +155,33 @@ def _output_keys(model: torch.nn.Module, own: dict[str, torch.Tensor]) -> tuple[
 
 
 class _Pieces:
-    """``write_safetensors``'s pieces for the output keys of one file.
+    """``write_safetensors``'s pieces of the output keys: call :meth:`file` before each file.
 
-    A key that is an own key, unconverted, is read and written in row chunks. The output
-    keys made from one converted tensor are cut from it, read whole once and kept until the
-    last of them in this file is written.
+    A key that is an own key, unconverted, is read in row chunks into the reader's scratch
+    buffer 0 and cast into buffer 1 (each piece is written before the next is read). The
+    output keys made from one converted tensor are cut from it, read whole once and kept
+    until the last of them in this file is written.
     """
 
     def __init__(self, model, reader: SaveReader, saved: dict[str, SavedTensor], own: dict[str, torch.Tensor],
-                 source: dict[str, str], keys: list[str]):
+                 source: dict[str, str]):
         self.model, self.reader, self.saved, self.own, self.source = model, reader, saved, own, source
-        self.left = Counter(source[k] for k in keys)
+        self.left: Counter = Counter()
         self.converted: dict[str, dict[str, torch.Tensor]] = {}
+
+    def file(self, keys: list[str]) -> _Pieces:
+        self.left, self.converted = Counter(self.source[k] for k in keys), {}
+        return self
 
     def __call__(self, name: str) -> Iterator[torch.Tensor]:
         key = self.source[name]
         tensor, dtype = self.saved[key], self.own[key].dtype
         if name == key:
             for start, stop in row_chunks(tensor):
-                yield self.reader.rows(tensor, start, stop).to(dtype)
+                chunk = self.reader.rows(tensor, start, stop, slot=0)
+                if dtype != chunk.dtype:
+                    chunk = self.reader.scratch(1, dtype, tuple(chunk.shape)).copy_(chunk)
+                yield chunk
             return
         if key not in self.converted:
             whole = self.reader.rows(tensor, 0, tensor.rows).to(dtype)
