@@ -143,8 +143,8 @@ def test_a_header_above_100_mb_is_refused_by_name_before_it_is_read(tmp_path, mo
     real_loads = json.loads
     monkeypatch.setattr(checkpoint.json, "loads", lambda text, *a, **k: reads.append(len(text)) or real_loads(text))
     for read in (checkpoint.safetensors_header, stored_shapes, lambda p: load_stage(torch.nn.Linear(2, 3), p)):
-        with pytest.raises(CheckpointError, match=rf"model.safetensors: a safetensors header of {n} bytes, above "
-                                                  rf"safetensors' own limit of 100000000 bytes \(100 MB\); not read"):
+        with pytest.raises(CheckpointError, match=rf"model.safetensors: cannot read as safetensors: a header of {n} bytes, "
+                                                  rf"above safetensors' own limit of 100000000 bytes \(100 MB\); not read"):
             read(str(path))
     assert not reads, "the header was parsed"
 

@@ -217,8 +217,8 @@ def safetensors_header(file: str) -> tuple[dict[str, dict], int, dict[str, str]]
         with open(file, "rb") as f:
             n = int.from_bytes(f.read(8), "little")
             if n > MAX_HEADER_BYTES:
-                raise CheckpointError(f"{file}: a safetensors header of {n} bytes, above safetensors' own limit "
-                                      f"of {MAX_HEADER_BYTES} bytes (100 MB); not read")
+                raise CheckpointError(f"{file}: cannot read as safetensors: a header of {n} bytes, above "
+                                      f"safetensors' own limit of {MAX_HEADER_BYTES} bytes (100 MB); not read")
             if not 0 < n <= size - 8:
                 raise ValueError(f"header length {n} does not fit a {size}-byte file")
             header = json.loads(f.read(n))
