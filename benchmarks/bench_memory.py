@@ -50,7 +50,26 @@ own rows of each tensor (``build_stage(pp_rank, "cpu", dp_mesh=mesh, checkpoint=
 ``share_MB`` is then the rank's own tensors, stage share / dp, and ``fxpp_load/share``
 the load peak over them (the issue's target: at most 1.3).
 
+``--export`` (a separate mode, its own JSON): the peak memory of ``fxpp export`` against the
+model's size and its largest tensor. The script writes a save of a seeded random Llama
+(hidden 768, 8 layers, intermediate 2048, vocab 32000, untied, fp32: 105.8M parameters,
+423 MB; the largest tensors are the embedding and the head, 98 MB each) as ``fxpp run``
+with pp 2 x dp 2 (FSDP2) writes it (``fxpp.testing.saves.write_save``: per-stage, per-dp-rank
+row shards), then exports it in fresh processes two ways:
+
+* ``stream``: ``fxpp export`` (fxpp/trainer/export.py): tensor by tensor, in row chunks of
+  ``run_state.CHUNK_BYTES`` (32 MiB); ``stream-8MiB``, ``stream-128MiB`` with other chunk
+  sizes (``--export-chunks-mb``): the peak follows the chunk, not the model;
+* ``whole``: the export fxpp did before (``fxpp.testing.saves.whole_model_export``): every
+  tensor joined in memory, loaded into the model, ``save_pretrained``.
+
+``export_peak_MB`` is the rise of the process's peak RSS during the export (``VmHWM`` reset
+just before; transformers, fxpp and the tracer imported before), ``peak/model`` and
+``peak/largest`` that over the model's bytes and its largest tensor's. Afterwards a third
+process checks that both exports hold the same tensors, bit for bit (``same_as_whole``).
+
 Run:  PYTHONPATH=. python benchmarks/bench_memory.py [--ranks 2,4] [--json PATH]
+      PYTHONPATH=. python benchmarks/bench_memory.py --export [--json PATH]
 """
 
 from __future__ import annotations
@@ -273,13 +292,149 @@ def spawn(world: int, mode: str, ckpt: str, timeout_s: float = 300) -> list[dict
     return [{"ok": True, **r["value"]} if r["ok"] else r for r in results]
 
 
+EXPORT_MODEL_NAME = "llama-h768-L8-i2048-v32000"
+
+
+def make_export_config():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=768, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=12,
+                       num_key_value_heads=12, vocab_size=32000, max_position_embeddings=512,
+                       tie_word_embeddings=False)
+
+
+def _write_save(directory: str) -> None:
+    from transformers import LlamaForCausalLM
+
+    from fxpp.testing.saves import write_save
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(make_export_config()).float()
+    write_save(os.path.join(directory, "run"), model, dp=2)
+    sizes = {k: v.numel() * v.element_size() for k, v in model.state_dict().items()}
+    largest = max(sizes, key=sizes.get)
+    info = {"params": sum(p.numel() for p in model.parameters()), "model_bytes": sum(sizes.values()),
+            "largest": largest, "largest_bytes": sizes[largest]}
+    with open(os.path.join(directory, "bench_info.json"), "w") as f:
+        json.dump(info, f)
+
+
+def _export_job(mode: str, save: str, out: str, chunk_bytes: int | None, conn) -> None:
+    """One export in a fresh process: the rise of its peak RSS while exporting."""
+    import transformers
+
+    from fxpp.testing.saves import whole_model_export
+    from fxpp.trainer import run_state
+    from fxpp.trainer.export import export
+
+    transformers.utils.logging.disable_progress_bar()
+    torch.set_num_threads(1)
+    if chunk_bytes:
+        run_state.CHUNK_BYTES = chunk_bytes
+    with torch.device("meta"):  # modelling code imported and run once before the measurement
+        transformers.AutoModelForCausalLM.from_config(make_export_config())
+    rss_before = current_rss_bytes()
+    did_reset = reset_peak_rss()
+    t0 = time.perf_counter()
+    if mode == "stream":
+        export(save, out)
+    else:
+        whole_model_export(save, out)
+    seconds = time.perf_counter() - t0
+    hwm = proc_status_bytes("VmHWM")
+    conn.send({"export_peak": hwm - rss_before if did_reset and hwm is not None else None, "peak_rss": hwm,
+               "rss_before": rss_before, "seconds": seconds, "chunk_bytes": run_state.CHUNK_BYTES})
+
+
+def _same_exports(a: str, b: str, conn) -> None:
+    """Whether two export folders hold the same keys and tensors (one tensor at a time)."""
+    from safetensors import safe_open
+
+    def keys(folder):
+        out = {}
+        for name in sorted(os.listdir(folder)):
+            if name.endswith(".safetensors"):
+                with safe_open(os.path.join(folder, name), "pt") as f:
+                    out.update(dict.fromkeys(f.keys(), os.path.join(folder, name)))
+        return out
+
+    ka, kb = keys(a), keys(b)
+    same = ka.keys() == kb.keys()
+    for key in sorted(ka) if same else []:
+        with safe_open(ka[key], "pt") as f, safe_open(kb[key], "pt") as g:
+            x, y = f.get_tensor(key), g.get_tensor(key)
+            same = same and x.dtype == y.dtype and torch.equal(x, y)
+    conn.send(same)
+
+
+def _in_child(target, *args):
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe(duplex=False)
+    p = ctx.Process(target=target, args=(*args, child))
+    p.start()
+    child.close()
+    value = parent.recv()
+    p.join()
+    if p.exitcode != 0:
+        raise RuntimeError(f"{target.__name__} failed (exit code {p.exitcode})")
+    return value
+
+
+def export_main(json_path: str, chunks_mb: list[int]) -> None:
+    env = start(threads=1)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="fxpp_bench_export_") as work:
+        import multiprocessing as mp
+
+        p = mp.get_context("spawn").Process(target=_write_save, args=(work,))
+        p.start()
+        p.join()
+        if p.exitcode != 0:
+            raise RuntimeError(f"writing the save failed (exit code {p.exitcode})")
+        with open(os.path.join(work, "bench_info.json")) as f:
+            info = json.load(f)
+        print(f"# {EXPORT_MODEL_NAME}: {info['params']:,} parameters, {info['model_bytes'] / MB:.1f} MB fp32; largest "
+              f"tensor {info['largest']} {info['largest_bytes'] / MB:.1f} MB; a save of pp 2 x dp 2 row shards",
+              flush=True)
+        results, same = {}, {}
+        for mode, chunk in [("stream", None), *((f"stream-{c}MiB", c * MB) for c in chunks_mb), ("whole", None)]:
+            results[mode] = _in_child(_export_job, mode.split("-")[0], os.path.join(work, "run"),
+                                      os.path.join(work, mode), chunk)
+            print(f"# {mode}: {results[mode]['seconds']:.1f}s", flush=True)
+        for mode in results:
+            same[mode] = _in_child(_same_exports, os.path.join(work, mode), os.path.join(work, "whole"))
+    for mode, r in results.items():
+        rows.append({"model": EXPORT_MODEL_NAME, "export": mode, "model_MB": info["model_bytes"] / MB,
+                     "largest_tensor_MB": info["largest_bytes"] / MB,
+                     "chunk_MB": r["chunk_bytes"] / MB if mode.startswith("stream") else None,
+                     "export_peak_MB": r["export_peak"] / MB, "peak/model": r["export_peak"] / info["model_bytes"],
+                     "peak/largest": r["export_peak"] / info["largest_bytes"],
+                     "peak/whole": r["export_peak"] / results["whole"]["export_peak"],
+                     "peak_rss_MB": r["peak_rss"] / MB, "rss_before_MB": r["rss_before"] / MB,
+                     "seconds": r["seconds"], "same_as_whole": same[mode]})
+    report(rows, ["model", "export", "model_MB", "largest_tensor_MB", "chunk_MB", "export_peak_MB", "peak/model",
+                  "peak/largest", "peak/whole", "peak_rss_MB", "seconds", "same_as_whole"], env, json_path)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ranks", default="2,4")
-    ap.add_argument("--json", default=default_json_path("bench_memory"))
+    ap.add_argument("--json", default=None, help="default: benchmarks/results/bench_memory.json "
+                    "(bench_memory_export.json with --export)")
     ap.add_argument("--no-dp", dest="dp", action="store_false",
                     help="skip pp 2 x dp 2 (4 ranks; FSDP2 shards of each stage, each reading only its rows)")
+    ap.add_argument("--export", action="store_true",
+                    help="measure fxpp export's peak memory against the whole-model export instead")
+    ap.add_argument("--export-chunks-mb", default="8,128",
+                    help="with --export: also stream with these chunk sizes (MiB), besides fxpp's own")
     args = ap.parse_args()
+    if args.export:
+        export_main(args.json or default_json_path("bench_memory_export"),
+                    [int(c) for c in args.export_chunks_mb.split(",") if c])
+        return
+    args.json = args.json or default_json_path("bench_memory")
     env = start(threads=1, threads_per_process=1)
     rows = []
     with tempfile.TemporaryDirectory(prefix="fxpp_bench_ckpt_") as ckpt:

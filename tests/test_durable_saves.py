@@ -32,7 +32,8 @@ from transformers import PretrainedConfig
 import fxpp
 from fxpp.errors import DamagedSaveError
 from fxpp.testing.checkpoint_dir import write_documents, write_tokenizer
-from fxpp.trainer import run_state
+from fxpp.trainer import export as export_module
+from fxpp.trainer import run_state, save_reader, step_files
 from fxpp.trainer.data import DataPosition
 from tests.dist import run_distributed
 
@@ -54,7 +55,7 @@ def _save_steps(cfg, steps, rank: int) -> None:
     torch.manual_seed(rank)
     stage = SimpleNamespace(submod=torch.nn.ModuleDict({f"layer{rank}": torch.nn.Linear(4, 4)}), stage_index=rank)
     opt = torch.optim.AdamW(stage.submod.parameters(), lr=0.1)
-    prints = run_state.fingerprints(cfg) if rank == 0 else None
+    prints = step_files.fingerprints(cfg) if rank == 0 else None
     for step in steps:
         stage.submod[f"layer{rank}"](torch.ones(1, 4)).sum().backward()
         opt.step()
@@ -114,8 +115,8 @@ def _resume_cases(rank, workdir, settings):
         printed = io.StringIO()
         try:
             with redirect_stdout(printed):
-                prints = run_state.fingerprints(resume) if rank == 0 else None
-                chosen = run_state.choose_resume(resume, run_state.own_files([rank], rank, 0), prints)["step"]
+                prints = step_files.fingerprints(resume) if rank == 0 else None
+                chosen = run_state.choose_resume(resume, step_files.own_files([rank], rank, 0), prints)["step"]
         except fxpp.FxppError as e:
             chosen = f"{type(e).__name__}: {e}"
         out[name] = (chosen, printed.getvalue())
@@ -201,7 +202,7 @@ def test_keep_last_leaves_exactly_k_complete_steps(saves):
     assert sorted(p.name for p in (tmp_path / "keep2").glob("step-*")) == ["step-000004", "step-000005"]
     for step in (tmp_path / "keep2").glob("step-*"):
         state = json.loads((step / "state.json").read_text())
-        run_state.check_files(str(step), state)  # whole, as listed
+        step_files.check_files(str(step), state)  # whole, as listed
         assert sorted(state["files"]) == ["optimizer.pp-0.dp-0.safetensors", "optimizer.pp-1.dp-0.safetensors",
                                           "stage-0.dp-0.safetensors", "stage-1.dp-0.safetensors"]
     assert not list((tmp_path / "keep2").rglob(".*.tmp-*")), "no temporary file is left"
@@ -227,7 +228,7 @@ def _fail_on_rank1(rank, world, workdir, phase, settings):
     else:
         stage = SimpleNamespace(submod=torch.nn.ModuleDict({f"layer{rank}": torch.nn.Linear(4, 4)}), stage_index=rank)
         opt = torch.optim.AdamW(stage.submod.parameters())
-        state = run_state.read_state(cfg.save_dir, 1)
+        state = step_files.read_state(cfg.save_dir, 1)
         run_state.load(cfg, state, [stage], opt, pp_rank=rank, dp_rank=0, device=torch.device("cpu"))
 
 
@@ -258,14 +259,14 @@ def test_export_reads_only_listed_files_and_refuses_a_damaged_one(saves, tmp_pat
     whose bytes changed is refused by name."""
     shutil.copytree(saves[1] / "export", tmp_path / "run")
     step = tmp_path / "run" / "step-000001"
-    expected = run_state.whole_tensors(str(step))
+    expected = save_reader.whole_tensors(str(step))
     torch.save({}, step / "stage-7.dp-0.safetensors")  # not even safetensors: reading it would fail
     shutil.copy(step / "stage-0.dp-0.safetensors", step / "stage-0.dp-1.safetensors")
     _flip_a_byte(step / "stage-0.dp-1.safetensors")  # another copy of stage 0's tensors: read, it would clash
-    assert run_state.whole_tensors(str(step)).keys() == expected.keys()
+    assert save_reader.whole_tensors(str(step)).keys() == expected.keys()
     _flip_a_byte(step / "stage-0.dp-0.safetensors")
     with pytest.raises(DamagedSaveError, match=r"step 1: .*step-000001/stage-0.dp-0.safetensors: its sha256 differs"):
-        run_state.export(str(tmp_path / "run"), str(tmp_path / "out"))
+        export_module.export(str(tmp_path / "run"), str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
 
 
@@ -301,7 +302,7 @@ def test_an_edited_data_or_tokenizer_file_is_refused_before_any_rank_starts(tmp_
     cfg = RunConfig(model=str(model), data=[str(docs)], save_dir=str(save), steps=3)
     (save / "step-000002").mkdir(parents=True)
     state = {"step": 2, "files": {}, "settings": run_state.settings_of(cfg),
-             "fingerprints": run_state.fingerprints(cfg)}
+             "fingerprints": step_files.fingerprints(cfg)}
     (save / "step-000002" / "state.json").write_text(json.dumps(state))
     argv = ["run", str(model), "--data", str(docs), "--save-dir", str(save), "--steps", "3", "--resume"]
     with open(docs, "a") as f:
@@ -359,5 +360,5 @@ def test_fxpp_run_resumes_from_the_step_before_a_damaged_one_and_exports(tmp_pat
     _flip_a_byte(save / "step-000003" / "stage-0.dp-1.safetensors")  # unlisted; read, it would clash
     assert main(["export", str(save), str(tmp_path / "out")]) == 0  # the unlisted file is not read
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "out").state_dict()
-    trained = run_state.whole_tensors(str(save / "step-000003"))
+    trained = save_reader.whole_tensors(str(save / "step-000003"))
     assert all(torch.equal(exported[k], v) for k, v in trained.items())

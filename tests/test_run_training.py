@@ -9,7 +9,6 @@ measured ~1e-6) and for the gradient norms.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -21,7 +20,8 @@ from fxpp.runtime.optim import LRFactor
 from fxpp.testing.checkpoint_dir import write_checkpoint, write_documents
 from fxpp.trainer.cli import main
 from fxpp.trainer.metrics import read_metrics
-from fxpp.trainer.run_state import step_dir, whole_tensors
+from fxpp.trainer.save_reader import whole_tensors
+from fxpp.trainer.step_files import step_dir
 
 
 def _run(argv, capsys):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fxpp
-from fxpp.trainer import run_state
+from fxpp.trainer import run_state, save_reader, step_files
 from fxpp.trainer.train import RunConfig
 
 
@@ -38,12 +38,12 @@ def test_a_save_dir_holds_one_run(tmp_path):
 
 def test_an_interrupted_save_is_never_resumed(tmp_path):
     with pytest.raises(fxpp.FxppError, match="no saved step to resume from"):
-        run_state.read_state(str(tmp_path))
+        step_files.read_state(str(tmp_path))
     (tmp_path / "step-000002").mkdir()
     (tmp_path / "step-000002" / "state.json").write_text(json.dumps({"step": 2}))
     (tmp_path / "step-000004").mkdir()  # files written, state.json not yet: interrupted
-    assert run_state.latest_step(str(tmp_path)) == 2
-    assert run_state.read_state(str(tmp_path))["step"] == 2
+    assert step_files.latest_step(str(tmp_path)) == 2
+    assert step_files.read_state(str(tmp_path))["step"] == 2
 
 
 def test_resume_and_save_every_need_a_save_dir():
@@ -85,16 +85,16 @@ def test_export_refuses_shards_that_miss_rows(tmp_path):
               metadata={"format": "pt", SHARDS_KEY: json.dumps({"w": [3, 5, 5]})})
     files = [str(step / "stage-0.dp-0.safetensors"), str(step / "stage-0.dp-1.safetensors")]
     with pytest.raises(fxpp.CheckpointError, match=r"w: rows 2-3 of 5 are in no shard file"):
-        run_state.whole_tensors(str(step), files)
+        save_reader.whole_tensors(str(step), files=files)
     save_file({"w": torch.ones(2, 3), "b": torch.zeros(1)}, str(step / "stage-0.dp-1.safetensors"),
               metadata={"format": "pt", SHARDS_KEY: json.dumps({"w": [2, 5, 5]})})
     with pytest.raises(fxpp.CheckpointError, match=r"stage-0.dp-1.safetensors: w has 2 rows, its metadata says rows 2-5"):
-        run_state.whole_tensors(str(step), files)
+        save_reader.whole_tensors(str(step), files=files)
     save_file({"b": torch.ones(1)}, str(step / "stage-1.dp-0.safetensors"))
     save_file({"w": torch.ones(3, 3), "b": torch.zeros(1)}, str(step / "stage-0.dp-1.safetensors"),
               metadata={"format": "pt", SHARDS_KEY: json.dumps({"w": [2, 5, 5]})})
     with pytest.raises(fxpp.CheckpointError, match=r"b differs between .*stage-0.dp-1.* and .*stage-1.dp-0"):
-        run_state.whole_tensors(str(step), [*files, str(step / "stage-1.dp-0.safetensors")])
+        save_reader.whole_tensors(str(step), files=[*files, str(step / "stage-1.dp-0.safetensors")])
 
 
 def _shard_rank(rank, world, workdir):
@@ -134,7 +134,7 @@ def _shard_rank(rank, world, workdir):
     else:
         refused = None
     files = [f"{step}/stage-0.dp-{r}.safetensors" for r in range(world)]
-    joined = run_state.whole_tensors(step, files) if rank == 0 else None
+    joined = save_reader.whole_tensors(step, files=files) if rank == 0 else None
     return whole, reloaded, joined, refused
 
 

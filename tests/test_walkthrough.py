@@ -39,7 +39,7 @@ def test_the_walkthrough_runs_and_resumes_bit_for_bit(tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from fxpp.trainer.run_state import whole_tensors
+    from fxpp.trainer.save_reader import whole_tensors
 
     commands = walkthrough_commands()
     assert any("--resume" in c for c in commands) and any(c.startswith("fxpp export") for c in commands)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
+import re
+import stat
+from collections.abc import Callable, Iterable
 
 import torch
 from safetensors import safe_open
@@ -16,28 +18,95 @@ from ..errors import CheckpointError
 from .durable import durable_write
 
 
+def _special_kind(mode: int) -> str | None:
+    """What a non-regular file is ("a fifo", ...), or None for a regular file."""
+    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a fifo"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return None if stat.S_ISREG(mode) else "not a regular file"
+
+
+def _in_hub_cache_blobs(root: str, real: str) -> bool:
+    """A Hugging Face hub cache snapshot (``REPO/snapshots/REV``) links its files to ``REPO/blobs``."""
+    if os.path.basename(os.path.dirname(root)) != "snapshots":
+        return False
+    blobs = os.path.join(os.path.dirname(os.path.dirname(root)), "blobs")
+    return os.path.commonpath([real, blobs]) == blobs
+
+
+def resolve_inside(folder: str, name: str, where: str) -> str:
+    """The path of ``name``, a regular file that stays inside ``folder`` (Note [files inside the folder]).
+
+    Note [files inside the folder]: a checkpoint folder is data from elsewhere; its index
+    names files, and fxpp opens only regular files inside the folder: never an absolute
+    path, a ``..`` component, a symlink whose target leaves the folder (except a hub cache
+    snapshot's links into its repository's ``blobs``, which is how ``huggingface_hub``
+    stores every file), nor a fifo, device, socket or directory (opening a fifo blocks
+    forever; a device reads without end).
+
+    Args:
+        where: who names the file, for the message (``"DIR/model.safetensors.index.json: KEY"``).
+
+    Raises:
+        CheckpointError: naming ``where`` and ``name``.
+    """
+    if os.path.isabs(name) or name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name):
+        raise CheckpointError(f"{where}: {name!r} is an absolute path; a checkpoint names files inside its folder")
+    if ".." in re.split(r"[\\/]", name):
+        raise CheckpointError(f"{where}: {name!r} has a '..' component; a checkpoint names files inside its folder")
+    path = os.path.join(folder, name)
+    root, real = os.path.realpath(folder), os.path.realpath(path)
+    if os.path.commonpath([root, real]) != root and not _in_hub_cache_blobs(root, real):
+        raise CheckpointError(f"{where}: {name!r} is a symlink to {real}, outside {folder}; a checkpoint names files "
+                              "inside its folder")
+    try:
+        mode = os.stat(real).st_mode
+    except OSError as e:
+        raise CheckpointError(f"{where}: {name!r} cannot be read in {folder} ({type(e).__name__}: {e})") from e
+    kind = _special_kind(mode)
+    if kind is not None:
+        raise CheckpointError(f"{where}: {name!r} is {kind}, not a regular file")
+    return path
+
+
 def _files_for(path: str, keys: Iterable[str] | None) -> dict[str, list[str]]:
-    """``{file: [keys]}`` to read for ``keys`` from a single file or a sharded index."""
+    """``{file: [keys]}`` to read for ``keys`` from a single file or a sharded index.
+
+    Every file the index names is checked, wanted or not (Note [files inside the folder]).
+    """
     if os.path.isdir(path):
-        index = os.path.join(path, "model.safetensors.index.json")
-        single = os.path.join(path, "model.safetensors")
-        if os.path.isfile(index):
-            path = index
-        elif os.path.isfile(single):
-            path = single
+        for name in ("model.safetensors.index.json", "model.safetensors"):
+            if os.path.lexists(os.path.join(path, name)):
+                path = resolve_inside(path, name, path)
+                break
         else:
             raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
+    else:  # a file the user names: it may be a link anywhere, but never a fifo or device
+        try:
+            kind = _special_kind(os.stat(path).st_mode)
+        except OSError as e:
+            raise CheckpointError(f"{path}: cannot be read ({type(e).__name__}: {e})") from e
+        if kind is not None:
+            raise CheckpointError(f"{path}: is {kind}, not a safetensors file")
     if path.endswith(".json"):
         try:
             with open(path) as f:
                 weight_map = json.load(f)["weight_map"]
-        except (OSError, ValueError, KeyError) as e:
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise ValueError("weight_map is not {key: file name}")
+        except (OSError, ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"{path}: not a safetensors index ({e})") from e
         base = os.path.dirname(path)
+        checked = {}
+        for key in sorted(weight_map):
+            name = weight_map[key]
+            if name not in checked:
+                checked[name] = resolve_inside(base, name, f"{path}: {key}")
         wanted = set(weight_map) if keys is None else set(keys)
         files: dict[str, list[str]] = {}
         for key in sorted(wanted & set(weight_map)):
-            files.setdefault(os.path.join(base, weight_map[key]), []).append(key)
+            files.setdefault(checked[weight_map[key]], []).append(key)
         return files
     return {path: None}  # type: ignore[dict-item]
 
@@ -56,7 +125,7 @@ def stored_shapes(path: str) -> dict[str, tuple[tuple[int, ...], torch.dtype, st
     for file in sorted(_files_for(path, None)):
         header, _, _ = safetensors_header(file)
         for key, entry in header.items():
-            out[key] = (tuple(entry["shape"]), _DTYPES[entry["dtype"]], file)
+            out[key] = (tuple(entry["shape"]), DTYPES[entry["dtype"]], file)
     return out
 
 
@@ -119,9 +188,15 @@ def load_state_dict_from(path: str, keys: Iterable[str] | None = None, device: s
     return out
 
 
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+# safetensors dtype names -> torch dtypes (the subset fxpp reads and writes)
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
            "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+# safetensors' own limit on the header: MAX_HEADER_SIZE = 100_000_000 in safetensors/src/tensor.rs
+# (read_metadata refuses a larger one with HeaderTooLarge). fxpp's reader refuses it before reading it.
+MAX_HEADER_BYTES = 100_000_000
 
 
 def safetensors_header(file: str) -> tuple[dict[str, dict], int, dict[str, str]]:
@@ -131,30 +206,81 @@ def safetensors_header(file: str) -> tuple[dict[str, dict], int, dict[str, str]]
     (https://github.com/huggingface/safetensors, "Format").
 
     Raises:
-        CheckpointError: not a safetensors file.
+        CheckpointError: not a regular file, a header above :data:`MAX_HEADER_BYTES`, not a
+            safetensors file.
     """
     try:
-        size = os.path.getsize(file)
+        info = os.stat(file)
+        kind = _special_kind(info.st_mode)
+        if kind is not None:
+            raise CheckpointError(f"{file}: is {kind}, not a safetensors file")
+        size = info.st_size
         with open(file, "rb") as f:
             n = int.from_bytes(f.read(8), "little")
+            if n > MAX_HEADER_BYTES:
+                raise CheckpointError(f"{file}: cannot read as safetensors: a header of {n} bytes, above "
+                                      f"safetensors' own limit of {MAX_HEADER_BYTES} bytes (100 MB); not read")
             if not 0 < n <= size - 8:
                 raise ValueError(f"header length {n} does not fit a {size}-byte file")
             header = json.loads(f.read(n))
         metadata = header.pop("__metadata__", None) or {}
         for key, entry in header.items():
             begin, stop = entry["data_offsets"]
-            if entry["dtype"] not in _DTYPES or stop > size - 8 - n or begin > stop:
+            if entry["dtype"] not in DTYPES or stop > size - 8 - n or begin > stop:
                 raise ValueError(f"{key}: dtype {entry['dtype']} or offsets {entry['data_offsets']} out of range")
-            nbytes = int(torch.Size(entry["shape"]).numel()) * _DTYPES[entry["dtype"]].itemsize
+            nbytes = int(torch.Size(entry["shape"]).numel()) * DTYPES[entry["dtype"]].itemsize
             if stop - begin != nbytes:
                 raise ValueError(f"{key}: {stop - begin} bytes stored for shape {entry['shape']} {entry['dtype']} "
                                  f"({nbytes} bytes)")
         return header, 8 + n, metadata
+    except CheckpointError:
+        raise
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{file}: cannot read as safetensors ({type(e).__name__}: {e})") from e
 
 
-def _read_rows(f, entry: dict, data_start: int, rows: slice, out: torch.Tensor) -> None:
+_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+
+
+def write_safetensors(path: str, tensors: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+                      pieces: Callable[[str], Iterable[torch.Tensor]], metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file a piece at a time: only one piece of one tensor is in memory.
+
+    The header comes first, from the dtypes and shapes alone (``tensors``, in file order),
+    then each tensor's bytes as ``pieces(key)`` yields them: consecutive row ranges of the
+    tensor, in its dtype. The file is written as ``path.tmp`` and renamed when complete.
+    Readers see what ``safetensors.torch.save_file`` writes (a header padded to 8 bytes,
+    the data in the header's offsets).
+
+    Raises:
+        CheckpointError: a tensor's pieces are not its dtype or do not add up to its shape.
+    """
+    header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for key, (dtype, shape) in tensors.items():
+        nbytes = int(torch.Size(shape).numel()) * dtype.itemsize
+        header[key] = {"dtype": _NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # safetensors aligns the data to 8 bytes
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(len(text).to_bytes(8, "little"))
+        f.write(text)
+        for key, (dtype, _) in tensors.items():
+            begin, stop = header[key]["data_offsets"]  # type: ignore[index]
+            for piece in pieces(key):
+                if piece.dtype != dtype:
+                    raise CheckpointError(f"{path}: a piece of {key} is {piece.dtype}, the header says {dtype}")
+                f.write(memoryview(piece.detach().contiguous().reshape(-1).view(torch.uint8).numpy()))
+                del piece  # before the next piece is made: one piece in memory, not two
+            if f.tell() != 8 + len(text) + stop:
+                raise CheckpointError(f"{path}: {key} wrote {f.tell() - 8 - len(text) - begin} bytes, its shape and "
+                                      f"dtype are {stop - begin}")
+    os.replace(tmp, path)
+
+
+def read_rows(f, entry: dict, data_start: int, rows: slice, out: torch.Tensor) -> None:
     """Read rows ``rows`` of a stored tensor straight into ``out`` (contiguous CPU, the stored dtype).
 
     Rows of a row-major tensor are one contiguous byte range: one seek and one read into
@@ -193,7 +319,7 @@ def load_stage(stage: torch.nn.Module, path: str, *, strict: bool = True, aliase
     """Load exactly this stage's keys (and, for FSDP2 ``DTensor`` s, only this rank's rows).
 
     Each tensor is read from its file straight into the stage's own memory (one read per
-    tensor, see :func:`_read_rows`), so the peak is the stage's tensors plus, on an
+    tensor, see :func:`read_rows`), so the peak is the stage's tensors plus, on an
     accelerator, one tensor in host memory: never the whole checkpoint, never a second
     copy of the stage. A ``DTensor`` reads only the rows of its local shard, so an
     FSDP2-sharded stage built on the meta device (``to_empty`` after ``fully_shard``)
@@ -266,7 +392,7 @@ def _read_keys(f, keys: list[str], header: dict, data_start: int, shards: dict, 
             rows = slice(0, stop - start)
         if stored_shape != tuple(target.shape):
             raise CheckpointError(f"{file}: {key} has shape {stored_shape}, the stage expects {tuple(target.shape)}")
-        dtype = _DTYPES[entry["dtype"]]
+        dtype = DTYPES[entry["dtype"]]
         if dtype != target.dtype and not (dtype.is_floating_point and target.dtype.is_floating_point):
             raise CheckpointError(f"{file}: {key} has dtype {dtype}, the stage expects {target.dtype}")
         if local.numel():
@@ -274,7 +400,7 @@ def _read_keys(f, keys: list[str], header: dict, data_start: int, shards: dict, 
             direct = local.device.type == "cpu" and local.is_contiguous() and dtype == local.dtype
             buffer = local if direct else torch.empty(local.shape, dtype=dtype)
             with torch.no_grad():
-                _read_rows(f, entry, data_start, rows, buffer)
+                read_rows(f, entry, data_start, rows, buffer)
                 if not direct:
                     local.copy_(buffer)
             del buffer

@@ -13,8 +13,9 @@ from ..errors import FxppError, RunConfigError
 from ..pipeline import pipeline
 from ..runtime.optim import LR_SCHEDULES
 from ..runtime.placement import MULTI_STAGE, SCHEDULES, default_backend, default_device
+from .export import export
 from .models import build_model
-from .run_state import export, latest_step
+from .step_files import latest_step
 from .train import RunConfig, launch, run_rank
 
 

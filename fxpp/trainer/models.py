@@ -1,7 +1,9 @@
 """Where the CLI gets models: built-in presets, local directories, config files.
 
 Always offline: a directory is read for ``config.json`` and, if present, safetensors
-weights; nothing is fetched from a hub.
+weights; nothing is fetched from a hub. Never trusting: the config is built from
+transformers' own classes (``model_type``), so a checkpoint's ``auto_map`` code is never
+imported, and nothing asks on stdin whether to run it (``trust_remote_code=False``).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import json
 import os
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForCausalLM
 
 from ..errors import ModelSourceError
 from ..presets import PRESETS, tiny_config, tiny_model
@@ -38,6 +40,10 @@ def load_config(source: str):
     model_type = data.pop("model_type", None)
     if model_type is None:
         raise ModelSourceError(f"{path} has no \"model_type\"; is it a transformers config.json?")
+    if model_type not in CONFIG_MAPPING:
+        custom = " and names custom code (auto_map), which fxpp never runs" if "auto_map" in data else ""
+        raise ModelSourceError(f"{path}: model_type {model_type!r} is not a model type of transformers{custom}; "
+                               "fxpp loads models of transformers' own classes only (trust_remote_code=False)")
     return AutoConfig.for_model(model_type, **data)
 
 
@@ -55,7 +61,7 @@ def build_model(source: str, *, device: str | torch.device = "cpu", seed: int = 
     saved_dtype = getattr(config, "dtype", None)
     torch.manual_seed(seed)
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
     model.config.dtype = saved_dtype
     if os.path.isdir(source) and str(device) != "meta":
         _load_whole(model, load_state_dict_from(source), source)

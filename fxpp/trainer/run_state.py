@@ -3,7 +3,9 @@
 Layout of a save directory::
 
     SAVE_DIR/
-        config.json, tokenizer files      written at every save (``export`` needs them)
+        config.json, tokenizer files      written at every save (``export`` needs them): config.json
+                                          and the model folder's other files (``model_folder_files``)
+        model_files.json                  the names of those files, which ``export`` copies
         step-000004/                      one directory per save
             stage-3.dp-1.safetensors      stage 3's tensors as dp rank 1 holds them (FSDP2: its shard)
             optimizer.pp-1.dp-1.safetensors   the optimizer state of that rank, and its RNG state
@@ -20,7 +22,7 @@ resume takes the newest step whose listed files are all there with their sizes a
 checksums (every rank verifies the files it reads, then they agree, and rank 0's choice
 is broadcast), says which newer steps it skipped and why, and refuses data, tokenizer or
 config files that changed since the save. Export reads only the files the step lists,
-after verifying them (:func:`step_stage_files`).
+after verifying them (``fxpp.trainer.step_files.step_stage_files``).
 
 Resuming restores parameters, optimizer state, RNG state and the data position, so a
 run of 2 steps resumed to 4 ends with exactly the tensors of a 4-step run
@@ -35,34 +37,19 @@ import shutil
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
-from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM
 
-from ..errors import CheckpointError, DamagedSaveError, SaveDirError
-from ..runtime.checkpoint import (
-    SHARDS_KEY,
-    check_checkpoint,
-    load_optimizer,
-    recompute_non_persistent_buffers,
-    save_optimizer,
-    save_stage,
-)
+from ..errors import DamagedSaveError, SaveDirError
+from ..runtime.checkpoint import load_optimizer, save_optimizer, save_stage
 from ..runtime.durable import agree, copy_file, fsync_dir, remove_durably, write_bytes, write_probe
 from ..runtime.placement import rng_state, set_rng_state
-from .models import load_config
-from .step_files import (  # noqa: F401 - step_dir, stage_file, latest_step, read_state: run_state's names too
-    STAGE_FILE,
-    TOKENIZER_FILES,
-    check_files,
+from .step_files import (
+    MODEL_FILES,
     check_fingerprints,
     complete_steps,
     damage,
-    fingerprints,
     latest_step,
+    model_folder_files,
     optimizer_file,
-    own_files,
-    read_state,
     read_step_state,
     stage_file,
     step_dir,
@@ -73,26 +60,6 @@ from .step_files import (  # noqa: F401 - step_dir, stage_file, latest_step, rea
 RESUME_SETTINGS = ("model", "ranks", "dp", "schedule", "batch", "seq_len", "microbatches", "lr", "seed", "tokens",
                    "data", "lr_schedule", "warmup_steps", "min_lr_ratio", "weight_decay", "max_grad_norm",
                    "mixed_precision", "param_dtype", "lora_rank", "lora_alpha", "lora_targets")
-
-
-def step_stage_files(directory: str, state: dict) -> list[str]:
-    """The verified ``stage-*.safetensors`` paths of a step: those its ``state.json`` lists, no others.
-
-    Also verifies the save folder's config.json and tokenizer files the step lists
-    (``state["shared_files"]``), which ``export`` reads.
-
-    Raises:
-        DamagedSaveError: a listed file is missing or has another size or sha256 than
-            listed (naming it), or the step lists no stage files.
-    """
-    directory = os.path.normpath(directory)
-    names = sorted(n for n in state.get("files") or {} if STAGE_FILE.match(n))
-    check_files(directory, state, names)
-    if not names:
-        raise DamagedSaveError(f"{os.path.join(directory, 'state.json')} lists no stage-*.safetensors files")
-    shared = state.get("shared_files") or {}
-    check_files(os.path.dirname(directory), {"step": state.get("step"), "files": shared}, sorted(shared))
-    return [os.path.join(directory, n) for n in names]
 
 
 def _candidates(cfg) -> tuple[list[dict], list[tuple[int, str]]]:
@@ -344,14 +311,14 @@ def prune(save_dir: str, current: int, keep: int) -> None:
 
 
 def _write_model_files(cfg, model_config) -> dict[str, dict]:
-    """config.json and the source directory's tokenizer files, for ``fxpp export``, durably; their records."""
+    """config.json, the model folder's other files (``model_folder_files``) and their list
+    (``model_files.json``), for ``fxpp export``, durably; their records."""
     records = {"config.json": write_bytes(os.path.join(cfg.save_dir, "config.json"),
                                           model_config.to_json_string().encode())}
-    if os.path.isdir(cfg.model):
-        for name in TOKENIZER_FILES:
-            source = os.path.join(cfg.model, name)
-            if os.path.isfile(source):
-                records[name] = copy_file(source, os.path.join(cfg.save_dir, name))
+    names = model_folder_files(cfg.model) if os.path.isdir(cfg.model) else []
+    for name in names:
+        records[name] = copy_file(os.path.join(cfg.model, name), os.path.join(cfg.save_dir, name))
+    records[MODEL_FILES] = write_bytes(os.path.join(cfg.save_dir, MODEL_FILES), json.dumps(names, indent=1).encode())
     return records
 
 
@@ -369,132 +336,3 @@ def load(cfg, state: dict, stages, optimizer, *, pp_rank: int, dp_rank: int, dev
         set_rng_state(extra, device)
 
     agree(f"loading step {state['step']} from {directory}", work)
-
-
-def whole_tensors(directory: str, files: list[str] | None = None) -> dict[str, torch.Tensor]:
-    """Every tensor of a step's stage files, dp shards joined, replicas checked equal.
-
-    Args:
-        files: the stage files' paths; default: those the step's ``state.json`` lists,
-            verified (:func:`step_stage_files`).
-
-    Raises:
-        CheckpointError: shards that do not cover a tensor's rows exactly once, or two
-            copies of a tensor (dp replicas, a weight two stages hold) that differ.
-        DamagedSaveError: a listed file is missing or damaged (with ``files`` left out).
-    """
-    if files is None:
-        files = step_stage_files(directory, read_step_state(directory))
-    if not files:
-        raise CheckpointError(f"{directory}: no stage-*.safetensors files")
-    whole: dict[str, tuple[torch.Tensor, str]] = {}
-    pieces: dict[str, list[tuple[int, int, int, torch.Tensor, str]]] = {}
-    for path in files:
-        with safe_open(path, framework="pt", device="cpu") as f:
-            shards = json.loads((f.metadata() or {}).get(SHARDS_KEY, "{}"))
-            for key in f.keys():  # noqa: SIM118 - safe_open is not iterable
-                tensor = f.get_tensor(key)
-                if key in shards:
-                    start, stop, total = shards[key]
-                    if tensor.shape[0] != stop - start:
-                        raise CheckpointError(f"{path}: {key} has {tensor.shape[0]} rows, its metadata says rows "
-                                              f"{start}-{stop}")
-                    pieces.setdefault(key, []).append((start, stop, total, tensor, path))
-                elif key in whole:
-                    if not torch.equal(whole[key][0], tensor):
-                        raise CheckpointError(f"{key} differs between {whole[key][1]} and {path}: copies of one "
-                                              "tensor must be equal")
-                else:
-                    whole[key] = (tensor, path)
-    out = {k: v for k, (v, _) in whole.items()}
-    for key, parts in pieces.items():
-        parts.sort(key=lambda p: (p[0], p[1]))
-        total = parts[0][2]
-        joined, row = [], 0
-        for start, stop, _, tensor, path in parts:
-            if start < row:  # the same shard from two files (a weight two stages hold): must be equal
-                same = [t for s, e, _, t, _ in parts if (s, e) == (start, stop)]
-                if not all(torch.equal(same[0], t) for t in same):
-                    raise CheckpointError(f"{key} rows {start}-{stop} differ between copies ({path})")
-                continue
-            if start != row:
-                raise CheckpointError(f"{key}: rows {row}-{start} of {total} are in no shard file of {directory}")
-            joined.append(tensor)
-            row = stop
-        if row != total:
-            raise CheckpointError(f"{key}: rows {row}-{total} are in no shard file of {directory}")
-        if key in out:
-            raise CheckpointError(f"{key} is both whole and sharded in {directory}")
-        out[key] = torch.cat(joined)
-    return out
-
-
-def export_adapter(state: dict, tensors: dict[str, torch.Tensor], out_dir: str) -> None:
-    """A LoRA run's adapters as a PEFT adapter folder (``PeftModel.from_pretrained(base, out_dir)``).
-
-    The stage tensors carry PEFT's module names (``...q_proj.lora_A.default.weight``); an
-    adapter file names them without the adapter (``...q_proj.lora_A.weight``), as
-    ``peft.get_peft_model_state_dict`` writes them. The target modules are the ones the
-    saved adapters sit on.
-    """
-    from peft import LoraConfig  # optional extra: only a LoRA run's export needs it
-
-    settings = state["settings"]
-    adapter = {k.replace(".default.", "."): v.contiguous() for k, v in tensors.items() if ".lora_" in k}
-    if not adapter:
-        raise CheckpointError(f"the save of step {state['step']} holds no LoRA adapter tensors (lora_A / lora_B)")
-    targets = sorted({k.split(".lora_A")[0].rsplit(".", 1)[-1] for k in adapter if ".lora_A" in k})
-    kwargs = {"lora_alpha": settings["lora_alpha"]} if settings.get("lora_alpha") is not None else {}
-    config = LoraConfig(r=settings["lora_rank"], target_modules=targets, task_type="CAUSAL_LM", **kwargs)
-    config.base_model_name_or_path = settings["model"]
-    os.makedirs(out_dir, exist_ok=True)
-    save_file(adapter, os.path.join(out_dir, "adapter_model.safetensors"), metadata={"format": "pt"})
-    config.save_pretrained(out_dir)
-
-
-def export(save_dir: str, out_dir: str, step: int | None = None, max_shard_size: str = "5GB") -> int:
-    """Write a Hugging Face checkpoint directory from a save: config, tokenizer, sharded safetensors.
-
-    The model is built on the meta device and given the saved tensors (``assign=True``),
-    so the export holds one copy of the weights. Keys are the model's own;
-    ``AutoModelForCausalLM.from_pretrained(out_dir)`` loads the trained weights.
-
-    Returns:
-        the step exported.
-
-    Raises:
-        CheckpointError: a saved tensor the model does not have, a key of the model the
-            save lacks (besides a tied ``lm_head.weight``), a shape the model does not
-            have (``fxpp.runtime.checkpoint.check_checkpoint``), or tied copies that differ.
-        DamagedSaveError: a file the step lists is missing or damaged, naming it.
-    """
-    state = read_state(save_dir, step)
-    directory = step_dir(save_dir, state["step"])
-    tensors = whole_tensors(directory, step_stage_files(directory, state))  # only the files the step lists
-    if state["settings"].get("lora_rank"):
-        export_adapter(state, tensors, out_dir)
-        return state["step"]
-    config = load_config(save_dir)
-    dtype = getattr(config, "dtype", None)
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    if isinstance(dtype, torch.dtype):  # the checkpoint's own dtype; the save holds the master dtype
-        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    # Every key of the model, nothing else, right shapes (a tied lm_head.weight may be absent).
-    tied = check_checkpoint(model, {k: (tuple(v.shape), v.dtype, save_dir) for k, v in tensors.items()}, save_dir)
-    recompute_non_persistent_buffers(model, model, "cpu")  # never saved: computed before the saved tensors go in
-    if tied:  # the last stage's copy of a tied weight must have stayed equal to the first stage's
-        embedding = next(n for n, p in model.named_parameters() if p is model.get_input_embeddings().weight)
-        for key in sorted(tied & set(tensors)):
-            if not torch.equal(tensors[key], tensors[embedding]):
-                raise CheckpointError(f"{save_dir}: {key} differs from {embedding}, to which the config ties it; "
-                                      "the stages' tied copies diverged, the save cannot be exported as tied")
-    model.load_state_dict(tensors, strict=False, assign=True)  # then every saved tensor, as it was trained
-    if tied:
-        model.tie_weights()
-    model.save_pretrained(out_dir, max_shard_size=max_shard_size)
-    for name in TOKENIZER_FILES:
-        if os.path.isfile(os.path.join(save_dir, name)):
-            shutil.copyfile(os.path.join(save_dir, name), os.path.join(out_dir, name))
-    return state["step"]

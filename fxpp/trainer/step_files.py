@@ -16,13 +16,17 @@ import json
 import os
 import re
 
-from ..errors import DamagedSaveError, SaveDirError
+from ..errors import CheckpointError, DamagedSaveError, SaveDirError
+from ..runtime.checkpoint import resolve_inside
 from ..runtime.durable import file_record
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                    "vocab.json", "merges.txt", "added_tokens.json")
 _STEP = re.compile(r"^step-(\d+)$")
 STAGE_FILE = re.compile(r"^stage-\d+\.dp-\d+\.safetensors$")
+MODEL_FILES = "model_files.json"  # SAVE_DIR: the names copied from the model folder, which export copies
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".pkl")
+_RESERVED = (MODEL_FILES, "metrics.jsonl", "config.json")  # SAVE_DIR's own files: never overwritten by a copy
 
 
 def step_dir(save_dir: str, step: int) -> str:
@@ -165,3 +169,51 @@ def check_fingerprints(cfg, state: dict, now: dict[str, dict] | None = None) -> 
             why = "has other contents (sha256) than when saved"
         raise SaveDirError(f"--resume: {key} changed since step {state['step']} was saved: it {why}; resume with "
                            "the files the run was saved with, or start a new --save-dir")
+
+
+def step_stage_files(directory: str, state: dict) -> list[str]:
+    """The verified ``stage-*.safetensors`` paths of a step: those its ``state.json`` lists, no others.
+
+    Also verifies the save folder's config.json and tokenizer files the step lists
+    (``state["shared_files"]``), which ``export`` reads.
+
+    Raises:
+        DamagedSaveError: a listed file is missing or has another size or sha256 than
+            listed (naming it), or the step lists no stage files.
+    """
+    directory = os.path.normpath(directory)
+    names = sorted(n for n in state.get("files") or {} if STAGE_FILE.match(n))
+    check_files(directory, state, names)
+    if not names:
+        raise DamagedSaveError(f"{os.path.join(directory, 'state.json')} lists no stage-*.safetensors files")
+    shared = state.get("shared_files") or {}
+    check_files(os.path.dirname(directory), {"step": state.get("step"), "files": shared}, sorted(shared))
+    return [os.path.join(directory, n) for n in names]
+
+
+def model_folder_files(folder: str) -> list[str]:
+    """The files of a model folder that go with its weights: tokenizer, chat template, generation and
+    processor settings. The run copies them into SAVE_DIR, ``fxpp export`` into its output.
+
+    The rule: every regular file directly in ``folder`` except its weights (``*.safetensors``,
+    ``*.bin``, ``*.pt``, ``*.pth``, ``*.ckpt``, ``*.h5``, ``*.msgpack``, ``*.gguf``, ``*.onnx``,
+    ``*.pkl``), their indexes (``*.index.json``), ``config.json`` (fxpp writes its own), hidden
+    files (``.gitattributes``) and the names SAVE_DIR keeps for itself (``model_files.json``,
+    ``metrics.jsonl``). So ``tokenizer*.json``, ``*.model``, ``vocab.*``, ``merges.txt``,
+    ``special_tokens_map.json``, ``added_tokens.json``, ``chat_template.jinja``,
+    ``generation_config.json``, ``preprocessor_config.json``, ``processor_config.json``, a
+    README or a LICENSE all go. Subfolders do not, nor anything that is not a regular file
+    inside the folder (a fifo, a device, a symlink out of it; Note [files inside the folder]
+    in fxpp/runtime/checkpoint.py): those are skipped without being opened.
+    """
+    names = []
+    for name in sorted(os.listdir(folder)):
+        if (name.startswith(".") or name in _RESERVED or name.endswith(".index.json")
+                or name.lower().endswith(_WEIGHT_SUFFIXES)):
+            continue
+        try:
+            resolve_inside(folder, name, folder)
+        except CheckpointError:
+            continue
+        names.append(name)
+    return names

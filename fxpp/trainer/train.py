@@ -30,7 +30,7 @@ from ..runtime.parallel import local_batch, pp_dp_mesh
 from ..runtime.placement import MULTI_STAGE, default_device, stage_ids_of_rank
 from ..runtime.optim import LR_SCHEDULES, clip_grad_norm_
 from ..runtime.schedule import make_schedule
-from . import run_state
+from . import run_state, step_files
 from .metrics import MetricsLog, all_rank_memory, is_logged
 from .optimizer import make_optimizer, with_lora
 from .data import DataPosition, PackedBatches, load_tokenizer, read_documents, tokenize
@@ -261,9 +261,9 @@ def run_rank(rank: int, world: int, cfg: RunConfig) -> dict:
     dp_rank = mesh.get_local_rank("dp") if mesh is not None else 0
     style = MULTI_STAGE.get(cfg.schedule, "loop")
     ids = stage_ids_of_rank(pp_rank, cfg.num_stages, cfg.ranks, style)
-    prints = run_state.fingerprints(cfg) if cfg.save_dir and rank == 0 else None  # saved with every step
+    prints = step_files.fingerprints(cfg) if cfg.save_dir and rank == 0 else None  # saved with every step
     if state is not None:  # every rank verifies its files of the step; rank 0's choice is every rank's
-        state = run_state.choose_resume(cfg, run_state.own_files(ids, pp_rank, dp_rank), prints)
+        state = run_state.choose_resume(cfg, step_files.own_files(ids, pp_rank, dp_rank), prints)
     start = state["step"] if state else 0
     if start == cfg.steps:  # the save is the end of the run: nothing to train
         return _nothing_to_do(rank, start, device)
@@ -281,8 +281,8 @@ def run_rank(rank: int, world: int, cfg: RunConfig) -> dict:
     pipe = pipeline(model, cfg.num_stages, example_inputs=mb)
     if state:
         run_state.check_resumable(state, cfg, pipe.layer_ranges)
-    saved = run_state.step_dir(cfg.save_dir, start) if state else None
-    checkpoint = {i: run_state.stage_file(saved, i, dp_rank) if saved else (cfg.model if on_meta else None)
+    saved = step_files.step_dir(cfg.save_dir, start) if state else None
+    checkpoint = {i: step_files.stage_file(saved, i, dp_rank) if saved else (cfg.model if on_meta else None)
                   for i in ids}
     stages = [pipe.build_stage(i, device, style=style, dp_mesh=mesh, checkpoint=checkpoint[i],
                                activation_checkpointing=cfg.activation_checkpointing,
@@ -491,10 +491,10 @@ def launch(cfg: RunConfig, workdir: str | None = None, timeout_s: float | None =
     """
     state = cfg.validate()
     if state is not None:
-        run_state.check_fingerprints(cfg, state)  # data, tokenizer, config changed since the save
+        step_files.check_fingerprints(cfg, state)  # data, tokenizer, config changed since the save
         # At --steps with every checksum right there is nothing to do (and no process to start);
         # a damaged last step is the ranks' to skip (run_state.choose_resume).
-        if state["step"] == cfg.steps and run_state.damage(run_state.step_dir(cfg.save_dir, cfg.steps), state) is None:
+        if state["step"] == cfg.steps and step_files.damage(step_files.step_dir(cfg.save_dir, cfg.steps), state) is None:
             return [_nothing_to_do(0, cfg.steps, "cpu")]
     threads = max(1, (os.cpu_count() or 1) // cfg.world)
     try:
