@@ -3,7 +3,8 @@
 ``cli``: the command line, ``fxpp plan``, ``fxpp run`` and ``fxpp export`` (also ``python -m fxpp``).
 ``train``: the ``fxpp run`` job (``RunConfig``, one rank's training loop, the parity check).
 ``run_state``: a run's save directory (``--save-dir``, ``--resume``, ``fxpp export``).
-``data``: ``--data`` files, tokenized and packed into batches.
+``data``: ``--data`` files read by format, and packed (shuffled) into batches.
+``corpus``: the tokenized corpus: ``--data`` tokenized once with ``datasets`` into a cache every rank memory-maps.
 ``models``: where the command line gets models (presets from ``fxpp.presets``, directories, config files).
 ``launch``: running a function on local ranks with a process group (also the tests' and benchmarks').
 
