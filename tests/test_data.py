@@ -277,3 +277,11 @@ def test_resume_with_shuffle_is_bit_for_bit(tmp_path, monkeypatch, capsys):
     state = json.loads((tmp_path / "b" / "step-000004" / "state.json").read_text())
     assert state["settings"]["shuffle_seed"] == 7 and state["data_position"][0] >= 12  # in the second pass
     assert os.listdir(tmp_path / "cache") == [cache] and arrow.stat().st_mtime_ns == stamp  # tokenized once
+
+
+def test_shuffle_seed_needs_data_and_reaches_the_run(capsys):
+    from fxpp.trainer.cli import main
+
+    assert main(["run", "tiny-llama", "--shuffle-seed", "3", "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "--shuffle-seed 3 needs --data" in err and "rank" not in err, err
