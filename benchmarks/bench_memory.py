@@ -58,7 +58,7 @@ with pp 2 x dp 2 (FSDP2) writes it (``fxpp.testing.saves.write_save``: per-stage
 row shards), then exports it in fresh processes two ways:
 
 * ``stream``: ``fxpp export`` (fxpp/trainer/export.py): tensor by tensor, in row chunks of
-  ``run_state.CHUNK_BYTES`` (32 MiB); ``stream-8MiB``, ``stream-128MiB`` with other chunk
+  ``save_reader.CHUNK_BYTES`` (32 MiB); ``stream-8MiB``, ``stream-128MiB`` with other chunk
   sizes (``--export-chunks-mb``): the peak follows the chunk, not the model;
 * ``whole``: the export fxpp did before (``fxpp.testing.saves.whole_model_export``): every
   tensor joined in memory, loaded into the model, ``save_pretrained``.
@@ -324,13 +324,13 @@ def _export_job(mode: str, save: str, out: str, chunk_bytes: int | None, conn) -
     import transformers
 
     from fxpp.testing.saves import whole_model_export
-    from fxpp.trainer import run_state
+    from fxpp.trainer import save_reader
     from fxpp.trainer.export import export
 
     transformers.utils.logging.disable_progress_bar()
     torch.set_num_threads(1)
     if chunk_bytes:
-        run_state.CHUNK_BYTES = chunk_bytes
+        save_reader.CHUNK_BYTES = chunk_bytes
     with torch.device("meta"):  # modelling code imported and run once before the measurement
         transformers.AutoModelForCausalLM.from_config(make_export_config())
     rss_before = current_rss_bytes()
@@ -343,7 +343,7 @@ def _export_job(mode: str, save: str, out: str, chunk_bytes: int | None, conn) -
     seconds = time.perf_counter() - t0
     hwm = proc_status_bytes("VmHWM")
     conn.send({"export_peak": hwm - rss_before if did_reset and hwm is not None else None, "peak_rss": hwm,
-               "rss_before": rss_before, "seconds": seconds, "chunk_bytes": run_state.CHUNK_BYTES})
+               "rss_before": rss_before, "seconds": seconds, "chunk_bytes": save_reader.CHUNK_BYTES})
 
 
 def _same_exports(a: str, b: str, conn) -> None:

@@ -11,3 +11,14 @@ settings.register_profile(
     print_blob=True,
 )
 settings.load_profile("default")
+
+
+import pytest
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _data_cache(tmp_path_factory):
+    """``fxpp run --data`` caches its tokenized corpus (fxpp.trainer.corpus) in a session directory, not ~/.cache."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FXPP_DATA_CACHE", str(tmp_path_factory.mktemp("fxpp-data-cache")))
+        yield

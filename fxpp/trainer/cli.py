@@ -48,7 +48,8 @@ def _run(args) -> int:
                     lora_alpha=args.lora_alpha,
                     lora_targets=args.lora_targets.split(",") if args.lora_targets else None,
                     log_every=args.log_every, metrics=args.metrics, val_data=args.val_data, val_every=args.val_every,
-                    seed=args.seed, tokens=args.tokens, data=args.data, check=args.check, save_dir=args.save_dir,
+                    seed=args.seed, tokens=args.tokens, data=args.data, text_field=args.text_field,
+                    shuffle_seed=args.shuffle_seed, check=args.check, save_dir=args.save_dir,
                     save_every=args.save_every, resume=args.resume, resume_step=args.resume_step,
                     keep_last=args.keep_last)
     if int(os.environ.get("RANK", 0)) == 0:
@@ -181,8 +182,16 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--tokens", help="token ids: a .pt LongTensor or a text file of integers")
     run.add_argument("--data", nargs="+", metavar="FILE",
-                     help="text (one document a line) or JSON-lines ({\"text\": ...}) files, tokenized with the model "
-                          "directory's tokenizer and packed into --seq-len rows with restarting position_ids")
+                     help="text (one document a line), JSON-lines (.jsonl/.json) or parquet (.parquet) files, "
+                          "tokenized once with the model directory's tokenizer into a memory-mapped cache "
+                          "($FXPP_DATA_CACHE, default ~/.cache/fxpp/data; needs pip install 'fxpp[data]') and "
+                          "packed into --seq-len rows with restarting position_ids")
+    run.add_argument("--text-field", default="text", metavar="NAME",
+                     help="the field of JSON-lines records and the column of parquet files that holds the text "
+                          "(default: text)")
+    run.add_argument("--shuffle-seed", type=int, metavar="N",
+                     help="shuffle the documents before packing, a new order each pass over them, the same on "
+                          "every rank (default: file order)")
     run.add_argument("--save-dir", help="write per-stage (per-dp-shard) safetensors checkpoints with optimizer "
                      "state, RNG state and the data position here")
     run.add_argument("--save-every", type=int, default=0, metavar="K",

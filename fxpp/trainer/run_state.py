@@ -59,7 +59,10 @@ from .step_files import (
 # Settings a resumed run must share with the saved one: each changes the numbers.
 RESUME_SETTINGS = ("model", "ranks", "dp", "schedule", "batch", "seq_len", "microbatches", "lr", "seed", "tokens",
                    "data", "lr_schedule", "warmup_steps", "min_lr_ratio", "weight_decay", "max_grad_norm",
-                   "mixed_precision", "param_dtype", "lora_rank", "lora_alpha", "lora_targets")
+                   "mixed_precision", "param_dtype", "lora_rank", "lora_alpha", "lora_targets", "shuffle_seed",
+                   "text_field")
+# Settings added after saves were first written: an older save had their defaults.
+ADDED_SETTINGS = {"shuffle_seed": None, "text_field": "text"}
 
 
 def _candidates(cfg) -> tuple[list[dict], list[tuple[int, str]]]:
@@ -194,8 +197,9 @@ def check_settings(state: dict, cfg) -> None:
     """
     saved = state.get("settings", {})
     for key, value in settings_of(cfg).items():
-        if saved.get(key) != value:
-            raise SaveDirError(f"--resume: the run in {cfg.save_dir} was saved with {key}={saved.get(key)!r}, this run "
+        was = saved.get(key, ADDED_SETTINGS.get(key))
+        if was != value:
+            raise SaveDirError(f"--resume: the run in {cfg.save_dir} was saved with {key}={was!r}, this run "
                             f"has {key}={value!r}; resume with the same settings (or start a new --save-dir)")
 
 

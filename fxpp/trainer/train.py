@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from ..errors import DataError, NonFiniteError, RunConfigError, RunFailedError
+from ..errors import DataError, FxppError, NonFiniteError, RunConfigError, RunFailedError
 from ..pipeline import pipeline
 from ..runtime.checkpoint import check_checkpoint
 from ..runtime.loss import causal_lm_loss
@@ -30,10 +30,10 @@ from ..runtime.parallel import local_batch, pp_dp_mesh
 from ..runtime.placement import MULTI_STAGE, default_device, stage_ids_of_rank
 from ..runtime.optim import LR_SCHEDULES, clip_grad_norm_
 from ..runtime.schedule import make_schedule
-from . import run_state, step_files
+from . import corpus, run_state, step_files
 from .metrics import MetricsLog, all_rank_memory, is_logged
 from .optimizer import make_optimizer, with_lora
-from .data import DataPosition, PackedBatches, load_tokenizer, read_documents, tokenize
+from .data import DataPosition, PackedBatches, check_files, load_tokenizer
 from .launch import run_ranks
 from .models import build_model, load_config
 
@@ -66,7 +66,9 @@ class RunConfig:
     val_every: int = 0
     seed: int = 0
     tokens: str | None = None
-    data: list[str] | None = None  # text / JSON-lines files, tokenized with the model directory's tokenizer
+    data: list[str] | None = None  # text / JSON-lines / parquet files, tokenized with the model directory's tokenizer
+    text_field: str = "text"  # the documents' field in JSON-lines records and parquet rows
+    shuffle_seed: int | None = None  # None: documents in file order; else each pass over them permuted by this seed
     check: bool | None = None  # None: on for built-in presets, off for checkpoint directories (--check)
     progress: bool = True
     save_dir: str | None = None  # per-stage (per-shard) checkpoints with optimizer state (fxpp.trainer.run_state)
@@ -115,6 +117,7 @@ class RunConfig:
             # every key, nothing else, right shapes: from the file headers, before any rank starts
             check_checkpoint(meta_model or build_model(self.model, device="meta"), None, self.model)
         if self.data or self.val_data:
+            self._validate_data()
             tokenizer = load_tokenizer(self.model)  # a directory without a tokenizer fails here, before any rank starts
             rows = (meta_model or build_model(self.model, device="meta")).get_input_embeddings().weight.shape[0]
             if len(tokenizer) > rows:
@@ -147,6 +150,17 @@ class RunConfig:
             raise RunConfigError(f"--log-every {self.log_every} and --val-every {self.val_every} must be >= 0")
         if bool(self.val_data) != bool(self.val_every):
             raise RunConfigError("--val-data and --val-every go together (the files, and how often to evaluate)")
+        if self.shuffle_seed is not None and not self.data:
+            raise RunConfigError(f"--shuffle-seed {self.shuffle_seed} needs --data (it orders the documents of the "
+                                 "files; synthetic token ids have none)")
+
+    def _validate_data(self) -> None:
+        """The data files exist and ``datasets`` is installed (reading them is :func:`prepare_data`'s)."""
+        check_files(self.data or [], "--data")
+        check_files(self.val_data or [], "--val-data")
+        if not self.text_field:
+            raise RunConfigError("--text-field '': name the field of the records that holds the text")
+        corpus.datasets_module()
 
     @property
     def world(self) -> int:
@@ -170,14 +184,15 @@ class RunConfig:
 def batches_from(cfg: RunConfig, vocab: int, start: int = 0, position=None):
     """``(step, batch, data position after it)`` for steps ``start`` .. ``cfg.steps - 1``.
 
-    With ``cfg.data``: packed documents (``fxpp.trainer.data``), with ``labels``, continuing
-    from ``position`` (a resumed run's saved ``DataPosition``); else token ids (random,
-    or from ``cfg.tokens``) that depend only on the step, so a resumed run sees exactly
-    the batches a straight run would.
+    With ``cfg.data``: packed documents (``fxpp.trainer.data``) read from the memory-mapped
+    cache (``fxpp.trainer.corpus``, built by :func:`prepare_data`), with ``labels``,
+    shuffled by ``cfg.shuffle_seed``, continuing from ``position`` (a resumed run's saved
+    ``DataPosition``); else token ids (random, or from ``cfg.tokens``) that depend only on
+    the step, so a resumed run sees exactly the batches a straight run would.
     """
     if cfg.data:
-        packed = PackedBatches(tokenize(read_documents(list(cfg.data)), load_tokenizer(cfg.model)), cfg.batch,
-                               cfg.seq_len, position or DataPosition())
+        packed = PackedBatches(corpus.open_documents(cfg.data, cfg.model, cfg.text_field), cfg.batch, cfg.seq_len,
+                               position or DataPosition(), shuffle_seed=cfg.shuffle_seed)
         for step in range(start, cfg.steps):
             batch = packed.next()
             yield step, batch, packed.position
@@ -231,10 +246,36 @@ class _StepLoss:
 
 def validation_batches(cfg: RunConfig) -> list[dict[str, torch.Tensor]]:
     """One pass over ``--val-data``, packed as the training data: ``ceil(tokens / (batch * seq_len))`` batches."""
-    docs = tokenize(read_documents(list(cfg.val_data)), load_tokenizer(cfg.model))
+    docs = corpus.open_documents(cfg.val_data, cfg.model, cfg.text_field, flag="--val-data")
     packed = PackedBatches(docs, cfg.batch, cfg.seq_len)
-    total = sum(len(d) for d in docs)
-    return [packed.next() for _ in range(max(1, -(-total // (cfg.batch * cfg.seq_len))))]
+    return [packed.next() for _ in range(max(1, -(-docs.num_tokens // (cfg.batch * cfg.seq_len))))]
+
+
+def prepare_data(cfg: RunConfig) -> None:
+    """Tokenize ``--data`` and ``--val-data`` into their caches, where not done yet (Note [one tokenization])."""
+    if cfg.data:
+        corpus.build(cfg.data, cfg.model, cfg.text_field, "--data")
+    if cfg.val_data:
+        corpus.build(cfg.val_data, cfg.model, cfg.text_field, "--val-data")
+
+
+def data_ready(cfg: RunConfig) -> None:
+    """Every rank: rank 0 makes sure the caches exist, the others wait for it (Note [one tokenization]).
+
+    Under ``fxpp run``'s launcher the caches exist already and rank 0 only finds them.
+    Rank 0's refusal reaches every rank, so all of them stop with it rather than wait.
+    """
+    error: list = [None]
+    if dist.get_rank() == 0:
+        try:
+            prepare_data(cfg)
+        except Exception as e:  # noqa: BLE001 - any failure must reach the waiting ranks
+            error = [str(e) if isinstance(e, FxppError) else f"{type(e).__name__}: {e}"]
+            dist.broadcast_object_list(error, src=0)
+            raise
+    dist.broadcast_object_list(error, src=0)
+    if error[0] is not None:
+        raise DataError(f"rank 0 could not prepare the data: {error[0]}")
 
 
 def _is_val_step(cfg: RunConfig, done: int) -> bool:
@@ -271,6 +312,8 @@ def run_rank(rank: int, world: int, cfg: RunConfig) -> dict:
     model = meta if on_meta else build_model(cfg.model, seed=cfg.seed, dtype=dtype).to(device)
     model = with_lora(cfg, model)
     vocab = model.config.get_text_config().vocab_size
+    if cfg.data or cfg.val_data:
+        data_ready(cfg)
     position = DataPosition(*state["data_position"]) if state else None
     batches = batches_from(cfg, vocab, start, position)
     first_batch = next(batches)  # its shapes are the example; it is trained on first
@@ -496,6 +539,7 @@ def launch(cfg: RunConfig, workdir: str | None = None, timeout_s: float | None =
         # a damaged last step is the ranks' to skip (run_state.choose_resume).
         if state["step"] == cfg.steps and step_files.damage(step_files.step_dir(cfg.save_dir, cfg.steps), state) is None:
             return [_nothing_to_do(0, cfg.steps, "cpu")]
+    prepare_data(cfg)  # tokenized here, once, before any rank starts (Note [one tokenization])
     threads = max(1, (os.cpu_count() or 1) // cfg.world)
     try:
         # No default time limit: the run lives as long as its ranks. A collective waits up
