@@ -28,9 +28,9 @@ from torch.fx import GraphModule
 from .analysis.annotate import annotate
 from .errors import StageSpecError, UnsupportedModelError
 from .inputs.signature import (InputSignature, alternative_token_inputs, declared_text_only, default_example_inputs,
-                               forward_parameters, media_example, media_example_refusal, media_left_out,
-                               representative_present_sets, text_input_candidates, text_inputs_not_taken,
-                               wants_example_media)
+                               default_text_input, forward_parameters, media_example, media_example_refusal,
+                               media_left_out, representative_present_sets, required_input, text_input_candidates,
+                               text_inputs_not_taken, wants_example_media)
 from .inputs.unused import (ignored_by_the_model, reject_media_without_path, reject_unconsumed_inputs,
                             tolerated_reason, unconsumed_inputs)
 from .meta import SIGNATURE_KEY, TRACE_KEY, SignatureRecord, TraceRecord, trace_record
@@ -214,6 +214,11 @@ def _trace_with_text_inputs(model, given: dict[str, Any], params: set[str], leaf
         try:
             gm = compile_example(model, candidate.example, leaf_values)
         except Exception as e:  # noqa: BLE001 - the example fxpp added may not fit; try without it
+            required = required_input(e, candidate.example, params)
+            if required is not None:  # the forward refuses to run without it: the signature carries it
+                tokens = given.get("input_ids", given.get("inputs_embeds"))
+                return _trace_with_text_inputs(model, {**given, required: default_text_input(required, tokens)},
+                                               params, leaf_values)
             if not candidate.added:
                 raise
             errors.append(e)

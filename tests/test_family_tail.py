@@ -39,18 +39,18 @@ def _perturbed(model):
 
 
 def _on_meta(model):
-    """A model of ``model``'s class and config built on the meta device."""
+    """A model of ``model``'s class and config built on the meta device, in ``model``'s mode."""
     with torch.device("meta"):
-        return type(model)._from_config(model.config, dtype=torch.float32).eval()
+        return type(model)._from_config(model.config, dtype=torch.float32).train(model.training)
 
 
-def _loaded_stages(pipe, checkpoint: str, rendezvous):
+def _loaded_stages(pipe, checkpoint: str, rendezvous, training: bool = False):
     """Each stage of ``pipe`` (a meta model's) built on the CPU, reading its weights from ``checkpoint``."""
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=0, world_size=1)
     try:
-        return [pipe.build_stage(i, torch.device("cpu"), checkpoint=checkpoint, style="loop").submod.eval()
+        return [pipe.build_stage(i, torch.device("cpu"), checkpoint=checkpoint, style="loop").submod.train(training)
                 for i in range(len(pipe.stages))]
     finally:
         dist.destroy_process_group()
@@ -93,7 +93,7 @@ def _check_meta_build(real, inputs, tmp_path, num_stages: int = 2, cuts: list[in
     meta = _on_meta(real)
     pipe = fxpp.pipeline(meta, num_stages, cuts=cuts)
     assert all(p.is_meta for p in meta.parameters())
-    stages = _loaded_stages(pipe, checkpoint, tmp_path / "rdzv")
+    stages = _loaded_stages(pipe, checkpoint, tmp_path / "rdzv", real.training)
     same, detail, _ = compare(reference(real, inputs), _stages_logits_and_grads(stages, inputs, real))
     assert same, detail
     return pipe
@@ -141,3 +141,16 @@ def test_meta_build_sends_a_bounded_layer_output_across_cuts(tmp_path):
     pipe = _check_meta_build(real, inputs, tmp_path, 3, cuts=[1, 3])
     for stage, layer in zip(pipe.stages[:2], (1, 3)):
         assert f"prev_topk_indices of model.language_model.layers.{layer}" in stage.out_layout.identities
+
+
+@pytest.mark.timeout(120)
+def test_meta_build_carries_an_input_the_forward_requires(tmp_path):
+    # Molmo 2 refuses to train without mm_token_type_ids ("required as a model input when
+    # training"): the default signature carries it, as zeros on the text tokens
+    real = generic_model("molmo2").train()
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[0, :2] = 0
+    ids = text_ids(real.config, 2, 10, seed=5)
+    inputs = {"input_ids": ids, "attention_mask": mask, "mm_token_type_ids": torch.zeros_like(ids)}
+    pipe = _check_meta_build(real, inputs, tmp_path)
+    assert "mm_token_type_ids" in pipe.stages[0].signature.names

@@ -20,6 +20,7 @@ candidate example
 from __future__ import annotations
 
 import itertools
+import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
@@ -55,9 +56,17 @@ def default_example_inputs(model: torch.nn.Module, batch_size: int = 2, seq_len:
     return {k: v.to(device) for k, v in out.items()}
 
 
+# Inputs aligned with the tokens that a forward may require even without media, and
+# their value then: token types, 0 on text tokens (a processor marks media tokens
+# otherwise). Molmo 2 refuses to train without ``mm_token_type_ids``.
+TOKEN_TYPE_INPUTS = ("token_type_ids", "mm_token_type_ids")
+
+
 def default_text_input(name: str, like: torch.Tensor) -> torch.Tensor:
     """An example of a text input the example inputs lack, shaped like the tokens."""
     b, s = like.shape[0], like.shape[1]
+    if name in TOKEN_TYPE_INPUTS:
+        return torch.zeros(b, s, dtype=torch.long, device=like.device)
     if name == "attention_mask":
         # Row 0 left-padded by one token where the row is long enough: mask builders then
         # return a mask, so the trace follows the forward's masked branch; an all-ones
@@ -67,6 +76,23 @@ def default_text_input(name: str, like: torch.Tensor) -> torch.Tensor:
             mask[0, 0] = 0
         return mask
     return torch.arange(s, device=like.device).expand(b, s).clone()  # position_ids
+
+
+def required_input(error: BaseException, given: dict[str, Any], params: set[str]) -> str | None:
+    """The input of :data:`TOKEN_TYPE_INPUTS` that the forward takes, ``given`` lacks and
+    the forward's refusal ``error`` names (Molmo 2 in training mode: "`mm_token_type_ids`
+    is required as a model input when training"), so the signature must carry it; None
+    where ``error`` names none, or the example has no token input to shape it like."""
+    tokens = given.get("input_ids", given.get("inputs_embeds"))
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() < 2:
+        return None
+    text = ""
+    cause: BaseException | None = error
+    while cause is not None:  # a TraceError quotes the model's own error; its cause is that error
+        text += f" {cause}"
+        cause = cause.__cause__
+    return next((n for n in TOKEN_TYPE_INPUTS if n in params and n not in given
+                 and re.search(rf"(?<![\w.]){n}(?!\w)", text)), None)
 
 
 def alternative_token_inputs(given: dict[str, Any], params: set[str]) -> list[str]:
