@@ -16,8 +16,8 @@ import torch
 import transformers
 
 import fxpp
-from fxpp.testing.check import compare, grads_of, loss_of, make_inputs, reference
-from fxpp.testing.generic_vlm import generic_config, generic_model, text_ids
+from fxpp.testing.check import compare, grads_of, loss_of, make_inputs, reference, run_pipeline
+from fxpp.testing.generic_vlm import generic_config, generic_inputs, generic_model, text_ids
 from fxpp.testing.tiny import tiny_config
 
 
@@ -154,3 +154,41 @@ def test_meta_build_carries_an_input_the_forward_requires(tmp_path):
     inputs = {"input_ids": ids, "attention_mask": mask, "mm_token_type_ids": torch.zeros_like(ids)}
     pipe = _check_meta_build(real, inputs, tmp_path)
     assert "mm_token_type_ids" in pipe.stages[0].signature.names
+
+
+# 2. Mllama's cross-attention layers attend to the images and are skipped without them:
+#    the cost split still numbers every layer (a skipped layer costs no time).
+
+
+def _mllama_config(num_layers: int = 5, cross: tuple[int, ...] = (1, 3), *, images: bool = False):
+    config = generic_config("mllama") if images else tiny_config("mllama", num_layers)
+    config.text_config.num_hidden_layers = num_layers
+    config.text_config.cross_attention_layers = list(cross)
+    return config
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("auto", ["AutoModelForCausalLM", "AutoModelForImageTextToText"])
+@pytest.mark.parametrize("num_stages", [2, 3])
+def test_cost_split_numbers_skipped_cross_attention_layers(auto, num_stages):
+    torch.manual_seed(0)
+    model = _perturbed(getattr(transformers, auto).from_config(_mllama_config(), dtype=torch.float32))
+    pipe = fxpp.pipeline(model, num_stages)
+    assert pipe.layer_ranges[-1].stop == 5 and len(pipe.layer_ranges) == num_stages
+    for inputs in (make_inputs(2, 9, seed=1), {"input_ids": make_inputs(2, 12, seed=2)["input_ids"]}):
+        same, detail, _ = compare(reference(model, inputs), run_pipeline(pipe, model, inputs))
+        assert same, detail
+
+
+@pytest.mark.timeout(120)
+def test_cost_split_of_mllama_with_images():
+    # with images every layer runs: the split and the numbers as without the skipped layers
+    torch.manual_seed(0)
+    model = _perturbed(transformers.AutoModelForImageTextToText.from_config(_mllama_config(images=True),
+                                                                             dtype=torch.float32))
+    inputs, kind = generic_inputs(model, seed=2)
+    assert kind == "VLM" and "pixel_values" in inputs
+    pipe = fxpp.pipeline(model, 2)
+    assert pipe.layer_ranges[-1].stop == 5
+    same, detail, _ = compare(reference(model, inputs), run_pipeline(pipe, model, inputs))
+    assert same, detail
