@@ -17,7 +17,8 @@ import transformers
 
 import fxpp
 from fxpp.testing.check import compare, grads_of, loss_of, make_inputs, reference, run_pipeline
-from fxpp.testing.generic_vlm import generic_config, generic_inputs, generic_model, text_ids
+from fxpp.testing.generic_vlm import (_fill_unset_config_reads as fill_unset_config_reads, generic_config,
+                                      generic_inputs, generic_model, text_ids)
 from fxpp.testing.tiny import tiny_config
 
 
@@ -192,3 +193,49 @@ def test_cost_split_of_mllama_with_images():
     assert pipe.layer_ranges[-1].stop == 5
     same, detail, _ = compare(reference(model, inputs), run_pipeline(pipe, model, inputs))
     assert same, detail
+
+
+# 3. HunYuan-VL: images of another size than the example's lengthen the sequence. The
+#    position helper that walks the token types (get_rope_index) is one opaque node (no
+#    guard per token that every later stage would re-check and could not retrace), and a
+#    received eager mask [B, 1, S, S] follows the call's sequence.
+
+
+def _hunyuan_vl(attn: str):
+    config = generic_config("hunyuan_vl")
+    config.text_config.num_hidden_layers = 4
+    torch.manual_seed(0)
+    model = transformers.AutoModelForImageTextToText.from_config(config, dtype=torch.float32, attn_implementation=attn)
+    fill_unset_config_reads(model)
+    return _perturbed(model)
+
+
+def _hunyuan_images(model, side: int, *, positions: bool):
+    """One ``side x side``-patch image per row, its tokens in row 0 after one pad."""
+    config = model.config
+    g = torch.Generator().manual_seed(side)
+    grid = torch.tensor([[1, side, side]] * 2)
+    pixels = torch.randn(2 * side * side, model.model.vision_tower.config.num_channels * 16 * 16, generator=g)
+    with torch.no_grad():
+        n = model.get_image_features(pixels, grid).pooler_output[0].shape[0]
+    ids = text_ids(config, 2, n + 6, seed=side)
+    ids[:, 2:2 + n] = config.image_token_id
+    mask = torch.ones_like(ids)
+    mask[0, 0] = 0
+    inputs = {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels, "image_grid_thw": grid,
+              "mm_token_type_ids": (ids == config.image_token_id).long()}
+    if positions:
+        inputs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+    return inputs
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_images_that_lengthen_the_sequence_reach_every_stage(attn):
+    model = _hunyuan_vl(attn)
+    pipe = fxpp.pipeline(model, 2)  # example images of 4x4 patches: 14 tokens
+    assert not any(n.target is fxpp.ops.check_data for s in pipe.stages for n in s.graph.nodes)
+    for side, positions in ((4, False), (8, False), (8, True), (6, False)):
+        inputs = _hunyuan_images(model, side, positions=positions)
+        same, detail, _ = compare(reference(model, inputs), run_pipeline(pipe, model, inputs))
+        assert same, f"{side}x{side} patches, position_ids={positions}: {detail}"
