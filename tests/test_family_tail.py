@@ -239,3 +239,23 @@ def test_images_that_lengthen_the_sequence_reach_every_stage(attn):
         inputs = _hunyuan_images(model, side, positions=positions)
         same, detail, _ = compare(reference(model, inputs), run_pipeline(pipe, model, inputs))
         assert same, f"{side}x{side} patches, position_ids={positions}: {detail}"
+
+
+# 4. xLSTM takes attention_mask only through **kwargs and ignores it (a recurrent model
+#    builds no mask): the default signature carries it, and a call with it is accepted.
+
+
+@pytest.mark.timeout(120)
+def test_an_input_the_model_accepts_and_ignores_is_accepted():
+    model = _real_causal("xlstm")
+    pipe = fxpp.pipeline(model, 2)
+    assert "attention_mask" in pipe.stages[0].signature.names
+    padded = make_inputs(2, 9, seed=1)
+    ones = {"input_ids": make_inputs(2, 11, seed=2)["input_ids"], "attention_mask": torch.ones(2, 11, dtype=torch.long)}
+    ids = {"input_ids": make_inputs(2, 12, seed=3)["input_ids"]}
+    for inputs in (padded, ones, ids):
+        same, detail, _ = compare(reference(model, inputs), run_pipeline(pipe, model, inputs))
+        assert same, detail
+    with pytest.raises(fxpp.StageInputError, match=r"\['position_ids'\] are not in the pipeline's input signature "
+                       r".*xLSTMForCausalLM.forward takes no position_ids"):
+        pipe(**ids, position_ids=torch.arange(12).expand(2, 12))

@@ -25,9 +25,10 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
 import torch
+from transformers.utils.generic import TransformersKwargs
 
 from ..errors import StageInputError
-from ..model_facts import forward_parameters, is_encoder_decoder, model_device
+from ..model_facts import forward_parameters, forward_signature, is_encoder_decoder, model_device
 from .example_media import example_media_inputs, token_companions, vision_config_of
 from .names import (DECODER_INPUTS, TEXT_INPUTS, TOKEN_COMPANIONS, TOKEN_INPUTS, is_media_input, media_inputs_of,
                     stream_tokens, travels_with_media)
@@ -117,8 +118,27 @@ class TextCandidate:
     dropped: tuple[str, ...]
 
 
+def text_inputs_taken(model: torch.nn.Module, params: set[str]) -> set[str]:
+    """``params`` and the text inputs the forward takes only through ``**kwargs``.
+
+    Those are traced like named ones: the trace decides. Consumed, the graph computes
+    with them as the model does; unconsumed, the unused-inputs pass
+    (``fxpp.inputs.unused``) keeps them only where the unpatched model provably ignores
+    them (xLSTM accepts an ``attention_mask`` and builds no mask), else the candidate
+    fails and they are left out. Not a keyword that transformers routes to attention
+    kernels (``TransformersKwargs``: ``position_ids`` marks packed documents for flash
+    attention), which a check on this machine's attention could not prove ignored.
+    """
+    signature = forward_signature(model)
+    if not any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values()):
+        return set(params)
+    routed = set(getattr(TransformersKwargs, "__annotations__", {}))
+    return set(params) | {n for n in TEXT_INPUTS if n not in routed}
+
+
 def text_inputs_not_taken(model: torch.nn.Module, params: set[str]) -> list[tuple[str, str]]:
-    """``(name, why)`` for each text input the forward does not take."""
+    """``(name, why)`` for each text input the forward does not take (``params``: see
+    :func:`text_inputs_taken`)."""
     return [(n, f"{type(model).__name__}.forward takes no {n}") for n in TEXT_INPUTS if n not in params]
 
 

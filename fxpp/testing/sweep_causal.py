@@ -72,6 +72,7 @@ import transformers
 from transformers import AutoModelForCausalLM
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+from ..inputs.signature import text_inputs_taken
 from ..model_facts import forward_parameters
 from ..pipeline import pipeline
 from .check import (ATOL, MARKS_LEGEND, Case, CaseResult, SweepResult, SweepTimeout, _deadline, _failure, _left,
@@ -88,7 +89,8 @@ COMMAND = "python -m fxpp.sweep --write-docs"
 
 def causal_cases(model: torch.nn.Module, seed: int = 0) -> list[Case]:
     """The input cases of :data:`INPUT_CASES` for ``model`` (see the module docstring)."""
-    params, name = forward_parameters(model), type(model).__name__
+    # the inputs the forward takes, by name or through **kwargs (fxpp.inputs.signature.text_inputs_taken)
+    params, name = text_inputs_taken(model, forward_parameters(model)), type(model).__name__
     ids = make_inputs(2, 12, seed=seed)["input_ids"]
     padded = make_inputs(seed=seed + 1)  # 2x9, the first row left-padded by 3
     packed = {"input_ids": make_inputs(2, 12, seed=seed + 2)["input_ids"],
