@@ -497,9 +497,11 @@ def _received_problem(variant: GraphModule, args) -> str | None:
             # A float tensor's last dimension is a width (hidden size); an integer one's may be
             # the sequence (multimodal positions [3, B, S]), which follows the call, and so
             # does a float mask's ([B, 1, S, S] of eager attention: its keys).
-            width_differs = (expected.is_floating_point() and expected.dim() >= 3 and value.dim() >= 1
-                             and value.shape[-1] != expected.shape[-1]
-                             and not (built_seq is not None and (expected.shape[-1], value.shape[-1]) == (built_seq, seq)))
+            if expected.is_floating_point() and expected.dim() >= 3 and value.dim() >= 1:
+                follows = built_seq is not None and (expected.shape[-1], value.shape[-1]) == (built_seq, seq)
+                width_differs = value.shape[-1] != expected.shape[-1] and not follows
+            else:
+                width_differs = False
             if value.dim() != expected.dim() or width_differs:
                 return f"stage input {name!r}: expected shape like {tuple(expected.shape)}, got {tuple(value.shape)}"
             if value.dtype.is_floating_point != expected.dtype.is_floating_point:

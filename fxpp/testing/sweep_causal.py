@@ -78,7 +78,8 @@ from ..pipeline import pipeline
 from .check import (ATOL, MARKS_LEGEND, Case, CaseResult, SweepResult, SweepTimeout, _deadline, _failure, _left,
                     _message, _needs, _perturb, _put, check_pipeline, compare, grads_of, make_inputs,
                     packed_positions, reference_cases, settle, sweep_families)
-from .report import DOCS_PATH, SECTION_MARK, markdown_results, run_and_report, summary, sweep_parser
+from .report import (BEYOND_THE_SWEEP, DOCS_PATH, SECTION_MARK, markdown_results, run_and_report, summary,
+                     sweep_parser)
 from .report import format_table as _table
 from .tiny import FAMILY_SETUP, NUM_LAYERS, VOCAB, tiny_config
 
@@ -306,6 +307,8 @@ def markdown(results: list[SweepResult], command: str = COMMAND) -> str:
         f"(in that order: mismatch, error, fxpp-error, model-error), named in the detail. Case marks: {MARKS_LEGEND}.",
         "",
         *markdown_results(results, CAUSAL_CASES),
+        "",
+        *BEYOND_THE_SWEEP,
     ]
     return "\n".join(lines) + "\n"
 
