@@ -207,19 +207,26 @@ def _trace_signature(model: torch.nn.Module, example_inputs: dict[str, Any] | No
 
 def _trace_with_text_inputs(model, given: dict[str, Any], params: set[str], leaf_values: LeafValues | None):
     """The trace of the first text candidate (``fxpp.inputs.signature.text_input_candidates``)
-    that traces; each added input left out, with the reason, in ``left_out``."""
+    that traces; each added input left out, with the reason, in ``left_out``. A token-type
+    input that a failing trace's error names (``fxpp.inputs.signature.required_input``:
+    the forward refuses to run without it) is added to ``given`` and the candidates
+    traced again, once."""
     taken = text_inputs_taken(model, params)
     left_out = text_inputs_not_taken(model, taken)
-    errors = []
+    errors, tried = [], set()
     for candidate in text_input_candidates(given, taken):
         try:
             gm = compile_example(model, candidate.example, leaf_values)
         except Exception as e:  # noqa: BLE001 - the example fxpp added may not fit; try without it
             required = required_input(e, candidate.example, params)
-            if required is not None:  # the forward refuses to run without it: the signature carries it
+            if required is not None and required not in tried:  # the forward refuses to run without it
+                tried.add(required)
                 tokens = given.get("input_ids", given.get("inputs_embeds"))
-                return _trace_with_text_inputs(model, {**given, required: default_text_input(required, tokens)},
-                                               params, leaf_values)
+                try:
+                    return _trace_with_text_inputs(model, {**given, required: default_text_input(required, tokens)},
+                                                   params, leaf_values)
+                except Exception:  # noqa: BLE001 - it did not help: go on as without it
+                    pass
             if not candidate.added:
                 raise
             errors.append(e)
