@@ -28,9 +28,9 @@ from torch.fx import GraphModule
 from .analysis.annotate import annotate
 from .errors import StageSpecError, UnsupportedModelError
 from .inputs.signature import (InputSignature, alternative_token_inputs, declared_text_only, default_example_inputs,
-                               forward_parameters, media_example, media_example_refusal, media_left_out,
-                               representative_present_sets, text_input_candidates, text_inputs_not_taken,
-                               wants_example_media)
+                               default_text_input, forward_parameters, media_example, media_example_refusal,
+                               media_left_out, representative_present_sets, required_input, text_input_candidates,
+                               text_inputs_not_taken, text_inputs_taken, wants_example_media)
 from .inputs.unused import (ignored_by_the_model, reject_media_without_path, reject_unconsumed_inputs,
                             tolerated_reason, unconsumed_inputs)
 from .meta import SIGNATURE_KEY, TRACE_KEY, SignatureRecord, TraceRecord, trace_record
@@ -207,13 +207,26 @@ def _trace_signature(model: torch.nn.Module, example_inputs: dict[str, Any] | No
 
 def _trace_with_text_inputs(model, given: dict[str, Any], params: set[str], leaf_values: LeafValues | None):
     """The trace of the first text candidate (``fxpp.inputs.signature.text_input_candidates``)
-    that traces; each added input left out, with the reason, in ``left_out``."""
-    left_out = text_inputs_not_taken(model, params)
-    errors = []
-    for candidate in text_input_candidates(given, params):
+    that traces; each added input left out, with the reason, in ``left_out``. A token-type
+    input that a failing trace's error names (``fxpp.inputs.signature.required_input``:
+    the forward refuses to run without it) is added to ``given`` and the candidates
+    traced again, once."""
+    taken = text_inputs_taken(model, params)
+    left_out = text_inputs_not_taken(model, taken)
+    errors, tried = [], set()
+    for candidate in text_input_candidates(given, taken):
         try:
             gm = compile_example(model, candidate.example, leaf_values)
         except Exception as e:  # noqa: BLE001 - the example fxpp added may not fit; try without it
+            required = required_input(e, candidate.example, params)
+            if required is not None and required not in tried:  # the forward refuses to run without it
+                tried.add(required)
+                tokens = given.get("input_ids", given.get("inputs_embeds"))
+                try:
+                    return _trace_with_text_inputs(model, {**given, required: default_text_input(required, tokens)},
+                                                   params, leaf_values)
+                except Exception:  # noqa: BLE001 - it did not help: go on as without it
+                    pass
             if not candidate.added:
                 raise
             errors.append(e)

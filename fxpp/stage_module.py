@@ -477,15 +477,36 @@ def _fit_problem(variant: GraphModule, received: dict) -> str | None:
     return None
 
 
+def _sequences(variant: GraphModule, placeholders: list, args) -> tuple[int | None, int | None]:
+    """The sequence length ``variant`` was traced for and the one the received hidden states
+    (always first) have, read where the built ones held it; ``(None, None)`` where unknown."""
+    tokens = stream_tokens(trace_record(variant).example_inputs) if trace_record(variant) else None
+    built = placeholders[0].meta.get("val") if placeholders else None
+    if tokens is None or not isinstance(built, torch.Tensor) or not args or not isinstance(args[0], torch.Tensor):
+        return None, None
+    pair = (tokens.shape[0], tokens.shape[1])
+    at = next((i for i in range(built.dim() - 1) if tuple(built.shape[i:i + 2]) == pair), None)
+    if at is None or args[0].dim() != built.dim():
+        return None, None
+    return pair[1], args[0].shape[at + 1]
+
+
 def _received_problem(variant: GraphModule, args) -> str | None:
     """Why ``args`` cannot be this variant's inputs (rank, width, dtype), or None if they can."""
-    for ph, value in zip([n for n in variant.graph.nodes if n.op == "placeholder"], args):
+    placeholders = [n for n in variant.graph.nodes if n.op == "placeholder"]
+    built_seq, seq = _sequences(variant, placeholders, args)
+    for ph, value in zip(placeholders, args):
         expected = ph.meta.get("val")
         name = identity_of(ph) or ph.target
         if isinstance(expected, torch.Tensor):
             # A float tensor's last dimension is a width (hidden size); an integer one's may be
-            # the sequence (multimodal positions [3, B, S]), which follows the call.
-            width_differs = expected.is_floating_point() and expected.dim() >= 3 and value.shape[-1] != expected.shape[-1]
+            # the sequence (multimodal positions [3, B, S]), which follows the call, and so
+            # does a float mask's ([B, 1, S, S] of eager attention: its keys).
+            if expected.is_floating_point() and expected.dim() >= 3 and value.dim() >= 1:
+                follows = built_seq is not None and (expected.shape[-1], value.shape[-1]) == (built_seq, seq)
+                width_differs = value.shape[-1] != expected.shape[-1] and not follows
+            else:
+                width_differs = False
             if value.dim() != expected.dim() or width_differs:
                 return f"stage input {name!r}: expected shape like {tuple(expected.shape)}, got {tuple(value.shape)}"
             if value.dtype.is_floating_point != expected.dtype.is_floating_point:

@@ -9,7 +9,10 @@ Forward FLOPs per node, counted the way a roofline model would:
   score and value products, halved for causal masking, with ``keys`` capped by the
   sliding window for ``sliding_attention`` layers (so at long sequences a sliding
   layer costs less than a full one);
-* embeddings are lookups (no FLOPs), but their parameters count for memory.
+* embeddings are lookups (no FLOPs), but their parameters count for memory;
+* a decoder layer the trace does not call (the forward skips it for the signature's
+  inputs: Mllama's cross-attention layers without images) costs no FLOPs, but its
+  parameters count; every layer of the model has a cost, so the split numbers them all.
 
 Training cost is 3x forward (backward is twice the forward); only ratios matter for
 balancing, so the factor is applied uniformly.
@@ -22,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch.fx import GraphModule
 
+from ..trace import find_decoder_layers
 from .annotate import info
 
 
@@ -96,4 +100,9 @@ def estimate_block_costs(gm: GraphModule, model: torch.nn.Module, example_inputs
             head = BlockCost("head", head.flops + flops, head.params + params)
         else:
             prelude = BlockCost("prelude", prelude.flops + flops, prelude.params + params)
+    for i, layer in enumerate(find_decoder_layers(model)[1]):
+        if i not in layers:  # the forward skips it for these inputs: no time, but its parameters
+            params = sum(p.numel() for p in layer.parameters() if id(p) not in seen)
+            seen.update(id(p) for p in layer.parameters())
+            layers[i] = BlockCost(f"layer {i}", 0.0, params)
     return [prelude] + [layers[i] for i in sorted(layers)] + [head]

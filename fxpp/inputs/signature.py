@@ -20,13 +20,15 @@ candidate example
 from __future__ import annotations
 
 import itertools
+import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
 import torch
+from transformers.utils.generic import TransformersKwargs
 
 from ..errors import StageInputError
-from ..model_facts import forward_parameters, is_encoder_decoder, model_device
+from ..model_facts import forward_parameters, forward_signature, is_encoder_decoder, model_device
 from .example_media import example_media_inputs, token_companions, vision_config_of
 from .names import (DECODER_INPUTS, TEXT_INPUTS, TOKEN_COMPANIONS, TOKEN_INPUTS, is_media_input, media_inputs_of,
                     stream_tokens, travels_with_media)
@@ -55,9 +57,17 @@ def default_example_inputs(model: torch.nn.Module, batch_size: int = 2, seq_len:
     return {k: v.to(device) for k, v in out.items()}
 
 
+# Inputs aligned with the tokens that a forward may require even without media, and
+# their value then: token types, 0 on text tokens (a processor marks media tokens
+# otherwise). Molmo 2 refuses to train without ``mm_token_type_ids``.
+TOKEN_TYPE_INPUTS = ("token_type_ids", "mm_token_type_ids")
+
+
 def default_text_input(name: str, like: torch.Tensor) -> torch.Tensor:
     """An example of a text input the example inputs lack, shaped like the tokens."""
     b, s = like.shape[0], like.shape[1]
+    if name in TOKEN_TYPE_INPUTS:
+        return torch.zeros(b, s, dtype=torch.long, device=like.device)
     if name == "attention_mask":
         # Row 0 left-padded by one token where the row is long enough: mask builders then
         # return a mask, so the trace follows the forward's masked branch; an all-ones
@@ -67,6 +77,23 @@ def default_text_input(name: str, like: torch.Tensor) -> torch.Tensor:
             mask[0, 0] = 0
         return mask
     return torch.arange(s, device=like.device).expand(b, s).clone()  # position_ids
+
+
+def required_input(error: BaseException, given: dict[str, Any], params: set[str]) -> str | None:
+    """The input of :data:`TOKEN_TYPE_INPUTS` that the forward takes, ``given`` lacks and
+    the forward's refusal ``error`` names (Molmo 2 in training mode: "`mm_token_type_ids`
+    is required as a model input when training"), so the signature must carry it; None
+    where ``error`` names none, or the example has no token input to shape it like."""
+    tokens = given.get("input_ids", given.get("inputs_embeds"))
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() < 2:
+        return None
+    text = ""
+    cause: BaseException | None = error
+    while cause is not None:  # a TraceError quotes the model's own error; its cause is that error
+        text += f" {cause}"
+        cause = cause.__cause__
+    return next((n for n in TOKEN_TYPE_INPUTS if n in params and n not in given
+                 and re.search(rf"(?<![\w.]){n}(?!\w)", text)), None)
 
 
 def alternative_token_inputs(given: dict[str, Any], params: set[str]) -> list[str]:
@@ -91,8 +118,27 @@ class TextCandidate:
     dropped: tuple[str, ...]
 
 
+def text_inputs_taken(model: torch.nn.Module, params: set[str]) -> set[str]:
+    """``params`` and the text inputs the forward takes only through ``**kwargs``.
+
+    Those are traced like named ones: the trace decides. Consumed, the graph computes
+    with them as the model does; unconsumed, the unused-inputs pass
+    (``fxpp.inputs.unused``) keeps them only where the unpatched model provably ignores
+    them (xLSTM accepts an ``attention_mask`` and builds no mask), else the candidate
+    fails and they are left out. Not a keyword that transformers routes to attention
+    kernels (``TransformersKwargs``: ``position_ids`` marks packed documents for flash
+    attention), which a check on this machine's attention could not prove ignored.
+    """
+    signature = forward_signature(model)
+    if not any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values()):
+        return set(params)
+    routed = set(getattr(TransformersKwargs, "__annotations__", {}))
+    return set(params) | {n for n in TEXT_INPUTS if n not in routed}
+
+
 def text_inputs_not_taken(model: torch.nn.Module, params: set[str]) -> list[tuple[str, str]]:
-    """``(name, why)`` for each text input the forward does not take."""
+    """``(name, why)`` for each text input the forward does not take (``params``: see
+    :func:`text_inputs_taken`)."""
     return [(n, f"{type(model).__name__}.forward takes no {n}") for n in TEXT_INPUTS if n not in params]
 
 

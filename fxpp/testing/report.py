@@ -21,6 +21,48 @@ DOCS_PATH = os.path.join(_ROOT if os.path.exists(os.path.join(_ROOT, "pyproject.
 # docs/supported_models.md: the causal-LM section, then this mark, then the VLM section.
 SECTION_MARK = "<!-- fxpp-vlm-sweep -->"
 
+# The end of the causal-LM section (written with it, kept when the sweeps rewrite the page):
+# what the sweeps do not cover, the tests that do, and what is still refused, with why.
+BEYOND_THE_SWEEP = (
+    "## Beyond the sweeps",
+    "",
+    "The sweeps build each model with real weights on the CPU, cut it once and call it with inputs shaped like "
+    "fxpp's own examples. `tests/test_family_tail.py` checks what they do not, against the unpatched model "
+    "(logits and every parameter gradient):",
+    "",
+    "- **Built on the meta device and loaded per stage**, as large models are: `qwen4_exp` and `qwen4_exp_text` "
+    "(causal and VLM) and `glm5_next` pick the tokens each query attends to with `nonzero`, which fake tensors "
+    "cannot run. Such a decoder layer takes its contract's shape (hidden states in, hidden states of that shape "
+    "out), or, where it returns a tuple (GLM-5 Next's layer also returns its top-k picks), the shapes of a "
+    "bounded evaluation (data-dependent sizes at their largest); the stages check them at run time. The test "
+    "builds on `meta`, loads each stage from a safetensors checkpoint of a real-weight copy and compares. "
+    "`molmo2` refuses to train without `mm_token_type_ids`: the default signature carries it (zeros on text "
+    "tokens).",
+    "- **The cost split** of `mllama` (causal and VLM) with cross-attention layers, which the forward skips "
+    "without images: they cost no time but keep their numbers, so `fxpp.pipeline(model, n)` covers every layer.",
+    "- **Images of other sizes than fxpp's example**: `hunyuan_vl` (the image tokens lengthen the sequence; "
+    "sdpa and eager attention).",
+    "- **Inputs taken through `**kwargs`**: `xlstm` accepts `attention_mask` and ignores it (it builds no mask); "
+    "the default signature carries it.",
+    "",
+    "Still refused, by name, with the reason in the error:",
+    "",
+    "- On the meta device, fxpp makes no example images for a vision tower that reads its image grid as "
+    "numbers (`image_grid_thw`: `qwen2_vl`, `qwen2_5_vl`, `qwen3_vl`, `glm4v`, `glm46v`, `glm5_next`, "
+    "`qwen4_exp`, `hunyuan_vl`, `ernie4_5_vl_moe`, `paddleocr_vl`, `kimi_k25`, ...): a meta build's default "
+    "signature holds the text inputs, and a call with images is refused naming the media inputs and why "
+    "(\"no example images fit ...: Cannot copy out of meta tensor\"). Build such a pipeline from a model with "
+    "real weights, with `example_inputs` holding one microbatch with images.",
+    "- `molmo2` with images: fxpp cannot make example images for it (its `get_image_features` also needs "
+    "`image_token_pooling` and `image_grids`), so the default signature holds the text inputs (images need "
+    "`example_inputs` that hold them; not checked here).",
+    "- A checkpoint written by `save_pretrained` of a mixture-of-experts model whose experts are fused in "
+    "memory (`mlp.experts.gate_up_proj`) stores them per expert (`mlp.experts.0.up_proj.weight`): "
+    "`build_stage(..., checkpoint=...)` reads the model's own names and refuses it (`CheckpointError`, missing "
+    "keys). A state dict saved under the model's own names loads.",
+)
+
+
 def _detail(r: SweepResult, limit: int = 10_000) -> str:
     """The detail in at most ``limit`` characters, ending with the innermost fxpp frame
     for errors and for refusals that wrap a non-fxpp exception."""

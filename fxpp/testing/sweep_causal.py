@@ -72,12 +72,14 @@ import transformers
 from transformers import AutoModelForCausalLM
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+from ..inputs.signature import text_inputs_taken
 from ..model_facts import forward_parameters
 from ..pipeline import pipeline
 from .check import (ATOL, MARKS_LEGEND, Case, CaseResult, SweepResult, SweepTimeout, _deadline, _failure, _left,
                     _message, _needs, _perturb, _put, check_pipeline, compare, grads_of, make_inputs,
                     packed_positions, reference_cases, settle, sweep_families)
-from .report import DOCS_PATH, SECTION_MARK, markdown_results, run_and_report, summary, sweep_parser
+from .report import (BEYOND_THE_SWEEP, DOCS_PATH, SECTION_MARK, markdown_results, run_and_report, summary,
+                     sweep_parser)
 from .report import format_table as _table
 from .tiny import FAMILY_SETUP, NUM_LAYERS, VOCAB, tiny_config
 
@@ -88,7 +90,8 @@ COMMAND = "python -m fxpp.sweep --write-docs"
 
 def causal_cases(model: torch.nn.Module, seed: int = 0) -> list[Case]:
     """The input cases of :data:`INPUT_CASES` for ``model`` (see the module docstring)."""
-    params, name = forward_parameters(model), type(model).__name__
+    # the inputs the forward takes, by name or through **kwargs (fxpp.inputs.signature.text_inputs_taken)
+    params, name = text_inputs_taken(model, forward_parameters(model)), type(model).__name__
     ids = make_inputs(2, 12, seed=seed)["input_ids"]
     padded = make_inputs(seed=seed + 1)  # 2x9, the first row left-padded by 3
     packed = {"input_ids": make_inputs(2, 12, seed=seed + 2)["input_ids"],
@@ -304,6 +307,8 @@ def markdown(results: list[SweepResult], command: str = COMMAND) -> str:
         f"(in that order: mismatch, error, fxpp-error, model-error), named in the detail. Case marks: {MARKS_LEGEND}.",
         "",
         *markdown_results(results, CAUSAL_CASES),
+        "",
+        *BEYOND_THE_SWEEP,
     ]
     return "\n".join(lines) + "\n"
 

@@ -58,6 +58,7 @@ import torch
 import transformers
 
 from ..inputs.example_media import NoExampleMedia, token_companions
+from ..inputs.signature import text_inputs_taken
 from ..model_facts import forward_parameters
 from ..trace import find_decoder_layers
 from .check import (ATOL, Case, CaseResult, SweepResult, SweepTimeout, _deadline, _message, _needs,
@@ -110,7 +111,8 @@ def vlm_cases(model, kind: str, inputs: dict[str, torch.Tensor]) -> list[Case]:
     """The cases of :data:`VLM_CASES` for ``model``: ``inputs`` with images (kind ``VLM``),
     text with a padding mask and no media, token ids only, token ids with packed-document
     position ids."""
-    params, name = forward_parameters(model), type(model).__name__
+    # the inputs the forward takes, by name or through **kwargs (fxpp.inputs.signature.text_inputs_taken)
+    params, name = text_inputs_taken(model, forward_parameters(model)), type(model).__name__
     images = Case("images", inputs) if kind == "VLM" else Case(
         "images", None, "the config has no vision tower (kind text)")
     mask = torch.ones(2, 10, dtype=torch.long)

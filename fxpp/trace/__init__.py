@@ -13,7 +13,7 @@ that receives it:
     ``meta_eval``: meta (fake) evaluation of each new node, the leaf cache;
     ``real_values``: the second interpreter, the graph so far on the real example inputs;
     ``recording``: outputs that capturing forwards collect (router logits);
-    ``standins``: shape-keeping stand-ins for MoE expert blocks;
+    ``standins``: shape-keeping stand-ins for MoE expert blocks and data-dependent layers on meta;
     ``state``: state containers and own caches given to leaf calls, as graph nodes;
     ``helpers``: modeling-file helpers, traced or called as one opaque node;
     ``guards``: concrete answers to Python control flow, recorded as guards;

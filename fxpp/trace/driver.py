@@ -9,7 +9,6 @@ from typing import Any
 import torch
 import torch.fx
 from torch.fx import Graph, GraphModule
-from torch._subclasses.fake_tensor import FakeTensorMode
 
 from ..errors import TraceError
 from ..model_facts import TRACE_KWARGS, forward_signature, model_unchanged, select_output, unwrap_forward
@@ -18,7 +17,7 @@ from .patching import constructors_patched, helper_methods_patched, opaque_funct
 from .source_lines import user_source_line
 from .meta_eval import LeafValues
 from .tracer import HFTracer
-from .values import fakeify
+from .values import FakeMode, fakeify
 
 
 def trace_model(model: torch.nn.Module, example_inputs: dict[str, Any],
@@ -41,7 +40,7 @@ def trace_model(model: torch.nn.Module, example_inputs: dict[str, Any],
     for name in inputs:
         if name not in signature.parameters and not accepts_var_kwargs:
             raise TraceError(f"{type(model).__name__}.forward has no argument {name!r}")
-    fake_mode = leaf_values.fake_mode if leaf_values is not None else FakeTensorMode(allow_non_fake_inputs=True)
+    fake_mode = leaf_values.fake_mode if leaf_values is not None else FakeMode(allow_non_fake_inputs=True)
     tracer = HFTracer(model, layers_fqn, fake_mode, leaf_values)
     tracer.placeholder_vals = {k: fakeify(fake_mode, v) for k, v in inputs.items()}
     first_param = next(model.parameters(), None)  # not list(...)[:1]: that walks every parameter

@@ -80,7 +80,14 @@ class Guards:
             ) from e
         if is_from_data(obj.node):
             # a scalar read from data (``k = x.sum().item(); if k > 0:``): a decision on data,
-            # re-checked on every stage like any other
+            # re-checked on every stage like any other; inside a helper (HunYuan-VL's
+            # ``get_rope_index`` walks ``mm_token_type_ids.tolist()``) the helper becomes one
+            # opaque node instead, as above: a guard per token would make every call with
+            # other image sizes retrace, on every stage, and a later stage cannot (the images
+            # stay on the first)
+            if tracer.helpers.depth:
+                raise UntraceableCode(f"{type(tracer.model).__name__}: {what} at {short_stack()} (node "
+                                      f"{obj.node.name}) decides on a value read from tensor data")
             tracer.create_proxy("call_function", ops.check_data, (obj, result, short_stack()), {})
         else:
             self.guard(obj, result)

@@ -34,7 +34,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 
@@ -42,7 +41,7 @@ from .. import ops
 from ..errors import TraceError
 from .source_lines import failure_source_line, target_name
 from .targets import is_check_function
-from .values import call_signature, is_data_dependent, thaw_all
+from .values import FakeMode, call_signature, is_data_dependent, thaw_all
 
 if TYPE_CHECKING:  # the tracer passes itself in; only its type is named here
     from .tracer import HFTracer
@@ -98,7 +97,7 @@ class LeafValues:
     tensor of the next trace's mode."""
 
     def __init__(self):
-        self.fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+        self.fake_mode = FakeMode(allow_non_fake_inputs=True)
         self.entries: dict[tuple, LeafEntry] = {}
         self._graphs: list[tuple[GraphModule, list]] = []
 

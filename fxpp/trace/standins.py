@@ -1,4 +1,4 @@
-"""Stand-ins for expert blocks: a shape-keeping output where MoE dispatch cannot run on fake tensors.
+"""Stand-ins: a shape-keeping output where MoE dispatch or a data-dependent layer cannot run on fake tensors.
 
 Terms
 -----
@@ -14,9 +14,22 @@ stand-in
     shape of its input. That only feeds meta values, never the numbers a stage
     computes. Each use is listed in :attr:`StandIns.used` (class names).
 layer contract
-    On the meta device only (no real example inputs), a whole decoder layer of an MoE
-    model whose own evaluation fails on data may take the shape of its hidden-states
-    input (:meth:`StandIns.layer_contract_applies`).
+    A decoder layer maps hidden states to hidden states of the same shape. On the meta
+    device only (no real example inputs), a whole decoder layer whose own evaluation
+    fails on data (MoE dispatch, a sparse-attention token selector) takes the shape of
+    its hidden-states input (:meth:`StandIns.layer_contract_applies`). That shape is
+    an assumption, checked at run time: it is the shape of the hidden states that cross
+    the next cut, which the sending stage checks before it sends
+    (``fxpp.runtime.stage.check_sent_shapes``) and the receiving stage checks against
+    its inputs ("expected shape like", ``fxpp.stage_module``).
+bounded evaluation
+    The same for a decoder layer that returns a tuple (GLM-5 Next's returns the hidden
+    states and the top-k token picks a later layer reuses): its outputs cannot all be
+    taken from its input, so the layer is evaluated again with every data-dependent
+    size at its bound (Note [sizes at their bounds] in ``fxpp.trace.values``), and
+    kept only if its first output keeps the shape of the hidden states. The other
+    outputs' shapes are checked at run time like the hidden states' where they cross a
+    cut.
 """
 
 from __future__ import annotations
@@ -80,8 +93,11 @@ class StandIns:
             except Exception as e:  # noqa: BLE001
                 if not self.layer_contract_applies(m, e, args):
                     raise  # evaluated on the real example inputs (data-dependent), else refused
+                out = self._bounded(forward, args, kwargs) if returns_tuple(type(m)) else torch.empty_like(args[0])
+                if out is None:
+                    raise
                 self.used.append(type(m).__name__)
-                return torch.empty_like(args[0])
+                return out
         try:
             return forward(*args, **kwargs)
         except Exception as e:  # noqa: BLE001
@@ -101,23 +117,38 @@ class StandIns:
             self.used.append(type(m).__name__)
             return torch.empty_like(first)
 
+    def _bounded(self, forward, args: tuple, kwargs: dict):
+        """*bounded evaluation* of a decoder layer that returns a tuple: its outputs with
+        data-dependent sizes at their bounds, or None where that fails too or where its
+        first output does not keep the shape of the hidden states (the layer contract)."""
+        try:
+            with self.tracer.fake_mode.sizes_at_bounds():
+                out = forward(*args, **kwargs)
+        except Exception:  # noqa: BLE001 - the layer's first failure is the one to report
+            return None
+        first = out[0] if isinstance(out, tuple) and out else None
+        hidden = args[0]
+        if not isinstance(first, torch.Tensor) or (first.shape, first.dtype) != (hidden.shape, hidden.dtype):
+            return None
+        return out
+
     def layer_contract_applies(self, m: torch.nn.Module, e: BaseException, args: tuple) -> bool:
         """Whether a decoder layer whose own meta evaluation failed on tensor data may take
-        the shape of its hidden-states input.
+        the shape of its hidden-states input (*layer contract* above).
 
-        Only without real example inputs (a meta-device model: nothing to evaluate, and
-        JetMoE's layers route their attention through data-dependent experts), only for an
+        Only without real example inputs (a meta-device model: nothing to evaluate; JetMoE's
+        layers route their attention through data-dependent experts, GLM-5 Next's and
+        Qwen4-Exp's pick the tokens each query attends to with ``nonzero``), only for an
         entry of the decoder-layer stack, which maps hidden states to the next layer's
-        hidden states, of an MoE model, returning one tensor. With real inputs the layer is
-        evaluated on them instead, so its meta value is the real shape.
+        hidden states, returning one tensor, and never for a layer holding a recorded
+        module (a router: its output must really be computed). With real inputs the layer
+        is evaluated on them instead, so its meta value is the real shape.
         """
         return (
             not self.tracer.real.inputs
             and is_data_dependent(e)
             and not isinstance(e, RecordedNeedsData)
             and id(m) in self._layer_ids
-            and self.is_expert_block(m)
-            and not returns_tuple(type(m))
             and bool(args) and isinstance(args[0], torch.Tensor)
         )
 

@@ -10,7 +10,8 @@ constructor argument; none imports it.
 ``meta``: :class:`~fxpp.trace.meta_eval.MetaEvaluation`, the meta value of each new node (fake tensors).
 ``real``: :class:`~fxpp.trace.real_values.RealValues`, the graph so far run on the real example inputs.
 ``recording``: :class:`~fxpp.trace.recording.Recording`, outputs that capturing forwards collect.
-``standins``: :class:`~fxpp.trace.standins.StandIns`, shape-keeping stand-ins for expert blocks.
+``standins``: :class:`~fxpp.trace.standins.StandIns`, shape-keeping stand-ins for expert blocks and,
+on meta, data-dependent layers.
 ``state``: :class:`~fxpp.trace.state.StateLifting`, state containers and own caches given to leaves.
 ``helpers``: :class:`~fxpp.trace.helpers.Helpers`, modeling-file helpers traced or called opaquely.
 ``guards``: :class:`~fxpp.trace.guards.Guards`, concrete answers to Python control flow, guarded.

@@ -16,7 +16,8 @@ call signature
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import Any, Iterator
 
 import torch
 from torch._subclasses.fake_tensor import (DataDependentOutputException, DynamicOutputShapeException,
@@ -76,6 +77,40 @@ def has_proxy(value: Any) -> bool:
     found = []
     map_aggregate(value, lambda x: found.append(x) if isinstance(x, Proxy) else x)
     return bool(found)
+
+
+class FakeMode(FakeTensorMode):
+    """The trace's ``FakeTensorMode``; inside :meth:`sizes_at_bounds`, a data-dependent size
+    is taken at its bound.
+
+    Note [sizes at their bounds]
+        ``nonzero`` (and what calls it: boolean-mask indexing, one-argument
+        ``torch.where``) returns as many rows as its input has nonzero elements, which
+        fake tensors cannot know. Inside :meth:`sizes_at_bounds` it returns the largest
+        number it can: one row per element. Only shapes follow from that, never a number
+        a stage computes, and a size that depends on data stays wrong: the only user is
+        the meta evaluation of a decoder layer on the meta device
+        (``fxpp.trace.standins``, *bounded evaluation*), whose outputs are checked at run
+        time. Token selectors pad their picks to a fixed width (GLM-5 Next's indexer), so
+        their outputs come out right whatever the count. ``.item()`` and other reads of a
+        number still fail.
+    """
+
+    at_bounds = False
+
+    @contextlib.contextmanager
+    def sizes_at_bounds(self) -> Iterator[None]:
+        old, self.at_bounds = self.at_bounds, True
+        try:
+            yield
+        finally:
+            self.at_bounds = old
+
+    def dispatch(self, func, types, args=(), kwargs=None):
+        if self.at_bounds and func is torch.ops.aten.nonzero.default:
+            (arg,) = args
+            return arg.new_empty((arg.numel(), arg.dim()), dtype=torch.int64)
+        return super().dispatch(func, types, args, kwargs)
 
 
 def fakeify(fake_mode: FakeTensorMode, value: Any) -> Any:
