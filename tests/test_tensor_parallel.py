@@ -52,9 +52,12 @@ CONFIGS = [
     Config("llama", "1F1B", 2, "loop", True),  # GQA (4 query heads, 2 key/value heads), tied embeddings
     Config("qwen3", "1F1B", 2, "loop", False),  # per-head q_norm / k_norm (replicated_with_grad_allreduce)
 ]
-# Heavier: the zero-bubble V schedule (two stages a rank, a tied pair on one rank, weight
-# gradients in separate backward calls); run with the 8-rank tests (-m heavy).
+# Heavier (-m heavy): the zero-bubble V schedule (two stages a rank, the tied pair on one
+# rank, weight gradients in separate backward calls) on pp 2 x tp 2, and pp 2 x dp 2 x tp 2
+# on 8 ranks (FSDP2 over dp on the tp-sharded parameters).
 HEAVY_CONFIGS = [Config("llama", "ZBVZeroBubble", 4, "v", True)]
+DP = 2
+DP_CONFIGS = [Config("llama", "1F1B", 2, "loop", True), Config("qwen3", "ZBVZeroBubble", 4, "v", True)]
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
@@ -97,6 +100,7 @@ def run_config(mesh, config: Config, dp: int = 1) -> dict:
     opt = torch.optim.SGD(list(params.values()), lr=LR)
     ref_opt = torch.optim.SGD(ref.parameters(), lr=LR)
     report = {"loss": None, "grad": {}, "param": {}, "first_step_param": {}, "names": sorted(params),
+              "wrapped": [type(st.submod).__name__ for st in stages],
               "local_shapes": {n: list(_local(p).shape) for n, p in params.items()},
               "placements": {n: str(getattr(p, "placements", None)) for n, p in params.items()}}
     loss_fn = fxpp.causal_lm_loss(local_labels, M, mesh=mesh)
@@ -208,6 +212,13 @@ def pp_tp_rank(rank, world, workdir, configs):
 
     mesh = fxpp.pp_dp_tp_mesh(PP, 1, TP)
     return {"errors": _errors(mesh), **{c.name: run_config(mesh, c) for c in configs}}
+
+
+def pp_dp_tp_rank(rank, world, workdir, configs):
+    import fxpp
+
+    mesh = fxpp.pp_dp_tp_mesh(PP, DP, TP)
+    return {c.name: run_config(mesh, c, dp=DP) for c in configs}
 
 
 @pytest.fixture(scope="module")
@@ -334,3 +345,29 @@ def test_tp_not_dividing_the_heads_is_refused_naming_module_and_numbers():
     with pytest.raises(fxpp.TensorParallelError, match=r"stage 0: tp=8 does not divide dimension 0 of "
                        r"model\.layers\.0\.mlp\.gate_proj\.weight \(100, shape \[100, 64\]\)"):
         check_stage_plan(0, wide, pipe.stages[0], entries, 8)
+
+
+@pytest.mark.heavy
+@pytest.mark.timeout(600)
+def test_zero_bubble_v_times_tensor_parallel(tmp_path):
+    runs = run_distributed(pp_tp_rank, PP * TP, tmp_path, HEAVY_CONFIGS, timeout_s=540, pg_timeout_s=120)
+    for config in HEAVY_CONFIGS:
+        check_report([r[config.name] for r in runs], tied=config.tie)
+
+
+@pytest.mark.heavy
+@pytest.mark.timeout(600)
+def test_pipeline_times_data_times_tensor_parallel(tmp_path):
+    """pp 2 x dp 2 x tp 2 on 8 ranks: FSDP2 over dp on the tp-sharded parameters (2-D DTensors)."""
+    runs = run_distributed(pp_dp_tp_rank, PP * DP * TP, tmp_path, DP_CONFIGS, timeout_s=540, pg_timeout_s=120)
+    for config in DP_CONFIGS:
+        per_rank = [r[config.name] for r in runs]
+        check_report(per_rank, tied=config.tie)
+        for r in per_rank:
+            assert all(w.startswith("FSDP") for w in r["wrapped"]), r["wrapped"]
+            # Sharded over tp and over dp: a quarter of the embedding's or the head's rows on each rank.
+            for name in {"model.embed_tokens.weight", "lm_head.weight"} & set(r["local_shapes"]):
+                assert r["local_shapes"][name] == [32, 64], (name, r["local_shapes"][name])
+            # The tp shard of q_proj (2 heads, 32 rows), halved again by FSDP2 over dp.
+            q = "model.layers.1.self_attn.q_proj.weight"
+            assert q not in r["local_shapes"] or r["local_shapes"][q] == [16, 64], r["local_shapes"][q]
