@@ -201,40 +201,39 @@ def _sharded_dim(layer: TensorParallelLayer, param: torch.Tensor, pname: str) ->
     return None
 
 
-def check_stage_plan(index: int, model: torch.nn.Module, submodule: torch.nn.Module,
+def check_stage_plan(index: int | None, model: torch.nn.Module, submodule: torch.nn.Module,
                      entries: list[tuple[str, dict[str, str], str | None]], tp: int) -> None:
     """Refuse a stage plan that would not split the stage exactly over ``tp`` ranks (local: every rank raises).
+
+    ``index`` None: ``submodule`` is the whole model (``fxpp run`` checks it before any rank starts).
 
     Raises:
         TensorParallelError: a style fxpp has not checked, a stage the plan names nothing
             of, tp not dividing the heads of a sharded attention projection or another
             sharded dimension.
     """
-    where = f"fxpp.runtime.tensor_parallel: stage {index}"
+    where = "fxpp.runtime.tensor_parallel: " + (f"stage {index}" if index is not None else type(model).__name__)
     if not entries:
         raise TensorParallelError(
             f"{where}: the tp plan of {type(model).__name__} names none of its modules (plan keys e.g. "
             f"{sorted(model.tp_plan)[:3]}), so tp={tp} would only replicate it; build the stages with tp 1")
     text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    # Styles and heads first (the likelier mistake, and the one to name), then every other sharded dimension.
     for module_name, params, own in entries:
         for name in sorted({*params.values(), *([own] if own else [])}):
             if name not in CHECKED_STYLES:
                 raise TensorParallelError(
                     f"{where}: {module_name} has the tp style {name!r}, which fxpp does not apply yet (it applies "
                     f"{', '.join(CHECKED_STYLES)}); build the stages with tp 1")
+        heads = _sharded_heads(submodule, module_name, own)
+        if heads is not None and heads[0] % tp:
+            counts = [f"{c}={getattr(text, c)}" for c in HEAD_COUNTS if getattr(text, c, None) == heads[0]]
+            raise TensorParallelError(
+                f"{where}: tp={tp} does not divide the {heads[0]} heads of {module_name} "
+                f"({counts[0] if counts else f'{heads[1]} features of head_dim {heads[2]}'}); each tp rank must "
+                f"hold whole heads: choose a tp that divides {heads[0]}")
+    for module_name, params, _ in entries:
         module = submodule.get_submodule(module_name)
-        parent = submodule.get_submodule(module_name.rpartition(".")[0]) if "." in module_name else None
-        head_dim = getattr(parent, "head_dim", None)
-        layer = style(own) if own else None
-        if (isinstance(layer, ColwiseParallel) and isinstance(head_dim, int) and hasattr(module, "out_features")
-                and getattr(layer, "output_layouts", None) is not None and layer.output_layouts.is_shard()):
-            heads = module.out_features // head_dim
-            if heads % tp:
-                counts = [f"{c}={getattr(text, c)}" for c in HEAD_COUNTS if getattr(text, c, None) == heads]
-                raise TensorParallelError(
-                    f"{where}: tp={tp} does not divide the {heads} heads of {module_name} "
-                    f"({counts[0] if counts else f'{module.out_features} features of head_dim {head_dim}'}); each "
-                    f"tp rank must hold whole heads: choose a tp that divides {heads}")
         for pname, pstyle in params.items():
             p = module.get_parameter(pname)
             dim = _sharded_dim(style(pstyle), p, pname)
@@ -243,6 +242,49 @@ def check_stage_plan(index: int, model: torch.nn.Module, submodule: torch.nn.Mod
                     f"{where}: tp={tp} does not divide dimension {dim} of {module_name}.{pname} ({p.shape[dim]}, "
                     f"shape {list(p.shape)}), which the tp plan shards ({pstyle!r}); choose a tp that divides "
                     f"{p.shape[dim]}")
+
+
+def _sharded_heads(submodule: torch.nn.Module, module_name: str, own: str | None) -> tuple[int, int, int] | None:
+    """``(heads, out_features, head_dim)`` of an attention projection whose output the plan shards, else None.
+
+    An attention module carries ``head_dim``; a colwise child with a sharded output
+    (not ``colwise_gather_output``) hands each tp rank ``out_features / tp`` features,
+    which must be whole heads.
+    """
+    if own is None or "." not in module_name:
+        return None
+    layer, module = style(own), submodule.get_submodule(module_name)
+    head_dim = getattr(submodule.get_submodule(module_name.rpartition(".")[0]), "head_dim", None)
+    layout = getattr(layer, "output_layouts", None)
+    if not (isinstance(layer, ColwiseParallel) and isinstance(head_dim, int) and hasattr(module, "out_features")
+            and layout is not None and layout.is_shard()):
+        return None
+    return module.out_features // head_dim, module.out_features, head_dim
+
+
+def check_model(model: torch.nn.Module, tp: int) -> list[tuple[str, dict[str, str], str | None]]:
+    """The whole model's plan, checked for ``tp`` ranks as each stage's will be (before any rank starts).
+
+    Raises:
+        TensorParallelError: as :func:`tp_plan_of` and :func:`check_stage_plan`.
+    """
+    entries = stage_plan(tp_plan_of(model), model)
+    check_stage_plan(None, model, model, entries, tp)
+    return entries
+
+
+def parameter_share(submodule: torch.nn.Module, entries: list[tuple[str, dict[str, str], str | None]],
+                    tp: int) -> tuple[int, int]:
+    """``(parameters one tp rank holds, parameters of the stage)``: sharded ones count ``1 / tp`` each."""
+    sharded = {}
+    for module_name, params, _ in entries:
+        module = submodule.get_submodule(module_name)
+        for pname, pstyle in params.items():
+            p = module.get_parameter(pname)
+            if _sharded_dim(style(pstyle), p, pname) is not None:
+                sharded[id(p)] = p.numel()
+    whole = {id(p): p.numel() for p in submodule.parameters()}
+    return sum(n // tp if i in sharded else n for i, n in whole.items()), sum(whole.values())
 
 
 def apply_tensor_parallel(submodule: torch.nn.Module, entries: list[tuple[str, dict[str, str], str | None]],
