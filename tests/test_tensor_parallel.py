@@ -371,3 +371,56 @@ def test_pipeline_times_data_times_tensor_parallel(tmp_path):
             # The tp shard of q_proj (2 heads, 32 rows), halved again by FSDP2 over dp.
             q = "model.layers.1.self_attn.q_proj.weight"
             assert q not in r["local_shapes"] or r["local_shapes"][q] == [16, 64], r["local_shapes"][q]
+
+
+def test_plan_tp_shows_each_stages_parameters_per_tp_rank(capsys):
+    from fxpp.trainer.cli import main
+
+    assert main(["plan", "tiny-llama", "--stages", "2", "--tp", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "tensor parallel: tp 2, the model's own tp plan (9 rules); parameters per rank:" in out
+    # Stage 0: the embedding (8192) and 2 layers' linears (attention 4096 + 2 * 2048 + 4096, MLP 3 * 6144)
+    # halved, 4 norm weights of 64 whole: 4096 + 30,720 + 256 = 35,072 of 69,888.
+    assert "    0        35,072        69,888   50.2%" in out, out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["plan", "tiny-llama", "--stages", "2", "--tp", "3"],
+     "LlamaForCausalLM: tp=3 does not divide the 4 heads of model.layers.0.self_attn.q_proj (num_attention_heads=4)"),
+    (["run", "tiny-qwen3", "--stages", "2", "--tp", "4", "--steps", "1"],
+     "--tp 4: fxpp.runtime.tensor_parallel: Qwen3ForCausalLM: tp=4 does not divide the 2 heads of "
+     "model.layers.0.self_attn.k_proj (num_key_value_heads=2)"),
+    (["run", "tiny-qwen3_moe", "--stages", "2", "--tp", "2", "--steps", "1"],
+     "Qwen3MoeForCausalLM has an expert-parallel plan"),
+    (["run", "tiny-llama", "--stages", "2", "--tp", "2", "--steps", "1", "--save-dir", "unused"],
+     "--tp 2 with --save-dir is not built yet"),
+    (["run", "tiny-llama", "--stages", "2", "--tp", "0", "--steps", "1"],
+     "--stages 2, --dp 1 and --tp 0 must be positive"),
+])
+def test_tp_settings_no_rank_can_run_are_one_line_before_any_rank_starts(argv, message, capsys, tmp_path,
+                                                                          monkeypatch):
+    from fxpp.trainer.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+    assert not (tmp_path / "unused").exists()
+
+
+@pytest.mark.heavy  # full fxpp runs on 4 processes
+@pytest.mark.timeout(600)
+def test_fxpp_run_tp_matches_the_unpatched_model(tmp_path, capsys):
+    """A preset, and a checkpoint directory built on meta (each rank reads its stage whole, then cuts it)."""
+    from fxpp.testing.zoo import tiny_model
+    from fxpp.trainer.cli import main
+
+    assert main(["run", "tiny-qwen3", "--stages", "2", "--tp", "2", "--steps", "3", "--batch", "4",
+                 "--microbatches", "2", "--seq-len", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "2 pipeline ranks x tp 2" in out and "MATCH" in out and "MISMATCH" not in out, out
+    tiny_model("llama", 4, tie_word_embeddings=True).save_pretrained(tmp_path / "ckpt")
+    assert main(["run", str(tmp_path / "ckpt"), "--stages", "2", "--tp", "2", "--steps", "2", "--batch", "4",
+                 "--microbatches", "2", "--seq-len", "16", "--check"]) == 0
+    out = capsys.readouterr().out
+    assert "MATCH" in out and "MISMATCH" not in out, out
