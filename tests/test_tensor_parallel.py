@@ -424,3 +424,15 @@ def test_fxpp_run_tp_matches_the_unpatched_model(tmp_path, capsys):
                  "--microbatches", "2", "--seq-len", "16", "--check"]) == 0
     out = capsys.readouterr().out
     assert "MATCH" in out and "MISMATCH" not in out, out
+
+
+def test_shared_key_value_states_crossing_a_cut_are_refused():
+    """Gemma 4's shared key/value states hold a tp rank's heads only; across a cut they are refused by name."""
+    import fxpp
+    from fxpp.runtime.tensor_parallel import check_crossings
+    from fxpp.testing.zoo import tiny_model
+
+    pipe = fxpp.pipeline(tiny_model("gemma4", 4), 2, example_inputs={"input_ids": torch.ones(2, 8, dtype=torch.long)})
+    with pytest.raises(fxpp.TensorParallelError, match=r"stage 1: shared state 'sliding_attention' from "
+                       r"model\.layers\.0\[0\] crosses cut 2; with tp=2"):
+        check_crossings(1, pipe.stages[1], 2)

@@ -1,11 +1,15 @@
-"""Pipeline x data parallel: fxpp stages replicated over the ``"dp"`` dimension of a 2-D device mesh.
+"""Pipeline x data (x tensor) parallel: fxpp stages on the ``"dp"`` and ``"tp"`` dimensions of a device mesh.
 
 Terms
 -----
 mesh
     A 2-D ``DeviceMesh`` with dimensions ``("pp", "dp")``, dp innermost (as torchtitan
     lays it out): global rank ``p * dp + d`` holds pipeline rank ``p`` of data-parallel
-    replica ``d``. :func:`pp_dp_mesh` builds it.
+    replica ``d``. :func:`pp_dp_mesh` builds it; :func:`pp_dp_tp_mesh` the 3-D one of
+    Note [3-D mesh].
+tp mesh
+    ``mesh["tp"]``: the ranks that hold the same stage of the same replica, each a shard
+    of it by the model's tensor-parallel plan (``fxpp.runtime.tensor_parallel``).
 pipeline group
     ``mesh["pp"].get_group()``: the ``pp`` ranks of one dp index. A schedule, its
     activation and gradient messages, the shape agreement of ``fxpp.schedule`` and the
@@ -48,6 +52,23 @@ Note [pipeline x data parallel]
     target tokens of the whole global batch (one all-reduce over dp) and scales each
     microbatch's loss by ``M * dp``, so gradients equal the unpatched model's on the
     global batch whatever the padding.
+
+Note [3-D mesh]
+    ``pp_dp_tp_mesh(pp, dp, tp)`` lays ranks out as ``(pp, dp, tp)``, tp innermost
+    (torchtitan's order: tp talks inside every layer, so its ranks are neighbours, on one
+    host where there are several): global rank ``(p * dp + d) * tp + t``. For a stage
+    built with it (:func:`resolve_meshes`):
+
+    * the pipeline group is ``mesh["pp"]``: the ranks of one (dp, tp) coordinate. Every
+      tp coordinate runs its own copy of the schedule, point to point, and the tie
+      exchange pairs the first and last stage of the same (dp, tp) coordinate, so shard
+      ``t`` of the embedding with shard ``t`` of the head;
+    * the tp mesh splits the stage's planned parameters (Note [tensor parallel stages]
+      in ``fxpp.runtime.tensor_parallel``); the ranks of one stage's tp mesh run the same
+      microbatches in the same order, so the collectives inside the layers match up;
+    * the dp mesh, when dp > 1, wraps the tp-sharded stage with FSDP2 (the parameters
+      the plan shards become 2-D DTensors over ``("dp", "tp")``); the loss's token count
+      is summed over dp only (the tp ranks of a replica hold the same labels).
 
 Note [mixed precision]
     ``mixed_precision="bf16"`` is FSDP2's ``MixedPrecisionPolicy(param_dtype=bf16,

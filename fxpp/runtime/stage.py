@@ -21,7 +21,8 @@ from ..meta import trace_record
 from .checkpoint import load_stage, recompute_non_persistent_buffers
 from .parallel import (check_parallel_args, mixed_precision_policy, parallelize_stage, resolve_meshes,
                        single_rank_mesh)
-from .tensor_parallel import apply_tensor_parallel, check_stage_plan, check_tp_args, stage_plan, tp_plan_of
+from .tensor_parallel import (apply_tensor_parallel, check_crossings, check_stage_plan, check_tp_args, stage_plan,
+                              tp_plan_of)
 from .placement import check_placement
 from .protocols import SplitModel
 from .rank_state import rank_state
@@ -314,6 +315,7 @@ def build_stage(pipe: SplitModel, index: int, device: torch.device | str, group=
         check_tp_args(tp_mesh.size(), dp_mesh, data_parallel, policy)
         tp_entries = stage_plan(tp_plan_of(pipe.model), pipe.stages[index])
         check_stage_plan(index, pipe.model, pipe.stages[index], tp_entries, tp_mesh.size())
+        check_crossings(index, pipe.stages[index], tp_mesh.size())
     if dp_mesh is None and policy is not None:
         dp_mesh = single_rank_mesh(device)  # FSDP2 carries the policy; over one rank it shards nothing
     if device.type == "cuda" and dist.get_backend(group) == "gloo":

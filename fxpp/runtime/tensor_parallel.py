@@ -59,7 +59,8 @@ Note [tensor parallel stages]
     split over tp yet), parameters that are already ``DTensor``s, a style fxpp has not
     checked, a stage the plan names nothing of, tp not dividing the heads of a sharded
     attention projection (naming the projection, ``num_attention_heads`` or
-    ``num_key_value_heads``, and tp) or any other dimension the plan shards.
+    ``num_key_value_heads``, and tp) or any other dimension the plan shards, a cut that
+    a layer's shared key/value states cross (:func:`check_crossings`).
 
 Note [gradient placement]
     DTensor's sharding rules may return a gradient laid out otherwise than its parameter:
@@ -155,7 +156,12 @@ def tp_plan_of(model: torch.nn.Module) -> dict[str, str]:
             f"fxpp.runtime.tensor_parallel: {name} has no tensor-parallel plan (its tp_plan is empty: neither "
             f"{name}._tp_plan nor its config's base_model_tp_plan names a module), so tp > 1 cannot split it. "
             "Build the stages with tp 1, or set model.tp_plan = {...} (transformers' style names) first")
-    experts = dict(getattr(model, "ep_plan", None) or {})
+    # An expert-parallel plan counts where an expert style names a module or parameter the
+    # model has (Gemma 4's config carries one for its MoE variant, with tp styles for the
+    # dense MLP beside it; its dense models have no experts).
+    names = {replace_layer_number_by_wildcard(n) for n, _ in (*model.named_modules(), *model.named_parameters())}
+    experts = {k: v for k, v in (getattr(model, "ep_plan", None) or {}).items()
+               if k in names and v not in CHECKED_STYLES}
     if experts:
         raise TensorParallelError(
             f"fxpp.runtime.tensor_parallel: {name} has an expert-parallel plan ({len(experts)} rule(s), e.g. "
@@ -260,6 +266,27 @@ def _sharded_heads(submodule: torch.nn.Module, module_name: str, own: str | None
             and layout is not None and layout.is_shard()):
         return None
     return module.out_features // head_dim, module.out_features, head_dim
+
+
+def check_crossings(index: int, stage, tp: int) -> None:
+    """Refuse a stage whose cuts carry a layer's shared state (local: every rank raises).
+
+    Under tensor parallelism what a layer hands a later layer besides the hidden states
+    (Gemma 4's shared key/value states) holds only the rank's heads; across a cut it
+    would not fit its slot, traced whole. Hidden states, inputs and per-layer inputs
+    stay whole.
+
+    Raises:
+        TensorParallelError: naming the value and the cut.
+    """
+    for layout in (stage.in_layout, stage.out_layout):
+        for identity in () if layout is None else layout.identities:
+            if identity.startswith("shared state"):
+                raise TensorParallelError(
+                    f"fxpp.runtime.tensor_parallel: stage {index}: {identity} crosses cut {layout.cut}; with tp={tp} "
+                    "a layer's shared key/value states hold only the rank's heads, and sending them across a cut is "
+                    "not built yet: cut where no shared state crosses (fxpp.pipeline(..., cuts=[...])) or build with "
+                    "tp 1")
 
 
 def check_model(model: torch.nn.Module, tp: int) -> list[tuple[str, dict[str, str], str | None]]:

@@ -14,7 +14,7 @@ from ..pipeline import pipeline
 from ..runtime.optim import LR_SCHEDULES
 from ..runtime.placement import MULTI_STAGE, SCHEDULES, default_backend, default_device
 from ..runtime.tensor_parallel import check_model as check_tp_model
-from ..runtime.tensor_parallel import check_stage_plan, parameter_share, stage_plan, tp_plan_of
+from ..runtime.tensor_parallel import check_crossings, check_stage_plan, parameter_share, stage_plan, tp_plan_of
 from .models import build_model
 from .run_state import export, latest_step
 from .train import RunConfig, launch, run_rank
@@ -51,6 +51,7 @@ def _tp_shares(model, pipe, tp: int) -> str:
     for i, stage in enumerate(pipe.stages):
         entries = stage_plan(plan, stage)
         check_stage_plan(i, model, stage, entries, tp)
+        check_crossings(i, stage, tp)
         per_rank, whole = parameter_share(stage, entries, tp)
         rows.append(f"{i:>5}  {per_rank:>12,}  {whole:>12,}  {per_rank / whole:>6.1%}")
     rows.append(f"(sharded: what the plan names, 1/{tp} each; norms and other unnamed parameters whole on every tp "
@@ -76,9 +77,9 @@ def _run(args) -> int:
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # under torchrun
         world = int(os.environ["WORLD_SIZE"])
         if world != cfg.world:
-            raise RunConfigError(f"torchrun started {world} processes, but --stages {cfg.ranks} x --dp {cfg.dp} x "
-                                 f"--tp {cfg.tp} = {cfg.world}: start --nnodes x --nproc-per-node = {cfg.world} "
-                                 "processes")
+            tp = f" x --tp {cfg.tp}" if cfg.tp > 1 else ""
+            raise RunConfigError(f"torchrun started {world} processes, but --stages {cfg.ranks} x --dp {cfg.dp}{tp} = "
+                                 f"{cfg.world}: start --nnodes x --nproc-per-node = {cfg.world} processes")
         device = default_device(int(os.environ.get("LOCAL_RANK", 0)))
         if device.type == "cuda":
             torch.cuda.set_device(device)
