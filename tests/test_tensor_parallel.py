@@ -42,10 +42,12 @@ class Config(NamedTuple):
     num_stages: int
     style: str
     tie: bool
+    activation_checkpointing: bool = False
 
     @property
     def name(self) -> str:
-        return f"{self.family}-{self.schedule}-{'tied' if self.tie else 'untied'}"
+        return (f"{self.family}-{self.schedule}-{'tied' if self.tie else 'untied'}"
+                f"{'-ac' if self.activation_checkpointing else ''}")
 
 
 CONFIGS = [
@@ -57,7 +59,9 @@ CONFIGS = [
 # on 8 ranks (FSDP2 over dp on the tp-sharded parameters).
 HEAVY_CONFIGS = [Config("llama", "ZBVZeroBubble", 4, "v", True)]
 DP = 2
-DP_CONFIGS = [Config("llama", "1F1B", 2, "loop", True), Config("qwen3", "ZBVZeroBubble", 4, "v", True)]
+# The ZBV one with activation checkpointing: each layer recomputed (tp collectives included)
+# once for the input gradients and once for the weight gradients.
+DP_CONFIGS = [Config("llama", "1F1B", 2, "loop", True), Config("qwen3", "ZBVZeroBubble", 4, "v", True, True)]
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
@@ -92,7 +96,8 @@ def run_config(mesh, config: Config, dp: int = 1) -> dict:
     local_labels = local.pop("labels")
     pipe = fxpp.pipeline(model, config.num_stages, example_inputs={k: v[: v.shape[0] // M] for k, v in local.items()})
     ids = fxpp.stage_ids_of_rank(mesh.get_local_rank("pp"), config.num_stages, PP, config.style)
-    stages = [pipe.build_stage(i, "cpu", mesh=mesh) for i in ids]
+    stages = [pipe.build_stage(i, "cpu", mesh=mesh, activation_checkpointing=config.activation_checkpointing)
+              for i in ids]
     params = {}
     for st in stages:
         for name, p in st.submod.named_parameters():
