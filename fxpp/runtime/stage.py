@@ -21,11 +21,11 @@ from ..meta import trace_record
 from .checkpoint import load_stage, recompute_non_persistent_buffers
 from .parallel import (check_parallel_args, mixed_precision_policy, parallelize_stage, resolve_meshes,
                        single_rank_mesh)
-from .tensor_parallel import (apply_tensor_parallel, check_crossings, check_stage_plan, check_tp_args, stage_plan,
-                              tp_plan_of)
 from .placement import check_placement
 from .protocols import SplitModel
 from .rank_state import rank_state
+from .tensor_parallel import (apply_tensor_parallel, check_crossings, check_stage_plan, check_tp_args, stage_plan,
+                              tp_plan_of)
 from .ties import LIVE_STAGES, UNSYNCHRONISED, guard_optimizers, tie_exchanges, tied_parameters
 
 

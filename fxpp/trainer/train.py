@@ -27,10 +27,10 @@ from ..pipeline import pipeline
 from ..runtime.checkpoint import check_checkpoint
 from ..runtime.loss import causal_lm_loss
 from ..runtime.parallel import local_batch, pp_dp_mesh, pp_dp_tp_mesh
-from ..runtime.tensor_parallel import check_model as check_tp_model
 from ..runtime.placement import MULTI_STAGE, default_device, stage_ids_of_rank
 from ..runtime.optim import LR_SCHEDULES, clip_grad_norm_
 from ..runtime.schedule import make_schedule
+from ..runtime.tensor_parallel import check_model as check_tp_model
 from . import run_state
 from .metrics import MetricsLog, all_rank_memory, is_logged
 from .optimizer import make_optimizer, with_lora
