@@ -7,6 +7,7 @@ from .errors import (
     OptimizerSettingsError,
     StageInputError,
     StageSpecError,
+    TensorParallelError,
     TraceError,
     UnsupportedModelError,
     VerificationError,
@@ -16,7 +17,7 @@ from .pipeline import Pipeline, pipeline
 from .runtime.loss import CausalLMLoss, causal_lm_loss, count_target_tokens
 from .runtime.microbatch import split_microbatches
 from .runtime.optim import clip_grad_norm_, lr_scheduler
-from .runtime.parallel import local_batch, pp_dp_mesh
+from .runtime.parallel import local_batch, pp_dp_mesh, pp_dp_tp_mesh
 from .runtime.placement import stage_ids_of_rank as _stage_ids_of_rank
 from .runtime.schedule import PipelineSchedule, step_with_microbatches
 from .spec import StageRole
@@ -48,6 +49,7 @@ __all__ = [
     "StageModule",
     "StageRole",
     "StageSpecError",
+    "TensorParallelError",
     "TraceError",
     "UnsupportedModelError",
     "VerificationError",
@@ -58,6 +60,7 @@ __all__ = [
     "pipeline",
     "local_batch",
     "pp_dp_mesh",
+    "pp_dp_tp_mesh",
     "schedule",
     "split_microbatches",
     "stage_ids_of_rank",

@@ -99,3 +99,9 @@ class SaveIOError(FxppError):
 class PeerFailedError(FxppError):
     """Another rank failed while the ranks saved, loaded or chose a step; this rank stops as well,
     naming that rank and its error, instead of waiting for the process group's timeout."""
+
+
+class TensorParallelError(FxppError, ValueError):
+    """A model or stage cannot be split over tensor-parallel ranks as asked: no tensor-parallel plan,
+    parameters already sharded, or a tp size that does not divide the heads or another dimension the
+    plan shards."""

@@ -145,8 +145,11 @@ class Pipeline:
             data_parallel: ``"fsdp"`` (FSDP2 ``fully_shard`` on each decoder layer and
                 on the stage) or ``"replicate"`` (the same with FSDP2's ``replicate``:
                 DDP-style full copies). Only with ``dp_mesh``.
-            mesh: the ``("pp", "dp")`` device mesh (``fxpp.pp_dp_mesh``); the same as
-                ``dp_mesh=`` (its older spelling).
+            mesh: a device mesh with dimensions among ``("pp", "dp", "tp")`` in that
+                order (``fxpp.pp_dp_mesh``, ``fxpp.pp_dp_tp_mesh``); the same as
+                ``dp_mesh=`` (its older spelling). With ``"tp"`` (size > 1) the stage's
+                own copy is split by the model's tensor-parallel plan before FSDP2 over
+                dp (Note [tensor parallel stages] in ``fxpp.runtime.tensor_parallel``).
             mixed_precision: ``"bf16"``: fp32 master parameters and optimizer state,
                 bf16 compute and cut messages, fp32 gradient reduction (FSDP2's
                 ``MixedPrecisionPolicy``; Note [mixed precision] in
@@ -163,9 +166,13 @@ class Pipeline:
 
         Raises:
             StageSpecError: no process group, bad index, a meta model without a
-                checkpoint, CUDA with gloo, a mesh without dimensions ``"pp"`` and
-                ``"dp"``, a stage built again with other wrapping arguments.
-                CheckpointError: missing keys, wrong shapes.
+                checkpoint, CUDA with gloo, a mesh with dimensions other than
+                ``"pp"``, ``"dp"``, ``"tp"`` (in that order), a stage built again with
+                other wrapping arguments.
+            TensorParallelError: with a ``"tp"`` dimension, a model without a
+                tensor-parallel plan, with DTensor parameters, or a tp that does not
+                divide the heads (or another dimension) the plan shards.
+            CheckpointError: missing keys, wrong shapes.
         """
         return build_stage(self, index, device, group, style=style, checkpoint=checkpoint, microbatch=microbatch,
                            dp_mesh=dp_mesh, data_parallel=data_parallel,

@@ -284,9 +284,10 @@ def test_bad_mesh_is_refused_on_every_rank(runs):
     for rank, r in enumerate(runs):
         errors = r["errors"]
         assert "pp_dp_mesh(pp=3, dp=2): pp * dp = 6, but the world has 4 ranks" in errors["pp*dp != world"], rank
-        assert "dp_mesh has dimensions ('data', 'model'); fxpp needs a 2-D mesh with dimensions named ('pp', 'dp')" \
-            in errors["dims not pp/dp"], rank
-        assert "with a 1-D dp_mesh, pass the pipeline group too" in errors["1-D dp mesh, no group"], rank
+        assert "mesh has dimensions ('data', 'model'); fxpp needs a mesh with dimensions named among ('pp', 'dp', " \
+            "'tp'), in that order" in errors["dims not pp/dp"], rank
+        assert "a mesh without a 'pp' dimension (here ('dp',)) needs the pipeline group too" \
+            in errors["1-D dp mesh, no group"], rank
         assert "data_parallel='ddp' must be one of ('fsdp', 'replicate')" in errors["bad data_parallel"], rank
         assert "would wrap it twice" in errors["wrapped twice"], rank
         held = ["shape [128, 64], local [64, 64], sharded on dim 0 over 2 rank(s)",

@@ -7,7 +7,8 @@ The only room that imports ``torch.distributed.pipelining``.
 ``ties``: tied weights and their gradient exchange (Note [tied-weight sync]).
 ``schedule``: ``PipelineSchedule`` (``fxpp.schedule``), stepping on pre-split microbatches.
 ``microbatch``: splitting multimodal batches into microbatches.
-``parallel``: pipeline x data parallel on a ("pp", "dp") mesh (FSDP2 or replication).
+``parallel``: pipeline x data (x tensor) parallel meshes ("pp", "dp"[, "tp"]); FSDP2 or replication over dp.
+``tensor_parallel``: the model's own tensor-parallel plan applied to a stage on the "tp" mesh.
 ``loss``: losses that reproduce transformers' whole-batch loss.
 ``checkpoint``: per-stage safetensors checkpoints. ``torch_ir``: torch's own splitter.
 ``durable``: files written whole or not at all (temporary name, fsync, rename), their

@@ -109,10 +109,12 @@ def causal_lm_loss(labels: torch.Tensor, num_microbatches: int, *, scale_grads: 
     model's ``router_aux_loss_coef`` times the auxiliary loss the last stage returns
     (Note [auxiliary loss]).
 
-    With ``dp_mesh`` (the ``("pp", "dp")`` mesh of ``fxpp.runtime.parallel.pp_dp_mesh``
-    or its ``mesh["dp"]``), ``labels`` are this dp replica's part of the global batch;
-    the target tokens of the global batch are counted with one all-reduce over dp, so
-    every rank of the dp mesh must call this (Note [pipeline x data parallel]).
+    With ``dp_mesh`` (a mesh with a ``"dp"`` dimension: ``fxpp.pp_dp_mesh``,
+    ``fxpp.pp_dp_tp_mesh``, or its ``mesh["dp"]``), ``labels`` are this dp replica's part
+    of the global batch; the target tokens of the global batch are counted with one
+    all-reduce over dp, so every rank of the dp mesh must call this (Note [pipeline x
+    data parallel]). The tp ranks of a replica hold the same labels and each reduce over
+    their own dp group (Note [3-D mesh]).
     ``mesh`` is the same as ``dp_mesh`` (the spelling ``build_stage`` takes).
     """
     if mesh is not None:

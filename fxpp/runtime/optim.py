@@ -128,7 +128,13 @@ def clip_grad_norm_(stages, max_norm: float, norm_type: float = 2.0, *, foreach:
     counted, clipped = _counted_and_clipped(stages)  # one walk over the parameters
     total = _pipeline_norm(counted, stages, float(norm_type))
     if clipped and not math.isinf(max_norm):
-        torch.nn.utils.clip_grads_with_norm_(clipped, max_norm, total, foreach=foreach)
+        # One call per kind of gradient: torch's foreach kernels refuse a list that mixes
+        # plain tensors and DTensors (tensor parallelism keeps norms plain), or meshes.
+        by_mesh: dict = {}
+        for p in clipped:
+            by_mesh.setdefault(p.grad.device_mesh if isinstance(p.grad, DTensor) else None, []).append(p)
+        for group in by_mesh.values():
+            torch.nn.utils.clip_grads_with_norm_(group, max_norm, total, foreach=foreach)
     return total
 
 

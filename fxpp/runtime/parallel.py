@@ -1,11 +1,15 @@
-"""Pipeline x data parallel: fxpp stages replicated over the ``"dp"`` dimension of a 2-D device mesh.
+"""Pipeline x data (x tensor) parallel: fxpp stages on the ``"dp"`` and ``"tp"`` dimensions of a device mesh.
 
 Terms
 -----
 mesh
     A 2-D ``DeviceMesh`` with dimensions ``("pp", "dp")``, dp innermost (as torchtitan
     lays it out): global rank ``p * dp + d`` holds pipeline rank ``p`` of data-parallel
-    replica ``d``. :func:`pp_dp_mesh` builds it.
+    replica ``d``. :func:`pp_dp_mesh` builds it; :func:`pp_dp_tp_mesh` the 3-D one of
+    Note [3-D mesh].
+tp mesh
+    ``mesh["tp"]``: the ranks that hold the same stage of the same replica, each a shard
+    of it by the model's tensor-parallel plan (``fxpp.runtime.tensor_parallel``).
 pipeline group
     ``mesh["pp"].get_group()``: the ``pp`` ranks of one dp index. A schedule, its
     activation and gradient messages, the shape agreement of ``fxpp.schedule`` and the
@@ -49,6 +53,23 @@ Note [pipeline x data parallel]
     microbatch's loss by ``M * dp``, so gradients equal the unpatched model's on the
     global batch whatever the padding.
 
+Note [3-D mesh]
+    ``pp_dp_tp_mesh(pp, dp, tp)`` lays ranks out as ``(pp, dp, tp)``, tp innermost
+    (torchtitan's order: tp talks inside every layer, so its ranks are neighbours, on one
+    host where there are several): global rank ``(p * dp + d) * tp + t``. For a stage
+    built with it (:func:`resolve_meshes`):
+
+    * the pipeline group is ``mesh["pp"]``: the ranks of one (dp, tp) coordinate. Every
+      tp coordinate runs its own copy of the schedule, point to point, and the tie
+      exchange pairs the first and last stage of the same (dp, tp) coordinate, so shard
+      ``t`` of the embedding with shard ``t`` of the head;
+    * the tp mesh splits the stage's planned parameters (Note [tensor parallel stages]
+      in ``fxpp.runtime.tensor_parallel``); the ranks of one stage's tp mesh run the same
+      microbatches in the same order, so the collectives inside the layers match up;
+    * the dp mesh, when dp > 1, wraps the tp-sharded stage with FSDP2 (the parameters
+      the plan shards become 2-D DTensors over ``("dp", "tp")``); the loss's token count
+      is summed over dp only (the tp ranks of a replica hold the same labels).
+
 Note [mixed precision]
     ``mixed_precision="bf16"`` is FSDP2's ``MixedPrecisionPolicy(param_dtype=bf16,
     reduce_dtype=fp32)`` on every wrapped module of the stage (torchtitan's default): the
@@ -90,6 +111,8 @@ Note [activation checkpointing]
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 from torch.distributed._composable.replicate_with_fsdp import replicate
@@ -103,6 +126,35 @@ from .placement import default_device
 
 DATA_PARALLEL_MODES = ("fsdp", "replicate")
 MESH_DIMS = ("pp", "dp")
+MESH_DIMS_3D = ("pp", "dp", "tp")  # every dimension a stage's mesh may have, outermost first
+
+
+def _checked_world(fn: str, sizes: dict[str, int]) -> None:
+    """``fn``'s sizes are positive integers whose product is the world size (local: every rank raises)."""
+    if not dist.is_initialized():
+        raise StageSpecError(f"{fn} needs torch.distributed to be initialised (dist.init_process_group)")
+    for name, value in sizes.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise StageSpecError(f"{fn}: {name}={value!r} must be a positive integer")
+    world, product = dist.get_world_size(), 1
+    for value in sizes.values():
+        product *= value
+    if product != world:
+        args = ", ".join(f"{k}={v}" for k, v in sizes.items())
+        names = " * ".join(sizes)
+        raise StageSpecError(
+            f"{fn}({args}): {names} = {product}, but the world has {world} ranks; "
+            f"choose {', '.join(list(sizes)[:-1])} and {list(sizes)[-1]} whose product is the world size"
+        )
+
+
+def _mesh(sizes: dict[str, int], device_type: str | None) -> DeviceMesh:
+    device = default_device(dist.get_rank())
+    device_type = device_type or device.type
+    if device_type == "cuda" and device.type == "cuda":
+        # FSDP2 places a mesh's parameters on the *current* CUDA device: the rank's own.
+        torch.cuda.set_device(device)
+    return init_device_mesh(device_type, tuple(sizes.values()), mesh_dim_names=tuple(sizes))
 
 
 def pp_dp_mesh(pp: int, dp: int, device_type: str | None = None) -> "DeviceMesh":
@@ -122,78 +174,111 @@ def pp_dp_mesh(pp: int, dp: int, device_type: str | None = None) -> "DeviceMesh"
         StageSpecError: torch.distributed is not initialised, or ``pp * dp`` is not the
             world size. The check is local, so every rank raises it; nothing waits.
     """
-    if not dist.is_initialized():
-        raise StageSpecError("pp_dp_mesh needs torch.distributed to be initialised (dist.init_process_group)")
-    for name, value in (("pp", pp), ("dp", dp)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise StageSpecError(f"pp_dp_mesh: {name}={value!r} must be a positive integer")
-    world = dist.get_world_size()
-    if pp * dp != world:
-        raise StageSpecError(
-            f"pp_dp_mesh(pp={pp}, dp={dp}): pp * dp = {pp * dp}, but the world has {world} ranks; "
-            f"choose pp and dp whose product is the world size"
-        )
-    device = default_device(dist.get_rank())
-    device_type = device_type or device.type
-    if device_type == "cuda" and device.type == "cuda":
-        # FSDP2 places a mesh's parameters on the *current* CUDA device: the rank's own.
-        torch.cuda.set_device(device)
-    return init_device_mesh(device_type, (pp, dp), mesh_dim_names=MESH_DIMS)
+    _checked_world("pp_dp_mesh", {"pp": pp, "dp": dp})
+    return _mesh({"pp": pp, "dp": dp}, device_type)
 
 
-def resolve_meshes(dp_mesh, group):
-    """The dp mesh (1-D) and the pipeline group that ``build_stage(..., dp_mesh=, group=)`` mean.
+def pp_dp_tp_mesh(pp: int, dp: int, tp: int, device_type: str | None = None) -> "DeviceMesh":
+    """The 3-D ``("pp", "dp", "tp")`` device mesh over every rank, tp innermost (Note [3-D mesh]).
 
-    ``dp_mesh`` is the 2-D ``("pp", "dp")`` mesh of :func:`pp_dp_mesh` (its ``"pp"``
-    group is the pipeline group unless ``group`` is given) or its 1-D ``mesh["dp"]``
-    (then ``group`` must be given). Every check is local: a bad mesh raises on every
-    rank, before any communication.
+    Global rank ``(p * dp + d) * tp + t`` holds tensor-parallel shard ``t`` of pipeline
+    rank ``p`` of data-parallel replica ``d`` (torchtitan's order: the tp ranks, which talk
+    inside every layer, are neighbours, on one host where there are several).
+
+    Args:
+        pp: pipeline ranks. dp: data-parallel replicas of every stage. tp: the ranks
+            that share each stage's layers by the model's tensor-parallel plan
+            (``fxpp.runtime.tensor_parallel``).
+        device_type: ``"cuda"`` or ``"cpu"``; default: the device type of the default backend.
+
+    Returns:
+        ``DeviceMesh`` with dimensions ``("pp", "dp", "tp")``: ``mesh["pp"].get_group()``
+        is the pipeline group of this rank (the ranks of its dp and tp coordinates).
 
     Raises:
-        StageSpecError: a mesh without dimensions named ``"pp"`` and ``"dp"``, a 1-D dp
-            mesh without a pipeline group, or a pipeline group and dp mesh that do not
-            meet in exactly this rank.
+        StageSpecError: torch.distributed is not initialised, a size that is not a
+            positive integer, or ``pp * dp * tp`` is not the world size; checked on
+            every rank before any communication.
     """
-    if not isinstance(dp_mesh, DeviceMesh):
-        raise StageSpecError(f"dp_mesh={dp_mesh!r} is not a DeviceMesh; build one with "
-                             "fxpp.runtime.parallel.pp_dp_mesh(pp, dp)")
-    names = tuple(dp_mesh.mesh_dim_names or ())
-    if dp_mesh.ndim == 2:
-        if names != MESH_DIMS:
-            raise StageSpecError(
-                f"dp_mesh has dimensions {names or '(unnamed)'}; fxpp needs a 2-D mesh with dimensions named "
-                f"{MESH_DIMS} (dp innermost), e.g. fxpp.runtime.parallel.pp_dp_mesh(pp, dp)"
-            )
-        pp_group = dp_mesh["pp"].get_group()
+    _checked_world("pp_dp_tp_mesh", {"pp": pp, "dp": dp, "tp": tp})
+    return _mesh({"pp": pp, "dp": dp, "tp": tp}, device_type)
+
+
+@dataclass(frozen=True)
+class StageMeshes:
+    """What ``build_stage(..., mesh=)`` means for this rank (:func:`resolve_meshes`).
+
+    ``dp``: the 1-D mesh to reduce gradients over with FSDP2 (None: no data
+    parallelism); ``tp``: the 1-D mesh the model's tensor-parallel plan shards over
+    (None: tp 1); ``group``: the pipeline's process group.
+    """
+
+    dp: DeviceMesh | None
+    tp: DeviceMesh | None
+    group: object
+
+
+def _ranks(mesh_or_group) -> set[int]:
+    if isinstance(mesh_or_group, DeviceMesh):
+        return set(mesh_or_group.mesh.flatten().tolist())
+    return set(dist.get_process_group_ranks(mesh_or_group))
+
+
+def resolve_meshes(mesh, group) -> StageMeshes:
+    """The dp mesh, tp mesh and pipeline group that ``build_stage(..., mesh=, group=)`` mean.
+
+    ``mesh`` has dimensions among ``("pp", "dp", "tp")``, in that order
+    (:func:`pp_dp_mesh`, :func:`pp_dp_tp_mesh`, or a slice such as ``mesh["dp"]``). Its
+    ``"pp"`` group is the pipeline group unless ``group`` is given; a mesh without a
+    ``"pp"`` dimension needs ``group``. A ``"tp"`` dimension of size 1 is no tensor
+    parallelism; with a ``"tp"`` dimension, a ``"dp"`` dimension of size 1 is no data
+    parallelism (a 2-D ``("pp", "dp")`` mesh wraps with FSDP2 at any dp size, as it
+    always did). Every check is local: a bad mesh raises on every rank, before any
+    communication.
+
+    Raises:
+        StageSpecError: a mesh with other dimensions, or in another order, a mesh
+            without ``"pp"`` and no pipeline group, or a pipeline group that meets the
+            dp or tp mesh in more than this rank.
+    """
+    if not isinstance(mesh, DeviceMesh):
+        raise StageSpecError(f"mesh={mesh!r} is not a DeviceMesh; build one with fxpp.pp_dp_mesh(pp, dp) or "
+                             "fxpp.pp_dp_tp_mesh(pp, dp, tp)")
+    names = tuple(mesh.mesh_dim_names or ())
+    if not names or names != tuple(n for n in MESH_DIMS_3D if n in names):
+        raise StageSpecError(
+            f"mesh has dimensions {names or '(unnamed)'}; fxpp needs a mesh with dimensions named among "
+            f"{MESH_DIMS_3D}, in that order (tp innermost), e.g. fxpp.pp_dp_mesh(pp, dp) or "
+            "fxpp.pp_dp_tp_mesh(pp, dp, tp)"
+        )
+    if "pp" in names:
+        pp_group = mesh["pp"].get_group()
         if group is None:
             group = pp_group
-        elif sorted(dist.get_process_group_ranks(group)) != sorted(dist.get_process_group_ranks(pp_group)):
+        elif _ranks(group) != _ranks(pp_group):
             raise StageSpecError(
-                f"group has ranks {sorted(dist.get_process_group_ranks(group))}, but the mesh's 'pp' dimension "
-                f"gives this rank {sorted(dist.get_process_group_ranks(pp_group))}; pass group=mesh['pp'].get_group() "
-                "or leave it out"
+                f"group has ranks {sorted(_ranks(group))}, but the mesh's 'pp' dimension gives this rank "
+                f"{sorted(_ranks(pp_group))}; pass group=mesh['pp'].get_group() or leave it out"
             )
-        dp_mesh = dp_mesh["dp"]
-    elif dp_mesh.ndim == 1:
-        if names != ("dp",):
-            raise StageSpecError(
-                f"dp_mesh has dimension {names or '(unnamed)'}; fxpp needs mesh['dp'] of a 2-D mesh with dimensions "
-                f"named {MESH_DIMS} (fxpp.runtime.parallel.pp_dp_mesh), or that 2-D mesh itself"
-            )
-        if group is None:
-            raise StageSpecError("with a 1-D dp_mesh, pass the pipeline group too: group=mesh['pp'].get_group(); "
-                                 "or pass the 2-D mesh as dp_mesh")
-    else:
-        raise StageSpecError(f"dp_mesh has {dp_mesh.ndim} dimensions {names}; fxpp needs the 2-D {MESH_DIMS} mesh")
+    elif group is None:
+        raise StageSpecError(f"a mesh without a 'pp' dimension (here {names}) needs the pipeline group too: "
+                             "group=mesh['pp'].get_group(); or pass the whole mesh")
+    dp = mesh["dp"] if "dp" in names and mesh.ndim > 1 else (mesh if names == ("dp",) else None)
+    tp = mesh["tp"] if "tp" in names and mesh.ndim > 1 else (mesh if names == ("tp",) else None)
+    if tp is not None and tp.size() == 1:
+        tp = None
+    if "tp" in names and dp is not None and dp.size() == 1:
+        dp = None
     me = dist.get_rank()
-    pp_ranks = set(dist.get_process_group_ranks(group)) if group is not None else set(range(dist.get_world_size()))
-    dp_ranks = set(dp_mesh.mesh.flatten().tolist())
-    if pp_ranks & dp_ranks != {me}:
-        raise StageSpecError(
-            f"rank {me}: the pipeline group {sorted(pp_ranks)} and the dp mesh {sorted(dp_ranks)} must share exactly "
-            "this rank (each pipeline rank its own dp replica); build both from one pp_dp_mesh"
-        )
-    return dp_mesh, group
+    pp_ranks = _ranks(group) if group is not None else set(range(dist.get_world_size()))
+    for name, other in (("dp", dp), ("tp", tp)):
+        if other is not None and pp_ranks & _ranks(other) != {me}:
+            raise StageSpecError(
+                f"rank {me}: the pipeline group {sorted(pp_ranks)} and the {name} mesh {sorted(_ranks(other))} must "
+                f"share exactly this rank (each pipeline rank its own {name} coordinate); build both from one "
+                "fxpp.pp_dp_mesh or fxpp.pp_dp_tp_mesh"
+            )
+    return StageMeshes(dp, tp, group)
 
 
 def decoder_layer_modules(submodule: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
@@ -303,20 +388,34 @@ def check_parallel_args(dp_mesh, data_parallel: str, activation_checkpointing: b
         raise StageSpecError(f"activation_checkpointing={activation_checkpointing!r} must be True or False")
 
 
+def dp_dimension(mesh) -> "DeviceMesh | None":
+    """The 1-D ``"dp"`` mesh of a mesh with dimensions among ``("pp", "dp", "tp")`` (None: it has none).
+
+    A 1-D mesh without a name counts as a dp mesh (the spelling before meshes had names).
+    """
+    if mesh is None:
+        return None
+    names = tuple(mesh.mesh_dim_names or ())
+    if mesh.ndim == 1:
+        return mesh if names in ((), ("dp",)) else None
+    return mesh["dp"] if "dp" in names else None
+
+
 def dp_size(dp_mesh) -> int:
-    """The number of data-parallel replicas of a 1-D dp mesh or a 2-D ``("pp", "dp")`` mesh (1 for None)."""
-    if dp_mesh is None:
-        return 1
-    if dp_mesh.ndim == 2:
-        return dp_mesh["dp"].size()
-    return dp_mesh.size()
+    """The number of data-parallel replicas of a mesh (its ``"dp"`` dimension's size; 1 for None or no dp)."""
+    mesh = dp_dimension(dp_mesh)
+    return 1 if mesh is None else mesh.size()
 
 
 def global_target_tokens(count: int, dp_mesh) -> int:
-    """The sum over the dp mesh of each replica's target-token count (one all-reduce over dp)."""
-    if dp_mesh is None:
+    """The sum over the dp mesh of each replica's target-token count (one all-reduce over dp).
+
+    The tp ranks of one replica hold the same labels and count the same tokens; they
+    take part in the all-reduce of their own tp coordinate, not in each other's.
+    """
+    mesh = dp_dimension(dp_mesh)
+    if mesh is None:
         return count
-    mesh = dp_mesh["dp"] if dp_mesh.ndim == 2 else dp_mesh
     # The backend's device: NCCL reduces CUDA tensors only.
     device = torch.device("cuda", torch.cuda.current_device()) if mesh.device_type == "cuda" else torch.device("cpu")
     total = torch.tensor([count], dtype=torch.int64, device=device)
@@ -329,8 +428,11 @@ def local_batch(batch: dict, dp_mesh) -> dict:
 
     The same ``torch.tensor_split`` a schedule uses for microbatches, so replica ``d``'s
     microbatches are microbatches ``d * M ... (d + 1) * M - 1`` of the global batch split
-    into ``dp * M`` (when dp * M divides the batch).
+    into ``dp * M`` (when dp * M divides the batch). Every tp rank of a replica gets the
+    replica's whole part (tensor parallelism splits weights, not the batch).
     """
-    mesh = dp_mesh["dp"] if dp_mesh.ndim == 2 else dp_mesh
+    mesh = dp_dimension(dp_mesh)
+    if mesh is None:
+        return dict(batch)
     d, n = mesh.get_local_rank(), mesh.size()
     return {k: torch.tensor_split(v, n, dim=0)[d] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}

@@ -24,6 +24,8 @@ from .parallel import (check_parallel_args, mixed_precision_policy, parallelize_
 from .placement import check_placement
 from .protocols import SplitModel
 from .rank_state import rank_state
+from .tensor_parallel import (apply_tensor_parallel, check_crossings, check_stage_plan, check_tp_args, stage_plan,
+                              tp_plan_of)
 from .ties import LIVE_STAGES, UNSYNCHRONISED, guard_optimizers, tie_exchanges, tied_parameters
 
 
@@ -203,10 +205,11 @@ def _runtime_submodule(pipe: SplitModel, index: int, device: torch.device, *, ow
 
 def _wrapping_text(wrapping) -> str:
     if wrapping is None:
-        return "no data parallelism and no activation checkpointing"
-    dp, ac, policy = wrapping
+        return "no data parallelism, no tensor parallelism and no activation checkpointing"
+    dp, ac, policy, tp = wrapping
     where = "no data parallelism" if dp is None else f"data_parallel={dp[1]!r} over ranks {list(dp[0])}"
-    return f"{where}, activation_checkpointing={ac}, mixed precision {policy or 'none'}"
+    split = "no tensor parallelism" if tp is None else f"tensor parallel over ranks {list(tp)}"
+    return f"{where}, {split}, activation_checkpointing={ac}, mixed precision {policy or 'none'}"
 
 
 def _materialize(pipe: SplitModel, index: int, submodule, checkpoint: str | None) -> None:
@@ -304,10 +307,16 @@ def build_stage(pipe: SplitModel, index: int, device: torch.device | str, group=
             "for a single process, run the stages with pipe(**inputs)"
         )
     check_parallel_args(dp_mesh, data_parallel, activation_checkpointing)
-    mesh_arg = dp_mesh
+    mesh_arg, tp_mesh, tp_entries = dp_mesh, None, None
     if dp_mesh is not None:
-        dp_mesh, group = resolve_meshes(dp_mesh, group)
-    elif policy is not None:
+        meshes = resolve_meshes(dp_mesh, group)
+        dp_mesh, tp_mesh, group = meshes.dp, meshes.tp, meshes.group
+    if tp_mesh is not None:
+        check_tp_args(tp_mesh.size(), dp_mesh, data_parallel, policy)
+        tp_entries = stage_plan(tp_plan_of(pipe.model), pipe.stages[index])
+        check_stage_plan(index, pipe.model, pipe.stages[index], tp_entries, tp_mesh.size())
+        check_crossings(index, pipe.stages[index], tp_mesh.size())
+    if dp_mesh is None and policy is not None:
         dp_mesh = single_rank_mesh(device)  # FSDP2 carries the policy; over one rank it shards nothing
     if device.type == "cuda" and dist.get_backend(group) == "gloo":
         raise StageSpecError(f"device={device} with the gloo backend: use NCCL for CUDA stages")
@@ -315,14 +324,20 @@ def build_stage(pipe: SplitModel, index: int, device: torch.device | str, group=
     state = rank_state(pipe)
     submodule = state.submodules.get(key)
     wrapping = None
-    if dp_mesh is not None or activation_checkpointing:
+    if dp_mesh is not None or activation_checkpointing or tp_mesh is not None:
         wrapping = (None if dp_mesh is None else (tuple(dp_mesh.mesh.flatten().tolist()), data_parallel),
-                    activation_checkpointing, None if policy is None else str(policy))
+                    activation_checkpointing, None if policy is None else str(policy),
+                    None if tp_mesh is None else tuple(tp_mesh.mesh.flatten().tolist()))
     if submodule is None:
         # A meta stage sharded over dp is sharded on meta, then allocated: each rank
         # only ever holds its own shards, and the checkpoint fills them (load_stage).
-        keep_meta = dp_mesh is not None and checkpoint is not None
+        # Under tensor parallelism the stage is read whole first, then cut (slices are
+        # not read from the checkpoint yet; Note [tensor parallel stages]).
+        keep_meta = dp_mesh is not None and checkpoint is not None and tp_mesh is None
         submodule = _runtime_submodule(pipe, index, device, own=wrapping is not None, keep_meta=keep_meta)
+        if tp_mesh is not None:
+            _materialize(pipe, index, submodule, checkpoint)
+            apply_tensor_parallel(submodule, tp_entries, tp_mesh, pipe.model.config)
         if wrapping is not None:
             # Wrapped once, here, before any PipelineStage sees it; a rebuild for new
             # shapes finds it in the rank state and reuses it.
@@ -331,7 +346,8 @@ def build_stage(pipe: SplitModel, index: int, device: torch.device | str, group=
             object.__setattr__(submodule, "_fxpp_wrapping", wrapping)
         if keep_meta:
             _allocate(pipe.model, submodule, device)
-        _materialize(pipe, index, submodule, checkpoint)
+        if tp_mesh is None:
+            _materialize(pipe, index, submodule, checkpoint)
         state.submodules[key] = submodule
     else:
         done = getattr(submodule, "_fxpp_wrapping", None)
@@ -343,6 +359,9 @@ def build_stage(pipe: SplitModel, index: int, device: torch.device | str, group=
                 "the stage)"
             )
         if checkpoint is not None:
+            if tp_mesh is not None:
+                raise StageSpecError(f"stage {index} is split over tp ranks already; pass checkpoint= at its first "
+                                     "build_stage (a tensor-parallel stage's weights are read before they are cut)")
             _materialize(pipe, index, submodule, checkpoint)
     world = dist.get_world_size(group)
     registry = state.stages

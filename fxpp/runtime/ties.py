@@ -32,7 +32,12 @@ Note [tied-weight sync]
     Under data parallelism (Note [pipeline x data parallel] in ``fxpp.runtime.parallel``)
     the exchange runs after torch's step has reduced the gradients over dp, between the
     first and last stage of the same dp index (the pipeline group is one dp index's),
-    and exchanges the local shards of the ``DTensor`` gradients. The first exchange of
+    and exchanges the local shards of the ``DTensor`` gradients. Under tensor parallelism
+    (Note [tensor parallel stages] in ``fxpp.runtime.tensor_parallel``) the model's plan
+    shards the input embedding (``embedding_rowwise``) and the head (``colwise``) both
+    on the vocabulary dimension over tp, so the first stage's shard ``t`` and the last
+    stage's shard ``t`` are the same rows; the pipeline group is the ranks of one
+    (dp, tp) coordinate, so the exchange pairs exactly those, shard for shard. The first exchange of
     every tied pair, with or without data parallelism, first swaps a few integers that
     describe each holder's part (global and local shape, mesh size, placement), and both
     raise if they differ, so a shard is never added to another part of the weight.
@@ -99,8 +104,9 @@ class _TiedSync:
         """Under data parallelism both holders must hold the same part of the gradient (Note [pipeline x data parallel]).
 
         A sharded gradient is exchanged shard for shard: the holders of one dp index
-        must shard the same shape over the same dp size the same way. Checked once,
-        on both ranks (each raises), before any gradient is exchanged.
+        (and tp index: the pipeline group is one (dp, tp) coordinate's) must shard the
+        same shape over the same mesh sizes the same way. Checked once, on both ranks
+        (each raises), before any gradient is exchanged.
         """
         grad = self.param.grad
         described = describe_shard(grad, mine)
@@ -111,8 +117,8 @@ class _TiedSync:
             raise TiedWeightError(
                 f"stage {stage.stage_index}: the tied weight {self.name or 'parameter'} is held as "
                 f"{_shard_text(ours.tolist())} here but as {_shard_text(theirs.tolist())} on rank {self.peer}; the "
-                "first and last stage of one dp index must replicate it over the same dp size (build every stage "
-                "with the same data_parallel and a dp_mesh of one fxpp.runtime.parallel.pp_dp_mesh)"
+                "first and last stage of one (dp, tp) coordinate must hold the same part of it (build every stage "
+                "with the same data_parallel and one mesh: fxpp.pp_dp_mesh or fxpp.pp_dp_tp_mesh)"
             )
         self.checked = True
 
@@ -123,25 +129,42 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
 
 
 _PLACEMENT_CODES = {"Replicate": -1, "Partial": -2}
+_MAX_DIMS, _MAX_MESH = 4, 3  # a fixed-size description: both holders send and receive the same number of integers
+_PAD = -9
 
 
 def describe_shard(value: torch.Tensor, local: torch.Tensor) -> list[int]:
-    """``[ndim, *global shape, *local shape, mesh size, placement]`` with placement the shard dim or a code."""
+    """What part of a weight a rank holds, as ``_MAX_DIMS * 2 + _MAX_MESH * 2 + 1`` integers.
+
+    ``[ndim, *global shape, *local shape, *(mesh size, placement) per mesh dimension]``,
+    padded; a placement is the dimension it shards (FSDP2's strided shards included) or
+    a code for replicated and partial. A tensor-parallel weight under FSDP2 lies on a
+    2-D ``("dp", "tp")`` mesh: both dimensions are described, so the first and last
+    stage of one (dp, tp) coordinate compare the same shard.
+    """
     if isinstance(value, DTensor):
-        (placement,) = value.placements
-        code = getattr(placement, "dim", None)
-        code = _PLACEMENT_CODES.get(type(placement).__name__, -3) if code is None else code
-        size = value.device_mesh.size()
+        parts = []
+        for size, placement in zip(value.device_mesh.mesh.shape, value.placements):
+            code = getattr(placement, "dim", None)
+            parts += [int(size), _PLACEMENT_CODES.get(type(placement).__name__, -3) if code is None else code]
     else:
-        code, size = -1, 1
-    return [value.dim(), *value.shape, *local.shape, size, code]
+        parts = [1, -1]
+    shape = [*value.shape] + [_PAD] * (_MAX_DIMS - value.dim())
+    local_shape = [*local.shape] + [_PAD] * (_MAX_DIMS - local.dim())
+    return [value.dim(), *shape, *local_shape, *parts, *[_PAD] * (2 * _MAX_MESH - len(parts))]
 
 
 def _shard_text(described: list[int]) -> str:
     ndim = described[0]
-    shape, local, (size, code) = described[1:1 + ndim], described[1 + ndim:1 + 2 * ndim], described[1 + 2 * ndim:]
-    how = {-1: "replicated", -2: "partial"}.get(code, f"sharded on dim {code}")
-    return f"shape {shape}, local {local}, {how} over {size} rank(s)"
+    shape = described[1:1 + ndim]
+    local = described[1 + _MAX_DIMS:1 + _MAX_DIMS + ndim]
+    parts = described[1 + 2 * _MAX_DIMS:]
+    hows = []
+    for size, code in zip(parts[::2], parts[1::2]):
+        if size == _PAD:
+            break
+        hows.append(f"{ {-1: 'replicated', -2: 'partial'}.get(code, f'sharded on dim {code}')} over {size} rank(s)")
+    return f"shape {shape}, local {local}, {' and '.join(hows)}"
 
 
 class _LocalTie:

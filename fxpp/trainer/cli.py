@@ -13,6 +13,8 @@ from ..errors import FxppError, RunConfigError
 from ..pipeline import pipeline
 from ..runtime.optim import LR_SCHEDULES
 from ..runtime.placement import MULTI_STAGE, SCHEDULES, default_backend, default_device
+from ..runtime.tensor_parallel import check_model as check_tp_model
+from ..runtime.tensor_parallel import check_crossings, check_stage_plan, parameter_share, stage_plan, tp_plan_of
 from .export import export
 from .models import build_model
 from .step_files import latest_step
@@ -26,8 +28,12 @@ def _plan(args) -> int:
         "input_ids": torch.zeros(micro, args.seq_len, dtype=torch.long, device="meta"),
         "attention_mask": torch.ones(micro, args.seq_len, dtype=torch.long, device="meta"),
     }
+    if args.tp > 1:
+        check_tp_model(model, args.tp)  # the model's plan, before the pipeline: what tp cannot split
     pipe = pipeline(model, args.stages, example_inputs=example)
     print(pipe.plan())
+    if args.tp > 1:
+        print(_tp_shares(model, pipe, args.tp))
     costs = pipe.stage_costs()
     m = args.microbatches
     ranks = args.stages // (2 if args.schedule in MULTI_STAGE else 1)
@@ -38,8 +44,24 @@ def _plan(args) -> int:
     return 0
 
 
+def _tp_shares(model, pipe, tp: int) -> str:
+    """Each stage's parameters per tp rank under the model's tp plan (``fxpp plan --tp``)."""
+    plan = tp_plan_of(model)
+    rows = [f"tensor parallel: tp {tp}, the model's own tp plan ({len(plan)} rules); parameters per rank:",
+            f"{'stage':>5}  {'per tp rank':>12}  {'of the stage':>12}  {'share':>6}"]
+    for i, stage in enumerate(pipe.stages):
+        entries = stage_plan(plan, stage)
+        check_stage_plan(i, model, stage, entries, tp)
+        check_crossings(i, stage, tp)
+        per_rank, whole = parameter_share(stage, entries, tp)
+        rows.append(f"{i:>5}  {per_rank:>12,}  {whole:>12,}  {per_rank / whole:>6.1%}")
+    rows.append(f"(sharded: what the plan names, 1/{tp} each; norms and other unnamed parameters whole on every tp "
+                "rank; logits gathered whole on the last stage)")
+    return "\n".join(rows)
+
+
 def _run(args) -> int:
-    cfg = RunConfig(model=args.model, ranks=args.stages, dp=args.dp,
+    cfg = RunConfig(model=args.model, ranks=args.stages, dp=args.dp, tp=args.tp,
                     activation_checkpointing=args.activation_checkpointing, schedule=args.schedule, steps=args.steps,
                     batch=args.batch, seq_len=args.seq_len, microbatches=args.microbatches, lr=args.lr,
                     lr_schedule=args.lr_schedule, warmup_steps=args.warmup_steps, min_lr_ratio=args.min_lr_ratio,
@@ -57,7 +79,8 @@ def _run(args) -> int:
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # under torchrun
         world = int(os.environ["WORLD_SIZE"])
         if world != cfg.world:
-            raise RunConfigError(f"torchrun started {world} processes, but --stages {cfg.ranks} x --dp {cfg.dp} = "
+            tp = f" x --tp {cfg.tp}" if cfg.tp > 1 else ""
+            raise RunConfigError(f"torchrun started {world} processes, but --stages {cfg.ranks} x --dp {cfg.dp}{tp} = "
                                  f"{cfg.world}: start --nnodes x --nproc-per-node = {cfg.world} processes")
         device = default_device(int(os.environ.get("LOCAL_RANK", 0)))
         if device.type == "cuda":
@@ -114,7 +137,8 @@ def _run(args) -> int:
 
 def header(cfg: RunConfig) -> str:
     """The line ``fxpp run`` starts with: the job's shape, and where and when it saves."""
-    ranks = f"{cfg.ranks} pipeline ranks" + (f" x dp {cfg.dp}" if cfg.dp > 1 else "")
+    ranks = (f"{cfg.ranks} pipeline ranks" + (f" x dp {cfg.dp}" if cfg.dp > 1 else "")
+             + (f" x tp {cfg.tp}" if cfg.tp > 1 else ""))
     line = (f"fxpp run {cfg.model}: {ranks}, {cfg.num_stages} stages, {cfg.schedule}, {cfg.steps} steps of "
             f"batch {cfg.batch} x seq-len {cfg.seq_len}; ")
     if not cfg.save_dir:
@@ -146,6 +170,8 @@ def _parser() -> argparse.ArgumentParser:
         q.add_argument("--seq-len", type=int, default=32)
         q.add_argument("--batch", type=int, default=8)
         q.add_argument("--microbatches", type=int, default=4)
+        q.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks of every stage, split by the "
+                       "model's own tp plan; the job runs on stages' ranks x dp x tp processes")
 
     plan = sub.add_parser("plan", help="print the stage plan of a model (built on the meta device)")
     common(plan)

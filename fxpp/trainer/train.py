@@ -22,14 +22,15 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from ..errors import DataError, FxppError, NonFiniteError, RunConfigError, RunFailedError
+from ..errors import DataError, FxppError, NonFiniteError, RunConfigError, RunFailedError, TensorParallelError
 from ..pipeline import pipeline
 from ..runtime.checkpoint import check_checkpoint
 from ..runtime.loss import causal_lm_loss
-from ..runtime.parallel import local_batch, pp_dp_mesh
+from ..runtime.parallel import local_batch, pp_dp_mesh, pp_dp_tp_mesh
 from ..runtime.placement import MULTI_STAGE, default_device, stage_ids_of_rank
 from ..runtime.optim import LR_SCHEDULES, clip_grad_norm_
 from ..runtime.schedule import make_schedule
+from ..runtime.tensor_parallel import check_model as check_tp_model
 from . import corpus, run_state, step_files
 from .metrics import MetricsLog, all_rank_memory, is_logged
 from .optimizer import make_optimizer, with_lora
@@ -41,8 +42,9 @@ from .models import build_model, load_config
 @dataclass
 class RunConfig:
     model: str = "tiny-llama"
-    ranks: int = 2  # pipeline ranks; the world is ranks * dp
+    ranks: int = 2  # pipeline ranks; the world is ranks * dp * tp
     dp: int = 1
+    tp: int = 1  # tensor-parallel ranks of every stage (the model's own tp plan)
     activation_checkpointing: bool = False
     schedule: str = "1F1B"
     steps: int = 5
@@ -95,8 +97,8 @@ class RunConfig:
         Returns:
             the saved state a ``--resume`` continues from, else None.
         """
-        if self.ranks < 1 or self.dp < 1:
-            raise RunConfigError(f"--stages {self.ranks} and --dp {self.dp} must be positive")
+        if self.ranks < 1 or self.dp < 1 or self.tp < 1:
+            raise RunConfigError(f"--stages {self.ranks}, --dp {self.dp} and --tp {self.tp} must be positive")
         if self.batch % (self.dp * self.microbatches):
             raise RunConfigError(f"--batch {self.batch} must be a multiple of --dp {self.dp} x --microbatches "
                             f"{self.microbatches}: every dp replica runs --microbatches equal microbatches")
@@ -107,6 +109,8 @@ class RunConfig:
         if self.resume_step is not None and self.resume_step < 1:
             raise RunConfigError(f"--resume-step {self.resume_step}: a saved step is at least 1")
         self._validate_training()
+        if self.tp > 1:
+            self._validate_tp(meta_model)
         state = None
         if self.save_dir:
             # a folder that cannot be written, another run's saves, a save past --steps: before any rank starts
@@ -162,9 +166,21 @@ class RunConfig:
             raise RunConfigError("--text-field '': name the field of the records that holds the text")
         corpus.datasets_module()
 
+    def _validate_tp(self, meta_model: torch.nn.Module | None) -> None:
+        """``--tp``: what is not built with tensor parallelism yet, and the model's plan (before any rank starts)."""
+        for flag, used in (("--save-dir", self.save_dir), ("--lora-rank", self.lora_rank),
+                           ("--mixed-precision bf16", self.mixed_precision == "bf16"),
+                           ("--param-dtype bf16", self.param_dtype == "bf16")):
+            if used:
+                raise RunConfigError(f"--tp {self.tp} with {flag} is not built yet (docs/runtime.md, section 3-D)")
+        try:
+            check_tp_model(meta_model or build_model(self.model, device="meta"), self.tp)
+        except TensorParallelError as e:
+            raise RunConfigError(f"--tp {self.tp}: {e}") from e
+
     @property
     def world(self) -> int:
-        return self.ranks * self.dp
+        return self.ranks * self.dp * self.tp
 
     @property
     def metrics_path(self) -> str | None:
@@ -174,6 +190,8 @@ class RunConfig:
 
     def compute_dtype(self, device: torch.device) -> str:
         """``--mixed-precision``, or its default: bf16 on CUDA, fp32 on CPU."""
+        if self.tp > 1:  # mixed precision under tensor parallelism is not built yet
+            return self.mixed_precision or "fp32"
         return self.mixed_precision or ("bf16" if device.type == "cuda" else "fp32")
 
     def checks(self) -> bool:
@@ -297,9 +315,13 @@ def run_rank(rank: int, world: int, cfg: RunConfig) -> dict:
     on_meta = from_directory and not cfg.lora_rank
     meta = build_model(cfg.model, device="meta", dtype=dtype) if from_directory else None
     state = cfg.validate(meta_model=meta)  # and the checkpoint's keys, on the model this rank builds from
-    mesh = pp_dp_mesh(cfg.ranks, cfg.dp) if cfg.dp > 1 else None
+    if cfg.tp > 1:
+        mesh = pp_dp_tp_mesh(cfg.ranks, cfg.dp, cfg.tp)
+    else:
+        mesh = pp_dp_mesh(cfg.ranks, cfg.dp) if cfg.dp > 1 else None
     pp_rank = mesh.get_local_rank("pp") if mesh is not None else rank
     dp_rank = mesh.get_local_rank("dp") if mesh is not None else 0
+    tp_rank = mesh.get_local_rank("tp") if cfg.tp > 1 else 0
     style = MULTI_STAGE.get(cfg.schedule, "loop")
     ids = stage_ids_of_rank(pp_rank, cfg.num_stages, cfg.ranks, style)
     prints = step_files.fingerprints(cfg) if cfg.save_dir and rank == 0 else None  # saved with every step
@@ -336,7 +358,7 @@ def run_rank(rank: int, world: int, cfg: RunConfig) -> dict:
         run_state.load(cfg, state, stages, opt, pp_rank=pp_rank, dp_rank=dp_rank, device=device)
         lr_sched.load_state_dict(state["lr_scheduler"])
     holds_last = any(st.is_last for st in stages)
-    writes = holds_last and dp_rank == 0
+    writes = holds_last and dp_rank == 0 and tp_rank == 0  # the tp ranks of a last stage hold the same loss
     metrics = MetricsLog(cfg.metrics_path if writes else None)
     val = validation_batches(cfg) if cfg.val_data else []
     step_loss, shares, norms, times, memory, val_losses = _StepLoss(), [], [], [], [], []
@@ -344,7 +366,8 @@ def run_rank(rank: int, world: int, cfg: RunConfig) -> dict:
     bar = None
     if writes and cfg.progress:
         bar = tqdm(total=cfg.steps, initial=start, desc=f"{os.path.basename(cfg.model.rstrip('/'))} {cfg.schedule} "
-                   f"x{cfg.num_stages}" + (f" dp{cfg.dp}" if cfg.dp > 1 else ""), unit="step")
+                   f"x{cfg.num_stages}" + (f" dp{cfg.dp}" if cfg.dp > 1 else "") + (f" tp{cfg.tp}" if cfg.tp > 1 else ""),
+                   unit="step")
     t_log, tokens_since = time.perf_counter(), 0
     for step, batch, position in batches:
         batch, labels = split_labels({k: v.to(device) for k, v in local(batch).items()})
@@ -396,7 +419,7 @@ def run_rank(rank: int, world: int, cfg: RunConfig) -> dict:
     if bar is not None:
         bar.close()
     losses_per_step = _global_losses(shares, mesh) if holds_last else []
-    result = {"rank": rank, "stages": ids, "dp_rank": dp_rank, "step_s": times, "first_step": start,
+    result = {"rank": rank, "stages": ids, "dp_rank": dp_rank, "tp_rank": tp_rank, "step_s": times, "first_step": start,
               "memory": memory, "device": str(device)}
     if writes:
         result["losses"] = losses_per_step

@@ -1,0 +1,367 @@
+"""Tensor parallelism inside pipeline stages: the model's own tensor-parallel plan on the ``"tp"`` mesh.
+
+Terms
+-----
+tp plan
+    transformers' map from module names with ``*`` for layer numbers
+    (``model.layers.*.self_attn.q_proj``) to style names (``"colwise"``, ``"rowwise"``,
+    ``"embedding_rowwise"``, ``"colwise_gather_output"``, ...): the model's ``tp_plan``,
+    which transformers assembles when it builds the model from the class's ``_tp_plan``
+    (``lm_head``), the config's ``base_model_tp_plan`` (the decoder layers' linears) and
+    the input embedding (``embedding_rowwise``).
+style
+    A ``transformers.distributed.tensor_parallel.TensorParallelLayer`` of
+    ``ALL_PARALLEL_STYLES``: ``shard_param`` turns one parameter into a ``DTensor`` on the
+    tp mesh, ``install_forward`` replaces the module's ``forward`` (an instance attribute)
+    by one that lays out its input and output (a replicated input DTensor for a colwise
+    linear, a sharded one for a rowwise linear, the ``Partial`` sum of a rowwise output
+    reduced to a replicated one).
+stage plan
+    The tp plan expanded over one stage's own modules (:func:`stage_plan`): each module of
+    the stage the plan names, its parameters' styles and its own style, in module order.
+
+Note [tensor parallel stages]
+    ``build_stage(i, device, mesh=fxpp.pp_dp_tp_mesh(pp, dp, tp))`` applies the model's
+    own plan to this rank's copy of the stage's modules (never the user's model), after
+    they hold their weights (copied, or read from ``checkpoint=``), before FSDP2 over dp
+    (Note [pipeline x data parallel] in ``fxpp.runtime.parallel``):
+
+    * each named parameter keeps the rows (colwise, embedding_rowwise) or columns
+      (rowwise) of tp coordinate ``t``: a ``DTensor`` with ``Shard`` on the tp mesh, cut
+      locally from the rank's whole weight (``distribute_tensor(src_data_rank=None)``:
+      no communication; every rank holds the same weights, as for data parallelism);
+    * each named module's ``forward`` becomes the style's: transformers' own classes, no
+      per-family plans in fxpp. Attention modules compute their shapes as
+      ``view(*input_shape, -1, head_dim)``, so with ``q_proj``/``k_proj``/``v_proj``
+      colwise they run on their local heads (``num_attention_heads / tp`` query heads,
+      ``num_key_value_heads / tp`` key/value heads: the grouping ratio is unchanged),
+      and ``o_proj`` rowwise sums the heads' partial outputs over tp;
+    * what the stage graph passes between leaf modules, and what crosses every cut,
+      stays whole: embeddings sum their vocabulary shards, rowwise outputs are
+      all-reduced, and the head's ``colwise_gather_output`` gathers the logits over the
+      vocabulary (loss-parallel is not built). The stage's static shapes and the
+      sender's shape check (``check_sent_shapes``) are unchanged.
+    * parameters the plan does not name (norms, rotary buffers) stay whole and plain on
+      every tp rank; their gradients are the same on every tp rank, since what reaches
+      them (the residual stream and its gradient) is replicated.
+
+    One style is replaced: ``"replicated_with_grad_allreduce"`` (Qwen3's per-head
+    ``q_norm`` / ``k_norm``, which see only their rank's heads) all-reduces ``param.grad``
+    in a post-accumulate-grad hook, which sums again what earlier microbatches already
+    summed: with microbatches (a pipeline has several per step) the gradient of
+    microbatch 1 is counted ``tp`` times by microbatch 2's all-reduce.
+    :class:`SummedGradReplicated` sums each use's gradient contribution over tp in the
+    backward instead (identity forward), before it is accumulated: exact for any number
+    of microbatches, under FSDP2's deferred reduction and zero-bubble schedules alike.
+
+    Refused at build, on every rank, before any communication (``TensorParallelError``):
+    a model without a plan, a model with an expert-parallel plan (MoE experts are not
+    split over tp yet), parameters that are already ``DTensor``s, a style fxpp has not
+    checked, a stage the plan names nothing of, tp not dividing the heads of a sharded
+    attention projection (naming the projection, ``num_attention_heads`` or
+    ``num_key_value_heads``, and tp) or any other dimension the plan shards, a cut that
+    a layer's shared key/value states cross (:func:`check_crossings`).
+
+Note [gradient placement]
+    DTensor's sharding rules may return a gradient laid out otherwise than its parameter:
+    the vocabulary-sharded embedding (``embedding_rowwise``: ids and the output's
+    gradient replicated) gets its weight's gradient as a whole, ``Replicate`` tensor,
+    computed locally without communication. The tied head's gradient is sharded like
+    its weight, and the tied-weight exchange sends local shards, so each sharded
+    parameter gets a post-accumulate-grad hook that lays its gradient out as the
+    parameter (``Replicate`` to ``Shard`` is this rank's slice: no communication, the
+    same values). Under FSDP2 the hook is gone with the parameter FSDP2 replaces, and
+    FSDP2 does the same itself before it reduces over dp
+    (``FSDPParam._get_grad_inner_tensor``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+from transformers.distributed.parallel_utils import ALL_PARALLEL_STYLES, replace_layer_number_by_wildcard
+from transformers.distributed.tensor_parallel import (ColwiseParallel, EmbeddingParallel, RowwiseParallel,
+                                                      TensorParallelLayer)
+
+from ..errors import TensorParallelError
+
+# The styles fxpp applies (transformers' own instances) and what each shards; anything else is refused by name.
+CHECKED_STYLES = ("colwise", "colwise_rep", "colwise_gather_output", "rowwise", "rowwise_rep", "rowwise_split_input",
+                  "embedding_rowwise", "embedding_colwise", "replicated_with_grad_allreduce")
+# Attribute names of a text config's head counts, to name the one a projection's heads are.
+HEAD_COUNTS = ("num_attention_heads", "num_key_value_heads")
+
+
+class _SumGradOverTP(torch.autograd.Function):
+    """Identity forward; the backward sums the gradient over the tp group (one all-reduce per use)."""
+
+    @staticmethod
+    def forward(ctx, tensor, group):
+        ctx.group = group
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class SummedGradReplicated(TensorParallelLayer):
+    """Whole parameters on every tp rank whose use sees only the rank's part (Note [tensor parallel stages]).
+
+    The module's forward reads each parameter through :class:`_SumGradOverTP`: the
+    parameter gets, per use (per microbatch), the sum of that use's gradient over tp.
+    """
+
+    def install_forward(self, module, mesh, *, config=None, mesh_manager=None):
+        original, group = module.forward, mesh.get_group()
+
+        def forward(*args, **kwargs):
+            if not torch.is_grad_enabled():
+                return original(*args, **kwargs)
+            # The parameters registered now (FSDP2's unsharded ones under data parallelism).
+            saved = {n: p for n, p in module._parameters.items() if p is not None and p.requires_grad}
+            try:
+                for name, p in saved.items():
+                    module._parameters[name] = _SumGradOverTP.apply(p, group)
+                return original(*args, **kwargs)
+            finally:
+                module._parameters.update(saved)
+
+        module.forward = forward
+        return module
+
+
+_REPLACED = {"replicated_with_grad_allreduce": SummedGradReplicated()}
+
+
+def style(name: str) -> TensorParallelLayer:
+    """The style object fxpp applies for a plan's style name."""
+    return _REPLACED.get(name) or ALL_PARALLEL_STYLES[name]
+
+
+def tp_plan_of(model: torch.nn.Module) -> dict[str, str]:
+    """The model's tensor-parallel plan (``model.tp_plan``), refused where fxpp cannot apply it.
+
+    Raises:
+        TensorParallelError: no plan, an expert-parallel plan, or parameters that are
+            already ``DTensor``s.
+    """
+    name = type(model).__name__
+    plan = dict(getattr(model, "tp_plan", None) or {})
+    if not plan:
+        raise TensorParallelError(
+            f"fxpp.runtime.tensor_parallel: {name} has no tensor-parallel plan (its tp_plan is empty: neither "
+            f"{name}._tp_plan nor its config's base_model_tp_plan names a module), so tp > 1 cannot split it. "
+            "Build the stages with tp 1, or set model.tp_plan = {...} (transformers' style names) first")
+    # An expert-parallel plan counts where an expert style names a module or parameter the
+    # model has (Gemma 4's config carries one for its MoE variant, with tp styles for the
+    # dense MLP beside it; its dense models have no experts).
+    names = {replace_layer_number_by_wildcard(n) for n, _ in (*model.named_modules(), *model.named_parameters())}
+    experts = {k: v for k, v in (getattr(model, "ep_plan", None) or {}).items()
+               if k in names and v not in CHECKED_STYLES}
+    if experts:
+        raise TensorParallelError(
+            f"fxpp.runtime.tensor_parallel: {name} has an expert-parallel plan ({len(experts)} rule(s), e.g. "
+            f"{sorted(experts)[0]!r}: {experts[sorted(experts)[0]]!r}); splitting MoE experts over tp is not built "
+            "yet. Build its stages with tp 1")
+    for pname, p in model.named_parameters():
+        if isinstance(p, DTensor):
+            raise TensorParallelError(
+                f"fxpp.runtime.tensor_parallel: {name} is already parallelized ({pname} is a DTensor on mesh "
+                f"{p.device_mesh.mesh_dim_names}); pass the model with whole parameters (as built or loaded "
+                "without tp_plan / distributed_config): fxpp shards each stage's own copy")
+    return plan
+
+
+def stage_plan(plan: dict[str, str], submodule: torch.nn.Module) -> list[tuple[str, dict[str, str], str | None]]:
+    """The plan over a stage's modules: ``[(module name, {param: style}, module style or None)]``, in module order.
+
+    The matching is transformers' (``replace_layer_number_by_wildcard``): a parameter
+    takes its own rule or its module's; a module its own rule.
+    """
+    out = []
+    for module_name, module in submodule.named_modules():
+        own = plan.get(replace_layer_number_by_wildcard(module_name)) if module_name else None
+        params = {}
+        for pname, _ in module.named_parameters(recurse=False):
+            full = f"{module_name}.{pname}" if module_name else pname
+            found = plan.get(replace_layer_number_by_wildcard(full)) or own
+            if found is not None:
+                params[pname] = found
+        if own is not None or params:
+            out.append((module_name, params, own))
+    return out
+
+
+def _sharded_dim(layer: TensorParallelLayer, param: torch.Tensor, pname: str) -> int | None:
+    """The dimension of ``param`` that ``layer.shard_param`` splits over tp, or None (replicated)."""
+    if isinstance(layer, ColwiseParallel):
+        return 0  # Shard(ndim - 2): the output features of a weight, the only dim of a bias
+    if isinstance(layer, RowwiseParallel):
+        return None if pname == "bias" else param.ndim - 1
+    if isinstance(layer, EmbeddingParallel):
+        return layer.shard_dim
+    return None
+
+
+def check_stage_plan(index: int | None, model: torch.nn.Module, submodule: torch.nn.Module,
+                     entries: list[tuple[str, dict[str, str], str | None]], tp: int) -> None:
+    """Refuse a stage plan that would not split the stage exactly over ``tp`` ranks (local: every rank raises).
+
+    ``index`` None: ``submodule`` is the whole model (``fxpp run`` checks it before any rank starts).
+
+    Raises:
+        TensorParallelError: a style fxpp has not checked, a stage the plan names nothing
+            of, tp not dividing the heads of a sharded attention projection or another
+            sharded dimension.
+    """
+    where = "fxpp.runtime.tensor_parallel: " + (f"stage {index}" if index is not None else type(model).__name__)
+    if not entries:
+        raise TensorParallelError(
+            f"{where}: the tp plan of {type(model).__name__} names none of its modules (plan keys e.g. "
+            f"{sorted(model.tp_plan)[:3]}), so tp={tp} would only replicate it; build the stages with tp 1")
+    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    # Styles and heads first (the likelier mistake, and the one to name), then every other sharded dimension.
+    for module_name, params, own in entries:
+        for name in sorted({*params.values(), *([own] if own else [])}):
+            if name not in CHECKED_STYLES:
+                raise TensorParallelError(
+                    f"{where}: {module_name} has the tp style {name!r}, which fxpp does not apply yet (it applies "
+                    f"{', '.join(CHECKED_STYLES)}); build the stages with tp 1")
+        heads = _sharded_heads(submodule, module_name, own)
+        if heads is not None and heads[0] % tp:
+            counts = [f"{c}={getattr(text, c)}" for c in HEAD_COUNTS if getattr(text, c, None) == heads[0]]
+            raise TensorParallelError(
+                f"{where}: tp={tp} does not divide the {heads[0]} heads of {module_name} "
+                f"({counts[0] if counts else f'{heads[1]} features of head_dim {heads[2]}'}); each tp rank must "
+                f"hold whole heads: choose a tp that divides {heads[0]}")
+    for module_name, params, _ in entries:
+        module = submodule.get_submodule(module_name)
+        for pname, pstyle in params.items():
+            p = module.get_parameter(pname)
+            dim = _sharded_dim(style(pstyle), p, pname)
+            if dim is not None and p.shape[dim] % tp:
+                raise TensorParallelError(
+                    f"{where}: tp={tp} does not divide dimension {dim} of {module_name}.{pname} ({p.shape[dim]}, "
+                    f"shape {list(p.shape)}), which the tp plan shards ({pstyle!r}); choose a tp that divides "
+                    f"{p.shape[dim]}")
+
+
+def _sharded_heads(submodule: torch.nn.Module, module_name: str, own: str | None) -> tuple[int, int, int] | None:
+    """``(heads, out_features, head_dim)`` of an attention projection whose output the plan shards, else None.
+
+    An attention module carries ``head_dim``; a colwise child with a sharded output
+    (not ``colwise_gather_output``) hands each tp rank ``out_features / tp`` features,
+    which must be whole heads.
+    """
+    if own is None or "." not in module_name:
+        return None
+    layer, module = style(own), submodule.get_submodule(module_name)
+    head_dim = getattr(submodule.get_submodule(module_name.rpartition(".")[0]), "head_dim", None)
+    layout = getattr(layer, "output_layouts", None)
+    if not (isinstance(layer, ColwiseParallel) and isinstance(head_dim, int) and hasattr(module, "out_features")
+            and layout is not None and layout.is_shard()):
+        return None
+    return module.out_features // head_dim, module.out_features, head_dim
+
+
+def check_crossings(index: int, stage, tp: int) -> None:
+    """Refuse a stage whose cuts carry a layer's shared state (local: every rank raises).
+
+    Under tensor parallelism what a layer hands a later layer besides the hidden states
+    (Gemma 4's shared key/value states) holds only the rank's heads; across a cut it
+    would not fit its slot, traced whole. Hidden states, inputs and per-layer inputs
+    stay whole.
+
+    Raises:
+        TensorParallelError: naming the value and the cut.
+    """
+    for layout in (stage.in_layout, stage.out_layout):
+        for identity in () if layout is None else layout.identities:
+            if identity.startswith("shared state"):
+                raise TensorParallelError(
+                    f"fxpp.runtime.tensor_parallel: stage {index}: {identity} crosses cut {layout.cut}; with tp={tp} "
+                    "a layer's shared key/value states hold only the rank's heads, and sending them across a cut is "
+                    "not built yet: cut where no shared state crosses (fxpp.pipeline(..., cuts=[...])) or build with "
+                    "tp 1")
+
+
+def check_model(model: torch.nn.Module, tp: int) -> list[tuple[str, dict[str, str], str | None]]:
+    """The whole model's plan, checked for ``tp`` ranks as each stage's will be (before any rank starts).
+
+    Raises:
+        TensorParallelError: as :func:`tp_plan_of` and :func:`check_stage_plan`.
+    """
+    entries = stage_plan(tp_plan_of(model), model)
+    check_stage_plan(None, model, model, entries, tp)
+    return entries
+
+
+def parameter_share(submodule: torch.nn.Module, entries: list[tuple[str, dict[str, str], str | None]],
+                    tp: int) -> tuple[int, int]:
+    """``(parameters one tp rank holds, parameters of the stage)``: sharded ones count ``1 / tp`` each."""
+    sharded = {}
+    for module_name, params, _ in entries:
+        module = submodule.get_submodule(module_name)
+        for pname, pstyle in params.items():
+            p = module.get_parameter(pname)
+            if _sharded_dim(style(pstyle), p, pname) is not None:
+                sharded[id(p)] = p.numel()
+    whole = {id(p): p.numel() for p in submodule.parameters()}
+    return sum(n // tp if i in sharded else n for i, n in whole.items()), sum(whole.values())
+
+
+def apply_tensor_parallel(submodule: torch.nn.Module, entries: list[tuple[str, dict[str, str], str | None]],
+                          tp_mesh, config) -> None:
+    """Shard the stage's planned parameters over ``tp_mesh`` and install the styles' forwards (in place).
+
+    ``submodule`` is this rank's own copy of the stage, holding whole weights.
+    Parameters first, then the module's forward, as transformers' ``apply_tensor_parallelism``.
+    Each local shard is copied out of the whole weight, so the whole weight is freed.
+    """
+    for module_name, params, own in entries:
+        module = submodule.get_submodule(module_name)
+        for pname, pstyle in params.items():
+            style(pstyle).shard_param(module, pname, tp_mesh, config=config)
+            p = module._parameters[pname]
+            if isinstance(p, DTensor):
+                p = module._parameters[pname] = torch.nn.Parameter(_own_storage(p), requires_grad=p.requires_grad)
+                if p.requires_grad:
+                    p.register_post_accumulate_grad_hook(_grad_as_param)
+        if own is not None:
+            style(own).install_forward(module, tp_mesh, config=config)
+
+
+def _grad_as_param(p: torch.nn.Parameter) -> None:
+    """Keep ``p.grad`` laid out as ``p`` (Note [gradient placement]); a local slice, no communication."""
+    grad = p.grad
+    if isinstance(grad, DTensor) and grad.placements != p.placements:
+        p.grad = grad.redistribute(placements=p.placements)
+
+
+def _own_storage(p: DTensor) -> DTensor:
+    """``p`` with a local shard that owns its memory (a slice would keep the whole weight alive)."""
+    local = p.to_local()
+    if local.untyped_storage().nbytes() == local.numel() * local.element_size():
+        return p.detach()
+    return DTensor.from_local(local.detach().clone(), p.device_mesh, p.placements, run_check=False,
+                              shape=p.shape, stride=p.stride())
+
+
+def check_tp_args(tp: int, dp_mesh, data_parallel: str, policy) -> None:
+    """Refuse what is not built with tensor parallelism yet (local: every rank raises).
+
+    Raises:
+        TensorParallelError: ``data_parallel="replicate"`` over dp > 1, or mixed precision.
+    """
+    if dp_mesh is not None and data_parallel != "fsdp":
+        raise TensorParallelError(
+            f"fxpp.runtime.tensor_parallel: data_parallel={data_parallel!r} with tp={tp} over dp={dp_mesh.size()} is "
+            "not built yet; use data_parallel='fsdp' (FSDP2 over dp on the tp-sharded parameters)")
+    if policy is not None:
+        raise TensorParallelError(
+            f"fxpp.runtime.tensor_parallel: mixed precision ({policy}) with tp={tp} is not built yet; build the "
+            "stages in fp32 (mixed_precision=None)")
