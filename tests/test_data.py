@@ -209,6 +209,7 @@ def _rank_prepares(rank, world, workdir, cfg_dict, bad):
     return refused, len(corpus.open_documents(cfg.data, cfg.model))
 
 
+@pytest.mark.heavy  # a torchrun launch of 2 processes: the README's second test command
 @pytest.mark.timeout(120)
 def test_under_torchrun_rank_0_tokenizes_and_the_others_wait(words_dir):
     """No launcher (torchrun): data_ready builds on rank 0 only; its refusal stops every rank."""
@@ -234,6 +235,7 @@ def test_no_datasets_is_one_line_naming_the_extra(words_dir, monkeypatch):
         RunConfig(model=str(words_dir / "tok"), data=[path])._validate_data()
 
 
+@pytest.mark.heavy  # a full fxpp run in a subprocess: the README's second test command
 def test_a_plain_run_does_not_import_datasets():
     code = ("import sys\nfrom fxpp.trainer.cli import main\n"
             "assert main(['run', 'tiny-llama', '--stages', '2', '--steps', '1', '--batch', '2', '--microbatches', '2',"
@@ -245,6 +247,7 @@ def test_a_plain_run_does_not_import_datasets():
     assert done.returncode == 0, done.stderr[-3000:]
 
 
+@pytest.mark.heavy  # three full fxpp runs: the README's second test command
 @pytest.mark.timeout(300)
 def test_resume_with_shuffle_is_bit_for_bit(tmp_path, monkeypatch, capsys):
     """2 steps, resumed to 4 == 4 steps straight: the same losses and tensors (2 gloo ranks, shuffled documents).

@@ -232,6 +232,7 @@ def _fail_on_rank1(rank, world, workdir, phase, settings):
         run_state.load(cfg, state, [stage], opt, pp_rank=rank, dp_rank=0, device=torch.device("cpu"))
 
 
+@pytest.mark.heavy  # two 2-rank spawns: the README's second test command
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("phase", ["save", "load"])
 def test_one_rank_failing_to_save_or_load_ends_both_with_its_message(tmp_path, phase):

@@ -33,6 +33,7 @@ def _run(command: str, cwd: Path) -> str:
     return done.stdout
 
 
+@pytest.mark.heavy  # several full fxpp runs (pp2 x dp2, resume, export): the README's second test command
 @pytest.mark.timeout(900)
 def test_the_walkthrough_runs_and_resumes_bit_for_bit(tmp_path):
     """pp 2 x dp 2 (FSDP2) on a tied checkpoint directory and packed text, as docs/runtime.md says."""
