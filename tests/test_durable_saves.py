@@ -363,3 +363,27 @@ def test_fxpp_run_resumes_from_the_step_before_a_damaged_one_and_exports(tmp_pat
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "out").state_dict()
     trained = save_reader.whole_tensors(str(save / "step-000003"))
     assert all(torch.equal(exported[k], v) for k, v in trained.items())
+
+
+def test_a_save_refuses_non_finite_tensors_and_writes_nothing(tmp_path):
+    """Issue 21, item 2: NaN or infinity never reaches a file a run would resume or export from."""
+    from fxpp.errors import NonFiniteError
+    from fxpp.runtime.checkpoint import save_optimizer, save_stage
+
+    module = torch.nn.Linear(3, 2)
+    with torch.no_grad():
+        module.bias[1] = float("nan")
+    path = tmp_path / "stage-0.dp-0.safetensors"
+    with pytest.raises(NonFiniteError, match=r"stage-0.dp-0.safetensors: bias holds a non-finite value"):
+        save_stage(module, str(path))
+    assert not os.listdir(tmp_path)  # not even a temporary file
+    with torch.no_grad():
+        module.bias[1] = 0.0
+    save_stage(module, str(path))  # finite again: saved
+    opt = torch.optim.Adam(module.parameters())
+    module(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    opt.state[module.weight]["exp_avg"][0, 0] = float("inf")
+    with pytest.raises(NonFiniteError, match=r"optimizer.pp-0.dp-0.safetensors: state.weight.exp_avg holds a non-finite"):
+        save_optimizer(opt, module, str(tmp_path / "optimizer.pp-0.dp-0.safetensors"))
+    assert sorted(os.listdir(tmp_path)) == ["stage-0.dp-0.safetensors"]

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, NonFiniteError
 from .durable import durable_write
 
 
@@ -462,10 +462,29 @@ def save_stage(stage: torch.nn.Module, path: str) -> dict:
         SaveIOError: the file cannot be written, naming it.
     """
     tensors, shards = local_tensors(stage)
+    refuse_non_finite(tensors, path)
     metadata = {"format": "pt"}
     if shards:
         metadata[SHARDS_KEY] = json.dumps(shards)
     return durable_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def refuse_non_finite(tensors: dict[str, torch.Tensor], path: str) -> None:
+    """A save never holds NaN or infinity: a run resumed or exported from it would go on from
+    values no training step can give (the run itself stops at a non-finite loss or norm).
+
+    Raises:
+        NonFiniteError: naming the first floating tensor with a non-finite value, and the file.
+    """
+    floating = [(name, t) for name, t in tensors.items() if t.is_floating_point() and t.numel()]
+    if not floating:
+        return
+    # one host read for the whole file, not one per tensor
+    finite = torch.stack([torch.isfinite(t).all() for _, t in floating]).cpu()
+    if not bool(finite.all()):
+        name = floating[int((~finite).nonzero()[0])][0]
+        raise NonFiniteError(f"{path}: {name} holds a non-finite value (NaN or infinity); the save refuses it, "
+                             "a resumed or exported run would go on from it")
 
 
 def _parameter_names(params: torch.nn.Module | dict[str, torch.nn.Parameter]) -> dict[int, str]:
@@ -514,6 +533,7 @@ def save_optimizer(optimizer: torch.optim.Optimizer, params: torch.nn.Module | d
                 scalars[f"{index_to_name[i]}.{key}"] = value
     for key, value in (extra or {}).items():
         tensors[f"extra.{key}"] = value.detach().cpu().clone().contiguous()
+    refuse_non_finite(tensors, path)
     groups = [{k: v for k, v in g.items() if k != "params"} | {"params": [index_to_name[i] for i in g["params"]]}
               for g in sd["param_groups"]]
     metadata = {"format": "pt", "param_groups": json.dumps(groups), "scalars": json.dumps(scalars),
