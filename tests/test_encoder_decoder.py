@@ -155,6 +155,7 @@ def encoder_decoder_rank(rank, world, workdir):
     return report
 
 
+@pytest.mark.heavy  # two ranks, an encoder-decoder (about 13 s): the README's second test command
 @pytest.mark.timeout(300)
 def test_two_ranks_1f1b_encoder_decoder(tmp_path):
     from .dist import run_distributed

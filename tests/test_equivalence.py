@@ -61,6 +61,7 @@ def test_sliding_window_smaller_and_larger_than_sequence(family, seq):
     _check(family, 4, [2], 2, seq, "right", True)
 
 
+@pytest.mark.heavy  # a property over Gemma 4's kv-sharing cuts (about 25 s): the README's second test command
 @given(cut=st.integers(1, 5), seq=st.integers(1, 16))
 def test_gemma4_cuts_between_kv_store_and_readers(cut, seq):
     """Gemma 4 with per-layer inputs and num_kv_shared_layers=3 of 6: the layers that

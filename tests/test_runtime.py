@@ -193,6 +193,7 @@ def test_tied_embeddings_are_synchronised(schedule, tmp_path):
     assert "lm_head.weight" in names and "model.embed_tokens.weight" in names
 
 
+@pytest.mark.heavy  # four ranks: the README's second test command
 @pytest.mark.timeout(300)
 def test_four_ranks_gpipe_gemma4(tmp_path):
     reports = run_distributed(train_rank, 4, tmp_path, "GPipe", "gemma4", 4, 4, "loop", True, 2, 4)

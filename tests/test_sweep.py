@@ -203,6 +203,7 @@ GENERIC_VLMS = ("blip-2", "hunyuan_vl", "qwen2_vl", "kosmos-2")
 NEEDS_IMAGES = {"blip-2": "pixel_values", "kosmos-2": "pixel_values"}
 
 
+@pytest.mark.heavy  # a slice of the VLM sweep (about 15 s): the README's second test command
 def test_vlm_sweep_generic_families():
     results = sweep_vlm(list(GENERIC_VLMS))
     assert [r.family for r in results] == list(GENERIC_VLMS)
