@@ -55,10 +55,14 @@ def _sha256(f) -> str:
     return digest.hexdigest()
 
 
+def _record(f) -> dict[str, Any]:
+    return {"size": os.fstat(f.fileno()).st_size, "sha256": _sha256(f)}
+
+
 def file_record(path: str) -> dict[str, Any]:
     """``{"size", "sha256"}`` of a file (Note [checksum])."""
     with open(path, "rb") as f:
-        return {"size": os.fstat(f.fileno()).st_size, "sha256": _sha256(f)}
+        return _record(f)
 
 
 def durable_write(path: str, write: Callable[[str], None]) -> dict[str, Any]:
@@ -76,7 +80,7 @@ def durable_write(path: str, write: Callable[[str], None]) -> dict[str, Any]:
     try:
         write(tmp)
         with open(tmp, "r+b") as f:
-            record = {"size": os.fstat(f.fileno()).st_size, "sha256": _sha256(f)}
+            record = _record(f)
             os.fsync(f.fileno())
         os.replace(tmp, path)
         fsync_dir(folder)
