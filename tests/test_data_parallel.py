@@ -29,7 +29,7 @@ import pytest
 import torch
 
 from .dist import run_distributed
-from .test_runtime import _assert_within, _batch, _diff
+from .test_runtime import _assert_within, _batch, _diff, model_output
 
 PP, DP, M = 2, 2, 2  # M: microbatches per dp replica; the global batch has DP * M of them
 LR = 1e-2
@@ -79,7 +79,7 @@ def reference_step_dp(ref, inputs, labels, loss_fn, dp: int, m: int):
     for d in range(dp):
         ref.zero_grad(set_to_none=True)
         for i in range(d * m, (d + 1) * m):  # a replica accumulates its microbatches in order
-            loss = loss_fn(ref(**chunks[i], use_cache=False).logits, targets[i])
+            loss = loss_fn(model_output(ref(**chunks[i], use_cache=False), loss_fn), targets[i])
             loss.backward()
             losses.append(loss.detach())
         for p in ref.parameters():  # then the replicas' sums are added (the reduce-scatter)

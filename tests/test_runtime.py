@@ -64,7 +64,7 @@ def reference_step(ref, inputs, labels, loss_fn, n_microbatches):
     before = {p: p.grad.detach().clone() for p in ref.parameters() if p.grad is not None}
     losses = []
     for chunk, target in zip(chunks, targets):
-        loss = loss_fn(ref(**chunk, use_cache=False).logits, target)
+        loss = loss_fn(model_output(ref(**chunk, use_cache=False), loss_fn), target)
         loss.backward()
         losses.append(loss.detach())
     for p in ref.parameters():
@@ -75,6 +75,13 @@ def reference_step(ref, inputs, labels, loss_fn, n_microbatches):
         else:
             p.grad.div_(n_microbatches)
     return loss_fn.whole_batch(losses)
+
+
+def model_output(out, loss_fn):
+    """What a last stage hands ``loss_fn`` for the unpatched model's output ``out``: the logits, and the router's
+    auxiliary loss where the loss adds it (Note [auxiliary loss])."""
+    aux = getattr(out, "aux_loss", None)
+    return (out.logits, aux) if getattr(loss_fn, "aux_loss_coef", None) is not None and aux is not None else out.logits
 
 
 def train_rank(rank, world, workdir, schedule, family, num_layers, num_stages, style, tie, steps, microbatches):

@@ -43,25 +43,33 @@ class Config(NamedTuple):
     style: str
     tie: bool
     activation_checkpointing: bool = False
+    loss_parallel: bool = False  # the head 'colwise': vocabulary-sharded logits (Note [loss parallel])
+    router: bool = False  # output_router_logits: the loss adds the load-balancing loss (Note [auxiliary loss])
 
     @property
     def name(self) -> str:
         return (f"{self.family}-{self.schedule}-{'tied' if self.tie else 'untied'}"
-                f"{'-ac' if self.activation_checkpointing else ''}")
+                f"{'-ac' if self.activation_checkpointing else ''}{'-lp' if self.loss_parallel else ''}")
 
 
 CONFIGS = [
-    Config("llama", "1F1B", 2, "loop", True),  # GQA (4 query heads, 2 key/value heads), tied embeddings
+    # GQA (4 query heads, 2 key/value heads), tied embeddings, vocabulary-sharded logits into loss_parallel()
+    Config("llama", "1F1B", 2, "loop", True, loss_parallel=True),
     Config("qwen3", "1F1B", 2, "loop", False),  # per-head q_norm / k_norm (replicated_with_grad_allreduce)
 ]
 # Heavier (-m heavy): the zero-bubble V schedule (two stages a rank, the tied pair on one
 # rank, weight gradients in separate backward calls) on pp 2 x tp 2, and pp 2 x dp 2 x tp 2
-# on 8 ranks (FSDP2 over dp on the tp-sharded parameters).
-HEAVY_CONFIGS = [Config("llama", "ZBVZeroBubble", 4, "v", True)]
+# on 8 ranks (FSDP2 over dp on the tp-sharded parameters). Gemma 3 text: tied, sliding
+# windows, final-logit softcapping on sharded logits; Qwen3-MoE: routed experts whole on
+# every tp rank, attention split, the router's load-balancing loss in the loss.
+FAMILY_CONFIGS = [Config("gemma3", "1F1B", 2, "loop", True, loss_parallel=True),
+                  Config("qwen3_moe", "1F1B", 2, "loop", False, router=True)]
+HEAVY_CONFIGS = [Config("llama", "ZBVZeroBubble", 4, "v", True), *FAMILY_CONFIGS]
 DP = 2
 # The ZBV one with activation checkpointing: each layer recomputed (tp collectives included)
 # once for the input gradients and once for the weight gradients.
-DP_CONFIGS = [Config("llama", "1F1B", 2, "loop", True), Config("qwen3", "ZBVZeroBubble", 4, "v", True, True)]
+DP_CONFIGS = [Config("llama", "1F1B", 2, "loop", True), Config("qwen3", "ZBVZeroBubble", 4, "v", True, True),
+              *FAMILY_CONFIGS]
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
@@ -88,8 +96,11 @@ def run_config(mesh, config: Config, dp: int = 1) -> dict:
 
     from .test_data_parallel import reference_step_dp
 
-    model = tiny_model(config.family, 4, tie_word_embeddings=config.tie).train()
-    ref = tiny_model(config.family, 4, tie_word_embeddings=config.tie).train()
+    over = {"tie_word_embeddings": config.tie, **({"output_router_logits": True} if config.router else {})}
+    model = tiny_model(config.family, 4, **over).train()
+    ref = tiny_model(config.family, 4, **over).train()
+    if config.loss_parallel:
+        model.tp_plan = {**model.tp_plan, "lm_head": "colwise"}
     ref64 = copy.deepcopy(ref).double()
     inputs, labels = _batch(8, 8)  # left padding: the microbatches (and replicas) hold different token counts
     local = fxpp.local_batch({**inputs, "labels": labels}, mesh)
@@ -108,13 +119,20 @@ def run_config(mesh, config: Config, dp: int = 1) -> dict:
               "wrapped": [type(st.submod).__name__ for st in stages],
               "local_shapes": {n: list(_local(p).shape) for n, p in params.items()},
               "placements": {n: str(getattr(p, "placements", None)) for n, p in params.items()}}
-    loss_fn = fxpp.causal_lm_loss(local_labels, M, mesh=mesh)
-    sched = make_schedule(config.schedule, stages, M, loss_fn)
+    loss_fn = fxpp.causal_lm_loss(local_labels, M, mesh=mesh, model=model)
+    seen = report["logits"] = set()  # how the last stage's logits reach the loss
+
+    def recording_loss(output, target):
+        logits = output[0] if isinstance(output, tuple) else output
+        seen.add(str(getattr(logits, "placements", type(logits).__name__)))
+        return loss_fn(output, target)
+
+    sched = make_schedule(config.schedule, stages, M, recording_loss)
 
     def reference(net):
         if dp == 1:
             return reference_step(net, inputs, labels, loss_fn, M)
-        return reference_step_dp(net, inputs, labels, fxpp.causal_lm_loss(labels, dp * M), dp, M)
+        return reference_step_dp(net, inputs, labels, fxpp.causal_lm_loss(labels, dp * M, model=model), dp, M)
 
     for step in range(STEPS):
         opt.zero_grad(set_to_none=True)
@@ -148,6 +166,7 @@ def run_config(mesh, config: Config, dp: int = 1) -> dict:
     for name, p in params.items():
         report["param"][name] = _diff(_full(p), ref.get_parameter(name))
     report["model_untouched"] = all(type(p) is torch.nn.Parameter for p in model.parameters())
+    report["logits"] = sorted(seen)
     return report
 
 
@@ -254,14 +273,18 @@ ERROR_RATIO, ERROR_FLOOR = 2.0, 4.0
 PARAM_ULPS = 64
 
 
-def check_report(per_rank: list[dict], *, tied: bool) -> None:
+def check_report(per_rank: list[dict], config: Config) -> None:
+    tied = config.tie
     assert any(r["loss"] is not None for r in per_rank)
     for rank, r in enumerate(per_rank):
         assert r["model_untouched"], f"rank {rank}: the user's model was changed"
         if r["loss"] is not None:
             # The per-microbatch losses of forwards whose logits differ by rounding only;
-            # 2 ulps per microbatch (measured: 0, bitwise equal).
+            # 2 ulps per microbatch (measured: 0, bitwise equal; with loss-parallel, whose
+            # log-sum-exp adds two partial sums of exponentials, up to 0.5 ulps).
             assert _ulps(r["loss"]) <= 2 * M, f"rank {rank} loss differs by {_ulps(r['loss']):.3g} ulps"
+            # Vocabulary-sharded logits reach the loss as a DTensor, gathered ones as a plain tensor.
+            assert r["logits"] == (["(Shard(dim=2),)"] if config.loss_parallel else ["Tensor"]), r["logits"]
         for name, d in r["grad"].items():
             assert d != "missing", f"rank {rank} grad {name} missing"
             to_ref, to_exact, ref_to_exact = (_ulps(x) for x in d)
@@ -290,7 +313,7 @@ def check_report(per_rank: list[dict], *, tied: bool) -> None:
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.name)
 def test_pipeline_times_tensor_parallel_matches_unpatched_model(runs, config):
     per_rank = [r[config.name] for r in runs]
-    check_report(per_rank, tied=config.tie)
+    check_report(per_rank, config)
     for rank, r in enumerate(per_rank):
         shapes, placements = r["local_shapes"], r["placements"]
         # What the plan shards is sharded over tp (each rank its half), the rest whole.
@@ -357,7 +380,7 @@ def test_tp_not_dividing_the_heads_is_refused_naming_module_and_numbers():
 def test_zero_bubble_v_times_tensor_parallel(tmp_path):
     runs = run_distributed(pp_tp_rank, PP * TP, tmp_path, HEAVY_CONFIGS, timeout_s=540, pg_timeout_s=120)
     for config in HEAVY_CONFIGS:
-        check_report([r[config.name] for r in runs], tied=config.tie)
+        check_report([r[config.name] for r in runs], config)
 
 
 @pytest.mark.heavy
@@ -367,7 +390,7 @@ def test_pipeline_times_data_times_tensor_parallel(tmp_path):
     runs = run_distributed(pp_dp_tp_rank, PP * DP * TP, tmp_path, DP_CONFIGS, timeout_s=540, pg_timeout_s=120)
     for config in DP_CONFIGS:
         per_rank = [r[config.name] for r in runs]
-        check_report(per_rank, tied=config.tie)
+        check_report(per_rank, config)
         for r in per_rank:
             assert all(w.startswith("FSDP") for w in r["wrapped"]), r["wrapped"]
             # Sharded over tp and over dp: a quarter of the embedding's or the head's rows on each rank.
@@ -395,8 +418,6 @@ def test_plan_tp_shows_each_stages_parameters_per_tp_rank(capsys):
     (["run", "tiny-qwen3", "--stages", "2", "--tp", "4", "--steps", "1"],
      "--tp 4: fxpp.runtime.tensor_parallel: Qwen3ForCausalLM: tp=4 does not divide the 2 heads of "
      "model.layers.0.self_attn.k_proj (num_key_value_heads=2)"),
-    (["run", "tiny-qwen3_moe", "--stages", "2", "--tp", "2", "--steps", "1"],
-     "Qwen3MoeForCausalLM has an expert-parallel plan"),
     (["run", "tiny-llama", "--stages", "2", "--tp", "2", "--steps", "1", "--save-dir", "unused"],
      "--tp 2 with --save-dir is not built yet"),
     (["run", "tiny-llama", "--stages", "2", "--tp", "0", "--steps", "1"],
@@ -441,3 +462,16 @@ def test_shared_key_value_states_crossing_a_cut_are_refused():
     with pytest.raises(fxpp.TensorParallelError, match=r"stage 1: shared state 'sliding_attention' from "
                        r"model\.layers\.0\[0\] crosses cut 2; with tp=2"):
         check_crossings(1, pipe.stages[1], 2)
+
+
+def test_moe_experts_stay_whole_where_the_tp_plan_does_not_name_them():
+    """Qwen3-MoE: the tp plan splits attention; its expert-parallel plan is not applied, the routed experts and the
+    router stay whole (Note [tensor parallel stages])."""
+    from fxpp.runtime.tensor_parallel import check_model
+    from fxpp.testing.zoo import tiny_model
+
+    model = tiny_model("qwen3_moe", 2)
+    assert model.ep_plan  # transformers' expert-parallel plan, ignored
+    names = [name for name, _, _ in check_model(model, 2)]
+    assert "model.layers.0.self_attn.q_proj" in names
+    assert not [n for n in names if ".mlp." in n], names

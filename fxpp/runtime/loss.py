@@ -16,8 +16,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from torch.distributed.tensor import DTensor
+
 from ..errors import LossConfigError
 from .parallel import dp_size, global_target_tokens
+from .tensor_parallel import sharded_cross_entropy
 
 
 class CausalLMLoss:
@@ -78,10 +81,13 @@ class CausalLMLoss:
 
     def _lm_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         labels = F.pad(labels.to(logits.device), (0, 1), value=self.ignore_index)[..., 1:]
-        ce = F.cross_entropy(
-            logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
-            ignore_index=self.ignore_index, reduction="sum",
-        )
+        if isinstance(logits, DTensor):  # vocabulary-sharded logits (Note [loss parallel])
+            ce = sharded_cross_entropy(logits, labels, self.ignore_index)
+        else:
+            ce = F.cross_entropy(
+                logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                ignore_index=self.ignore_index, reduction="sum",
+            )
         loss = ce / self.num_target_tokens
         return loss * self._scale if self._scale != 1 else loss
 

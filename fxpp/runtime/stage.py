@@ -24,8 +24,8 @@ from .parallel import (check_parallel_args, mixed_precision_policy, parallelize_
 from .placement import check_placement
 from .protocols import SplitModel
 from .rank_state import rank_state
-from .tensor_parallel import (apply_tensor_parallel, check_crossings, check_stage_plan, check_tp_args, stage_plan,
-                              tp_plan_of)
+from .tensor_parallel import (apply_tensor_parallel, check_crossings, check_stage_plan, check_tp_args, head_name,
+                              stage_plan, tp_plan_of)
 from .ties import LIVE_STAGES, UNSYNCHRONISED, guard_optimizers, tie_exchanges, tied_parameters
 
 
@@ -337,7 +337,7 @@ def build_stage(pipe: SplitModel, index: int, device: torch.device | str, group=
         submodule = _runtime_submodule(pipe, index, device, own=wrapping is not None, keep_meta=keep_meta)
         if tp_mesh is not None:
             _materialize(pipe, index, submodule, checkpoint)
-            apply_tensor_parallel(submodule, tp_entries, tp_mesh, pipe.model.config)
+            apply_tensor_parallel(submodule, tp_entries, tp_mesh, pipe.model.config, head=head_name(pipe.model))
         if wrapping is not None:
             # Wrapped once, here, before any PipelineStage sees it; a rebuild for new
             # shapes finds it in the rank state and reuses it.

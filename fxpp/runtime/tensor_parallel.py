@@ -39,11 +39,19 @@ Note [tensor parallel stages]
     * what the stage graph passes between leaf modules, and what crosses every cut,
       stays whole: embeddings sum their vocabulary shards, rowwise outputs are
       all-reduced, and the head's ``colwise_gather_output`` gathers the logits over the
-      vocabulary (loss-parallel is not built). The stage's static shapes and the
-      sender's shape check (``check_sent_shapes``) are unchanged.
-    * parameters the plan does not name (norms, rotary buffers) stay whole and plain on
-      every tp rank; their gradients are the same on every tp rank, since what reaches
-      them (the residual stream and its gradient) is replicated.
+      vocabulary. The stage's static shapes and the sender's shape check
+      (``check_sent_shapes``) are unchanged. The one exception is the last stage's
+      logits under a head style that shards its output (Note [loss parallel]).
+    * parameters the plan does not name (norms, rotary buffers, the routers and routed
+      experts of a mixture of experts) stay whole and plain on every tp rank; their
+      gradients are the same on every tp rank, since what reaches them (the residual
+      stream and its gradient) is replicated. The model's expert-parallel plan
+      (``ep_plan``: ``grouped_gemm``, ``ep_dispatch_experts``) is not applied: the
+      routed experts run whole on every tp rank (each computes the same tokens' experts:
+      tp saves none of their memory or time), while shared experts and dense MLPs follow
+      the tp plan where it names them (``mlp.shared_experts.gate_proj`` colwise, ...).
+      The router's logits, and so the load-balancing loss, are the same on every tp rank
+      (Note [auxiliary loss] in ``fxpp.runtime.loss``).
 
     One style is replaced: ``"replicated_with_grad_allreduce"`` (Qwen3's per-head
     ``q_norm`` / ``k_norm``, which see only their rank's heads) all-reduces ``param.grad``
@@ -55,12 +63,36 @@ Note [tensor parallel stages]
     of microbatches, under FSDP2's deferred reduction and zero-bubble schedules alike.
 
     Refused at build, on every rank, before any communication (``TensorParallelError``):
-    a model without a plan, a model with an expert-parallel plan (MoE experts are not
-    split over tp yet), parameters that are already ``DTensor``s, a style fxpp has not
+    a model without a plan, parameters that are already ``DTensor``s, a style fxpp has not
     checked, a stage the plan names nothing of, tp not dividing the heads of a sharded
     attention projection (naming the projection, ``num_attention_heads`` or
     ``num_key_value_heads``, and tp) or any other dimension the plan shards, a cut that
     a layer's shared key/value states cross (:func:`check_crossings`).
+
+Note [loss parallel]
+    The head's style decides whether the last stage's logits arrive whole or sharded.
+    ``colwise_gather_output`` (every model's ``_tp_plan``) gathers them: each tp rank
+    holds the whole ``[batch, seq, vocab]`` logits of a microbatch. A plan whose head
+    style shards the output over the vocabulary (``"colwise"``: ``Shard(-1)``), e.g.
+    ``model.tp_plan = {**model.tp_plan, "lm_head": "colwise"}``, keeps them sharded:
+    fxpp installs that style with ``use_local_output=False``, so the stage returns a
+    ``DTensor`` with ``Shard(-1)`` on the tp mesh (transformers' own ``use_local_output=True``
+    would hand the loss a plain tensor of ``vocab / tp`` columns, a wrong cross entropy).
+    Elementwise steps after the head (Gemma's final-logit softcapping) keep the sharding.
+    :func:`sharded_cross_entropy` (``fxpp.causal_lm_loss``) computes the summed cross
+    entropy of such logits under torch's ``loss_parallel()``: the log-softmax reduces the
+    row maximum and the sum of exponentials over tp, the target logit is picked on the
+    rank that holds it and summed over tp; no rank gathers the logits. The backward must
+    run under the same context (its log-softmax backward is the identity, the whole
+    gradient coming from the loss's backward), and a schedule runs the last stage's
+    backward outside the loss function: :class:`_LossParallelCrossEntropy` runs the
+    forward on a detached copy of the logits and its backward under ``loss_parallel()``
+    again, so the context covers exactly these ops and no other ``DTensor``
+    log-softmax. The value is the unsharded loss up to float32 reassociation of the sum
+    of exponentials (two partial sums). Refused (``TensorParallelError``): sharded
+    logits on a mesh of more than one dimension or sharded other than over the
+    vocabulary. Any other loss function gets a ``DTensor`` and DTensor's own rules:
+    right, but the log-softmax gathers the vocabulary.
 
 Note [gradient placement]
     DTensor's sharding rules may return a gradient laid out otherwise than its parameter:
@@ -79,7 +111,9 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
+import torch.nn.functional as F
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor.parallel import loss_parallel
 from transformers.distributed.parallel_utils import ALL_PARALLEL_STYLES, replace_layer_number_by_wildcard
 from transformers.distributed.tensor_parallel import (ColwiseParallel, EmbeddingParallel, RowwiseParallel,
                                                       TensorParallelLayer)
@@ -146,8 +180,7 @@ def tp_plan_of(model: torch.nn.Module) -> dict[str, str]:
     """The model's tensor-parallel plan (``model.tp_plan``), refused where fxpp cannot apply it.
 
     Raises:
-        TensorParallelError: no plan, an expert-parallel plan, or parameters that are
-            already ``DTensor``s.
+        TensorParallelError: no plan, or parameters that are already ``DTensor``s.
     """
     name = type(model).__name__
     plan = dict(getattr(model, "tp_plan", None) or {})
@@ -156,17 +189,8 @@ def tp_plan_of(model: torch.nn.Module) -> dict[str, str]:
             f"fxpp.runtime.tensor_parallel: {name} has no tensor-parallel plan (its tp_plan is empty: neither "
             f"{name}._tp_plan nor its config's base_model_tp_plan names a module), so tp > 1 cannot split it. "
             "Build the stages with tp 1, or set model.tp_plan = {...} (transformers' style names) first")
-    # An expert-parallel plan counts where an expert style names a module or parameter the
-    # model has (Gemma 4's config carries one for its MoE variant, with tp styles for the
-    # dense MLP beside it; its dense models have no experts).
-    names = {replace_layer_number_by_wildcard(n) for n, _ in (*model.named_modules(), *model.named_parameters())}
-    experts = {k: v for k, v in (getattr(model, "ep_plan", None) or {}).items()
-               if k in names and v not in CHECKED_STYLES}
-    if experts:
-        raise TensorParallelError(
-            f"fxpp.runtime.tensor_parallel: {name} has an expert-parallel plan ({len(experts)} rule(s), e.g. "
-            f"{sorted(experts)[0]!r}: {experts[sorted(experts)[0]]!r}); splitting MoE experts over tp is not built "
-            "yet. Build its stages with tp 1")
+    # The expert-parallel plan (``model.ep_plan``) is not applied: routed experts the tp plan
+    # does not name stay whole on every tp rank (Note [tensor parallel stages]).
     for pname, p in model.named_parameters():
         if isinstance(p, DTensor):
             raise TensorParallelError(
@@ -314,13 +338,30 @@ def parameter_share(submodule: torch.nn.Module, entries: list[tuple[str, dict[st
     return sum(n // tp if i in sharded else n for i, n in whole.items()), sum(whole.values())
 
 
+def head_name(model: torch.nn.Module) -> str | None:
+    """The module name of the model's output head (``get_output_embeddings``), or None."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    return next((name for name, m in model.named_modules() if head is not None and m is head), None)
+
+
+def shards_logits(entries: list[tuple[str, dict[str, str], str | None]], head: str | None) -> bool:
+    """Whether the stage plan's head style keeps the logits sharded over the vocabulary (Note [loss parallel])."""
+    own = next((own for name, _, own in entries if name == head and head is not None), None)
+    layer = None if own is None else style(own)
+    layout = getattr(layer, "output_layouts", None)
+    return isinstance(layer, ColwiseParallel) and layout is not None and layout.is_shard()
+
+
 def apply_tensor_parallel(submodule: torch.nn.Module, entries: list[tuple[str, dict[str, str], str | None]],
-                          tp_mesh, config) -> None:
+                          tp_mesh, config, *, head: str | None = None) -> None:
     """Shard the stage's planned parameters over ``tp_mesh`` and install the styles' forwards (in place).
 
     ``submodule`` is this rank's own copy of the stage, holding whole weights.
     Parameters first, then the module's forward, as transformers' ``apply_tensor_parallelism``.
     Each local shard is copied out of the whole weight, so the whole weight is freed.
+    ``head``: the output head's module name; a head style that shards the logits keeps
+    them a ``DTensor`` (Note [loss parallel]).
     """
     for module_name, params, own in entries:
         module = submodule.get_submodule(module_name)
@@ -331,8 +372,55 @@ def apply_tensor_parallel(submodule: torch.nn.Module, entries: list[tuple[str, d
                 p = module._parameters[pname] = torch.nn.Parameter(_own_storage(p), requires_grad=p.requires_grad)
                 if p.requires_grad:
                     p.register_post_accumulate_grad_hook(_grad_as_param)
-        if own is not None:
-            style(own).install_forward(module, tp_mesh, config=config)
+        if own is None:
+            continue
+        layer = style(own)
+        if module_name == head and shards_logits(entries, head):
+            layer = ColwiseParallel(input_layouts=Replicate(), output_layouts=Shard(-1), use_local_output=False)
+        layer.install_forward(module, tp_mesh, config=config)
+
+
+class _LossParallelCrossEntropy(torch.autograd.Function):
+    """Summed cross entropy of vocabulary-sharded logits, forward and backward under ``loss_parallel()``.
+
+    Note [loss parallel]: the forward computes on a detached copy and keeps that small
+    graph; the backward replays its gradient under the context.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, labels, ignore_index):
+        with torch.enable_grad():
+            x = logits.detach().requires_grad_(logits.requires_grad)
+            with loss_parallel():
+                ce = F.cross_entropy(x.float().reshape(-1, x.shape[-1]), labels.reshape(-1), ignore_index=ignore_index,
+                                     reduction="sum")
+        ctx.graph = (x, ce)
+        return ce.to_local().detach()
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, ce = ctx.graph
+        del ctx.graph
+        with loss_parallel():
+            (dx,) = torch.autograd.grad(ce, x, DTensor.from_local(grad.contiguous(), ce.device_mesh, ce.placements))
+        return dx, None, None
+
+
+def sharded_cross_entropy(logits: DTensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """The summed cross entropy of logits sharded over the vocabulary, as a plain scalar (Note [loss parallel]).
+
+    Raises:
+        TensorParallelError: logits on a mesh of several dimensions, or not sharded over
+            their last dimension only.
+    """
+    vocab_dim = logits.ndim - 1
+    if logits.device_mesh.ndim != 1 or tuple(logits.placements) != (Shard(vocab_dim),):
+        raise TensorParallelError(
+            f"fxpp.runtime.loss: the logits are a DTensor with placements {tuple(logits.placements)} on mesh "
+            f"{logits.device_mesh.mesh_dim_names}; fxpp's loss-parallel cross entropy takes logits sharded over the "
+            "vocabulary (their last dimension) on the tp mesh alone, as the head's 'colwise' style leaves them. Give "
+            "the head 'colwise_gather_output' to gather them, or shard them so")
+    return _LossParallelCrossEntropy.apply(logits, labels.to(logits.device), ignore_index)
 
 
 def _grad_as_param(p: torch.nn.Parameter) -> None:
