@@ -298,6 +298,10 @@ def check_report(per_rank: list[dict], config: Config) -> None:
             assert p_diff <= bound, f"rank {rank} param {name} after one step differs by {p_diff:.3g}, over {bound:.3g}"
         for name, d in r["param"].items():
             assert _ulps(d) <= PARAM_ULPS, f"rank {rank} param {name} after {STEPS} steps: {_ulps(d):.3g} ulps"
+    # The measured maxima (pytest -s) that the bounds' comments quote.
+    print(f"{config.name}: loss {max(_ulps(r['loss']) for r in per_rank if r['loss'] is not None):.3g} ulps, "
+          f"gradients up to {max(_ulps(d[0]) for r in per_rank for d in r['grad'].values()):.3g} ulps, "
+          f"parameters up to {max(_ulps(d) for r in per_rank for d in r['param'].values()):.3g} ulps")
     names = set().union(*(r["names"] for r in per_rank))
     if tied:
         assert {"lm_head.weight", "model.embed_tokens.weight"} <= names

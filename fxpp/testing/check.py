@@ -224,6 +224,8 @@ class SweepResult:
     # the pipeline build failed for every case (set by check_pipeline, kept by a later settle)
     build_failure: CaseResult | None = field(default=None, repr=False)
     kind: str = "-"  # the VLM sweep's kind of family: VLM, or text (the config has no vision tower)
+    tp: str | None = None  # the causal sweep's tp column (fxpp.testing.sweep_tp.TP_STATUSES); None: to be run
+    tp_detail: str = ""
 
     def case_status(self, name: str) -> str | None:
         """The status of case ``name``; None where the family got no case (model not built)."""

@@ -7,7 +7,7 @@ import os
 import sys
 import time
 import warnings
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 import transformers
@@ -129,21 +129,24 @@ def _md(text: str) -> str:
 
 
 def markdown_results(results: list[SweepResult], cases: Iterable[str], *, statuses: Iterable[str] = STATUSES,
-                     kind: bool = False) -> list[str]:
+                     kind: bool = False, column: tuple[str, Any] | None = None) -> list[str]:
     """A sweep's docs section below its prose: the summaries (family counts of ``statuses``)
-    and one table row per family (``kind``: with the VLM sweep's kind column)."""
+    and one table row per family (``kind``: with the VLM sweep's kind column; ``column``:
+    ``(header, result -> cell)``, one more column after the cases, the causal sweep's tp)."""
     cases = tuple(cases)
+    extra = f"{column[0]} | " if column else ""
     lines = [
         f"**Summary:** {summary(results, statuses)}; {built_summary(results)}.",
         "",
         f"**Per case:** {case_summary(results, cases)}.",
         "",
-        f"| family | class | {'kind | ' if kind else ''}status | {' / '.join(cases)} | detail |",
-        "|---" * (6 if kind else 5) + "|",
+        f"| family | class | {'kind | ' if kind else ''}status | {' / '.join(cases)} | {extra}detail |",
+        "|---" * (5 + bool(kind) + bool(column)) + "|",
     ]
     for r in results:
+        cell = f"{column[1](r)} | " if column else ""
         lines.append(f"| `{r.family}` | `{r.class_name}` | {f'{r.kind} | ' if kind else ''}{r.status} | "
-                     f"{r.marks(cases)} | {_md(_detail(r, 300))} |")
+                     f"{r.marks(cases)} | {cell}{_md(_detail(r, 300))} |")
     return lines
 
 

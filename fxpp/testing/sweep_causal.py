@@ -81,6 +81,7 @@ from .check import (ATOL, MARKS_LEGEND, Case, CaseResult, SweepResult, SweepTime
 from .report import (BEYOND_THE_SWEEP, DOCS_PATH, SECTION_MARK, markdown_results, run_and_report, summary,
                      sweep_parser)
 from .report import format_table as _table
+from .sweep_tp import TP_MARKS, TP_STATUSES, precheck, tp_column
 from .tiny import FAMILY_SETUP, NUM_LAYERS, VOCAB, tiny_config
 
 INPUT_CASES = ("ids", "padded", "unpadded", "packed", "padded+pos")  # one pipeline, built without example inputs
@@ -135,13 +136,21 @@ def _build(model_type: str, class_name: str, max_params: int):
     return model.eval()
 
 
+MAX_PARAMS = 64_000_000
+
+
+def build_tiny(model_type: str, class_name: str):
+    """The family's tiny model exactly as :func:`check_family` builds it (the tp run's ranks rebuild it)."""
+    return _build(model_type, class_name, MAX_PARAMS)
+
+
 def check_family(
     model_type: str,
     class_name: str = "",
     *,
     timeout_s: float = 60.0,
     build_timeout_s: float = 15.0,
-    max_params: int = 64_000_000,
+    max_params: int = MAX_PARAMS,
     example_inputs: dict[str, Any] | None = None,
 ) -> SweepResult:
     """Build a tiny ``model_type`` model, one 2-stage pipeline, and compare it with the
@@ -172,7 +181,12 @@ def check_family(
             check_pipeline(result, model, checks, example_inputs, timeout_s=timeout_s, start=start)
         if "router" not in {c.name for c in result.cases}:
             _put(result, check_router_loss(model, timeout_s=timeout_s, start=start))
-        return settle(result)
+        settle(result)
+        if result.status != "pass":
+            result.tp, result.tp_detail = "not run", f"the 2-stage pipeline: {result.status}"
+        else:  # refused by name here, or run on 4 ranks by sweep_causal_lm (fxpp.testing.sweep_tp)
+            result.tp, result.tp_detail = precheck(model) or (None, "")
+        return result
     finally:
         result.seconds = time.perf_counter() - start
         if model is not None:
@@ -258,6 +272,7 @@ def sweep_causal_lm(
     *,
     build_timeout_s: float = 15.0,
     progress: Any = None,
+    tp: bool = True,
 ) -> list[SweepResult]:
     """Check every (or each named) family of ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES``.
 
@@ -268,15 +283,68 @@ def sweep_causal_lm(
         build_timeout_s: families whose tiny model takes longer to build are skipped
             (``model-error``).
         progress: called with each :class:`SweepResult` as it is done.
+        tp: then the tp column (:mod:`fxpp.testing.sweep_tp`): one 4-rank spawn over the
+            families that passed and that the tp precheck accepts.
     """
-    return sweep_families(causal_lm_families(), families,
-                          lambda name, cls: check_family(name, cls, timeout_s=timeout_s,
-                                                         build_timeout_s=min(build_timeout_s, timeout_s)),
-                          mapping_name="MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", progress=progress)
+    results = sweep_families(causal_lm_families(), families,
+                             lambda name, cls: check_family(name, cls, timeout_s=timeout_s,
+                                                            build_timeout_s=min(build_timeout_s, timeout_s)),
+                             mapping_name="MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", progress=progress)
+    for r in results:
+        if r.model_class is None and r.tp is None:
+            r.tp, r.tp_detail = "not run", "the model was not built"
+    todo = [r for r in results if r.tp is None]
+    if not tp:
+        for r in todo:
+            r.tp, r.tp_detail = "not run", "the sweep ran without its tp column (--no-tp)"
+        return results
+
+    def tp_progress(got):
+        if progress is not None:
+            print(f"  tp {got['family']:<25} {got['status']:<8} {got['detail'][:100]}", file=sys.stderr, flush=True)
+
+    column = tp_column([(r.family, r.class_name) for r in todo], build_tiny, progress=tp_progress)
+    for r in todo:
+        r.tp, r.tp_detail = column[r.family]["status"], column[r.family]["detail"]
+    return results
+
+
+def tp_summary(results: list[SweepResult]) -> str:
+    """``tp (pp 2 x tp 2): a pass, b mismatch, ...`` over :data:`TP_STATUSES`."""
+    counts = {s: sum(r.tp == s for r in results) for s in TP_STATUSES}
+    return "tp (pp 2 x tp 2, 4 gloo ranks): " + ", ".join(f"{counts[s]} {s}" for s in TP_STATUSES)
+
+
+def tp_lines(results: list[SweepResult]) -> list[str]:
+    """The tp column's prose, summary and the families it refuses or fails, each with its reason."""
+    lines = [
+        "**tp column** (`fxpp.testing.sweep_tp`): families that pass above and whose tensor-parallel plan tp 2 "
+        "can apply run once more as pp 2 x tp 2 on 4 gloo ranks in one spawn: `fxpp.pipeline(model, 2, cuts=[1])`, "
+        "each rank its stage with `build_stage(p, \"cpu\", mesh=fxpp.pp_dp_tp_mesh(2, 1, 2))` (the model's own "
+        "plan, fxpp's styles), one 1F1B step of 2 microbatches (4x8 tokens, left padding) with "
+        "`fxpp.causal_lm_loss`; the last stage's loss and every gradient (`.full_tensor()`) against the unpatched "
+        f"model on the same microbatches, `atol=rtol={ATOL:g}`. Marks: "
+        + ", ".join(f"{TP_MARKS[s]} {s}" for s in TP_STATUSES) + ".",
+        "",
+        f"**{tp_summary(results)}.**",
+        "",
+    ]
+    named = [r for r in results if r.tp in ("refused", "mismatch", "error")]
+    if named:
+        lines += ["Families the tp column refuses or fails, with the reason:", ""]
+        lines += [f"- `{r.family}` ({r.tp}): {_md(r.tp_detail[:400])}" for r in named]
+        lines.append("")
+    return lines
+
+
+def _md(text: str) -> str:
+    return " ".join(text.split()).replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
 
 
 def format_table(results: list[SweepResult], width: int = 160) -> str:
-    return _table(results, width, CAUSAL_CASES)
+    table = _table(results, width, CAUSAL_CASES)
+    tp = [f"  {r.family:<28} {r.tp:<8} {r.tp_detail[:width - 40]}" for r in results if r.tp not in (None, "not run")]
+    return table + ("\n\ntp column:\n" + "\n".join(tp) + f"\n{tp_summary(results)}" if tp else "")
 
 
 def markdown(results: list[SweepResult], command: str = COMMAND) -> str:
@@ -306,8 +374,9 @@ def markdown(results: list[SweepResult], command: str = COMMAND) -> str:
         "(not fxpp's fault); **error** — any other exception inside fxpp. A family's status is its worst case's "
         f"(in that order: mismatch, error, fxpp-error, model-error), named in the detail. Case marks: {MARKS_LEGEND}.",
         "",
-        *markdown_results(results, CAUSAL_CASES),
+        *markdown_results(results, CAUSAL_CASES, column=("tp", lambda r: TP_MARKS.get(r.tp, "·"))),
         "",
+        *tp_lines(results),
         *BEYOND_THE_SWEEP,
     ]
     return "\n".join(lines) + "\n"
@@ -329,8 +398,14 @@ def write_docs(results: list[SweepResult], path: str = DOCS_PATH, command: str =
 
 def main(argv: list[str] | None = None, prog: str = "python -m fxpp.sweep") -> int:
     parser = sweep_parser(prog, __doc__, "llama,gemma", f"write {os.path.relpath(DOCS_PATH)}", 60.0)
+    parser.add_argument("--no-tp", action="store_true",
+                        help="skip the tp column (pp 2 x tp 2 on 4 gloo ranks, fxpp.testing.sweep_tp)")
     args = parser.parse_args(argv)
-    return run_and_report(args, sweep_causal_lm, format_table, summary, write_docs, COMMAND)
+
+    def sweep(families, **kwargs):
+        return sweep_causal_lm(families, tp=not args.no_tp, **kwargs)
+
+    return run_and_report(args, sweep, format_table, summary, write_docs, COMMAND)
 
 
 if __name__ == "__main__":
