@@ -170,7 +170,7 @@ def test_docs_table_has_a_column_per_case():
                                          zip(CAUSAL_CASES, ("pass", "pass", "skipped", "mismatch"))])),
                SweepResult("b", "B", "model-error", detail="build: ValueError: no")]
     text = markdown(results)
-    assert "| family | class | status | ids / padded / unpadded / packed / padded+pos / router | detail |" in text
+    assert "| family | class | status | ids / padded / unpadded / packed / padded+pos / router | tp | detail |" in text
     assert "| `a` | `A` | mismatch | ✓ ✓ – ≠ · · |" in text  # · : the family got no router case
     assert "| `b` | `B` | model-error |  |" in text
     assert markdown(results) == text  # deterministic
@@ -410,3 +410,34 @@ def test_a_sparse_indexer_keeps_its_top_k_a_multiple_of_its_key_pool():
 
     text = generic_config("glm5_next").get_text_config()
     assert text.index_topk % text.index_kpool == 0 and text.index_kpool < 16
+
+
+def test_tp_column_precheck_names_the_reason_without_ranks():
+    """The tp column's precheck runs in the sweep's process: no plan, and a plan tp 2 cannot apply, by name."""
+    import transformers as tf
+
+    from fxpp.testing.sweep_tp import precheck
+    from fxpp.testing.zoo import tiny_config, tiny_model
+
+    torch.manual_seed(0)
+    gpt2 = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64))
+    status, reason = precheck(gpt2)
+    assert status == "no plan" and reason.startswith("GPT2LMHeadModel has no tensor-parallel plan"), reason
+    config = tiny_config("llama", 2)
+    config.num_key_value_heads = 1
+    status, reason = precheck(tf.AutoModelForCausalLM.from_config(config))
+    assert status == "refused" and "tp=2 does not divide the 1 heads of model.layers.0.self_attn.k_proj" in reason
+    assert precheck(tiny_model("qwen3_moe", 2)) is None  # routed experts stay whole: run on the ranks
+
+
+@pytest.mark.heavy  # one 4-rank spawn
+@pytest.mark.timeout(600)
+def test_tp_column_runs_pp2_tp2_and_reports_each_family():
+    from fxpp.testing.sweep_causal import tp_summary
+
+    results = sweep_causal_lm(["llama", "qwen3_moe", "gpt2"], tp=True)
+    assert [(r.family, r.tp) for r in results] == [("llama", "pass"), ("qwen3_moe", "pass"), ("gpt2", "no plan")], [
+        (r.family, r.tp, r.tp_detail) for r in results]
+    assert tp_summary(results).endswith("2 pass, 0 mismatch, 0 refused, 1 no plan, 0 error, 0 not run")
+    text = markdown(results)
+    assert "| `llama` | `LlamaForCausalLM` | pass | ✓ ✓ ✓ ✓ ✓ – | ✓ | max diff 0 |" in text, text

@@ -209,6 +209,12 @@ def _errors(mesh) -> dict:
     model.model.layers[0].mlp.up_proj.weight = torch.nn.Parameter(distribute_tensor(weight.detach(), mesh["tp"],
                                                                                     [Shard(0)], src_data_rank=None))
     out["parallelized"] = error_of(lambda: pipe.build_stage(me, "cpu", mesh=mesh))
+    # Logits a DTensor but not sharded over the vocabulary: fxpp's loss refuses them (Note [loss parallel]).
+    from torch.distributed.tensor import DTensor
+
+    loss_fn = fxpp.causal_lm_loss(torch.ones(2, 4, dtype=torch.long), 1)
+    by_rows = DTensor.from_local(torch.zeros(1, 4, 8), mesh["tp"], [Shard(0)], run_check=False)
+    out["loss placements"] = error_of(lambda: loss_fn(by_rows, torch.ones(2, 4, dtype=torch.long)))
     return out
 
 
@@ -357,6 +363,9 @@ def test_refusals_name_the_problem_on_every_rank(runs):
         assert errors["parallelized"].startswith(
             "TensorParallelError: fxpp.runtime.tensor_parallel: LlamaForCausalLM is already parallelized "
             "(model.layers.0.mlp.up_proj.weight is a DTensor"), errors
+        assert errors["loss placements"].startswith(
+            "TensorParallelError: fxpp.runtime.loss: the logits are a DTensor with placements (Shard(dim=0),) on mesh "
+            "('tp',); fxpp's loss-parallel cross entropy takes logits sharded over the vocabulary"), errors
 
 
 def test_tp_not_dividing_the_heads_is_refused_naming_module_and_numbers():

@@ -272,7 +272,7 @@ def sweep_causal_lm(
     *,
     build_timeout_s: float = 15.0,
     progress: Any = None,
-    tp: bool = True,
+    tp: bool = False,
 ) -> list[SweepResult]:
     """Check every (or each named) family of ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES``.
 
@@ -284,7 +284,8 @@ def sweep_causal_lm(
             (``model-error``).
         progress: called with each :class:`SweepResult` as it is done.
         tp: then the tp column (:mod:`fxpp.testing.sweep_tp`): one 4-rank spawn over the
-            families that passed and that the tp precheck accepts.
+            families that passed and that the tp precheck accepts (``python -m fxpp.sweep``
+            runs it unless told ``--no-tp``); without it they are ``not run``.
     """
     results = sweep_families(causal_lm_families(), families,
                              lambda name, cls: check_family(name, cls, timeout_s=timeout_s,
