@@ -289,8 +289,8 @@ def check_report(per_rank: list[dict], config: Config) -> None:
         assert r["model_untouched"], f"rank {rank}: the user's model was changed"
         if r["loss"] is not None:
             # The per-microbatch losses of forwards whose logits differ by rounding only;
-            # 2 ulps per microbatch (measured: 0, bitwise equal; with loss-parallel, whose
-            # log-sum-exp adds two partial sums of exponentials, up to 0.5 ulps).
+            # 2 ulps per microbatch (measured: 0, bitwise equal, also with loss-parallel,
+            # whose log-sum-exp adds two partial sums of exponentials instead of one sum).
             assert _ulps(r["loss"]) <= 2 * M, f"rank {rank} loss differs by {_ulps(r['loss']):.3g} ulps"
             # Vocabulary-sharded logits reach the loss as a DTensor, gathered ones as a plain tensor.
             assert r["logits"] == (["(Shard(dim=2),)"] if config.loss_parallel else ["Tensor"]), r["logits"]
