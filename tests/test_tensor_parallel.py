@@ -491,3 +491,40 @@ def test_moe_experts_stay_whole_where_the_tp_plan_does_not_name_them():
     names = [name for name, _, _ in check_model(model, 2)]
     assert "model.layers.0.self_attn.q_proj" in names
     assert not [n for n in names if ".mlp." in n], names
+
+
+def _apertus(model_type: str, class_name: str):
+    """The sweep's tiny Apertus (xIELU activation: learnable alpha_p / alpha_n between up_proj and down_proj); with
+    ``model_type`` "apertus-named" its act_fn named in the plan as summed over tp."""
+    from fxpp.testing.sweep_causal import build_tiny
+
+    model = build_tiny("apertus", "ApertusForCausalLM")
+    if model_type == "apertus-named":
+        model.tp_plan = {**model.tp_plan, "model.layers.*.mlp.act_fn": "replicated_with_grad_allreduce"}
+    return model
+
+
+def unplanned_rank(rank, world, workdir):
+    import fxpp
+    from fxpp.testing.sweep_tp import check_family_tp
+
+    mesh = fxpp.pp_dp_tp_mesh(PP, 1, TP)
+    return {name: check_family_tp(mesh, name, "", _apertus) for name in ("apertus", "apertus-named")}
+
+
+@pytest.mark.heavy  # a 4-rank spawn
+@pytest.mark.timeout(600)
+def test_unplanned_parameters_seeing_a_ranks_activations_are_refused_then_exact_when_named(tmp_path):
+    """Note [unplanned parameters]: Apertus's act_fn parameters get a rank's partial gradient under its own plan; the
+    first step refuses them by name on every rank; named 'replicated_with_grad_allreduce', loss and gradients match
+    the unpatched model (fxpp.testing.sweep_tp's comparison, atol=rtol=1e-4)."""
+    runs = run_distributed(unplanned_rank, PP * TP, tmp_path, timeout_s=540, pg_timeout_s=120)
+    for rank, r in enumerate(runs):
+        refused = r["apertus"]
+        assert refused["status"] == "refused", refused
+        assert (f"TensorParallelError: fxpp.runtime.tensor_parallel: stage {rank // TP}: the gradients of 2 "
+                "parameter(s) the tp plan does not name differ over the tp ranks (e.g. model.layers."
+                ) in refused["detail"], refused
+        assert "mlp.act_fn.alpha_n" in refused["detail"] and (
+            "'model.layers.*.mlp.act_fn': 'replicated_with_grad_allreduce'") in refused["detail"], refused
+        assert r["apertus-named"]["status"] == "pass", r["apertus-named"]

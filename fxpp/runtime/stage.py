@@ -24,8 +24,8 @@ from .parallel import (check_parallel_args, mixed_precision_policy, parallelize_
 from .placement import check_placement
 from .protocols import SplitModel
 from .rank_state import rank_state
-from .tensor_parallel import (apply_tensor_parallel, check_crossings, check_stage_plan, check_tp_args, head_name,
-                              stage_plan, tp_plan_of)
+from .tensor_parallel import (apply_tensor_parallel, check_crossings, check_stage_plan, check_tp_args,
+                              check_unplanned_grads, head_name, stage_plan, tp_plan_of, unplanned_parameters)
 from .ties import LIVE_STAGES, UNSYNCHRONISED, guard_optimizers, tie_exchanges, tied_parameters
 
 
@@ -45,6 +45,7 @@ class FxppPipelineStage(PipelineStage):
         self._fxpp_sends = list(sends)  # (what, shape, dtype) of each tensor sent to the next stage
         self._fxpp_rebuild = rebuild  # (batch, seq) -> a stage with those static shapes; None: shapes fixed
         self._fxpp_batch_seq = batch_seq
+        self._fxpp_tp_check = None  # (stage) -> bool: the unplanned parameters' check, once (Note [unplanned parameters])
         LIVE_STAGES.add(self)
         guard_optimizers()
 
@@ -80,6 +81,8 @@ class FxppPipelineStage(PipelineStage):
 
     def _fxpp_finish(self) -> None:
         """The tied-weight exchange of this step; called by :class:`PipelineSchedule` after the step."""
+        if self._fxpp_tp_check is not None and self._fxpp_tp_check(self):
+            self._fxpp_tp_check = None
         if not self._fxpp_owed:
             return
         self._fxpp_owed = False
@@ -401,6 +404,9 @@ def build_stage(pipe: SplitModel, index: int, device: torch.device | str, group=
         rebuild=rebuild, batch_seq=batch_seq, compute_dtype=compute_dtype,
         tie_copies=frozenset(o[index] for o in tied_parameters(pipe) if index in o and index != min(o)),
     )
+    if tp_mesh is not None:
+        unplanned = unplanned_parameters(submodule, tp_entries)
+        stage._fxpp_tp_check = lambda st: check_unplanned_grads(index, st.submod, unplanned, tp_mesh)
     if stage_style is None and any(index in owners for owners in tied_parameters(pipe)):
         # Placement is known once the rank has built all its stages: at the first step.
         pipe_ref = weakref.ref(pipe)

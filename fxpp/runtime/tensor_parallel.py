@@ -94,6 +94,23 @@ Note [loss parallel]
     vocabulary. Any other loss function gets a ``DTensor`` and DTensor's own rules:
     right, but the log-softmax gathers the vocabulary.
 
+Note [unplanned parameters]
+    A parameter the plan does not name stays whole on every tp rank, which is exact only
+    where what reaches it is replicated. A module between a colwise and a rowwise
+    projection sees only the rank's part of the activations: Apertus's xIELU activation
+    (``mlp.act_fn.alpha_p``) between ``up_proj`` and ``down_proj``, per-head norms a plan
+    leaves out. Its gradient is then the rank's partial sum, different on every tp rank,
+    and the unpatched model's is their sum: a silent wrong gradient. fxpp cannot tell
+    from the module tree which side of the projections a module runs on (the query
+    low-rank projection and norms of MLA attention sit beside the head projections and
+    see replicated states), so it checks the gradients: after the first step that
+    computed them, every unplanned parameter's gradient is compared over the tp group
+    (two all-reduces, MAX and MIN, of all of them flattened, once). Gradients that
+    differ refuse the run (``TensorParallelError`` on every rank of the tp group, naming
+    the parameters), telling the user to name the module in the plan as
+    ``"replicated_with_grad_allreduce"`` (fxpp's :class:`SummedGradReplicated`: the
+    rank's partial gradients summed over tp, exact).
+
 Note [gradient placement]
     DTensor's sharding rules may return a gradient laid out otherwise than its parameter:
     the vocabulary-sharded embedding (``embedding_rowwise``: ids and the output's
@@ -421,6 +438,61 @@ def sharded_cross_entropy(logits: DTensor, labels: torch.Tensor, ignore_index: i
             "vocabulary (their last dimension) on the tp mesh alone, as the head's 'colwise' style leaves them. Give "
             "the head 'colwise_gather_output' to gather them, or shard them so")
     return _LossParallelCrossEntropy.apply(logits, labels.to(logits.device), ignore_index)
+
+
+# Relative difference over tp (of a parameter's largest gradient entry) above which an
+# unplanned parameter's gradient is a rank's partial sum (Note [unplanned parameters]):
+# replicated computations give the same gradient on every tp rank up to the order of an
+# all-reduce's sum (bitwise at tp 2: a two-term sum commutes; a few ulps, ~1e-6, beyond),
+# while a partial sum misses the other ranks' terms, of the order of the gradient itself.
+UNPLANNED_RTOL = 1e-3
+
+
+def unplanned_parameters(submodule: torch.nn.Module, entries: list[tuple[str, dict[str, str], str | None]]
+                         ) -> list[str]:
+    """The trainable parameters of the stage that the stage plan does not name, by name, sorted."""
+    named = {f"{module}.{p}" if module else p for module, params, _ in entries for p in params}
+    return sorted(n for n, p in submodule.named_parameters() if p.requires_grad and n not in named)
+
+
+def check_unplanned_grads(index: int, submodule: torch.nn.Module, names: list[str], tp_mesh) -> bool:
+    """Refuse unplanned parameters whose gradients differ over tp (Note [unplanned parameters]).
+
+    Returns False where no gradient has been computed yet (check again after the next step).
+
+    Raises:
+        TensorParallelError: naming the parameters and the relative difference.
+    """
+    grads = [submodule.get_parameter(n).grad for n in names]
+    if not names or all(g is None for g in grads):
+        return not names
+    local = [(g.to_local() if isinstance(g, DTensor) else g) for g in grads]
+    ref = next(g for g in local if g is not None)
+    flat = [torch.zeros(submodule.get_parameter(n).numel() if g is None else g.numel(), dtype=torch.float32,
+                        device=ref.device) if g is None else g.detach().float().reshape(-1) for n, g in zip(names, local)]
+    high = torch.cat(flat)
+    low = high.clone()
+    group = tp_mesh.get_group()
+    dist.all_reduce(high, op=dist.ReduceOp.MAX, group=group)
+    dist.all_reduce(low, op=dist.ReduceOp.MIN, group=group)
+    bad, start = [], 0
+    for name, f in zip(names, flat):
+        n = f.numel()
+        spread = float((high[start:start + n] - low[start:start + n]).abs().max()) if n else 0.0
+        scale = float(torch.maximum(high[start:start + n].abs(), low[start:start + n].abs()).max()) if n else 0.0
+        if spread > UNPLANNED_RTOL * scale:
+            bad.append((name, spread / scale))
+        start += n
+    if bad:
+        modules = sorted({replace_layer_number_by_wildcard(name.rpartition(".")[0]) for name, _ in bad})
+        raise TensorParallelError(
+            f"fxpp.runtime.tensor_parallel: stage {index}: the gradients of {len(bad)} parameter(s) the tp plan does "
+            f"not name differ over the tp ranks (e.g. {bad[0][0]}, by {bad[0][1]:.3g} of its largest entry): they "
+            "see a rank's part of the activations (between a colwise and a rowwise projection), so each rank has a "
+            "partial gradient. Name their modules in the plan as 'replicated_with_grad_allreduce' (summed over tp), "
+            f"e.g. model.tp_plan = {{**model.tp_plan, {modules[0]!r}: 'replicated_with_grad_allreduce'}}, or build "
+            "with tp 1")
+    return True
 
 
 def _grad_as_param(p: torch.nn.Parameter) -> None:

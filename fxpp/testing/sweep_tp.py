@@ -20,8 +20,8 @@ tp run
     sharded one) are compared at the sweep's ``atol=rtol=1e-4``.
 
 Statuses (:data:`TP_STATUSES`): ``pass``; ``mismatch`` (a number differs: the worst
-tensor named); ``refused`` (an ``FxppError`` at the precheck or at build_stage, its
-reason quoted); ``no plan`` (the model has no tp plan); ``error`` (any other exception,
+tensor named); ``refused`` (an ``FxppError`` at the precheck, at build_stage or after the
+step, its reason quoted); ``no plan`` (the model has no tp plan); ``error`` (any other exception,
 or the spawn died on the family); ``not run`` (the single-process pipeline did not pass,
 or the model was not built).
 
@@ -90,7 +90,10 @@ def check_family_tp(mesh, model_type: str, class_name: str, build: Callable) -> 
         return {"status": "refused", "detail": f"{type(e).__name__}: {e}", "diff": None}
     loss_fn = causal_lm_loss(labels, M, model=model)
     losses: list[torch.Tensor] = []
-    make_schedule("1F1B", [stage], M, loss_fn).step(**inputs, target=labels, losses=losses)
+    try:  # after the step: the unplanned parameters' check (Note [unplanned parameters])
+        make_schedule("1F1B", [stage], M, loss_fn).step(**inputs, target=labels, losses=losses)
+    except FxppError as e:
+        return {"status": "refused", "detail": f"{type(e).__name__}: {e}", "diff": None}
     model.zero_grad(set_to_none=True)
     ref_losses = []
     chunks = zip(*(torch.tensor_split(v, M) for v in inputs.values()))
@@ -105,13 +108,14 @@ def check_family_tp(mesh, model_type: str, class_name: str, build: Callable) -> 
         if not ok:
             bad.append(("(loss)", diff))
     for name, p in sorted(stage.submod.named_parameters()):  # the same order on both tp ranks (full_tensor)
-        if p.grad is None:
-            bad.append((f"{name} (no gradient)", math.inf))
+        ref = model.get_parameter(name).grad
+        if p.grad is None or ref is None:
+            if (p.grad is None) != (ref is None):  # both None: a parameter no loss reaches (a frozen bias)
+                bad.append((f"{name} (a gradient on one side only)", math.inf))
             continue
         got = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
-        ref = model.get_parameter(name).grad
         # The schedule divides the microbatches' summed gradients by M (scale_grads); so does the reference.
-        ok, diff = _close(got, ref / M if ref is not None else torch.zeros_like(got))
+        ok, diff = _close(got, ref / M)
         worst = max(worst, diff)
         if not ok:
             bad.append((name, diff))
@@ -131,6 +135,10 @@ def tp_rank(rank: int, world: int, workdir: str, families: list[tuple[str, str]]
         except Exception as e:  # noqa: BLE001 - reported in the column
             mine = {"status": "error", "detail": f"{type(e).__name__}: {' '.join(str(e).split())[:300]}",
                     "diff": None, "traceback": traceback.format_exc()}
+        # This rank's own result first: where another rank is stuck in a collective, the
+        # gather below fails, and the driver reads the cause here.
+        with open(os.path.join(workdir, f"tp_rank{rank}.jsonl"), "a") as f:
+            f.write(json.dumps({"family": model_type, **mine}) + "\n")
         every: list[Any] = [None] * world
         dist.all_gather_object(every, mine)
         merged = _merge(every)
@@ -150,6 +158,18 @@ def _merge(per_rank: list[dict]) -> dict:
     return {"status": worst["status"], "detail": f"rank {rank}: {worst['detail']}", "diff": worst.get("diff")}
 
 
+def _cause(workdir: str, family: str) -> str | None:
+    """The first rank's own error on ``family`` (its file), where one rank raised and another hung."""
+    for rank in range(PP * TP):
+        path = os.path.join(workdir, f"tp_rank{rank}.jsonl")
+        if os.path.exists(path):
+            with open(path) as f:
+                mine = [json.loads(line) for line in f if line.strip()]
+            if mine and mine[-1]["family"] == family and mine[-1]["status"] != "pass":
+                return f"rank {rank}: {mine[-1]['detail']}"
+    return None
+
+
 def tp_column(families: list[tuple[str, str]], build: Callable, *, seconds_per_family: float = 120.0,
               progress: Callable | None = None) -> dict[str, dict]:
     """The tp run of ``families`` (``(model_type, class_name)``): ``{model_type: {"status", "detail"}}``.
@@ -162,9 +182,10 @@ def tp_column(families: list[tuple[str, str]], build: Callable, *, seconds_per_f
     left = list(families)
     with tempfile.TemporaryDirectory(prefix="fxpp_sweep_tp_") as workdir:
         while left:
+            for name in (RESULTS, *(f"tp_rank{r}.jsonl" for r in range(PP * TP))):
+                if os.path.exists(os.path.join(workdir, name)):
+                    os.remove(os.path.join(workdir, name))
             path = os.path.join(workdir, RESULTS)
-            if os.path.exists(path):
-                os.remove(path)
             failure = None
             try:
                 ranks = run_ranks(tp_rank, PP * TP, left, build, workdir=workdir, threads=1, pg_timeout_s=60,
@@ -182,8 +203,9 @@ def tp_column(families: list[tuple[str, str]], build: Callable, *, seconds_per_f
                     progress(r)
             left = left[len(done):]
             if left:  # the spawn stopped on left[0]
+                cause = _cause(workdir, left[0][0]) or " ".join(str(failure).split())[:300]
                 results[left[0][0]] = {"family": left[0][0], "status": "error",
-                                       "detail": f"the 4-rank run failed on it: {' '.join(str(failure).split())[:300]}"}
+                                       "detail": f"the 4-rank run failed on it: {cause}"}
                 if progress is not None:
                     progress(results[left[0][0]])
                 left = left[1:]
