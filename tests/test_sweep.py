@@ -441,3 +441,25 @@ def test_tp_column_runs_pp2_tp2_and_reports_each_family():
     assert tp_summary(results).endswith("2 pass, 0 mismatch, 0 refused, 1 no plan, 0 error, 0 not run")
     text = markdown(results)
     assert "| `llama` | `LlamaForCausalLM` | pass | ✓ ✓ ✓ ✓ ✓ – | ✓ | max diff 0 |" in text, text
+
+
+def test_tp_only_rewrites_the_column_and_its_section_and_nothing_else(tmp_path):
+    """``python -m fxpp.sweep --tp-only --write-docs`` on a page without a tp column, then again on its own output."""
+    from fxpp.testing.sweep_causal import TP_END, TP_START, docs_rows, write_tp_column
+
+    page = tmp_path / "supported_models.md"
+    page.write_text("# Supported models\n\n| family | class | status | ids / padded | detail |\n|---|---|---|---|---|\n"
+                    "| `a` | `A` | pass | ✓ ✓ | max diff 0 |\n| `b` | `B` | model-error |  | build: no |\n\n"
+                    "## Beyond the sweeps\n\ntext\n<!-- fxpp-vlm-sweep -->\n## VLM\n| `v` | `V` | pass | x |\n")
+    assert docs_rows(str(page)) == [("a", "A", "pass"), ("b", "B", "model-error")]
+    results = [SweepResult("a", "A", "pass", tp="refused", tp_detail="X: tp=2 does not divide"),
+               SweepResult("b", "B", "model-error", tp="not run", tp_detail="the 2-stage pipeline: model-error")]
+    for _ in range(2):  # the second time it replaces what the first wrote
+        write_tp_column(results, str(page))
+        text = page.read_text()
+        assert "| family | class | status | ids / padded | tp | detail |\n|---|---|---|---|---|---|\n" in text, text
+        assert "| `a` | `A` | pass | ✓ ✓ | ✗ | max diff 0 |" in text and "| `b` | `B` | model-error |  | · |" in text
+        assert text.count(TP_START) == 1 and text.count(TP_END) == 1, text
+        assert "- `a` (refused): X: tp=2 does not divide" in text
+        assert "1 refused" in text and text.index(TP_END) < text.index("## Beyond the sweeps")
+        assert text.endswith("<!-- fxpp-vlm-sweep -->\n## VLM\n| `v` | `V` | pass | x |\n"), text

@@ -65,6 +65,7 @@ import os
 import sys
 import time
 import traceback
+import warnings
 from typing import Any, Iterable
 
 import torch
@@ -294,14 +295,20 @@ def sweep_causal_lm(
     for r in results:
         if r.model_class is None and r.tp is None:
             r.tp, r.tp_detail = "not run", "the model was not built"
-    todo = [r for r in results if r.tp is None]
     if not tp:
-        for r in todo:
-            r.tp, r.tp_detail = "not run", "the sweep ran without its tp column (--no-tp)"
+        for r in results:
+            if r.tp is None:
+                r.tp, r.tp_detail = "not run", "the sweep ran without its tp column (--no-tp)"
         return results
+    return run_tp_column(results, progress=progress is not None)
+
+
+def run_tp_column(results: list[SweepResult], *, progress: bool = False) -> list[SweepResult]:
+    """Fill ``tp`` of the results whose precheck left it None: one 4-rank spawn (:func:`tp_column`)."""
+    todo = [r for r in results if r.tp is None]
 
     def tp_progress(got):
-        if progress is not None:
+        if progress:
             print(f"  tp {got['family']:<25} {got['status']:<8} {got['detail'][:100]}", file=sys.stderr, flush=True)
 
     column = tp_column([(r.family, r.class_name) for r in todo], build_tiny, progress=tp_progress)
@@ -310,14 +317,96 @@ def sweep_causal_lm(
     return results
 
 
+TP_ONLY_COMMAND = "python -m fxpp.sweep --tp-only --write-docs"
+TP_START, TP_END = "<!-- fxpp-tp-column -->", "<!-- /fxpp-tp-column -->"
+
+
+def docs_rows(path: str = DOCS_PATH) -> list[tuple[str, str, str]]:
+    """``(family, class, status)`` of every row of the causal table in ``path``, in order."""
+    with open(path) as f:
+        causal = f.read().split(SECTION_MARK, 1)[0]
+    rows = []
+    for line in causal.splitlines():
+        if line.startswith("| `"):
+            cells = line.split(" | ")
+            rows.append((cells[0].strip("| `"), cells[1].strip("`"), cells[2].strip()))
+    return rows
+
+
+def sweep_tp_only(path: str = DOCS_PATH, families: Iterable[str] | None = None, *,
+                  progress: bool = True) -> list[SweepResult]:
+    """The tp column alone for the families of the table in ``path`` (its status column says which passed).
+
+    Each family that passed is built again (:func:`build_tiny`) for the precheck; the
+    others are ``not run``. ``families`` restricts the rerun (the rest are not run).
+    """
+    chosen = None if families is None else set(families)
+    results = []
+    for family, class_name, status in docs_rows(path):
+        r = SweepResult(family=family, class_name=class_name, status=status)
+        if status != "pass" or (chosen is not None and family not in chosen):
+            r.tp, r.tp_detail = "not run", f"the 2-stage pipeline: {status}" if status != "pass" else "not chosen"
+        else:
+            try:
+                r.tp, r.tp_detail = precheck(build_tiny(family, class_name)) or (None, "")
+            except Exception as e:  # noqa: BLE001 - the sweep built it; report, do not stop the column
+                r.tp, r.tp_detail = "error", f"build: {type(e).__name__}: {_md(str(e))[:200]}"
+        results.append(r)
+    return run_tp_column(results, progress=progress)
+
+
+def write_tp_column(results: list[SweepResult], path: str = DOCS_PATH) -> str:
+    """Rewrite the tp cells and the tp section of the causal table in ``path`` (the rest of the page unchanged)."""
+    with open(path) as f:
+        text = f.read()
+    causal, mark, vlm = text.partition(SECTION_MARK)
+    by = {r.family: r for r in results}
+    out, skipping = [], False
+    block = [TP_START, *tp_lines(results, TP_ONLY_COMMAND), TP_END]
+    for line in causal.split("\n"):
+        if line.startswith("| family | class | status |") and "| tp |" not in line:
+            line = line.replace("| detail |", "| tp | detail |")
+        elif line.startswith("|---|") and out and "| tp |" in out[-1] and line.count("|---") == 5:
+            line = "|---" * 6 + "|"
+        elif line.startswith("| `"):
+            cells = line.split(" | ")
+            family = cells[0].strip("| `")
+            mark_cell = TP_MARKS.get(by[family].tp, "·") if family in by else "·"
+            if len(cells) == 5:  # no tp column yet
+                cells.insert(4, mark_cell)
+            else:
+                cells[4] = mark_cell
+            line = " | ".join(cells)
+        if line == TP_START or (line.startswith("**tp column**") and not skipping):
+            skipping = True
+            continue
+        if skipping:
+            if line == TP_END or line.startswith("## "):
+                skipping = False
+                out.extend(block)
+                block = []
+                if line == TP_END:
+                    continue
+            else:
+                continue
+        if line.startswith("## Beyond the sweeps") and block:
+            out.extend([*block, ""])
+            block = []
+        out.append(line)
+    with open(path, "w") as f:
+        f.write("\n".join(out) + mark + vlm)
+    return path
+
+
 def tp_summary(results: list[SweepResult]) -> str:
     """``tp (pp 2 x tp 2): a pass, b mismatch, ...`` over :data:`TP_STATUSES`."""
     counts = {s: sum(r.tp == s for r in results) for s in TP_STATUSES}
     return "tp (pp 2 x tp 2, 4 gloo ranks): " + ", ".join(f"{counts[s]} {s}" for s in TP_STATUSES)
 
 
-def tp_lines(results: list[SweepResult]) -> list[str]:
+def tp_lines(results: list[SweepResult], command: str | None = None) -> list[str]:
     """The tp column's prose, summary and the families it refuses or fails, each with its reason."""
+    by = f" Generated by `{command}` (the column alone, on the table above)." if command else ""
     lines = [
         "**tp column** (`fxpp.testing.sweep_tp`): families that pass above and whose tensor-parallel plan tp 2 "
         "can apply run once more as pp 2 x tp 2 on 4 gloo ranks in one spawn: `fxpp.pipeline(model, 2, cuts=[1])`, "
@@ -325,7 +414,7 @@ def tp_lines(results: list[SweepResult]) -> list[str]:
         "plan, fxpp's styles), one 1F1B step of 2 microbatches (4x8 tokens, left padding) with "
         "`fxpp.causal_lm_loss`; the last stage's loss and every gradient (`.full_tensor()`) against the unpatched "
         f"model on the same microbatches, `atol=rtol={ATOL:g}`. Marks: "
-        + ", ".join(f"{TP_MARKS[s]} {s}" for s in TP_STATUSES) + ".",
+        + ", ".join(f"{TP_MARKS[s]} {s}" for s in TP_STATUSES) + "." + by,
         "",
         f"**{tp_summary(results)}.**",
         "",
@@ -377,7 +466,9 @@ def markdown(results: list[SweepResult], command: str = COMMAND) -> str:
         "",
         *markdown_results(results, CAUSAL_CASES, column=("tp", lambda r: TP_MARKS.get(r.tp, "·"))),
         "",
+        TP_START,
         *tp_lines(results),
+        TP_END,
         *BEYOND_THE_SWEEP,
     ]
     return "\n".join(lines) + "\n"
@@ -401,7 +492,25 @@ def main(argv: list[str] | None = None, prog: str = "python -m fxpp.sweep") -> i
     parser = sweep_parser(prog, __doc__, "llama,gemma", f"write {os.path.relpath(DOCS_PATH)}", 60.0)
     parser.add_argument("--no-tp", action="store_true",
                         help="skip the tp column (pp 2 x tp 2 on 4 gloo ranks, fxpp.testing.sweep_tp)")
+    parser.add_argument("--tp-only", action="store_true",
+                        help="only the tp column, for the families the docs table says pass; with --write-docs it "
+                             "rewrites that column of the table")
     args = parser.parse_args(argv)
+    if args.tp_only and args.only and args.write_docs:
+        parser.error("--tp-only --write-docs rewrites the whole column: leave out --only")
+    if args.tp_only:
+        transformers.logging.set_verbosity_error()
+        warnings.filterwarnings("ignore")
+        torch.set_num_threads(args.threads)
+        t0 = time.perf_counter()
+        results = sweep_tp_only(families=args.only.split(",") if args.only else None, progress=not args.quiet)
+        for r in results:
+            if r.tp not in ("not run",):
+                print(f"  {r.family:<28} {r.tp:<8} {r.tp_detail[:120]}")
+        print(f"{tp_summary(results)} ({time.perf_counter() - t0:.0f}s)")
+        if args.write_docs:
+            print(f"wrote {write_tp_column(results)}")
+        return 0
 
     def sweep(families, **kwargs):
         return sweep_causal_lm(families, tp=not args.no_tp, **kwargs)
