@@ -463,3 +463,8 @@ def test_tp_only_rewrites_the_column_and_its_section_and_nothing_else(tmp_path):
         assert "- `a` (refused): X: tp=2 does not divide" in text
         assert "1 refused" in text and text.index(TP_END) < text.index("## Beyond the sweeps")
         assert text.endswith("<!-- fxpp-vlm-sweep -->\n## VLM\n| `v` | `V` | pass | x |\n"), text
+    # What a rerun of some families keeps of the others: the status and the reason the page gives.
+    from fxpp.testing.sweep_causal import _docs_table
+
+    assert _docs_table(str(page)) == [("a", "A", "pass", "refused", "X: tp=2 does not divide"),
+                                      ("b", "B", "model-error", "not run", "")]

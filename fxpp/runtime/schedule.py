@@ -107,6 +107,7 @@ class PipelineSchedule:
         self._start_step(shape, one_header_read=False)
         result = run_microbatches(self.torch_schedule, microbatches, targets, losses, return_outputs=return_outputs)
         finish_step(self.stages)
+        _check_tp_gradients(self.stages)
         return result
 
     def _split_shape(self, kwargs: dict) -> tuple[int, ...] | None:
@@ -138,6 +139,8 @@ class PipelineSchedule:
             result = call()
             if train:
                 finish_step(self.stages)
+        if train:
+            _check_tp_gradients(self.stages)
         return result
 
     def _headers_differed(self) -> bool:
@@ -219,6 +222,14 @@ class PipelineSchedule:
                 "(fxpp.pipeline(model, n, example_inputs=...)) and its stages again")
         self.stages = [s._fxpp_rebuild(batch_seq) if s._fxpp_batch_seq != batch_seq else s for s in self.stages]
         self.torch_schedule = self._make()
+
+
+def _check_tp_gradients(stages) -> None:
+    """Each tensor-parallel stage's check of its unplanned parameters' gradients (Note [unplanned parameters])."""
+    for stage in stages:
+        check = getattr(stage, "check_tp_gradients", None)
+        if check is not None:
+            check()
 
 
 def make_schedule(name, stages: list, n_microbatches: int, loss_fn, **kwargs) -> PipelineSchedule:

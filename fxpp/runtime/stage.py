@@ -81,13 +81,18 @@ class FxppPipelineStage(PipelineStage):
 
     def _fxpp_finish(self) -> None:
         """The tied-weight exchange of this step; called by :class:`PipelineSchedule` after the step."""
-        if self._fxpp_tp_check is not None and self._fxpp_tp_check(self):
-            self._fxpp_tp_check = None
         if not self._fxpp_owed:
             return
         self._fxpp_owed = False
         for tie in self._fxpp_ties:
             tie.exchange(self)
+
+    def check_tp_gradients(self) -> None:
+        """The unplanned parameters' check (Note [unplanned parameters]), once; called by :class:`PipelineSchedule`
+        at the very end of a training step, after every collective of the step, so that a refusal here leaves no
+        rank of the pipeline waiting in one."""
+        if self._fxpp_tp_check is not None and self._fxpp_tp_check(self):
+            self._fxpp_tp_check = None
 
     def scale_grads(self, grad_scale_factor: int) -> None:
         """Divide this step's gradient increment by ``grad_scale_factor``.

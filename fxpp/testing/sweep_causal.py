@@ -323,13 +323,26 @@ TP_START, TP_END = "<!-- fxpp-tp-column -->", "<!-- /fxpp-tp-column -->"
 
 def docs_rows(path: str = DOCS_PATH) -> list[tuple[str, str, str]]:
     """``(family, class, status)`` of every row of the causal table in ``path``, in order."""
+    return [row[:3] for row in _docs_table(path)]
+
+
+def _docs_table(path: str) -> list[tuple[str, str, str, str | None, str]]:
+    """``(family, class, status, tp status or None, tp detail)`` of every row of the causal table in ``path``."""
     with open(path) as f:
         causal = f.read().split(SECTION_MARK, 1)[0]
+    by_mark = {mark: status for status, mark in TP_MARKS.items()}
+    details = {}
+    for line in causal.splitlines():
+        if line.startswith("- `") and "` (" in line and "): " in line:
+            family, _, rest = line[3:].partition("` (")
+            details[family] = rest.partition("): ")[2]
     rows = []
     for line in causal.splitlines():
         if line.startswith("| `"):
             cells = line.split(" | ")
-            rows.append((cells[0].strip("| `"), cells[1].strip("`"), cells[2].strip()))
+            family = cells[0].strip("| `")
+            tp = by_mark.get(cells[4].strip()) if len(cells) > 5 else None
+            rows.append((family, cells[1].strip("`"), cells[2].strip(), tp, details.get(family, "")))
     return rows
 
 
@@ -338,14 +351,17 @@ def sweep_tp_only(path: str = DOCS_PATH, families: Iterable[str] | None = None, 
     """The tp column alone for the families of the table in ``path`` (its status column says which passed).
 
     Each family that passed is built again (:func:`build_tiny`) for the precheck; the
-    others are ``not run``. ``families`` restricts the rerun (the rest are not run).
+    others are ``not run``. ``families`` restricts the rerun: the others keep the tp
+    status and reason the page gives them.
     """
     chosen = None if families is None else set(families)
     results = []
-    for family, class_name, status in docs_rows(path):
+    for family, class_name, status, old_tp, old_detail in _docs_table(path):
         r = SweepResult(family=family, class_name=class_name, status=status)
-        if status != "pass" or (chosen is not None and family not in chosen):
-            r.tp, r.tp_detail = "not run", f"the 2-stage pipeline: {status}" if status != "pass" else "not chosen"
+        if status != "pass":
+            r.tp, r.tp_detail = "not run", f"the 2-stage pipeline: {status}"
+        elif chosen is not None and family not in chosen:
+            r.tp, r.tp_detail = old_tp or "not run", old_detail if old_tp else "not in the page's tp column"
         else:
             try:
                 r.tp, r.tp_detail = precheck(build_tiny(family, class_name)) or (None, "")
@@ -494,10 +510,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m fxpp.sweep") -> i
                         help="skip the tp column (pp 2 x tp 2 on 4 gloo ranks, fxpp.testing.sweep_tp)")
     parser.add_argument("--tp-only", action="store_true",
                         help="only the tp column, for the families the docs table says pass; with --write-docs it "
-                             "rewrites that column of the table")
+                             "rewrites that column of the table (with --only: those families' cells, the others kept)")
     args = parser.parse_args(argv)
-    if args.tp_only and args.only and args.write_docs:
-        parser.error("--tp-only --write-docs rewrites the whole column: leave out --only")
     if args.tp_only:
         transformers.logging.set_verbosity_error()
         warnings.filterwarnings("ignore")

@@ -133,7 +133,10 @@ def tp_rank(rank: int, world: int, workdir: str, families: list[tuple[str, str]]
         try:
             mine = check_family_tp(mesh, model_type, class_name, build)
         except Exception as e:  # noqa: BLE001 - reported in the column
-            mine = {"status": "error", "detail": f"{type(e).__name__}: {' '.join(str(e).split())[:300]}",
+            root = e
+            while root.__cause__ is not None:  # torch's stage wraps the model's error with its inputs' dump
+                root = root.__cause__
+            mine = {"status": "error", "detail": f"{type(root).__name__}: {' '.join(str(root).split())[:300]}",
                     "diff": None, "traceback": traceback.format_exc()}
         # This rank's own result first: where another rank is stuck in a collective, the
         # gather below fails, and the driver reads the cause here.
