@@ -269,10 +269,14 @@ def runs(tmp_path_factory):
 GRAD_ULPS = 24
 # The pipeline is no less accurate than the unpatched model: per tensor, its distance
 # to the float64 gradient is at most ERROR_RATIO times the unpatched model's plus
-# ERROR_FLOOR ulps (where the unpatched model happens to round to within a fraction of
-# an ulp, one reassociation still moves a sum by an ulp or two). Measured: at most 1.9x
-# where the unpatched error is over 2 ulps; at most 2.4 ulps where it is under.
-ERROR_RATIO, ERROR_FLOOR = 2.0, 4.0
+# ERROR_FLOOR ulps (where the unpatched model happens to round to within a few ulps, a
+# sum taken in another tree still lands anywhere within the same float32 error range).
+# Measured: at most 1.9x where the unpatched error is over 2 ulps; at most 2.4 ulps where
+# it is under; Gemma 3's per-head q_norm under pp 2 x dp 2 x tp 2, whose gradient is
+# summed over the tokens and heads of each tp rank, then over tp, over dp and over the
+# microbatches (four levels of partial sums), 12.7 ulps where the unpatched model's
+# single sum happened to land 4.2 ulps off: 8 ulps of floor covers it (2 x 4.2 + 8).
+ERROR_RATIO, ERROR_FLOOR = 2.0, 8.0
 # Parameters after STEPS SGD steps, in ulps: the first step moves a parameter by LR
 # times its gradient's difference plus two roundings (test_runtime._check); the second
 # adds LR times the second gradient's difference, which the first step's parameter
@@ -285,6 +289,12 @@ PARAM_ULPS = 64
 def check_report(per_rank: list[dict], config: Config) -> None:
     tied = config.tie
     assert any(r["loss"] is not None for r in per_rank)
+    # The measured maxima (pytest -s) that the bounds' comments quote, before any assertion.
+    grads = [d for r in per_rank for d in r["grad"].values() if d != "missing"]
+    print(f"{config.name}: loss {max(_ulps(r['loss']) for r in per_rank if r['loss'] is not None):.3g} ulps, "
+          f"gradients up to {max(_ulps(d[0]) for d in grads):.3g} ulps, to float64 up to "
+          f"{max(_ulps(d[1]) / max(_ulps(d[2]), 1.0) for d in grads):.3g}x the unpatched model's, parameters up to "
+          f"{max(_ulps(d) for r in per_rank for d in r['param'].values()):.3g} ulps")
     for rank, r in enumerate(per_rank):
         assert r["model_untouched"], f"rank {rank}: the user's model was changed"
         if r["loss"] is not None:
@@ -307,10 +317,6 @@ def check_report(per_rank: list[dict], config: Config) -> None:
             assert p_diff <= bound, f"rank {rank} param {name} after one step differs by {p_diff:.3g}, over {bound:.3g}"
         for name, d in r["param"].items():
             assert _ulps(d) <= PARAM_ULPS, f"rank {rank} param {name} after {STEPS} steps: {_ulps(d):.3g} ulps"
-    # The measured maxima (pytest -s) that the bounds' comments quote.
-    print(f"{config.name}: loss {max(_ulps(r['loss']) for r in per_rank if r['loss'] is not None):.3g} ulps, "
-          f"gradients up to {max(_ulps(d[0]) for r in per_rank for d in r['grad'].values()):.3g} ulps, "
-          f"parameters up to {max(_ulps(d) for r in per_rank for d in r['param'].values()):.3g} ulps")
     names = set().union(*(r["names"] for r in per_rank))
     if tied:
         assert {"lm_head.weight", "model.embed_tokens.weight"} <= names
