@@ -20,8 +20,8 @@ tp run
     sharded one) are compared at the sweep's ``atol=rtol=1e-4``.
 
 Statuses (:data:`TP_STATUSES`): ``pass``; ``mismatch`` (a number differs: the worst
-tensor named); ``refused`` (an ``FxppError`` at the precheck, at build_stage or after the
-step, its reason quoted); ``no plan`` (the model has no tp plan); ``error`` (any other exception,
+tensor named); ``refused`` (an ``FxppError`` at the precheck, at build_stage on any rank
+(every rank hears it before the step) or after the step, its reason quoted); ``no plan`` (the model has no tp plan); ``error`` (any other exception,
 or the spawn died on the family); ``not run`` (the single-process pipeline did not pass,
 or the model was not built).
 
@@ -83,11 +83,21 @@ def check_family_tp(mesh, model_type: str, class_name: str, build: Callable) -> 
     inputs = make_inputs(2 * M, 8, seed=5)
     labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
     microbatch = {k: v[: v.shape[0] // M] for k, v in inputs.items()}
+    built: dict[str, Any] = {"status": "pass"}
     try:
         pipe = pipeline(model, PP, cuts=[1], example_inputs=microbatch)
         stage = pipe.build_stage(mesh.get_local_rank("pp"), "cpu", mesh=mesh)
-    except FxppError as e:
-        return {"status": "refused", "detail": f"{type(e).__name__}: {e}", "diff": None}
+    except Exception as e:  # noqa: BLE001 - agreed on below, reported in the column
+        built = {"status": "refused" if isinstance(e, FxppError) else "error",
+                 "detail": f"{type(e).__name__}: {' '.join(str(e).split())[:300]}", "diff": None}
+    # A refusal can be one stage's (a stage the plan names nothing of): every rank hears it
+    # before any steps, else the other stage's ranks would wait for it in the step.
+    every: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(every, built)
+    failed = [(rank, b) for rank, b in enumerate(every) if b["status"] != "pass"]
+    if failed:
+        rank, b = failed[0]
+        return {**b, "detail": f"rank {rank}: {b['detail']}"}  # the same on every rank
     loss_fn = causal_lm_loss(labels, M, model=model)
     losses: list[torch.Tensor] = []
     try:  # after the step: the unplanned parameters' check (Note [unplanned parameters])
@@ -158,7 +168,8 @@ def _merge(per_rank: list[dict]) -> dict:
         diff = max(r["diff"] for r in per_rank)
         return {"status": "pass", "detail": f"max diff {diff:.3g}", "diff": diff}
     rank = per_rank.index(worst)
-    return {"status": worst["status"], "detail": f"rank {rank}: {worst['detail']}", "diff": worst.get("diff")}
+    detail = worst["detail"] if worst["detail"].startswith("rank ") else f"rank {rank}: {worst['detail']}"
+    return {"status": worst["status"], "detail": detail, "diff": worst.get("diff")}
 
 
 def _cause(workdir: str, family: str) -> str | None:
