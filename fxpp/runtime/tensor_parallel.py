@@ -49,7 +49,9 @@ Note [tensor parallel stages]
       (``ep_plan``: ``grouped_gemm``, ``ep_dispatch_experts``) is not applied: the
       routed experts run whole on every tp rank (each computes the same tokens' experts:
       tp saves none of their memory or time), while shared experts and dense MLPs follow
-      the tp plan where it names them (``mlp.shared_experts.gate_proj`` colwise, ...).
+      the tp plan where it names them (``mlp.shared_experts.gate_proj`` colwise, ...). A
+      tp plan that names routed experts (Llama 4's ``moe_tp_experts``, a style
+      transformers deprecates) is refused as a style fxpp does not apply.
       The router's logits, and so the load-balancing loss, are the same on every tp rank
       (Note [auxiliary loss] in ``fxpp.runtime.loss``).
 
