@@ -58,13 +58,14 @@ CONFIGS = [
     Config("qwen3", "1F1B", 2, "loop", False),  # per-head q_norm / k_norm (replicated_with_grad_allreduce)
 ]
 # Heavier (-m heavy): the zero-bubble V schedule (two stages a rank, the tied pair on one
-# rank, weight gradients in separate backward calls) on pp 2 x tp 2, and pp 2 x dp 2 x tp 2
+# rank, weight gradients in separate backward calls; loss-parallel, whose backward then
+# runs in the input-gradient pass) on pp 2 x tp 2, and pp 2 x dp 2 x tp 2
 # on 8 ranks (FSDP2 over dp on the tp-sharded parameters). Gemma 3 text: tied, sliding
 # windows, final-logit softcapping on sharded logits; Qwen3-MoE: routed experts whole on
 # every tp rank, attention split, the router's load-balancing loss in the loss.
 FAMILY_CONFIGS = [Config("gemma3", "1F1B", 2, "loop", True, loss_parallel=True),
                   Config("qwen3_moe", "1F1B", 2, "loop", False, router=True)]
-HEAVY_CONFIGS = [Config("llama", "ZBVZeroBubble", 4, "v", True), *FAMILY_CONFIGS]
+HEAVY_CONFIGS = [Config("llama", "ZBVZeroBubble", 4, "v", True, loss_parallel=True), *FAMILY_CONFIGS]
 DP = 2
 # The ZBV one with activation checkpointing: each layer recomputed (tp collectives included)
 # once for the input gradients and once for the weight gradients.
