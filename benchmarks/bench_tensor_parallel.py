@@ -318,8 +318,8 @@ COLUMNS = {
     "params": ["config", "rank", "stage", "layers", "tp", "dp", "stage_MB", "measured_MB", "share/tp/dp_MB",
                "measured/expected", "ratio_ok", "exact_expected_MB"],
     "loss_parallel": ["head", "logits", "rank", "microbatch", "vocab", "logits_MB", "loss_saved_MB",
-                      "loss_saved_vs_gathered", "peak_rss_above_start_MB", "peak_vs_gathered", "cuda_peak_above_start_MB",
-                      "loss", "loss_diff"],
+                      "loss_saved_vs_gathered", "peak_rss_above_start_MB", "peak_vs_gathered",
+                      "cuda_peak_above_start_MB", "loss", "loss_diff"],
     "error": ["config", "error"],
 }
 

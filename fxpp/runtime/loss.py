@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
 from torch.distributed.tensor import DTensor
 
 from ..errors import LossConfigError
