@@ -42,7 +42,9 @@ Parts
 CPU (default): local processes spawned here (``fxpp.trainer.launch.run_ranks``), gloo,
 ``torch.set_num_threads(1)`` each. CUDA: ``torchrun --nproc-per-node 4
 benchmarks/bench_tensor_parallel.py`` (NCCL, one GPU per rank) runs parts 1 (pp2xtp2), 2
-and 3 in one process group; ``--part`` picks one. Not run on GPUs yet.
+and 3 in one process group (both head styles in the same processes: the allocator's peak
+is reset for each, while on CPU ``ru_maxrss`` shows only the first's); ``--part`` picks
+one. Dry-run under torchrun on CPU (gloo); not run on GPUs yet.
 
 Run:  PYTHONPATH=. python benchmarks/bench_tensor_parallel.py [--steps 3] [--warmup 1] [--json PATH]
 """
