@@ -13,6 +13,7 @@ import torch
 from transformers.modeling_outputs import CausalLMOutputWithPast, MoeCausalLMOutputWithPast
 
 from .analysis.costs import BlockCost, estimate_block_costs
+from .analysis.annotate import called_modules
 from .analysis.cuts import crossing_values, describe_crossing
 from .analysis.verify import verify_pipeline
 from .compile import build_stage_module, check_model, num_decoder_layers, trace_canonical
@@ -47,7 +48,7 @@ class Pipeline:
         for role, layers in zip(roles_for(len(layer_ranges)), layer_ranges):
             spec = StageSpec(role=StageRole.parse(role), layers=layers, num_layers=n)
             self.stages.append(build_stage_module(model, model_graph, spec))
-        graph, modules = model_graph.graph, dict(model_graph.named_modules())
+        graph, modules = model_graph.graph, called_modules(model_graph)
         cut_values = [(r.start, crossing_values(graph, r.start)) for r in layer_ranges[1:]]
         self.crossing = [[v.name for v in values] for _, values in cut_values]
         self.signature = signature_record(model_graph).signature
