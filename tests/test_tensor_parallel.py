@@ -76,11 +76,13 @@ def _ulps(diff_and_scale) -> float:
     return diff / (EPS * scale) if scale else diff
 
 
-def run_config(mesh, config: Config, dp: int = 1) -> dict:
+def run_config(mesh, config: Config, dp: int = 1, checkpoint: str | None = None) -> dict:
     """Train ``config`` on this rank's stages for ``STEPS`` SGD steps; the differences from the unpatched model.
 
     With ``dp > 1`` the batch is split over the replicas (``fxpp.local_batch``) and the
     reference sums the way pipeline x dp does (``test_data_parallel.reference_step_dp``).
+    With ``checkpoint`` (the unpatched model's ``save_pretrained`` folder) the pipeline is
+    built from the model on the meta device and each rank reads its slices from it.
     """
     import fxpp
     from fxpp.runtime.schedule import make_schedule
@@ -94,10 +96,16 @@ def run_config(mesh, config: Config, dp: int = 1) -> dict:
     inputs, labels = _batch(8, 8)  # left padding: the microbatches (and replicas) hold different token counts
     local = fxpp.local_batch({**inputs, "labels": labels}, mesh)
     local_labels = local.pop("labels")
-    pipe = fxpp.pipeline(model, config.num_stages, example_inputs={k: v[: v.shape[0] // M] for k, v in local.items()})
+    example = {k: v[: v.shape[0] // M] for k, v in local.items()}
+    if checkpoint is not None:
+        from fxpp.trainer.models import build_model
+
+        model = build_model(checkpoint, device="meta").train()
+        example = {k: v.to("meta") for k, v in example.items()}
+    pipe = fxpp.pipeline(model, config.num_stages, example_inputs=example)
     ids = fxpp.stage_ids_of_rank(mesh.get_local_rank("pp"), config.num_stages, PP, config.style)
-    stages = [pipe.build_stage(i, "cpu", mesh=mesh, activation_checkpointing=config.activation_checkpointing)
-              for i in ids]
+    stages = [pipe.build_stage(i, "cpu", mesh=mesh, activation_checkpointing=config.activation_checkpointing,
+                               checkpoint=checkpoint) for i in ids]
     params = {}
     for st in stages:
         for name, p in st.submod.named_parameters():
