@@ -405,8 +405,8 @@ def test_plan_tp_shows_each_stages_parameters_per_tp_rank(capsys):
      "model.layers.0.self_attn.k_proj (num_key_value_heads=2)"),
     (["run", "tiny-qwen3_moe", "--stages", "2", "--tp", "2", "--steps", "1"],
      "Qwen3MoeForCausalLM has an expert-parallel plan"),
-    (["run", "tiny-llama", "--stages", "2", "--tp", "2", "--steps", "1", "--save-dir", "unused"],
-     "--tp 2 with --save-dir is not built yet"),
+    (["run", "tiny-llama", "--stages", "2", "--tp", "2", "--steps", "1", "--lora-rank", "4", "--save-dir", "unused"],
+     "--tp 2 with --lora-rank is not built yet"),
     (["run", "tiny-llama", "--stages", "2", "--tp", "0", "--steps", "1"],
      "--stages 2, --dp 1 and --tp 0 must be positive"),
 ])
@@ -424,7 +424,7 @@ def test_tp_settings_no_rank_can_run_are_one_line_before_any_rank_starts(argv, m
 @pytest.mark.heavy  # full fxpp runs on 4 processes
 @pytest.mark.timeout(600)
 def test_fxpp_run_tp_matches_the_unpatched_model(tmp_path, capsys):
-    """A preset, and a checkpoint directory built on meta (each rank reads its stage whole, then cuts it)."""
+    """A preset, and a checkpoint directory built on meta (each rank reads only its slices: test_tp_checkpoint.py)."""
     from fxpp.testing.zoo import tiny_model
     from fxpp.trainer.cli import main
 
