@@ -536,8 +536,8 @@ def save_optimizer(optimizer: torch.optim.Optimizer, params: torch.nn.Module | d
     refuse_non_finite(tensors, path)
     groups = [{k: v for k, v in g.items() if k != "params"} | {"params": [index_to_name[i] for i in g["params"]]}
               for g in sd["param_groups"]]
-    metadata = {"format": "pt", "param_groups": json.dumps(groups), "scalars": json.dumps(scalars),
-                "sharded": json.dumps(sharded), **(metadata or {})}
+    metadata = {"format": "pt", "param_groups": json.dumps(groups), "scalars": json.dumps(scalars, sort_keys=True),
+                "sharded": json.dumps(sorted(sharded)), **(metadata or {})}  # sorted: a resumed state, the same bytes
     return durable_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
