@@ -132,8 +132,10 @@ class Pipeline:
                 by default inferred from the stages this rank builds (known at the
                 first step; a set that fits neither is a ``StageSpecError``).
             checkpoint: a transformers safetensors checkpoint (file, directory or
-                sharded index); the stage reads only its own keys. Required when the
-                model lives on the meta device.
+                sharded index); the stage reads only its own keys (over dp or tp, only
+                each rank's part of each: Note [tensor parallel checkpoints] in
+                ``fxpp.runtime.tp_checkpoint``). Required when the model lives on the
+                meta device.
             microbatch: example inputs of a new microbatch shape. Building a stage
                 again with it (and a new schedule) changes sequence length or
                 microbatch count between steps; the stage keeps its parameters, so
