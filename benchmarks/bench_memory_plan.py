@@ -67,25 +67,24 @@ def build(name: str):
     return model.train(), lambda batch, seed: make_inputs(batch, SEQ, seed=seed)
 
 
-def allocator_peak(prof, after_us: float) -> tuple[int, int]:
-    """The largest running sum of the profiler's allocation reports after ``after_us``, and the sum then."""
+def allocator_peak(prof, after_us: float) -> tuple[int, list]:
+    """The largest running sum of the profiler's allocation reports after ``after_us``, and the
+    operators of the last allocations of 1 MiB or more before it (what the peak is made of)."""
     points = []
     for e in prof.events():
         usage = e.self_cpu_memory_usage if e.name != "[memory]" else e.cpu_memory_usage
         if usage > 0:
-            points.append((e.time_range.start, usage))
+            points.append((e.time_range.start, usage, e.name))
         elif usage < 0:
-            points.append((e.time_range.end, usage))
+            points.append((e.time_range.end, usage, e.name))
     points.sort(key=lambda p: (p[0], -p[1]))
-    run, peak, base = 0, None, None
-    for t, usage in points:
-        if t >= after_us and base is None:
-            base = run
-            peak = run
+    run, peak, at = 0, None, 0
+    for i, (t, usage, _) in enumerate(points):
         run += usage
-        if base is not None:
-            peak = max(peak, run)
-    return (peak if peak is not None else run), run
+        if t >= after_us and (peak is None or run > peak):
+            peak, at = run, i
+    context = [f"{name} {usage / MB:+.1f}" for _, usage, name in points[max(0, at - 40):at + 1] if abs(usage) >= MB]
+    return (peak if peak is not None else run), context[-12:]
 
 
 def rank_job(rank: int, world: int, workdir: str, model_name: str, schedule: str) -> dict:
@@ -121,10 +120,10 @@ def rank_job(rank: int, world: int, workdir: str, model_name: str, schedule: str
     # the profiler's clock: the first event of step 2 is after step 1's optimizer step; find it by order
     steps = [e for e in prof.events() if e.name.startswith("Optimizer.step")]
     after = steps[0].time_range.end if steps else 0.0
-    peak_rise, _ = allocator_peak(prof, after)
+    peak_rise, context = allocator_peak(prof, after)
     plan = pipe.memory_plan()[rank]
     return {"rank": rank, "stages": ids, "param_bytes": sum(params.values()), "measured": sum(params.values()) + peak_rise,
-            "predicted": plan.peak, "phase": plan.phase,
+            "predicted": plan.peak, "phase": plan.phase, "peak_context": context,
             "parts": {k: sum(getattr(s, k) for s in plan.stages) for k in
                       ("params", "grads", "optimizer", "buffers", "activations", "logits", "transient")},
             "layers": [f"{pipe.layer_ranges[i].start}-{pipe.layer_ranges[i].stop - 1}" for i in ids]}
@@ -151,6 +150,7 @@ def main() -> None:
                              "rank": v["rank"], "stages": ",".join(map(str, v["stages"])),
                              "layers": " ".join(v["layers"]), "predicted_MB": v["predicted"] / MB,
                              "measured_MB": v["measured"] / MB, "error": err, "phase": v["phase"],
+                             "measured_peak_after": " | ".join(v["peak_context"]),
                              **{f"{k}_MB": b / MB for k, b in v["parts"].items()}})
             print(f"# {model_name} {schedule}: done", flush=True)
     report(rows, ["model", "schedule", "rank", "stages", "layers", "predicted_MB", "measured_MB", "error", "phase",

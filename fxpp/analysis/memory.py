@@ -50,6 +50,10 @@ class BlockMemory:
             inputs made by other nodes, with that node's position and whether every stage
             recomputes it (``fxpp.analysis.annotate``).
         out_bytes: bytes of the block's (last module's) output.
+        weight_grads_kept: bytes a zero-bubble schedule keeps between a microbatch's input
+            backward (``I``) and its weight backward (``W``): torch's ``stage_backward_input``
+            stores the gradient at the output of every operation that uses a weight, i.e.
+            the output size of every submodule with trainable parameters.
     """
 
     name: str
@@ -60,6 +64,7 @@ class BlockMemory:
     own_saved: int = 0
     inherited: dict = field(default_factory=dict)
     out_bytes: int = 0
+    weight_grads_kept: int = 0
 
 
 def tensor_bytes(t) -> int:
@@ -139,15 +144,26 @@ def _run_module(module, node: Node, device, make, example_values: dict):
 
     args = tree_map(value_of, node.args, is_leaf=lambda x: isinstance(x, Node))
     kwargs = tree_map(value_of, dict(node.kwargs), is_leaf=lambda x: isinstance(x, Node))
-    with _SavedTensors(param_keys) as saved:
-        out = torch.func.functional_call(module, state, tuple(args), kwargs)
+    weighted = [0]
+
+    def keep_output(_mod, _inp, output):  # what the input backward of a zero-bubble schedule keeps for W
+        weighted[0] += value_bytes(output)
+
+    hooks = [m.register_forward_hook(keep_output) for m in module.modules()
+             if any(p.requires_grad for p in m.parameters(recurse=False))]
+    try:
+        with _SavedTensors(param_keys) as saved:
+            out = torch.func.functional_call(module, state, tuple(args), kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
     own, inherited = 0, {}
     for key, nbytes in saved.seen.items():
         if key in origins:
             inherited[origins[key]] = inherited.get(origins[key], 0) + nbytes
         else:
             own += nbytes
-    return own, inherited, value_bytes(out)
+    return own, inherited, value_bytes(out), weighted[0]
 
 
 def _fake(shape, dtype, device):
@@ -163,7 +179,8 @@ def _random(shape, dtype, device):
 
 
 def module_saved_bytes(module: torch.nn.Module, node: Node, device: torch.device, example_values: dict | None = None):
-    """``(own, inherited, out_bytes)`` of one traced ``call_module`` node (see the module glossary).
+    """``(own, inherited, out_bytes, weighted)`` of one traced ``call_module`` node (see the module
+    glossary; ``weighted``: the output bytes of its submodules with trainable parameters).
 
     Under a ``FakeTensorMode`` on ``device``; where that cannot run the module
     (data-dependent shapes), for real on the CPU with random values of the traced shapes.
@@ -225,7 +242,7 @@ def block_memory(gm: GraphModule, num_layers: int, device: torch.device, example
         if not nodes and 1 <= b <= num_layers and layer_modules is not None:
             mods = [layer_modules[b - 1]]
         total, trainable, largest, count = _param_facts(mods)
-        own, inherited, out = 0, {}, 0
+        own, inherited, out, kept = 0, {}, 0, 0
         for n in nodes:
             m = modules[n.target]
             key = None
@@ -233,14 +250,15 @@ def block_memory(gm: GraphModule, num_layers: int, device: torch.device, example
                 shapes = tuple((k, tuple(t.shape), t.dtype) for k, t in _module_state(m).items())
                 key = (type(m), info(n).layer_type, shapes, _arg_shapes(n))
             if key is not None and key in cache:
-                o, inh_by_pos, out = cache[key]
+                o, inh_by_pos, out, w = cache[key]
                 inh = {(_input_names(n)[pos], i): v for (pos, i), v in inh_by_pos.items()}
             else:
-                o, inh, out = module_saved_bytes(m, n, device, example_values)
+                o, inh, out, w = module_saved_bytes(m, n, device, example_values)
                 if key is not None:
                     pos_of = {nm: p for p, nm in enumerate(_input_names(n))}
-                    cache[key] = (o, {(pos_of[nm], i): v for (nm, i), v in inh.items()}, out)
+                    cache[key] = (o, {(pos_of[nm], i): v for (nm, i), v in inh.items()}, out, w)
             own += o
+            kept += w
             producers = {a.name: a for a in n.all_input_nodes}
             for (nm, i), v in inh.items():
                 rec = info(producers[nm])
@@ -248,7 +266,7 @@ def block_memory(gm: GraphModule, num_layers: int, device: torch.device, example
                 pos = -2 if producers[nm].op == "placeholder" else rec.position
                 prev = inherited.get((nm, i), (0, pos, rec.rematerialize))
                 inherited[(nm, i)] = (max(prev[0], v), pos, rec.rematerialize)
-        blocks.append(BlockMemory(name, total, trainable, largest, count, own, inherited, out))
+        blocks.append(BlockMemory(name, total, trainable, largest, count, own, inherited, out, kept))
     return blocks
 
 

@@ -137,7 +137,8 @@ def memory_aware_ranges(model: MemoryModel, costs, num_stages: int, limit: float
     lowest = _lowest_peak(model, num_stages)
     hint = (f"the smallest stage count that fits is {smallest} ({smallest // stages_per_rank(model.settings.schedule)}"
             f" ranks)" if smallest is not None else
-            f"no stage count from {num_stages} to {model.num_layers} fits")
+            (f"no stage count from {num_stages + stages_per_rank(model.settings.schedule)} to {model.num_layers} fits"
+             if num_stages < model.num_layers else "no stage count fits: every layer has a stage already"))
     raise MemoryLimitError(
         f"no split of {model.num_layers} layers into {num_stages} stages with {model.settings.schedule}, "
         f"{model.settings.num_microbatches} microbatches keeps every rank within memory_limit="

@@ -39,6 +39,7 @@ class Moment:
     split: tuple[tuple[int, int], ...]
     done: tuple[tuple[int, int], ...]
     backward: int | None
+    kind: str = "F"  # the action under way: F, B (full backward), I or W
 
 
 class _PlaceholderStage:
@@ -114,9 +115,9 @@ def rank_moments(name: str, num_stages: int, num_microbatches: int) -> dict[int,
         done: dict[int, int] = {}
         moments: list[Moment] = []
 
-        def snap(backward):
+        def snap(backward, kind):
             moments.append(Moment(tuple(sorted(held.items())), tuple(sorted(split.items())),
-                                  tuple(sorted(done.items())), backward))
+                                  tuple(sorted(done.items())), backward, kind))
 
         for action in actions:
             for kind, s in _actions(action):
@@ -126,15 +127,15 @@ def rank_moments(name: str, num_stages: int, num_microbatches: int) -> dict[int,
                 if kind == "F":
                     held[s] += 1
                     done[s] += 1
-                    snap(None)
+                    snap(None, kind)
                 elif kind == "B":
-                    snap(s)
+                    snap(s, kind)
                     held[s] -= 1
                 elif kind == "I":
-                    snap(s)
+                    snap(s, kind)
                     split[s] += 1
                 else:  # W: the graph kept since I is freed now
-                    snap(s)
+                    snap(s, kind)
                     held[s] -= 1
                     split[s] -= 1
         out[rank] = moments

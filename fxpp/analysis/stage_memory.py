@@ -221,12 +221,17 @@ class MemoryModel:
                  for s in mine}
         base = sum(sum(v) for v in fixed.values())
         act = {s: self.activations(ranges[s].start, ranges[s].stop) for s in mine}
+        kept_for_w = {s: sum(b.weight_grads_kept for b in self._range_blocks(ranges[s].start, ranges[s].stop))
+                      for s in mine}
+        largest = {s: max(b.largest_param for b in self._range_blocks(ranges[s].start, ranges[s].stop)) // self.settings.tp
+                   for s in mine}
         lf = 4 * self.logits_numel
         cast = self.logits_bytes if self.logits_bytes != lf else 0
         best = (-1, "pipeline", {s: (0, 0, 0) for s in mine})
         for moment in self.moments(n)[rank]:
             held = dict(moment.held)
             done = dict(moment.done)
+            split = dict(moment.split)
             parts = {}
             for s in mine:
                 h = held.get(s, 0)
@@ -234,9 +239,13 @@ class MemoryModel:
                 if s == last:
                     kept = done.get(s, h) if keep else h
                     logits = kept * self.logits_bytes + h * lf
-                    if moment.backward == s:
+                    if moment.backward == s and moment.kind in ("B", "I"):
                         transient = 2 * lf + cast
-                parts[s] = (h * act[s], logits, transient)
+                if moment.backward == s and moment.kind == "W" and s != 0:
+                    # torch's stage_backward_weight: the weight gradients of a parameter group
+                    # are made whole, then added to .grad (the largest parameter's at least)
+                    transient = largest[s]
+                parts[s] = (h * act[s] + split.get(s, 0) * kept_for_w[s], logits, transient)
             total = base + sum(sum(p) for p in parts.values())
             if total > best[0]:
                 best = (total, "pipeline", parts)
