@@ -8,9 +8,9 @@ Models (fp32, seeded random weights, ``train()``):
   microbatches of 2 x 64 tokens. The embedding and the head are 155 MB each; the logits
   of one microbatch 78 MB.
 * ``llava``: the test zoo's tiny LLaVA (``fxpp.testing.zoo.tiny_vlm``; a CLIP vision
-  tower and a Llama text model, hidden 64, 8 layers), widened to hidden 256 so that the
-  activations are not lost among the allocator's small change; microbatches of 2 x 64
-  tokens with one image per row.
+  tower and a Llama text model, hidden 64, 8 layers, vocabulary 128); microbatches of
+  2 x 64 tokens with one image per row. (Rows written before this docstring was fixed
+  call it ``llava-h256``; it always was hidden 64.)
 
 For each schedule (1F1B: 2 stages on 2 ranks; Interleaved1F1B and ZBVZeroBubble: 4 stages
 on 2 ranks), 2 local gloo ranks (one thread each) build ``fxpp.pipeline(model, n,
@@ -146,7 +146,7 @@ def main() -> None:
                                               barrier_at_end=True), f"{model_name} {schedule}")
             for v in values:
                 err = (v["predicted"] - v["measured"]) / v["measured"]
-                rows.append({"model": "qwen2-v151936" if model_name == "qwen" else "llava-h256", "schedule": schedule,
+                rows.append({"model": "qwen2-v151936" if model_name == "qwen" else "llava-h64", "schedule": schedule,
                              "rank": v["rank"], "stages": ",".join(map(str, v["stages"])),
                              "layers": " ".join(v["layers"]), "predicted_MB": v["predicted"] / MB,
                              "measured_MB": v["measured"] / MB, "error": err, "phase": v["phase"],
