@@ -17,6 +17,9 @@ CUDA is available, else the CPU with gloo, so the script is dry-run on CPU machi
    interleaved (eager, fxpp, eager, ...), median of ``--iters``; peak memory of each
    (``torch.cuda.max_memory_allocated``; on CPU not measured).
 
+5. **Predicted against measured memory** (issue 25): the memory model's peak of the one rank
+   against ``torch.cuda.max_memory_allocated`` over training steps 2-3, fp32 (see ``_memory``).
+
 4. **A bf16 mixed-precision training step and its host synchronisations.** fp32 master
    parameters, ``build_stage(..., mixed_precision="bf16")`` (FSDP2's policy over a 1-rank
    mesh), Interleaved1F1B, ``fxpp.clip_grad_norm_`` and AdamW; after two warm-up steps one
@@ -188,6 +191,41 @@ def _syncs_per_step(device: torch.device, args, microbatches: int) -> dict:
             "param_dtypes": sorted({str(p.dtype) for p in params.values()})}
 
 
+def _memory(device: torch.device, args) -> dict:
+    """Part 5 (issue 25): the memory model's rank peak against ``torch.cuda.max_memory_allocated``.
+
+    fp32, the 4 stages of Interleaved1F1B on this one rank, AdamW, 3 steps; the peak of
+    steps 2-3 (step 1 allocates the optimizer state and the schedule's buffers) against
+    ``pipe.memory_plan()[0]`` for the same split. On CPU nothing is measured (``None``).
+    """
+    import fxpp
+
+    model = _model(torch.float32, device, args.hidden, args.layers, args.vocab)
+    micro = args.batch // MICROBATCHES
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g).to(device)
+    pipe = fxpp.pipeline(model, STAGES, example_inputs={"input_ids": ids[:micro]}, schedule="Interleaved1F1B",
+                         microbatch=(micro, args.seq), num_microbatches=MICROBATCHES, device=device)
+    predicted = pipe.memory_plan()[0]
+    stages = [pipe.build_stage(i, device) for i in range(STAGES)]
+    schedule = fxpp.schedule("Interleaved1F1B", stages, MICROBATCHES, fxpp.causal_lm_loss(ids, MICROBATCHES))
+    opt = torch.optim.AdamW([p for st in stages for p in st.submod.parameters()], lr=1e-5)
+    peak = None
+    for step in range(3):
+        if step == 1 and device.type == "cuda":
+            _sync(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        opt.zero_grad(set_to_none=True)
+        schedule.step(input_ids=ids, target=ids)
+        opt.step()
+    if device.type == "cuda":
+        _sync(device)
+        peak = torch.cuda.max_memory_allocated(device)
+    return {"predicted_mib": predicted.peak / 2 ** 20, "phase": predicted.phase,
+            "measured_mib": None if peak is None else peak / 2 ** 20,
+            "error": None if peak is None else (predicted.peak - peak) / peak}
+
+
 def _rank(rank: int, world: int, workdir: str, args_dict: dict) -> dict:
     import torch.distributed as dist
 
@@ -201,6 +239,7 @@ def _rank(rank: int, world: int, workdir: str, args_dict: dict) -> dict:
     out["equality"] = [_equality(dt, device, args) for dt in (torch.float32, torch.bfloat16)]
     out["overhead"] = _overhead(device, args)
     out["mixed_precision_syncs"] = [_syncs_per_step(device, args, m) for m in (4, 8)]
+    out["memory"] = _memory(device, args)
     return out
 
 
@@ -236,6 +275,10 @@ def main(argv: list[str] | None = None) -> int:
         count = "n/a (no CUDA)" if mp["syncs"] is None else mp["syncs"]
         print(f"bf16 mixed precision step, {mp['microbatches']} microbatches: host synchronisations per step {count}"
               + (f" (first: {mp['first']})" if mp.get("first") else ""))
+    mem = out["memory"]
+    print(f"memory, fp32 Interleaved1F1B, 4 stages on one rank: predicted peak {mem['predicted_mib']:.0f} MiB "
+          f"({mem['phase']}), measured " + ("n/a (no CUDA)" if mem["measured_mib"] is None else
+                                            f"{mem['measured_mib']:.0f} MiB, error {mem['error']:+.1%}"))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)

@@ -136,7 +136,7 @@ def compile_example(model: torch.nn.Module, example_inputs: dict[str, Any],
     inputs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in example_inputs.items()}
     layers_fqn, layers = find_decoder_layers(model)
     ctx = CompileContext(model, inputs, layers_fqn, len(layers))
-    gm = trace_model(model, inputs, leaf_values)  # leaves the model as it was (model_unchanged inside)
+    gm = trace_model(model, inputs, leaf_values, layers_fqn=layers_fqn)  # the model left as it was
     _log_graph("trace", gm)
     for name, run in PASSES:
         run(ctx, gm)

@@ -18,6 +18,11 @@ class StageSpecError(FxppError, ValueError):
     """A stage role, layer range or pipeline setting is invalid."""
 
 
+class MemoryLimitError(FxppError, ValueError):
+    """No split of the model into the requested stages keeps every rank's predicted peak memory
+    within ``memory_limit``."""
+
+
 class TraceError(FxppError):
     """The model's forward cannot be traced into a module-granularity graph."""
 

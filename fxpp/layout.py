@@ -46,6 +46,7 @@ from typing import Iterable, Sequence
 import torch
 from torch.fx import GraphModule
 
+from .analysis.annotate import called_modules
 from .analysis.cuts import crossing_slots
 from .errors import CutError, StageInputError
 from .inputs.names import DECODER_INPUTS, DECODER_TOKEN_INPUTS, stream_tokens
@@ -245,9 +246,8 @@ def cut_layout(model_gm: GraphModule, k: int) -> CutLayout:
     if k not in record.layouts:
         slots: dict[str, Slot] = {}
         for gm in [model_gm, *record.variant_graphs.values()]:
-            modules = dict(gm.named_modules())
             try:
-                found = crossing_slots(gm.graph, k, modules)
+                found = crossing_slots(gm.graph, k, called_modules(gm))
             except CutError:
                 if gm is model_gm:
                     raise

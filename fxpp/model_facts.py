@@ -225,30 +225,37 @@ def model_unchanged(model: torch.nn.Module):
     """
     saved = []
     for module in model.modules():
-        attributes = dict(module.__dict__)  # every attribute, the state dicts' objects among them
-        state = tuple(map(dict, _state_dicts(attributes)))
+        attributes = module.__dict__.copy()  # every attribute, the state dicts' objects among them
+        # Only the non-empty state dicts are copied: an empty one (most hook dicts) is
+        # restored by clearing it, so its copy would be an empty dict anyway.
+        state = tuple(d.copy() if d else None for d in _state_dicts(attributes))
         # Contents too: a real evaluation while tracing may update a buffer in place
         # (BatchNorm's running statistics in train mode).
-        buffer_values = {k: b.clone() for k, b in module._buffers.items()
-                         if isinstance(b, torch.Tensor) and not b.is_meta} if module._buffers else {}
-        saved.append((module, attributes, state, buffer_values, module.training))
+        buffers = attributes["_buffers"]
+        buffer_values = {k: b.clone() for k, b in buffers.items()
+                         if isinstance(b, torch.Tensor) and not b.is_meta} if buffers else None
+        saved.append((module, attributes, state, buffer_values))
     try:
         yield
     finally:
-        for module, attributes, state, buffer_values, training in saved:
+        for module, attributes, state, buffer_values in saved:
             current = module.__dict__
             for key, entries in zip(_STATE_DICTS, state):
-                now = getattr(module, key)
-                if not _same_entries(now, entries):
+                now = current[key]
+                if entries is None:
+                    if now:
+                        now.clear()
+                elif not _same_entries(now, entries):
                     now.clear()
                     now.update(entries)
-            for key, value in buffer_values.items():
-                buffer = module._buffers.get(key)
-                if buffer is not None and buffer.shape == value.shape and not torch.equal(buffer, value):
-                    with torch.no_grad():
-                        buffer.copy_(value)
+            if buffer_values:
+                for key, value in buffer_values.items():
+                    buffer = module._buffers.get(key)
+                    if buffer is not None and buffer.shape == value.shape and not torch.equal(buffer, value):
+                        with torch.no_grad():
+                            buffer.copy_(value)
             if not _same_entries(current, attributes):
-                _restore_attributes(module, attributes, training)
+                _restore_attributes(module, attributes, attributes.get("training", True))
 
 
 def _restore_attributes(module: torch.nn.Module, attributes: dict, training: bool) -> None:

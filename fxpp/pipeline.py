@@ -13,10 +13,13 @@ import torch
 from transformers.modeling_outputs import CausalLMOutputWithPast, MoeCausalLMOutputWithPast
 
 from .analysis.costs import BlockCost, estimate_block_costs
+from .analysis.annotate import called_modules
 from .analysis.cuts import crossing_values, describe_crossing
+from .analysis.stage_memory import MemoryModel, MemorySettings, RankMemory
 from .analysis.verify import verify_pipeline
 from .compile import build_stage_module, check_model, num_decoder_layers, trace_canonical
 from .errors import StageInputError, StageSpecError
+from .analysis.memory_plan import format_memory_plan, memory_aware_ranges, memory_model_for, microbatch_example
 from .meta import signature_record, trace_record
 from .runtime.loss import AUX_LOSS_COEF_NAMES, router_aux_loss_coef
 from .runtime.stage import build_stage
@@ -36,8 +39,9 @@ class Pipeline:
     """
 
     def __init__(self, model: torch.nn.Module, model_graph, layer_ranges: list[range], example_inputs: dict[str, Any],
-                 block_costs: list[BlockCost]):
+                 block_costs: list[BlockCost], memory: MemoryModel | None = None):
         self.model = model
+        self.memory = memory
         self.model_graph = model_graph
         self.layer_ranges = list(layer_ranges)
         self.example_inputs = example_inputs
@@ -47,7 +51,7 @@ class Pipeline:
         for role, layers in zip(roles_for(len(layer_ranges)), layer_ranges):
             spec = StageSpec(role=StageRole.parse(role), layers=layers, num_layers=n)
             self.stages.append(build_stage_module(model, model_graph, spec))
-        graph, modules = model_graph.graph, dict(model_graph.named_modules())
+        graph, modules = model_graph.graph, called_modules(model_graph)
         cut_values = [(r.start, crossing_values(graph, r.start)) for r in layer_ranges[1:]]
         self.crossing = [[v.name for v in values] for _, values in cut_values]
         self.signature = signature_record(model_graph).signature
@@ -107,8 +111,22 @@ class Pipeline:
         rows.append(f"balance: slowest stage {max(costs) / total:.1%} of the work (ideal {1 / self.num_stages:.1%})")
         return "\n".join(rows)
 
+    def memory_plan(self) -> list[RankMemory]:
+        """Each rank's predicted peak memory, by stage and kind (``fxpp.analysis.stage_memory``).
+
+        Raises:
+            StageSpecError: the pipeline was built without ``schedule=`` (no memory model).
+        """
+        if self.memory is None:
+            raise StageSpecError("this pipeline has no memory model: build it with fxpp.pipeline(model, n, "
+                                 "schedule=NAME, microbatch=(B, S)) to predict memory")
+        return self.memory.split_memory(self.layer_ranges)
+
     def __repr__(self) -> str:
-        return self.plan()
+        plan = self.plan()
+        if self.memory is not None:
+            plan += "\n" + format_memory_plan(self.memory, self.layer_ranges, self.stage_costs())
+        return plan
 
     def build_stage(self, index: int, device, group=None, *, style: str | None = None, checkpoint: str | None = None,
                     microbatch: dict | None = None, dp_mesh=None, data_parallel: str = "fsdp",
@@ -131,8 +149,10 @@ class Pipeline:
                 by default inferred from the stages this rank builds (known at the
                 first step; a set that fits neither is a ``StageSpecError``).
             checkpoint: a transformers safetensors checkpoint (file, directory or
-                sharded index); the stage reads only its own keys. Required when the
-                model lives on the meta device.
+                sharded index); the stage reads only its own keys (over dp or tp, only
+                each rank's part of each: Note [tensor parallel checkpoints] in
+                ``fxpp.runtime.tp_checkpoint``). Required when the model lives on the
+                meta device.
             microbatch: example inputs of a new microbatch shape. Building a stage
                 again with it (and a new schedule) changes sequence length or
                 microbatch count between steps; the stage keeps its parameters, so
@@ -188,6 +208,15 @@ def pipeline(
     cuts: list[int] | None = None,
     layers_per_stage: list[int] | None = None,
     verify: bool = False,
+    schedule: str | None = None,
+    microbatch: tuple[int, int] | None = None,
+    num_microbatches: int | None = None,
+    memory_limit: int | None = None,
+    optimizer: str = "adamw",
+    dp: int = 1,
+    tp: int = 1,
+    data_parallel: str = "fsdp",
+    device: torch.device | str | None = None,
 ) -> Pipeline:
     """Split ``model`` into ``num_stages`` consecutive stages.
 
@@ -204,9 +233,31 @@ def pipeline(
         layers_per_stage: explicit layer counts. Default: the cost model's balanced split.
         verify: run the composed stages against the model on the example inputs
             (which must then hold real values) and raise on any divergence.
+        schedule: the ``torch.distributed.pipelining`` schedule the stages will run
+            (``"1F1B"``, ``"ZBVZeroBubble"``, ...): with it the pipeline predicts each
+            rank's peak memory (:meth:`Pipeline.memory_plan`; see
+            ``fxpp.analysis.stage_memory``). Multi-stage schedules hold two stages per rank.
+        microbatch: ``(batch, seq)`` of one microbatch; without ``example_inputs``, the
+            example is ``input_ids`` and ``attention_mask`` of that shape (give a VLM's
+            media through ``example_inputs``, whose tokens must then have this shape).
+        num_microbatches: microbatches per step (default: ``num_stages``, the fewest
+            torch's 1F1B accepts); GPipe and LoopedBFS hold all of them at once.
+        memory_limit: bytes per rank. The cuts then minimise the slowest stage among the
+            splits whose every rank's predicted peak is within it (exact: a dynamic
+            program over consecutive layer ranges, or for multi-stage schedules a search
+            over the coupled ranks). Needs ``schedule`` and ``microbatch``.
+        optimizer: ``"adamw"`` (two moments per parameter), ``"sgd"`` or ``"none"``.
+        dp, tp, data_parallel: data- and tensor-parallel degrees and FSDP (``"fsdp"``) or
+            full replicas (``"replicate"``), for the memory model.
+        device: the device the stages will run on, whose kernels decide what the
+            backward keeps (default: the model's, or CUDA when present for a meta model).
 
     Raises:
-        StageSpecError: impossible ``num_stages``, ``cuts`` or ``layers_per_stage``.
+        StageSpecError: impossible ``num_stages``, ``cuts`` or ``layers_per_stage``; a
+            ``memory_limit`` without ``schedule`` or ``microbatch``, or a bad value of any
+            memory argument.
+        MemoryLimitError: no split fits ``memory_limit``; says the smallest stage count
+            that fits, or that none does.
         VerificationError: with ``verify=True``, the first stage and node whose output
             differs from the model's.
     """
@@ -225,15 +276,26 @@ def pipeline(
                              f"not num_stages={num_stages}")
     if ranges is None:
         check_counts(n, num_stages)
+    settings = None
+    if memory_limit is not None or schedule is not None or microbatch is not None:
+        settings = MemorySettings(schedule=schedule, num_microbatches=num_stages if num_microbatches is None
+                                  else num_microbatches, optimizer=optimizer, dp=dp, tp=tp,
+                                  data_parallel=data_parallel) if schedule is not None else None
+        example_inputs = microbatch_example(model, example_inputs, microbatch, schedule, memory_limit, num_stages)
     model_graph = trace_canonical(model, example_inputs)
     example = trace_record(model_graph).example_inputs
     costs = estimate_block_costs(model_graph, model, example)
+    memory = memory_model_for(model, model_graph, settings, device) if settings is not None else None
+    if memory_limit is not None and ranges is None:
+        ranges = memory_aware_ranges(memory, costs, num_stages, memory_limit)
     if ranges is None:
         ranges = balanced_split(
             [c.flops for c in costs[1:-1]], num_stages, first_extra=costs[0].flops, last_extra=costs[-1].flops,
             layer_params=[c.params for c in costs[1:-1]],
         )
-    pipe = Pipeline(model, model_graph, ranges, example, costs)
+    pipe = Pipeline(model, model_graph, ranges, example, costs, memory)
+    if memory_limit is not None:
+        memory_aware_ranges(memory, costs, num_stages, memory_limit, check=ranges)
     if verify:
         verify_pipeline(pipe, pipe.example_inputs)
     return pipe

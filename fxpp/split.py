@@ -58,8 +58,12 @@ def ranges_from_counts(num_layers: int, layers_per_stage: list[int]) -> list[ran
 
 
 def balanced_split(layer_costs: list[float], num_stages: int, *, first_extra: float = 0.0, last_extra: float = 0.0,
-                   layer_params: list[int] | None = None) -> list[range]:
-    """The split minimising the slowest stage (see the module docstring)."""
+                   layer_params: list[int] | None = None, stage_fits=None) -> list[range] | None:
+    """The split minimising the slowest stage (see the module docstring).
+
+    ``stage_fits(k, a, b)``: whether stage ``k`` may hold layers ``[a, b)`` (a memory
+    limit); then only such stages are considered, and ``None`` means no split fits.
+    """
     n = len(layer_costs)
     check_counts(n, num_stages)
     params = layer_params or [0] * n
@@ -81,13 +85,15 @@ def balanced_split(layer_costs: list[float], num_stages: int, *, first_extra: fl
         for j in range(k, n - (num_stages - k) + 1):
             for i in range(k - 1, j):
                 prev = best[k - 1][i]
-                if prev == inf:
+                if prev == inf or (stage_fits is not None and not stage_fits(k - 1, i, j)):
                     continue
                 c = cost(i, j, k == 1, k == num_stages)
                 cand = (max(prev[0], c), max(prev[1], pprefix[j] - pprefix[i]))
                 if cand < best[k][j]:
                     best[k][j] = cand
                     choice[k][j] = i
+    if best[num_stages][n] == inf:
+        return None
     bounds = [n]
     j = n
     for k in range(num_stages, 0, -1):
@@ -95,6 +101,70 @@ def balanced_split(layer_costs: list[float], num_stages: int, *, first_extra: fl
         bounds.append(j)
     bounds.reverse()
     return [range(a, b) for a, b in zip(bounds, bounds[1:])]
+
+
+class SearchTooLarge(Exception):
+    """The constrained search visited its node budget without an answer (see :func:`constrained_split`)."""
+
+
+def constrained_split(layer_costs: list[float], num_stages: int, prefix_fits, *, first_extra: float = 0.0,
+                      last_extra: float = 0.0, max_nodes: int = 200_000) -> list[range] | None:
+    """The split minimising the slowest stage among those whose every prefix ``prefix_fits``.
+
+    For constraints that couple non-adjacent stages (a rank holding stages ``r`` and
+    ``r + world``): ``prefix_fits(ranges)`` judges the first ``len(ranges)`` stages and must
+    be monotone (a prefix that fails fails with any continuation). Exact: a binary
+    search over every stage cost that can occur for the smallest bound ``T`` that some
+    fitting split meets, each bound decided by a depth-first search over the cuts
+    (stages cost at most ``T``). ``None``: no split fits.
+
+    Raises:
+        SearchTooLarge: one bound needed more than ``max_nodes`` search steps.
+    """
+    n = len(layer_costs)
+    check_counts(n, num_stages)
+    prefix = [0.0]
+    for c in layer_costs:
+        prefix.append(prefix[-1] + c)
+
+    def cost(a: int, b: int) -> float:
+        return prefix[b] - prefix[a] + (first_extra if a == 0 else 0.0) + (last_extra if b == n else 0.0)
+
+    def feasible(bound: float) -> list[range] | None:
+        visited = 0
+
+        def go(k: int, start: int, ranges: list[range]) -> list[range] | None:
+            nonlocal visited
+            if k == num_stages:
+                return list(ranges) if start == n else None
+            stops = [n] if k == num_stages - 1 else range(start + 1, n - (num_stages - k - 1) + 1)
+            for stop in stops:
+                if cost(start, stop) > bound:
+                    continue
+                visited += 1
+                if visited > max_nodes:
+                    raise SearchTooLarge(f"more than {max_nodes} partial splits")
+                ranges.append(range(start, stop))
+                if prefix_fits(ranges):
+                    found = go(k + 1, stop, ranges)
+                    if found is not None:
+                        return found
+                ranges.pop()
+            return None
+
+        return go(0, 0, [])
+
+    bounds = sorted({cost(a, b) for a in range(n) for b in range(a + 1, n + 1)})
+    if feasible(float("inf")) is None:
+        return None
+    lo, hi = 0, len(bounds) - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if feasible(bounds[mid]) is not None:
+            hi = mid
+        else:
+            lo = mid + 1
+    return feasible(bounds[lo])
 
 
 def roles_for(num_stages: int) -> list[str]:

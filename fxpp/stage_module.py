@@ -30,7 +30,7 @@ import torch
 from torch.fx import GraphModule
 from transformers.utils import ModelOutput
 
-from .analysis.annotate import info
+from .analysis.annotate import called_modules, info
 from .analysis.cuts import crossing_slots
 from .errors import CutError, StageInputError
 from .inputs.names import stream_tokens
@@ -394,7 +394,7 @@ class StageModule(GraphModule):
         traced = self._fxpp_traced_sets.get(self.signature.bits(present))
         if traced is not None:
             with contextlib.suppress(CutError):
-                found = crossing_slots(traced.graph, self.in_layout.cut, dict(traced.named_modules()))
+                found = crossing_slots(traced.graph, self.in_layout.cut, called_modules(traced))
                 built_shapes.update((identity, tuple(val.shape)) for identity, val in found)
         resized = {s0: s}
         for identity, shape in built_shapes.items():

@@ -85,11 +85,13 @@ def _ulps(diff_and_scale) -> float:
     return diff / (EPS * scale) if scale else diff
 
 
-def run_config(mesh, config: Config, dp: int = 1) -> dict:
+def run_config(mesh, config: Config, dp: int = 1, checkpoint: str | None = None) -> dict:
     """Train ``config`` on this rank's stages for ``STEPS`` SGD steps; the differences from the unpatched model.
 
     With ``dp > 1`` the batch is split over the replicas (``fxpp.local_batch``) and the
     reference sums the way pipeline x dp does (``test_data_parallel.reference_step_dp``).
+    With ``checkpoint`` (the unpatched model's ``save_pretrained`` folder) the pipeline is
+    built from the model on the meta device and each rank reads its slices from it.
     """
     import fxpp
     from fxpp.runtime.schedule import make_schedule
@@ -109,10 +111,16 @@ def run_config(mesh, config: Config, dp: int = 1) -> dict:
     inputs, labels = _batch(8, 8)  # left padding: the microbatches (and replicas) hold different token counts
     local = fxpp.local_batch({**inputs, "labels": labels}, mesh)
     local_labels = local.pop("labels")
-    pipe = fxpp.pipeline(model, config.num_stages, example_inputs={k: v[: v.shape[0] // M] for k, v in local.items()})
+    example = {k: v[: v.shape[0] // M] for k, v in local.items()}
+    if checkpoint is not None:
+        from fxpp.trainer.models import build_model
+
+        model = build_model(checkpoint, device="meta").train()
+        example = {k: v.to("meta") for k, v in example.items()}
+    pipe = fxpp.pipeline(model, config.num_stages, example_inputs=example)
     ids = fxpp.stage_ids_of_rank(mesh.get_local_rank("pp"), config.num_stages, PP, config.style)
-    stages = [pipe.build_stage(i, "cpu", mesh=mesh, activation_checkpointing=config.activation_checkpointing)
-              for i in ids]
+    stages = [pipe.build_stage(i, "cpu", mesh=mesh, activation_checkpointing=config.activation_checkpointing,
+                               checkpoint=checkpoint) for i in ids]
     params = {}
     for st in stages:
         for name, p in st.submod.named_parameters():
@@ -443,8 +451,8 @@ def test_plan_tp_shows_each_stages_parameters_per_tp_rank(capsys):
     (["run", "tiny-qwen3", "--stages", "2", "--tp", "4", "--steps", "1"],
      "--tp 4: fxpp.runtime.tensor_parallel: Qwen3ForCausalLM: tp=4 does not divide the 2 heads of "
      "model.layers.0.self_attn.k_proj (num_key_value_heads=2)"),
-    (["run", "tiny-llama", "--stages", "2", "--tp", "2", "--steps", "1", "--save-dir", "unused"],
-     "--tp 2 with --save-dir is not built yet"),
+    (["run", "tiny-llama", "--stages", "2", "--tp", "2", "--steps", "1", "--lora-rank", "4", "--save-dir", "unused"],
+     "--tp 2 with --lora-rank is not built yet"),
     (["run", "tiny-llama", "--stages", "2", "--tp", "0", "--steps", "1"],
      "--stages 2, --dp 1 and --tp 0 must be positive"),
 ])
@@ -462,7 +470,7 @@ def test_tp_settings_no_rank_can_run_are_one_line_before_any_rank_starts(argv, m
 @pytest.mark.heavy  # full fxpp runs on 4 processes
 @pytest.mark.timeout(600)
 def test_fxpp_run_tp_matches_the_unpatched_model(tmp_path, capsys):
-    """A preset, and a checkpoint directory built on meta (each rank reads its stage whole, then cuts it)."""
+    """A preset, and a checkpoint directory built on meta (each rank reads only its slices: test_tp_checkpoint.py)."""
     from fxpp.testing.zoo import tiny_model
     from fxpp.trainer.cli import main
 

@@ -102,6 +102,13 @@ def shape_only_inputs(node: Node, module: torch.nn.Module | None) -> tuple[Node,
     return ()
 
 
+def called_modules(gm: GraphModule) -> dict[str, torch.nn.Module]:
+    """``{target: module}`` of the graph's ``call_module`` nodes: the modules a pass looks
+    up, without a walk over every submodule of the model (``named_modules`` of an 8B
+    model visits some 420 modules; its graph calls some 36)."""
+    return {n.target: gm.get_submodule(n.target) for n in gm.graph.nodes if n.op == "call_module"}
+
+
 # -- the annotation pass -------------------------------------------------------------
 def annotate(gm: GraphModule, *, layers_fqn: str, layer_types: list[str] | None, input_embeddings, output_embeddings) -> GraphModule:
     """Write ``node.meta["fxpp"]`` on every node of a traced model.
@@ -110,7 +117,7 @@ def annotate(gm: GraphModule, *, layers_fqn: str, layer_types: list[str] | None,
     The graph itself is unchanged.
     """
     graph = gm.graph
-    modules = dict(gm.named_modules())
+    modules = called_modules(gm)
     prefix = layers_fqn + "."
     position: dict[Node, int] = {}
     remat: dict[Node, bool] = {}

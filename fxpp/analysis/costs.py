@@ -26,7 +26,7 @@ import torch
 from torch.fx import GraphModule
 
 from ..trace import find_decoder_layers
-from .annotate import info
+from .annotate import called_modules, info
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,7 @@ def estimate_block_costs(gm: GraphModule, model: torch.nn.Module, example_inputs
     ref = next(v for v in example_inputs.values() if isinstance(v, torch.Tensor))
     batch, seq = ref.shape[0], ref.shape[1] if ref.dim() > 1 else 1
     tokens = batch * seq
-    modules = dict(gm.named_modules())
+    modules = called_modules(gm)
     prelude = BlockCost("prelude", 0.0, 0)
     head = BlockCost("head", 0.0, 0)
     layers: dict[int, BlockCost] = {}

@@ -34,7 +34,7 @@ import torch
 from torch.fx import Graph, GraphModule, Node
 
 from .. import ops
-from ..analysis.annotate import is_guard
+from ..analysis.annotate import called_modules, is_guard
 from ..analysis.cuts import crossing_identity, crossing_values, leaf_identities, stream_at, substitutable
 from ..errors import CutError
 from ..meta import NodeInfo, is_from_data, node_info as info, set_node_info, source_meta, update_facts
@@ -55,7 +55,7 @@ def extract_stage(model_gm: GraphModule, *, spec: StageSpec) -> GraphModule:
     stream = None if spec.takes_model_inputs else stream_at(graph, a)
 
     keep = _needed_nodes(graph, inputs, outputs, stream)
-    modules = dict(model_gm.named_modules())
+    modules = called_modules(model_gm)
     new = Graph()
     env: dict[Node, Node] = {}
 

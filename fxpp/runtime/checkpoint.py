@@ -493,11 +493,11 @@ def _parameter_names(params: torch.nn.Module | dict[str, torch.nn.Parameter]) ->
 
 
 def save_optimizer(optimizer: torch.optim.Optimizer, params: torch.nn.Module | dict[str, torch.nn.Parameter],
-                   path: str, extra: dict[str, torch.Tensor] | None = None) -> dict:
+                   path: str, extra: dict[str, torch.Tensor] | None = None, metadata: dict | None = None) -> dict:
     """The optimizer state of a stage's parameters, keyed by parameter name, as safetensors.
 
     Tensors go in as ``state.<param name>.<key>``; hyper-parameters and non-tensor state
-    as JSON in the file's metadata; ``extra`` tensors (an RNG state) as ``extra.<name>``.
+    as JSON in the file's metadata (with ``metadata``); ``extra`` tensors (an RNG state) as ``extra.<name>``.
     State of an FSDP2 parameter is its local shard. No pickle. Written durably, as
     :func:`save_stage` writes.
 
@@ -536,8 +536,8 @@ def save_optimizer(optimizer: torch.optim.Optimizer, params: torch.nn.Module | d
     refuse_non_finite(tensors, path)
     groups = [{k: v for k, v in g.items() if k != "params"} | {"params": [index_to_name[i] for i in g["params"]]}
               for g in sd["param_groups"]]
-    metadata = {"format": "pt", "param_groups": json.dumps(groups), "scalars": json.dumps(scalars),
-                "sharded": json.dumps(sharded)}
+    metadata = {"format": "pt", "param_groups": json.dumps(groups), "scalars": json.dumps(scalars, sort_keys=True),
+                "sharded": json.dumps(sorted(sharded)), **(metadata or {})}  # sorted: a resumed state, the same bytes
     return durable_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 

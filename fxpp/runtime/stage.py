@@ -25,7 +25,9 @@ from .placement import check_placement
 from .protocols import SplitModel
 from .rank_state import rank_state
 from .tensor_parallel import (apply_tensor_parallel, check_crossings, check_stage_plan, check_tp_args,
-                              check_unplanned_grads, head_name, stage_plan, tp_plan_of, unplanned_parameters)
+                              check_unplanned_grads, head_name, hook_grads, stage_plan, tp_plan_of,
+                              unplanned_parameters)
+from .tp_checkpoint import load_tp_stage
 from .ties import LIVE_STAGES, UNSYNCHRONISED, guard_optimizers, tie_exchanges, tied_parameters
 
 
@@ -220,8 +222,9 @@ def _wrapping_text(wrapping) -> str:
     return f"{where}, {split}, activation_checkpointing={ac}, mixed precision {policy or 'none'}"
 
 
-def _materialize(pipe: SplitModel, index: int, submodule, checkpoint: str | None) -> None:
-    """Load the stage's own keys from ``checkpoint``; refuse to train uninitialised memory."""
+def _materialize(pipe: SplitModel, index: int, submodule, checkpoint: str | None, *, tp: bool = False) -> None:
+    """Load the stage's own keys from ``checkpoint`` (``tp``: each rank its slices, Note [tensor parallel
+    checkpoints]); refuse to train uninitialised memory."""
     if checkpoint is None:
         if any(t.is_meta for t in pipe.stages[index].parameters()):
             raise StageSpecError(
@@ -233,7 +236,7 @@ def _materialize(pipe: SplitModel, index: int, submodule, checkpoint: str | None
     for owners in tied_parameters(pipe):
         if index in owners:
             aliases[owners[index]] = [name for i, name in sorted(owners.items()) if i != index]
-    load_stage(submodule, checkpoint, aliases=aliases)
+    (load_tp_stage if tp else load_stage)(submodule, checkpoint, aliases=aliases)
 
 
 def _copy_to(model: torch.nn.Module, module: torch.nn.Module, device: torch.device, *,
@@ -337,14 +340,12 @@ def build_stage(pipe: SplitModel, index: int, device: torch.device | str, group=
                     activation_checkpointing, None if policy is None else str(policy),
                     None if tp_mesh is None else tuple(tp_mesh.mesh.flatten().tolist()))
     if submodule is None:
-        # A meta stage sharded over dp is sharded on meta, then allocated: each rank
-        # only ever holds its own shards, and the checkpoint fills them (load_stage).
-        # Under tensor parallelism the stage is read whole first, then cut (slices are
-        # not read from the checkpoint yet; Note [tensor parallel stages]).
-        keep_meta = dp_mesh is not None and checkpoint is not None and tp_mesh is None
+        # A meta stage sharded over dp or tp is sharded on meta, then allocated: each
+        # rank only ever holds its own shards, and the checkpoint fills them (load_stage;
+        # under tp, load_tp_stage: Note [tensor parallel checkpoints]).
+        keep_meta = checkpoint is not None and (dp_mesh is not None or tp_mesh is not None)
         submodule = _runtime_submodule(pipe, index, device, own=wrapping is not None, keep_meta=keep_meta)
         if tp_mesh is not None:
-            _materialize(pipe, index, submodule, checkpoint)
             apply_tensor_parallel(submodule, tp_entries, tp_mesh, pipe.model.config, head=head_name(pipe.model))
         if wrapping is not None:
             # Wrapped once, here, before any PipelineStage sees it; a rebuild for new
@@ -354,8 +355,9 @@ def build_stage(pipe: SplitModel, index: int, device: torch.device | str, group=
             object.__setattr__(submodule, "_fxpp_wrapping", wrapping)
         if keep_meta:
             _allocate(pipe.model, submodule, device)
-        if tp_mesh is None:
-            _materialize(pipe, index, submodule, checkpoint)
+            if tp_mesh is not None and dp_mesh is None:  # FSDP2 lays gradients out itself
+                hook_grads(submodule)
+        _materialize(pipe, index, submodule, checkpoint, tp=tp_mesh is not None)
         state.submodules[key] = submodule
     else:
         done = getattr(submodule, "_fxpp_wrapping", None)
@@ -367,10 +369,7 @@ def build_stage(pipe: SplitModel, index: int, device: torch.device | str, group=
                 "the stage)"
             )
         if checkpoint is not None:
-            if tp_mesh is not None:
-                raise StageSpecError(f"stage {index} is split over tp ranks already; pass checkpoint= at its first "
-                                     "build_stage (a tensor-parallel stage's weights are read before they are cut)")
-            _materialize(pipe, index, submodule, checkpoint)
+            _materialize(pipe, index, submodule, checkpoint, tp=tp_mesh is not None)
     world = dist.get_world_size(group)
     registry = state.stages
     if style is None:

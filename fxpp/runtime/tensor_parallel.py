@@ -377,7 +377,10 @@ def apply_tensor_parallel(submodule: torch.nn.Module, entries: list[tuple[str, d
                           tp_mesh, config, *, head: str | None = None) -> None:
     """Shard the stage's planned parameters over ``tp_mesh`` and install the styles' forwards (in place).
 
-    ``submodule`` is this rank's own copy of the stage, holding whole weights.
+    ``submodule`` is this rank's own copy of the stage, holding whole weights, or on the meta
+    device (to be allocated, then read from a checkpoint: ``fxpp.runtime.tp_checkpoint``; its
+    gradient hooks are then installed after allocation, :func:`hook_grads`, since
+    ``to_empty`` swaps each parameter's contents and drops them).
     Parameters first, then the module's forward, as transformers' ``apply_tensor_parallelism``.
     Each local shard is copied out of the whole weight, so the whole weight is freed.
     ``head``: the output head's module name; a head style that shards the logits keeps
@@ -390,7 +393,7 @@ def apply_tensor_parallel(submodule: torch.nn.Module, entries: list[tuple[str, d
             p = module._parameters[pname]
             if isinstance(p, DTensor):
                 p = module._parameters[pname] = torch.nn.Parameter(_own_storage(p), requires_grad=p.requires_grad)
-                if p.requires_grad:
+                if p.requires_grad and not p.is_meta:
                     p.register_post_accumulate_grad_hook(_grad_as_param)
         if own is None:
             continue
@@ -503,6 +506,13 @@ def check_unplanned_grads(index: int, submodule: torch.nn.Module, names: list[st
             f"e.g. model.tp_plan = {{**model.tp_plan, {modules[0]!r}: 'replicated_with_grad_allreduce'}}, or build "
             "with tp 1")
     return True
+
+
+def hook_grads(submodule: torch.nn.Module) -> None:
+    """Install :func:`_grad_as_param` on every DTensor parameter of a stage allocated after it was sharded on meta."""
+    for p in submodule.parameters():
+        if isinstance(p, DTensor) and p.requires_grad:
+            p.register_post_accumulate_grad_hook(_grad_as_param)
 
 
 def _grad_as_param(p: torch.nn.Parameter) -> None:

@@ -21,7 +21,7 @@ from .values import FakeMode, fakeify
 
 
 def trace_model(model: torch.nn.Module, example_inputs: dict[str, Any],
-                leaf_values: LeafValues | None = None) -> GraphModule:
+                leaf_values: LeafValues | None = None, *, layers_fqn: str | None = None) -> GraphModule:
     """Trace ``model`` for inputs shaped like ``example_inputs`` (keyword arguments).
 
     Inputs that are ``None`` or absent are not graph inputs (the forward sees
@@ -33,7 +33,8 @@ def trace_model(model: torch.nn.Module, example_inputs: dict[str, Any],
         UnsupportedModelError: encoder-decoder models or models without a decoder-layer list.
         TraceError: the forward does something the tracer cannot record.
     """
-    layers_fqn, _ = find_decoder_layers(model)
+    if layers_fqn is None:  # the caller's, where it found them already (a walk of every submodule)
+        layers_fqn, _ = find_decoder_layers(model)
     signature = forward_signature(model)
     accepts_var_kwargs = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
     inputs = {k: v for k, v in example_inputs.items() if v is not None}

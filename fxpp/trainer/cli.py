@@ -15,23 +15,51 @@ from ..runtime.optim import LR_SCHEDULES
 from ..runtime.placement import MULTI_STAGE, SCHEDULES, default_backend, default_device
 from ..runtime.tensor_parallel import check_model as check_tp_model
 from ..runtime.tensor_parallel import check_crossings, check_stage_plan, parameter_share, stage_plan, tp_plan_of
+from ..analysis.memory_plan import format_memory_plan
 from .export import export
 from .models import build_model
 from .step_files import latest_step
 from .train import RunConfig, launch, run_rank
 
 
+SIZE_UNITS = {"": 1, "B": 1, "KB": 10 ** 3, "MB": 10 ** 6, "GB": 10 ** 9, "TB": 10 ** 12,
+              "KIB": 2 ** 10, "MIB": 2 ** 20, "GIB": 2 ** 30, "TIB": 2 ** 40}
+
+
+def parse_size(text: str) -> int:
+    """``"80GB"`` (10^9), ``"512MiB"`` (2^20), ``"1.5GiB"`` or a plain number of bytes.
+
+    Raises:
+        RunConfigError: not a positive size.
+    """
+    t = str(text).strip().replace(" ", "")
+    number = t.rstrip("BbKkMmGgTtIi")
+    unit = t[len(number):].upper()
+    try:
+        value = float(number) * SIZE_UNITS[unit]
+    except (KeyError, ValueError):
+        raise RunConfigError(f"--memory-per-rank {text!r}: give a size like 80GB, 512MiB or a number of bytes") from None
+    if value <= 0:
+        raise RunConfigError(f"--memory-per-rank {text!r} must be positive")
+    return int(value)
+
+
 def _plan(args) -> int:
     model = build_model(args.model, device="meta")
-    micro = max(1, args.batch // args.microbatches)  # the cost model works on one microbatch
+    if args.batch % args.microbatches:
+        raise RunConfigError(f"--batch {args.batch} does not split into --microbatches {args.microbatches}")
+    micro = args.batch // args.microbatches  # the cost model works on one microbatch
     example = {
         "input_ids": torch.zeros(micro, args.seq_len, dtype=torch.long, device="meta"),
         "attention_mask": torch.ones(micro, args.seq_len, dtype=torch.long, device="meta"),
     }
     if args.tp > 1:
         check_tp_model(model, args.tp)  # the model's plan, before the pipeline: what tp cannot split
-    pipe = pipeline(model, args.stages, example_inputs=example)
+    limit = parse_size(args.memory_per_rank) if args.memory_per_rank else None
+    pipe = pipeline(model, args.stages, example_inputs=example, schedule=args.schedule, microbatch=(micro, args.seq_len),
+                    num_microbatches=args.microbatches, memory_limit=limit, tp=args.tp)
     print(pipe.plan())
+    print(format_memory_plan(pipe.memory, pipe.layer_ranges, pipe.stage_costs(), limit))
     if args.tp > 1:
         print(_tp_shares(model, pipe, args.tp))
     costs = pipe.stage_costs()
@@ -173,8 +201,11 @@ def _parser() -> argparse.ArgumentParser:
         q.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks of every stage, split by the "
                        "model's own tp plan; the job runs on stages' ranks x dp x tp processes")
 
-    plan = sub.add_parser("plan", help="print the stage plan of a model (built on the meta device)")
+    plan = sub.add_parser("plan", help="print the stage plan of a model (built on the meta device): layers, time "
+                          "share and each rank's predicted peak memory")
     common(plan)
+    plan.add_argument("--memory-per-rank", metavar="SIZE",
+                      help="choose cuts that keep every rank's predicted peak within SIZE (80GB, 512MiB, bytes)")
     plan.set_defaults(func=_plan)
     run = sub.add_parser("run", help="train a few steps with a pipeline schedule and check against the model")
     common(run)

@@ -9,6 +9,8 @@ Layout of a save directory::
         step-000004/                      one directory per save
             stage-3.dp-1.safetensors      stage 3's tensors as dp rank 1 holds them (FSDP2: its shard)
             optimizer.pp-1.dp-1.safetensors   the optimizer state of that rank, and its RNG state
+            (with --tp: stage-3.dp-1.tp-0.safetensors, optimizer.pp-1.dp-1.tp-0.safetensors: each
+            tp rank's part, Note [tensor parallel checkpoints] in fxpp/runtime/tp_checkpoint.py)
             state.json                    written last: the step, the data position, the settings,
                                           and every file of the step with its size and sha256
 
@@ -42,6 +44,7 @@ from ..errors import DamagedSaveError, SaveDirError
 from ..runtime.checkpoint import load_optimizer, save_optimizer, save_stage
 from ..runtime.durable import agree, copy_file, fsync_dir, remove_durably, write_bytes, write_probe
 from ..runtime.placement import rng_state, set_rng_state
+from ..runtime.tp_checkpoint import check_optimizer_parts, parameter_parts, save_tp_stage
 from .step_files import (
     MODEL_FILES,
     check_fingerprints,
@@ -57,12 +60,12 @@ from .step_files import (
 )
 
 # Settings a resumed run must share with the saved one: each changes the numbers.
-RESUME_SETTINGS = ("model", "ranks", "dp", "schedule", "batch", "seq_len", "microbatches", "lr", "seed", "tokens",
+RESUME_SETTINGS = ("model", "ranks", "dp", "tp", "schedule", "batch", "seq_len", "microbatches", "lr", "seed", "tokens",
                    "data", "lr_schedule", "warmup_steps", "min_lr_ratio", "weight_decay", "max_grad_norm",
                    "mixed_precision", "param_dtype", "lora_rank", "lora_alpha", "lora_targets", "shuffle_seed",
                    "text_field")
 # Settings added after saves were first written: an older save had their defaults.
-ADDED_SETTINGS = {"shuffle_seed": None, "text_field": "text"}
+ADDED_SETTINGS = {"shuffle_seed": None, "text_field": "text", "tp": 1}
 
 
 def _candidates(cfg) -> tuple[list[dict], list[tuple[int, str]]]:
@@ -228,11 +231,13 @@ def rank_parameters(stages) -> dict[str, torch.nn.Parameter]:
 
 
 def save(cfg, step: int, stages, optimizer, *, pp_rank: int, dp_rank: int, position, layer_ranges, model_config,
-         device: torch.device, lr_scheduler: dict | None = None, prints: dict[str, dict] | None = None) -> None:
+         device: torch.device, lr_scheduler: dict | None = None, prints: dict[str, dict] | None = None,
+         tp_rank: int | None = None) -> None:
     """Save a step (Note [durable saves]); every rank calls it.
 
     Rank 0 empties a reused step directory; every rank writes its stages and optimizer
-    durably and hashes them; the records go to rank 0 with the ranks' agreement, and rank
+    durably and hashes them (``tp_rank``: a run with --tp, each rank its parts, with their
+    local indices: ``fxpp.runtime.tp_checkpoint``); the records go to rank 0 with the ranks' agreement, and rank
     0 writes the shared files and ``state.json`` (``prints``: the run's fingerprints),
     then prunes to ``--keep-last``.
 
@@ -248,11 +253,12 @@ def save(cfg, step: int, stages, optimizer, *, pp_rank: int, dp_rank: int, posit
     def write() -> dict[str, dict]:
         records = {}
         for stage in stages:
-            path = stage_file(directory, stage.stage_index, dp_rank)
-            records[os.path.basename(path)] = save_stage(stage.submod, path)
-        path = optimizer_file(directory, pp_rank, dp_rank)
-        records[os.path.basename(path)] = save_optimizer(optimizer, rank_parameters(stages), path,
-                                                         extra=rng_state(device))
+            path = stage_file(directory, stage.stage_index, dp_rank, tp_rank)
+            records[os.path.basename(path)] = (save_stage if tp_rank is None else save_tp_stage)(stage.submod, path)
+        path = optimizer_file(directory, pp_rank, dp_rank, tp_rank)
+        params = rank_parameters(stages)
+        records[os.path.basename(path)] = save_optimizer(
+            optimizer, params, path, extra=rng_state(device), metadata=None if tp_rank is None else parameter_parts(params))
         return records
 
     written = agree(what, write)
@@ -326,17 +332,22 @@ def _write_model_files(cfg, model_config) -> dict[str, dict]:
     return records
 
 
-def load(cfg, state: dict, stages, optimizer, *, pp_rank: int, dp_rank: int, device: torch.device) -> None:
+def load(cfg, state: dict, stages, optimizer, *, pp_rank: int, dp_rank: int, device: torch.device,
+         tp_rank: int | None = None) -> None:
     """The optimizer and RNG state of this rank (the stages were built from their step files); every rank calls it.
 
     Raises:
-        CheckpointError: this rank's file does not fit its optimizer.
+        CheckpointError: this rank's file does not fit its optimizer (with --tp: was saved for
+            other parts of the parameters, ``tp_checkpoint.check_optimizer_parts``).
         PeerFailedError: another rank failed to load, naming it and its error.
     """
     directory = step_dir(cfg.save_dir, state["step"])
 
     def work() -> None:
-        extra = load_optimizer(optimizer, rank_parameters(stages), optimizer_file(directory, pp_rank, dp_rank))
+        path, params = optimizer_file(directory, pp_rank, dp_rank, tp_rank), rank_parameters(stages)
+        if tp_rank is not None:
+            check_optimizer_parts(path, params)
+        extra = load_optimizer(optimizer, params, path)
         set_rng_state(extra, device)
 
     agree(f"loading step {state['step']} from {directory}", work)

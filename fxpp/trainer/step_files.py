@@ -23,7 +23,7 @@ from ..runtime.durable import file_record
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                    "vocab.json", "merges.txt", "added_tokens.json")
 _STEP = re.compile(r"^step-(\d+)$")
-STAGE_FILE = re.compile(r"^stage-\d+\.dp-\d+\.safetensors$")
+STAGE_FILE = re.compile(r"^stage-\d+\.dp-\d+(\.tp-\d+)?\.safetensors$")
 MODEL_FILES = "model_files.json"  # SAVE_DIR: the names copied from the model folder, which export copies
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".pkl")
 _RESERVED = (MODEL_FILES, "metrics.jsonl", "config.json")  # SAVE_DIR's own files: never overwritten by a copy
@@ -33,18 +33,22 @@ def step_dir(save_dir: str, step: int) -> str:
     return os.path.join(save_dir, f"step-{step:06d}")
 
 
-def stage_file(directory: str, stage: int, dp_rank: int) -> str:
-    return os.path.join(directory, f"stage-{stage}.dp-{dp_rank}.safetensors")
+def _tp(tp_rank: int | None) -> str:
+    return "" if tp_rank is None else f".tp-{tp_rank}"  # a run with tensor parallelism: one file per tp rank
 
 
-def optimizer_file(directory: str, pp_rank: int, dp_rank: int) -> str:
-    return os.path.join(directory, f"optimizer.pp-{pp_rank}.dp-{dp_rank}.safetensors")
+def stage_file(directory: str, stage: int, dp_rank: int, tp_rank: int | None = None) -> str:
+    return os.path.join(directory, f"stage-{stage}.dp-{dp_rank}{_tp(tp_rank)}.safetensors")
 
 
-def own_files(stage_ids: list[int], pp_rank: int, dp_rank: int) -> list[str]:
-    """The names of the files of a step that this rank writes and reads."""
-    return [os.path.basename(stage_file("", i, dp_rank)) for i in stage_ids] + [
-        os.path.basename(optimizer_file("", pp_rank, dp_rank))]
+def optimizer_file(directory: str, pp_rank: int, dp_rank: int, tp_rank: int | None = None) -> str:
+    return os.path.join(directory, f"optimizer.pp-{pp_rank}.dp-{dp_rank}{_tp(tp_rank)}.safetensors")
+
+
+def own_files(stage_ids: list[int], pp_rank: int, dp_rank: int, tp_rank: int | None = None) -> list[str]:
+    """The names of the files of a step that this rank writes and reads (``tp_rank``: a run with --tp)."""
+    return [os.path.basename(stage_file("", i, dp_rank, tp_rank)) for i in stage_ids] + [
+        os.path.basename(optimizer_file("", pp_rank, dp_rank, tp_rank))]
 
 
 def steps_in(save_dir: str) -> list[int]:

@@ -168,7 +168,7 @@ class RunConfig:
 
     def _validate_tp(self, meta_model: torch.nn.Module | None) -> None:
         """``--tp``: what is not built with tensor parallelism yet, and the model's plan (before any rank starts)."""
-        for flag, used in (("--save-dir", self.save_dir), ("--lora-rank", self.lora_rank),
+        for flag, used in (("--lora-rank", self.lora_rank),
                            ("--mixed-precision bf16", self.mixed_precision == "bf16"),
                            ("--param-dtype bf16", self.param_dtype == "bf16")):
             if used:
@@ -322,11 +322,12 @@ def run_rank(rank: int, world: int, cfg: RunConfig) -> dict:
     pp_rank = mesh.get_local_rank("pp") if mesh is not None else rank
     dp_rank = mesh.get_local_rank("dp") if mesh is not None else 0
     tp_rank = mesh.get_local_rank("tp") if cfg.tp > 1 else 0
+    tp_file = tp_rank if cfg.tp > 1 else None  # a run with --tp saves a file per tp rank
     style = MULTI_STAGE.get(cfg.schedule, "loop")
     ids = stage_ids_of_rank(pp_rank, cfg.num_stages, cfg.ranks, style)
     prints = step_files.fingerprints(cfg) if cfg.save_dir and rank == 0 else None  # saved with every step
     if state is not None:  # every rank verifies its files of the step; rank 0's choice is every rank's
-        state = run_state.choose_resume(cfg, step_files.own_files(ids, pp_rank, dp_rank), prints)
+        state = run_state.choose_resume(cfg, step_files.own_files(ids, pp_rank, dp_rank, tp_file), prints)
     start = state["step"] if state else 0
     if start == cfg.steps:  # the save is the end of the run: nothing to train
         return _nothing_to_do(rank, start, device)
@@ -347,7 +348,7 @@ def run_rank(rank: int, world: int, cfg: RunConfig) -> dict:
     if state:
         run_state.check_resumable(state, cfg, pipe.layer_ranges)
     saved = step_files.step_dir(cfg.save_dir, start) if state else None
-    checkpoint = {i: step_files.stage_file(saved, i, dp_rank) if saved else (cfg.model if on_meta else None)
+    checkpoint = {i: step_files.stage_file(saved, i, dp_rank, tp_file) if saved else (cfg.model if on_meta else None)
                   for i in ids}
     stages = [pipe.build_stage(i, device, style=style, dp_mesh=mesh, checkpoint=checkpoint[i],
                                activation_checkpointing=cfg.activation_checkpointing,
@@ -355,7 +356,7 @@ def run_rank(rank: int, world: int, cfg: RunConfig) -> dict:
     named = list(run_state.rank_parameters(stages).items())
     opt, lr_sched = make_optimizer(cfg, [(n.split(".", 1)[1], p) for n, p in named], [st.submod for st in stages])
     if state:
-        run_state.load(cfg, state, stages, opt, pp_rank=pp_rank, dp_rank=dp_rank, device=device)
+        run_state.load(cfg, state, stages, opt, pp_rank=pp_rank, dp_rank=dp_rank, device=device, tp_rank=tp_file)
         lr_sched.load_state_dict(state["lr_scheduler"])
     holds_last = any(st.is_last for st in stages)
     writes = holds_last and dp_rank == 0 and tp_rank == 0  # the tp ranks of a last stage hold the same loss
@@ -415,7 +416,7 @@ def run_rank(rank: int, world: int, cfg: RunConfig) -> dict:
         if cfg.save_dir and (done == cfg.steps or (cfg.save_every and done % cfg.save_every == 0)):
             run_state.save(cfg, done, stages, opt, pp_rank=pp_rank, dp_rank=dp_rank, position=position,
                            layer_ranges=pipe.layer_ranges, model_config=model.config, device=device,
-                           lr_scheduler=lr_sched.state_dict(), prints=prints)
+                           lr_scheduler=lr_sched.state_dict(), prints=prints, tp_rank=tp_file)
     if bar is not None:
         bar.close()
     losses_per_step = _global_losses(shares, mesh) if holds_last else []

@@ -1,0 +1,165 @@
+"""Predicted against measured peak memory per rank (issue 25): the memory model of
+``fxpp.analysis.stage_memory`` against real multi-rank training steps.
+
+Models (fp32, seeded random weights, ``train()``):
+
+* ``qwen2-v151936``: a Qwen2 with Qwen's 151,936-token vocabulary, hidden 256,
+  intermediate 704, 8 layers, 4 heads (2 key/value), untied embeddings (as Qwen2.5-7B);
+  microbatches of 2 x 64 tokens. The embedding and the head are 155 MB each; the logits
+  of one microbatch 78 MB.
+* ``llava``: the test zoo's tiny LLaVA (``fxpp.testing.zoo.tiny_vlm``; a CLIP vision
+  tower and a Llama text model, hidden 64, 8 layers, vocabulary 128); microbatches of
+  2 x 64 tokens with one image per row. (Rows written before this docstring was fixed
+  call it ``llava-h256``; it always was hidden 64.)
+
+For each schedule (1F1B: 2 stages on 2 ranks; Interleaved1F1B and ZBVZeroBubble: 4 stages
+on 2 ranks), 2 local gloo ranks (one thread each) build ``fxpp.pipeline(model, n,
+schedule=..., microbatch=(2, 64), num_microbatches=4)``'s stages and train 3 steps of 4
+microbatches with AdamW (``zero_grad(set_to_none=True)``, ``schedule.step``,
+``opt.step``), under ``torch.profiler`` with ``profile_memory=True``: the CPU allocator
+reports every allocation and free. **Measured peak** = the rank's parameters (allocated
+before the profiler starts, counted tensor by tensor) + the largest running sum of the
+allocator's reports in steps 2 and 3 (step 1 allocates the optimizer state and the
+schedule's buffers; from step 2 on each step is alike). An allocation inside an operator
+is placed at the operator's start and a free at its end (the profiler reports them per
+operator), so a peak is never missed, at most seen a little early.
+**Predicted** = ``MemoryModel.split_memory`` for the same split (``pipe.memory_plan``).
+
+Run:  PYTHONPATH=. python benchmarks/bench_memory_plan.py [--models qwen,llava] [--schedules ...] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from _common import default_json_path, report, schedules_arg, start, values_or_exit
+
+MB = 1024 * 1024
+SCHEDULES = ("1F1B", "Interleaved1F1B", "ZBVZeroBubble")
+MICRO, SEQ, M, WORLD = 2, 64, 4, 2
+
+
+def build(name: str):
+    """``(model, make_inputs(batch, seed))``."""
+    import transformers as tf
+
+    if name == "qwen":
+        from fxpp.presets import COMMON
+
+        cfg = tf.Qwen2Config(**{**COMMON, "vocab_size": 151936, "hidden_size": 256, "intermediate_size": 704},
+                             num_hidden_layers=8, tie_word_embeddings=False)
+        cfg._attn_implementation = "sdpa"
+        torch.manual_seed(0)
+        model = tf.AutoModelForCausalLM.from_config(cfg)
+
+        def make(batch, seed):
+            g = torch.Generator().manual_seed(seed)
+            ids = torch.randint(3, 151936, (batch, SEQ), generator=g)
+            return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+        return model.train(), make
+    from fxpp.testing import zoo
+
+    model, make_inputs = zoo.tiny_vlm("llava", num_layers=8)
+    return model.train(), lambda batch, seed: make_inputs(batch, SEQ, seed=seed)
+
+
+def allocator_peak(prof, after_us: float) -> tuple[int, list]:
+    """The largest running sum of the profiler's allocation reports after ``after_us``, and the
+    operators of the last allocations of 1 MiB or more before it (what the peak is made of)."""
+    points = []
+    for e in prof.events():
+        usage = e.self_cpu_memory_usage if e.name != "[memory]" else e.cpu_memory_usage
+        if usage > 0:
+            points.append((e.time_range.start, usage, e.name))
+        elif usage < 0:
+            points.append((e.time_range.end, usage, e.name))
+    points.sort(key=lambda p: (p[0], -p[1]))
+    run, peak, at = 0, None, 0
+    for i, (t, usage, _) in enumerate(points):
+        run += usage
+        if t >= after_us and (peak is None or run > peak):
+            peak, at = run, i
+    context = [f"{name} {usage / MB:+.1f}" for _, usage, name in points[max(0, at - 40):at + 1] if abs(usage) >= MB]
+    return (peak if peak is not None else run), context[-12:]
+
+
+def rank_job(rank: int, world: int, workdir: str, model_name: str, schedule: str) -> dict:
+    import fxpp
+    from fxpp.runtime.placement import MULTI_STAGE
+    from torch.profiler import ProfilerActivity, profile
+
+    model, make = build(model_name)
+    n = world * (2 if schedule in MULTI_STAGE else 1)
+    example = make(MICRO, 0)
+    pipe = fxpp.pipeline(model, n, example_inputs=example, schedule=schedule, microbatch=(MICRO, SEQ),
+                         num_microbatches=M)
+    style = "v" if MULTI_STAGE.get(schedule) == "v" else "loop"
+    ids = fxpp.stage_ids_of_rank(rank, n, world, style)
+    stages = [pipe.build_stage(i, "cpu", microbatch=example) for i in ids]
+    params = {}
+    for st in stages:
+        for p in st.submod.parameters():
+            params[p.untyped_storage().data_ptr()] = p.untyped_storage().nbytes()
+    batch = make(MICRO * M, 1)
+    labels = batch["input_ids"].clone()
+    loss_fn = fxpp.causal_lm_loss(labels, M)
+    sched = fxpp.schedule(schedule, stages, M, loss_fn)
+    opt = torch.optim.AdamW([p for st in stages for p in st.submod.parameters()], lr=1e-4)
+    first = ids[0] == 0
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        for step in range(3):
+            opt.zero_grad(set_to_none=True)
+            torch.distributed.barrier()
+            kwargs = dict(batch) if first else {}
+            sched.step(**kwargs, target=labels if any(st.is_last for st in stages) else None)
+            opt.step()
+    # the profiler's clock: the first event of step 2 is after step 1's optimizer step; find it by order
+    steps = [e for e in prof.events() if e.name.startswith("Optimizer.step")]
+    after = steps[0].time_range.end if steps else 0.0
+    peak_rise, context = allocator_peak(prof, after)
+    plan = pipe.memory_plan()[rank]
+    return {"rank": rank, "stages": ids, "param_bytes": sum(params.values()), "measured": sum(params.values()) + peak_rise,
+            "predicted": plan.peak, "phase": plan.phase, "peak_context": context,
+            "parts": {k: sum(getattr(s, k) for s in plan.stages) for k in
+                      ("params", "grads", "optimizer", "buffers", "activations", "logits", "transient")},
+            "layers": [f"{pipe.layer_ranges[i].start}-{pipe.layer_ranges[i].stop - 1}" for i in ids]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", default="qwen,llava")
+    ap.add_argument("--schedules", default=",".join(SCHEDULES))
+    ap.add_argument("--json", default=default_json_path("bench_memory_plan"))
+    args = ap.parse_args()
+    schedules = schedules_arg(ap, args.schedules, SCHEDULES)
+    env = start(threads=1, spawned=True)
+    from fxpp.trainer.launch import run_ranks
+
+    rows = []
+    for model_name in [m for m in args.models.split(",") if m]:
+        for schedule in schedules:
+            values = values_or_exit(run_ranks(rank_job, WORLD, model_name, schedule, timeout_s=900, threads=1,
+                                              barrier_at_end=True), f"{model_name} {schedule}")
+            for v in values:
+                err = (v["predicted"] - v["measured"]) / v["measured"]
+                rows.append({"model": "qwen2-v151936" if model_name == "qwen" else "llava-h64", "schedule": schedule,
+                             "rank": v["rank"], "stages": ",".join(map(str, v["stages"])),
+                             "layers": " ".join(v["layers"]), "predicted_MB": v["predicted"] / MB,
+                             "measured_MB": v["measured"] / MB, "error": err, "phase": v["phase"],
+                             "measured_peak_after": " | ".join(v["peak_context"]),
+                             **{f"{k}_MB": b / MB for k, b in v["parts"].items()}})
+            print(f"# {model_name} {schedule}: done", flush=True)
+    report(rows, ["model", "schedule", "rank", "stages", "layers", "predicted_MB", "measured_MB", "error", "phase",
+                  "params_MB", "grads_MB", "optimizer_MB", "buffers_MB", "activations_MB", "logits_MB",
+                  "transient_MB"], env, args.json)
+    worst = max(rows, key=lambda r: abs(r["error"]))
+    print(f"# worst prediction error: {worst['error']:+.1%} ({worst['model']}, {worst['schedule']}, rank {worst['rank']})")
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

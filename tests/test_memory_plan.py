@@ -1,0 +1,131 @@
+"""Memory-aware cuts (issue 25): the memory model of ``fxpp.analysis.stage_memory`` and
+``fxpp.pipeline(..., memory_limit=)``. Fast cases only; the predicted-against-measured
+comparison is ``benchmarks/bench_memory_plan.py``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as tf
+
+import fxpp
+from fxpp.analysis.memory import block_memory
+from fxpp.analysis.schedule_order import peak_held
+from fxpp.errors import MemoryLimitError, RunConfigError, StageSpecError
+from fxpp.presets import COMMON
+from fxpp.trainer.cli import parse_size
+
+
+def _qwen(vocab: int, layers: int = 8, hidden: int = 64, meta: bool = True):
+    cfg = tf.Qwen2Config(**{**COMMON, "vocab_size": vocab, "hidden_size": hidden, "intermediate_size": 2 * hidden},
+                         num_hidden_layers=layers, tie_word_embeddings=False)
+    cfg._attn_implementation = "sdpa"
+    if meta:
+        with torch.device("meta"):
+            return tf.AutoModelForCausalLM.from_config(cfg).train()
+    torch.manual_seed(0)
+    return tf.AutoModelForCausalLM.from_config(cfg).train()
+
+
+def _last_layers(vocab: int) -> int:
+    from fxpp.analysis.memory_plan import _lowest_peak
+
+    model = _qwen(vocab)
+    pipe = fxpp.pipeline(model, 2, schedule="1F1B", microbatch=(2, 32), num_microbatches=4, device="cpu")
+    limit = _lowest_peak(pipe.memory, 2) * 1.001  # within the search's 0.1 % bisection precision
+    pipe = fxpp.pipeline(model, 2, schedule="1F1B", microbatch=(2, 32), num_microbatches=4, device="cpu",
+                         memory_limit=limit)
+    assert all(r.peak <= limit for r in pipe.memory_plan())
+    return len(pipe.layer_ranges[-1])
+
+
+@pytest.mark.heavy  # six traced pipelines and a bisection over limits: ~15 s on a shared 2-core machine
+def test_the_last_stage_gets_fewer_layers_as_the_vocabulary_grows():
+    counts = [_last_layers(v) for v in (128, 8192, 65536)]
+    assert counts == sorted(counts, reverse=True) and counts[-1] < counts[0], counts
+
+
+@pytest.mark.heavy  # five traced pipelines: ~5 s on a shared 2-core machine
+def test_an_infeasible_limit_names_the_smallest_stage_count_that_fits():
+    model = _qwen(128, hidden=128)
+    fit4 = fxpp.pipeline(model, 4, schedule="1F1B", microbatch=(1, 16), num_microbatches=4, device="cpu")
+    limit = max(r.peak for r in fit4.memory_plan())
+    with pytest.raises(MemoryLimitError, match=r"the smallest stage count that fits is (\d)") as e:
+        fxpp.pipeline(model, 2, schedule="1F1B", microbatch=(1, 16), num_microbatches=4, device="cpu",
+                      memory_limit=limit)
+    smallest = int(str(e.value).split("the smallest stage count that fits is ")[1][0])
+    assert 2 < smallest <= 4
+    fxpp.pipeline(model, smallest, schedule="1F1B", microbatch=(1, 16), num_microbatches=4, device="cpu",
+                  memory_limit=limit)
+    with pytest.raises(MemoryLimitError, match="no stage count"):
+        fxpp.pipeline(model, 2, schedule="1F1B", microbatch=(1, 16), num_microbatches=4, device="cpu",
+                      memory_limit=1000)
+
+
+def test_predicted_layer_activations_equal_the_saved_tensors_of_a_real_backward():
+    model = _qwen(128, layers=2, meta=False)
+    pipe = fxpp.pipeline(model, 2, schedule="1F1B", microbatch=(2, 16), num_microbatches=2, device="cpu")
+    blocks = block_memory(pipe.model_graph, 2, torch.device("cpu"))
+    layer = model.model.layers[1]
+    hidden = torch.randn(2, 16, 64, requires_grad=True)
+    pos = torch.arange(16)[None].expand(2, -1)
+    cos, sin = model.model.rotary_emb(hidden, pos)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in params:
+            seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = layer(hidden, attention_mask=None, position_ids=pos, position_embeddings=(cos, sin))
+    out = out[0] if isinstance(out, tuple) else out
+    out.sum().backward()  # the saved tensors serve a real backward
+    predicted = blocks[2].own_saved + sum(v[0] for v in blocks[2].inherited.values())
+    assert predicted == sum(seen.values())  # exact: the same kernels on the same shapes
+
+
+@pytest.mark.parametrize("world,m", [(2, 4), (4, 4), (4, 8)])
+def test_in_flight_counts_follow_torchs_single_stage_schedules(world, m):
+    assert peak_held("GPipe", world, m) == [m] * world
+    assert peak_held("1F1B", world, m) == [min(m, world - r) for r in range(world)]
+
+
+@pytest.mark.parametrize("name", ["Interleaved1F1B", "InterleavedZeroBubble", "ZBVZeroBubble", "DualPipeV"])
+def test_multi_stage_counts_come_from_torchs_order_and_saturate(name):
+    counts = peak_held(name, 4, 8)
+    assert counts == peak_held(name, 4, 16)  # steady state: more microbatches hold no more
+    assert all(1 <= c <= 8 for c in counts) and counts[0] == max(counts)
+
+
+def test_a_fast_infeasible_limit_is_refused():
+    model = _qwen(128, layers=2)
+    with pytest.raises(MemoryLimitError, match="no stage count fits: every layer has a stage already"):
+        fxpp.pipeline(model, 2, schedule="1F1B", microbatch=(1, 8), num_microbatches=2, device="cpu",
+                      memory_limit=1000)
+
+
+def test_memory_arguments_are_validated():
+    model = _qwen(128, layers=2)
+    with pytest.raises(StageSpecError, match="memory_limit needs schedule"):
+        fxpp.pipeline(model, 2, memory_limit=10 ** 9)
+    with pytest.raises(StageSpecError, match="microbatch="):
+        fxpp.pipeline(model, 2, schedule="1F1B", microbatch=(2,), memory_limit=10 ** 9)
+    with pytest.raises(StageSpecError, match="memory_limit=-1"):
+        fxpp.pipeline(model, 2, schedule="1F1B", microbatch=(2, 8), memory_limit=-1)
+    with pytest.raises(StageSpecError, match="not a schedule"):
+        fxpp.pipeline(model, 2, schedule="Nope", microbatch=(2, 8))
+    with pytest.raises(StageSpecError, match="odd"):
+        fxpp.pipeline(_qwen(128, layers=4), 3, schedule="ZBVZeroBubble", microbatch=(2, 8))
+    with pytest.raises(StageSpecError, match="has no memory model"):
+        fxpp.pipeline(model, 2).memory_plan()
+
+
+def test_sizes_on_the_command_line():
+    assert parse_size("80GB") == 80 * 10 ** 9
+    assert parse_size("512MiB") == 512 * 2 ** 20
+    assert parse_size("1024") == 1024
+    with pytest.raises(RunConfigError, match="80XB"):
+        parse_size("80XB")
