@@ -107,7 +107,8 @@ def compiled_rank(rank, world, workdir, schedule, num_stages, style, backend, op
 
 
 def _diff(got, ref):
-    return float((got.detach() - ref.detach()).abs().max()), float(ref.detach().abs().max())
+    got = got.full_tensor() if hasattr(got, "full_tensor") else got  # FSDP2 (mixed precision): a DTensor
+    return float((got.detach().float() - ref.detach()).abs().max()), float(ref.detach().abs().max())
 
 
 def _check(reports, *, eager_rel=EAGER_REL, compiled_ulps=True):

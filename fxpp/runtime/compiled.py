@@ -231,8 +231,10 @@ def compile_stats() -> dict:
     """This process's compile events since fxpp first compiled a stage in it.
 
     Returns:
-        ``{"compiles": forward compilations, "backward_compiles": backward graphs compiled
-        at their first run, "compile_s": wall seconds spent in both}``; zeros before any
-        stage was compiled.
+        ``{"compiles": frame compilations (a forward graph each, its backward planned with
+        it), "backward_compiles": backward graphs torch compiled apart, at their first run
+        (0 where it compiles them with the forward, as CPU inductor in torch 2.13 did for
+        fxpp's layers), "compile_s": wall seconds spent in both}``; zeros before any stage
+        was compiled.
     """
     return {"compiles": _LOG.forward, "backward_compiles": _LOG.backward, "compile_s": _LOG.seconds}
