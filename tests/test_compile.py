@@ -69,9 +69,10 @@ def compiled_rank(rank, world, workdir, schedule, num_stages, style, backend, op
     stages = [pipe.build_stage(i, "cpu", style=style, compile=backend, **options) for i in ids]
     report = {"optimized_modules": [type(m).__name__ for st in stages for m in st.submod.modules()
                                     if isinstance(m, torch._dynamo.OptimizedModule)],
-              "compiled_layers": sum(layer._compiled_call_impl is not None for st in stages
+              "compiled_layers": sum(getattr(layer, "_fxpp_compiled", None) == backend for st in stages
                                      for layer in _layers(st.submod)),
-              "user_layers_compiled": sum(layer._compiled_call_impl is not None for layer in _layers(model)),
+              "user_layers_compiled": sum(layer._compiled_call_impl is not None or "forward" in vars(layer)
+                                          or hasattr(layer, "_fxpp_compiled") for layer in _layers(model)),
               "steps": []}
     for layer in _layers(compiled_ref):
         layer.compile(backend=backend, dynamic=False)
@@ -93,6 +94,7 @@ def compiled_rank(rank, world, workdir, schedule, num_stages, style, backend, op
         sched.step(**inputs, target=labels, losses=losses)
         after = fxpp.compile_stats()
         row = {"seq": seq, "compiles": after["compiles"] - before["compiles"],
+               "graphs": after["graphs"] - before["graphs"], "graph_breaks": after["graph_breaks"],
                "backward_compiles": after["backward_compiles"] - before["backward_compiles"], "vs": {}}
         for which, ref in (("compiled", compiled_ref), ("eager", eager_ref)):
             ref.zero_grad(set_to_none=True)
@@ -120,6 +122,8 @@ def _check(reports, *, eager_rel=EAGER_REL, compiled_ulps=True):
         # One compile per distinct layer signature (every llama layer shares one), one more at
         # a new sequence length (static shapes, Note [compiled stages]), none for a length seen before.
         assert first["compiles"] == 1 and second["compiles"] == 1 and third["compiles"] == 0, r["steps"]
+        # ... and each compile captured the whole layer as one graph: nothing fell back to eager.
+        assert [s["graphs"] for s in r["steps"]] == [1, 1, 0] and third["graph_breaks"] == 0, r["steps"]
         for step in r["steps"]:
             for which, diffs in step["vs"].items():
                 where = f"rank {rank} seq {step['seq']} vs {which}"
@@ -134,7 +138,8 @@ def _check(reports, *, eager_rel=EAGER_REL, compiled_ulps=True):
                     else:
                         bound = 2 * MICROBATCHES * EPS * scale  # and its gradient bound
                     if which == "eager" or compiled_ulps:
-                        assert diff <= bound, f"{where}: {name} differs by {diff:.3g}, over {bound:.3g} (|ref| {scale:.3g})"
+                        assert diff <= bound, (f"{where}: {name} differs by {diff:.3g}, over {bound:.3g} "
+                                               f"(|ref| {scale:.3g})")
 
 
 @pytest.mark.heavy  # CPU inductor on two ranks, seven schedules: the README's second command
@@ -226,9 +231,9 @@ def test_fxpp_run_compile_check_matches_under_zbv(tmp_path, capsys):
     out = _fxpp_run(["run", "tiny-llama", "--stages", "2", "--schedule", "ZBVZeroBubble", "--steps", "3", "--compile",
                      "--check", "--log-every", "3", "--metrics", str(metrics)], capsys)
     assert out.count("MATCH") == 2 and "MISMATCH" not in out, out  # losses and gradient norms
-    assert "compiled decoder layers (inductor): r0 1 compiles" in out, out
+    assert "compiled decoder layers (inductor): r0 1 compiles (1 graphs, 0 graph breaks)" in out, out
     (record,) = read_metrics(str(metrics))
-    assert record["compiles"] == 1 and record["compile_s"] > 0
+    assert (record["compiles"], record["graphs"], record["graph_breaks"]) == (1, 1, 0) and record["compile_s"] > 0
 
 
 @pytest.mark.heavy

@@ -44,9 +44,10 @@ Note [compiled stages]
     Order, as torchtitan's ``parallelize`` (tensor parallel, then activation
     checkpointing, then per-block compile, then ``fully_shard``): the tp plan splits the
     layer's parameters first; activation checkpointing replaces the layer's ``forward``
-    (Note [activation checkpointing] in ``fxpp.runtime.parallel``), so the compiled call
-    captures ``torch.utils.checkpoint`` as a higher-order op and inductor's partitioner
-    does the recomputation; ``fully_shard`` comes last, and its hooks (which torch marks
+    (Note [activation checkpointing] in ``fxpp.runtime.parallel``) with an eager
+    ``torch.utils.checkpoint`` around the layer's compiled forward (:func:`compiled_forward`:
+    compiling the checkpoint itself made dynamo drop the whole layer to eager on a graph
+    break, see there); ``fully_shard`` comes last, and its hooks (which torch marks
     ``_dynamo_disable``) run outside the compiled graph.
 
     Split backward: zero-bubble schedules compute a stage's input gradients and its weight
@@ -85,6 +86,7 @@ import time
 
 import torch
 import torch._dynamo
+import torch._dynamo.utils
 import torch._functorch.config
 
 from ..errors import CompileError
@@ -180,7 +182,30 @@ def compile_layers(layers: list[tuple[str, torch.nn.Module]], backend: str) -> N
 
     ``dynamic=False``: one compile per signature and microbatch shape (Note [compiled stages]).
     """
-    needed = RECOMPILES_PER_LAYER * len(layers)
+    prepare_compile(len(layers))
+    for _, layer in layers:
+        layer.compile(backend=backend, dynamic=False)
+        layer._fxpp_compiled = backend
+
+
+def compiled_forward(layer: torch.nn.Module, backend: str):
+    """``layer``'s bound ``forward``, compiled (activation checkpointing calls it inside the checkpoint).
+
+    Note [compiled stages], order: torch.compile of a layer whose ``forward`` is
+    checkpointed traces the checkpoint as a higher-order op, and a side effect inside the
+    layer (transformers' hub-kernel attention, with the ``kernels`` package installed, sets
+    a global) makes dynamo give up on the whole layer with a graph break: it would run
+    eagerly under a "compiled" label. So a checkpointed layer has its forward compiled and
+    the checkpoint around it runs eagerly: the recomputation calls the same compiled code.
+    """
+    compiled = torch.compile(layer.forward, backend=backend, dynamic=False)
+    layer._fxpp_compiled = backend
+    return compiled
+
+
+def prepare_compile(num_layers: int) -> None:
+    """Process-wide settings compiled layers need (Note [compiled stages]), and the compile log."""
+    needed = RECOMPILES_PER_LAYER * num_layers
     if torch._dynamo.config.recompile_limit < needed:
         torch._dynamo.config.recompile_limit = needed
     # Note [compiled stages], split backward: the first half runs with retain_graph=True,
@@ -188,8 +213,6 @@ def compile_layers(layers: list[tuple[str, torch.nn.Module]], backend: str) -> N
     # memory) refuse; a process-wide setting, read when a graph is compiled.
     torch._functorch.config.donated_buffer = False
     _LOG.install()
-    for _, layer in layers:
-        layer.compile(backend=backend, dynamic=False)
 
 
 class _CompileLog:
@@ -202,12 +225,19 @@ class _CompileLog:
         self.forward = 0  # dynamo frame compilations (a forward graph each, with its backward planned)
         self.backward = 0  # backward graphs compiled the first time they ran
         self.seconds = 0.0
+        self._base = (0, 0)  # dynamo's graph and graph-break counters when the log was installed
+
+    @property
+    def base(self) -> tuple[int, int]:
+        return self._base
 
     def install(self) -> None:
         with self._lock:
             if self._installed:
                 return
             self._installed = True
+            stats = torch._dynamo.utils.counters
+            self._base = (stats["stats"]["unique_graphs"], sum(stats["graph_break"].values()))
         torch._dynamo.callback_handler.register_start_callback(self._start)
         torch._dynamo.callback_handler.register_end_callback(self._end)
 
@@ -231,10 +261,16 @@ def compile_stats() -> dict:
     """This process's compile events since fxpp first compiled a stage in it.
 
     Returns:
-        ``{"compiles": frame compilations (a forward graph each, its backward planned with
-        it), "backward_compiles": backward graphs torch compiled apart, at their first run
+        ``{"compiles": frame compilations (each yields a graph unless a graph break left
+        nothing to compile), "graphs": graphs captured, "graph_breaks": places dynamo could
+        not trace (a layer that breaks runs partly eagerly; ``fxpp run --compile`` prints
+        the count), "backward_compiles": backward graphs torch compiled apart, at their first run
         (0 where it compiles them with the forward, as CPU inductor in torch 2.13 did for
         fxpp's layers), "compile_s": wall seconds spent in both}``; zeros before any stage
         was compiled.
     """
-    return {"compiles": _LOG.forward, "backward_compiles": _LOG.backward, "compile_s": _LOG.seconds}
+    stats = torch._dynamo.utils.counters
+    graphs, breaks = _LOG.base
+    return {"compiles": _LOG.forward, "graphs": stats["stats"]["unique_graphs"] - graphs,
+            "graph_breaks": sum(stats["graph_break"].values()) - breaks, "backward_compiles": _LOG.backward,
+            "compile_s": _LOG.seconds}

@@ -122,7 +122,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..analysis.annotate import is_decoder_layer
 from ..errors import StageSpecError
-from .compiled import compile_layers
+from .compiled import compile_layers, compiled_forward, prepare_compile
 from .placement import default_device
 
 DATA_PARALLEL_MODES = ("fsdp", "replicate")
@@ -351,9 +351,11 @@ def parallelize_stage(submodule: torch.nn.Module, *, dp_mesh=None, data_parallel
     """
     layers = decoder_layer_modules(submodule)
     if activation_checkpointing:
-        for _, layer in layers:
-            checkpoint_layer(layer)
-    if compile_backend is not None:
+        if compile_backend is not None:
+            prepare_compile(len(layers))
+        for _, layer in layers:  # with compile: the checkpoint around the compiled forward
+            checkpoint_layer(layer, compile_backend)
+    elif compile_backend is not None:
         compile_layers(layers, compile_backend)
     if dp_mesh is None:
         return
@@ -375,9 +377,14 @@ def parallelize_stage(submodule: torch.nn.Module, *, dp_mesh=None, data_parallel
         replicate(submodule, mesh=dp_mesh, **policy)
 
 
-def checkpoint_layer(layer: torch.nn.Module) -> None:
-    """Recompute ``layer``'s activations in the backward (Note [activation checkpointing]); names unchanged."""
-    forward = layer.forward  # the bound method the module's __call__ would run
+def checkpoint_layer(layer: torch.nn.Module, compile_backend: str | None = None) -> None:
+    """Recompute ``layer``'s activations in the backward (Note [activation checkpointing]); names unchanged.
+
+    With ``compile_backend`` the checkpointed function is the layer's compiled forward
+    (``fxpp.runtime.compiled.compiled_forward``).
+    """
+    # the bound method the module's __call__ would run
+    forward = layer.forward if compile_backend is None else compiled_forward(layer, compile_backend)
 
     def checkpointed_forward(*args, **kwargs):
         if not torch.is_grad_enabled():

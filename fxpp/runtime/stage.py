@@ -367,8 +367,8 @@ def build_stage(pipe: SplitModel, index: int, device: torch.device | str, group=
             raise StageSpecError(
                 f"stage {index} was built on this rank before with {_wrapping_text(done)}; building it again with "
                 f"{_wrapping_text(wrapping)} would wrap it twice. Build each stage with the same dp_mesh, "
-                "data_parallel, activation_checkpointing, mixed_precision and compile every time (or leave them out to reuse "
-                "the stage)"
+                "data_parallel, activation_checkpointing, mixed_precision and compile every time (or leave them "
+                "out to reuse the stage)"
             )
         if checkpoint is not None:
             if tp_mesh is not None:

@@ -97,7 +97,8 @@ def _run(args) -> int:
     compiled = [(r["rank"], r["compile"]) for r in results if "compile" in r]
     if compiled:
         print("compiled decoder layers (inductor): " + ", ".join(
-            f"r{rank} {c['compiles']} compiles in {c['compile_s']:.1f} s" for rank, c in compiled), flush=True)
+            f"r{rank} {c['compiles']} compiles ({c['graphs']} graphs, {c['graph_breaks']} graph breaks) in "
+            f"{c['compile_s']:.1f} s" for rank, c in compiled), flush=True)
     for result in results:
         if "losses" not in result:
             continue
