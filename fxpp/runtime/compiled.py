@@ -58,9 +58,10 @@ Note [compiled stages]
     from them for the weights. AOTAutograd's donated buffers (the backward writing over
     its saved activations) refuse ``retain_graph=True``, so fxpp turns them off
     (``torch._functorch.config.donated_buffer = False``, for the whole process: a
-    little more peak memory in the backward). Both halves are right (``tests/test_compile.py``); the cost is
-    a layer's whole backward twice per microbatch under those schedules, where an eager
-    layer splits its matmuls' backward between the two calls.
+    little more peak memory in the backward). Both halves are right
+    (``tests/test_compile.py``); the cost is a layer's whole backward twice per
+    microbatch under those schedules, where an eager layer splits its matmuls' backward
+    between the two calls.
 
     Recompilation is bounded: torch compiles once per distinct layer signature (code,
     argument shapes and dtypes, training flag, grad mode), not once per layer: layers of
