@@ -28,6 +28,13 @@ CUDA is available, else the CPU with gloo, so the script is dry-run on CPU machi
    microbatches (a count that grows with the microbatches is a host read per microbatch).
    On CPU there is nothing to count (printed as n/a).
 
+5. **Compiled stages** (``build_stage(..., compile=True)``, issue 24): bf16 mixed precision,
+   one step of 1F1B (one stage) and of ZBVZeroBubble (two stages on the rank, V
+   placement), eager stages against compiled ones built from the same seeded model,
+   interleaved, median of ``--iters`` after ``--warmup``; the compiled pipeline's compile
+   count and seconds (``fxpp.compile_stats()``) and the loss difference (bf16 bound 5e-2,
+   as ``fxpp run``'s check).
+
 Run: ``bash benchmarks/gpu_check.sh`` (writes ``$OUT/gpu_check.json`` when ``OUT`` is set).
 """
 
@@ -226,6 +233,53 @@ def _memory(device: torch.device, args) -> dict:
             "error": None if peak is None else (predicted.peak - peak) / peak}
 
 
+def _compiled(device: torch.device, args) -> list[dict]:
+    """Eager against compiled stages, bf16 mixed precision, 1F1B and ZBVZeroBubble on this one rank."""
+    import fxpp
+
+    ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(4)).to(device)
+    labels = ids.clone()
+    rows = []
+    for schedule, num_stages in (("1F1B", 1), ("ZBVZeroBubble", 2)):
+        runs = {}
+        for name, compile in (("eager", False), ("compiled", True)):
+            model = _model(torch.float32, device, args.hidden, args.layers, args.vocab)
+            pipe = fxpp.pipeline(model, num_stages, example_inputs={"input_ids": ids[: args.batch // MICROBATCHES]})
+            stages = [pipe.build_stage(i, device, mixed_precision="bf16", compile=compile) for i in range(num_stages)]
+            loss_fn = fxpp.causal_lm_loss(labels, MICROBATCHES)
+            runs[name] = (fxpp.schedule(schedule, stages, MICROBATCHES, loss_fn), loss_fn, pipe)
+
+        def step(name):
+            sched, loss_fn, _ = runs[name]
+            losses: list = []
+            _sync(device)
+            t0 = time.perf_counter()
+            sched.step(input_ids=ids, target=labels, losses=losses)
+            _sync(device)
+            for st in sched.stages:
+                st.submod.zero_grad(set_to_none=True)
+            return time.perf_counter() - t0, float(loss_fn.whole_batch(losses))
+
+        before = fxpp.compile_stats()
+        first_s = step("compiled")[0]
+        stats = fxpp.compile_stats()
+        for _ in range(args.warmup):
+            step("eager"), step("compiled")
+        times, loss = {"eager": [], "compiled": []}, {}
+        for _ in range(args.iters):
+            for name in ("eager", "compiled"):
+                t, loss[name] = step(name)
+                times[name].append(t)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        rows.append({"schedule": schedule, "stages": num_stages, "eager_ms": med["eager"] * 1e3,
+                     "compiled_ms": med["compiled"] * 1e3, "speedup": med["eager"] / med["compiled"],
+                     "compiles": stats["compiles"] - before["compiles"],
+                     "compile_s": stats["compile_s"] - before["compile_s"], "first_step_s": first_s,
+                     "loss_diff": abs(loss["eager"] - loss["compiled"]),
+                     "ok": abs(loss["eager"] - loss["compiled"]) <= 5e-2})
+    return rows
+
+
 def _rank(rank: int, world: int, workdir: str, args_dict: dict) -> dict:
     import torch.distributed as dist
 
@@ -240,6 +294,7 @@ def _rank(rank: int, world: int, workdir: str, args_dict: dict) -> dict:
     out["overhead"] = _overhead(device, args)
     out["mixed_precision_syncs"] = [_syncs_per_step(device, args, m) for m in (4, 8)]
     out["memory"] = _memory(device, args)
+    out["compiled"] = _compiled(device, args)
     return out
 
 
@@ -257,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from fxpp.trainer.launch import run_ranks
 
-    [res] = run_ranks(_rank, 1, vars(args), timeout_s=420, pg_timeout_s=300)
+    [res] = run_ranks(_rank, 1, vars(args), timeout_s=540, pg_timeout_s=300)
     if not res["ok"]:
         print(res.get("traceback") or res["error"], file=sys.stderr)
         return 1
@@ -279,10 +334,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"memory, fp32 Interleaved1F1B, 4 stages on one rank: predicted peak {mem['predicted_mib']:.0f} MiB "
           f"({mem['phase']}), measured " + ("n/a (no CUDA)" if mem["measured_mib"] is None else
                                             f"{mem['measured_mib']:.0f} MiB, error {mem['error']:+.1%}"))
+    for c in out["compiled"]:
+        print(f"compiled stages, bf16, {c['schedule']} ({c['stages']} stage(s)): eager {c['eager_ms']:.2f} ms, compiled "
+              f"{c['compiled_ms']:.2f} ms, speedup {c['speedup']:.3f}; {c['compiles']} compiles in {c['compile_s']:.1f} s "
+              f"(first step {c['first_step_s']:.1f} s); loss diff {c['loss_diff']:.2e}: "
+              f"{'MATCH' if c['ok'] else 'MISMATCH'}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)
-    return 0 if all(eq["ok"] for eq in out["equality"]) else 1
+    return 0 if all(eq["ok"] for eq in out["equality"]) and all(c["ok"] for c in out["compiled"]) else 1
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One short device check (under 8 minutes on one GPU): see benchmarks/gpu_check.py.
+# One short device check (under 9 minutes on one GPU, compiled stages included): see benchmarks/gpu_check.py.
 # On a machine with CUDA it uses NCCL and cuda:0; elsewhere gloo and the CPU (a dry run,
 # e.g. `bash benchmarks/gpu_check.sh --hidden 128 --layers 4 --vocab 500 --seq 64`).
 # With 4 or more GPUs it then runs benchmarks/bench_tensor_parallel.py under torchrun

@@ -2,6 +2,7 @@
 
 from .errors import (
     CheckpointError,
+    CompileError,
     CutError,
     FxppError,
     MemoryLimitError,
@@ -15,6 +16,7 @@ from .errors import (
 )
 from .compile import transform
 from .pipeline import Pipeline, pipeline
+from .runtime.compiled import compile_stats
 from .runtime.loss import CausalLMLoss, causal_lm_loss, count_target_tokens
 from .runtime.microbatch import split_microbatches
 from .runtime.optim import clip_grad_norm_, lr_scheduler
@@ -42,6 +44,7 @@ def stage_ids_of_rank(rank: int, num_stages: int, world_size: int, style: str = 
 __all__ = [
     "CausalLMLoss",
     "CheckpointError",
+    "CompileError",
     "CutError",
     "FxppError",
     "OptimizerSettingsError",
@@ -57,6 +60,7 @@ __all__ = [
     "VerificationError",
     "causal_lm_loss",
     "clip_grad_norm_",
+    "compile_stats",
     "count_target_tokens",
     "lr_scheduler",
     "pipeline",

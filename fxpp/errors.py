@@ -110,3 +110,9 @@ class TensorParallelError(FxppError, ValueError):
     """A model or stage cannot be split over tensor-parallel ranks as asked: no tensor-parallel plan,
     parameters already sharded, or a tp size that does not divide the heads or another dimension the
     plan shards."""
+
+
+class CompileError(FxppError, ValueError):
+    """A stage cannot be compiled as asked (``build_stage(..., compile=...)``, ``fxpp run --compile``): a
+    value that is no backend, a backend torch does not know, no C++ compiler for inductor on CPU, no
+    Triton for inductor on CUDA, or a combination that is not built yet (tensor parallelism)."""

@@ -131,7 +131,7 @@ class Pipeline:
     def build_stage(self, index: int, device, group=None, *, style: str | None = None, checkpoint: str | None = None,
                     microbatch: dict | None = None, dp_mesh=None, data_parallel: str = "fsdp",
                     mesh=None, mixed_precision: str | None = None, mp_policy=None,
-                    activation_checkpointing: bool = False):
+                    activation_checkpointing: bool = False, compile: bool | str = False):
         """Stage ``index`` as a ``torch.distributed.pipelining.PipelineStage``.
 
         Static input/output metadata come from the example inputs, which must have the
@@ -178,11 +178,17 @@ class Pipeline:
             activation_checkpointing: recompute each decoder layer's activations in
                 the backward (torch's composable ``checkpoint``; parameter names
                 unchanged, gradients identical).
+            compile: ``True`` compiles every decoder layer of the stage in place with
+                inductor (``layer.compile()``, regional compilation); a string names
+                another ``torch.compile`` backend (``"aot_eager"``). The stage stays a
+                plain module that every schedule takes, zero-bubble ones included, and
+                the user's model is untouched (Note [compiled stages] in
+                ``fxpp.runtime.compiled``; counts and time: ``fxpp.compile_stats()``).
 
             A stage is wrapped once, on its first build on the rank, on this rank's
             own copy of its modules (the user's model is untouched); building it
             again (a new microbatch shape) reuses it, and different wrapping
-            arguments are a ``StageSpecError``.
+            arguments (``compile`` included) are a ``StageSpecError``.
 
         Raises:
             StageSpecError: no process group, bad index, a meta model without a
@@ -193,11 +199,13 @@ class Pipeline:
                 tensor-parallel plan, with DTensor parameters, or a tp that does not
                 divide the heads (or another dimension) the plan shards.
             CheckpointError: missing keys, wrong shapes.
+            CompileError: ``compile`` names no backend, inductor finds no C++ compiler
+                (CPU) or no Triton (CUDA), or ``compile`` with tensor parallelism.
         """
         return build_stage(self, index, device, group, style=style, checkpoint=checkpoint, microbatch=microbatch,
                            dp_mesh=dp_mesh, data_parallel=data_parallel,
                            activation_checkpointing=activation_checkpointing, mesh=mesh,
-                           mixed_precision=mixed_precision, mp_policy=mp_policy)
+                           mixed_precision=mixed_precision, mp_policy=mp_policy, compile=compile)
 
 
 def pipeline(

@@ -122,6 +122,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..analysis.annotate import is_decoder_layer
 from ..errors import StageSpecError
+from .compiled import compile_layers, compiled_forward, prepare_compile
 from .placement import default_device
 
 DATA_PARALLEL_MODES = ("fsdp", "replicate")
@@ -330,10 +331,12 @@ def single_rank_mesh(device: torch.device) -> DeviceMesh:
 
 
 def parallelize_stage(submodule: torch.nn.Module, *, dp_mesh=None, data_parallel: str = "fsdp",
-                      activation_checkpointing: bool = False, mp_policy: MixedPrecisionPolicy | None = None) -> None:
+                      activation_checkpointing: bool = False, mp_policy: MixedPrecisionPolicy | None = None,
+                      compile_backend: str | None = None) -> None:
     """Wrap a stage's ``GraphModule`` in place, once (Note [pipeline x data parallel]).
 
     Order matters and is torchtitan's: activation checkpointing on each decoder layer,
+    then ``layer.compile()`` on each (Note [compiled stages] in ``fxpp.runtime.compiled``),
     then ``fully_shard`` (or ``replicate``) on each decoder layer, then on the stage
     itself (the root: its embeddings, norm, head and anything outside the layers).
     The stage's parameter names do not change.
@@ -344,11 +347,16 @@ def parallelize_stage(submodule: torch.nn.Module, *, dp_mesh=None, data_parallel
         dp_mesh: the 1-D dp mesh, or None for no data parallelism.
         data_parallel: ``"fsdp"`` or ``"replicate"``.
         activation_checkpointing: Note [activation checkpointing].
+        compile_backend: compile each decoder layer in place with this backend (None: eager).
     """
     layers = decoder_layer_modules(submodule)
     if activation_checkpointing:
-        for _, layer in layers:
-            checkpoint_layer(layer)
+        if compile_backend is not None:
+            prepare_compile(len(layers))
+        for _, layer in layers:  # with compile: the checkpoint around the compiled forward
+            checkpoint_layer(layer, compile_backend)
+    elif compile_backend is not None:
+        compile_layers(layers, compile_backend)
     if dp_mesh is None:
         return
     if data_parallel == "fsdp":
@@ -369,9 +377,14 @@ def parallelize_stage(submodule: torch.nn.Module, *, dp_mesh=None, data_parallel
         replicate(submodule, mesh=dp_mesh, **policy)
 
 
-def checkpoint_layer(layer: torch.nn.Module) -> None:
-    """Recompute ``layer``'s activations in the backward (Note [activation checkpointing]); names unchanged."""
-    forward = layer.forward  # the bound method the module's __call__ would run
+def checkpoint_layer(layer: torch.nn.Module, compile_backend: str | None = None) -> None:
+    """Recompute ``layer``'s activations in the backward (Note [activation checkpointing]); names unchanged.
+
+    With ``compile_backend`` the checkpointed function is the layer's compiled forward
+    (``fxpp.runtime.compiled.compiled_forward``).
+    """
+    # the bound method the module's __call__ would run
+    forward = layer.forward if compile_backend is None else compiled_forward(layer, compile_backend)
 
     def checkpointed_forward(*args, **kwargs):
         if not torch.is_grad_enabled():

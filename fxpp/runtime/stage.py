@@ -19,8 +19,9 @@ from ..inputs.names import stream_tokens
 from ..layout import HEADER, filler_shape, step_shape
 from ..meta import trace_record
 from .checkpoint import load_stage, recompute_non_persistent_buffers
-from .parallel import (check_parallel_args, mixed_precision_policy, parallelize_stage, resolve_meshes,
-                       single_rank_mesh)
+from .compiled import check_compile, compile_backend, own_layer_shells
+from .parallel import (check_parallel_args, decoder_layer_modules, mixed_precision_policy, parallelize_stage,
+                       resolve_meshes, single_rank_mesh)
 from .placement import check_placement
 from .protocols import SplitModel
 from .rank_state import rank_state
@@ -215,11 +216,12 @@ def _runtime_submodule(pipe: SplitModel, index: int, device: torch.device, *, ow
 
 def _wrapping_text(wrapping) -> str:
     if wrapping is None:
-        return "no data parallelism, no tensor parallelism and no activation checkpointing"
-    dp, ac, policy, tp = wrapping
+        return "no data parallelism, no tensor parallelism, no activation checkpointing and no compile"
+    dp, ac, policy, tp, backend = wrapping
     where = "no data parallelism" if dp is None else f"data_parallel={dp[1]!r} over ranks {list(dp[0])}"
     split = "no tensor parallelism" if tp is None else f"tensor parallel over ranks {list(tp)}"
-    return f"{where}, {split}, activation_checkpointing={ac}, mixed precision {policy or 'none'}"
+    return (f"{where}, {split}, activation_checkpointing={ac}, mixed precision {policy or 'none'}, "
+            f"compile={backend or False!r}")
 
 
 def _materialize(pipe: SplitModel, index: int, submodule, checkpoint: str | None, *, tp: bool = False) -> None:
@@ -298,7 +300,7 @@ def build_stage(pipe: SplitModel, index: int, device: torch.device | str, group=
                 checkpoint: str | None = None, microbatch: dict | None = None,
                 batch_seq: tuple[int, int] | None = None, dp_mesh=None, data_parallel: str = "fsdp",
                 activation_checkpointing: bool = False, mesh=None, mixed_precision: str | None = None,
-                mp_policy=None) -> FxppPipelineStage:
+                mp_policy=None, compile: bool | str = False) -> FxppPipelineStage:
     """``pipe.build_stage``: see :meth:`fxpp.Pipeline.build_stage`.
 
     What the rank built is kept in ``fxpp.runtime.rank_state``, not on the pipeline.
@@ -318,6 +320,7 @@ def build_stage(pipe: SplitModel, index: int, device: torch.device | str, group=
             "for a single process, run the stages with pipe(**inputs)"
         )
     check_parallel_args(dp_mesh, data_parallel, activation_checkpointing)
+    backend = compile_backend(compile)
     mesh_arg, tp_mesh, tp_entries = dp_mesh, None, None
     if dp_mesh is not None:
         meshes = resolve_meshes(dp_mesh, group)
@@ -331,27 +334,36 @@ def build_stage(pipe: SplitModel, index: int, device: torch.device | str, group=
         dp_mesh = single_rank_mesh(device)  # FSDP2 carries the policy; over one rank it shards nothing
     if device.type == "cuda" and dist.get_backend(group) == "gloo":
         raise StageSpecError(f"device={device} with the gloo backend: use NCCL for CUDA stages")
+    if backend is not None:
+        check_compile(backend, device, tensor_parallel=tp_mesh is not None)
     key = (index, str(device))
     state = rank_state(pipe)
     submodule = state.submodules.get(key)
     wrapping = None
-    if dp_mesh is not None or activation_checkpointing or tp_mesh is not None:
+    # Every wrapping but compile needs the stage's own copy of each module; compile alone
+    # swaps only the shared decoder layers for shells (Note [compiled stages]).
+    own = dp_mesh is not None or activation_checkpointing or tp_mesh is not None
+    if own or backend is not None:
         wrapping = (None if dp_mesh is None else (tuple(dp_mesh.mesh.flatten().tolist()), data_parallel),
                     activation_checkpointing, None if policy is None else str(policy),
-                    None if tp_mesh is None else tuple(tp_mesh.mesh.flatten().tolist()))
+                    None if tp_mesh is None else tuple(tp_mesh.mesh.flatten().tolist()), backend)
     if submodule is None:
         # A meta stage sharded over dp or tp is sharded on meta, then allocated: each
         # rank only ever holds its own shards, and the checkpoint fills them (load_stage;
         # under tp, load_tp_stage: Note [tensor parallel checkpoints]).
         keep_meta = checkpoint is not None and (dp_mesh is not None or tp_mesh is not None)
-        submodule = _runtime_submodule(pipe, index, device, own=wrapping is not None, keep_meta=keep_meta)
+        submodule = _runtime_submodule(pipe, index, device, own=own, keep_meta=keep_meta)
         if tp_mesh is not None:
             apply_tensor_parallel(submodule, tp_entries, tp_mesh, pipe.model.config, head=head_name(pipe.model))
         if wrapping is not None:
+            if backend is not None and not own:
+                users = {id(m) for m in pipe.stages[index].modules()}
+                own_layer_shells(submodule, decoder_layer_modules(submodule), users)
             # Wrapped once, here, before any PipelineStage sees it; a rebuild for new
             # shapes finds it in the rank state and reuses it.
             parallelize_stage(submodule, dp_mesh=dp_mesh, data_parallel=data_parallel,
-                              activation_checkpointing=activation_checkpointing, mp_policy=policy)
+                              activation_checkpointing=activation_checkpointing, mp_policy=policy,
+                              compile_backend=backend)
             object.__setattr__(submodule, "_fxpp_wrapping", wrapping)
         if keep_meta:
             _allocate(pipe.model, submodule, device)
@@ -365,8 +377,8 @@ def build_stage(pipe: SplitModel, index: int, device: torch.device | str, group=
             raise StageSpecError(
                 f"stage {index} was built on this rank before with {_wrapping_text(done)}; building it again with "
                 f"{_wrapping_text(wrapping)} would wrap it twice. Build each stage with the same dp_mesh, "
-                "data_parallel, activation_checkpointing and mixed_precision every time (or leave them out to reuse "
-                "the stage)"
+                "data_parallel, activation_checkpointing, mixed_precision and compile every time (or leave them "
+                "out to reuse the stage)"
             )
         if checkpoint is not None:
             _materialize(pipe, index, submodule, checkpoint, tp=tp_mesh is not None)
@@ -376,8 +388,8 @@ def build_stage(pipe: SplitModel, index: int, device: torch.device | str, group=
         check_placement(set(registry) | {index}, dist.get_rank(group), num_stages, world)
     stage_style = style or ("loop" if num_stages == world else None)
     tied, local = tie_exchanges(pipe, index, submodule, group, stage_style) if stage_style else ([], [])
-    rebuild = None
     if microbatch is not None:
+        rebuild = None  # a stage built for a given microbatch is not rebuilt for other shapes
         batch_seq = step_shape(microbatch)
         built = step_shape(pipe.example_inputs)
         if len(batch_seq) > 2 and batch_seq != built:
@@ -395,7 +407,8 @@ def build_stage(pipe: SplitModel, index: int, device: torch.device | str, group=
         def rebuild(shape):
             return build_stage(_alive(pipe_ref, index), index, device, group, style=style, batch_seq=shape,
                                dp_mesh=mesh_arg, data_parallel=data_parallel,
-                               activation_checkpointing=activation_checkpointing, mp_policy=policy)
+                               activation_checkpointing=activation_checkpointing, mp_policy=policy,
+                               compile=backend or False)
 
         if batch_seq is None:
             batch_seq = step_shape(pipe.example_inputs)

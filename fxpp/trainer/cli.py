@@ -90,7 +90,8 @@ def _tp_shares(model, pipe, tp: int) -> str:
 
 def _run(args) -> int:
     cfg = RunConfig(model=args.model, ranks=args.stages, dp=args.dp, tp=args.tp,
-                    activation_checkpointing=args.activation_checkpointing, schedule=args.schedule, steps=args.steps,
+                    activation_checkpointing=args.activation_checkpointing, compile=args.compile,
+                    schedule=args.schedule, steps=args.steps,
                     batch=args.batch, seq_len=args.seq_len, microbatches=args.microbatches, lr=args.lr,
                     lr_schedule=args.lr_schedule, warmup_steps=args.warmup_steps, min_lr_ratio=args.min_lr_ratio,
                     weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
@@ -121,6 +122,11 @@ def _run(args) -> int:
         results = [result]
     else:
         results = launch(cfg, timeout_s=args.timeout)
+    compiled = [(r["rank"], r["compile"]) for r in results if "compile" in r]
+    if compiled:
+        print("compiled decoder layers (inductor): " + ", ".join(
+            f"r{rank} {c['compiles']} compiles ({c['graphs']} graphs, {c['graph_breaks']} graph breaks) in "
+            f"{c['compile_s']:.1f} s" for rank, c in compiled), flush=True)
     for result in results:
         if "losses" not in result:
             continue
@@ -213,6 +219,9 @@ def _parser() -> argparse.ArgumentParser:
                      "the job runs on stages' ranks x dp processes, each replica on 1/dp of every batch")
     run.add_argument("--activation-checkpointing", action="store_true",
                      help="recompute each decoder layer's activations in the backward pass")
+    run.add_argument("--compile", action="store_true",
+                     help="compile every decoder layer in place with torch.compile (inductor; regional "
+                          "compilation): one compile per layer signature and sequence length, reported at the end")
     run.add_argument("--steps", type=int, default=5)
     run.add_argument("--lr", type=float, default=1e-3)
     run.add_argument("--lr-schedule", default="constant", choices=LR_SCHEDULES,

@@ -25,6 +25,7 @@ from tqdm import tqdm
 from ..errors import DataError, FxppError, NonFiniteError, RunConfigError, RunFailedError, TensorParallelError
 from ..pipeline import pipeline
 from ..runtime.checkpoint import check_checkpoint
+from ..runtime.compiled import compile_stats
 from ..runtime.loss import causal_lm_loss
 from ..runtime.parallel import local_batch, pp_dp_mesh, pp_dp_tp_mesh
 from ..runtime.placement import MULTI_STAGE, default_device, stage_ids_of_rank
@@ -46,6 +47,7 @@ class RunConfig:
     dp: int = 1
     tp: int = 1  # tensor-parallel ranks of every stage (the model's own tp plan)
     activation_checkpointing: bool = False
+    compile: bool = False  # every decoder layer compiled in place with inductor (fxpp.runtime.compiled)
     schedule: str = "1F1B"
     steps: int = 5
     batch: int = 8
@@ -170,7 +172,7 @@ class RunConfig:
         """``--tp``: what is not built with tensor parallelism yet, and the model's plan (before any rank starts)."""
         for flag, used in (("--lora-rank", self.lora_rank),
                            ("--mixed-precision bf16", self.mixed_precision == "bf16"),
-                           ("--param-dtype bf16", self.param_dtype == "bf16")):
+                           ("--param-dtype bf16", self.param_dtype == "bf16"), ("--compile", self.compile)):
             if used:
                 raise RunConfigError(f"--tp {self.tp} with {flag} is not built yet (docs/runtime.md, section 3-D)")
         try:
@@ -352,7 +354,7 @@ def run_rank(rank: int, world: int, cfg: RunConfig) -> dict:
                   for i in ids}
     stages = [pipe.build_stage(i, device, style=style, dp_mesh=mesh, checkpoint=checkpoint[i],
                                activation_checkpointing=cfg.activation_checkpointing,
-                               mixed_precision=cfg.compute_dtype(device)) for i in ids]
+                               mixed_precision=cfg.compute_dtype(device), compile=cfg.compile) for i in ids]
     named = list(run_state.rank_parameters(stages).items())
     opt, lr_sched = make_optimizer(cfg, [(n.split(".", 1)[1], p) for n, p in named], [st.submod for st in stages])
     if state:
@@ -404,6 +406,8 @@ def run_rank(rank: int, world: int, cfg: RunConfig) -> dict:
             loss = _global_share(shares[-1], mesh) if holds_last else None
             record = {"step": done, "loss": loss, "grad_norm": float(grad_norm), "lr": lr,
                       "tokens_per_s": tokens_since / elapsed, "peak_memory_bytes": memory}
+            if cfg.compile:  # this rank's compile events so far (fxpp.compile_stats)
+                record.update({k: v for k, v in compile_stats().items() if k != "backward_compiles"})
             if val_losses and val_losses[-1][0] == done:
                 record["val_loss"] = val_losses[-1][1]
             tokens_since = 0
@@ -421,7 +425,7 @@ def run_rank(rank: int, world: int, cfg: RunConfig) -> dict:
         bar.close()
     losses_per_step = _global_losses(shares, mesh) if holds_last else []
     result = {"rank": rank, "stages": ids, "dp_rank": dp_rank, "tp_rank": tp_rank, "step_s": times, "first_step": start,
-              "memory": memory, "device": str(device)}
+              "memory": memory, "device": str(device), **({"compile": compile_stats()} if cfg.compile else {})}
     if writes:
         result["losses"] = losses_per_step
         result["grad_norms"] = [float(v) for v in torch.cat(norms).tolist()]
