@@ -118,16 +118,13 @@ def compile_backend(compile) -> str | None:
     return compile
 
 
-def check_compile(backend: str, device: torch.device, *, tensor_parallel: bool = False) -> None:
+def check_compile(backend: str, device: torch.device) -> None:
     """Refuse, at build time, a compiled stage that could only fail later, deep in its first step.
 
     Raises:
-        CompileError: tensor parallelism with compile (not built yet); dynamo unsupported
-            on this Python; inductor on CPU without a C++ compiler, or on CUDA without Triton.
+        CompileError: dynamo unsupported on this Python; inductor on CPU without a C++
+            compiler, or on CUDA without Triton.
     """
-    if tensor_parallel:
-        raise CompileError(f"compile={backend!r} with tensor parallelism (a 'tp' mesh dimension > 1) is not built yet: "
-                           "build the stage without compile, or without tp (docs/runtime.md, compiled stages)")
     if not torch._dynamo.is_dynamo_supported():
         raise CompileError(f"compile={backend!r}: torch.compile does not support this Python or platform; "
                            "build the stage without compile")

@@ -335,7 +335,7 @@ def build_stage(pipe: SplitModel, index: int, device: torch.device | str, group=
     if device.type == "cuda" and dist.get_backend(group) == "gloo":
         raise StageSpecError(f"device={device} with the gloo backend: use NCCL for CUDA stages")
     if backend is not None:
-        check_compile(backend, device, tensor_parallel=tp_mesh is not None)
+        check_compile(backend, device)
     key = (index, str(device))
     state = rank_state(pipe)
     submodule = state.submodules.get(key)

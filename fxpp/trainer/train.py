@@ -172,7 +172,7 @@ class RunConfig:
         """``--tp``: what is not built with tensor parallelism yet, and the model's plan (before any rank starts)."""
         for flag, used in (("--lora-rank", self.lora_rank),
                            ("--mixed-precision bf16", self.mixed_precision == "bf16"),
-                           ("--param-dtype bf16", self.param_dtype == "bf16"), ("--compile", self.compile)):
+                           ("--param-dtype bf16", self.param_dtype == "bf16")):
             if used:
                 raise RunConfigError(f"--tp {self.tp} with {flag} is not built yet (docs/runtime.md, section 3-D)")
         try:
