@@ -67,27 +67,37 @@ def build(name: str):
     return model.train(), lambda batch, seed: make_inputs(batch, SEQ, seed=seed)
 
 
-def allocator_peak(prof, after_us: float) -> tuple[int, list]:
-    """The largest running sum of the profiler's allocation reports after ``after_us``, and the
-    operators of the last allocations of 1 MiB or more before it (what the peak is made of)."""
-    points = []
-    for e in prof.events():
-        usage = e.self_cpu_memory_usage if e.name != "[memory]" else e.cpu_memory_usage
-        if usage > 0:
-            points.append((e.time_range.start, usage, e.name))
-        elif usage < 0:
-            points.append((e.time_range.end, usage, e.name))
-    points.sort(key=lambda p: (p[0], -p[1]))
-    run, peak, at = 0, None, 0
-    for i, (t, usage, _) in enumerate(points):
-        run += usage
+def allocator_peak(prof, after_us: float) -> tuple[int, str]:
+    """The largest running sum of the CPU allocator's reports after ``after_us`` (the profiler's
+    clock, microseconds from its start), each report at its own time, and the innermost
+    profiled event under way then (where the peak is).
+
+    The reports are the profiler's raw ``[memory]`` records (``prof.profiler.kineto_results``,
+    what ``prof.events()`` is built from), one per allocation or free with its own
+    timestamp. ``prof.events()`` itself folds each report into the innermost event
+    enclosing it (``self_cpu_memory_usage``), which loses *when* inside that event it
+    happened: a free in Python code between two operators, e.g. AdamW's single-tensor loop
+    dropping one parameter's ``sqrt``/``div`` temporaries before the next parameter's,
+    is only known to lie somewhere in ``Optimizer.step``, and placing it at the event's
+    end (as this benchmark did up to commit 5476493) sums every parameter's temporaries
+    instead of keeping the largest.
+    """
+    results = prof.profiler.kineto_results
+    t0 = results.trace_start_ns()
+    cpu = torch.autograd.DeviceType.CPU
+    records = sorted((((e.start_ns() - t0) / 1e3, e.nbytes()) for e in results.events()
+                      if e.name() == "[memory]" and e.device_type() == cpu), key=lambda r: r[0])  # stable: ties keep report order
+    run, peak, at = 0, None, 0.0
+    for t, nbytes in records:
+        run += nbytes
         if t >= after_us and (peak is None or run > peak):
-            peak, at = run, i
-    context = [f"{name} {usage / MB:+.1f}" for _, usage, name in points[max(0, at - 40):at + 1] if abs(usage) >= MB]
-    return (peak if peak is not None else run), context[-12:]
+            peak, at = run, t
+    under_way = [e for e in prof.events() if e.name != "[memory]" and e.time_range.start <= at <= e.time_range.end]
+    where = " > ".join(e.name for e in sorted(under_way, key=lambda e: e.time_range.start)[-3:])
+    return (peak if peak is not None else run), where
 
 
-def rank_job(rank: int, world: int, workdir: str, model_name: str, schedule: str) -> dict:
+def rank_job(rank: int, world: int, workdir: str, model_name: str, schedule: str, return_outputs: bool) -> dict:
     import fxpp
     from fxpp.runtime.placement import MULTI_STAGE
     from torch.profiler import ProfilerActivity, profile
@@ -96,7 +106,7 @@ def rank_job(rank: int, world: int, workdir: str, model_name: str, schedule: str
     n = world * (2 if schedule in MULTI_STAGE else 1)
     example = make(MICRO, 0)
     pipe = fxpp.pipeline(model, n, example_inputs=example, schedule=schedule, microbatch=(MICRO, SEQ),
-                         num_microbatches=M)
+                         num_microbatches=M, keep_outputs=return_outputs)
     style = "v" if MULTI_STAGE.get(schedule) == "v" else "loop"
     ids = fxpp.stage_ids_of_rank(rank, n, world, style)
     stages = [pipe.build_stage(i, "cpu", microbatch=example) for i in ids]
@@ -115,15 +125,16 @@ def rank_job(rank: int, world: int, workdir: str, model_name: str, schedule: str
             opt.zero_grad(set_to_none=True)
             torch.distributed.barrier()
             kwargs = dict(batch) if first else {}
-            sched.step(**kwargs, target=labels if any(st.is_last for st in stages) else None)
+            sched.step(**kwargs, target=labels if any(st.is_last for st in stages) else None,
+                       return_outputs=return_outputs)
             opt.step()
     # the profiler's clock: the first event of step 2 is after step 1's optimizer step; find it by order
     steps = [e for e in prof.events() if e.name.startswith("Optimizer.step")]
     after = steps[0].time_range.end if steps else 0.0
-    peak_rise, context = allocator_peak(prof, after)
+    peak_rise, where = allocator_peak(prof, after)
     plan = pipe.memory_plan()[rank]
     return {"rank": rank, "stages": ids, "param_bytes": sum(params.values()), "measured": sum(params.values()) + peak_rise,
-            "predicted": plan.peak, "phase": plan.phase, "peak_context": context,
+            "predicted": plan.peak, "phase": plan.phase, "measured_at": where,
             "parts": {k: sum(getattr(s, k) for s in plan.stages) for k in
                       ("params", "grads", "optimizer", "buffers", "activations", "logits", "transient")},
             "layers": [f"{pipe.layer_ranges[i].start}-{pipe.layer_ranges[i].stop - 1}" for i in ids]}
@@ -133,32 +144,42 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="qwen,llava")
     ap.add_argument("--schedules", default=",".join(SCHEDULES))
+    ap.add_argument("--return-outputs", default="true,false",
+                    help="schedule.step(return_outputs=...) values to run: true (torch's default), false (fxpp run's)")
     ap.add_argument("--json", default=default_json_path("bench_memory_plan"))
     args = ap.parse_args()
     schedules = schedules_arg(ap, args.schedules, SCHEDULES)
     env = start(threads=1, spawned=True)
     from fxpp.trainer.launch import run_ranks
 
+    choices = {"true": True, "false": False}
+    if not set(args.return_outputs.split(",")) <= set(choices):
+        ap.error(f"--return-outputs {args.return_outputs!r}: a comma list of true and false")
+    outputs = [choices[v] for v in args.return_outputs.split(",")]
     rows = []
     for model_name in [m for m in args.models.split(",") if m]:
-        for schedule in schedules:
-            values = values_or_exit(run_ranks(rank_job, WORLD, model_name, schedule, timeout_s=900, threads=1,
-                                              barrier_at_end=True), f"{model_name} {schedule}")
-            for v in values:
-                err = (v["predicted"] - v["measured"]) / v["measured"]
-                rows.append({"model": "qwen2-v151936" if model_name == "qwen" else "llava-h64", "schedule": schedule,
-                             "rank": v["rank"], "stages": ",".join(map(str, v["stages"])),
-                             "layers": " ".join(v["layers"]), "predicted_MB": v["predicted"] / MB,
-                             "measured_MB": v["measured"] / MB, "error": err, "phase": v["phase"],
-                             "measured_peak_after": " | ".join(v["peak_context"]),
-                             **{f"{k}_MB": b / MB for k, b in v["parts"].items()}})
-            print(f"# {model_name} {schedule}: done", flush=True)
-    report(rows, ["model", "schedule", "rank", "stages", "layers", "predicted_MB", "measured_MB", "error", "phase",
-                  "params_MB", "grads_MB", "optimizer_MB", "buffers_MB", "activations_MB", "logits_MB",
-                  "transient_MB"], env, args.json)
+        for keep in outputs:
+            for schedule in schedules:
+                values = values_or_exit(run_ranks(rank_job, WORLD, model_name, schedule, keep, timeout_s=900, threads=1,
+                                                  barrier_at_end=True), f"{model_name} {schedule}")
+                for v in values:
+                    rows.append(_row(model_name, schedule, keep, v))
+                print(f"# {model_name} {schedule} return_outputs={keep}: done", flush=True)
+    report(rows, ["model", "schedule", "return_outputs", "rank", "stages", "layers", "predicted_MB", "measured_MB",
+                  "error", "phase", "measured_at", "params_MB", "grads_MB", "optimizer_MB", "buffers_MB",
+                  "activations_MB", "logits_MB", "transient_MB"], env, args.json)
     worst = max(rows, key=lambda r: abs(r["error"]))
-    print(f"# worst prediction error: {worst['error']:+.1%} ({worst['model']}, {worst['schedule']}, rank {worst['rank']})")
+    print(f"# worst prediction error: {worst['error']:+.1%} ({worst['model']}, {worst['schedule']}, "
+          f"return_outputs={worst['return_outputs']}, rank {worst['rank']})")
     sys.exit(0)
+
+
+def _row(model_name: str, schedule: str, keep: bool, v: dict) -> dict:
+    return {"model": "qwen2-v151936" if model_name == "qwen" else "llava-h64", "schedule": schedule,
+            "return_outputs": keep, "rank": v["rank"], "stages": ",".join(map(str, v["stages"])),
+            "layers": " ".join(v["layers"]), "predicted_MB": v["predicted"] / MB, "measured_MB": v["measured"] / MB,
+            "error": (v["predicted"] - v["measured"]) / v["measured"], "phase": v["phase"],
+            "measured_at": v["measured_at"], **{f"{k}_MB": b / MB for k, b in v["parts"].items()}}
 
 
 if __name__ == "__main__":
