@@ -9,23 +9,27 @@ Models (fp32, seeded random weights, ``train()``):
   of one microbatch 78 MB.
 * ``llava``: the test zoo's tiny LLaVA (``fxpp.testing.zoo.tiny_vlm``; a CLIP vision
   tower and a Llama text model, hidden 64, 8 layers, vocabulary 128); microbatches of
-  2 x 64 tokens with one image per row. (Rows written before this docstring was fixed
-  call it ``llava-h256``; it always was hidden 64.)
+  2 x 64 tokens with one image per row; labelled ``llava-h64`` (rows written before
+  commit 55d8cb4 call it ``llava-h256``; it always was hidden 64).
 
-For each schedule (1F1B: 2 stages on 2 ranks; Interleaved1F1B and ZBVZeroBubble: 4 stages
-on 2 ranks), 2 local gloo ranks (one thread each) build ``fxpp.pipeline(model, n,
-schedule=..., microbatch=(2, 64), num_microbatches=4)``'s stages and train 3 steps of 4
+For each value of ``return_outputs`` (``schedule.step(return_outputs=True)``, torch's
+default, which keeps every microbatch's logits until the next step and concatenates them
+at the end of the step; ``False``, what ``fxpp run`` passes) and each schedule (1F1B: 2
+stages on 2 ranks; Interleaved1F1B and ZBVZeroBubble: 4 stages on 2 ranks), 2 local gloo
+ranks (one thread each) build ``fxpp.pipeline(model, n, schedule=..., microbatch=(2, 64),
+num_microbatches=4, keep_outputs=return_outputs)``'s stages and train 3 steps of 4
 microbatches with AdamW (``zero_grad(set_to_none=True)``, ``schedule.step``,
 ``opt.step``), under ``torch.profiler`` with ``profile_memory=True``: the CPU allocator
 reports every allocation and free. **Measured peak** = the rank's parameters (allocated
 before the profiler starts, counted tensor by tensor) + the largest running sum of the
 allocator's reports in steps 2 and 3 (step 1 allocates the optimizer state and the
-schedule's buffers; from step 2 on each step is alike). An allocation inside an operator
-is placed at the operator's start and a free at its end (the profiler reports them per
-operator), so a peak is never missed, at most seen a little early.
+schedule's buffers; from step 2 on each step is alike), each report at its own time
+(``fxpp.testing.memory``, Note [allocator timeline]); ``measured_at``: the profiled events
+under way at that moment. Sizes are MiB (2^20 bytes), in the ``_MB`` columns too.
 **Predicted** = ``MemoryModel.split_memory`` for the same split (``pipe.memory_plan``).
 
-Run:  PYTHONPATH=. python benchmarks/bench_memory_plan.py [--models qwen,llava] [--schedules ...] [--json PATH]
+Run:  PYTHONPATH=. python benchmarks/bench_memory_plan.py [--models qwen,llava] [--schedules ...]
+      [--return-outputs true,false] [--json PATH]
 """
 
 from __future__ import annotations
@@ -67,39 +71,10 @@ def build(name: str):
     return model.train(), lambda batch, seed: make_inputs(batch, SEQ, seed=seed)
 
 
-def allocator_peak(prof, after_us: float) -> tuple[int, str]:
-    """The largest running sum of the CPU allocator's reports after ``after_us`` (the profiler's
-    clock, microseconds from its start), each report at its own time, and the innermost
-    profiled event under way then (where the peak is).
-
-    The reports are the profiler's raw ``[memory]`` records (``prof.profiler.kineto_results``,
-    what ``prof.events()`` is built from), one per allocation or free with its own
-    timestamp. ``prof.events()`` itself folds each report into the innermost event
-    enclosing it (``self_cpu_memory_usage``), which loses *when* inside that event it
-    happened: a free in Python code between two operators, e.g. AdamW's single-tensor loop
-    dropping one parameter's ``sqrt``/``div`` temporaries before the next parameter's,
-    is only known to lie somewhere in ``Optimizer.step``, and placing it at the event's
-    end (as this benchmark did up to commit 5476493) sums every parameter's temporaries
-    instead of keeping the largest.
-    """
-    results = prof.profiler.kineto_results
-    t0 = results.trace_start_ns()
-    cpu = torch.autograd.DeviceType.CPU
-    records = sorted((((e.start_ns() - t0) / 1e3, e.nbytes()) for e in results.events()
-                      if e.name() == "[memory]" and e.device_type() == cpu), key=lambda r: r[0])  # stable: ties keep report order
-    run, peak, at = 0, None, 0.0
-    for t, nbytes in records:
-        run += nbytes
-        if t >= after_us and (peak is None or run > peak):
-            peak, at = run, t
-    under_way = [e for e in prof.events() if e.name != "[memory]" and e.time_range.start <= at <= e.time_range.end]
-    where = " > ".join(e.name for e in sorted(under_way, key=lambda e: e.time_range.start)[-3:])
-    return (peak if peak is not None else run), where
-
-
 def rank_job(rank: int, world: int, workdir: str, model_name: str, schedule: str, return_outputs: bool) -> dict:
     import fxpp
     from fxpp.runtime.placement import MULTI_STAGE
+    from fxpp.testing.memory import allocator_peak, events_under_way
     from torch.profiler import ProfilerActivity, profile
 
     model, make = build(model_name)
@@ -131,7 +106,8 @@ def rank_job(rank: int, world: int, workdir: str, model_name: str, schedule: str
     # the profiler's clock: the first event of step 2 is after step 1's optimizer step; find it by order
     steps = [e for e in prof.events() if e.name.startswith("Optimizer.step")]
     after = steps[0].time_range.end if steps else 0.0
-    peak_rise, where = allocator_peak(prof, after)
+    peak_rise, at = allocator_peak(prof, after)
+    where = events_under_way(prof, at)
     plan = pipe.memory_plan()[rank]
     return {"rank": rank, "stages": ids, "param_bytes": sum(params.values()), "measured": sum(params.values()) + peak_rise,
             "predicted": plan.peak, "phase": plan.phase, "measured_at": where,
