@@ -225,6 +225,7 @@ def pipeline(
     tp: int = 1,
     data_parallel: str = "fsdp",
     device: torch.device | str | None = None,
+    keep_outputs: bool = True,
 ) -> Pipeline:
     """Split ``model`` into ``num_stages`` consecutive stages.
 
@@ -259,6 +260,11 @@ def pipeline(
             full replicas (``"replicate"``), for the memory model.
         device: the device the stages will run on, whose kernels decide what the
             backward keeps (default: the model's, or CUDA when present for a meta model).
+        keep_outputs: the steps will keep the last stage's outputs, as ``schedule.step``
+            does by default (``return_outputs=True``, torch's default): the last rank then
+            holds every microbatch's logits until the next step and, at the end of each step,
+            their concatenation. Pass ``False`` for steps called with
+            ``return_outputs=False`` (as ``fxpp run`` does), which keep neither.
 
     Raises:
         StageSpecError: impossible ``num_stages``, ``cuts`` or ``layers_per_stage``; a
@@ -288,7 +294,7 @@ def pipeline(
     if memory_limit is not None or schedule is not None or microbatch is not None:
         settings = MemorySettings(schedule=schedule, num_microbatches=num_stages if num_microbatches is None
                                   else num_microbatches, optimizer=optimizer, dp=dp, tp=tp,
-                                  data_parallel=data_parallel) if schedule is not None else None
+                                  data_parallel=data_parallel, keep_outputs=keep_outputs) if schedule is not None else None
         example_inputs = microbatch_example(model, example_inputs, microbatch, schedule, memory_limit, num_stages)
     model_graph = trace_canonical(model, example_inputs)
     example = trace_record(model_graph).example_inputs

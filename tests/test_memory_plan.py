@@ -129,3 +129,87 @@ def test_sizes_on_the_command_line():
     assert parse_size("1024") == 1024
     with pytest.raises(RunConfigError, match="80XB"):
         parse_size("80XB")
+
+
+def test_adamw_temporaries_are_two_of_the_largest_parameter_at_the_allocators_own_times():
+    """The optimizer-step term (``MemoryModel.optimizer_temporaries``) against the allocator's reports
+    of a real AdamW step (single-tensor loop, the CPU default): its ``sqrt`` and ``div`` of one parameter
+    live together and are freed before the next parameter's, so the peak is two of the largest
+    parameter, exactly, where folding the reports into profiled events summed them (Note
+    [allocator timeline] in ``fxpp.testing.memory``)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from fxpp.analysis.memory import BlockMemory
+    from fxpp.analysis.stage_memory import MemoryModel, MemorySettings
+    from fxpp.testing.memory import allocator_peak
+
+    params = [torch.nn.Parameter(torch.randn(n)) for n in (1 << 16, 1 << 15, 1 << 15)]
+    opt = torch.optim.AdamW(params, lr=1e-3, foreach=False)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()  # the first step allocates the moments
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        opt.step()
+    measured, _ = allocator_peak(prof)
+    blocks = [BlockMemory(f"b{i}", param_bytes=4 * p.numel(), trainable_bytes=4 * p.numel(), largest_param=4 * p.numel())
+              for i, p in enumerate(params)]
+    model = MemoryModel(blocks, {}, (0, 0), MemorySettings(foreach=False), torch.device("cpu"))
+    predicted = model.optimizer_temporaries(blocks)
+    assert predicted == 2 * 4 * (1 << 16)
+    # Above it only the 0-dim scalar operands of the loop's in-place ops (12 bytes with torch 2.13,
+    # whatever the parameter count): under 64 bytes, against 512 KiB summed temporaries would add.
+    assert 0 <= measured - predicted < 64
+
+
+def test_steps_without_returned_outputs_keep_no_logits_after_the_pipeline():
+    """``keep_outputs=False`` (``schedule.step(return_outputs=False)``, as ``fxpp run`` steps): the last
+    rank keeps no microbatch's logits past its backward, so the end-of-step concatenation and the kept
+    logits at the optimizer step are gone; the other ranks are unchanged."""
+    import dataclasses
+
+    from fxpp.analysis.stage_memory import MemoryModel
+
+    pipe = fxpp.pipeline(_qwen(8192, layers=2), 2, schedule="1F1B", microbatch=(2, 64), num_microbatches=4,
+                         device="cpu")
+    m = pipe.memory
+    plans = {keep: MemoryModel(m.blocks, m.cuts, (m.logits_bytes, m.logits_numel),
+                               dataclasses.replace(m.settings, keep_outputs=keep), m.device).split_memory(pipe.layer_ranges)
+             for keep in (True, False)}
+    logits = 2 * 64 * 8192 * 4  # one microbatch's fp32 logits
+    kept, dropped = plans[True][1], plans[False][1]
+    assert kept.phase == "end of step" and kept.stages[0].logits == 2 * 4 * logits  # the kept and their concatenation
+    assert dropped.phase != "end of step" and dropped.peak < kept.peak
+    assert plans[True][0] == plans[False][0]
+
+
+def test_the_input_backward_frees_the_logits_and_the_log_softmax():
+    """Note [logits after the input backward] in ``fxpp.analysis.stage_memory``, on torch's own split
+    backward of a last stage (head and loss): after ``stage_backward_input`` the allocator holds exactly
+    the head's output gradient kept for ``W`` and the input's gradient; the logits (the forward cache's,
+    popped) and the fp32 log-softmax the cross entropy saved are freed."""
+    from torch.distributed.pipelining._backward import stage_backward_input, stage_backward_weight
+    from torch.profiler import ProfilerActivity, profile
+
+    from fxpp.testing.memory import allocator_reports
+
+    vocab, batch, seq, hidden = 4096, 2, 16, 32
+    torch.manual_seed(0)
+    head = torch.nn.Linear(hidden, vocab, bias=False)
+    labels = torch.randint(0, vocab, (batch, seq))
+    loss_fn = fxpp.causal_lm_loss(labels, 1)
+    h = torch.randn(batch, seq, hidden, requires_grad=True)
+    logits_bytes = batch * seq * vocab * 4
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        cache = [head(h)]  # torch's forward cache holds the stage output until the backward
+        loss = loss_fn(cache[0], labels)
+        after_forward = torch.empty(7, dtype=torch.int8)  # 7 bytes: a mark in the allocator's reports
+        output = cache.pop()
+        _, groups = stage_backward_input([loss], None, [h], head.parameters())
+        del output, loss
+        after_input_backward = torch.empty(13, dtype=torch.int8)  # 13 bytes: the second mark
+        stage_backward_weight(head.parameters(), groups)
+    sizes = [nbytes for _, nbytes in allocator_reports(prof)]
+    at_f, at_i = sizes.index(7), sizes.index(13)
+    assert sum(sizes[:at_f]) >= 2 * logits_bytes  # the logits and the log-softmax
+    assert sum(sizes[:at_i]) - 7 == logits_bytes + h.numel() * 4  # W's gradient and the input's, nothing else
+    assert head.weight.grad is not None and after_forward.numel() + after_input_backward.numel() == 20

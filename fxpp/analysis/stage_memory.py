@@ -20,7 +20,8 @@ activations
     blocks (Note [stage activations]) and what it sends on (kept for its backward).
 logits
     On the last stage, per microbatch held: the logits (kept as the stage's output) and
-    the fp32 log-softmax the cross entropy saves; while its backward runs, two more fp32
+    the fp32 log-softmax the cross entropy saves, until the microbatch's input backward
+    (Note [logits after the input backward]); while its backward runs, two more fp32
     buffers of that size (the gradients of the log-softmax's output and input) and, for
     logits not in fp32, the gradient cast back. With ``keep_outputs`` (torch's
     ``step(return_outputs=True)``, the default) the schedule keeps every microbatch's
@@ -43,6 +44,20 @@ every stage recomputes (rotary ``cos``/``sin``, masks) once per stage, a value m
 this stage (the previous layer's output) once. A value made on an earlier stage arrives
 in a receive buffer (counted under buffers) and costs nothing more; model inputs are
 the caller's. What crosses the stage's last cut and was made here is held as its output.
+
+Note [logits after the input backward]
+--------------------------------------
+A zero-bubble schedule splits the last stage's backward into ``I`` and ``W``. ``I``
+(torch's ``stage_backward_input``) runs the loss's backward down to the stage's inputs,
+keeping only the gradients at the outputs of weight-using operations for ``W`` (the
+head's: one logits-sized fp32 gradient, in ``weight_grads_kept``), then detaches the
+loss: the cross entropy's graph goes, and with it the fp32 log-softmax it saved. The
+logits themselves were held by the schedule's forward cache, which ``I`` empties; only
+``step(return_outputs=True)``'s output list keeps them longer. So a microbatch between
+its ``I`` and its ``W`` holds neither (``benchmarks/bench_memory_plan.py``, Qwen with
+the 151,936-token vocabulary, ZBVZeroBubble, ``return_outputs=False``, rank 0: predicted
+75.5 MiB over the measured peak without this at commit 55d8cb4, one microbatch's logits;
+-0.02 % with it). A full backward (``B``) frees them at its end the same way.
 """
 
 from __future__ import annotations
@@ -73,7 +88,8 @@ class MemorySettings:
         num_microbatches: microbatches per step.
         optimizer: ``"adamw"`` (two moments per parameter), ``"sgd"`` or ``"none"``.
         dp, tp: data- and tensor-parallel degrees; data_parallel: ``"fsdp"`` or ``"replicate"``.
-        keep_outputs: the schedule returns the last stage's outputs (torch's default).
+        keep_outputs: the steps keep and return the last stage's outputs (torch's
+            ``step(return_outputs=True)``, the default); ``fxpp run`` steps with ``False``.
         foreach: AdamW's foreach path; ``None``: torch's default for the device (CUDA).
     """
 
@@ -237,8 +253,10 @@ class MemoryModel:
                 h = held.get(s, 0)
                 logits = transient = 0
                 if s == last:
-                    kept = done.get(s, h) if keep else h
-                    logits = kept * self.logits_bytes + h * lf
+                    # Note [logits after the input backward]
+                    live = h - split.get(s, 0)
+                    kept = done.get(s, h) if keep else live
+                    logits = kept * self.logits_bytes + live * lf
                     if moment.backward == s and moment.kind in ("B", "I"):
                         transient = 2 * lf + cast
                 if moment.backward == s and moment.kind == "W" and s != 0:

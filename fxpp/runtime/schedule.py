@@ -80,8 +80,21 @@ class PipelineSchedule:
             return self._cls(self.stages[0], n_microbatches=self.n_microbatches, loss_fn=self.loss_fn, **self._kwargs)
         return self._cls(self.stages, n_microbatches=self.n_microbatches, loss_fn=self.loss_fn, **self._kwargs)
 
-    def step(self, *args, target=None, losses=None, **kwargs):
-        return self._run_step(lambda: self.torch_schedule.step(*args, target=target, losses=losses, **kwargs),
+    def step(self, *args, target=None, losses=None, return_outputs: bool = True, **kwargs):
+        """One training step on the whole batch (torch's ``step``): ``kwargs`` are the model's inputs.
+
+        Args:
+            return_outputs: keep every microbatch's last-stage output until the next step and
+                return their concatenation (torch's default). ``False`` keeps neither: on the
+                last stage's rank that saves the whole batch's logits twice over at the end of
+                the step (``fxpp.analysis.stage_memory``; build the pipeline with
+                ``keep_outputs=False`` to predict it).
+
+        Returns:
+            On the last stage's rank with ``return_outputs``, the merged outputs; otherwise ``None``.
+        """
+        return self._run_step(lambda: self.torch_schedule.step(*args, target=target, losses=losses,
+                                                               return_outputs=return_outputs, **kwargs),
                               self._split_shape(kwargs), losses, train=True)
 
     def eval(self, *args, target=None, losses=None, **kwargs):

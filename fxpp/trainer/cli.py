@@ -57,7 +57,8 @@ def _plan(args) -> int:
         check_tp_model(model, args.tp)  # the model's plan, before the pipeline: what tp cannot split
     limit = parse_size(args.memory_per_rank) if args.memory_per_rank else None
     pipe = pipeline(model, args.stages, example_inputs=example, schedule=args.schedule, microbatch=(micro, args.seq_len),
-                    num_microbatches=args.microbatches, memory_limit=limit, tp=args.tp)
+                    num_microbatches=args.microbatches, memory_limit=limit, tp=args.tp,
+                    keep_outputs=False)  # as `fxpp run` steps (return_outputs=False)
     print(pipe.plan())
     print(format_memory_plan(pipe.memory, pipe.layer_ranges, pipe.stage_costs(), limit))
     if args.tp > 1:
