@@ -338,17 +338,18 @@ COLUMNS = {
 }
 
 
-def report_all(rows: list[dict], env: dict, json_path: str) -> None:
-    """One table per kind of row; every row to the JSON file."""
+def report_all(rows: list[dict], env: dict, json_path: str, columns: dict | None = None) -> None:
+    """One table per kind of row (``columns``: ``{what: [column, ...]}``, this script's by
+    default); every row to the JSON file."""
     import io
     from contextlib import redirect_stdout
 
-    for what, columns in COLUMNS.items():
+    for what, names in (columns or COLUMNS).items():
         part = [r for r in rows if r["what"] == what]
         if part:
             buf = io.StringIO()
             with redirect_stdout(buf):
-                report(part, columns, env, os.devnull)
+                report(part, names, env, os.devnull)
             print("\n".join(line for line in buf.getvalue().splitlines() if not line.startswith("# wrote")))
     import json
 

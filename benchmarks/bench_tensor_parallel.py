@@ -61,8 +61,8 @@ import traceback
 
 import torch
 import torch.distributed as dist
-from _common import default_json_path, gather, print_header, report, start, torchrun_group, under_torchrun
-from bench_data_parallel import Pipe4, local_nbytes, sync
+from _common import default_json_path, gather, print_header, start, torchrun_group, under_torchrun
+from bench_data_parallel import Pipe4, local_nbytes, report_all, sync
 from bench_schedules import BATCH, MODEL_NAME, SEQ, build_model, make_batch, schedule_step
 
 import fxpp
@@ -371,22 +371,8 @@ def main() -> None:
 
 
 def report_all_tp(rows: list[dict], env: dict, json_path: str) -> None:
-    """One table per kind of row (as ``bench_data_parallel``); every row to the JSON file."""
-    import io
-    import json
-    from contextlib import redirect_stdout
-
-    for what, columns in COLUMNS.items():
-        part = [r for r in rows if r["what"] == what]
-        if part:
-            buf = io.StringIO()
-            with redirect_stdout(buf):
-                report(part, columns, env, os.devnull)
-            print("\n".join(line for line in buf.getvalue().splitlines() if not line.startswith("# wrote")))
-    os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
-    with open(json_path, "w") as f:
-        f.writelines(json.dumps({**env, **r}) + "\n" for r in rows)
-    print(f"# wrote {len(rows)} rows to {json_path}")
+    """One table per kind of row (``bench_data_parallel.report_all``); every row to the JSON file."""
+    report_all(rows, env, json_path, COLUMNS)
     params = [r for r in rows if r["what"] == "params"]
     print(f"# parameter bytes within {TOLERANCE:.0%} of stage share / tp / dp on "
           f"{sum(r['ratio_ok'] for r in params)} of {len(params)} ranks")

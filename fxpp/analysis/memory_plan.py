@@ -15,7 +15,7 @@ import torch
 
 from ..errors import MemoryLimitError, StageSpecError
 from ..meta import trace_record
-from ..split import SearchTooLarge, balanced_split, constrained_split
+from ..split import SearchTooLarge, balanced_split, constrained_split, even_split
 from ..trace import find_decoder_layers
 from .schedule_order import rank_of_stages, schedule_class, stages_per_rank
 from .stage_memory import KINDS, MemoryModel, MemorySettings, memory_model
@@ -147,7 +147,7 @@ def memory_aware_ranges(model: MemoryModel, costs, num_stages: int, limit: float
 
 
 def _lowest_peak(model: MemoryModel, num_stages: int) -> float:
-    lo, hi = 0, max(r.peak for r in model.split_memory(_even(model.num_layers, num_stages)))
+    lo, hi = 0, max(r.peak for r in model.split_memory(even_split(model.num_layers, num_stages)))
     while hi - lo > max(hi // 1000, 1):  # to 0.1 %: the message's precision
         mid = (lo + hi) // 2
         stage_fits, prefix_fits = _fits(model, num_stages, mid)
@@ -157,16 +157,6 @@ def _lowest_peak(model: MemoryModel, num_stages: int) -> float:
             return float(hi)
         lo, hi = (lo, mid) if ok else (mid, hi)
     return float(hi)
-
-
-def _even(n: int, k: int) -> list[range]:
-    base, extra = divmod(n, k)
-    out, start = [], 0
-    for i in range(k):
-        stop = start + base + (1 if i < extra else 0)
-        out.append(range(start, stop))
-        start = stop
-    return out
 
 
 def _fits_at_all(model, num_stages, stage_fits, prefix_fits) -> bool:
