@@ -86,6 +86,27 @@ def values_or_exit(results: list[dict], what: str = "") -> list:
     return [r["value"] for r in results]
 
 
+def values_or_errors(results: list[dict]) -> list:
+    """The ranks' values of a ``run_ranks`` run, a failed rank's as ``{"rank", "error",
+    "traceback"}`` in its place (the script reports the row as an error and goes on)."""
+    return [r["value"] if r["ok"] else {"rank": i, "error": r["error"], "traceback": r.get("traceback", "")}
+            for i, r in enumerate(results)]
+
+
+def warn_oversubscribed(world: int) -> None:
+    """A warning line where ``world`` spawned ranks outnumber the cores."""
+    if world > (os.cpu_count() or 1):
+        print(f"# WARNING: {world} ranks on {os.cpu_count()} cores: ranks time-slice (oversubscribed); step times "
+              "measure that and gloo, not what one device per rank would give", flush=True)
+
+
+def require_torchrun_world(script: str, world: int) -> None:
+    """Exit with a one-line reason unless ``torchrun`` started ``world`` ranks."""
+    if int(os.environ["WORLD_SIZE"]) != world:
+        raise SystemExit(f"{script} needs {world} ranks (torchrun --nproc-per-node {world}), "
+                         f"got {os.environ['WORLD_SIZE']}")
+
+
 def default_json_path(name: str) -> str:
     return os.path.join(ROOT, "benchmarks", "results", f"{name}.json")
 

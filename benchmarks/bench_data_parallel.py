@@ -65,7 +65,8 @@ import traceback
 
 import torch
 import torch.distributed as dist
-from _common import default_json_path, gather, print_header, report, start, torchrun_group, under_torchrun
+from _common import (default_json_path, gather, print_header, report, require_torchrun_world, start, torchrun_group,
+                     under_torchrun, values_or_errors, warn_oversubscribed)
 from bench_schedules import BATCH, MODEL_NAME, SEQ, build_model, make_batch, schedule_step
 
 import fxpp
@@ -379,22 +380,17 @@ def main() -> None:
 
     env = start(threads=1, spawned=True, world_size=WORLD, backend="gloo")
     print(describe(), flush=True)
-    if WORLD > (os.cpu_count() or 1):
-        print(f"# WARNING: {WORLD} ranks on {os.cpu_count()} cores: ranks time-slice (oversubscribed); step times "
-              f"measure that and gloo, not what one device per rank would give", flush=True)
+    warn_oversubscribed(WORLD)
     t0 = time.perf_counter()
     results = run_ranks(_rank_job, WORLD, args.steps, args.warmup, timeout_s=args.timeout, pg_timeout_s=180,
                         threads=1)
-    per_rank = [r["value"] if r["ok"] else {"rank": i, "error": r["error"], "traceback": r.get("traceback", "")}
-                for i, r in enumerate(results)]
+    per_rank = values_or_errors(results)
     print(f"# done in {time.perf_counter() - t0:.0f}s", flush=True)
     report_all(rows_for(per_rank, args.steps), env, args.json)
 
 
 def torchrun_main(args) -> None:
-    if int(os.environ["WORLD_SIZE"]) != WORLD:
-        raise SystemExit(f"bench_data_parallel needs {WORLD} ranks (torchrun --nproc-per-node {WORLD}), "
-                         f"got {os.environ['WORLD_SIZE']}")
+    require_torchrun_world("bench_data_parallel", WORLD)
     with torchrun_group(args.timeout) as (rank, world, device, env):
         if rank == 0:
             print_header(env)

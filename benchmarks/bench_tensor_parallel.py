@@ -61,7 +61,8 @@ import traceback
 
 import torch
 import torch.distributed as dist
-from _common import default_json_path, gather, print_header, start, torchrun_group, under_torchrun
+from _common import (default_json_path, gather, print_header, require_torchrun_world, start, torchrun_group,
+                     under_torchrun, values_or_errors, warn_oversubscribed)
 from bench_data_parallel import Pipe4, local_nbytes, report_all, sync
 from bench_schedules import BATCH, MODEL_NAME, SEQ, build_model, make_batch, schedule_step
 
@@ -348,16 +349,13 @@ def main() -> None:
 
     env = start(threads=1, spawned=True, world_size=WORLD, backend="gloo")
     print(describe(), flush=True)
-    if WORLD > (os.cpu_count() or 1):
-        print(f"# WARNING: {WORLD} ranks on {os.cpu_count()} cores: ranks time-slice (oversubscribed); step times "
-              "measure that and gloo, not what one device per rank would give", flush=True)
+    warn_oversubscribed(WORLD)
 
     def spawn(job, world, *job_args):
         t0 = time.perf_counter()
         results = run_ranks(job, world, *job_args, timeout_s=args.timeout, pg_timeout_s=300, threads=1)
         print(f"# {job.__name__} on {world} ranks done in {time.perf_counter() - t0:.0f}s", flush=True)
-        return [r["value"] if r["ok"] else {"rank": i, "error": r["error"], "traceback": r.get("traceback", "")}
-                for i, r in enumerate(results)]
+        return values_or_errors(results)
 
     rows = []
     if args.part in ("all", "throughput"):
@@ -379,9 +377,7 @@ def report_all_tp(rows: list[dict], env: dict, json_path: str) -> None:
 
 
 def torchrun_main(args) -> None:
-    if int(os.environ["WORLD_SIZE"]) != WORLD:
-        raise SystemExit(f"bench_tensor_parallel needs {WORLD} ranks (torchrun --nproc-per-node {WORLD}), "
-                         f"got {os.environ['WORLD_SIZE']}")
+    require_torchrun_world("bench_tensor_parallel", WORLD)
     with torchrun_group(args.timeout) as (rank, world, device, env):
         if rank == 0:
             print_header(env)

@@ -19,7 +19,8 @@ from .analysis.stage_memory import MemoryModel, MemorySettings, RankMemory
 from .analysis.verify import verify_pipeline
 from .compile import build_stage_module, check_model, num_decoder_layers, trace_canonical
 from .errors import StageInputError, StageSpecError
-from .analysis.memory_plan import format_memory_plan, memory_aware_ranges, memory_model_for, microbatch_example
+from .analysis.memory_plan import (check_ranges_fit, format_memory_plan, memory_aware_ranges, memory_model_for,
+                                   microbatch_example)
 from .meta import signature_record, trace_record
 from .runtime.loss import AUX_LOSS_COEF_NAMES, router_aux_loss_coef
 from .runtime.stage import build_stage
@@ -200,7 +201,7 @@ class Pipeline:
                 divide the heads (or another dimension) the plan shards.
             CheckpointError: missing keys, wrong shapes.
             CompileError: ``compile`` names no backend, inductor finds no C++ compiler
-                (CPU) or no Triton (CUDA), or ``compile`` with tensor parallelism.
+                (CPU) or no Triton (CUDA).
         """
         return build_stage(self, index, device, group, style=style, checkpoint=checkpoint, microbatch=microbatch,
                            dp_mesh=dp_mesh, data_parallel=data_parallel,
@@ -308,8 +309,8 @@ def pipeline(
             layer_params=[c.params for c in costs[1:-1]],
         )
     pipe = Pipeline(model, model_graph, ranges, example, costs, memory)
-    if memory_limit is not None:
-        memory_aware_ranges(memory, costs, num_stages, memory_limit, check=ranges)
+    if memory_limit is not None:  # the cuts given, and the search's (whose fit the whole split confirms)
+        check_ranges_fit(memory, ranges, memory_limit)
     if verify:
         verify_pipeline(pipe, pipe.example_inputs)
     return pipe

@@ -15,6 +15,16 @@ from fxpp.testing.check import assert_same, reference, run_stages  # noqa: F401 
 from fxpp.testing.zoo import VOCAB, tiny_model
 
 
+def rank_parameters(stages) -> dict[str, torch.nn.Parameter]:
+    """The parameters of a rank's ``PipelineStage``s by name, each name once (the first
+    stage's where two of the rank's stages hold it: a tied weight under V placement)."""
+    params: dict[str, torch.nn.Parameter] = {}
+    for st in stages:
+        for name, p in st.submod.named_parameters():
+            params.setdefault(name, p)
+    return params
+
+
 @functools.lru_cache(maxsize=None)
 def cached_model(family: str, num_layers: int, dtype: torch.dtype = torch.float32):
     """Models are immutable across tests (only .grad changes), so build each once."""

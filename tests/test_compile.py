@@ -30,7 +30,7 @@ from fxpp.runtime.schedule import make_schedule
 from fxpp.testing.zoo import tiny_model
 
 from .dist import run_distributed
-from .helpers import make_inputs
+from .helpers import make_inputs, rank_parameters
 from .test_runtime import SCHEDULES, reference_step
 
 EPS = torch.finfo(torch.float32).eps
@@ -82,10 +82,7 @@ def compiled_rank(rank, world, workdir, schedule, num_stages, style, backend, op
         report["rebuild_refused"] = str(e)
     for layer in _layers(compiled_ref):
         layer.compile(backend=backend, dynamic=False)
-    params = {}
-    for st in stages:
-        for name, p in st.submod.named_parameters():
-            params.setdefault(name, p)
+    params = rank_parameters(stages)
     sched = None
     for seq in SEQS:
         inputs, labels = _batch(seq)

@@ -29,6 +29,7 @@ import pytest
 import torch
 
 from .dist import run_distributed
+from .helpers import rank_parameters
 from .test_runtime import _assert_within, _batch, _diff, model_output
 
 PP, DP, M = 2, 2, 2  # M: microbatches per dp replica; the global batch has DP * M of them
@@ -115,10 +116,7 @@ def _run_config(mesh, config: Config) -> dict:
     stages = [pipe.build_stage(i, "cpu", dp_mesh=mesh, data_parallel=config.data_parallel,
                                activation_checkpointing=config.activation_checkpointing) for i in ids]
     submods = [st.submod for st in stages]
-    params = {}
-    for st in stages:
-        for name, p in st.submod.named_parameters():
-            params.setdefault(name, p)
+    params = rank_parameters(stages)
     opt = torch.optim.AdamW(list(params.values()), lr=LR)
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=LR)
     report = {"loss": None, "grad": {}, "param": {}, "names": sorted(params),

@@ -18,7 +18,7 @@ from fxpp.runtime.schedule import make_schedule
 from fxpp.testing.zoo import tiny_model
 
 from .dist import run_distributed
-from .helpers import make_inputs
+from .helpers import make_inputs, rank_parameters
 
 EPS = torch.finfo(torch.float32).eps
 LR = 0.5
@@ -95,10 +95,7 @@ def train_rank(rank, world, workdir, schedule, family, num_layers, num_stages, s
     stages = [pipe.build_stage(i, "cpu", style=style) for i in ids]
     loss_fn = fxpp.causal_lm_loss(labels, microbatches)
     sched = make_schedule(schedule, stages, microbatches, loss_fn)
-    params = {}
-    for st in stages:
-        for name, p in st.submod.named_parameters():
-            params.setdefault(name, p)
+    params = rank_parameters(stages)
     opt = torch.optim.SGD(list({id(p): p for p in params.values()}.values()), lr=LR)
     ref_opt = torch.optim.SGD(ref.parameters(), lr=LR)
     report = {"loss": None, "grad": {}, "first_step_param": {}, "param": {}}

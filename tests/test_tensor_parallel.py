@@ -29,6 +29,7 @@ import pytest
 import torch
 
 from .dist import run_distributed
+from .helpers import rank_parameters
 from .test_runtime import EPS, _batch, _diff, reference_step
 
 PP, TP, M = 2, 2, 2
@@ -123,10 +124,7 @@ def run_config(mesh, config: Config, dp: int = 1, checkpoint: str | None = None)
     ids = fxpp.stage_ids_of_rank(mesh.get_local_rank("pp"), config.num_stages, PP, config.style)
     stages = [pipe.build_stage(i, "cpu", mesh=mesh, activation_checkpointing=config.activation_checkpointing,
                                checkpoint=checkpoint, compile=config.compile) for i in ids]
-    params = {}
-    for st in stages:
-        for name, p in st.submod.named_parameters():
-            params.setdefault(name, p)
+    params = rank_parameters(stages)
     opt = torch.optim.SGD(list(params.values()), lr=LR)
     ref_opt = torch.optim.SGD(ref.parameters(), lr=LR)
     report = {"loss": None, "grad": {}, "param": {}, "first_step_param": {}, "names": sorted(params),

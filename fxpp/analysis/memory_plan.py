@@ -111,21 +111,27 @@ def _search(model: MemoryModel, costs, num_stages: int, limit: float) -> list[ra
     return constrained_split(layer, num_stages, prefix_fits, first_extra=costs[0].flops, last_extra=costs[-1].flops)
 
 
-def memory_aware_ranges(model: MemoryModel, costs, num_stages: int, limit: float, check: list[range] | None = None):
-    """The cuts under ``limit`` bytes per rank; with ``check``, refuse that split if it does not fit.
+def check_ranges_fit(model: MemoryModel, ranges: list[range], limit: float) -> None:
+    """Refuse cuts whose predicted peak exceeds ``limit`` bytes on some rank.
+
+    Raises:
+        MemoryLimitError: naming the rank with the highest peak, its stages and the peak.
+    """
+    over = [r for r in model.split_memory(ranges) if r.peak > limit]
+    if over:
+        worst = max(over, key=lambda r: r.peak)
+        raise MemoryLimitError(
+            f"the cuts given put a predicted peak of {format_bytes(worst.peak)} on rank {worst.rank} "
+            f"(stages {', '.join(str(s.stage) for s in worst.stages)}), over memory_limit={format_bytes(limit)}; "
+            "leave the cuts to fxpp or raise the limit")
+
+
+def memory_aware_ranges(model: MemoryModel, costs, num_stages: int, limit: float) -> list[range]:
+    """The cuts under ``limit`` bytes per rank.
 
     Raises:
         MemoryLimitError: no split fits (naming the smallest stage count that does, or none).
     """
-    if check is not None:
-        over = [r for r in model.split_memory(check) if r.peak > limit]
-        if over:
-            worst = max(over, key=lambda r: r.peak)
-            raise MemoryLimitError(
-                f"the cuts given put a predicted peak of {format_bytes(worst.peak)} on rank {worst.rank} "
-                f"(stages {', '.join(str(s.stage) for s in worst.stages)}), over memory_limit={format_bytes(limit)}; "
-                "leave the cuts to fxpp or raise the limit")
-        return check
     try:
         found = _search(model, costs, num_stages, limit)
     except SearchTooLarge as e:
