@@ -22,12 +22,17 @@ layout
     The slots of cut ``k`` when every signature input is present, then the *header*.
     It depends only on the model, the signature and ``k``; never on one call.
 header
-    An ``int64`` tensor ``[layout id, present bits, filled bits...]`` ending every
-    crossing tuple. The layout id hashes the signature and the slot identities, so a
+    ``int64`` values ``[layout id, present bits, filled bits..., shapes of the packed
+    slots...]``. The layout id hashes the signature and the slot identities, so a
     tuple from stages built for another signature is refused, not read in the wrong
     slots; the present bits tell the receiving stage which variant to run; the filled
     bits (62 slots a word) say which slots hold a computed value, so no stage ever
-    reads a filler as data.
+    reads a filler as data; the shapes say where each packed slot lies.
+packed slots
+    The integer and boolean slots (padding masks, position ids, token ids). They cross
+    as one ``int64`` tensor, the *packed tensor*: the header, then each packed slot
+    flattened, in layout order (Note [packed slots]). So a tuple on the wire is the
+    floating slots in layout order, then the packed tensor.
 
 A variant that does not compute a slot (no padding mask in this call, no image
 features) sends a zero *filler* of the slot's shape in its place, so every
@@ -54,8 +59,17 @@ from .inputs.signature import InputSignature
 from .meta import signature_record
 
 HEADER = "fxpp header (layout id, inputs present, slots filled)"
+PACKED = "fxpp packed tensor"
 _WORD = 62  # bits per header word: int64, kept non-negative
-_HEADERS: dict = {}  # (layout id, cut, bits, filled, device) -> the header tensor (few: one per call pattern)
+_HEADERS: dict = {}  # (layout id, cut, bits, filled, shapes, device) -> the header tensor (one per call pattern)
+_MAX_HEADERS = 4096
+# Lossless in int64 and back (what a packed slot may hold).
+_PACKABLE = frozenset({torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64})
+
+
+def packs(dtype: torch.dtype) -> bool:
+    """Whether a slot of ``dtype`` crosses inside the packed tensor (Note [packed slots])."""
+    return dtype in _PACKABLE
 
 
 @dataclass(frozen=True)
@@ -69,7 +83,21 @@ class Slot:
 
 @dataclass(frozen=True)
 class CutLayout:
-    """The slots of cut ``cut`` (then the header) for ``signature``."""
+    """The slots of cut ``cut`` for ``signature``; on the wire, the tensor slots then the packed tensor.
+
+    Note [packed slots]
+        A gloo or NCCL message per tensor costs a round of latency on both ranks, and
+        the integer values crossing a cut are small (a ``[B, S]`` padding mask and
+        position ids, the header): sent one tensor each, a decoder-only model's cut took
+        four messages per microbatch where hand-written stages send two (the hidden
+        states and the mask). So they cross as one ``int64`` tensor, the header first:
+        two messages. The header holds each packed slot's shape, so the receiving
+        stage splits the tensor at the sender's own offsets; within a schedule step it
+        reads the first microbatch's header only (Note [one header read per step]) and
+        compares every later header, shapes included, on the device. Integer and
+        boolean dtypes only: they are exact in ``int64`` and back; floating values
+        (which may carry gradients) cross as tensors of their own.
+    """
 
     cut: int
     signature: InputSignature
@@ -90,29 +118,64 @@ class CutLayout:
     def identities(self) -> tuple[str, ...]:
         return tuple(s.identity for s in self.slots)
 
-    @property
-    def header_size(self) -> int:
-        return 2 + (len(self.slots) + _WORD - 1) // _WORD
+    @functools.cached_property
+    def by_identity(self) -> dict[str, Slot]:
+        return {s.identity: s for s in self.slots}
 
-    def header(self, bits: int, filled: Sequence[bool], device) -> torch.Tensor:
-        """The header tensor, made once per (inputs present, slots filled, device) and reused:
+    @functools.cached_property
+    def tensor_slots(self) -> tuple[int, ...]:
+        """The slots that cross as tensors of their own (floating: they may carry gradients), in layout order."""
+        return tuple(i for i, s in enumerate(self.slots) if not packs(s.dtype))
+
+    @functools.cached_property
+    def packed_slots(self) -> tuple[int, ...]:
+        """The slots that cross inside the packed tensor (Note [packed slots]), in layout order."""
+        return tuple(i for i, s in enumerate(self.slots) if packs(s.dtype))
+
+    @functools.cached_property
+    def wire_names(self) -> tuple[str, ...]:
+        """What each tensor of a tuple on the wire is: the tensor slots' identities, then :data:`PACKED`."""
+        return (*(self.slots[i].identity for i in self.tensor_slots), PACKED)
+
+    @property
+    def _words(self) -> int:
+        return (len(self.slots) + _WORD - 1) // _WORD
+
+    @functools.cached_property
+    def header_size(self) -> int:
+        return 2 + self._words + sum(len(self.slots[i].shape) for i in self.packed_slots)
+
+    def wire_examples(self, shapes: Sequence[tuple[int, ...]], make) -> tuple:
+        """A tuple on the wire for slots of ``shapes`` (layout order), each tensor ``make(shape, dtype)``:
+        the static metadata of a schedule's stages (``fxpp.runtime.stage``)."""
+        packed = self.header_size + sum(_numel(shapes[i]) for i in self.packed_slots)
+        return (*(make(tuple(shapes[i]), self.slots[i].dtype) for i in self.tensor_slots),
+                make((packed,), torch.int64))
+
+    def header(self, bits: int, filled: Sequence[bool], shapes: Sequence[tuple[int, ...]], device) -> torch.Tensor:
+        """The header tensor, made once per (inputs present, slots filled, packed shapes, device) and reused:
         a new tensor from Python ints is a host-to-device copy, which on CUDA waits for the device."""
-        key = (self.id, self.cut, bits, tuple(filled), device)
+        key = (self.id, self.cut, bits, tuple(filled), tuple(shapes), device)
         cached = _HEADERS.get(key)
         if cached is None:
-            words = [0] * (self.header_size - 2)
+            words = [0] * self._words
             for i, f in enumerate(filled):
                 if f:
                     words[i // _WORD] |= 1 << (i % _WORD)
-            cached = torch.tensor([self.id, bits, *words], dtype=torch.int64, device=device)
+            dims = [d for shape in shapes for d in shape]
+            cached = torch.tensor([self.id, bits, *words, *dims], dtype=torch.int64, device=device)
+            if len(_HEADERS) >= _MAX_HEADERS:  # shapes that change every step: start again, not grow
+                _HEADERS.clear()
             _HEADERS[key] = cached
         return cached
 
     def pack(self, identities: Sequence[str], values: Sequence[torch.Tensor], bits: int, where: str) -> tuple:
-        """A variant's outputs in the layout's slots, fillers for the rest, then the header.
+        """A variant's outputs on the wire: the tensor slots (fillers where the variant sends
+        nothing), then the packed tensor (Note [packed slots]).
 
         Raises:
-            StageInputError: the variant sends a value the layout has no slot for.
+            StageInputError: the variant sends a value the layout has no slot for, or an
+                integer value of another number of dimensions than its slot.
         """
         plan = self._pack_plans.get(identities)
         if plan is None:
@@ -127,8 +190,15 @@ class CutLayout:
             plan = self._pack_plans[identities] = tuple(position.get(slot.identity) for slot in self.slots)
         stream = values[0]
         out = [values[i] if i is not None else self._filler(slot, stream) for slot, i in zip(self.slots, plan)]
-        out.append(self.header(bits, tuple(i is not None for i in plan), stream.device))
-        return tuple(out)
+        packed = [out[i] for i in self.packed_slots]
+        for i, value in zip(self.packed_slots, packed):
+            if value.dim() != len(self.slots[i].shape) or not packs(value.dtype):
+                raise StageInputError(f"{where}: sends {self.slots[i].identity!r} as {_describe(value)}; its slot "
+                                      f"across cut {self.cut} is like {self.slots[i].dtype}{list(self.slots[i].shape)}")
+        header = self.header(bits, tuple(i is not None for i in plan), tuple(tuple(v.shape) for v in packed),
+                             stream.device)
+        wire = torch.cat([header, *(v.reshape(-1).to(torch.int64) for v in packed)])
+        return (*(out[i] for i in self.tensor_slots), wire)
 
     @functools.cached_property  # per call otherwise: which value goes to which slot, for each tuple of identities
     def _pack_plans(self) -> dict[tuple[str, ...], tuple[int | None, ...]]:
@@ -137,61 +207,43 @@ class CutLayout:
     def _filler(self, slot: Slot, stream: torch.Tensor) -> torch.Tensor:
         # Never read (the header marks it unfilled); its shape only keeps the schedule's
         # static metadata, which the sender checks (fxpp.runtime.stage.check_sent_shapes).
-        shape = filler_shape(slot.shape, self.slots[0].shape[:2], tuple(stream.shape[:2]))
         # a floating slot takes the compute dtype, as the hidden states do (mixed precision:
         # the receive buffers are bf16, Note [mixed precision] in fxpp.runtime.parallel)
         dtype = stream.dtype if slot.dtype.is_floating_point and stream.is_floating_point() else slot.dtype
-        return torch.zeros(shape, dtype=dtype, device=stream.device)
+        # Kept for the last shape only (sequence lengths may change every step): never
+        # read, never written (a receiver gets its own buffer), so one tensor serves every call.
+        key, now = (slot.identity, dtype, stream.device), tuple(stream.shape[:2])
+        kept = self._fillers.get(key)
+        if kept is None or kept[0] != now:
+            shape = filler_shape(slot.shape, self.slots[0].shape[:2], now)
+            kept = self._fillers[key] = (now, torch.zeros(shape, dtype=dtype, device=stream.device))
+        return kept[1]
+
+    @functools.cached_property
+    def _fillers(self) -> dict:
+        return {}
 
     def unpack(self, args: Sequence, where: str) -> tuple[int, dict[str, torch.Tensor]]:
         """The present bits and the received tensors by identity (fillers left out).
 
-        Reads the header on the host (``tolist``); see :meth:`unpack_as` for the reads a
-        schedule step saves.
+        Reads the header on the host (``tolist``); see :meth:`read_header` and
+        :meth:`unpack_as` for the reads a schedule step saves.
 
         Raises:
-            StageInputError: not a tuple of this layout (count, header, dtype or rank).
+            StageInputError: not a tuple of this layout (count, header, dtype, rank or size).
         """
-        header = self._check_structure(args, where)
-        layout_id, bits, *words = (int(v) for v in header.tolist())
-        return bits, self._received(args, layout_id, bits, words, where)
+        known = self.read_header(args, where)
+        return known.bits, self._values(args, known)
 
-    def unpack_as(self, args: Sequence, where: str, known: "KnownHeader") -> dict[str, torch.Tensor]:
-        """The received tensors, read as ``known`` says (the step's first microbatch's header), without a host read.
+    def read_header(self, args: Sequence, where: str) -> "KnownHeader":
+        """The header of a tuple on the wire, read on the host and checked (count, layout id, bits, sizes).
 
-        The header itself is compared with ``known.header`` on the device and the
-        result kept in ``known.differs``; the stage's step end reads it once (Note
-        [one header read per step]).
+        Raises:
+            StageInputError: as :meth:`unpack`.
         """
-        header = self._check_structure(args, where)
-        differs = (header != known.header).any()
-        known.differs = differs if known.differs is None else known.differs | differs
-        return {slot.identity: value for slot, value in zip(self.slots, args) if slot.identity in known.received}
-
-    def _check_structure(self, args: Sequence, where: str) -> torch.Tensor:
-        """The header, after checking count, header dtype and shape, and each value's rank and kind (no data read)."""
-        expected = len(self.slots) + 1
-        if len(args) != expected:
-            raise StageInputError(
-                f"{where} expects the {expected} tensors that cross cut {self.cut} "
-                f"({', '.join(self.identities)}, then the {HEADER}), got {len(args)}"
-                + (" (model inputs go to the first stage only)" if not args else "")
-            )
-        header = args[-1]
-        if (not isinstance(header, torch.Tensor) or header.dtype != torch.int64
-                or tuple(header.shape) != (self.header_size,)):
-            raise StageInputError(f"{where}: the last value crossing cut {self.cut} must be the {HEADER}; got "
-                                  f"{_describe(header)}")
-        for slot, value in zip(self.slots, args):
-            if not isinstance(value, torch.Tensor):
-                raise StageInputError(f"{where}: {slot.identity!r} must be a tensor, got {_describe(value)}")
-            if value.dim() != len(slot.shape) or value.is_floating_point() != slot.dtype.is_floating_point:
-                raise StageInputError(
-                    f"{where}: {slot.identity!r} should be like {slot.dtype}{list(slot.shape)}, got {_describe(value)}"
-                )
-        return header
-
-    def _received(self, args: Sequence, layout_id: int, bits: int, words: list[int], where: str) -> dict:
+        wire = self._check_structure(args, where)
+        layout_id, bits, *rest = (int(v) for v in wire[:self.header_size].tolist())
+        words, dims = rest[:self._words], rest[self._words:]
         if layout_id != self.id:
             raise StageInputError(
                 f"{where}: the tuple crossing cut {self.cut} comes from stages built for another input signature or "
@@ -201,8 +253,91 @@ class CutLayout:
             )
         if bits & ~self.signature.all_bits:
             raise StageInputError(f"{where}: the {HEADER} names inputs outside the signature (bits {bits:#x})")
-        return {slot.identity: value for i, (slot, value) in enumerate(zip(self.slots, args))
-                if words[i // _WORD] >> (i % _WORD) & 1}
+        shapes = []
+        for i in self.packed_slots:
+            n = len(self.slots[i].shape)
+            shapes.append(tuple(dims[:n]))
+            dims = dims[n:]
+        size = self.header_size + sum(_numel(shape) for shape in shapes)
+        if min((d for shape in shapes for d in shape), default=0) < 0 or size != wire.numel():
+            raise StageInputError(
+                f"{where}: the {PACKED} crossing cut {self.cut} holds {wire.numel()} values, but its header says "
+                f"{self.header_size} + the slots {dict((self.slots[i].identity, list(s)) for i, s in zip(self.packed_slots, shapes))}")
+        filled = frozenset(slot.identity for i, slot in enumerate(self.slots) if words[i // _WORD] >> (i % _WORD) & 1)
+        return KnownHeader(wire[:self.header_size].clone(), bits, filled, tuple(shapes))
+
+    def unpack_as(self, args: Sequence, where: str, known: "KnownHeader") -> dict[str, torch.Tensor]:
+        """The received tensors, read as ``known`` says (the step's first microbatch's header), without a host read.
+
+        The header itself is compared with ``known.header`` on the device and the
+        result kept in ``known.differs``; the stage's step end reads it once (Note
+        [one header read per step]).
+
+        Raises:
+            StageInputError: as :meth:`unpack`, or a packed tensor of another size than the first's.
+        """
+        wire = self._check_structure(args, where)
+        if wire.numel() != known.size(self):
+            raise StageInputError(f"{where}: the {PACKED} crossing cut {self.cut} holds {wire.numel()} values, the "
+                                  f"step's first microbatch's {known.size(self)}")
+        differs = (wire[:self.header_size] != known.header).any()
+        known.differs = differs if known.differs is None else known.differs | differs
+        return self._values(args, known)
+
+    def _values(self, args: Sequence, known: "KnownHeader") -> dict[str, torch.Tensor]:
+        """The filled slots of a tuple on the wire by identity; packed ones as views of the packed tensor
+        (in their own dtype: a cast where it is not int64)."""
+        values: dict[int, torch.Tensor] = dict(zip(self.tensor_slots, args))
+        wire, offset = args[-1], self.header_size
+        for i, shape in zip(self.packed_slots, known.shapes):
+            n = _numel(shape)
+            value = wire[offset:offset + n].view(shape)
+            values[i] = value if self.slots[i].dtype == torch.int64 else value.to(self.slots[i].dtype)
+            offset += n
+        return {self.slots[i].identity: values[i] for i in range(len(self.slots))
+                if self.slots[i].identity in known.received}
+
+    def _check_structure(self, args: Sequence, where: str) -> torch.Tensor:
+        """The packed tensor, after checking count, its dtype and rank, and each tensor slot's rank and kind
+        (no data read)."""
+        expected = len(self.tensor_slots) + 1
+        if len(args) != expected:
+            raise StageInputError(
+                f"{where} expects the {expected} tensors that cross cut {self.cut} "
+                f"({', '.join(self.wire_names[:-1])}, then the {PACKED}: the {HEADER}"
+                f"{''.join(', ' + self.slots[i].identity for i in self.packed_slots)}), got {len(args)}"
+                + (" (model inputs go to the first stage only)" if not args else "")
+            )
+        wire = args[-1]
+        if (not isinstance(wire, torch.Tensor) or wire.dtype != torch.int64 or wire.dim() != 1
+                or wire.numel() < self.header_size):
+            raise StageInputError(f"{where}: the last value crossing cut {self.cut} must be the {PACKED}; got "
+                                  f"{_describe(wire)}")
+        for i, value in zip(self.tensor_slots, args):
+            slot = self.slots[i]
+            if not isinstance(value, torch.Tensor):
+                raise StageInputError(f"{where}: {slot.identity!r} must be a tensor, got {_describe(value)}")
+            if value.dim() != len(slot.shape) or value.is_floating_point() != slot.dtype.is_floating_point:
+                raise StageInputError(
+                    f"{where}: {slot.identity!r} should be like {slot.dtype}{list(slot.shape)}, got {_describe(value)}"
+                )
+        return wire
+
+    def sent_shapes(self, wire: torch.Tensor) -> dict[str, list[int]]:
+        """The packed slots' shapes a packed tensor's header gives, by identity (a host read: error messages only)."""
+        dims = wire[2 + self._words:self.header_size].tolist()
+        shapes = {}
+        for i in self.packed_slots:
+            n = len(self.slots[i].shape)
+            shapes[self.slots[i].identity], dims = dims[:n], dims[n:]
+        return shapes
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
 
 
 @dataclass
@@ -232,8 +367,13 @@ class KnownHeader:
 
     header: torch.Tensor
     bits: int
-    received: frozenset
+    received: frozenset  # the identities of the filled slots
+    shapes: tuple[tuple[int, ...], ...] = ()  # the packed slots' shapes, in layout order
     differs: torch.Tensor | None = None
+
+    def size(self, layout: CutLayout) -> int:
+        """The number of values of a packed tensor with these shapes."""
+        return layout.header_size + sum(_numel(shape) for shape in self.shapes)
 
 
 def cut_layout(model_gm: GraphModule, k: int) -> CutLayout:

@@ -191,12 +191,17 @@ class GraphFacts:
         sent: the identities a FIRST or MIDDLE variant sends, in order.
         recorded: the submodules whose outputs it records (``fxpp.trace.recording``).
         guarded: whether it holds a guard (Note [guards] in ``fxpp.ops``).
+        reads: the identity each placeholder of a MIDDLE or LAST variant receives, in order.
+        fits: the received sets (identity, shape, dtype of each value) this variant was found
+            to take (``fxpp.stage_module``): a call that repeats one is not checked again.
     """
 
     graph: Graph
     sent: tuple[str, ...]
     recorded: list[tuple[str, int]]
     guarded: bool
+    reads: tuple[str | None, ...] = ()
+    fits: set = field(default_factory=set)
 
 
 def trace_record(gm: GraphModule) -> TraceRecord:

@@ -35,7 +35,7 @@ from .analysis.cuts import crossing_slots
 from .errors import CutError, StageInputError
 from .inputs.names import stream_tokens
 from .inputs.signature import InputSignature
-from .layout import CutLayout, KnownHeader, cut_layout
+from .layout import CutLayout, cut_layout
 from .meta import (GRAPH_FACTS_KEY, STAGE_KEY, GraphFacts, StageRecord, identities_of, identity_of, signature_record,
                    stage_record, trace_record)
 from .ops import GUARD_OPS, GuardFailure
@@ -239,9 +239,8 @@ class StageModule(GraphModule):
         if known is None or self.in_layout is None:
             return self.in_layout.unpack(args, where)  # outside a schedule step: read every header
         if known is False:  # the step's first microbatch: read its header, once
-            bits, received = self.in_layout.unpack(args, where)
-            object.__setattr__(self, "_fxpp_step", KnownHeader(args[-1].clone(), bits, frozenset(received)))
-            return bits, received
+            known = self.in_layout.read_header(args, where)
+            object.__setattr__(self, "_fxpp_step", known)
         return known.bits, self.in_layout.unpack_as(args, where, known)
 
     def _run(self, bits: int, *, inputs: dict | None = None, received: dict | None = None):
@@ -313,12 +312,24 @@ class StageModule(GraphModule):
 
     def _receiving_args(self, variant: GraphModule, received: dict, bits: int) -> tuple[list, str | None]:
         """``(args, None)`` where ``variant`` is the receiving half of the sender's trace
-        and takes the received values; else ``([], why not)``."""
+        and takes the received values; else ``([], why not)``.
+
+        The answer depends only on the received identities, shapes and dtypes; one found
+        to fit is kept in the variant's :class:`~fxpp.meta.GraphFacts`, so the microbatches
+        of a schedule step (one shape) are checked once.
+        """
+        facts = _graph_facts(variant)
+        key = tuple((identity, value.shape, value.dtype) for identity, value in received.items())
+        if key in facts.fits:
+            return [received[identity] for identity in facts.reads], None
         problem = _fit_problem(variant, received)
         if problem is not None:
             return [], problem
         args = self._args_for(variant, received, bits)
-        return args, _received_problem(variant, args)
+        problem = _received_problem(variant, args)
+        if problem is None:
+            facts.fits.add(key)
+        return args, problem
 
     def _args_for(self, variant: GraphModule, received: dict, bits: int) -> list:
         """The received values a variant reads, by identity; a filler is never read."""
@@ -429,7 +440,7 @@ def _passed_inputs(layout: CutLayout, sent, available: dict) -> dict[str, torch.
     stage's retrace does, to take the same branch; so inputs travel on while a slot
     awaits them. They are never computed, only handed on.
     """
-    slots = {s.identity: s for s in layout.slots}
+    slots = layout.by_identity
     passed = {}
     for name, value in available.items():
         identity = name if name.startswith("input ") else f"input {name}"
@@ -452,7 +463,8 @@ def _graph_facts(variant: GraphModule) -> GraphFacts:
         facts = GraphFacts(
             graph=variant.graph, sent=tuple(identities_of(out)),
             recorded=recording_targets(variant.graph),
-            guarded=any(n.op == "call_function" and n.target in GUARD_OPS for n in variant.graph.nodes))
+            guarded=any(n.op == "call_function" and n.target in GUARD_OPS for n in variant.graph.nodes),
+            reads=tuple(identity_of(n) for n in variant.graph.nodes if n.op == "placeholder"))
         variant.meta[GRAPH_FACTS_KEY] = facts
     return facts
 

@@ -271,8 +271,8 @@ def test_wrong_tuple_to_a_middle_stage():
     stage = fxpp.transform(model, "middle", range(1, 3))
     first = fxpp.transform(model, "first", range(0, 1))
     out = first(**make_inputs(2, 5))
-    with pytest.raises(fxpp.StageInputError, match=r"expects the 4 tensors that cross cut 1 \(hidden states, input "
-                       r"attention_mask, input position_ids, then the fxpp header .*\), got 1"):
+    with pytest.raises(fxpp.StageInputError, match=r"expects the 2 tensors that cross cut 1 \(hidden states, then the "
+                       r"fxpp packed tensor: the fxpp header .*, input attention_mask, input position_ids\), got 1"):
         stage(out[0])
     with pytest.raises(fxpp.StageInputError, match="model inputs go to the first stage only"):
         stage(**make_inputs(2, 5))

@@ -16,7 +16,7 @@ from torch.distributed.pipelining import PipelineStage
 
 from ..errors import StageInputError, StageSpecError, TiedWeightError
 from ..inputs.names import stream_tokens
-from ..layout import HEADER, filler_shape, step_shape
+from ..layout import PACKED, filler_shape, step_shape
 from ..meta import trace_record
 from .checkpoint import load_stage, recompute_non_persistent_buffers
 from .compiled import check_compile, compile_backend, own_layer_shells
@@ -72,7 +72,8 @@ class FxppPipelineStage(PipelineStage):
     def forward_one_chunk(self, fwd_chunk_id: int, *args, **kwargs):
         output = super().forward_one_chunk(fwd_chunk_id, *args, **kwargs)
         if self._fxpp_sends:
-            check_sent_shapes(self.stage_index, fwd_chunk_id, output, self._fxpp_sends)
+            check_sent_shapes(self.stage_index, fwd_chunk_id, output, self._fxpp_sends,
+                              getattr(self.submod, "out_layout", None))
         return output
 
     def _fxpp_increment(self, p: torch.nn.Parameter) -> torch.Tensor:
@@ -143,7 +144,8 @@ class FxppPipelineStage(PipelineStage):
         return self.submod.end_step() if hasattr(self.submod, "end_step") else False
 
 
-def check_sent_shapes(stage_index: int, microbatch: int, outputs, sends: list[tuple[str, tuple, torch.dtype]]) -> None:
+def check_sent_shapes(stage_index: int, microbatch: int, outputs, sends: list[tuple[str, tuple, torch.dtype]],
+                      layout=None) -> None:
     """Every tensor a stage sends must have the shape and dtype the receive buffers were made for.
 
     A point-to-point receive into a buffer of another size or dtype fails far from the
@@ -163,6 +165,8 @@ def check_sent_shapes(stage_index: int, microbatch: int, outputs, sends: list[tu
                 "the model computes in another dtype than its parameters' cannot cross this cut: build the stages "
                 "without mixed_precision, or cut elsewhere (fxpp.pipeline(..., cuts=[...]))")
         if tuple(tensor.shape) != tuple(expected):
+            if what == PACKED and layout is not None:  # name the integer slots, as the header gives them
+                what = f"{what} (its integer slots {layout.sent_shapes(tensor)})"
             raise StageInputError(
                 f"stage {stage_index}, microbatch {microbatch}: sends {what} with shape {list(tensor.shape)}, but the "
                 f"stages were built for {list(expected)}. A stage's static shapes are fixed when it is built: "
@@ -257,9 +261,10 @@ def _allocate(model: torch.nn.Module, module: torch.nn.Module, device: torch.dev
 
 
 def _sends(stage) -> list[str]:
-    """What each tensor a stage sends is, as its cut's layout names them (``fxpp.layout``)."""
+    """What each tensor a stage sends is, as its cut's layout names them (``fxpp.layout``: the tensor
+    slots, then the packed tensor)."""
     layout = stage.out_layout
-    return [] if layout is None else [*layout.identities, HEADER]
+    return [] if layout is None else list(layout.wire_names)
 
 
 def _example_args(stage, device: torch.device, batch_seq: tuple[int, int] | None,
@@ -281,8 +286,7 @@ def _example_args(stage, device: torch.device, batch_seq: tuple[int, int] | None
 
     def layout_args(layout):
         built = layout.slots[0].shape[:2]
-        return (*(real(resized(s.shape, built), s.dtype) for s in layout.slots),
-                real((layout.header_size,), torch.int64))
+        return layout.wire_examples([resized(s.shape, built) for s in layout.slots], real)
 
     inputs = () if stage.in_layout is None else layout_args(stage.in_layout)
     if stage.out_layout is not None:
