@@ -48,6 +48,14 @@ def failure_source_line(e: BaseException) -> str:
     return short_stack()
 
 
+def recorded_user_frame(stack_trace: str | None) -> str | None:
+    """The innermost user frame's ``File "...", line N, in name`` of a node's recorded
+    stack trace (``node.stack_trace``); None where it has none."""
+    frames = [line.strip() for line in (stack_trace or "").splitlines() if line.strip().startswith("File ")]
+    frames = [f for f in frames if _is_user_frame(f.partition(", line ")[0])]
+    return frames[-1] if frames else None
+
+
 def target_name(target: Any) -> str:
     """A node target as an error message names it."""
     if isinstance(target, str):
