@@ -39,7 +39,7 @@ from torch.fx.node import map_arg
 
 from .. import ops
 from ..errors import TraceError
-from .source_lines import failure_source_line, target_name
+from .source_lines import StackTraces, failure_source_line, target_name
 from .targets import is_check_function
 from .values import FakeMode, call_signature, is_data_dependent, thaw_all
 
@@ -94,11 +94,13 @@ class LeafEntry:
 class LeafValues:
     """The leaf cache of the traces of one build (*shared leaf values* above), with the
     ``FakeTensorMode`` they all run in, so that a value one trace computed is a fake
-    tensor of the next trace's mode."""
+    tensor of the next trace's mode, and the stack traces of their nodes
+    (``fxpp.trace.source_lines.StackTraces``: the traces run the same lines)."""
 
     def __init__(self):
         self.fake_mode = FakeMode(allow_non_fake_inputs=True)
         self.entries: dict[tuple, LeafEntry] = {}
+        self.stack_traces = StackTraces()  # the nodes' stack traces, by call stack
         self._graphs: list[tuple[GraphModule, list]] = []
 
     def keep(self, gm: GraphModule) -> None:
