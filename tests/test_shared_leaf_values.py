@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor
 from transformers import PretrainedConfig
+from transformers.masking_utils import create_causal_mask
 
 import fxpp
 from fxpp.compile import compile_example, trace_canonical
@@ -45,6 +46,21 @@ def test_a_build_meta_evaluates_identical_layer_calls_once():
     pipe = fxpp.pipeline(model, 2, example_inputs={"input_ids": torch.arange(8).reshape(1, 8)})
     assert len(signature_record(pipe.model_graph).variant_graphs) == 3
     assert len(fake_calls) == len(set(fake_calls)) == 2
+
+
+def test_a_build_fake_evaluates_a_mask_builder_once_per_distinct_call():
+    """With and without position_ids the forward calls its mask builder alike: one
+    evaluation, one meta value in both graphs; without a mask, another."""
+    model = tiny_model("llama", 2)
+    pipe = fxpp.pipeline(model, 2, example_inputs={"input_ids": torch.arange(8).reshape(1, 8)})
+    record = signature_record(pipe.model_graph)
+    values = {}
+    for gm in [pipe.model_graph, *record.variant_graphs.values()]:
+        present = tuple(sorted(trace_record(gm).example_inputs))
+        values[present] = next(n.meta["val"] for n in gm.graph.nodes if n.target is create_causal_mask)
+    with_mask = values[("attention_mask", "input_ids", "position_ids")]
+    assert isinstance(with_mask, torch.Tensor) and values[("attention_mask", "input_ids")] is with_mask
+    assert values[("input_ids",)] is values[("input_ids", "position_ids")]
 
 
 def test_each_trace_of_a_build_is_the_trace_of_its_own():

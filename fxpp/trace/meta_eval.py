@@ -23,6 +23,14 @@ shared leaf values
     computed; and where a later trace changes, in place, a value an earlier trace's
     graph holds, the build traces again without sharing
     (:meth:`LeafValues.intact`): every graph is the graph a trace of its own gives.
+builder values
+    A mask builder (``transformers.masking_utils``, an opaque function) is fake-evaluated
+    as the forward calls it, a few milliseconds of tensor code; its meta value is kept in
+    the leaf cache too, by the builder and :func:`~fxpp.trace.values.call_signature` of
+    its arguments (the config by identity), and taken by an identical call while its
+    :func:`value_state` is as computed: the traces of one build mostly call it alike
+    (with and without ``position_ids``). Only a mask, ``None`` or masks by layer type are
+    kept, never a mask *function* (a closure over one trace's values).
 data-dependent node
     A node whose fake evaluation fails on tensor data (``fxpp.trace.values``): its meta
     value comes from the real example inputs instead (``fxpp.trace.real_values``).
@@ -40,7 +48,7 @@ from torch.fx.node import map_arg
 from .. import ops
 from ..errors import TraceError
 from .source_lines import StackTraces, failure_source_line, target_name
-from .targets import is_check_function
+from .targets import is_check_function, is_mask_builder
 from .values import FakeMode, call_signature, is_data_dependent, thaw_all
 
 if TYPE_CHECKING:  # the tracer passes itself in; only its type is named here
@@ -73,6 +81,13 @@ def value_state(value: Any) -> Any:
     if isinstance(value, dict):
         return ("dict", tuple((k, value_state(v)) for k, v in value.items()))
     return ("id", id(value))
+
+
+def _is_mask_value(value: Any) -> bool:
+    """A mask builder's value made of tensors: a mask, ``None``, or masks by layer type."""
+    if isinstance(value, dict):
+        return all(v is None or isinstance(v, torch.Tensor) for v in value.values())
+    return value is None or isinstance(value, torch.Tensor)
 
 
 def _graph_state(gm: GraphModule) -> list:
@@ -145,6 +160,8 @@ class MetaEvaluation:
         tracer.evaluating += 1
         try:
             with tracer.fake_mode:
+                if node.op == "call_function" and is_mask_builder(node.target):
+                    return self._builder_value(node.target, args, kwargs)
                 if node.op == "call_function":
                     return node.target(*args, **kwargs)
                 if node.op == "call_method":
@@ -213,6 +230,18 @@ class MetaEvaluation:
             value = module(*args, **kwargs)
             entry = self._leaf_cache[key] = LeafEntry(value, value_state(value), self, (module, args, kwargs))
         return entry.value
+
+    def _builder_value(self, builder: Any, args: tuple, kwargs: dict) -> Any:
+        """A mask builder's meta value, reusing an identical earlier call's (*builder values* above)."""
+        key = ("mask builder", builder, call_signature((args, kwargs)))
+        entry = self._leaf_cache.get(key)
+        if entry is not None and value_state(entry.value) == entry.state:
+            entry.trace = self
+            return entry.value
+        value = builder(*args, **kwargs)
+        if _is_mask_value(value):
+            self._leaf_cache[key] = LeafEntry(value, value_state(value), self, (builder, args, kwargs))
+        return value
 
     def _param_signature(self, module: torch.nn.Module) -> tuple:
         sig = self._param_sigs.get(id(module))
