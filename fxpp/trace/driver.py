@@ -9,6 +9,7 @@ from typing import Any
 import torch
 import torch.fx
 from torch.fx import Graph, GraphModule
+from torch.fx._lazy_graph_module import _LazyGraphModule
 
 from ..errors import TraceError
 from ..model_facts import TRACE_KWARGS, forward_signature, model_unchanged, select_output, unwrap_forward
@@ -107,5 +108,9 @@ def _graph_module(model: torch.nn.Module, graph: Graph, constants: dict[str, Any
                 for part in node.target.split("."):
                     obj = getattr(obj, part)
                 root[node.target] = obj
-    gm = GraphModule(root, graph, class_name=f"{type(model).__name__}Graph")
-    return gm
+    # Note [code made on first use]: a whole-model graph is rewritten by the passes and
+    # sliced into stages (new graphs) far more often than it is run or printed, and making
+    # its Python code (``recompile``) costs about a millisecond per hundred nodes. As a
+    # ``_LazyGraphModule`` its code is made when first needed (``gm.code``, a call,
+    # printing, pickling) and ``recompile()`` only marks it out of date: the same code.
+    return _LazyGraphModule(root, graph, class_name=f"{type(model).__name__}Graph")
