@@ -19,6 +19,7 @@ from fxpp.compile import compile_example, trace_canonical
 from fxpp.meta import signature_record, trace_record
 from fxpp.testing.zoo import tiny_model
 from fxpp.trace import trace_model
+from fxpp.trace.driver import ModuleTree
 from fxpp.trace.meta_eval import LeafValues
 from fxpp.trace.values import call_signature
 
@@ -61,6 +62,16 @@ def test_a_build_fake_evaluates_a_mask_builder_once_per_distinct_call():
     with_mask = values[("attention_mask", "input_ids", "position_ids")]
     assert isinstance(with_mask, torch.Tensor) and values[("attention_mask", "input_ids")] is with_mask
     assert values[("input_ids",)] is values[("input_ids", "position_ids")]
+
+
+def test_a_build_walks_the_models_modules_once(monkeypatch):
+    """ModuleTree: what Tracer.trace would walk every submodule for, once per build."""
+    walks = []
+    init = ModuleTree.__init__
+    monkeypatch.setattr(ModuleTree, "__init__", lambda self, model: (walks.append(model), init(self, model))[1])
+    model = tiny_model("llama", 2)
+    pipe = fxpp.pipeline(model, 2, example_inputs={"input_ids": torch.arange(8).reshape(1, 8)})
+    assert len(signature_record(pipe.model_graph).variant_graphs) == 3 and walks == [model]
 
 
 def test_each_trace_of_a_build_is_the_trace_of_its_own():

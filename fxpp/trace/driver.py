@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 import torch.fx
+from torch.fx._symbolic_trace import _constant_attribute_types
 from torch.fx import Graph, GraphModule
 from torch.fx._lazy_graph_module import _LazyGraphModule
 
@@ -60,12 +61,19 @@ def trace_model(model: torch.nn.Module, example_inputs: dict[str, Any],
         call = tracer.recording_forward(model, type(model).forward, lambda **k: forward(model, **k), kwargs)
         return select_output(call(**kwargs))
 
+    tree = leaf_values.module_tree if leaf_values is not None else None
+    if tree is None or tree.model is not model:
+        tree = ModuleTree(model)
+        if leaf_values is not None:
+            leaf_values.module_tree = tree
+
     def create_args_for_root(root_fn_unused, is_module, concrete_args=None):
+        tree.install(tracer)
         proxies = [tracer.create_proxy("placeholder", n, (), {}) for n in names]
         return root_fn, proxies
 
     tracer.create_args_for_root = create_args_for_root  # type: ignore[method-assign]
-    traced_objects = _traced_module_objects(model, tracer.traced_modules)
+    traced_objects = [m for m, name in tree.paths.items() if name in tracer.traced_modules]
     module_names = {c.__module__ for m in traced_objects for c in type(m).__mro__}
     fake_log = logging.getLogger("torch._subclasses.fake_tensor")
     old_level = fake_log.level
@@ -79,7 +87,7 @@ def trace_model(model: torch.nn.Module, example_inputs: dict[str, Any],
         # self.rope_deltas = ...), training flags, hooks and their marks.
         with model_unchanged(model), opaque_functions_patched(tracer, module_names), constructors_patched(tracer), \
                 helper_methods_patched(tracer, classes):
-            graph = tracer.trace(model)
+            graph = tracer.trace(type(model).forward)  # the model's forward as a function: see ModuleTree
             tracer.finish_own_caches()
     except TraceError:
         raise
@@ -92,8 +100,41 @@ def trace_model(model: torch.nn.Module, example_inputs: dict[str, Any],
     return _graph_module(model, graph, tracer.constants.objects)
 
 
-def _traced_module_objects(model: torch.nn.Module, names: frozenset[str]) -> list[torch.nn.Module]:
-    return [m for n, m in model.named_modules() if n in names]
+class ModuleTree:
+    """What ``torch.fx.Tracer.trace`` learns of a root module before it traces: the path of
+    each submodule, and the tensors (and script objects) held as plain attributes.
+
+    ``Tracer.trace(model)`` walks every submodule for them on each trace, some 3 ms for
+    an 8B model. The traces of one build start from the same modules (``model_unchanged``
+    restores each module's submodules, state and attributes after each trace, by
+    identity), so the build walks once: :func:`trace_model` traces the model's forward
+    as a function (``Tracer.trace`` then makes an empty root and walks nothing) and
+    :meth:`install` puts back what the module's own trace sets, copied (the trace adds
+    constants to ``tensor_attrs``): the same root, name, paths and attributes, so the
+    same graph. Kept in the build's :class:`LeafValues` (``module_tree``).
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        # as Tracer.trace makes them for a module root
+        self.paths = {mod: name for name, mod in model.named_modules()}
+        self.tensor_attrs: dict[Any, str] = {}
+
+        def collect_tensor_attrs(m: torch.nn.Module, prefix_atoms: list[str]) -> None:
+            for k, v in m.__dict__.items():
+                if isinstance(v, _constant_attribute_types):
+                    self.tensor_attrs[v] = ".".join(prefix_atoms + [k])
+            for k, v in m.named_children():
+                collect_tensor_attrs(v, prefix_atoms + [k])
+
+        collect_tensor_attrs(model, [])
+
+    def install(self, tracer: HFTracer) -> None:
+        """Set what ``Tracer.trace`` sets for a module root (called as it makes the root's arguments)."""
+        tracer.root = self.model
+        tracer.root_module_name = self.model._get_name()
+        tracer.submodule_paths = dict(self.paths)
+        tracer.tensor_attrs = dict(self.tensor_attrs)
 
 
 def _graph_module(model: torch.nn.Module, graph: Graph, constants: dict[str, Any]) -> GraphModule:

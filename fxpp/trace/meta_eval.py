@@ -109,13 +109,15 @@ class LeafEntry:
 class LeafValues:
     """The leaf cache of the traces of one build (*shared leaf values* above), with the
     ``FakeTensorMode`` they all run in, so that a value one trace computed is a fake
-    tensor of the next trace's mode, and the stack traces of their nodes
-    (``fxpp.trace.source_lines.StackTraces``: the traces run the same lines)."""
+    tensor of the next trace's mode; the stack traces of their nodes
+    (``fxpp.trace.source_lines.StackTraces``: the traces run the same lines); and the
+    walk of the model's modules that each trace would repeat (``fxpp.trace.driver.ModuleTree``)."""
 
     def __init__(self):
         self.fake_mode = FakeMode(allow_non_fake_inputs=True)
         self.entries: dict[tuple, LeafEntry] = {}
         self.stack_traces = StackTraces()  # the nodes' stack traces, by call stack
+        self.module_tree = None  # the model's fxpp.trace.driver.ModuleTree, walked by the first trace
         self._graphs: list[tuple[GraphModule, list]] = []
 
     def keep(self, gm: GraphModule) -> None:
