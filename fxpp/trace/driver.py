@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -36,7 +37,7 @@ def trace_model(model: torch.nn.Module, example_inputs: dict[str, Any],
         TraceError: the forward does something the tracer cannot record.
     """
     if layers_fqn is None:  # the caller's, where it found them already (a walk of every submodule)
-        layers_fqn, _ = find_decoder_layers(model)
+        layers_fqn, _ = module_tree(model, leaf_values).decoder_layers
     signature = forward_signature(model)
     accepts_var_kwargs = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
     inputs = {k: v for k, v in example_inputs.items() if v is not None}
@@ -61,11 +62,7 @@ def trace_model(model: torch.nn.Module, example_inputs: dict[str, Any],
         call = tracer.recording_forward(model, type(model).forward, lambda **k: forward(model, **k), kwargs)
         return select_output(call(**kwargs))
 
-    tree = leaf_values.module_tree if leaf_values is not None else None
-    if tree is None or tree.model is not model:
-        tree = ModuleTree(model)
-        if leaf_values is not None:
-            leaf_values.module_tree = tree
+    tree = module_tree(model, leaf_values)
 
     def create_args_for_root(root_fn_unused, is_module, concrete_args=None):
         tree.install(tracer)
@@ -129,6 +126,11 @@ class ModuleTree:
 
         collect_tensor_attrs(model, [])
 
+    @functools.cached_property
+    def decoder_layers(self) -> tuple[str, torch.nn.ModuleList]:
+        """``find_decoder_layers(model)``, found once."""
+        return find_decoder_layers(self.model)
+
     def install(self, tracer: HFTracer) -> None:
         """Set what ``Tracer.trace`` sets for a module root (called as it makes the root's arguments)."""
         tracer.root = self.model
@@ -155,3 +157,14 @@ def _graph_module(model: torch.nn.Module, graph: Graph, constants: dict[str, Any
     # ``_LazyGraphModule`` its code is made when first needed (``gm.code``, a call,
     # printing, pickling) and ``recompile()`` only marks it out of date: the same code.
     return _LazyGraphModule(root, graph, class_name=f"{type(model).__name__}Graph")
+
+
+def module_tree(model: torch.nn.Module, leaf_values: LeafValues | None = None) -> ModuleTree:
+    """The :class:`ModuleTree` of ``model`` kept in ``leaf_values`` (made there by the
+    build's first trace), or a new one."""
+    tree = leaf_values.module_tree if leaf_values is not None else None
+    if tree is None or tree.model is not model:
+        tree = ModuleTree(model)
+        if leaf_values is not None:
+            leaf_values.module_tree = tree
+    return tree
