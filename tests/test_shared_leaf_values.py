@@ -17,6 +17,7 @@ from transformers.masking_utils import create_causal_mask
 import fxpp
 from fxpp.compile import compile_example, trace_canonical
 from fxpp.meta import signature_record, trace_record
+from fxpp.model_facts import ModelState, model_unchanged
 from fxpp.testing.zoo import tiny_model
 from fxpp.trace import trace_model
 from fxpp.trace.driver import ModuleTree
@@ -154,3 +155,16 @@ def test_a_build_whose_traces_would_change_each_other_traces_each_alone():
     for bits, variant in record.variant_graphs.items():
         alone = compile_example(model, {k: example[k] for k in record.signature.present(bits)})
         assert _described(variant) == _described(alone)
+
+
+def test_one_model_state_restores_the_model_after_each_trace():
+    """ModelState: the build's traces restore the model from one state, taken once."""
+    model = tiny_model("llama", 2)
+    norm, layer = model.model.norm, model.model.layers[0]
+    state = ModelState(model)
+    for _ in range(2):
+        with model_unchanged(model, state):
+            layer.added = 1
+            model.model.norm = nn.Identity()
+            layer.register_forward_hook(lambda *a: None)
+        assert model.model.norm is norm and not hasattr(layer, "added") and not layer._forward_hooks

@@ -14,7 +14,8 @@ from torch.fx import Graph, GraphModule
 from torch.fx._lazy_graph_module import _LazyGraphModule
 
 from ..errors import TraceError
-from ..model_facts import TRACE_KWARGS, forward_signature, model_unchanged, select_output, unwrap_forward
+from ..model_facts import (TRACE_KWARGS, ModelState, forward_signature, model_unchanged, select_output,
+                           unwrap_forward)
 from .layers import find_decoder_layers
 from .patching import constructors_patched, helper_methods_patched, opaque_functions_patched
 from .source_lines import user_source_line
@@ -45,7 +46,8 @@ def trace_model(model: torch.nn.Module, example_inputs: dict[str, Any],
         if name not in signature.parameters and not accepts_var_kwargs:
             raise TraceError(f"{type(model).__name__}.forward has no argument {name!r}")
     fake_mode = leaf_values.fake_mode if leaf_values is not None else FakeMode(allow_non_fake_inputs=True)
-    tracer = HFTracer(model, layers_fqn, fake_mode, leaf_values)
+    tree = module_tree(model, leaf_values)
+    tracer = HFTracer(model, layers_fqn, fake_mode, leaf_values, tree.layer_stack)
     tracer.placeholder_vals = {k: fakeify(fake_mode, v) for k, v in inputs.items()}
     first_param = next(model.parameters(), None)  # not list(...)[:1]: that walks every parameter
     if not any(isinstance(v, torch.Tensor) and v.is_meta for v in [*inputs.values(), first_param]):
@@ -62,7 +64,6 @@ def trace_model(model: torch.nn.Module, example_inputs: dict[str, Any],
         call = tracer.recording_forward(model, type(model).forward, lambda **k: forward(model, **k), kwargs)
         return select_output(call(**kwargs))
 
-    tree = module_tree(model, leaf_values)
 
     def create_args_for_root(root_fn_unused, is_module, concrete_args=None):
         tree.install(tracer)
@@ -82,7 +83,7 @@ def trace_model(model: torch.nn.Module, example_inputs: dict[str, Any],
         # GraphModule takes its references: a traced value assigned to a buffer (CTRL:
         # self.pos_encoding = self.pos_encoding.to(...)) or an attribute (Qwen-VL's
         # self.rope_deltas = ...), training flags, hooks and their marks.
-        with model_unchanged(model), opaque_functions_patched(tracer, module_names), constructors_patched(tracer), \
+        with model_unchanged(model, tree.state), opaque_functions_patched(tracer, module_names), constructors_patched(tracer), \
                 helper_methods_patched(tracer, classes):
             graph = tracer.trace(type(model).forward)  # the model's forward as a function: see ModuleTree
             tracer.finish_own_caches()
@@ -108,7 +109,10 @@ class ModuleTree:
     as a function (``Tracer.trace`` then makes an empty root and walks nothing) and
     :meth:`install` puts back what the module's own trace sets, copied (the trace adds
     constants to ``tensor_attrs``): the same root, name, paths and attributes, so the
-    same graph. Kept in the build's :class:`LeafValues` (``module_tree``).
+    same graph. Kept in the build's :class:`LeafValues` (``module_tree``), with what
+    else each trace would find again on the same modules: the decoder layers, the
+    modules of their stack (``fxpp.trace.standins``) and the state ``model_unchanged``
+    restores after each trace (``fxpp.model_facts.ModelState``, taken at the first).
     """
 
     def __init__(self, model: torch.nn.Module):
@@ -125,11 +129,24 @@ class ModuleTree:
                 collect_tensor_attrs(v, prefix_atoms + [k])
 
         collect_tensor_attrs(model, [])
+        self._stacks: dict[str, tuple[set[int], set[int]]] = {}
+
+    @functools.cached_property
+    def state(self) -> ModelState:
+        """What ``model_unchanged`` restores after each trace, taken at the first."""
+        return ModelState(self.model)
 
     @functools.cached_property
     def decoder_layers(self) -> tuple[str, torch.nn.ModuleList]:
         """``find_decoder_layers(model)``, found once."""
         return find_decoder_layers(self.model)
+
+    def layer_stack(self, layers_fqn: str) -> tuple[set[int], set[int]]:
+        """The ids of the modules of the decoder-layer stack ``layers_fqn``, and of the layers."""
+        if layers_fqn not in self._stacks:
+            stack = self.model.get_submodule(layers_fqn)
+            self._stacks[layers_fqn] = ({id(m) for m in stack.modules()}, {id(m) for m in stack.children()})
+        return self._stacks[layers_fqn]
 
     def install(self, tracer: HFTracer) -> None:
         """Set what ``Tracer.trace`` sets for a module root (called as it makes the root's arguments)."""

@@ -111,7 +111,10 @@ class LeafValues:
     ``FakeTensorMode`` they all run in, so that a value one trace computed is a fake
     tensor of the next trace's mode; the stack traces of their nodes
     (``fxpp.trace.source_lines.StackTraces``: the traces run the same lines); and the
-    walk of the model's modules that each trace would repeat (``fxpp.trace.driver.ModuleTree``)."""
+    walk of the model's modules that each trace would repeat (``fxpp.trace.driver.ModuleTree``).
+
+    For the traces of one model run back to back: each leaves the model as it found it
+    (``model_unchanged``), and nothing else changes it in between."""
 
     def __init__(self):
         self.fake_mode = FakeMode(allow_non_fake_inputs=True)

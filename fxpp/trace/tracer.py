@@ -57,7 +57,8 @@ class HFTracer(Tracer):
     """The tracer; use :func:`trace_model` rather than this class directly."""
 
     def __init__(self, model: torch.nn.Module, layers_fqn: str, fake_mode: FakeTensorMode,
-                 leaf_values: LeafValues | None = None):
+                 leaf_values: LeafValues | None = None,
+                 layer_stack: Callable[[str], tuple[set[int], set[int]]] | None = None):
         super().__init__(autowrap_functions=(), param_shapes_constant=False)
         # Buffers a traced forward reads (BERT's token_type_ids) become get_attr nodes, so
         # tensor methods called on them with traced sizes are recorded, not executed.
@@ -75,7 +76,7 @@ class HFTracer(Tracer):
         self.meta = MetaEvaluation(self, leaf_values)
         self.real = RealValues(self)
         self.recording = Recording(self)
-        self.standins = StandIns(self, layers_fqn)
+        self.standins = StandIns(self, layers_fqn, layer_stack)
         self.state = StateLifting(self)
         self.helpers = Helpers(self)
         self.guards = Guards(self)
