@@ -21,7 +21,7 @@ from fxpp.model_facts import ModelState, model_unchanged
 from fxpp.testing.zoo import tiny_model
 from fxpp.trace import trace_model
 from fxpp.trace.driver import ModuleTree
-from fxpp.trace.meta_eval import LeafValues
+from fxpp.trace.meta_eval import LeafValues, _plain_state_entries
 from fxpp.trace.values import call_signature
 
 
@@ -168,3 +168,18 @@ def test_one_model_state_restores_the_model_after_each_trace():
             model.model.norm = nn.Identity()
             layer.register_forward_hook(lambda *a: None)
         assert model.model.norm is norm and not hasattr(layer, "added") and not layer._forward_hooks
+
+
+def test_the_leaf_cache_reads_a_layers_state_as_state_dict_does():
+    """_plain_state_entries: the state_dict entries, or None where a module changes how it saves."""
+    model = tiny_model("qwen3_moe", 2)
+    layer = model.model.layers[0]
+    layer.register_buffer("scratch", torch.zeros(2), persistent=False)  # not in the state dict
+
+    def entries(m):
+        return [(k, id(v)) for k, v in m.state_dict(keep_vars=True).items()]
+
+    for m in (layer, model):
+        assert [(k, id(v)) for k, v in _plain_state_entries(m)] == entries(m)
+    layer.mlp.register_state_dict_pre_hook(lambda *a: None)
+    assert _plain_state_entries(layer) is None and _plain_state_entries(model.model.norm) is not None
