@@ -39,7 +39,7 @@ from .passes.dense_masked_rows import dense_masked_rows
 from .passes.guard_mask_branches import guard_mask_branches
 from .spec import StageRole, StageSpec
 from .stage_module import StageModule
-from .trace import find_decoder_layers, trace_model
+from .trace import find_decoder_layers, module_tree, trace_model
 from .trace.meta_eval import LeafValues
 
 log = logging.getLogger("fxpp.compile")
@@ -134,9 +134,12 @@ def compile_example(model: torch.nn.Module, example_inputs: dict[str, Any],
     check_model(model)
     device = model_device(model)
     inputs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in example_inputs.items()}
-    layers_fqn, layers = find_decoder_layers(model)
+    # a trace alone gets a cache of its own, as trace_model would make it: the module walk
+    # that finds the layers is then the trace's too
+    shared = leaf_values if leaf_values is not None else LeafValues()
+    layers_fqn, layers = module_tree(model, shared).decoder_layers  # found once per build
     ctx = CompileContext(model, inputs, layers_fqn, len(layers))
-    gm = trace_model(model, inputs, leaf_values, layers_fqn=layers_fqn)  # the model left as it was
+    gm = trace_model(model, inputs, shared, layers_fqn=layers_fqn)  # the model left as it was
     _log_graph("trace", gm)
     for name, run in PASSES:
         run(ctx, gm)

@@ -211,9 +211,10 @@ def model_device(model: torch.nn.Module) -> torch.device:
 
 
 @contextlib.contextmanager
-def model_unchanged(model: torch.nn.Module):
+def model_unchanged(model: torch.nn.Module, state: "ModelState | None" = None):
     """Restore every module's parameters, buffers (and their contents), submodules,
-    forward, hooks and plain attributes on exit.
+    forward, hooks and plain attributes on exit: as they are now, or as ``state`` (a
+    :class:`ModelState` of ``model`` taken earlier, the model unchanged since) holds them.
 
     Plain attributes too: transformers installs its output-capturing hooks on a first
     call and marks the module (``_output_capturing_hooks_installed``); keeping the mark
@@ -223,22 +224,38 @@ def model_unchanged(model: torch.nn.Module):
     as before (the common case) is checked with C-level comparisons only: its state
     dicts' entries by identity and its buffers' contents.
     """
-    saved = []
-    for module in model.modules():
-        attributes = module.__dict__.copy()  # every attribute, the state dicts' objects among them
-        # Only the non-empty state dicts are copied: an empty one (most hook dicts) is
-        # restored by clearing it, so its copy would be an empty dict anyway.
-        state = tuple(d.copy() if d else None for d in _state_dicts(attributes))
-        # Contents too: a real evaluation while tracing may update a buffer in place
-        # (BatchNorm's running statistics in train mode).
-        buffers = attributes["_buffers"]
-        buffer_values = {k: b.clone() for k, b in buffers.items()
-                         if isinstance(b, torch.Tensor) and not b.is_meta} if buffers else None
-        saved.append((module, attributes, state, buffer_values))
+    if state is None or state.model is not model:
+        state = ModelState(model)
     try:
         yield
     finally:
-        for module, attributes, state, buffer_values in saved:
+        state.restore()
+
+
+class ModelState:
+    """What :func:`model_unchanged` restores, taken once: each module's ``__dict__``, its
+    non-empty state dicts and its buffers' contents. :meth:`restore` only reads it, so
+    one state restores the model after each of several traces (a build's, run back to
+    back: each leaves the model as it was, so each would take this same state)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        saved = []
+        for module in model.modules():
+            attributes = module.__dict__.copy()  # every attribute, the state dicts' objects among them
+            # Only the non-empty state dicts are copied: an empty one (most hook dicts) is
+            # restored by clearing it, so its copy would be an empty dict anyway.
+            state = tuple(d.copy() if d else None for d in _state_dicts(attributes))
+            # Contents too: a real evaluation while tracing may update a buffer in place
+            # (BatchNorm's running statistics in train mode).
+            buffers = attributes["_buffers"]
+            buffer_values = {k: b.clone() for k, b in buffers.items()
+                             if isinstance(b, torch.Tensor) and not b.is_meta} if buffers else None
+            saved.append((module, attributes, state, buffer_values))
+        self._saved = saved
+
+    def restore(self) -> None:
+        for module, attributes, state, buffer_values in self._saved:
             current = module.__dict__
             for key, entries in zip(_STATE_DICTS, state):
                 now = current[key]

@@ -47,7 +47,7 @@ class Pipeline:
         self.layer_ranges = list(layer_ranges)
         self.example_inputs = example_inputs
         self.block_costs = block_costs
-        n = num_decoder_layers(model)
+        n = trace_record(model_graph).num_layers  # num_decoder_layers(model), found by the trace
         self.stages: list[StageModule] = []
         for role, layers in zip(roles_for(len(layer_ranges)), layer_ranges):
             spec = StageSpec(role=StageRole.parse(role), layers=layers, num_layers=n)

@@ -280,6 +280,20 @@ output: output output"""
         gm(x, torch.ones(2, 4, dtype=torch.long))
 
 
+def test_guard_mask_branches_cites_the_models_line_not_the_tracers():
+    gm = mask_graph(computes_with_mask=True)
+    builder = next(n for n in gm.graph.nodes if n.target is create_causal_mask)
+    builder.stack_trace = """File "/x/modeling_toy.py", line 12, in forward
+    mask = create_causal_mask(attention_mask)
+  File "/x/fxpp/trace/patching.py", line 110, in wrapper
+    return tracer.create_proxy(...)
+  File "/x/torch/fx/proxy.py", line 287, in create_node
+    node = self.create_node(...)"""
+    guard_mask_branches(gm)
+    guard = next(n for n in gm.graph.nodes if n.target is ops.check_is_not_none)
+    assert guard.args[1] == 'mask builder create_causal_mask (File "/x/modeling_toy.py", line 12, in forward)'
+
+
 def test_guard_mask_branches_leaves_a_mask_handed_to_a_module():
     gm = mask_graph(computes_with_mask=False)
     before = listing(gm)

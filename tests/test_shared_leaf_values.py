@@ -12,13 +12,16 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor
 from transformers import PretrainedConfig
+from transformers.masking_utils import create_causal_mask
 
 import fxpp
 from fxpp.compile import compile_example, trace_canonical
 from fxpp.meta import signature_record, trace_record
+from fxpp.model_facts import ModelState, model_unchanged
 from fxpp.testing.zoo import tiny_model
 from fxpp.trace import trace_model
-from fxpp.trace.meta_eval import LeafValues
+from fxpp.trace.driver import ModuleTree
+from fxpp.trace.meta_eval import LeafValues, _plain_state_entries
 from fxpp.trace.values import call_signature
 
 
@@ -45,6 +48,31 @@ def test_a_build_meta_evaluates_identical_layer_calls_once():
     pipe = fxpp.pipeline(model, 2, example_inputs={"input_ids": torch.arange(8).reshape(1, 8)})
     assert len(signature_record(pipe.model_graph).variant_graphs) == 3
     assert len(fake_calls) == len(set(fake_calls)) == 2
+
+
+def test_a_build_fake_evaluates_a_mask_builder_once_per_distinct_call():
+    """With and without position_ids the forward calls its mask builder alike: one
+    evaluation, one meta value in both graphs; without a mask, another."""
+    model = tiny_model("llama", 2)
+    pipe = fxpp.pipeline(model, 2, example_inputs={"input_ids": torch.arange(8).reshape(1, 8)})
+    record = signature_record(pipe.model_graph)
+    values = {}
+    for gm in [pipe.model_graph, *record.variant_graphs.values()]:
+        present = tuple(sorted(trace_record(gm).example_inputs))
+        values[present] = next(n.meta["val"] for n in gm.graph.nodes if n.target is create_causal_mask)
+    with_mask = values[("attention_mask", "input_ids", "position_ids")]
+    assert isinstance(with_mask, torch.Tensor) and values[("attention_mask", "input_ids")] is with_mask
+    assert values[("input_ids",)] is values[("input_ids", "position_ids")]
+
+
+def test_a_build_walks_the_models_modules_once(monkeypatch):
+    """ModuleTree: what Tracer.trace would walk every submodule for, once per build."""
+    walks = []
+    init = ModuleTree.__init__
+    monkeypatch.setattr(ModuleTree, "__init__", lambda self, model: (walks.append(model), init(self, model))[1])
+    model = tiny_model("llama", 2)
+    pipe = fxpp.pipeline(model, 2, example_inputs={"input_ids": torch.arange(8).reshape(1, 8)})
+    assert len(signature_record(pipe.model_graph).variant_graphs) == 3 and walks == [model]
 
 
 def test_each_trace_of_a_build_is_the_trace_of_its_own():
@@ -127,3 +155,31 @@ def test_a_build_whose_traces_would_change_each_other_traces_each_alone():
     for bits, variant in record.variant_graphs.items():
         alone = compile_example(model, {k: example[k] for k in record.signature.present(bits)})
         assert _described(variant) == _described(alone)
+
+
+def test_one_model_state_restores_the_model_after_each_trace():
+    """ModelState: the build's traces restore the model from one state, taken once."""
+    model = tiny_model("llama", 2)
+    norm, layer = model.model.norm, model.model.layers[0]
+    state = ModelState(model)
+    for _ in range(2):
+        with model_unchanged(model, state):
+            layer.added = 1
+            model.model.norm = nn.Identity()
+            layer.register_forward_hook(lambda *a: None)
+        assert model.model.norm is norm and not hasattr(layer, "added") and not layer._forward_hooks
+
+
+def test_the_leaf_cache_reads_a_layers_state_as_state_dict_does():
+    """_plain_state_entries: the state_dict entries, or None where a module changes how it saves."""
+    model = tiny_model("qwen3_moe", 2)
+    layer = model.model.layers[0]
+    layer.register_buffer("scratch", torch.zeros(2), persistent=False)  # not in the state dict
+
+    def entries(m):
+        return [(k, id(v)) for k, v in m.state_dict(keep_vars=True).items()]
+
+    for m in (layer, model):
+        assert [(k, id(v)) for k, v in _plain_state_entries(m)] == entries(m)
+    layer.mlp.register_state_dict_pre_hook(lambda *a: None)
+    assert _plain_state_entries(layer) is None and _plain_state_entries(model.model.norm) is not None

@@ -38,11 +38,11 @@ class BlockCost:
     params: int
 
 
-def _active_params(module: torch.nn.Module, config) -> float:
+def _active_params(named_parameters: list[tuple[str, torch.nn.Parameter]], config) -> float:
     total = 0.0
     top_k = _safe_attr(config, "num_experts_per_tok") or _safe_attr(config, "top_k_experts")
     num_experts = _safe_attr(config, "num_experts") or _safe_attr(config, "num_local_experts")
-    for name, p in module.named_parameters():
+    for name, p in named_parameters:
         n = p.numel()
         if top_k and num_experts and "experts" in name.split(".") and p.dim() >= 3 and p.shape[0] == num_experts:
             n = n * top_k / num_experts
@@ -87,12 +87,13 @@ def estimate_block_costs(gm: GraphModule, model: torch.nn.Module, example_inputs
             continue
         module = modules[node.target]
         rec = info(node)
-        params = sum(p.numel() for p in module.parameters() if id(p) not in seen)
-        seen.update(id(p) for p in module.parameters())
+        named = list(module.named_parameters())  # one walk of the module for all three
+        params = sum(p.numel() for _, p in named if id(p) not in seen)
+        seen.update(id(p) for _, p in named)
         if rec.role == "embed":
             flops = 0.0
         else:
-            flops = 2.0 * tokens * _active_params(module, config)
+            flops = 2.0 * tokens * _active_params(named, config)
         if rec.role == "layer":
             flops += _attention_flops(module, config, rec.layer_type, batch, seq)
             layers[rec.layer] = BlockCost(f"layer {rec.layer}", flops, params)

@@ -32,6 +32,7 @@ import operator
 import torch
 
 from torch.fx import Graph, GraphModule, Node
+from torch.fx._lazy_graph_module import _LazyGraphModule
 
 from .. import ops
 from ..analysis.annotate import called_modules, is_guard
@@ -96,7 +97,9 @@ def extract_stage(model_gm: GraphModule, *, spec: StageSpec) -> GraphModule:
         update_facts(out, identities=identities)
 
     new.lint()
-    stage = GraphModule(model_gm, new, class_name=f"Stage{spec.role.value.capitalize()}")
+    # its code made on first use (Note [code made on first use] in fxpp.trace.driver): a
+    # StageModule or a variant is a GraphModule of its own over this one's graph
+    stage = _LazyGraphModule(model_gm, new, class_name=f"Stage{spec.role.value.capitalize()}")
     stage.recompile()
     return stage
 

@@ -37,6 +37,7 @@ from __future__ import annotations
 from torch.fx import GraphModule, Node
 
 from .. import ops
+from ..trace.source_lines import recorded_user_frame
 from ..trace import is_mask_builder
 
 
@@ -63,8 +64,8 @@ def guard_mask_branches(gm: GraphModule) -> GraphModule:
                     guarded.append(root[value])
     for builder in guarded:
         with gm.graph.inserting_after(builder):
-            source = (builder.meta.get("stack_trace") or "").strip().splitlines()
-            where = f"mask builder {builder.name}" + (f" ({source[-2].strip()})" if len(source) >= 2 else "")
+            source = recorded_user_frame(builder.meta.get("stack_trace"))
+            where = f"mask builder {builder.name}" + (f" ({source})" if source else "")
             guard = gm.graph.call_function(ops.check_is_not_none, (builder, where))
             guard.meta = dict(builder.meta)
             guard.meta["val"] = None

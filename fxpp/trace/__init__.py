@@ -100,7 +100,7 @@ Note [mask closures]
 
 from __future__ import annotations
 
-from .driver import trace_model
+from .driver import module_tree, trace_model
 from .layers import find_decoder_layers, trace_path
 from .targets import MASK_SHAPE_ONLY_KWARGS, is_check_function, is_inplace_method, is_mask_builder
 from .tracer import HFTracer, UntraceableCode
@@ -113,6 +113,7 @@ __all__ = [
     "is_check_function",
     "is_inplace_method",
     "is_mask_builder",
+    "module_tree",
     "trace_model",
     "trace_path",
 ]

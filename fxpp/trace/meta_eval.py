@@ -23,6 +23,14 @@ shared leaf values
     computed; and where a later trace changes, in place, a value an earlier trace's
     graph holds, the build traces again without sharing
     (:meth:`LeafValues.intact`): every graph is the graph a trace of its own gives.
+builder values
+    A mask builder (``transformers.masking_utils``, an opaque function) is fake-evaluated
+    as the forward calls it, a few milliseconds of tensor code; its meta value is kept in
+    the leaf cache too, by the builder and :func:`~fxpp.trace.values.call_signature` of
+    its arguments (the config by identity), and taken by an identical call while its
+    :func:`value_state` is as computed: the traces of one build mostly call it alike
+    (with and without ``position_ids``). Only a mask, ``None`` or masks by layer type are
+    kept, never a mask *function* (a closure over one trace's values).
 data-dependent node
     A node whose fake evaluation fails on tensor data (``fxpp.trace.values``): its meta
     value comes from the real example inputs instead (``fxpp.trace.real_values``).
@@ -39,8 +47,8 @@ from torch.fx.node import map_arg
 
 from .. import ops
 from ..errors import TraceError
-from .source_lines import failure_source_line, target_name
-from .targets import is_check_function
+from .source_lines import StackTraces, failure_source_line, target_name
+from .targets import is_check_function, is_mask_builder
 from .values import FakeMode, call_signature, is_data_dependent, thaw_all
 
 if TYPE_CHECKING:  # the tracer passes itself in; only its type is named here
@@ -75,6 +83,13 @@ def value_state(value: Any) -> Any:
     return ("id", id(value))
 
 
+def _is_mask_value(value: Any) -> bool:
+    """A mask builder's value made of tensors: a mask, ``None``, or masks by layer type."""
+    if isinstance(value, dict):
+        return all(v is None or isinstance(v, torch.Tensor) for v in value.values())
+    return value is None or isinstance(value, torch.Tensor)
+
+
 def _graph_state(gm: GraphModule) -> list:
     return [value_state(n.meta.get("val")) for n in gm.graph.nodes]
 
@@ -94,11 +109,18 @@ class LeafEntry:
 class LeafValues:
     """The leaf cache of the traces of one build (*shared leaf values* above), with the
     ``FakeTensorMode`` they all run in, so that a value one trace computed is a fake
-    tensor of the next trace's mode."""
+    tensor of the next trace's mode; the stack traces of their nodes
+    (``fxpp.trace.source_lines.StackTraces``: the traces run the same lines); and the
+    walk of the model's modules that each trace would repeat (``fxpp.trace.driver.ModuleTree``).
+
+    For the traces of one model run back to back: each leaves the model as it found it
+    (``model_unchanged``), and nothing else changes it in between."""
 
     def __init__(self):
         self.fake_mode = FakeMode(allow_non_fake_inputs=True)
         self.entries: dict[tuple, LeafEntry] = {}
+        self.stack_traces = StackTraces()  # the nodes' stack traces, by call stack
+        self.module_tree = None  # the model's fxpp.trace.driver.ModuleTree, walked by the first trace
         self._graphs: list[tuple[GraphModule, list]] = []
 
     def keep(self, gm: GraphModule) -> None:
@@ -143,6 +165,8 @@ class MetaEvaluation:
         tracer.evaluating += 1
         try:
             with tracer.fake_mode:
+                if node.op == "call_function" and is_mask_builder(node.target):
+                    return self._builder_value(node.target, args, kwargs)
                 if node.op == "call_function":
                     return node.target(*args, **kwargs)
                 if node.op == "call_method":
@@ -212,11 +236,53 @@ class MetaEvaluation:
             entry = self._leaf_cache[key] = LeafEntry(value, value_state(value), self, (module, args, kwargs))
         return entry.value
 
+    def _builder_value(self, builder: Any, args: tuple, kwargs: dict) -> Any:
+        """A mask builder's meta value, reusing an identical earlier call's (*builder values* above)."""
+        key = ("mask builder", builder, call_signature((args, kwargs)))
+        entry = self._leaf_cache.get(key)
+        if entry is not None and value_state(entry.value) == entry.state:
+            entry.trace = self
+            return entry.value
+        value = builder(*args, **kwargs)
+        if _is_mask_value(value):
+            self._leaf_cache[key] = LeafEntry(value, value_state(value), self, (builder, args, kwargs))
+        return value
+
     def _param_signature(self, module: torch.nn.Module) -> tuple:
         sig = self._param_sigs.get(id(module))
         if sig is None:
-            sig = tuple((n, tuple(t.shape), t.dtype) for n, t in module.state_dict(keep_vars=True).items())
+            entries = _plain_state_entries(module)
+            if entries is None:
+                entries = module.state_dict(keep_vars=True).items()
+            sig = tuple((n, tuple(t.shape), t.dtype) for n, t in entries)
             sig += tuple(sorted((k, v) for k, v in vars(module).items() if isinstance(v, (str, int, float, bool, type(None)))
                                 and k not in ("layer_idx", "training")))
             self._param_sigs[id(module)] = sig
         return sig
+
+
+_Module = torch.nn.Module
+
+
+def _plain_state_entries(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]] | None:
+    """``module.state_dict(keep_vars=True).items()`` where every module below uses
+    ``nn.Module``'s own ``state_dict`` (no override, no hooks, no extra state), read
+    straight from ``_parameters``, ``_buffers`` and ``_modules`` as it reads them, at a
+    third of its cost (a key of the leaf cache, per layer and trace); None otherwise."""
+    entries: list[tuple[str, torch.Tensor]] = []
+
+    def walk(m: torch.nn.Module, prefix: str) -> bool:
+        cls = type(m)
+        if (cls.state_dict is not _Module.state_dict or cls._save_to_state_dict is not _Module._save_to_state_dict
+                or getattr(cls, "get_extra_state", _Module.get_extra_state) is not _Module.get_extra_state
+                or m._state_dict_pre_hooks or m._state_dict_hooks):
+            return False
+        for name, param in m._parameters.items():
+            if param is not None:
+                entries.append((prefix + name, param))
+        for name, buf in m._buffers.items():
+            if buf is not None and name not in m._non_persistent_buffers_set:
+                entries.append((prefix + name, buf))
+        return all(walk(child, prefix + name + ".") for name, child in m._modules.items() if child is not None)
+
+    return entries if walk(module, "") else None

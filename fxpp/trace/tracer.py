@@ -41,7 +41,7 @@ from .meta_eval import LeafValues, MetaEvaluation, UntraceableCode
 from .proxies import MetaAttribute, MetaProxy
 from .real_values import RealValues
 from .recording import Recording
-from .source_lines import short_stack, user_source_line
+from .source_lines import StackTraces, short_stack, user_source_line
 from .standins import StandIns, returns_tuple as _returns_tuple
 from .state import StateLifting
 from .targets import is_inplace_method
@@ -57,12 +57,16 @@ class HFTracer(Tracer):
     """The tracer; use :func:`trace_model` rather than this class directly."""
 
     def __init__(self, model: torch.nn.Module, layers_fqn: str, fake_mode: FakeTensorMode,
-                 leaf_values: LeafValues | None = None):
+                 leaf_values: LeafValues | None = None,
+                 layer_stack: Callable[[str], tuple[set[int], set[int]]] | None = None):
         super().__init__(autowrap_functions=(), param_shapes_constant=False)
         # Buffers a traced forward reads (BERT's token_type_ids) become get_attr nodes, so
         # tensor methods called on them with traced sizes are recorded, not executed.
         self.proxy_buffer_attributes = True
-        self.record_stack_traces = True
+        # Stack traces are recorded, once per call stack (fxpp.trace.source_lines.StackTraces),
+        # not by torch.fx for each node.
+        self.record_stack_traces = False
+        self.stack_traces = leaf_values.stack_traces if leaf_values is not None else StackTraces()
         self.model = model
         self.traced_modules = trace_path(layers_fqn)
         self.fake_mode = fake_mode
@@ -72,7 +76,7 @@ class HFTracer(Tracer):
         self.meta = MetaEvaluation(self, leaf_values)
         self.real = RealValues(self)
         self.recording = Recording(self)
-        self.standins = StandIns(self, layers_fqn)
+        self.standins = StandIns(self, layers_fqn, layer_stack)
         self.state = StateLifting(self)
         self.helpers = Helpers(self)
         self.guards = Guards(self)
@@ -104,6 +108,10 @@ class HFTracer(Tracer):
 
     def create_node(self, kind, target, args, kwargs, name=None, type_expr=None) -> Node:
         node = super().create_node(kind, target, args, kwargs, name, type_expr)
+        if not node.stack_trace:
+            text = self.stack_traces.current(self._filter_traceback_frames)
+            if text is not None:
+                node.stack_trace = text
         if kind == "placeholder":
             node.meta["val"] = self.placeholder_vals[target]
             return node
