@@ -155,6 +155,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7, help="timed calls of fxpp (and NeMo), interleaved")
     ap.add_argument("--torch-repeats", type=int, default=3, help="timed calls of torch's pipeline() (seconds each)")
     ap.add_argument("--json", default=default_json_path("bench_transform"))
+    ap.add_argument("--parts", action="store_true",
+                    help="also time the parts of one build (the canonical trace alone, a subset trace with the "
+                         "build's leaf cache, the stage extractions), interleaved with the build and NeMo's split")
     args = ap.parse_args()
 
     env = start("meta (trace/rewrite runs on CPU)")
@@ -174,8 +177,35 @@ def main() -> None:
     columns = ["model", "layers", "fxpp_pipeline4_s", "fxpp_middle_s"]
     if split_model_into_stages is not None:
         columns += ["nemo_split4_s", "nemo/fxpp_pipeline4"]
-    columns += ["torch_pipelining4_default_s", "torch_pipelining4_nocache_s", "torch_nocache/fxpp_pipeline4", "errors"]
+    columns += ["torch_pipelining4_default_s", "torch_pipelining4_nocache_s", "torch_nocache/fxpp_pipeline4"]
+    columns += [k for k in (rows[0] if rows else {}) if k.startswith("part")] + ["errors"]
     report(rows, columns, env, args.json)
+
+
+def build_parts(model, inputs) -> dict:
+    """The parts of one ``fxpp.pipeline(model, STAGES)`` as ``timed_interleaved`` calls: what
+    a build costs at least (the canonical trace), and what the rest adds."""
+    from fxpp.compile import compile_example
+    from fxpp.meta import signature_record, trace_record
+    from fxpp.pipeline import Pipeline
+    from fxpp.trace.meta_eval import LeafValues
+
+    pipe = fxpp.pipeline(model, STAGES, example_inputs=inputs)
+    canonical = trace_record(pipe.model_graph).example_inputs
+    shared = LeafValues()  # a build's cache, filled by its canonical trace
+    compile_example(model, canonical, shared)
+
+    def extractions(_):
+        signature_record(pipe.model_graph).layouts.clear()
+        Pipeline(model, pipe.model_graph, pipe.layer_ranges, pipe.example_inputs, pipe.block_costs)
+
+    none = lambda: None  # noqa: E731
+    return {
+        "part canonical trace": (lambda _: compile_example(model, canonical, LeafValues()), none),
+        "part subset trace (input_ids), build's leaf cache": (
+            lambda _: compile_example(model, {"input_ids": canonical["input_ids"]}, shared), none),
+        "part stage extractions and layouts": (extractions, none),
+    }
 
 
 def measure(name: str, args, mesh) -> dict:
@@ -192,6 +222,8 @@ def measure(name: str, args, mesh) -> dict:
     }
     if mesh is not None:
         calls["NeMo split"] = (lambda m: nemo_split(m, mesh, n), fresh)
+    if args.parts:
+        calls.update(build_parts(model, inputs))
     found = timed_interleaved(calls, args.repeats)
     (t_pipe, e_pipe), (t_mid, e_mid) = found["fxpp.pipeline"], found["fxpp.transform"]
     t_nemo, e_nemo = found.get("NeMo split", (None, None))
@@ -212,6 +244,7 @@ def measure(name: str, args, mesh) -> dict:
         "torch_pipelining4_default_s": t_tdef,
         "torch_pipelining4_nocache_s": t_torch,
         "torch_nocache/fxpp_pipeline4": (t_torch / t_pipe) if (t_torch and t_pipe) else None,
+        **{f"{k}_s": t for k, (t, _) in found.items() if k.startswith("part")},
         "errors": "; ".join(f"{k}: {e}" for k, e in
                             (("fxpp.pipeline", e_pipe), ("fxpp.transform", e_mid), ("NeMo split", e_nemo),
                              ("torch default", e_tdef), ("torch use_cache=False", e_torch)) if e) or None,
