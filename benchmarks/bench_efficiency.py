@@ -24,8 +24,9 @@ Terms:
   stage embeds, every stage builds position ids, the causal mask
   (``transformers.masking_utils.create_causal_mask``) and the rotary embeddings the way
   ``LlamaModel.forward`` does, the last applies the final norm and the head. A stage
-  sends the hidden states and the padding mask (fxpp sends those, the position ids and
-  its 3-integer layout header: ``fxpp.layout``).
+  sends the hidden states and the padding mask (fxpp sends the hidden states and one
+  int64 tensor packing its header, the padding mask and the position ids: Note [packed
+  slots] in ``fxpp.layout``; two messages per microbatch and cut in both).
 
 Every rank holds every variant of every schedule at once (own seeded model copies), and
 the run goes in repeats: in each repeat, rank 0 times accumulation and whole batch while

@@ -2,8 +2,9 @@
 
 1. Bytes: a Qwen3-MoE of an 8B-class shape (hidden 2048, 24 layers, 64 experts, top-8,
    bf16) built on the meta device, cut into 4 stages by fxpp; for batch 1 and sequence
-   4096, the bytes of every tensor that crosses each cut (the cut's layout, header
-   included) with ``output_router_logits`` off and on. The load-balancing loss is
+   4096, the bytes of every tensor that crosses each cut (the cut's layout on the wire:
+   the floating slots, then the packed integer tensor with its header) with
+   ``output_router_logits`` off and on. The load-balancing loss is
    accumulated layer by layer in the model's own code, so what crosses is a running
    sum over the experts, not every layer's router logits.
 2. Step time: a CPU-sized Qwen3-MoE (hidden 128, 4 layers, 8 experts, top-2, batch 4,
@@ -40,15 +41,17 @@ def crossing_bytes(router_logits: bool, batch: int, seq: int) -> list[int]:
     for stage in pipe.stages[:-1]:
         layout = stage.out_layout
         built = layout.slots[0].shape[:2]
-        total = 0
-        for slot in layout.slots:
-            shape = filler_shape(slot.shape, built, (batch, seq))
-            numel = 1
-            for d in shape:
-                numel *= d
-            total += numel * torch.empty((), dtype=slot.dtype).element_size()
-        out.append(total + layout.header_size * 8)
+        shapes = [filler_shape(slot.shape, built, (batch, seq)) for slot in layout.slots]
+        # what goes on the wire: the floating slots, then the packed int64 tensor (header included)
+        out.append(sum(layout.wire_examples(shapes, _bytes)))
     return out
+
+
+def _bytes(shape, dtype) -> int:
+    numel = 1
+    for d in shape:
+        numel *= d
+    return numel * torch.empty((), dtype=dtype).element_size()
 
 
 def step_ms(router_logits: bool, iters: int) -> float:
