@@ -93,10 +93,13 @@ def test_wrong_dtype_to_a_later_stage():
     model = cached_model("llama", 4)
     first = fxpp.transform(model, "first", range(0, 2))
     last = fxpp.transform(model, "last", range(2, 4))
-    hidden, mask, *rest = first(**make_inputs(2, 4))
-    with pytest.raises(fxpp.StageInputError, match=r"'input attention_mask' should be like torch.int64\[2, 8\], got a "
-                       r"torch.float32 tensor of shape \[2, 4\]"):
-        last(hidden, mask.float(), *rest)
+    hidden, packed = first(**make_inputs(2, 4))  # the integer values travel packed (Note [packed slots])
+    with pytest.raises(fxpp.StageInputError, match=r"the last value crossing cut 2 must be the fxpp packed tensor; "
+                       r"got a torch.float32 tensor of shape \[\d+\]"):
+        last(hidden, packed.float())
+    with pytest.raises(fxpp.StageInputError, match=r"'hidden states' should be like torch.float32\[2, 8, 64\], got a "
+                       r"torch.int64 tensor of shape \[2, 4, 64\]"):
+        last(hidden.long(), packed)
 
 
 def test_cli_errors_are_one_line_with_a_hint(capsys):
