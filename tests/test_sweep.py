@@ -468,3 +468,20 @@ def test_tp_only_rewrites_the_column_and_its_section_and_nothing_else(tmp_path):
 
     assert _docs_table(str(page)) == [("a", "A", "pass", "refused", "X: tp=2 does not divide"),
                                       ("b", "B", "model-error", "not run", "")]
+
+
+def test_a_sweep_without_its_tp_column_keeps_the_page_s_column(tmp_path):
+    """``python -m fxpp.sweep --no-tp --write-docs`` writes the tp cells and reasons the page had
+    (it did not measure them), except for a family that no longer passes."""
+    from fxpp.testing.sweep_causal import NO_TP, keep_page_tp, markdown
+
+    page = tmp_path / "supported_models.md"
+    page.write_text(markdown([SweepResult("a", "A", "pass", tp="refused", tp_detail="X: tp=2 does not divide"),
+                              SweepResult("b", "B", "pass", tp="pass"),
+                              SweepResult("c", "C", "pass", tp="pass")]))
+    rerun = [SweepResult("a", "A", "pass", tp="not run", tp_detail=NO_TP),
+             SweepResult("b", "B", "pass", tp="not run", tp_detail=NO_TP),
+             SweepResult("c", "C", "mismatch", tp="not run", tp_detail="the 2-stage pipeline: mismatch")]
+    keep_page_tp(rerun, str(page))
+    assert [(r.tp, r.tp_detail) for r in rerun] == [("refused", "X: tp=2 does not divide"), ("pass", ""),
+                                                    ("not run", "the 2-stage pipeline: mismatch")]

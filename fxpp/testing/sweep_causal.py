@@ -298,7 +298,7 @@ def sweep_causal_lm(
     if not tp:
         for r in results:
             if r.tp is None:
-                r.tp, r.tp_detail = "not run", "the sweep ran without its tp column (--no-tp)"
+                r.tp, r.tp_detail = "not run", NO_TP
         return results
     return run_tp_column(results, progress=progress is not None)
 
@@ -490,6 +490,23 @@ def markdown(results: list[SweepResult], command: str = COMMAND) -> str:
     return "\n".join(lines) + "\n"
 
 
+NO_TP = "the sweep ran without its tp column (--no-tp)"
+
+
+def keep_page_tp(results: list[SweepResult], path: str = DOCS_PATH) -> list[SweepResult]:
+    """A sweep run with ``--no-tp``: each family that passes and whose tp check was skipped
+    keeps the tp cell and reason the page in ``path`` gives it, so writing the page does not
+    blank a column this run did not measure (``--tp-only`` measures it)."""
+    if not os.path.exists(path):
+        return results
+    page = {family: (tp, detail) for family, _, _, tp, detail in _docs_table(path)}
+    for r in results:
+        tp, detail = page.get(r.family, (None, ""))
+        if r.status == "pass" and r.tp_detail == NO_TP and tp is not None:
+            r.tp, r.tp_detail = tp, detail
+    return results
+
+
 def write_docs(results: list[SweepResult], path: str = DOCS_PATH, command: str = COMMAND) -> str:
     """Write the causal-LM part of ``path``, keeping a VLM section (:mod:`fxpp.testing.sweep_vlm`) after it."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -529,7 +546,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m fxpp.sweep") -> i
     def sweep(families, **kwargs):
         return sweep_causal_lm(families, tp=not args.no_tp, **kwargs)
 
-    return run_and_report(args, sweep, format_table, summary, write_docs, COMMAND)
+    def write(results, **kwargs):
+        return write_docs(keep_page_tp(results) if args.no_tp else results, **kwargs)
+
+    return run_and_report(args, sweep, format_table, summary, write, COMMAND)
 
 
 if __name__ == "__main__":
