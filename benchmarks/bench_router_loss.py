@@ -17,6 +17,7 @@ Run:  PYTHONPATH=. python benchmarks/bench_router_loss.py [--iters 10] [--json P
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 
@@ -48,10 +49,7 @@ def crossing_bytes(router_logits: bool, batch: int, seq: int) -> list[int]:
 
 
 def _bytes(shape, dtype) -> int:
-    numel = 1
-    for d in shape:
-        numel *= d
-    return numel * torch.empty((), dtype=dtype).element_size()
+    return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
 
 
 def step_ms(router_logits: bool, iters: int) -> float:

@@ -44,6 +44,7 @@ refused with the value's name.
 from __future__ import annotations
 
 import functools
+import math
 import zlib
 from dataclasses import dataclass
 from typing import Sequence
@@ -148,7 +149,7 @@ class CutLayout:
     def wire_examples(self, shapes: Sequence[tuple[int, ...]], make) -> tuple:
         """A tuple on the wire for slots of ``shapes`` (layout order), each tensor ``make(shape, dtype)``:
         the static metadata of a schedule's stages (``fxpp.runtime.stage``)."""
-        packed = self.header_size + sum(_numel(shapes[i]) for i in self.packed_slots)
+        packed = self.header_size + sum(math.prod(shapes[i]) for i in self.packed_slots)
         return (*(make(tuple(shapes[i]), self.slots[i].dtype) for i in self.tensor_slots),
                 make((packed,), torch.int64))
 
@@ -253,12 +254,8 @@ class CutLayout:
             )
         if bits & ~self.signature.all_bits:
             raise StageInputError(f"{where}: the {HEADER} names inputs outside the signature (bits {bits:#x})")
-        shapes = []
-        for i in self.packed_slots:
-            n = len(self.slots[i].shape)
-            shapes.append(tuple(dims[:n]))
-            dims = dims[n:]
-        size = self.header_size + sum(_numel(shape) for shape in shapes)
+        shapes = self._packed_shapes(dims)
+        size = self.header_size + sum(math.prod(shape) for shape in shapes)
         if min((d for shape in shapes for d in shape), default=0) < 0 or size != wire.numel():
             raise StageInputError(
                 f"{where}: the {PACKED} crossing cut {self.cut} holds {wire.numel()} values, but its header says "
@@ -290,7 +287,7 @@ class CutLayout:
         values: dict[int, torch.Tensor] = dict(zip(self.tensor_slots, args))
         wire, offset = args[-1], self.header_size
         for i, shape in zip(self.packed_slots, known.shapes):
-            n = _numel(shape)
+            n = math.prod(shape)
             value = wire[offset:offset + n].view(shape)
             values[i] = value if self.slots[i].dtype == torch.int64 else value.to(self.slots[i].dtype)
             offset += n
@@ -325,19 +322,17 @@ class CutLayout:
 
     def sent_shapes(self, wire: torch.Tensor) -> dict[str, list[int]]:
         """The packed slots' shapes a packed tensor's header gives, by identity (a host read: error messages only)."""
-        dims = wire[2 + self._words:self.header_size].tolist()
-        shapes = {}
+        shapes = self._packed_shapes(wire[2 + self._words:self.header_size].tolist())
+        return {self.slots[i].identity: list(shape) for i, shape in zip(self.packed_slots, shapes)}
+
+    def _packed_shapes(self, dims: Sequence[int]) -> list[tuple[int, ...]]:
+        """The header's dimensions split into each packed slot's shape, in layout order."""
+        shapes, at = [], 0
         for i in self.packed_slots:
             n = len(self.slots[i].shape)
-            shapes[self.slots[i].identity], dims = dims[:n], dims[n:]
+            shapes.append(tuple(dims[at:at + n]))
+            at += n
         return shapes
-
-
-def _numel(shape: Sequence[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
 
 
 @dataclass
@@ -373,7 +368,7 @@ class KnownHeader:
 
     def size(self, layout: CutLayout) -> int:
         """The number of values of a packed tensor with these shapes."""
-        return layout.header_size + sum(_numel(shape) for shape in self.shapes)
+        return layout.header_size + sum(math.prod(shape) for shape in self.shapes)
 
 
 def cut_layout(model_gm: GraphModule, k: int) -> CutLayout:

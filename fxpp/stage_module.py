@@ -334,8 +334,7 @@ class StageModule(GraphModule):
     def _args_for(self, variant: GraphModule, received: dict, bits: int) -> list:
         """The received values a variant reads, by identity; a filler is never read."""
         args = []
-        for ph in (n for n in variant.graph.nodes if n.op == "placeholder"):
-            identity = identity_of(ph)
+        for identity in _graph_facts(variant).reads:
             if identity not in received:
                 raise StageInputError(
                     f"{self._where()}: with inputs {list(self.signature.present(bits))} it reads {identity!r}, which "
@@ -479,7 +478,7 @@ def _fit_problem(variant: GraphModule, received: dict) -> str | None:
     it (its layers would run without the mask). Model inputs handed on unchanged
     (``input ...``, ``_passed_inputs``) may go unread.
     """
-    reads = [identity_of(p) for p in variant.graph.nodes if p.op == "placeholder"]
+    reads = _graph_facts(variant).reads
     missing = [i for i in reads if i not in received]
     if missing:
         return f"it reads {missing}, which the previous stage did not compute for this call"
