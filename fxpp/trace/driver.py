@@ -64,7 +64,6 @@ def trace_model(model: torch.nn.Module, example_inputs: dict[str, Any],
         call = tracer.recording_forward(model, type(model).forward, lambda **k: forward(model, **k), kwargs)
         return select_output(call(**kwargs))
 
-
     def create_args_for_root(root_fn_unused, is_module, concrete_args=None):
         tree.install(tracer)
         proxies = [tracer.create_proxy("placeholder", n, (), {}) for n in names]

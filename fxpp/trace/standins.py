@@ -63,19 +63,13 @@ def returns_tuple(cls: type) -> bool:
 class StandIns:
     """Where ``tracer``'s meta evaluation may give an expert block a stand-in."""
 
-    def __init__(self, tracer: "HFTracer", layers_fqn: str,
-                 layer_stack: Callable[[str], tuple[set[int], set[int]]] | None = None):
-        """``layer_stack(layers_fqn)``: the ids below, as a build's module walk keeps them
-        (``fxpp.trace.driver.ModuleTree.layer_stack``); None: found here."""
+    def __init__(self, tracer: "HFTracer", layers_fqn: str, layer_stack: Callable[[str], tuple[set[int], set[int]]]):
+        """``layer_stack(layers_fqn)``: the ids of the modules of the decoder-layer stack (the
+        only place expert blocks get a stand-in) and of the layers themselves, as a build's
+        module walk keeps them (``fxpp.trace.driver.ModuleTree.layer_stack``)."""
         self.tracer = tracer
         self.used: list[str] = []  # class names of the modules given a stand-in
-        if layer_stack is not None:
-            self._layer_stack_ids, self._layer_ids = layer_stack(layers_fqn)
-        else:
-            stack = tracer.model.get_submodule(layers_fqn)
-            # the modules of the decoder-layer stack: the only place expert blocks get a stand-in
-            self._layer_stack_ids = {id(m) for m in stack.modules()}
-            self._layer_ids = {id(m) for m in stack.children()}  # the layers themselves
+        self._layer_stack_ids, self._layer_ids = layer_stack(layers_fqn)
 
     def eval_submodule(self, m, forward, args, kwargs):
         """Run a module nested inside a leaf, during the leaf's meta evaluation.

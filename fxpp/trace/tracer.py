@@ -57,8 +57,8 @@ class HFTracer(Tracer):
     """The tracer; use :func:`trace_model` rather than this class directly."""
 
     def __init__(self, model: torch.nn.Module, layers_fqn: str, fake_mode: FakeTensorMode,
-                 leaf_values: LeafValues | None = None,
-                 layer_stack: Callable[[str], tuple[set[int], set[int]]] | None = None):
+                 leaf_values: LeafValues | None,
+                 layer_stack: Callable[[str], tuple[set[int], set[int]]]):
         super().__init__(autowrap_functions=(), param_shapes_constant=False)
         # Buffers a traced forward reads (BERT's token_type_ids) become get_attr nodes, so
         # tensor methods called on them with traced sizes are recorded, not executed.
