@@ -28,25 +28,36 @@ Terms:
   int64 tensor packing its header, the padding mask and the position ids: Note [packed
   slots] in ``fxpp.layout``; two messages per microbatch and cut in both).
 
-Every rank holds every variant of every schedule at once (own seeded model copies), and
-the run goes in repeats: in each repeat, rank 0 times accumulation and whole batch while
-the other ranks wait at a barrier, then each schedule runs ``--steps`` steps of fxpp and
-of hand, back to back, their order alternating between repeats. So machine noise lands
-on the pair alike; ``fxpp / hand`` is computed per repeat and reported as the median
-with its spread (min, max and the interquartile range over repeats) and a
-distribution-free 95 % confidence interval of that median (order statistics).
+* **hand copy** (the A/A control): a second, independently built copy of *hand*. Two
+  builds of the same code differ in where the allocator put their tensors and so in
+  cache and page behaviour; on a shared 2-core machine one copy of the same step was
+  measured 2 % slower than another over a whole run. ``hand copy / hand`` shows how far
+  two identical variants drift apart in this run: a ``fxpp / hand`` inside that spread is
+  not an overhead this run resolves.
+
+Every rank holds every variant of every schedule at once (own seeded model copies). The
+run goes in ``--rounds`` rounds; each round builds every variant afresh (their build
+order rotated from round to round, so no variant keeps one placement) and runs its share
+of the ``--repeats`` repeats. In each repeat, rank 0 times accumulation and whole batch
+while the other ranks wait at a barrier, then each schedule runs ``--steps`` steps of
+each variant back to back, their order rotated between repeats. So machine noise lands
+on the variants alike; ``fxpp / hand`` (and ``hand copy / hand``) is computed per repeat
+and reported as the median over all repeats with its spread (min, max and the
+interquartile range) and a distribution-free 95 % confidence interval of that median
+(order statistics).
 
 CPU: local gloo processes, one thread each (the baseline too), 2 ranks by default.
 CUDA: ``torchrun --nproc-per-node N benchmarks/bench_efficiency.py`` (NCCL, one GPU
 per rank, rank 0 times the baselines on its GPU; not run here).
 
 Run:  PYTHONPATH=. python benchmarks/bench_efficiency.py [--ranks 2] [--schedules GPipe,1F1B,...]
-          [--repeats 30] [--steps 1] [--json PATH]
+          [--repeats 30] [--rounds 3] [--steps 1] [--no-control] [--json PATH]
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import statistics
 import time
@@ -63,6 +74,7 @@ from bench_schedules import (BATCH, MICROBATCHES, MODEL_NAME, SEQ, build_model, 
                              schedule_step)
 
 DEFAULT_SCHEDULES = ("GPipe", "1F1B", "Interleaved1F1B", "ZBVZeroBubble")
+CONTROL = "hand copy"  # the A/A control: a second build of the hand-written stages
 
 
 class HandLlamaStage(nn.Module):
@@ -150,7 +162,7 @@ class Variant:
         self.model, self.batch, self.labels = rp.model, rp.batch, rp.labels
         self.layer_ranges = [list(r) for r in rp.pipe.layer_ranges]
         self.ids = rp.ids
-        if kind == "fxpp":
+        if kind == "fxpp":  # any other kind (hand, hand copy) is a build of the hand-written stages
             stages, self.sched, self.loss_fn, _, _ = rp.schedule(schedule, device)
             mods = [st.submod for st in stages]
         else:
@@ -232,33 +244,60 @@ class Baselines:
         return float(sum(p.grad.double().pow(2).sum() for p in self.model.parameters()))
 
 
-def run(rank: int, world: int, device, schedules: list[str], repeats: int, steps: int) -> dict:
-    """Every variant on this rank, in interleaved repeats (every rank calls this together)."""
+def rotated(items: tuple, by: int) -> tuple:
+    """``items`` rotated left by ``by`` (orders of building and of stepping change between rounds and repeats)."""
+    by %= len(items)
+    return items[by:] + items[:by]
+
+
+def run(rank: int, world: int, device, schedules: list[str], repeats: int, steps: int, rounds: int = 1,
+        control: bool = True) -> dict:
+    """Every variant on this rank, in rounds of fresh builds and interleaved repeats (every rank calls this together)."""
+    kinds = ("fxpp", "hand", CONTROL) if control else ("fxpp", "hand")
     base = Baselines(device) if rank == 0 else None
-    variants = {(s, k): Variant(s, k, rank, world, device) for s in schedules for k in ("fxpp", "hand")}
-    for v in variants.values():  # warm-up: lazy buffers, first-call costs
-        v.step()
-    if base is not None:
+    if base is not None:  # warm-up: lazy buffers, first-call costs
         base.accumulation(), base.whole()
-    for r in range(repeats):
-        if base is not None:
-            for name, fn in (("accumulation", base.accumulation), ("whole batch", base.whole))[:: 1 if r % 2 == 0 else -1]:
-                base.times[name].append([fn() for _ in range(steps)])
-        dist.barrier()
-        for s in schedules:
-            for kind in ("fxpp", "hand")[:: 1 if r % 2 == 0 else -1]:
-                v = variants[(s, kind)]
-                v.times.append([v.step() for _ in range(steps)])
-    out = {"variants": {f"{s}|{k}": {"times": v.times, "losses": v.losses, "grad_sq": v.grad_sq(),
-                                     "layers": [v.layer_ranges[i] for i in v.ids], "stages": v.ids}
-                        for (s, k), v in variants.items()}}
+    rounds = max(1, min(rounds, repeats))
+    times = {(s, k): [] for s in schedules for k in kinds}
+    losses = {key: [] for key in times}
+    done = 0
+    for rd in range(rounds):
+        # this round's builds, in an order rotated from the last round's; the last round's are freed first
+        variants = {(s, k): Variant(s, k, rank, world, device) for s in schedules for k in rotated(kinds, rd)}
+        for v in variants.values():  # warm-up
+            v.step()
+            v.losses.clear()
+        share = repeats * (rd + 1) // rounds - done
+        for r in range(done, done + share):
+            if base is not None:
+                for name, fn in (("accumulation", base.accumulation), ("whole batch", base.whole))[:: 1 if r % 2 == 0 else -1]:
+                    base.times[name].append([fn() for _ in range(steps)])
+            dist.barrier()
+            for s in schedules:
+                order = rotated(kinds, r)
+                for kind in order if (r // len(kinds)) % 2 == 0 else order[::-1]:
+                    v = variants[(s, kind)]
+                    times[(s, kind)].append([v.step() for _ in range(steps)])
+        done += share
+        for key, v in variants.items():
+            losses[key] += v.losses
+        grad_sq = {key: v.grad_sq() for key, v in variants.items()}
+        layers = {key: [v.layer_ranges[i] for i in v.ids] for key, v in variants.items()}
+        ids = {key: v.ids for key, v in variants.items()}
+        del variants
+        gc.collect()
+    out = {"kinds": list(kinds),
+           "variants": {f"{s}|{k}": {"times": times[(s, k)], "losses": losses[(s, k)], "grad_sq": grad_sq[(s, k)],
+                                     "layers": layers[(s, k)], "stages": ids[(s, k)]}
+                        for (s, k) in times}}
     if base is not None:
         out["baselines"] = {"times": base.times, "losses": base.losses, "grad_sq": base.grad_sq}
     return out
 
 
-def _rank_job(rank: int, world: int, workdir: str, schedules: list[str], repeats: int, steps: int) -> dict:
-    return run(rank, world, torch.device("cpu"), schedules, repeats, steps)
+def _rank_job(rank: int, world: int, workdir: str, schedules: list[str], repeats: int, steps: int, rounds: int,
+              control: bool) -> dict:
+    return run(rank, world, torch.device("cpu"), schedules, repeats, steps, rounds, control)
 
 
 def median_ci(xs: list[float], level: float = 0.95) -> tuple[float, float]:
@@ -298,9 +337,10 @@ def rows_for(world: int, per_rank: list[dict], schedules: list[str]) -> list[dic
                      "loss": losses[-1], "loss_max_diff": max(abs(l - ref_loss) for l in losses),
                      "grad_sq_rel_diff": abs(b["grad_sq"][key] - ref_grad) / ref_grad,
                      "repeats": len(per_repeat[key])})
+    kinds = per_rank[0]["kinds"]
     for s in schedules:
         per = {}
-        for kind in ("fxpp", "hand"):
+        for kind in kinds:
             entries = [r["variants"][f"{s}|{kind}"] for r in per_rank]
             # repeat i, step j: the slowest rank's time
             reps = [statistics.mean(max(e["times"][i][j] for e in entries) for j in range(len(entries[0]["times"][i])))
@@ -308,11 +348,8 @@ def rows_for(world: int, per_rank: list[dict], schedules: list[str]) -> list[dic
             losses = [l for e in entries for l in e["losses"]]
             per[kind] = {"reps": reps, "losses": losses, "grad_sq": sum(e["grad_sq"] for e in entries),
                          "layers": [e["layers"] for e in entries]}
-        ratios = [f / h for f, h in zip(per["fxpp"]["reps"], per["hand"]["reps"])]
-        q1, q3 = quartiles(ratios)
-        lo, hi = median_ci(ratios)
         num_stages = world * (2 if s in MULTI_STAGE else 1)
-        for kind in ("fxpp", "hand"):
+        for kind in kinds:
             t = statistics.median(per[kind]["reps"])
             row = {"schedule": s, "stages": num_stages, "ranks": world, "variant": kind, "step_ms": t * 1e3,
                    "tokens_per_s": tokens / t, "speedup_vs_accumulation": t_acc / t,
@@ -322,16 +359,21 @@ def rows_for(world: int, per_rank: list[dict], schedules: list[str]) -> list[dic
                    "grad_sq_rel_diff": abs(per[kind]["grad_sq"] - ref_grad) / ref_grad,
                    "repeats": len(per[kind]["reps"]), "step_ms_per_repeat": [x * 1e3 for x in per[kind]["reps"]],
                    "layers_per_rank": per[kind]["layers"]}
-            if kind == "fxpp":
-                row.update({"fxpp/hand": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
+            if kind != "hand":  # fxpp / hand, and the A/A control's hand copy / hand, per repeat
+                ratios = [f / h for f, h in zip(per[kind]["reps"], per["hand"]["reps"])]
+                q1, q3 = quartiles(ratios)
+                lo, hi = median_ci(ratios)
+                row.update({"vs_hand": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
                             "ratio_q1": q1, "ratio_q3": q3, "ratio_median_ci95": [lo, hi], "ci95": f"{lo:.3f}-{hi:.3f}",
                             "ratio_per_repeat": ratios})
+                if kind == "fxpp":
+                    row["fxpp/hand"] = row["vs_hand"]
             rows.append(row)
     return rows
 
 
 COLUMNS = ["schedule", "stages", "variant", "step_ms", "tokens_per_s", "accumulation/whole", "speedup_vs_accumulation",
-           "efficiency", "ideal_bound", "fxpp/hand", "ci95", "ratio_q1", "ratio_q3", "ratio_min", "ratio_max",
+           "efficiency", "ideal_bound", "vs_hand", "ci95", "ratio_q1", "ratio_q3", "ratio_min", "ratio_max",
            "loss_max_diff", "grad_sq_rel_diff"]
 
 
@@ -340,7 +382,11 @@ def main() -> None:
     ap.add_argument("--ranks", type=int, default=2, help="local processes (ignored under torchrun)")
     ap.add_argument("--schedules", default=",".join(DEFAULT_SCHEDULES), help="comma list of " + ",".join(SCHEDULES))
     ap.add_argument("--repeats", type=int, default=30, help="interleaved repeats (ratio: median over them)")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="rounds of fresh builds of every variant, the repeats shared among them")
     ap.add_argument("--steps", type=int, default=1, help="steps of each variant per repeat")
+    ap.add_argument("--no-control", dest="control", action="store_false",
+                    help="leave out the A/A control (a second build of the hand-written stages)")
     ap.add_argument("--timeout", type=float, default=1200, help="seconds for the whole spawned run")
     ap.add_argument("--json", default=default_json_path("bench_efficiency"))
     args = ap.parse_args()
@@ -353,11 +399,13 @@ def main() -> None:
 
     env = start(threads=1, spawned=True)
     print(f"# {MODEL_NAME}, global batch {BATCH}x{SEQ} = {BATCH * SEQ} tokens, {MICROBATCHES} microbatches, "
-          f"{args.ranks} gloo ranks, {args.repeats} repeats x {args.steps} steps, fwd+bwd only", flush=True)
+          f"{args.ranks} gloo ranks, {args.repeats} repeats x {args.steps} steps in {args.rounds} rounds of fresh builds, "
+          f"fwd+bwd only", flush=True)
     if args.ranks > (os.cpu_count() or 1):
         print(f"# WARNING: {args.ranks} ranks on {os.cpu_count()} cores: oversubscribed", flush=True)
     t0 = time.perf_counter()
-    results = run_ranks(_rank_job, args.ranks, schedules, args.repeats, args.steps, timeout_s=args.timeout,
+    results = run_ranks(_rank_job, args.ranks, schedules, args.repeats, args.steps, args.rounds, args.control,
+                        timeout_s=args.timeout,
                         pg_timeout_s=300, threads=1)
     values = values_or_exit(results)
     env["loadavg_1m_at_end"] = round(os.getloadavg()[0], 2)
@@ -369,7 +417,7 @@ def torchrun_main(args, schedules: list[str]) -> None:
     with torchrun_group(args.timeout) as (rank, world, device, env):
         if rank == 0:
             print_header(env)
-        gathered = gather(run(rank, world, device, schedules, args.repeats, args.steps))
+        gathered = gather(run(rank, world, device, schedules, args.repeats, args.steps, args.rounds, args.control))
         if rank == 0:
             report(rows_for(world, gathered, schedules), COLUMNS, env, args.json)
 
