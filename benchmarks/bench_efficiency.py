@@ -30,10 +30,16 @@ Terms:
 
 * **hand copy** (the A/A control): a second, independently built copy of *hand*. Two
   builds of the same code differ in where the allocator put their tensors and so in
-  cache and page behaviour; on a shared 2-core machine one copy of the same step was
-  measured 2 % slower than another over a whole run. ``hand copy / hand`` shows how far
-  two identical variants drift apart in this run: a ``fxpp / hand`` inside that spread is
-  not an overhead this run resolves.
+  cache and page behaviour, and the machine's noise does not average out in a few dozen
+  repeats; ``hand copy / hand`` shows how far two identical variants drift apart in this
+  run (on the 2-core machine of ``docs/benchmarks.md``, 0.96-1.00 by schedule): a
+  ``fxpp / hand`` inside that spread is not an overhead this run resolves.
+
+Per variant the time inside torch's own ``schedule.step`` is kept apart
+(``torch_step_ms``; ``torch_step_vs_hand``: the stages alone under the same schedule)
+from the time around it (``around_ms``: for fxpp, what ``fxpp.schedule`` adds, the
+broadcast of the step's sizes and the all-reduce of the header flags; for hand,
+nothing but the benchmark's own loop).
 
 Every rank holds every variant of every schedule at once (own seeded model copies). The
 run goes in ``--rounds`` rounds; each round builds every variant afresh (their build
@@ -174,11 +180,27 @@ class Variant:
             self.sched = torch_schedule(schedule, stages, self.loss_fn)
             mods = [st.submod for st in stages]
         self.params = list({id(p): p for m in mods for p in m.parameters()}.values())
+        # Time inside torch's own schedule step, apart from what fxpp.schedule does around it
+        # (the step's sizes broadcast, the header flags' all-reduce: Note [one header read per step]).
+        inner = self.sched.torch_schedule if kind == "fxpp" else self.sched
+        torch_step, self.inner_s = inner.step, 0.0
+
+        def timed_torch_step(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return torch_step(*args, **kwargs)
+            finally:
+                sync(self.device)
+                self.inner_s += time.perf_counter() - t0
+
+        inner.step = timed_torch_step
         self.holds_last = any(st.is_last for st in stages)
         self.times: list[list[float]] = []  # per repeat, this rank's step seconds
         self.losses: list[float] = []
 
-    def step(self) -> float:
+    def step(self) -> tuple[float, float]:
+        """One timed step: its seconds, and those of them inside torch's schedule step."""
+        self.inner_s = 0.0
         dist.barrier()
         sync(self.device)
         t0 = time.perf_counter()
@@ -189,7 +211,7 @@ class Variant:
         dt = time.perf_counter() - t0
         if self.holds_last:
             self.losses.append(float(self.loss_fn.whole_batch(losses)))
-        return dt
+        return dt, self.inner_s
 
     def grad_sq(self) -> float:
         return float(sum(p.grad.double().pow(2).sum() for p in self.params if p.grad is not None))
@@ -259,6 +281,7 @@ def run(rank: int, world: int, device, schedules: list[str], repeats: int, steps
         base.accumulation(), base.whole()
     rounds = max(1, min(rounds, repeats))
     times = {(s, k): [] for s in schedules for k in kinds}
+    inner = {key: [] for key in times}  # per repeat and step, the seconds inside torch's schedule step
     losses = {key: [] for key in times}
     done = 0
     for rd in range(rounds):
@@ -276,8 +299,9 @@ def run(rank: int, world: int, device, schedules: list[str], repeats: int, steps
             for s in schedules:
                 order = rotated(kinds, r)
                 for kind in order if (r // len(kinds)) % 2 == 0 else order[::-1]:
-                    v = variants[(s, kind)]
-                    times[(s, kind)].append([v.step() for _ in range(steps)])
+                    timed = [variants[(s, kind)].step() for _ in range(steps)]
+                    times[(s, kind)].append([t for t, _ in timed])
+                    inner[(s, kind)].append([t for _, t in timed])
         done += share
         for key, v in variants.items():
             losses[key] += v.losses
@@ -287,7 +311,7 @@ def run(rank: int, world: int, device, schedules: list[str], repeats: int, steps
         del variants
         gc.collect()
     out = {"kinds": list(kinds),
-           "variants": {f"{s}|{k}": {"times": times[(s, k)], "losses": losses[(s, k)], "grad_sq": grad_sq[(s, k)],
+           "variants": {f"{s}|{k}": {"times": times[(s, k)], "inner": inner[(s, k)], "losses": losses[(s, k)], "grad_sq": grad_sq[(s, k)],
                                      "layers": layers[(s, k)], "stages": ids[(s, k)]}
                         for (s, k) in times}}
     if base is not None:
@@ -342,11 +366,11 @@ def rows_for(world: int, per_rank: list[dict], schedules: list[str]) -> list[dic
         per = {}
         for kind in kinds:
             entries = [r["variants"][f"{s}|{kind}"] for r in per_rank]
-            # repeat i, step j: the slowest rank's time
-            reps = [statistics.mean(max(e["times"][i][j] for e in entries) for j in range(len(entries[0]["times"][i])))
-                    for i in range(len(entries[0]["times"]))]
+            # repeat i, step j: the slowest rank's time (and its time inside torch's schedule step)
+            reps, inner = ([statistics.mean(max(e[what][i][j] for e in entries) for j in range(len(entries[0][what][i])))
+                            for i in range(len(entries[0][what]))] for what in ("times", "inner"))
             losses = [l for e in entries for l in e["losses"]]
-            per[kind] = {"reps": reps, "losses": losses, "grad_sq": sum(e["grad_sq"] for e in entries),
+            per[kind] = {"reps": reps, "inner": inner, "losses": losses, "grad_sq": sum(e["grad_sq"] for e in entries),
                          "layers": [e["layers"] for e in entries]}
         num_stages = world * (2 if s in MULTI_STAGE else 1)
         for kind in kinds:
@@ -358,7 +382,10 @@ def rows_for(world: int, per_rank: list[dict], schedules: list[str]) -> list[dic
                    "loss_max_diff": max(abs(l - ref_loss) for l in per[kind]["losses"]),
                    "grad_sq_rel_diff": abs(per[kind]["grad_sq"] - ref_grad) / ref_grad,
                    "repeats": len(per[kind]["reps"]), "step_ms_per_repeat": [x * 1e3 for x in per[kind]["reps"]],
-                   "layers_per_rank": per[kind]["layers"]}
+                   "layers_per_rank": per[kind]["layers"],
+                   "torch_step_ms": statistics.median(per[kind]["inner"]) * 1e3,
+                   # around torch's step: fxpp.schedule's collectives and bookkeeping (hand: none)
+                   "around_ms": statistics.median(t - i for t, i in zip(per[kind]["reps"], per[kind]["inner"])) * 1e3}
             if kind != "hand":  # fxpp / hand, and the A/A control's hand copy / hand, per repeat
                 ratios = [f / h for f, h in zip(per[kind]["reps"], per["hand"]["reps"])]
                 q1, q3 = quartiles(ratios)
@@ -366,6 +393,8 @@ def rows_for(world: int, per_rank: list[dict], schedules: list[str]) -> list[dic
                 row.update({"vs_hand": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
                             "ratio_q1": q1, "ratio_q3": q3, "ratio_median_ci95": [lo, hi], "ci95": f"{lo:.3f}-{hi:.3f}",
                             "ratio_per_repeat": ratios})
+                inside = [f / h for f, h in zip(per[kind]["inner"], per["hand"]["inner"])]
+                row["torch_step_vs_hand"] = statistics.median(inside)  # the stages alone, inside torch's step
                 if kind == "fxpp":
                     row["fxpp/hand"] = row["vs_hand"]
             rows.append(row)
@@ -373,7 +402,7 @@ def rows_for(world: int, per_rank: list[dict], schedules: list[str]) -> list[dic
 
 
 COLUMNS = ["schedule", "stages", "variant", "step_ms", "tokens_per_s", "accumulation/whole", "speedup_vs_accumulation",
-           "efficiency", "ideal_bound", "vs_hand", "ci95", "ratio_q1", "ratio_q3", "ratio_min", "ratio_max",
+           "efficiency", "ideal_bound", "vs_hand", "ci95", "torch_step_vs_hand", "around_ms", "ratio_q1", "ratio_q3", "ratio_min", "ratio_max",
            "loss_max_diff", "grad_sq_rel_diff"]
 
 
