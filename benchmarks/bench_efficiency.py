@@ -194,13 +194,41 @@ class Variant:
                 self.inner_s += time.perf_counter() - t0
 
         inner.step = timed_torch_step
+        self.own_s = 0.0  # fxpp's own work inside the step: its stages' dispatch around their graphs
+        if kind == "fxpp":
+            for m in mods:
+                self._time_dispatch(m)
         self.holds_last = any(st.is_last for st in stages)
         self.times: list[list[float]] = []  # per repeat, this rank's step seconds
         self.losses: list[float] = []
 
-    def step(self) -> tuple[float, float]:
-        """One timed step: its seconds, and those of them inside torch's schedule step."""
-        self.inner_s = 0.0
+    def _time_dispatch(self, stage_module) -> None:
+        """Count the time a stage module spends in its call outside its graph (choosing the variant, unpacking
+        and packing the crossing tensors, comparing headers) into ``own_s``."""
+        dispatch, call = stage_module._fxpp_dispatch, stage_module._call
+        graph_s = [0.0]
+
+        def timed_call(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return call(*args, **kwargs)
+            finally:
+                graph_s[0] += time.perf_counter() - t0
+
+        def timed_dispatch(*args, **kwargs):
+            t0, graph_s[0] = time.perf_counter(), 0.0
+            try:
+                return dispatch(*args, **kwargs)
+            finally:
+                self.own_s += time.perf_counter() - t0 - graph_s[0]
+
+        # instance attributes, looked up before the class's methods (StageModule calls self._call, self._fxpp_dispatch)
+        object.__setattr__(stage_module, "_call", timed_call)
+        object.__setattr__(stage_module, "_fxpp_dispatch", timed_dispatch)
+
+    def step(self) -> tuple[float, float, float]:
+        """One timed step: its seconds, those inside torch's schedule step, and fxpp's own in its stage calls."""
+        self.inner_s = self.own_s = 0.0
         dist.barrier()
         sync(self.device)
         t0 = time.perf_counter()
@@ -211,7 +239,7 @@ class Variant:
         dt = time.perf_counter() - t0
         if self.holds_last:
             self.losses.append(float(self.loss_fn.whole_batch(losses)))
-        return dt, self.inner_s
+        return dt, self.inner_s, self.own_s
 
     def grad_sq(self) -> float:
         return float(sum(p.grad.double().pow(2).sum() for p in self.params if p.grad is not None))
@@ -282,6 +310,7 @@ def run(rank: int, world: int, device, schedules: list[str], repeats: int, steps
     rounds = max(1, min(rounds, repeats))
     times = {(s, k): [] for s in schedules for k in kinds}
     inner = {key: [] for key in times}  # per repeat and step, the seconds inside torch's schedule step
+    own = {key: [] for key in times}  # ... and those of fxpp's stage dispatch (outside the graphs)
     losses = {key: [] for key in times}
     done = 0
     for rd in range(rounds):
@@ -300,8 +329,8 @@ def run(rank: int, world: int, device, schedules: list[str], repeats: int, steps
                 order = rotated(kinds, r)
                 for kind in order if (r // len(kinds)) % 2 == 0 else order[::-1]:
                     timed = [variants[(s, kind)].step() for _ in range(steps)]
-                    times[(s, kind)].append([t for t, _ in timed])
-                    inner[(s, kind)].append([t for _, t in timed])
+                    for store, at in ((times, 0), (inner, 1), (own, 2)):
+                        store[(s, kind)].append([t[at] for t in timed])
         done += share
         for key, v in variants.items():
             losses[key] += v.losses
@@ -311,7 +340,7 @@ def run(rank: int, world: int, device, schedules: list[str], repeats: int, steps
         del variants
         gc.collect()
     out = {"kinds": list(kinds),
-           "variants": {f"{s}|{k}": {"times": times[(s, k)], "inner": inner[(s, k)], "losses": losses[(s, k)], "grad_sq": grad_sq[(s, k)],
+           "variants": {f"{s}|{k}": {"times": times[(s, k)], "inner": inner[(s, k)], "own": own[(s, k)], "losses": losses[(s, k)], "grad_sq": grad_sq[(s, k)],
                                      "layers": layers[(s, k)], "stages": ids[(s, k)]}
                         for (s, k) in times}}
     if base is not None:
@@ -370,7 +399,10 @@ def rows_for(world: int, per_rank: list[dict], schedules: list[str]) -> list[dic
             reps, inner = ([statistics.mean(max(e[what][i][j] for e in entries) for j in range(len(entries[0][what][i])))
                             for i in range(len(entries[0][what]))] for what in ("times", "inner"))
             losses = [l for e in entries for l in e["losses"]]
-            per[kind] = {"reps": reps, "inner": inner, "losses": losses, "grad_sq": sum(e["grad_sq"] for e in entries),
+            # fxpp's own work per step (stage dispatch), on the rank that does most of it
+            own = [statistics.mean(max(e["own"][i][j] for e in entries) for j in range(len(entries[0]["own"][i])))
+                   for i in range(len(entries[0]["own"]))]
+            per[kind] = {"reps": reps, "inner": inner, "own": own, "losses": losses, "grad_sq": sum(e["grad_sq"] for e in entries),
                          "layers": [e["layers"] for e in entries]}
         num_stages = world * (2 if s in MULTI_STAGE else 1)
         for kind in kinds:
@@ -385,7 +417,10 @@ def rows_for(world: int, per_rank: list[dict], schedules: list[str]) -> list[dic
                    "layers_per_rank": per[kind]["layers"],
                    "torch_step_ms": statistics.median(per[kind]["inner"]) * 1e3,
                    # around torch's step: fxpp.schedule's collectives and bookkeeping (hand: none)
-                   "around_ms": statistics.median(t - i for t, i in zip(per[kind]["reps"], per[kind]["inner"])) * 1e3}
+                   "around_ms": statistics.median(t - i for t, i in zip(per[kind]["reps"], per[kind]["inner"])) * 1e3,
+                   "dispatch_ms": statistics.median(per[kind]["own"]) * 1e3}
+            # fxpp's own time in a step (around torch's step, and its stages' dispatch) over the step
+            row["own_share"] = (row["around_ms"] + row["dispatch_ms"]) / row["step_ms"]
             if kind != "hand":  # fxpp / hand, and the A/A control's hand copy / hand, per repeat
                 ratios = [f / h for f, h in zip(per[kind]["reps"], per["hand"]["reps"])]
                 q1, q3 = quartiles(ratios)
@@ -402,7 +437,7 @@ def rows_for(world: int, per_rank: list[dict], schedules: list[str]) -> list[dic
 
 
 COLUMNS = ["schedule", "stages", "variant", "step_ms", "tokens_per_s", "accumulation/whole", "speedup_vs_accumulation",
-           "efficiency", "ideal_bound", "vs_hand", "ci95", "torch_step_vs_hand", "around_ms", "ratio_q1", "ratio_q3", "ratio_min", "ratio_max",
+           "efficiency", "ideal_bound", "vs_hand", "ci95", "torch_step_vs_hand", "around_ms", "dispatch_ms", "own_share", "ratio_q1", "ratio_q3", "ratio_min", "ratio_max",
            "loss_max_diff", "grad_sq_rel_diff"]
 
 

@@ -46,7 +46,7 @@ from __future__ import annotations
 import functools
 import math
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -198,7 +198,9 @@ class CutLayout:
                                       f"across cut {self.cut} is like {self.slots[i].dtype}{list(self.slots[i].shape)}")
         header = self.header(bits, tuple(i is not None for i in plan), tuple(tuple(v.shape) for v in packed),
                              stream.device)
-        wire = torch.cat([header, *(v.reshape(-1).to(torch.int64) for v in packed)])
+        # Each op here is a dispatcher call per microbatch: a slot already flat and int64 takes none.
+        flat = [v if v.dim() == 1 else v.reshape(-1) for v in packed]
+        wire = torch.cat([header, *(v if v.dtype == torch.int64 else v.to(torch.int64) for v in flat)])
         return (*(out[i] for i in self.tensor_slots), wire)
 
     @functools.cached_property  # per call otherwise: which value goes to which slot, for each tuple of identities
@@ -266,9 +268,9 @@ class CutLayout:
     def unpack_as(self, args: Sequence, where: str, known: "KnownHeader") -> dict[str, torch.Tensor]:
         """The received tensors, read as ``known`` says (the step's first microbatch's header), without a host read.
 
-        The header itself is compared with ``known.header`` on the device and the
-        result kept in ``known.differs``; the stage's step end reads it once (Note
-        [one header read per step]).
+        The packed tensor is kept in ``known.later``; its header is compared with
+        ``known.header`` on the device once, for every microbatch of the step together,
+        when the step ends (:meth:`KnownHeader.differed`, Note [one header read per step]).
 
         Raises:
             StageInputError: as :meth:`unpack`, or a packed tensor of another size than the first's.
@@ -277,22 +279,38 @@ class CutLayout:
         if wire.numel() != known.size(self):
             raise StageInputError(f"{where}: the {PACKED} crossing cut {self.cut} holds {wire.numel()} values, the "
                                   f"step's first microbatch's {known.size(self)}")
-        differs = (wire[:self.header_size] != known.header).any()
-        known.differs = differs if known.differs is None else known.differs | differs
+        known.later.append(wire)
         return self._values(args, known)
 
     def _values(self, args: Sequence, known: "KnownHeader") -> dict[str, torch.Tensor]:
-        """The filled slots of a tuple on the wire by identity; packed ones as views of the packed tensor
-        (in their own dtype: a cast where it is not int64)."""
-        values: dict[int, torch.Tensor] = dict(zip(self.tensor_slots, args))
-        wire, offset = args[-1], self.header_size
-        for i, shape in zip(self.packed_slots, known.shapes):
-            n = math.prod(shape)
-            value = wire[offset:offset + n].view(shape)
-            values[i] = value if self.slots[i].dtype == torch.int64 else value.to(self.slots[i].dtype)
-            offset += n
-        return {self.slots[i].identity: values[i] for i in range(len(self.slots))
-                if self.slots[i].identity in known.received}
+        """The filled slots of a tuple on the wire by identity, in layout order; packed ones as views of
+        the packed tensor (in their own dtype: a cast where it is not int64).
+
+        One split of the packed tensor, and a view only where a filled slot has more than one
+        dimension: each op is a dispatcher call per microbatch on a receiving stage's hot path.
+        """
+        parts = args[-1].split_with_sizes(known.split_sizes(self))  # the header, then each packed slot
+        values = {}
+        for i, slot in enumerate(self.slots):
+            if slot.identity not in known.received:
+                continue
+            at = self._wire_index[i]
+            if at < len(self.tensor_slots):
+                values[slot.identity] = args[at]
+                continue
+            shape = known.shapes[at - len(self.tensor_slots)]
+            value = parts[at - len(self.tensor_slots) + 1]
+            value = value.view(shape) if len(shape) != 1 else value
+            values[slot.identity] = value if slot.dtype == torch.int64 else value.to(slot.dtype)
+        return values
+
+    @functools.cached_property
+    def _wire_index(self) -> tuple[int, ...]:
+        """Per slot, in layout order: its place among the tensor slots, or the number of tensor slots plus
+        its place among the packed ones."""
+        place = {i: n for n, i in enumerate(self.tensor_slots)}
+        place.update((i, len(self.tensor_slots) + n) for n, i in enumerate(self.packed_slots))
+        return tuple(place[i] for i in range(len(self.slots)))
 
     def _check_structure(self, args: Sequence, where: str) -> torch.Tensor:
         """The packed tensor, after checking count, its dtype and rank, and each tensor slot's rank and kind
@@ -347,10 +365,11 @@ class KnownHeader:
         step every microbatch is a slice of the same inputs, and the sender fills its
         slots the same way for all of them, so a stage inside a step reads the header of
         the first microbatch only (``CutLayout.unpack``), reads the later ones as that
-        one said (``CutLayout.unpack_as``), and compares each later header with the
-        first on the device, accumulating the result. After torch's step the schedule
-        reads that flag, once per stage, and agrees on it over the pipeline group
-        (``fxpp.runtime.schedule.PipelineSchedule._headers_differed``). Where a
+        one said (``CutLayout.unpack_as``), and keeps their packed tensors. After torch's
+        step the stage compares all their headers with the first at once on the device
+        and reads the result (``KnownHeader.differed``: one op per step, not three per
+        microbatch on the hot path), and the schedule agrees on it over the pipeline
+        group (``fxpp.runtime.schedule.PipelineSchedule._headers_differed``). Where a
         microbatch's header differed (the sender ran another graph variant for it, a
         decision on its data, and filled other slots), the step was read wrongly: every
         rank puts the gradients, the RNG state and the losses back as they were when the
@@ -364,11 +383,34 @@ class KnownHeader:
     bits: int
     received: frozenset  # the identities of the filled slots
     shapes: tuple[tuple[int, ...], ...] = ()  # the packed slots' shapes, in layout order
-    differs: torch.Tensor | None = None
+    later: list = field(default_factory=list)  # the packed tensors of the step's later microbatches, read as this said
 
     def size(self, layout: CutLayout) -> int:
         """The number of values of a packed tensor with these shapes."""
-        return layout.header_size + sum(math.prod(shape) for shape in self.shapes)
+        return layout.header_size + sum(self.split_sizes(layout)[1:])
+
+    def split_sizes(self, layout: CutLayout) -> list[int]:
+        """The header's size, then each packed slot's number of values: how a packed tensor splits."""
+        sizes = self.__dict__.get("_split_sizes")
+        if sizes is None:
+            sizes = self.__dict__["_split_sizes"] = [layout.header_size, *(math.prod(s) for s in self.shapes)]
+        return sizes
+
+    def differed(self, layout: CutLayout) -> bool:
+        """Whether a later microbatch's header differed from this one (one comparison on the device for the
+        whole step, and one host read).
+
+        The packed tensors are the schedule's receive buffers (one per microbatch) or a
+        previous stage's outputs on this rank, untouched until the next step. Were two of
+        them one buffer, the earlier header would be gone: that counts as differing, and
+        the step is run again reading every header, so it can only cost time.
+        """
+        if not self.later:
+            return False
+        if len({w.data_ptr() for w in self.later}) != len(self.later):
+            return True
+        headers = torch.stack(self.later)[:, :layout.header_size]
+        return bool((headers != self.header).any())
 
 
 def cut_layout(model_gm: GraphModule, k: int) -> CutLayout:

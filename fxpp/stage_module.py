@@ -232,7 +232,7 @@ class StageModule(GraphModule):
         """A schedule step ended: whether a later microbatch's header differed from the first's (one host read)."""
         known = self._fxpp_step
         object.__setattr__(self, "_fxpp_step", None)
-        return bool(known and known.differs is not None and bool(known.differs))
+        return bool(known) and known.differed(self.in_layout)
 
     def _unpack(self, args, where: str) -> tuple[int, dict]:
         known = self._fxpp_step
@@ -253,7 +253,7 @@ class StageModule(GraphModule):
         last_ok = self._fxpp_last_ok.get(bits)
         if last_ok is not None:  # a repeating call pattern tries its own graph first, not every guard before it
             candidates.sort(key=lambda v: v is not last_ok)
-        why = f"no variant for inputs {list(self.signature.present(bits))} yet"
+        why = None  # why no variant fitted: said only where one is traced for this call
         for variant in candidates:
             args, problem = ((), None) if received is None else self._receiving_args(variant, received, bits)
             if problem is not None:
@@ -273,6 +273,7 @@ class StageModule(GraphModule):
                 if not _graph_facts(variant).guarded:
                     raise
                 why = f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
+        why = why or f"no variant for inputs {list(self.signature.present(bits))} yet"
         variant = self._trace_variant(bits, inputs, received, why)
         args = () if received is None else self._receiving_args(variant, received, bits)[0]
         try:

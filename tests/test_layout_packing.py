@@ -58,7 +58,7 @@ def test_a_packed_tuple_unpacks_to_the_values_sent(filled, b, s, seed):
         assert got[slot.identity].dtype == value.dtype and torch.equal(got[slot.identity], value), slot.identity
     known = layout.read_header(wire, "test")  # a later microbatch read as the first said: the same values
     again = layout.unpack_as(wire, "test", known)
-    assert all(torch.equal(again[k], got[k]) for k in got) and not bool(known.differs)
+    assert all(torch.equal(again[k], got[k]) for k in got) and not known.differed(layout)
 
 
 def test_a_header_that_disagrees_with_the_packed_size_is_refused():
@@ -75,6 +75,28 @@ def test_a_header_that_disagrees_with_the_packed_size_is_refused():
     known = layout.read_header(wire, "test")
     with pytest.raises(fxpp.StageInputError, match="the step's first microbatch's"):
         layout.unpack_as((*wire[:-1], wire[-1][:-1]), "test", known)
+
+
+def test_a_later_header_that_differs_is_found_at_the_step_end():
+    """Within a step the later microbatches are read as the first's header said; their headers
+    are compared with it once, at the step's end (Note [one header read per step])."""
+    layout = CutLayout(3, SIGNATURE, SLOTS)
+    g = torch.Generator().manual_seed(0)
+    all_sent = layout.pack(tuple(s.identity for s in SLOTS), [_value(s, B0, S0, g) for s in SLOTS], 0b111, "test")
+    # the same shapes, one slot left unfilled (another graph variant's sends): only the header differs
+    fewer = layout.pack(tuple(s.identity for s in SLOTS[:-1]), [_value(s, B0, S0, g) for s in SLOTS[:-1]], 0b111,
+                        "test")
+    assert fewer[-1].numel() == all_sent[-1].numel()
+    for later, differs in (([all_sent, all_sent], False), ([all_sent, fewer], True), ([fewer, all_sent], True)):
+        known = layout.read_header(all_sent, "test")
+        for wire in later:  # fresh tensors, as a schedule's receive buffers (one per microbatch) are
+            layout.unpack_as(tuple(t.clone() for t in wire), "test", known)
+        assert known.differed(layout) is differs
+    # two microbatches read from one buffer: the earlier header is gone, so it counts as differing
+    known = layout.read_header(all_sent, "test")
+    layout.unpack_as(all_sent, "test", known)
+    layout.unpack_as(all_sent, "test", known)
+    assert known.differed(layout)
 
 
 def test_a_decoder_only_cut_sends_two_tensors():

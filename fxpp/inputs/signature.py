@@ -19,6 +19,7 @@ candidate example
 
 from __future__ import annotations
 
+import functools
 import itertools
 import re
 from dataclasses import dataclass
@@ -252,7 +253,7 @@ class InputSignature:
     left_out: tuple[tuple[str, str], ...] = ()
     alternatives: tuple[str, ...] = ()  # declared token inputs the canonical graph was not traced with
 
-    @property
+    @functools.cached_property  # read on every stage call
     def traced_bits(self) -> int:
         """The canonical graph's present set: every name but the alternatives."""
         return self.bits(n for n in self.names if n not in self.alternatives)
