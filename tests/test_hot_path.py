@@ -121,3 +121,55 @@ def test_a_step_whose_headers_differ_is_run_again_reading_every_header(tmp_path)
             # the bound of test_runtime._check: 2 ulps per microbatch; a gradient counted
             # twice (the first attempt's kept) would be off by its whole size
             _assert_within(d, 2 * 4, f"rank {rank} grad {name}")
+
+
+# Tensor calls that only read metadata (no op, no kernel): not counted below.
+_METADATA = {"__get__", "dim", "numel", "is_floating_point", "size", "stride", "data_ptr"}
+
+
+def test_a_receiving_stage_makes_few_ops_around_its_graph():
+    """Inside a step, a middle stage's call of a later microbatch runs a handful of small ops
+    around its graph: one split of the packed tensor and a view per filled slot of more than one
+    dimension to read, one cat (and a flat reshape per slot) to send, and no header comparison
+    (that is made once at the step's end: KnownHeader.differed). Each such op is a dispatcher
+    call per microbatch; with the caches cold after a layer's kernels, tens of microseconds each
+    on this CPU (benchmarks/bench_efficiency.py reports the dispatch time per step)."""
+    from torch.overrides import TorchFunctionMode
+
+    class Counting(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            name = getattr(func, "__name__", str(func))
+            if name not in _METADATA:
+                self.ops.append(name)
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    model = tiny_model("llama", 4).train()
+    inputs, _ = _batch(batch=2, seq=8)
+    pipe = fxpp.pipeline(model, 3, example_inputs=inputs)
+    first, middle = (pipe.stages[i].with_fields(ignore_model_kwargs=i > 0) for i in (0, 1))
+    sent = tuple(t.detach().requires_grad_(t.is_floating_point()) for t in first(**inputs))
+    graph_output = {}
+    call = middle._call
+
+    def graph_once(variant, args, kwargs):  # the graph's own ops are the model's, not counted
+        if "out" not in graph_output:
+            graph_output["out"] = call(variant, args, kwargs)
+        return graph_output["out"]
+
+    object.__setattr__(middle, "_call", graph_once)
+    middle.begin_step(True)
+    middle(*sent)  # the step's first microbatch: reads the header on the host
+    later = tuple(t.detach().clone().requires_grad_(t.is_floating_point()) for t in sent)  # its own buffers
+    with Counting() as counting:
+        middle(*later)
+    assert not middle.end_step()
+    ops = counting.ops
+    assert ops.count("split_with_sizes") == 1 and ops.count("cat") == 1, ops
+    assert not {"ne", "eq", "any", "__or__", "to", "clone"} & set(ops), ops
+    # read: split + a view per 2-d slot (the mask); send: a reshape per 2-d packed slot, cat
+    assert len(ops) <= 2 + 2 * len(middle.out_layout.packed_slots), ops
