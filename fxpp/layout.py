@@ -409,7 +409,8 @@ class KnownHeader:
             return False
         if len({w.data_ptr() for w in self.later}) != len(self.later):
             return True
-        headers = torch.stack(self.later)[:, :layout.header_size]
+        # the headers only (views), not every packed value: those may be long (a mask per token)
+        headers = torch.stack([w[:layout.header_size] for w in self.later])
         return bool((headers != self.header).any())
 
 
