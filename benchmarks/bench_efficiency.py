@@ -199,7 +199,6 @@ class Variant:
             for m in mods:
                 self._time_dispatch(m)
         self.holds_last = any(st.is_last for st in stages)
-        self.times: list[list[float]] = []  # per repeat, this rank's step seconds
         self.losses: list[float] = []
 
     def _time_dispatch(self, stage_module) -> None:
@@ -302,7 +301,8 @@ def rotated(items: tuple, by: int) -> tuple:
 
 def run(rank: int, world: int, device, schedules: list[str], repeats: int, steps: int, rounds: int = 1,
         control: bool = True) -> dict:
-    """Every variant on this rank, in rounds of fresh builds and interleaved repeats (every rank calls this together)."""
+    """Every variant on this rank, in rounds of fresh builds and interleaved repeats (every rank calls this
+    together)."""
     kinds = ("fxpp", "hand", CONTROL) if control else ("fxpp", "hand")
     base = Baselines(device) if rank == 0 else None
     if base is not None:  # warm-up: lazy buffers, first-call costs
@@ -340,8 +340,9 @@ def run(rank: int, world: int, device, schedules: list[str], repeats: int, steps
         del variants
         gc.collect()
     out = {"kinds": list(kinds),
-           "variants": {f"{s}|{k}": {"times": times[(s, k)], "inner": inner[(s, k)], "own": own[(s, k)], "losses": losses[(s, k)], "grad_sq": grad_sq[(s, k)],
-                                     "layers": layers[(s, k)], "stages": ids[(s, k)]}
+           "variants": {f"{s}|{k}": {"times": times[(s, k)], "inner": inner[(s, k)], "own": own[(s, k)],
+                                     "losses": losses[(s, k)], "grad_sq": grad_sq[(s, k)], "layers": layers[(s, k)],
+                                     "stages": ids[(s, k)]}
                         for (s, k) in times}}
     if base is not None:
         out["baselines"] = {"times": base.times, "losses": base.losses, "grad_sq": base.grad_sq}
@@ -395,14 +396,14 @@ def rows_for(world: int, per_rank: list[dict], schedules: list[str]) -> list[dic
         per = {}
         for kind in kinds:
             entries = [r["variants"][f"{s}|{kind}"] for r in per_rank]
-            # repeat i, step j: the slowest rank's time (and its time inside torch's schedule step)
-            reps, inner = ([statistics.mean(max(e[what][i][j] for e in entries) for j in range(len(entries[0][what][i])))
-                            for i in range(len(entries[0][what]))] for what in ("times", "inner"))
+            # repeat i, step j: the slowest rank's time, its time inside torch's schedule step, and
+            # fxpp's own work in its stage calls on the rank that does most of it
+            reps, inner, own = ([statistics.mean(max(e[what][i][j] for e in entries)
+                                                 for j in range(len(entries[0][what][i])))
+                                 for i in range(len(entries[0][what]))] for what in ("times", "inner", "own"))
             losses = [l for e in entries for l in e["losses"]]
-            # fxpp's own work per step (stage dispatch), on the rank that does most of it
-            own = [statistics.mean(max(e["own"][i][j] for e in entries) for j in range(len(entries[0]["own"][i])))
-                   for i in range(len(entries[0]["own"]))]
-            per[kind] = {"reps": reps, "inner": inner, "own": own, "losses": losses, "grad_sq": sum(e["grad_sq"] for e in entries),
+            per[kind] = {"reps": reps, "inner": inner, "own": own, "losses": losses,
+                         "grad_sq": sum(e["grad_sq"] for e in entries),
                          "layers": [e["layers"] for e in entries]}
         num_stages = world * (2 if s in MULTI_STAGE else 1)
         for kind in kinds:
@@ -437,7 +438,8 @@ def rows_for(world: int, per_rank: list[dict], schedules: list[str]) -> list[dic
 
 
 COLUMNS = ["schedule", "stages", "variant", "step_ms", "tokens_per_s", "accumulation/whole", "speedup_vs_accumulation",
-           "efficiency", "ideal_bound", "vs_hand", "ci95", "torch_step_vs_hand", "around_ms", "dispatch_ms", "own_share", "ratio_q1", "ratio_q3", "ratio_min", "ratio_max",
+           "efficiency", "ideal_bound", "vs_hand", "ci95", "torch_step_vs_hand", "around_ms", "dispatch_ms",
+           "own_share", "ratio_q1", "ratio_q3", "ratio_min", "ratio_max",
            "loss_max_diff", "grad_sq_rel_diff"]
 
 
@@ -463,8 +465,8 @@ def main() -> None:
 
     env = start(threads=1, spawned=True)
     print(f"# {MODEL_NAME}, global batch {BATCH}x{SEQ} = {BATCH * SEQ} tokens, {MICROBATCHES} microbatches, "
-          f"{args.ranks} gloo ranks, {args.repeats} repeats x {args.steps} steps in {args.rounds} rounds of fresh builds, "
-          f"fwd+bwd only", flush=True)
+          f"{args.ranks} gloo ranks, {args.repeats} repeats x {args.steps} steps in {args.rounds} rounds of fresh "
+          "builds, fwd+bwd only", flush=True)
     if args.ranks > (os.cpu_count() or 1):
         print(f"# WARNING: {args.ranks} ranks on {os.cpu_count()} cores: oversubscribed", flush=True)
     t0 = time.perf_counter()

@@ -257,13 +257,13 @@ class CutLayout:
         if bits & ~self.signature.all_bits:
             raise StageInputError(f"{where}: the {HEADER} names inputs outside the signature (bits {bits:#x})")
         shapes = self._packed_shapes(dims)
-        size = self.header_size + sum(math.prod(shape) for shape in shapes)
-        if min((d for shape in shapes for d in shape), default=0) < 0 or size != wire.numel():
+        sizes = (self.header_size, *(math.prod(shape) for shape in shapes))
+        if min((d for shape in shapes for d in shape), default=0) < 0 or sum(sizes) != wire.numel():
             raise StageInputError(
                 f"{where}: the {PACKED} crossing cut {self.cut} holds {wire.numel()} values, but its header says "
                 f"{self.header_size} + the slots {dict((self.slots[i].identity, list(s)) for i, s in zip(self.packed_slots, shapes))}")
         filled = frozenset(slot.identity for i, slot in enumerate(self.slots) if words[i // _WORD] >> (i % _WORD) & 1)
-        return KnownHeader(wire[:self.header_size].clone(), bits, filled, tuple(shapes))
+        return KnownHeader(wire[:self.header_size].clone(), bits, filled, tuple(shapes), sizes)
 
     def unpack_as(self, args: Sequence, where: str, known: "KnownHeader") -> dict[str, torch.Tensor]:
         """The received tensors, read as ``known`` says (the step's first microbatch's header), without a host read.
@@ -276,9 +276,9 @@ class CutLayout:
             StageInputError: as :meth:`unpack`, or a packed tensor of another size than the first's.
         """
         wire = self._check_structure(args, where)
-        if wire.numel() != known.size(self):
+        if wire.numel() != sum(known.sizes):
             raise StageInputError(f"{where}: the {PACKED} crossing cut {self.cut} holds {wire.numel()} values, the "
-                                  f"step's first microbatch's {known.size(self)}")
+                                  f"step's first microbatch's {sum(known.sizes)}")
         known.later.append(wire)
         return self._values(args, known)
 
@@ -289,7 +289,7 @@ class CutLayout:
         One split of the packed tensor, and a view only where a filled slot has more than one
         dimension: each op is a dispatcher call per microbatch on a receiving stage's hot path.
         """
-        parts = args[-1].split_with_sizes(known.split_sizes(self))  # the header, then each packed slot
+        parts = args[-1].split_with_sizes(known.sizes)  # the header, then each packed slot
         values = {}
         for i, slot in enumerate(self.slots):
             if slot.identity not in known.received:
@@ -298,8 +298,8 @@ class CutLayout:
             if at < len(self.tensor_slots):
                 values[slot.identity] = args[at]
                 continue
-            shape = known.shapes[at - len(self.tensor_slots)]
-            value = parts[at - len(self.tensor_slots) + 1]
+            k = at - len(self.tensor_slots)  # its place among the packed slots
+            shape, value = known.shapes[k], parts[k + 1]
             value = value.view(shape) if len(shape) != 1 else value
             values[slot.identity] = value if slot.dtype == torch.int64 else value.to(slot.dtype)
         return values
@@ -383,18 +383,8 @@ class KnownHeader:
     bits: int
     received: frozenset  # the identities of the filled slots
     shapes: tuple[tuple[int, ...], ...] = ()  # the packed slots' shapes, in layout order
+    sizes: tuple[int, ...] = ()  # the header's size, then each packed slot's number of values: how the tensor splits
     later: list = field(default_factory=list)  # the packed tensors of the step's later microbatches, read as this said
-
-    def size(self, layout: CutLayout) -> int:
-        """The number of values of a packed tensor with these shapes."""
-        return layout.header_size + sum(self.split_sizes(layout)[1:])
-
-    def split_sizes(self, layout: CutLayout) -> list[int]:
-        """The header's size, then each packed slot's number of values: how a packed tensor splits."""
-        sizes = self.__dict__.get("_split_sizes")
-        if sizes is None:
-            sizes = self.__dict__["_split_sizes"] = [layout.header_size, *(math.prod(s) for s in self.shapes)]
-        return sizes
 
     def differed(self, layout: CutLayout) -> bool:
         """Whether a later microbatch's header differed from this one (one comparison on the device for the
